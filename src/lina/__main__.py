@@ -1,0 +1,5 @@
+import sys
+
+from lina.cli import main
+
+sys.exit(main())

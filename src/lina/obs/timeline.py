@@ -1,0 +1,128 @@
+"""One timeline: every compute and communication span on a rank goes through a recorder.
+
+Breakdowns, Chrome traces, plots and the simulator's calibration all read these spans.
+Times are ``time.perf_counter()`` seconds (CLOCK_MONOTONIC on Linux, shared by every
+process on one machine, so spans of different ranks line up).
+
+Categories used across the project (``cat``):
+  ``compute``    forward/backward compute of a layer or expert FFN
+  ``a2a``        an all-to-all (dispatch or combine), possibly one micro-op of it
+  ``allreduce``  a gradient allreduce (a bucket or one micro-op)
+  ``sched``      the scheduler's own bookkeeping
+  ``step``       one whole training step / inference batch
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+CATEGORIES = ("compute", "a2a", "allreduce", "sched", "step", "idle", "other")
+
+
+@dataclass
+class Span:
+    name: str
+    cat: str
+    start_s: float
+    end_s: float
+    rank: int = 0
+    thread: str = "main"
+    args: dict = field(default_factory=dict)
+
+    @property
+    def dur_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+class Timeline:
+    """Thread-safe span recorder for one rank.
+
+    Args:
+        rank: global rank the spans belong to.
+        enabled: when False, ``span`` and ``record`` cost almost nothing and keep nothing.
+    """
+
+    def __init__(self, rank: int = 0, enabled: bool = True):
+        self.rank = rank
+        self.enabled = enabled
+        self._spans: list[Span] = []
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def now() -> float:
+        return time.perf_counter()
+
+    def record(self, name: str, cat: str, start_s: float, end_s: float, thread: str | None = None, **args) -> None:
+        """Keep one finished span."""
+        if not self.enabled:
+            return
+        span = Span(name, cat, start_s, end_s, self.rank, thread or threading.current_thread().name, args)
+        with self._lock:
+            self._spans.append(span)
+
+    @contextlib.contextmanager
+    def span(self, name: str, cat: str, thread: str | None = None, **args) -> Iterator[None]:
+        """Time the body of a ``with`` block as one span."""
+        if not self.enabled:
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record(name, cat, start, time.perf_counter(), thread=thread, **args)
+
+    def spans(self, since_s: float | None = None) -> list[Span]:
+        with self._lock:
+            if since_s is None:
+                return list(self._spans)
+            return [s for s in self._spans if s.start_s >= since_s]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._spans.clear()
+
+    def total(self, cat: str, since_s: float | None = None, name_prefix: str | None = None) -> float:
+        """Sum of span durations of one category (overlaps are counted twice)."""
+        return sum(
+            s.dur_s
+            for s in self.spans(since_s)
+            if s.cat == cat and (name_prefix is None or s.name.startswith(name_prefix))
+        )
+
+    def save_jsonl(self, path: str | Path) -> None:
+        with open(path, "w") as fh:
+            for s in self.spans():
+                fh.write(json.dumps(asdict(s)) + "\n")
+
+
+def load_jsonl(path: str | Path) -> list[Span]:
+    """Read spans written by :meth:`Timeline.save_jsonl`."""
+    out = []
+    with open(path) as fh:
+        for line in fh:
+            if line.strip():
+                out.append(Span(**json.loads(line)))
+    return out
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``[start, end)`` intervals (seconds)."""
+    total = 0.0
+    cur_s = cur_e = None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total
