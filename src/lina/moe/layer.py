@@ -1,0 +1,91 @@
+"""MoELayer = router + dispatcher (permute, all-to-all dispatch, experts, all-to-all combine,
+unpermute) + local experts. Works in one process and over any expert-parallel group."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lina.moe.alltoall import AllToAll, exchange_counts
+from lina.moe.comm_context import ExpertComm
+from lina.moe.experts import LocalExperts
+from lina.moe.permute import inverse_permutation, permute_order, source_to_expert_major, unpermute
+from lina.moe.router import Routing, TopKRouter
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts FFN.
+
+    Args:
+        d_model, d_ff: widths of each expert FFN.
+        num_experts: E (all ranks together); must be divisible by the EP group size.
+        top_k, capacity_factor, dropless, balance_loss_weight, z_loss_weight, gate_noise: see
+            :class:`lina.moe.router.TopKRouter`.
+        comm: expert-parallel context; None means one process holding every expert.
+
+    ``forward(x: [..., d_model]) -> [..., d_model]``; the router's auxiliary loss of the last call
+    is in ``self.aux_loss`` and its decision in ``self.last_routing``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        top_k: int = 2,
+        capacity_factor: float = 1.25,
+        dropless: bool = True,
+        balance_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.0,
+        gate_noise: float = 0.0,
+        comm: ExpertComm | None = None,
+    ):
+        super().__init__()
+        self.comm = comm or ExpertComm()
+        ep = self.comm.size
+        if num_experts % ep:
+            raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel group size {ep}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.num_local = num_experts // ep
+        first = self.comm.rank * self.num_local
+        self.router = TopKRouter(d_model, num_experts, top_k, capacity_factor, dropless, balance_loss_weight, z_loss_weight, gate_noise)
+        self.experts = LocalExperts(self.num_local, d_model, d_ff, list(range(first, first + self.num_local)))
+        self.aux_loss = torch.zeros(())
+        self.last_routing: Routing | None = None
+        self.layer_index = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        routing = self.router(tokens)
+        self.aux_loss = routing.aux_loss
+        self.last_routing = routing
+        order, counts = permute_order(routing.expert_ids, routing.kept, self.num_experts)
+        rows = tokens[order // self.top_k]
+        out_rows = self._exchange(rows, counts)
+        out = unpermute(out_rows, order, routing.weights, tokens.shape[0], self.top_k)
+        if out.requires_grad and self.comm.group is not None:
+            out.register_hook(self._backward_reaches_moe)
+        return out.reshape(shape)
+
+    def _backward_reaches_moe(self, grad: torch.Tensor) -> None:
+        self.comm.on_backward_reaches_moe()
+
+    def _exchange(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows: [S, d] grouped by global expert; counts: LongTensor[E]. Returns expert outputs
+        for the same rows in the same order."""
+        comm = self.comm
+        if comm.group is None:
+            return self.experts(rows, counts.tolist())
+        name = f"moe{self.layer_index}"
+        recv_counts = exchange_counts(counts, comm)  # [P, E_l]
+        in_splits = counts.view(comm.size, -1).sum(1).tolist()
+        out_splits = recv_counts.sum(1).tolist()
+        received = AllToAll.apply(rows, out_splits, in_splits, comm, f"{name}.dispatch")
+        index = source_to_expert_major(recv_counts)
+        grouped = received[index]
+        with comm.timeline.span(f"{name}.experts", "compute"):
+            computed = self.experts(grouped, recv_counts.sum(0).tolist())
+        back = computed[inverse_permutation(index)]
+        return AllToAll.apply(back, in_splits, out_splits, comm, f"{name}.combine")

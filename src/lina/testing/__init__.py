@@ -1,0 +1,1 @@
+"""Helpers for running small multi-process Gloo jobs in tests and quick checks."""
