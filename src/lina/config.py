@@ -67,7 +67,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     workers: int = 4
     ep_size: int = 0
-    steps: int = 100
+    steps: int = 200
     batch_size: int = 8  # sequences per worker per step
     lr: float = 3e-3
     weight_decay: float = 0.01

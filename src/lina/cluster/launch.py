@@ -1,0 +1,56 @@
+"""Start W local worker processes with PyTorch's elastic launcher (its rendezvous, its process
+supervision): when one worker dies, the launcher stops the others and we report which rank failed.
+Under ``torchrun`` no launcher is needed: the process already is a worker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from typing import Any, Callable
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from lina.errors import LinaError
+
+
+def under_torchrun() -> bool:
+    """True inside a process started by torchrun / torch.distributed.run (it sets these)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(fn: Callable[..., Any], args: tuple, workers: int, monitor_interval_s: float = 0.5) -> dict[int, Any]:
+    """Run ``fn(*args)`` on ``workers`` local processes; returns {rank: return value}.
+
+    Raises:
+        LinaError: naming the failed rank(s) and exit codes, once every worker has been stopped.
+    """
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=workers,
+        run_id=f"lina-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        max_restarts=0,
+        monitor_interval=monitor_interval_s,
+        start_method="spawn",
+    )
+    try:
+        return elastic_launch(config, fn)(*args)
+    except ChildFailedError as err:
+        lines = []
+        for rank, failure in sorted(err.failures.items()):
+            reason = failure.message if failure.message and failure.message != "<N/A>" else ""
+            signal_or_code = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {-failure.exitcode}"
+            lines.append(f"rank {rank} failed ({signal_or_code}){': ' + reason.splitlines()[-1] if reason else ''}")
+        raise LinaError("a worker failed and the job was stopped: " + "; ".join(lines)) from None

@@ -1,0 +1,85 @@
+"""``lina train``: train the MoE GPT with expert and data parallelism."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lina.config import SCHEDULES, TrainConfig, load_toml, merge
+
+OPTION_FIELDS = {
+    "workers": "workers", "steps": "steps", "experts": "model.experts", "top_k": "model.top_k",
+    "schedule": "schedule", "out": "out", "seed": "seed", "batch_size": "batch_size",
+    "ep_size": "ep_size", "corpus": "corpus", "chunk_mb": "chunk_mb", "trace": "trace",
+    "capacity_factor": "model.capacity_factor", "emulate": "emulate", "lr": "lr",
+    "pipeline_chunks": "pipeline_chunks",
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train the MoE GPT (spawns local workers; also runs under torchrun)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", metavar="FILE.toml", help="settings file; options given here override it")
+    p.add_argument("--workers", type=int, help="local worker processes (default 4; under torchrun: its --nproc-per-node)")
+    p.add_argument("--steps", type=int, help="training steps (default 200)")
+    p.add_argument("--experts", type=int, help="experts per MoE layer (default 4)")
+    p.add_argument("--top-k", type=int, help="experts per token (default 2)")
+    p.add_argument("--capacity-factor", type=float, help="expert capacity factor; implies capacity-limited routing")
+    p.add_argument("--schedule", choices=SCHEDULES, help="gradient-sync policy (default deepspeed)")
+    p.add_argument("--ep-size", type=int, help="expert-parallel group size (default: all workers)")
+    p.add_argument("--batch-size", type=int, help="sequences per worker per step (default 8)")
+    p.add_argument("--lr", type=float, help="learning rate (default 3e-3)")
+    p.add_argument("--chunk-mb", help="lina allreduce micro-op size in MB, or 'auto'")
+    p.add_argument("--pipeline-chunks", type=int, help="all-to-all micro-ops per MoE layer for tutel/lina")
+    p.add_argument("--corpus", help="text file or folder (default: the Python standard library's sources)")
+    p.add_argument("--out", help="output folder (default runs/train)")
+    p.add_argument("--trace", metavar="DIR", help="write the timeline: Chrome trace, breakdown, plot")
+    p.add_argument("--emulate", help="emulated cluster, e.g. hosts=4,link=200mbit (default none: loopback)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults <- TOML file <- command-line options; validated (ConfigError on any problem)."""
+    base = load_toml(args.config) if args.config else {}
+    overrides = {field: getattr(args, opt) for opt, field in OPTION_FIELDS.items() if getattr(args, opt, None) is not None}
+    if args.capacity_factor is not None:
+        overrides["model.dropless"] = False
+    if args.resume:
+        overrides["resume"] = True
+    cfg = TrainConfig.from_dict(merge(base, overrides))
+    cfg.validate()
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from lina.cluster.launch import launch_local, under_torchrun
+    from lina.train import worker
+
+    cfg = build_config(args)
+    if under_torchrun():
+        summary = worker.run(cfg.to_dict())
+    else:
+        summary = launch_local(worker.run, (cfg.to_dict(),), cfg.workers)[0]
+    if summary is not None:
+        print_summary(summary, Path(cfg.out))
+        if cfg.trace:
+            from lina.obs.report import write_trace_report
+
+            write_trace_report(Path(cfg.trace))
+    return 0
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    split = summary["time_split_s"]
+    total = split["compute"] + split["all_to_all"] + split["allreduce_exposed"]
+    pct = {k: 100 * v / total if total else 0.0 for k, v in split.items()}
+    print("\nsummary")
+    print(f"  loss (last 10 steps) {summary['final_loss']:.4f}   validation loss {summary['val_loss']:.4f}")
+    print(f"  tokens/s {summary['tokens_per_s']:.0f}   median step {summary['step_time_s_median'] * 1e3:.1f} ms   wall {summary['wall_s']:.1f} s")
+    print(f"  time split: compute {pct['compute']:.1f}%  all-to-all {pct['all_to_all']:.1f}%  "
+          f"allreduce exposed {pct['allreduce_exposed']:.1f}%  (allreduce in flight {split['allreduce_in_flight']:.2f} s)")
+    print(f"  wrote {out / 'metrics.jsonl'}, {out / 'summary.json'}, {out / 'checkpoints'}")
+    print(json.dumps({k: summary[k] for k in ("final_loss", "val_loss", "tokens_per_s")}))

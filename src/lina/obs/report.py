@@ -1,0 +1,119 @@
+"""Turn the timelines of a run (``timeline-rank{R}.jsonl`` in a folder) into a Chrome trace, a
+breakdown table (compute, all-to-all total and exposed, allreduce, idle) and a timeline plot of
+one step (PNG)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from lina.obs.chrome_trace import write_chrome_trace
+from lina.obs.timeline import Span, load_jsonl, union_length
+
+
+def load_run_spans(folder: Path) -> list[Span]:
+    spans: list[Span] = []
+    for path in sorted(folder.glob("timeline-rank*.jsonl")):
+        spans.extend(load_jsonl(path))
+    return spans
+
+
+def _clip(spans: list[Span], start: float, end: float, cat: str) -> list[tuple[float, float]]:
+    return [(max(s.start_s, start), min(s.end_s, end)) for s in spans if s.cat == cat and s.end_s > start and s.start_s < end]
+
+
+def _minus(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Length of union(a) not covered by union(b)."""
+    return union_length(a) - union_length([(max(x0, y0), min(x1, y1)) for x0, x1 in a for y0, y1 in b if min(x1, y1) > max(x0, y0)])
+
+
+def step_breakdown(spans: list[Span], step_span: Span) -> dict[str, float]:
+    """Seconds of one step of one rank: compute, a2a (total, exposed = not overlapped by compute),
+    allreduce (in flight, exposed = waited for after backward), idle (nothing on the main thread)."""
+    start, end = step_span.start_s, step_span.end_s
+    mine = [s for s in spans if s.rank == step_span.rank]
+    compute = _clip([s for s in mine if s.name.endswith("experts") or s.name in ("forward", "backward")], start, end, "compute")
+    compute_outer = _clip([s for s in mine if s.name in ("forward", "backward")], start, end, "compute")
+    a2a = _clip(mine, start, end, "a2a")
+    expert_compute = _clip([s for s in mine if s.name.endswith("experts")], start, end, "compute")
+    allreduce = _clip(mine, start, end, "allreduce")
+    waits = _clip([s for s in mine if s.name == "gradsync.finish"], start, end, "sched")
+    busy = union_length(compute_outer + waits)
+    step = end - start
+    a2a_total = union_length(a2a)
+    return {
+        "step": step,
+        "compute": max(0.0, union_length(compute_outer) - a2a_total + _overlap(a2a, expert_compute)),
+        "a2a_total": a2a_total,
+        "a2a_exposed": _minus(a2a, expert_compute),
+        "allreduce_in_flight": union_length(allreduce),
+        "allreduce_exposed": union_length(waits),
+        "idle": max(0.0, step - busy),
+    }
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    return union_length(a) - _minus(a, b)
+
+
+def breakdown_table(spans: list[Span]) -> dict[str, dict[str, float]]:
+    """Median over steps (all ranks) of each breakdown entry, per policy."""
+    steps = [s for s in spans if s.cat == "step"]
+    per_policy: dict[str, list[dict[str, float]]] = {}
+    for st in steps:
+        per_policy.setdefault(str(st.args.get("policy", "run")), []).append(step_breakdown(spans, st))
+    return {pol: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for pol, rows in per_policy.items()}
+
+
+def plot_step(spans: list[Span], path: Path, step: int | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted((s for s in spans if s.cat == "step"), key=lambda s: s.start_s)
+    if not steps:
+        return
+    chosen = step if step is not None else steps[len(steps) // 2].args.get("step")
+    ranks = sorted({s.rank for s in spans})
+    colors = {"compute": "#4C72B0", "a2a": "#DD8452", "allreduce": "#55A868", "sched": "#C44E52"}
+    fig, ax = plt.subplots(figsize=(12, 1 + 0.9 * len(ranks)))
+    t0 = min(s.start_s for s in steps if s.args.get("step") == chosen)
+    for i, rank in enumerate(ranks):
+        st = [s for s in steps if s.rank == rank and s.args.get("step") == chosen]
+        if not st:
+            continue
+        start, end = st[0].start_s, st[0].end_s
+        lanes = {"compute": 0.55, "a2a": 0.3, "allreduce": 0.05, "sched": 0.3}
+        for s in spans:
+            if s.rank != rank or s.cat not in colors or s.end_s < start or s.start_s > end:
+                continue
+            if s.cat == "compute" and not s.name.endswith("experts") and s.name not in ("forward", "backward"):
+                continue
+            y = i + lanes[s.cat]
+            h = 0.2 if s.cat != "compute" or s.name.endswith("experts") else 0.35
+            if s.cat == "compute" and s.name.endswith("experts"):
+                y, h = i + 0.55, 0.35
+            ax.broken_barh([((s.start_s - t0) * 1e3, (s.end_s - s.start_s) * 1e3)], (y, h), color=colors[s.cat], alpha=0.6 if s.name in ("forward", "backward") else 1.0)
+    ax.set_yticks([i + 0.5 for i in range(len(ranks))], [f"rank {r}" for r in ranks])
+    ax.set_xlabel("ms since step start")
+    ax.set_title(f"step {chosen}: compute (blue), all-to-all (orange), allreduce (green), waiting for allreduce (red)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_trace_report(folder: Path) -> dict:
+    """Write ``trace.json`` (Chrome/Perfetto), ``breakdown.json`` and ``timeline.png``; print the table."""
+    spans = load_run_spans(folder)
+    write_chrome_trace(spans, folder / "trace.json")
+    table = breakdown_table(spans)
+    (folder / "breakdown.json").write_text(json.dumps(table, indent=2))
+    plot_step(spans, folder / "timeline.png")
+    print(f"\ntimeline breakdown (median per step, ms) -> {folder}/trace.json (open in Perfetto), timeline.png")
+    cols = ["step", "compute", "a2a_total", "a2a_exposed", "allreduce_in_flight", "allreduce_exposed", "idle"]
+    print("  " + "policy".ljust(12) + "".join(c.rjust(20) for c in cols))
+    for pol, row in table.items():
+        print("  " + pol.ljust(12) + "".join(f"{row[c] * 1e3:20.1f}" for c in cols))
+    return table

@@ -1,0 +1,151 @@
+"""What every training process runs, under ``lina train``'s launcher or under ``torchrun``.
+
+Reads RANK / WORLD_SIZE / LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT set by the launcher, joins
+the process group (Gloo on CPU, NCCL when CUDA is present), trains, evaluates, checkpoints, and on
+rank 0 writes ``metrics.jsonl`` and ``summary.json`` under the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lina.comm.groups import build_groups
+from lina.config import TrainConfig
+from lina.data.corpus import load_corpus
+from lina.obs.timeline import Timeline
+from lina.train import checkpoint
+from lina.train.trainer import Trainer
+
+
+def init_distributed(timeout_s: float) -> None:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+
+def _truncate_metrics(path: Path, first_step: int) -> None:
+    """On resume, drop rows of steps that will be run again (nothing is counted twice)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < first_step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def run(cfg_dict: dict) -> dict | None:
+    """Train with the given config (a ``TrainConfig.to_dict()``); returns the summary on rank 0."""
+    cfg = TrainConfig.from_dict(cfg_dict)
+    init_distributed(cfg.timeout_s)
+    try:
+        return _train(cfg)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig) -> dict | None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != cfg.workers:
+        cfg.workers = world  # under torchrun the launcher decides the worker count
+        cfg.validate()
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    groups = build_groups(cfg.resolved_ep_size, cfg.timeout_s)
+    corpus = load_corpus(cfg.corpus, cfg.corpus_max_mb)
+    timeline = Timeline(rank, enabled=True)
+    trainer = Trainer(cfg, groups, corpus, timeline)
+    start_step = 0
+    if cfg.resume:
+        start_step = trainer.load_state_dict(checkpoint.load_rank(ckpt_root, rank))
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        if cfg.resume:
+            _truncate_metrics(metrics_path, start_step)
+        else:
+            metrics_path.unlink(missing_ok=True)
+        print(f"lina train: {world} workers, EP size {groups.ep_size}, {cfg.model.experts} experts top-{cfg.model.top_k}, "
+              f"schedule {cfg.schedule}; {corpus.describe()}; steps {start_step}..{cfg.steps - 1}", flush=True)
+    results = []
+    val_loss = None
+    wall_start = time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        res = trainer.train_step(step)
+        loss = trainer.mean_over_ranks(res.loss)
+        results.append(res)
+        if rank == 0:
+            _append_metrics(metrics_path, {
+                "step": step, "loss": loss, "step_time_s": res.step_time_s, "a2a_time_s": res.a2a_time_s,
+                "allreduce_time_s": res.allreduce_time_s, "sync_wait_s": res.sync_wait_s, "schedule": cfg.schedule,
+            })
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                print(f"step {step:5d}/{cfg.steps}  loss {loss:.4f}  step {res.step_time_s * 1e3:7.1f} ms  "
+                      f"a2a {res.a2a_time_s * 1e3:6.1f} ms  allreduce {res.allreduce_time_s * 1e3:6.1f} ms", flush=True)
+        last = step == cfg.steps - 1
+        if (step + 1) % cfg.eval_every == 0 or last:
+            val_loss = trainer.evaluate()
+            if rank == 0:
+                print(f"step {step:5d}  validation loss {val_loss:.4f}", flush=True)
+        if (step + 1) % cfg.checkpoint_every == 0 or last:
+            checkpoint.save_rank(ckpt_root, step, rank, trainer.state_dict(step))
+            dist.barrier()
+            if rank == 0:
+                checkpoint.mark_latest(ckpt_root, step, world)
+    wall = time.perf_counter() - wall_start
+    trainer.policy.close()
+    if cfg.trace:
+        trace_dir = Path(cfg.trace)
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        timeline.save_jsonl(trace_dir / f"timeline-rank{rank}.jsonl")
+    if rank != 0:
+        return None
+    summary = summarize(cfg, results, val_loss, wall)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.trace:
+        (Path(cfg.trace) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def summarize(cfg: TrainConfig, results: list, val_loss: float | None, wall_s: float) -> dict:
+    n = len(results)
+    steps_time = sum(r.step_time_s for r in results)
+    a2a = sum(r.a2a_time_s for r in results)
+    wait = sum(r.sync_wait_s for r in results)
+    tokens = n * cfg.batch_size * cfg.model.seq_len * cfg.workers
+    return {
+        "config": cfg.to_dict(),
+        "steps_run": n,
+        "final_loss": statistics.mean(r.loss for r in results[-10:]) if results else None,
+        "val_loss": val_loss,
+        "tokens_per_s": tokens / steps_time if steps_time else None,
+        "wall_s": wall_s,
+        "step_time_s_median": statistics.median(r.step_time_s for r in results) if results else None,
+        "time_split_s": {
+            "compute": steps_time - a2a - wait,
+            "all_to_all": a2a,
+            "allreduce_exposed": wait,
+            "allreduce_in_flight": sum(r.allreduce_time_s for r in results),
+        },
+        "a2a_share": a2a / steps_time if steps_time else None,
+    }
+
+
+if __name__ == "__main__":
+    # ``python -m lina.train.worker CONFIG.json``: how launchers of other hosts start a worker.
+    run(json.loads(Path(sys.argv[1]).read_text()))
