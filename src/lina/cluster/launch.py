@@ -33,7 +33,7 @@ def launch_local(fn: Callable[..., Any], args: tuple, workers: int, monitor_inte
     Raises:
         LinaError: naming the failed rank(s) and exit codes, once every worker has been stopped.
     """
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
