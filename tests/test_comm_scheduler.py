@@ -127,6 +127,23 @@ def test_no_allreduce_launch_while_a2a_waits_or_runs(sched_net):
     assert min(launched_after) >= a2a[0].end_s
 
 
+def test_a2a_begin_end_for_asynchronous_all_to_all(sched_net):
+    sched, net, tl = sched_net
+    first = sched.a2a_begin("dispatch", 64, index=0)
+    second = sched.a2a_begin("dispatch", 64, index=1)  # two micro-ops in flight (pipelining)
+    submit(sched, net, ["g0"])
+    sched.a2a_end(first)
+    time.sleep(QUIET_S)
+    assert net.launched == [], "launched while the second all-to-all micro-op was running"
+    sched.a2a_end(second)
+    net.wait_launched(1)
+    net.finish("g0")
+    sched.flush()
+    with pytest.raises(CommError, match="a2a_end"):
+        sched.a2a_end(second)
+    assert [s.args["index"] for s in tl.spans() if s.cat == "a2a"] == [0, 1]
+
+
 def test_hold_blocks_until_next_a2a_completes(sched_net):
     sched, net, tl = sched_net
     with sched.a2a("running-before-hold", 8):

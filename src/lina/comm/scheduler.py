@@ -112,6 +112,11 @@ class MicroOp:
             ``Work``, a future, an object with ``wait()``) or ``None`` when already done.
         index: micro-op index within its tensor (chunk number) or all-to-all (piece number).
         seq: submission number on this scheduler (allreduce and all-to-all count apart).
+
+    Filled in by the scheduler (``time.perf_counter()`` seconds): ``submit_s`` (queued /
+    all-to-all entered), ``start_s`` (launched / all-to-all body starts), ``end_s``
+    (completion seen), ``drained`` (all-to-all with drain: whether the in-flight
+    allreduce finished in time), ``error`` (what a failed micro-op raised).
     """
 
     kind: str
@@ -123,6 +128,7 @@ class MicroOp:
     submit_s: float = 0.0
     start_s: float | None = None
     end_s: float | None = None
+    drained: bool | None = None
     error: BaseException | None = field(default=None, repr=False)
 
 
@@ -249,6 +255,18 @@ class CommScheduler:
         Raises:
             CommError: an earlier allreduce micro-op failed (raised before the body runs).
         """
+        op = self.a2a_begin(name, nbytes, index, drain)
+        failed = True
+        try:
+            yield op
+            failed = False
+        finally:
+            self.a2a_end(op, failed=failed)
+
+    def a2a_begin(self, name: str, nbytes: int, index: int = 0, drain: bool | None = None) -> MicroOp:
+        """Start of an all-to-all the caller runs itself, e.g. an asynchronous one that
+        overlaps expert compute (pipelining); pair it with :meth:`a2a_end`. Same rules
+        as :meth:`a2a`, which is these two calls around a ``with`` body."""
         drain = self.config.drain if drain is None else drain
         with self._lock:
             self._check_usable()
@@ -256,34 +274,40 @@ class CommScheduler:
             self._a2a_entered += 1
             op = MicroOp(A2A, name, int(nbytes), None, index, self._a2a_entered, entry)
             self._a2a_active += 1
-            drained = True
             if drain:
+                op.drained = True
                 deadline = entry + self.config.drain_timeout_s
                 while self._in_flight and self._error is None:
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
-                        drained = False
+                        op.drained = False
                         break
                     self._idle_cv.wait(remaining)
             op.start_s = time.perf_counter()
-        failed = True
-        try:
-            yield op
-            failed = False
-        finally:
-            op.end_s = time.perf_counter()
-            with self._lock:
-                self._a2a_active -= 1
-                self._a2a_done += 1
-                if self._held and op.seq > self._hold_seq:
-                    self._held = False
-                self._work_cv.notify()
-            args = {"bytes": op.nbytes, "index": op.index, "seq": op.seq, "queue_wait_s": op.start_s - entry}
-            if drain:
-                args["drained"] = drained
-            if failed:
-                args["error"] = True
-            self.timeline.record(name, A2A, op.start_s, op.end_s, **args)
+        return op
+
+    def a2a_end(self, op: MicroOp, failed: bool = False) -> None:
+        """The all-to-all ``op`` (from :meth:`a2a_begin`) completed; allreduce may go on.
+
+        Raises:
+            CommError: ``op`` is not an open all-to-all of this scheduler.
+        """
+        end = time.perf_counter()
+        with self._lock:
+            if op.kind != A2A or op.start_s is None or op.end_s is not None:
+                raise CommError(f"a2a_end({op.name}) without a matching a2a_begin; end each all-to-all once")
+            op.end_s = end
+            self._a2a_active -= 1
+            self._a2a_done += 1
+            if self._held and op.seq > self._hold_seq:
+                self._held = False
+            self._work_cv.notify()
+        args = {"bytes": op.nbytes, "index": op.index, "seq": op.seq, "queue_wait_s": op.start_s - op.submit_s}
+        if op.drained is not None:
+            args["drained"] = op.drained
+        if failed:
+            args["error"] = True
+        self.timeline.record(op.name, A2A, op.start_s, op.end_s, **args)
 
     def hold(self) -> None:
         """Launch no new allreduce micro-op until the next all-to-all (entered after this
