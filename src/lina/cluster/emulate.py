@@ -1,0 +1,428 @@
+"""The emulated multi-host cluster: H network namespaces whose links are really rate-limited.
+
+Usage::
+
+    spec = parse_emulate("hosts=4,link=200mbit,workers_per_host=1")
+    with EmulatedCluster(spec) as cluster:
+        subprocess.run(cluster.wrap(0, ["python", "-m", "x"]), env=cluster.host_env(0))
+
+Each host is a namespace holding one end of a veth pair whose other end is a port of a
+bridge in a dedicated switch namespace. Both ends shape their egress with a token bucket,
+so a host's upload and download are each limited to the link rate, like a host NIC into a
+non-blocking switch. Traffic between workers of one host goes to the host's own address,
+which the kernel routes over that namespace's loopback: unlimited, like NVLink in a node.
+
+The cluster is torn down on every exit path: normal exit, exception, SIGINT/SIGTERM/SIGHUP
+(handlers are installed while it is up and restored after) and interpreter exit. Processes
+still running inside its namespaces are killed first. A SIGKILLed owner leaves its state
+file behind with a dead owner pid, which is how ``lina cluster down --all`` tells stale
+clusters from live ones.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lina.cluster import netns
+from lina.errors import ConfigError, LinaError
+
+_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
+_TIME_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
+_MAX_RATE_BPS = 32 * 10**9  # tbf's rate field is 32-bit bytes/s
+_KEYS = ("hosts", "link", "delay", "workers_per_host", "queue")
+
+
+# --------------------------------------------------------------------------- spec
+
+
+def parse_rate(text: str, field: str = "emulate.link") -> int:
+    """``"200mbit"`` -> 200_000_000 (bits/s). Units: bit, kbit, mbit, gbit (decimal, like tc)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", text.lower())
+    if not match or match.group(2) not in _RATE_UNITS:
+        raise ConfigError(field, f"{text!r} is not a rate", "write a number and a unit, e.g. 200mbit, 500kbit or 1gbit")
+    return int(round(float(match.group(1)) * _RATE_UNITS[match.group(2)]))
+
+
+def format_rate(bps: int) -> str:
+    """200_000_000 -> ``"200mbit"`` (the largest unit that keeps it whole)."""
+    for unit in ("gbit", "mbit", "kbit"):
+        if bps % _RATE_UNITS[unit] == 0:
+            return f"{bps // _RATE_UNITS[unit]}{unit}"
+    return f"{bps}bit"
+
+
+def parse_duration_us(text: str, field: str = "emulate.delay") -> float:
+    """``"50us"`` -> 50.0, ``"1.5ms"`` -> 1500.0, ``"0"`` -> 0.0 (microseconds)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", text.lower())
+    unit = match.group(2) if match else None
+    if match and unit == "" and float(match.group(1)) == 0:
+        return 0.0
+    if not match or unit not in _TIME_UNITS:
+        raise ConfigError(field, f"{text!r} is not a duration", "write a number and a unit, e.g. 50us, 2ms or 0")
+    return float(match.group(1)) * _TIME_UNITS[unit]
+
+
+@dataclass(frozen=True)
+class EmulateSpec:
+    """What to emulate: ``hosts`` hosts, each with ``workers_per_host`` workers and one link.
+
+    Args:
+        hosts: number of emulated hosts (network namespaces), 2..250.
+        link_bps: each host's link rate in bits/s, applied to upload and download separately.
+        delay_us: one-way host-to-host latency in microseconds (0: none; needs netem), split
+            evenly between the host side and the switch side of each link.
+        workers_per_host: worker processes per host (they talk over the host's loopback).
+        queue_ms: how much traffic (in ms at the link rate) the link's queue holds before it
+            drops; deeper queues trade drops for queueing delay.
+    """
+
+    hosts: int = 4
+    link_bps: int = 200 * 10**6
+    delay_us: float = 0.0
+    workers_per_host: int = 1
+    queue_ms: float = 20.0
+
+    def __post_init__(self):
+        if not isinstance(self.hosts, int) or not 2 <= self.hosts <= 250:
+            raise ConfigError("emulate.hosts", f"{self.hosts!r} hosts", "use between 2 and 250 hosts")
+        if not isinstance(self.link_bps, int) or not 100_000 <= self.link_bps <= _MAX_RATE_BPS:
+            raise ConfigError(
+                "emulate.link", f"{self.link_bps!r} bit/s is out of range", "use a rate between 100kbit and 32gbit"
+            )
+        if self.delay_us < 0 or self.delay_us > 10_000_000:
+            raise ConfigError("emulate.delay", f"{self.delay_us}us", "use a delay between 0 and 10s")
+        if 0 < self.delay_us < 2:
+            raise ConfigError("emulate.delay", f"{self.delay_us}us is below netem's resolution", "use 0 or at least 2us")
+        if not isinstance(self.workers_per_host, int) or self.workers_per_host < 1:
+            raise ConfigError("emulate.workers_per_host", f"{self.workers_per_host!r}", "use 1 or more workers per host")
+        if not 1 <= self.queue_ms <= 10_000:
+            raise ConfigError("emulate.queue", f"{self.queue_ms}ms", "use a queue between 1ms and 10s")
+
+    @property
+    def world_size(self) -> int:
+        return self.hosts * self.workers_per_host
+
+    @property
+    def link(self) -> str:
+        return format_rate(self.link_bps)
+
+    def __str__(self) -> str:
+        parts = [f"hosts={self.hosts}", f"link={self.link}"]
+        if self.delay_us:
+            parts.append(f"delay={self.delay_us:g}us")
+        parts.append(f"workers_per_host={self.workers_per_host}")
+        if self.queue_ms != EmulateSpec.queue_ms:
+            parts.append(f"queue={self.queue_ms:g}ms")
+        return ",".join(parts)
+
+
+def parse_emulate(text: str) -> EmulateSpec | None:
+    """Parse ``"hosts=4,link=200mbit,delay=50us,workers_per_host=1"``; ``"none"`` -> None (plain loopback).
+
+    Keys (all optional, defaults from :class:`EmulateSpec`): hosts, link, delay,
+    workers_per_host (or workers-per-host), queue.
+    """
+    text = text.strip()
+    if text.lower() in ("none", "off", ""):
+        return None
+    values: dict = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in _KEYS:
+            raise ConfigError(
+                "emulate", f"{item.strip()!r} is not a key=value pair I know",
+                "write e.g. hosts=4,link=200mbit,delay=50us,workers_per_host=1 (keys: " + ", ".join(_KEYS)
+                + "), or none",
+            )
+        if key in ("hosts", "workers_per_host"):
+            try:
+                values[key] = int(value)
+            except ValueError:
+                raise ConfigError(f"emulate.{key}", f"{value!r} is not a whole number", f"write e.g. {key}=4") from None
+        elif key == "link":
+            values["link_bps"] = parse_rate(value)
+        elif key == "delay":
+            values["delay_us"] = parse_duration_us(value)
+        else:
+            values["queue_ms"] = parse_duration_us(value, field="emulate.queue") / 1e3
+    return EmulateSpec(**values)
+
+
+# --------------------------------------------------------------------------- state files
+
+
+def state_dir() -> Path:
+    """Where cluster state files live: /run/lina/clusters when writable, else /tmp/lina/clusters."""
+    for base in (Path("/run/lina"), Path("/tmp/lina")):
+        try:
+            (base / "clusters").mkdir(parents=True, exist_ok=True)
+            if os.access(base / "clusters", os.W_OK):
+                return base / "clusters"
+        except OSError:
+            continue
+    raise LinaError("cannot write cluster state under /run/lina or /tmp/lina; check permissions")
+
+
+def read_states(directory: Path | None = None) -> list[dict]:
+    """Every readable cluster state file (one dict per cluster)."""
+    directory = state_dir() if directory is None else directory
+    out = []
+    for path in sorted(directory.glob("lina-*.json")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        state["state_file"] = str(path)
+        out.append(state)
+    return out
+
+
+def owner_alive(state: dict) -> bool:
+    """True when the process that owns a cluster is still running (same pid and start time)."""
+    pid = state.get("owner_pid")
+    if pid is None:
+        return False
+    return netns.process_start_time(pid) == state.get("owner_start")
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+@dataclass(frozen=True)
+class Host:
+    """One emulated host: its namespace, address and veth name (inside the namespace)."""
+
+    index: int
+    netns: str
+    ip: str
+    ifname: str
+
+
+class EmulatedCluster:
+    """Context manager that builds the emulated cluster on enter and removes it on every exit.
+
+    Args:
+        spec: hosts, link rate, delay, workers per host.
+        prefix: run prefix (``lina-<6 hex>``); a fresh one when None.
+        support: machine facts to check (probed when None; tests inject a lacking one).
+        handle_signals: install SIGINT/SIGTERM/SIGHUP handlers while up (main thread only).
+    """
+
+    def __init__(
+        self,
+        spec: EmulateSpec,
+        *,
+        prefix: str | None = None,
+        support: netns.Support | None = None,
+        handle_signals: bool = True,
+    ):
+        self.spec = spec
+        self.prefix = prefix or netns.new_prefix()
+        if netns.run_prefix_of(self.prefix + "-x") != self.prefix:
+            raise ConfigError("prefix", f"{self.prefix!r}", "use lina-<6 hex digits>, e.g. lina-3fa9c1")
+        self._support = support
+        self._handle_signals = handle_signals
+        self.hosts = [
+            Host(h, netns.host_netns(self.prefix, h), netns.host_ip(h), netns.host_ifname(h)) for h in range(spec.hosts)
+        ]
+        self.switch_netns = netns.switch_netns(self.prefix)
+        self._lock = threading.RLock()
+        self._up = False
+        self._detached = False
+        self._old_handlers: dict[int, object] = {}
+        self._state_path: Path | None = None
+        self._owner_pid = os.getpid()
+
+    # -- properties the launchers use ----------------------------------------------------
+
+    @property
+    def master_addr(self) -> str:
+        return self.hosts[0].ip
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [h.netns for h in self.hosts] + [self.switch_netns]
+
+    def host_env(self, h: int, base: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for processes on host ``h``: ``base`` (os.environ) plus Gloo's interface and MASTER_ADDR."""
+        env = dict(os.environ if base is None else base)
+        env["GLOO_SOCKET_IFNAME"] = self.hosts[h].ifname
+        env["TP_SOCKET_IFNAME"] = self.hosts[h].ifname
+        env["MASTER_ADDR"] = self.master_addr
+        return env
+
+    def wrap(self, h: int, argv: list[str]) -> list[str]:
+        """``argv`` made to run inside host ``h``'s namespace."""
+        return netns.exec_argv(self.hosts[h].netns, list(argv))
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def __enter__(self) -> "EmulatedCluster":
+        self.up()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.down()
+
+    def up(self) -> None:
+        """Build namespaces, bridge, veths, addresses and shaping; undo everything on failure."""
+        netns.require_support(self._support)
+        with self._lock:
+            if self._up:
+                return
+            self._owner_pid = os.getpid()
+            self._up = True
+            self._write_state()
+            self._install_signal_handlers()
+            atexit.register(self.down)
+            try:
+                self._build()
+            except LinaError:
+                self.down()
+                raise
+            except (OSError, RuntimeError, ValueError, IndexError) as err:
+                self.down()
+                raise LinaError(f"could not build the emulated cluster {self.prefix}: {err}") from err
+            except BaseException:
+                self.down()
+                raise
+
+    def _build(self) -> None:
+        s = self.spec
+        netns.create_netns(self.switch_netns)
+        netns.add_bridge(self.switch_netns)
+        half_delay = int(round(s.delay_us / 2))
+        for host in self.hosts:
+            netns.create_netns(host.netns)
+            port = netns.port_ifname(host.index)
+            netns.add_host_link(host.netns, host.ifname, host.ip, self.switch_netns, port)
+            netns.shape_egress(host.netns, host.ifname, s.link_bps, half_delay, s.queue_ms)
+            netns.shape_egress(self.switch_netns, port, s.link_bps, half_delay, s.queue_ms)
+
+    def detach(self) -> None:
+        """Leave the cluster up after this process exits (``lina cluster up``); ``lina cluster down`` removes it."""
+        with self._lock:
+            self._detached = True
+            self._write_state()
+            self._restore_signal_handlers()
+            atexit.unregister(self.down)
+
+    def down(self) -> None:
+        """Kill processes left inside, delete the namespaces, remove the state file. Idempotent."""
+        if os.getpid() != self._owner_pid:
+            return  # a forked child (pyroute2 forks helpers) running our atexit/signal hooks: not ours to remove
+        with self._lock:
+            if not self._up or self._detached:
+                return
+            deferred: list[int] = []
+            self._defer_signals(deferred)
+            try:
+                teardown(self.prefix, self.spec.hosts)
+                if self._state_path is not None:
+                    self._state_path.unlink(missing_ok=True)
+                self._up = False
+            finally:
+                self._restore_signal_handlers()
+                atexit.unregister(self.down)
+            if deferred:
+                _redeliver(deferred[0])
+
+    # -- state and signals ----------------------------------------------------------------
+
+    def state(self) -> dict:
+        pid = None if self._detached else os.getpid()
+        return {
+            "prefix": self.prefix,
+            "spec": str(self.spec),
+            "hosts": [asdict(h) for h in self.hosts],
+            "switch_netns": self.switch_netns,
+            "bridge": netns.BRIDGE,
+            "owner_pid": pid,
+            "owner_start": None if pid is None else netns.process_start_time(pid),
+            "detached": self._detached,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+
+    def _write_state(self) -> None:
+        self._state_path = state_dir() / f"{self.prefix}.json"
+        tmp = self._state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state(), indent=1))
+        tmp.replace(self._state_path)
+
+    def _install_signal_handlers(self) -> None:
+        if not self._handle_signals or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if os.getpid() != self._owner_pid:
+            # A forked helper (pyroute2 forks some) got the signal: act exactly as if we were not here.
+            previous = self._old_handlers.get(signum, signal.SIG_DFL)
+            signal.signal(signum, previous)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+            return
+        self.down()  # removes the cluster and restores the previous handlers
+        if signal.getsignal(signum) == self._on_signal:
+            signal.signal(signum, signal.SIG_DFL)
+        _redeliver(signum)  # then the signal acts as it would have (SIGTERM: SystemExit(143))
+
+    def _defer_signals(self, deferred: list[int]) -> None:
+        if not self._old_handlers:
+            return
+        for sig in self._old_handlers:
+            signal.signal(sig, lambda signum, frame: deferred.append(signum))
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
+
+
+def _redeliver(signum: int) -> None:
+    """Act on ``signum`` as the restored handler would.
+
+    A default SIGTERM/SIGHUP becomes ``SystemExit(128 + signum)`` rather than an abrupt death,
+    so that ``finally`` blocks up the stack (e.g. stopping launched workers) still run.
+    """
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+
+def teardown(prefix: str, hosts: int | None = None) -> list[str]:
+    """Remove everything of run ``prefix``: processes inside, namespaces, stray root links.
+
+    Args:
+        prefix: the run prefix, e.g. ``lina-3fa9c1``.
+        hosts: when known, the host count (the namespaces are also found by listing).
+    Returns:
+        the namespaces deleted.
+    """
+    names = set(netns.list_project_netns(prefix + "-"))
+    if hosts is not None:
+        names |= {netns.host_netns(prefix, h) for h in range(hosts)} | {netns.switch_netns(prefix)}
+    present = [n for n in sorted(names) if (netns.NETNS_DIR / n).exists()]
+    netns.kill_netns_processes(present)
+    deleted = [n for n in present if netns.delete_netns(n)]
+    for link in netns.root_project_links(prefix + "-"):
+        netns.delete_root_link(link)
+    return deleted
