@@ -1,0 +1,1 @@
+"""Benchmarks: each measures, interleaves policies, and reports medians with the regime."""
