@@ -426,3 +426,56 @@ def teardown(prefix: str, hosts: int | None = None) -> list[str]:
     for link in netns.root_project_links(prefix + "-"):
         netns.delete_root_link(link)
     return deleted
+
+
+# --------------------------------------------------------------------------- finding clusters
+
+
+@dataclass(frozen=True)
+class ClusterRecord:
+    """One cluster found on this machine (by state file, namespaces, or both).
+
+    ``kind`` is ``running`` (its owner process is alive), ``detached`` (left up by
+    ``lina cluster up``) or ``stale`` (owner gone, or namespaces without a state file).
+    """
+
+    prefix: str
+    kind: str
+    namespaces: tuple[str, ...]
+    state: dict | None
+
+
+def survey() -> list[ClusterRecord]:
+    """Every project cluster on this machine, from state files and ``lina-*`` namespaces."""
+    states = {s.get("prefix"): s for s in read_states()}
+    by_prefix: dict[str, list[str]] = {}
+    for name in netns.list_project_netns():
+        prefix = netns.run_prefix_of(name)
+        if prefix is not None:
+            by_prefix.setdefault(prefix, []).append(name)
+    for link in netns.root_project_links():
+        prefix = netns.run_prefix_of(link)
+        if prefix is not None:
+            by_prefix.setdefault(prefix, [])
+    out = []
+    for prefix in sorted(set(states) | set(by_prefix)):
+        if prefix is None:
+            continue
+        state = states.get(prefix)
+        if state is None:
+            kind = "stale"
+        elif state.get("detached"):
+            kind = "detached"
+        else:
+            kind = "running" if owner_alive(state) else "stale"
+        out.append(ClusterRecord(prefix, kind, tuple(by_prefix.get(prefix, ())), state))
+    return out
+
+
+def remove_cluster(record: ClusterRecord) -> list[str]:
+    """Tear down one surveyed cluster and delete its state file; returns the namespaces deleted."""
+    hosts = len(record.state["hosts"]) if record.state and "hosts" in record.state else None
+    deleted = teardown(record.prefix, hosts)
+    if record.state and record.state.get("state_file"):
+        Path(record.state["state_file"]).unlink(missing_ok=True)
+    return deleted

@@ -243,9 +243,9 @@ def shape_egress(ns: str, ifname: str, rate_bps: int, delay_us: int = 0, queue_m
                 ipr.tc("add", "netem", idx, handle="1:", delay=int(delay_us), limit=10000)
             except NetlinkError as err:
                 raise LinaError(
-                    f"this kernel refused the netem qdisc ({err}); it is needed to emulate delay="
-                    f"{delay_us}us. Drop the delay (links are still rate-limited) or use a kernel"
-                    " with CONFIG_NET_SCH_NETEM"
+                    f"this kernel refused the netem qdisc (netlink error {err.code}: {os.strerror(err.code)});"
+                    " it is needed to emulate link delay. Drop the delay (links are still rate-limited)"
+                    " or use a kernel with CONFIG_NET_SCH_NETEM"
                 ) from err
             ipr.tc("add", "tbf", idx, handle="10:", parent="1:1", **tbf)
         else:
@@ -253,7 +253,7 @@ def shape_egress(ns: str, ifname: str, rate_bps: int, delay_us: int = 0, queue_m
                 ipr.tc("add", "tbf", idx, handle="1:", **tbf)
             except NetlinkError as err:
                 raise LinaError(
-                    f"this kernel refused the tbf qdisc ({err}); rate limits need"
+                    f"this kernel refused the tbf qdisc (netlink error {err.code}: {os.strerror(err.code)}); rate limits need"
                     " CONFIG_NET_SCH_TBF. Run with --emulate none (plain loopback) instead"
                 ) from err
 
