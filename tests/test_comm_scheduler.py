@@ -121,7 +121,7 @@ def test_no_allreduce_launch_while_a2a_waits_or_runs(sched_net):
     net.wait_launched(3)
     net.finish("g1")
     sched.flush()
-    a2a = [s for s in tl.spans() if s.cat == "a2a"]
+    a2a = [s for s in tl.spans() if s.name.startswith("a2a-slot:")]
     assert len(a2a) == 1 and a2a[0].args["bytes"] == 4096
     launched_after = [s.start_s for s in tl.spans() if s.name in ("g0", "g1")]
     assert min(launched_after) >= a2a[0].end_s
@@ -141,7 +141,7 @@ def test_a2a_begin_end_for_asynchronous_all_to_all(sched_net):
     sched.flush()
     with pytest.raises(CommError, match="a2a_end"):
         sched.a2a_end(second)
-    assert [s.args["index"] for s in tl.spans() if s.cat == "a2a"] == [0, 1]
+    assert [s.args["index"] for s in tl.spans() if s.name.startswith("a2a-slot:")] == [0, 1]
 
 
 def test_hold_blocks_until_next_a2a_completes(sched_net):
@@ -157,7 +157,7 @@ def test_hold_blocks_until_next_a2a_completes(sched_net):
     net.finish("g0")
     sched.flush()
     hold = [s for s in tl.spans() if s.name == "hold"]
-    nxt = [s for s in tl.spans() if s.name == "next"][0]
+    nxt = [s for s in tl.spans() if s.name == "a2a-slot:next"][0]
     assert len(hold) == 1 and hold[0].cat == "sched"
     assert [s for s in tl.spans() if s.name == "g0"][0].start_s >= nxt.end_s
 
@@ -197,7 +197,7 @@ def test_drain_waits_for_in_flight_then_gives_up_after_drain_timeout():
             pass
         net.finish("g1")
         sched.flush()
-    spans = {s.name: s for s in tl.spans() if s.cat == "a2a"}
+    spans = {s.name.removeprefix("a2a-slot:"): s for s in tl.spans() if s.name.startswith("a2a-slot:")}
     assert spans["drained"].args["drained"] is True and spans["drained"].args["queue_wait_s"] > 0
     assert spans["not-drained"].args["drained"] is False
     assert 0.25 <= spans["not-drained"].args["queue_wait_s"] < 2.0
@@ -283,7 +283,7 @@ def test_a2a_body_error_propagates_and_releases_priority(sched_net):
     net.wait_launched(1)
     net.finish("g0")
     sched.flush()
-    assert [s.args.get("error") for s in tl.spans() if s.cat == "a2a"] == [True]
+    assert [s.args.get("error") for s in tl.spans() if s.name.startswith("a2a-slot:")] == [True]
 
 
 def test_close_returns_with_work_in_flight_and_rejects_new_work():

@@ -191,7 +191,7 @@ def test_micro_op_allreduce_bit_identical_to_one_big_allreduce(interleaved):
 
 def _a2a_windows(spans):
     """[entry, end] of each all-to-all: waiting (drain) and running."""
-    return [(s.start_s - s.args["queue_wait_s"], s.end_s) for s in spans if s.cat == "a2a"]
+    return [(s.start_s - s.args["queue_wait_s"], s.end_s) for s in spans if s.name.startswith("a2a-slot:")]
 
 
 def test_no_allreduce_launch_while_a2a_waits_or_runs(interleaved):
