@@ -16,9 +16,8 @@ Policies here:
 from __future__ import annotations
 
 import abc
-import contextlib
 import threading
-from typing import Callable, ContextManager
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -84,9 +83,15 @@ class GradSync(abc.ABC):
         self.dense_params = [p for p in reversed(params) if not is_expert(p)]
         self.expert_params = [p for p in reversed(params) if is_expert(p)]
 
+    #: whether the MoE layers pipeline their all-to-alls with expert compute under this policy
+    pipelined = False
+
     # Hooks the MoE layers call (through ExpertComm); plain policies do nothing there.
-    def a2a_guard(self, name: str, nbytes: int) -> ContextManager:
-        return contextlib.nullcontext()
+    def a2a_begin(self, name: str, nbytes: int) -> Any:
+        return None
+
+    def a2a_end(self, token: Any) -> None:
+        return None
 
     def on_backward_reaches_moe(self) -> None:
         return None
@@ -205,7 +210,8 @@ class BucketedAsyncSync(GradSync):
         self._handles = []
 
 
-POLICIES: dict[str, Callable[..., GradSync]] = {
-    "sequential": SequentialSync,
-    "deepspeed": BucketedAsyncSync,
-}
+class TutelSync(BucketedAsyncSync):
+    """Tutel style: all-to-all pipelined with expert compute, DDP buckets, no priority."""
+
+    name = "tutel"
+    pipelined = True

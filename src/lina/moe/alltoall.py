@@ -1,4 +1,5 @@
-"""All-to-all with uneven splits as autograd functions, timed on the one timeline."""
+"""All-to-all with uneven splits, synchronous (as an autograd function) or asynchronous (for
+pipelining), timed once on the one timeline."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import torch
 import torch.distributed as dist
 
 from lina.moe.comm_context import ExpertComm
+
+
+def _row_bytes(x: torch.Tensor) -> int:
+    return x.element_size() * (x[0].numel() if x.shape[0] else int(torch.tensor(x.shape[1:]).prod()))
 
 
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], comm: ExpertComm, name: str, phase: str) -> torch.Tensor:
@@ -18,10 +23,41 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], com
         Tensor[sum(out_splits), ...], rows grouped by source rank.
     """
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    nbytes = x.element_size() * x[0].numel() * (sum(in_splits) - in_splits[comm.rank]) if x.shape[0] else 0
-    with comm.a2a_guard(name, nbytes), comm.timeline.span(name, "a2a", phase=phase, bytes=nbytes):
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=comm.group)
+    nbytes = _row_bytes(x) * (sum(in_splits) - in_splits[comm.rank])
+    token = comm.a2a_begin(name, nbytes)
+    try:
+        with comm.timeline.span(name, "a2a", phase=phase, bytes=nbytes):
+            dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=comm.group)
+    finally:
+        comm.a2a_end(token)
     return out
+
+
+class AsyncAllToAll:
+    """One asynchronous all-to-all micro-op; its span ends when the transfer completes (recorded
+    from the completion callback, not when somebody waits for it).
+
+    ``start`` issues it; ``wait`` blocks until done and returns the received rows.
+    """
+
+    def __init__(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], comm: ExpertComm, name: str, phase: str, index: int):
+        self.out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        self.comm = comm
+        nbytes = _row_bytes(x) * (sum(in_splits) - in_splits[comm.rank])
+        self._token = comm.a2a_begin(name, nbytes)
+        start = comm.timeline.now()
+        self._work = dist.all_to_all_single(self.out, x.contiguous(), out_splits, in_splits, group=comm.group, async_op=True)
+        timeline = comm.timeline
+
+        def done(_fut, token=self._token):
+            timeline.record(name, "a2a", start, timeline.now(), phase=phase, bytes=nbytes, micro_op=index)
+            comm.a2a_end(token)
+
+        self._work.get_future().add_done_callback(done)
+
+    def wait(self) -> torch.Tensor:
+        self._work.wait()
+        return self.out
 
 
 class AllToAll(torch.autograd.Function):
@@ -49,8 +85,6 @@ def exchange_counts(send_counts: torch.Tensor, comm: ExpertComm) -> torch.Tensor
     Returns:
         LongTensor[P, E_l]: rows this rank receives from each source rank for each local expert.
     """
-    p = comm.size
-    recv = torch.empty_like(send_counts)
-    with comm.a2a_guard("counts", send_counts.numel() * 8), comm.timeline.span("counts", "a2a", phase="fwd", bytes=send_counts.numel() * 8):
-        dist.all_to_all_single(recv, send_counts.contiguous(), group=comm.group)
-    return recv.view(p, -1)
+    recv = all_to_all(send_counts.view(-1, 1), [send_counts.numel() // comm.size] * comm.size,
+                      [send_counts.numel() // comm.size] * comm.size, comm, "counts", "fwd")
+    return recv.view(comm.size, -1)

@@ -3,17 +3,20 @@ the hooks through which a gradient-sync policy orders all-to-alls against allred
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
+from typing import Any, Callable
 
 import torch.distributed as dist
 
 from lina.obs.timeline import Timeline
 
 
-def _no_guard(name: str, nbytes: int) -> ContextManager:
-    return contextlib.nullcontext()
+def _no_begin(name: str, nbytes: int) -> Any:
+    return None
+
+
+def _no_end(token: Any) -> None:
+    return None
 
 
 def _no_hold() -> None:
@@ -27,16 +30,18 @@ class ExpertComm:
     Attributes:
         group: the EP process group (None: single process, no all-to-all).
         timeline: where every all-to-all span is recorded.
-        a2a_guard: ``guard(name, nbytes)`` context manager wrapped around each all-to-all; the
-            ``lina`` policy uses it to mark an all-to-all waiting/running in its scheduler.
+        a2a_begin / a2a_end: called around each all-to-all (``token = begin(name, nbytes)`` when it
+            is about to start, ``end(token)`` when it has completed); the ``lina`` policy marks the
+            all-to-all waiting/running in its scheduler there.
         on_backward_reaches_moe: called when backward reaches a MoE layer's output (an all-to-all
             is about to come); the ``lina`` policy stops starting allreduce micro-ops there.
-        pipeline_chunks: all-to-all micro-ops per exchange (1 = no pipelining).
+        pipeline_chunks: all-to-all micro-ops per exchange (1 = one synchronous all-to-all).
     """
 
     group: dist.ProcessGroup | None = None
     timeline: Timeline = field(default_factory=lambda: Timeline(enabled=False))
-    a2a_guard: Callable[[str, int], ContextManager] = _no_guard
+    a2a_begin: Callable[[str, int], Any] = _no_begin
+    a2a_end: Callable[[Any], None] = _no_end
     on_backward_reaches_moe: Callable[[], None] = _no_hold
     pipeline_chunks: int = 1
 

@@ -9,6 +9,7 @@ from torch import nn
 from lina.moe.alltoall import AllToAll, exchange_counts
 from lina.moe.comm_context import ExpertComm
 from lina.moe.experts import LocalExperts
+from lina.moe.pipeline import PipelinedExchange
 from lina.moe.permute import inverse_permutation, permute_order, source_to_expert_major, unpermute
 from lina.moe.router import Routing, TopKRouter
 
@@ -81,6 +82,8 @@ class MoELayer(nn.Module):
         name = f"moe{self.layer_index}"
         recv_counts = exchange_counts(counts, comm)  # [P, E_l]
         in_splits = counts.view(comm.size, -1).sum(1).tolist()
+        if comm.pipeline_chunks > 1:
+            return PipelinedExchange.apply(rows, in_splits, recv_counts, self.experts, comm, name)
         out_splits = recv_counts.sum(1).tolist()
         received = AllToAll.apply(rows, out_splits, in_splits, comm, f"{name}.dispatch")
         index = source_to_expert_major(recv_counts)

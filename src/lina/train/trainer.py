@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lina.comm.chunk_sweep import sweep_chunk_size
 from lina.comm.groups import ParallelGroups
 from lina.comm.gradsync import GradSync
 from lina.comm.policies import make_policy
@@ -41,18 +42,35 @@ class Trainer:
         self.comm = ExpertComm(
             group=groups.ep_group,
             timeline=self.timeline,
-            a2a_guard=lambda name, nbytes: self.policy.a2a_guard(name, nbytes),
+            a2a_begin=lambda name, nbytes: self.policy.a2a_begin(name, nbytes),
+            a2a_end=lambda token: self.policy.a2a_end(token),
             on_backward_reaches_moe=lambda: self.policy.on_backward_reaches_moe(),
             pipeline_chunks=1,
         )
         torch.manual_seed(cfg.seed)  # same on every rank: identical non-expert parameters
         self.model = MoEGPT(cfg.model, self.comm if groups.world_size > 1 else None)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.chunk_mb = self._resolve_chunk_mb()
         self.policy: GradSync = self.make_policy(cfg.schedule)
 
+    def _resolve_chunk_mb(self) -> float:
+        """A fixed ``chunk_mb``, or for ``auto`` the result of a start-up sweep on the DP group
+        (only when a policy that partitions gradients may run)."""
+        if self.cfg.chunk_mb != "auto":
+            return float(self.cfg.chunk_mb)
+        if self.groups.world_size == 1 or self.cfg.schedule != "lina":
+            return 1.0
+        dense_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if not getattr(p, "lina_expert", False))
+        result = sweep_chunk_size(self.groups.dp_group, dense_bytes)
+        self.chunk_sweep = result
+        if self.groups.rank == 0:
+            print(result.describe(), flush=True)
+        return result.chosen_mb
+
     def make_policy(self, name: str) -> GradSync:
-        return make_policy(
+        policy = make_policy(
             name,
+            chunk_mb=self.chunk_mb,
             model=self.model,
             dp_group=self.groups.dp_group if self.groups.world_size > 1 else None,
             expert_dp_group=self.groups.expert_dp_group,
@@ -61,6 +79,8 @@ class Trainer:
             bucket_mb=self.cfg.bucket_mb,
             timeout_s=self.cfg.timeout_s,
         )
+        self.comm.pipeline_chunks = self.cfg.pipeline_chunks if policy.pipelined else 1
+        return policy
 
     def set_policy(self, name: str) -> None:
         """Swap the gradient-sync policy (benchmarks interleave policies on one model)."""
@@ -93,7 +113,7 @@ class Trainer:
         end = tl.now()
         tl.record("step", "step", start, end, step=step, policy=self.policy.name)
         spans = [s for s in tl.spans(since_s=start) if s.end_s <= end + 1.0]
-        a2a = sum(s.dur_s for s in spans if s.cat == "a2a")
+        a2a = union_length([(s.start_s, s.end_s) for s in spans if s.cat == "a2a"])  # micro-ops overlap
         allreduce = union_length([(s.start_s, min(s.end_s, end)) for s in spans if s.cat == "allreduce"])
         return StepResult(step, float(lm.detach()), end - start, a2a, allreduce, sync_end - sync_start)
 
