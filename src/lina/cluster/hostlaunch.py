@@ -29,6 +29,7 @@ from lina.cluster import netns as ns
 from lina.cluster.emulate import EmulatedCluster
 from lina.errors import ConfigError, LinaError
 
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Broken pipe")
 _ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
 
 
@@ -130,6 +131,7 @@ def run_on_cluster(
                 f"{module} on {len(agents)} emulated hosts did not finish within {timeout_s:g}s; all workers were stopped"
             )
         if failed is not None:
+            failed = _settle_and_pick_origin(agents, failed)
             _stop(agents, cluster, grace_s)
             raise LinaError(_failure_message(failed, agents, nproc_per_host))
         return 0
@@ -155,6 +157,23 @@ def _wait(agents: list[_Agent], started: float, timeout_s: float | None) -> _Age
         if timeout_s is not None and time.monotonic() - started > timeout_s:
             return "timeout"
         time.sleep(0.05)
+
+
+def _settle_and_pick_origin(agents: list[_Agent], first: _Agent, settle_s: float = 1.0) -> _Agent:
+    """The failed agent most likely to hold the original error.
+
+    A crash on one host makes its peers fail too, within milliseconds, with Gloo's
+    "connection closed by peer" kind of error; which agent exits first is a race. So wait
+    ``settle_s`` for the others to report, then prefer a failure that is not a lost peer.
+    """
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline and any(a.proc.poll() is None for a in agents):
+        time.sleep(0.05)
+    failed = [a for a in agents if a.proc.poll() not in (None, 0)]
+    for agent in sorted(failed, key=lambda a: (a is not first, a.host)):
+        if not any(marker in line for line in agent.tail for marker in _LOST_PEER):
+            return agent
+    return first
 
 
 def _stop(agents: list[_Agent], cluster: EmulatedCluster, grace_s: float) -> None:
@@ -194,9 +213,9 @@ def _failure_message(failed: _Agent, agents: list[_Agent], nproc_per_host: int) 
     others = ", ".join(
         f"h{a.host}={a.proc.returncode}" for a in agents if a is not failed and a.proc.returncode not in (None, 0)
     )
-    msg = f"host {h} ({ranks}) failed first with exit code {failed.proc.returncode}{rank_note}"
+    msg = f"host {h} ({ranks}) failed with exit code {failed.proc.returncode}{rank_note}"
     if others:
-        msg += f"; also failed: {others}"
+        msg += f"; also failed (often from losing that peer): {others}"
     worker_lines = [x for x in lines if root_rank is not None and x.startswith(f"[rank{root_rank[0]}]:")]
     shown = (worker_lines or lines)[-12:]
     tail = "\n".join(f"  [h{h}] {line}" for line in shown)
