@@ -126,6 +126,15 @@ class TrainConfig:
             raise ConfigError("corpus_max_mb", f"{self.corpus_max_mb} must be > 0", "use e.g. 3")
         if self.timeout_s <= 0:
             raise ConfigError("timeout_s", f"{self.timeout_s} must be > 0", "use e.g. 120")
+        spec = self.emulate_spec()
+        if spec is not None and spec.world_size != self.workers:
+            raise ConfigError("workers", f"{self.workers} workers but the emulated cluster has {spec.hosts} hosts x {spec.workers_per_host} workers", f"use --workers {spec.world_size} or change --emulate")
+
+    def emulate_spec(self):
+        """The emulated cluster to run on (:class:`lina.cluster.emulate.EmulateSpec`), or None."""
+        from lina.cluster.emulate import parse_emulate
+
+        return parse_emulate(self.emulate)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

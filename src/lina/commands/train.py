@@ -49,7 +49,14 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         overrides["model.dropless"] = False
     if args.resume:
         overrides["resume"] = True
-    cfg = TrainConfig.from_dict(merge(base, overrides))
+    merged = merge(base, overrides)
+    if args.workers is None and "workers" not in base and merged.get("emulate", "none") != "none":
+        from lina.cluster.emulate import parse_emulate
+
+        spec = parse_emulate(merged["emulate"])
+        if spec is not None:
+            merged["workers"] = spec.world_size
+    cfg = TrainConfig.from_dict(merged)
     cfg.validate()
     return cfg
 
@@ -59,8 +66,11 @@ def run(args: argparse.Namespace) -> int:
     from lina.train import worker
 
     cfg = build_config(args)
+    spec = cfg.emulate_spec()
     if under_torchrun():
         summary = worker.run(cfg.to_dict())
+    elif spec is not None:
+        summary = run_emulated(cfg, spec)
     else:
         summary = launch_local(worker.run, (cfg.to_dict(),), cfg.workers)[0]
     if summary is not None:
@@ -70,6 +80,24 @@ def run(args: argparse.Namespace) -> int:
 
             write_trace_report(Path(cfg.trace))
     return 0
+
+
+def run_emulated(cfg: TrainConfig, spec) -> dict:
+    """Train on an emulated cluster: one torchrun agent per host namespace, links rate-limited."""
+    from lina.cluster.emulate import EmulatedCluster
+    from lina.cluster.hostlaunch import run_on_cluster
+
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.out = str(out)
+    if cfg.trace:
+        cfg.trace = str(Path(cfg.trace).resolve())
+    config_path = out / "config.json"
+    config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
+    print(f"lina train: emulated cluster {spec} (each host's link {spec.link} up and down)", flush=True)
+    with EmulatedCluster(spec) as cluster:
+        run_on_cluster(cluster, "lina.train.worker", [str(config_path)], spec.workers_per_host)
+    return json.loads((out / "summary.json").read_text())
 
 
 def print_summary(summary: dict, out: Path) -> None:
