@@ -23,7 +23,6 @@ pytestmark = [
 
 @pytest.mark.timeout(120)
 def test_small_contention_run_writes_json_and_plot(tmp_path, capsys):
-    before = {r.prefix for r in survey()}
     out = tmp_path / "contention.json"
     code = contention.main(
         ["--pairs", "4", "--warmup", "1", "--hosts", "3", "--link", "200mbit", "--a2a-elems", "49152",
@@ -49,5 +48,6 @@ def test_small_contention_run_writes_json_and_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "link 200mbit" in printed and "paper, Fig. 3" in printed and "pair 4/4" in printed
     # the cluster it built is gone
-    assert {r.prefix for r in survey()} <= before
-    assert not [n for n in netns.list_project_netns() if netns.run_prefix_of(n) not in before]
+    assert netns.run_prefix_of(result["cluster"] + "-h0") == result["cluster"]
+    assert netns.list_project_netns(result["cluster"] + "-") == []
+    assert not [r for r in survey() if r.prefix == result["cluster"]]

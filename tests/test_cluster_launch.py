@@ -6,6 +6,9 @@ Needs root and tc (CI runs as root); skipped otherwise.
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -40,8 +43,8 @@ WORKER = textwrap.dedent(
         json.dump({"rank": rank, "world": world, "local_rank": int(os.environ["LOCAL_RANK"]),
                    "ifname": os.environ["GLOO_SOCKET_IFNAME"], "master": os.environ["MASTER_ADDR"],
                    "netns": [st.st_dev, st.st_ino], "pid": os.getpid(), "sum": total.item()}, fh)
-    if mode == "crash":
-        time.sleep(120)  # survivors hang here until the launcher stops them
+    if mode in ("crash", "hang"):
+        time.sleep(120)  # they hang here until the launcher stops them
     dist.destroy_process_group()
     """
 )
@@ -102,3 +105,33 @@ def test_timeout_stops_everything(worker_module):
         with pytest.raises(LinaError, match="did not finish within 1s"):
             run_on_cluster(c, "lina_test_cluster_worker", [str(out), "crash"], 1, timeout_s=1, grace_s=3)
         assert not any(netns.pids_in_netns(h.netns) for h in c.hosts)
+
+
+OWNER = textwrap.dedent(
+    """
+    import sys
+    from lina.cluster.emulate import EmulatedCluster, EmulateSpec
+    from lina.cluster.hostlaunch import run_on_cluster
+    with EmulatedCluster(EmulateSpec(hosts=2, link_bps=10**8)) as c:
+        print(c.prefix, flush=True)
+        run_on_cluster(c, "lina_test_cluster_worker", [sys.argv[1], "hang"], 1, stream=sys.stderr)
+    """
+)
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_to_the_launcher_leaves_no_worker_and_no_cluster(worker_module):
+    module, out = worker_module
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(out)], stdout=subprocess.PIPE, text=True,
+                             stderr=subprocess.DEVNULL)
+    prefix = owner.stdout.readline().strip()
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("rank*.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pids = [json.loads(p.read_text())["pid"] for p in out.glob("rank*.json")]
+    assert len(pids) == 2, "workers did not start"
+    owner.send_signal(signal.SIGTERM)
+    assert owner.wait(timeout=30) == 128 + signal.SIGTERM
+    for pid in pids:
+        assert not netns._running(pid), f"worker {pid} outlived its launcher"
+    assert netns.list_project_netns(prefix + "-") == []

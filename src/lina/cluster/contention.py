@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             "--timeline-dir", str(out_json.resolve().with_suffix("")) + "_timeline",
         ]  # fmt: skip
         with EmulatedCluster(spec) as cluster:
+            prefix = cluster.prefix
             run_on_cluster(cluster, "lina.cluster.contention_worker", worker_args, 1, timeout_s=timeout)
         if not raw_path.exists():
             raise LinaError("the contention workers finished without writing their results")
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         link=spec.link,
         link_bps=spec.link_bps,
         emulate=str(spec),
+        cluster=prefix,
         backend="gloo",
         a2a_bytes_per_rank=4 * raw["a2a_elems"],
         allreduce_bytes=ar_bytes,

@@ -278,6 +278,8 @@ class EmulatedCluster:
     def up(self) -> None:
         """Build namespaces, bridge, veths, addresses and shaping; undo everything on failure."""
         netns.require_support(self._support)
+        from pyroute2.netlink.exceptions import NetlinkError  # pyroute2 loads only when a cluster is built
+
         with self._lock:
             if self._up:
                 return
@@ -291,7 +293,7 @@ class EmulatedCluster:
             except LinaError:
                 self.down()
                 raise
-            except (OSError, RuntimeError, ValueError, IndexError) as err:
+            except (NetlinkError, OSError, RuntimeError, ValueError, IndexError) as err:
                 self.down()
                 raise LinaError(f"could not build the emulated cluster {self.prefix}: {err}") from err
             except BaseException:

@@ -66,7 +66,6 @@ class _Agent:
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=300))
     quiet: threading.Event = field(default_factory=threading.Event)
     reader: threading.Thread | None = None
-    ended_s: float | None = None
 
 
 def _forward(agent: _Agent, stream: TextIO, lock: threading.Lock) -> None:
@@ -147,10 +146,7 @@ def _wait(agents: list[_Agent], started: float, timeout_s: float | None) -> _Age
             code = agent.proc.poll()
             if code is None:
                 running += 1
-                continue
-            if agent.ended_s is None:
-                agent.ended_s = time.monotonic()
-            if code != 0:
+            elif code != 0:
                 return agent
         if running == 0:
             return None
