@@ -43,7 +43,9 @@ class LinaSync(GradSync):
         if group is None:
             return
         name = self._names.get(id(p), "param")
-        for k, chunk in enumerate(partition(_grad(p), self.chunk_bytes)):
+        with self.timeline.span("partition", "sched"):
+            chunks = partition(_grad(p), self.chunk_bytes)
+        for k, chunk in enumerate(chunks):
             self.scheduler.submit_allreduce(
                 name, chunk.numel() * chunk.element_size(),
                 lambda c=chunk: dist.all_reduce(c, group=group, async_op=True), index=k,

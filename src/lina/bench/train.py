@@ -1,0 +1,124 @@
+"""``lina bench train``: training step time of ``deepspeed``, ``sequential``, ``tutel`` and ``lina``
+on the emulated cluster, interleaved in one run, in a flat layout (4 hosts x 1 worker) and a
+hierarchical one (2 hosts x 2 workers), for 4, 8 and 16 experts (top-2).
+
+The link rate is calibrated per layout so that ``deepspeed``'s all-to-all share of step time lands
+in the paper's 30-45%; the regime is printed beside every speedup. The lower bound of a config is
+the critical path with compute as measured in the same run, every all-to-all at its uncontended
+speed (the ``sequential`` policy's, which runs no allreduce during backward) and all allreduce
+hidden: median(sequential step - sequential's post-backward allreduce).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lina.bench.train_report import analyse, plot, print_report
+from lina.cluster.emulate import EmulateSpec, EmulatedCluster, format_rate, parse_rate
+from lina.cluster.hostlaunch import run_on_cluster
+
+POLICIES = ("deepspeed", "sequential", "tutel", "lina")
+LAYOUTS = {"flat": (4, 1), "hierarchical": (2, 2)}
+TARGET_SHARE = 0.38
+BENCH_MODEL = {"d_model": 256, "n_layers": 4, "n_heads": 4, "d_ff": 512, "seq_len": 64, "top_k": 2}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="flat layout, 4 experts, 2 rounds (about a minute; for tests)")
+    p.add_argument("--json", metavar="FILE", default="runs/bench-train/bench-train.json", help="results; the PNG and run folders go beside it")
+    p.add_argument("--link", help="fix the link rate (e.g. 150mbit) instead of calibrating it to a 30-45%% all-to-all share")
+    p.add_argument("--layouts", default="flat,hierarchical", help="comma list of flat, hierarchical")
+    p.add_argument("--experts", default="4,8,16", help="comma list of expert counts")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma list, interleaved in this order")
+    p.add_argument("--rounds", type=int, default=5, help="interleaving rounds after warm-up")
+    p.add_argument("--steps-per-round", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per policy")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--chunk-mb", default="auto")
+    p.add_argument("--pipeline-chunks", type=int, default=2)
+    p.add_argument("--delay", default="0us", help="one-way host-to-host delay (needs the netem qdisc)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: int, out: Path, **over) -> dict:
+    hosts, wph = LAYOUTS[layout]
+    plan = {
+        "layout": layout, "hosts": hosts, "workers_per_host": wph, "link_bps": link_bps, "experts": experts,
+        "policies": policies, "model": BENCH_MODEL, "batch_size": args.batch_size, "chunk_mb": args.chunk_mb,
+        "pipeline_chunks": args.pipeline_chunks, "seed": args.seed, "warmup": args.warmup, "rounds": args.rounds,
+        "steps_per_round": args.steps_per_round, "out": str(out),
+    }
+    plan.update(over)
+    return plan
+
+
+def _launch(plan: dict, delay_us: float) -> list[dict]:
+    out = Path(plan["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"plan-{plan['layout']}.json"
+    path.write_text(json.dumps(plan, indent=2))
+    spec = EmulateSpec(hosts=plan["hosts"], workers_per_host=plan["workers_per_host"], link_bps=plan["link_bps"], delay_us=delay_us)
+    with EmulatedCluster(spec) as cluster:
+        run_on_cluster(cluster, "lina.bench.train_worker", [str(path)], spec.workers_per_host, timeout_s=3000)
+    return json.loads((out / f"results-{plan['layout']}.json").read_text())
+
+
+def calibrate_link(args, layout: str, experts: int, out: Path, delay_us: float) -> tuple[int, float]:
+    """Measure deepspeed at a first rate and rescale the rate so its all-to-all share lands near
+    TARGET_SHARE (all-to-all time scales with 1 / rate, compute does not)."""
+    rate = parse_rate("150mbit")
+    for attempt in range(2):
+        plan = _plan(args, layout, [experts], ["deepspeed"], rate, out / "calibration", warmup=1, rounds=3, steps_per_round=1)
+        res = _launch(plan, delay_us)[0]["policies"]["deepspeed"]
+        share = res["a2a_s"] / res["step_time_s"]
+        print(f"calibration ({layout}): link {format_rate(rate)} -> deepspeed all-to-all share {share * 100:.1f}%", flush=True)
+        if 0.30 <= share <= 0.45:
+            break
+        compute = res["step_time_s"] - res["a2a_s"]
+        wanted_a2a = TARGET_SHARE / (1 - TARGET_SHARE) * compute
+        rate = int(min(max(rate * res["a2a_s"] / wanted_a2a, 5e6), 4e9))
+    return rate, share
+
+
+def run(args: argparse.Namespace) -> int:
+    from lina.cluster.emulate import parse_duration_us
+
+    if args.quick:
+        args.layouts, args.experts, args.rounds, args.steps_per_round, args.warmup = "flat", "4", 2, 1, 1
+    layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
+    experts = [int(e) for e in args.experts.split(",")]
+    policies = [p.strip() for p in args.policies.split(",")]
+    json_path = Path(args.json)
+    out = json_path.parent
+    delay_us = parse_duration_us(args.delay)
+    configs = []
+    for layout in layouts:
+        if args.link:
+            link_bps = parse_rate(args.link)
+        else:
+            link_bps, _ = calibrate_link(args, layout, experts[0], out, delay_us)
+        hosts, wph = LAYOUTS[layout]
+        print(f"\n{layout}: {hosts} hosts x {wph} workers, link {format_rate(link_bps)}, delay {args.delay}; "
+              f"policies {', '.join(policies)} interleaved, {args.rounds} rounds x {args.steps_per_round} steps after {args.warmup} warm-up", flush=True)
+        for entry in _launch(_plan(args, layout, experts, policies, link_bps, out), delay_us):
+            configs.append(analyse(entry, layout, link_bps, hosts, wph))
+    result = {
+        "regime": {
+            "link": format_rate(configs[0]["regime"]["link_bps"]),
+            "a2a_share_deepspeed": configs[0]["regime"]["a2a_share_deepspeed"],
+            "allreduce_to_a2a_bytes": configs[0]["regime"]["allreduce_to_a2a_bytes"],
+            "delay": args.delay,
+            "note": "regime of the first config; every config carries its own",
+        },
+        "model": BENCH_MODEL | {"batch_size": args.batch_size},
+        "policies": policies,
+        "configs": configs,
+    }
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2))
+    plot(result, json_path.with_suffix(".png"))
+    print_report(result)
+    print(f"\nwrote {json_path}, {json_path.with_suffix('.png')}, run folders under {out / 'runs'}")
+    return 0

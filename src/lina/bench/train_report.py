@@ -1,0 +1,110 @@
+"""Figures of ``lina bench train``: per-config analysis (speedups, lower bound, headroom captured),
+the printed report beside the paper's numbers, and the bar chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lina.cluster.emulate import format_rate
+
+PAPER_SPEEDUP_NO_PACKING = (1.36, 1.42)
+
+
+def analyse(entry: dict, layout: str, link_bps: int, hosts: int, wph: int) -> dict:
+    pols = entry["policies"]
+    world = hosts * wph
+    ds = pols.get("deepspeed")
+    seq = pols.get("sequential")
+    bound = seq["step_time_s"] - seq["sync_wait_s"] if seq else None
+    ring_bytes = entry["dense_grad_bytes"] * 2 * (world - 1) / world
+    out = {
+        "layout": layout,
+        "experts": entry["experts"],
+        "experts_per_rank": entry["experts"] // world,
+        "chunk_mb": entry["chunk_mb"],
+        "chunk_sweep_s": entry["chunk_sweep_s"],
+        "regime": {
+            "link_bps": link_bps,
+            "link": format_rate(link_bps),
+            "a2a_share_deepspeed": ds["a2a_s"] / ds["step_time_s"] if ds else None,
+            "allreduce_to_a2a_bytes": ring_bytes / ds["a2a_bytes"] if ds and ds["a2a_bytes"] else None,
+        },
+        "policies": {
+            name: {
+                "step_time_s_median": p["step_time_s"],
+                "step_time_s_min": p["step_time_s_min"],
+                "step_time_s_max": p["step_time_s_max"],
+                "bwd_a2a_s_median": p["bwd_a2a_s"],
+                "allreduce_s_median": p["allreduce_s"],
+                "a2a_share": p["a2a_s"] / p["step_time_s"],
+                "partition_share": p["partition_s"] / p["step_time_s"],
+                "steps": p["steps"],
+            }
+            for name, p in pols.items()
+        },
+        "lower_bound_s": bound,
+    }
+    if ds:
+        out["speedup_vs_deepspeed"] = {name: ds["step_time_s"] / p["step_time_s"] for name, p in pols.items()}
+    if ds and bound is not None:
+        room = ds["step_time_s"] - bound
+        out["headroom_captured"] = {
+            name: (ds["step_time_s"] - p["step_time_s"]) / room if room > 0 else None for name, p in pols.items() if name != "deepspeed"
+        }
+        out["over_bound"] = {name: p["step_time_s"] / bound - 1 for name, p in pols.items()}
+    if seq:
+        out["bwd_a2a_over_uncontended"] = {name: p["bwd_a2a_s"] / seq["bwd_a2a_s"] - 1 for name, p in pols.items() if seq["bwd_a2a_s"] > 0}
+    return out
+
+
+def print_report(result: dict) -> None:
+    print("\nlina bench train: median step time per policy (interleaved, same run)")
+    for c in result["configs"]:
+        reg = c["regime"]
+        share = reg["a2a_share_deepspeed"]
+        print(f"\n{c['layout']}, {c['experts']} experts ({c['experts_per_rank']}/rank), top-2 | link {reg['link']}, "
+              f"deepspeed a2a share {share * 100:.1f}%, allreduce/a2a bytes {reg['allreduce_to_a2a_bytes']:.2f}, chunk {c['chunk_mb']:g} MB")
+        print(f"  {'policy':12s} {'step ms':>9s} {'[min-max]':>17s} {'bwd a2a ms':>11s} {'allreduce ms':>13s} {'a2a share':>10s} {'speedup':>8s}")
+        for name, p in c["policies"].items():
+            sp = c.get("speedup_vs_deepspeed", {}).get(name, float("nan"))
+            print(f"  {name:12s} {p['step_time_s_median'] * 1e3:9.1f} {p['step_time_s_min'] * 1e3:8.1f}-{p['step_time_s_max'] * 1e3:<8.1f} "
+                  f"{p['bwd_a2a_s_median'] * 1e3:11.1f} {p['allreduce_s_median'] * 1e3:13.1f} {p['a2a_share'] * 100:9.1f}% {sp:7.2f}x")
+        if c.get("lower_bound_s"):
+            print(f"  lower bound {c['lower_bound_s'] * 1e3:.1f} ms; lina: {c['over_bound'].get('lina', float('nan')) * 100:+.1f}% over it "
+                  f"(target <= 10%), headroom captured {_pct(c['headroom_captured'].get('lina'))} (target >= 80%), "
+                  f"bwd a2a {_pct(c.get('bwd_a2a_over_uncontended', {}).get('lina'), signed=True)} vs uncontended (target <= 15%), "
+                  f"partition {c['policies'].get('lina', {}).get('partition_share', 0) * 100:.2f}% of step (target < 2%)")
+    print(f"\npaper (16 A100, 100 Gb/s IB, a2a 34% of step): lina without packing {PAPER_SPEEDUP_NO_PACKING[0]}-{PAPER_SPEEDUP_NO_PACKING[1]}x over DeepSpeed")
+
+
+def _pct(x, signed: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x * 100:+.1f}%" if signed else f"{x * 100:.0f}%"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = result["configs"]
+    policies = result["policies"]
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(configs)), 4))
+    width = 0.8 / len(policies)
+    for i, name in enumerate(policies):
+        xs = [k + i * width for k in range(len(configs))]
+        ax.bar(xs, [c["policies"][name]["step_time_s_median"] * 1e3 for c in configs], width, label=name)
+    for k, c in enumerate(configs):
+        if c.get("lower_bound_s"):
+            ax.hlines(c["lower_bound_s"] * 1e3, k - width / 2, k + 0.8 - width / 2, colors="black", linestyles="--",
+                      label="lower bound" if k == 0 else None)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(configs))],
+                  [f"{c['layout']}\n{c['experts']} experts\n{c['regime']['link']}, a2a {c['regime']['a2a_share_deepspeed'] * 100:.0f}%" for c in configs])
+    ax.set_ylabel("median step time (ms)")
+    ax.set_title("lina bench train (emulated cluster)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
