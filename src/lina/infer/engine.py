@@ -1,0 +1,200 @@
+"""Expert-parallel inference over N workers with a pluggable placement policy.
+
+Per MoE layer of a batch (every worker runs the same sequence of collectives, so a worker that
+receives no token still takes part):
+
+1. gate (the model's router, or a recorded trace) -> expert ids [T, k] and weights [T, k];
+2. the policy's placement of this layer (lina: phase 2 check against the real counts);
+3. dispatch: one small all-to-all of per-(device, expert) counts, which also carries each
+   worker's phase-1 estimate of the NEXT layer's popularity to the coordinator (rank 0); then the
+   rows themselves, to the replica each token-slot was routed to;
+4. each worker computes the experts it holds for this layer (weights loaded in the background
+   once the plan is known) and the coordinator plans the next layer from the summed estimates;
+5. combine: results return to their tokens; the coordinator's plan of the next layer rides on it
+   (a few extra rows from rank 0 to everybody), so phase 1 costs no extra round trip.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from lina.infer.policies import ServingPolicy, local_counts
+from lina.infer.store import ExpertStore, expert_ffn
+from lina.moe.permute import inverse_permutation, source_to_expert_major
+from lina.obs.timeline import Timeline
+from lina.placement.core import Placement
+
+COORDINATOR = 0
+
+
+@dataclass
+class LayerRouting:
+    """Gate decision of one MoE layer for the local tokens: ids LongTensor[T, k], weights [T, k]."""
+
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+
+
+@dataclass
+class BatchStats:
+    latency_s: float = 0.0
+    layer_a2a_s: list[float] = field(default_factory=list)  # dispatch + combine per MoE layer
+    phase1_s: float = 0.0  # coordinator planning time (rank 0)
+    phase2_s: list[float] = field(default_factory=list)  # per layer: real-count allreduce + check/re-plan
+    max_device_rows: list[int] = field(default_factory=list)
+
+
+class InferenceEngine:
+    """Runs batches through L MoE layers on an EP group.
+
+    Args:
+        store: every expert's weights (host memory).
+        top_k: k.
+        group: the process group of the N workers (None: one process).
+        policy: a :class:`lina.infer.policies.ServingPolicy`.
+        timeline: spans of this rank.
+    """
+
+    def __init__(self, store: ExpertStore, top_k: int, group: dist.ProcessGroup | None, policy: ServingPolicy, timeline: Timeline | None = None):
+        self.store = store
+        self.top_k = top_k
+        self.group = group
+        self.world = 1 if group is None else dist.get_world_size(group)
+        self.rank = 0 if group is None else dist.get_rank(group)
+        self.policy = policy
+        self.timeline = timeline or Timeline(self.rank, enabled=True)
+        self.num_experts = store.num_experts
+
+    # ------------------------------------------------------------------ collectives
+    def _a2a(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        if self.group is None:
+            out.copy_(x)
+            return out
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
+        return out
+
+    def _allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        if self.group is not None:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def _plan_rows(self, d: int) -> int:
+        return math.ceil((self.num_experts * self.world + self.num_experts) / d)
+
+    # ------------------------------------------------------------------ one MoE layer
+    def moe_layer(self, layer: int, h: torch.Tensor, routing: LayerRouting, history: torch.Tensor, stats: BatchStats) -> torch.Tensor:
+        """h: FloatTensor[T, d] -> FloatTensor[T, d], the weighted sum of the token's experts."""
+        tl, e_count, n, k = self.timeline, self.num_experts, self.world, self.top_k
+        ids, weights = routing.expert_ids, routing.weights
+        t, d = h.shape
+        start2 = tl.now()
+        placement = self.policy.placement(layer, ids, self._allreduce)
+        stats.phase2_s.append(tl.now() - start2)
+        # Phase 1 for the next layer: this device's estimate, sent to the coordinator.
+        next_layer = layer + 1
+        estimate = self.policy.local_estimate(next_layer, history) if self.policy.uses_phase1 and next_layer < self.store.num_layers else None
+        carries_plan = estimate is not None
+        # Route every token-slot to a replica and order slots by (device, expert).
+        device = placement.route(ids)  # [T, k]
+        key = (device * e_count + ids).reshape(-1)
+        order = torch.argsort(key, stable=True)
+        send_counts = torch.bincount(key, minlength=n * e_count).view(n, e_count)
+        start_a2a = tl.now()
+        header = torch.zeros(n, 2 * e_count, dtype=torch.float64)
+        header[:, :e_count] = send_counts
+        if carries_plan:
+            header[COORDINATOR, e_count:] = estimate
+        with tl.span(f"moe{layer}.dispatch-counts", "a2a", phase="fwd"):
+            recv_header = self._a2a(header.view(-1, 2 * e_count), [1] * n, [1] * n).view(n, 2 * e_count)
+        recv_counts = recv_header[:, :e_count].round().long()  # [sources, E]
+        rows = h[order // k]
+        in_splits = send_counts.sum(1).tolist()
+        out_splits = recv_counts.sum(1).tolist()
+        with tl.span(f"moe{layer}.dispatch", "a2a", phase="fwd", bytes=rows.numel() * rows.element_size()):
+            received = self._a2a(rows, out_splits, in_splits)
+        a2a_s = tl.now() - start_a2a
+        stats.max_device_rows.append(int(recv_counts.sum()))
+        # Experts this device computes for this layer.
+        index = source_to_expert_major(recv_counts)
+        grouped = received[index]
+        per_expert = recv_counts.sum(0).tolist()
+        with tl.span(f"moe{layer}.experts", "compute"):
+            weights_by_expert = self.store.load(layer, placement.device_experts(self.rank).tolist())
+            outs = [expert_ffn(chunk, weights_by_expert[e]) for e, chunk in zip(range(e_count), torch.split(grouped, per_expert)) if chunk.shape[0]]
+            computed = torch.cat(outs) if outs else grouped
+        back = computed[inverse_permutation(index)]
+        # Coordinator: plan the next layer while the combine is being assembled.
+        plan_rows = self._plan_rows(d) if carries_plan else 0
+        if carries_plan and self.rank == COORDINATOR:
+            with tl.span(f"moe{next_layer}.phase1", "sched"):
+                t0 = tl.now()
+                est_sum = recv_header[:, e_count:].sum(0)
+                plan = self.policy.coordinate(next_layer, est_sum)
+                payload = torch.cat([plan.share.float().reshape(-1), est_sum.float()])
+                payload = torch.nn.functional.pad(payload, (0, plan_rows * d - payload.numel())).view(plan_rows, d)
+                stats.phase1_s += tl.now() - t0
+            pieces, splits_back = [], []
+            for src in range(n):
+                block = back[sum(out_splits[:src]) : sum(out_splits[: src + 1])]
+                pieces += [block, payload]
+                splits_back.append(out_splits[src] + plan_rows)
+            back = torch.cat(pieces)
+        else:
+            splits_back = out_splits
+        recv_back = [c + (plan_rows if src == COORDINATOR else 0) for src, c in enumerate(in_splits)]
+        start_c = tl.now()
+        with tl.span(f"moe{layer}.combine", "a2a", phase="fwd", bytes=back.numel() * back.element_size()):
+            returned = self._a2a(back, recv_back, splits_back)
+        a2a_s += tl.now() - start_c
+        stats.layer_a2a_s.append(a2a_s)
+        if carries_plan:
+            payload = returned[in_splits[COORDINATOR] : in_splits[COORDINATOR] + plan_rows].reshape(-1)
+            share = payload[: e_count * n].double().view(e_count, n)
+            est_global = payload[e_count * n : e_count * n + e_count].double()
+            plan = Placement(e_count, n, share)
+            self.policy.receive_plan(next_layer, plan, est_global)
+            self.store.prefetch(next_layer, plan.device_experts(self.rank).tolist())
+            returned = torch.cat([returned[: in_splits[COORDINATOR]], returned[in_splits[COORDINATOR] + plan_rows :]])
+        w = weights.reshape(-1)[order].unsqueeze(-1).to(returned.dtype)
+        out = h.new_zeros((t, d))
+        return out.index_add(0, order // k, returned * w)
+
+    # ------------------------------------------------------------------ a batch
+    def run_batch(self, h: torch.Tensor, dense: Callable[[int, torch.Tensor], torch.Tensor], gate: Callable[[int, torch.Tensor], LayerRouting],
+                  free_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, BatchStats]:
+        """Run all layers.
+
+        Args:
+            h: FloatTensor[T, d] hidden states of this worker's tokens.
+            dense: ``dense(layer, h) -> (h, moe_input)``: the layer's non-expert part; returns the
+                residual stream [T, d] and the MoE input [T, d] (e.g. after attention and norm).
+            gate: ``gate(layer, moe_input) -> LayerRouting``.
+            free_counts: FloatTensor[L, E] real global counts (trace replay), for the oracle.
+        Returns:
+            (h after the last layer [T, d], stats)
+        """
+        stats = BatchStats()
+        self.policy.begin_batch(free_counts)
+        tl = self.timeline
+        start = tl.now()
+        history = torch.zeros(h.shape[0], 0, dtype=torch.long)
+        layer_counts = []
+        for layer in range(self.store.num_layers):
+            h, moe_in = dense(layer, h)
+            routing = gate(layer, moe_in)
+            h = h + self.moe_layer(layer, moe_in, routing, history, stats)
+            history = torch.cat([history, routing.expert_ids[:, :1]], dim=1)
+            layer_counts.append(local_counts(routing.expert_ids, self.num_experts))
+        if self.policy.needs_batch_counts:
+            self.policy.end_batch(self._allreduce(torch.stack(layer_counts)))
+        self.store.forget()
+        stats.latency_s = tl.now() - start
+        tl.record("batch", "step", start, start + stats.latency_s, policy=self.policy.name)
+        return h, stats

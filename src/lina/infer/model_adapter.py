@@ -1,0 +1,107 @@
+"""Serve a trained :class:`lina.models.gpt.MoEGPT` with the inference engine, and record the
+routing it takes (a :class:`lina.infer.trace.RoutingTrace`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lina.config import ModelConfig
+from lina.errors import LinaError
+from lina.infer.engine import LayerRouting
+from lina.infer.store import ExpertStore
+from lina.infer.trace import RoutingTrace
+from lina.models.gpt import MoEGPT
+
+
+class ServedGPT:
+    """The non-expert parts of a full (single-process) MoEGPT as the engine's ``dense`` and
+    ``gate`` callables, and its experts as an :class:`ExpertStore`.
+
+    Every FFN must be an MoE layer (``moe_interval = 1``). Inputs are LongTensor[B, S] tokens.
+    """
+
+    def __init__(self, model: MoEGPT):
+        if model.cfg.moe_interval != 1:
+            raise LinaError("serving needs every FFN to be an MoE layer (model.moe_interval = 1)")
+        self.model = model.eval()
+        moes = model.moe_layers()
+        stack = lambda name: torch.stack([getattr(m.experts, name).detach() for m in moes])  # noqa: E731
+        self.store = ExpertStore(stack("w1"), stack("b1"), stack("w2"), stack("b2"))
+        self.shape: tuple[int, int] = (0, 0)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """LongTensor[B, S] -> FloatTensor[B*S, d]."""
+        self.shape = tuple(idx.shape)
+        pos = torch.arange(idx.shape[1])
+        return (self.model.tok_emb(idx) + self.model.pos_emb(pos)).reshape(-1, self.model.cfg.d_model)
+
+    def dense(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        block = self.model.blocks[layer]
+        x = h.view(*self.shape, -1)
+        x = x + block.attn(block.ln1(x))
+        return x.reshape(h.shape), block.ln2(x).reshape(h.shape)
+
+    def gate(self, layer: int, moe_in: torch.Tensor) -> LayerRouting:
+        routing = self.model.blocks[layer].ffn.router(moe_in)
+        return LayerRouting(routing.expert_ids, routing.weights)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.ln_f(h.view(*self.shape, -1)))
+
+
+@torch.no_grad()
+def record_routing(model: MoEGPT, batches: list[torch.Tensor], source: str) -> RoutingTrace:
+    """Run ``model`` on token batches (each LongTensor[B, S]) and keep every token's experts and
+    gate weights at every MoE layer; each sequence gets its own ``seq_id``."""
+    model.eval()
+    experts, probs, seq_ids, positions = [], [], [], []
+    seq = 0
+    for idx in batches:
+        model(idx)
+        routings = [m.last_routing for m in model.moe_layers()]
+        experts.append(torch.stack([r.expert_ids for r in routings], dim=1))  # [B*S, L, k]
+        probs.append(torch.stack([r.weights for r in routings], dim=1))
+        b, s = idx.shape
+        seq_ids.append(torch.arange(seq, seq + b).repeat_interleave(s))
+        positions.append(torch.arange(s).repeat(b))
+        seq += b
+    return RoutingTrace(
+        experts=torch.cat(experts).numpy().astype(np.int16),
+        seq_id=torch.cat(seq_ids).numpy().astype(np.int32),
+        token_idx=torch.cat(positions).numpy().astype(np.int32),
+        num_experts=model.cfg.experts,
+        top_k=model.cfg.top_k,
+        gate_probs=torch.cat(probs).float().numpy(),
+        source=source,
+    )
+
+
+def load_trained_model(out_dir: str | Path) -> MoEGPT:
+    """Rebuild the full model from a ``lina train`` output folder: merges every rank's expert shard
+    of the latest checkpoint into one single-process model."""
+    import json
+
+    from lina.train import checkpoint
+
+    out = Path(out_dir)
+    summary_path = out / "summary.json"
+    if not summary_path.exists():
+        raise LinaError(f"{summary_path} not found. Fix: point --model at the --out folder of a finished `lina train` run")
+    cfg = ModelConfig(**json.loads(summary_path.read_text())["config"]["model"])
+    folder = checkpoint.latest_folder(out / "checkpoints")
+    if folder is None:
+        raise LinaError(f"no checkpoint under {out / 'checkpoints'}. Fix: train with `lina train --out {out}` first")
+    shards = [torch.load(p, weights_only=True, map_location="cpu")["model"] for p in sorted(folder.glob("rank-*.pt"), key=lambda p: int(p.stem.split("-")[1]))]
+    model = MoEGPT(cfg)
+    state = dict(shards[0])
+    for key in state:
+        if ".experts." in key:
+            parts = [s[key] for s in shards]
+            per_rank = parts[0].shape[0]
+            ep = cfg.experts // per_rank
+            state[key] = torch.cat(parts[:ep])  # ranks 0..ep-1 hold experts 0..E-1 in order
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,165 @@
+"""Inference placement policies at serving time: ``static``, ``eplb``, ``lina``, ``oracle``.
+
+The engine asks a policy, layer by layer, where each expert's tokens go (a
+:class:`lina.placement.Placement`). The placement math lives in :mod:`lina.placement`; here is only
+when each policy plans and what it knows:
+
+``static``  expert e on device e mod N (DeepSpeed's layout), never changes.
+``eplb``    replicas from a moving average of past batches' load, re-planned every few batches
+            (DeepSeek EPLB / vLLM); learns the global counts with one small allreduce per batch.
+``lina``    phase 1: each device estimates the next layer's popularity from its tokens' paths; the
+            estimates ride on this layer's dispatch to the coordinator, whose plan returns on the
+            combine. Phase 2, after the real gate: a small allreduce of the real counts; if the
+            estimated top-2k experts differ from the real ones, re-plan on the real counts.
+``oracle``  Lina's placement on the batch's real counts, known for free (no communication).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable
+
+import torch
+
+from lina.errors import ConfigError
+from lina.placement.eplb import EPLBPlanner
+from lina.placement.estimators.base import PopularityEstimator
+from lina.placement.lina import lina_placement, oracle_placement, replan_if_needed
+from lina.placement.core import Placement
+from lina.placement.static import static_placement
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def local_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """LongTensor[T, k] -> float64 Tensor[E] token-slots per expert."""
+    return torch.bincount(expert_ids.reshape(-1), minlength=num_experts).double()
+
+
+class ServingPolicy(abc.ABC):
+    """Decides each MoE layer's placement during one batch.
+
+    Args:
+        num_experts: E; num_devices: N; top_k: k.
+    """
+
+    name = "base"
+    uses_phase1 = False
+    needs_batch_counts = False
+
+    def __init__(self, num_experts: int, num_devices: int, top_k: int):
+        self.num_experts, self.num_devices, self.top_k = num_experts, num_devices, top_k
+        self.stats = {"replans": 0, "checked": 0}
+
+    def begin_batch(self, free_counts: torch.Tensor | None) -> None:
+        """``free_counts``: FloatTensor[L, E] of the batch's real global counts when the engine
+        knows them without communication (trace replay); only the oracle may use them."""
+        self.free_counts = free_counts
+
+    @abc.abstractmethod
+    def placement(self, layer: int, expert_ids: torch.Tensor, allreduce: AllReduce) -> Placement:
+        """Placement of ``layer`` once its gate chose ``expert_ids`` (LongTensor[T, k], local tokens)."""
+
+    def local_estimate(self, layer: int, history: torch.Tensor) -> torch.Tensor | None:
+        """Phase 1 on every device: estimated token-slots per expert of ``layer`` (Tensor[E])."""
+        return None
+
+    def coordinate(self, layer: int, estimate_sum: torch.Tensor) -> Placement:
+        """Phase 1 on the coordinator: plan ``layer`` from the summed estimates."""
+        raise ConfigError("policy", f"{self.name} has no phase 1", "use the lina policy")
+
+    def receive_plan(self, layer: int, placement: Placement, estimate: torch.Tensor) -> None:
+        """Phase 1 result reaching every device."""
+
+    def end_batch(self, counts: torch.Tensor) -> None:
+        """Global real counts of the batch, FloatTensor[L, E] (only when ``needs_batch_counts``)."""
+
+
+class StaticPolicy(ServingPolicy):
+    name = "static"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._placement = static_placement(self.num_experts, self.num_devices)
+
+    def placement(self, layer, expert_ids, allreduce):
+        return self._placement
+
+
+class OraclePolicy(ServingPolicy):
+    name = "oracle"
+
+    def placement(self, layer, expert_ids, allreduce):
+        if self.free_counts is not None:
+            counts = self.free_counts[layer]
+        else:
+            counts = allreduce(local_counts(expert_ids, self.num_experts))
+        return oracle_placement(counts, self.num_devices)
+
+
+class EPLBPolicy(ServingPolicy):
+    name = "eplb"
+    needs_batch_counts = True
+
+    def __init__(self, *args, num_layers: int, window: int = 32, replan_every: int = 4):
+        super().__init__(*args)
+        self.planners = [EPLBPlanner(self.num_experts, self.num_devices, window, replan_every) for _ in range(num_layers)]
+
+    def placement(self, layer, expert_ids, allreduce):
+        return self.planners[layer].placement
+
+    def end_batch(self, counts):
+        for planner, c in zip(self.planners, counts):
+            planner.observe(c)
+
+
+class LinaPolicy(ServingPolicy):
+    name = "lina"
+    uses_phase1 = True
+
+    def __init__(self, *args, estimator: PopularityEstimator):
+        super().__init__(*args)
+        self.estimator = estimator
+        self._plans: dict[int, tuple[Placement, torch.Tensor]] = {}
+
+    def begin_batch(self, free_counts):
+        super().begin_batch(free_counts)
+        self._plans = {}
+
+    def local_estimate(self, layer, history):
+        if layer >= self.estimator.num_layers or history.shape[1] == 0:
+            return None
+        h = history[:, -self.estimator.path_len:] if hasattr(self.estimator, "path_len") else history
+        return self.estimator.popularity(layer, h, top_k=self.top_k)
+
+    def coordinate(self, layer, estimate_sum):
+        return lina_placement(estimate_sum, self.num_devices)
+
+    def receive_plan(self, layer, placement, estimate):
+        self._plans[layer] = (placement, estimate)
+
+    def placement(self, layer, expert_ids, allreduce):
+        real = allreduce(local_counts(expert_ids, self.num_experts))  # phase 2
+        plan = self._plans.pop(layer, None)
+        if plan is None:  # no path yet (first layer): plan on the real counts
+            return oracle_placement(real, self.num_devices)
+        planned, estimate = plan
+        placement, replanned = replan_if_needed(planned, estimate, real, self.top_k)
+        self.stats["checked"] += 1
+        self.stats["replans"] += int(replanned)
+        return placement
+
+
+def make_serving_policy(name: str, num_experts: int, num_devices: int, top_k: int, num_layers: int,
+                        estimator: PopularityEstimator | None = None, eplb_replan_every: int = 4) -> ServingPolicy:
+    if name == "static":
+        return StaticPolicy(num_experts, num_devices, top_k)
+    if name == "oracle":
+        return OraclePolicy(num_experts, num_devices, top_k)
+    if name == "eplb":
+        return EPLBPolicy(num_experts, num_devices, top_k, num_layers=num_layers, replan_every=eplb_replan_every)
+    if name == "lina":
+        if estimator is None:
+            raise ConfigError("estimator", "the lina policy needs a fitted popularity estimator", "fit one from a routing trace (lina analyze trace) and pass it")
+        return LinaPolicy(num_experts, num_devices, top_k, estimator=estimator)
+    raise ConfigError("policy", f"unknown inference policy {name!r}", "use static, eplb, lina or oracle")
