@@ -82,3 +82,23 @@ def test_devices_without_tokens_take_part():
     rows = run_ranks(_skewed, 4, timeout_s=60)
     assert all(r == 0 for r in rows[2]) and all(r == 0 for r in rows[3])
     assert all(r > 0 for r in rows[0])
+
+
+def test_replica_rows_match_route():
+    """What a receiver computes from counts alone equals what senders route (no extra exchange)."""
+    from lina.infer.engine import replica_rows
+    from lina.placement.lina import lina_placement
+
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        e, n = 8, 4
+        load = torch.rand(e, generator=gen) ** 3 * 100
+        placement = lina_placement(load, n)
+        ids = [torch.randint(0, e, (int(torch.randint(0, 40, (1,), generator=gen)), 2), generator=gen) for _ in range(n)]
+        counts = torch.stack([torch.bincount(i.reshape(-1), minlength=e).double() for i in ids])
+        expected = replica_rows(counts, placement)
+        for s, i in enumerate(ids):
+            dev = placement.route(i).reshape(-1)
+            got = torch.zeros(e, n, dtype=torch.long)
+            got.index_put_((i.reshape(-1), dev), torch.ones_like(dev), accumulate=True)
+            assert torch.equal(got, expected[s]), trial

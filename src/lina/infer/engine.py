@@ -49,6 +49,23 @@ class BatchStats:
     max_device_rows: list[int] = field(default_factory=list)
 
 
+def replica_rows(counts_by_source: torch.Tensor, placement: Placement) -> torch.Tensor:
+    """How many of each source's token-slots of each expert go to each device.
+
+    Mirrors :meth:`Placement.route`: a source's c slots of expert e are split among e's replicas
+    at ``round(cumulative share * c)``, so a receiver computes what it gets from the counts alone.
+
+    Args:
+        counts_by_source: Tensor[S, E] token-slots per expert of each source device.
+    Returns:
+        LongTensor[S, E, N].
+    """
+    cum = torch.cumsum(placement.share, dim=1)
+    cum[:, -1] = 1.0
+    bounds = torch.round(cum[None] * counts_by_source.double()[:, :, None]).long()  # [S, E, N]
+    return torch.diff(bounds, dim=2, prepend=torch.zeros_like(bounds[:, :, :1]))
+
+
 class InferenceEngine:
     """Runs batches through L MoE layers on an EP group.
 
@@ -79,12 +96,6 @@ class InferenceEngine:
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
         return out
 
-    def _allreduce(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        if self.group is not None:
-            dist.all_reduce(t, group=self.group)
-        return t
-
     def _plan_rows(self, d: int) -> int:
         return math.ceil((self.num_experts * self.world + self.num_experts) / d)
 
@@ -94,26 +105,31 @@ class InferenceEngine:
         tl, e_count, n, k = self.timeline, self.num_experts, self.world, self.top_k
         ids, weights = routing.expert_ids, routing.weights
         t, d = h.shape
-        start2 = tl.now()
-        placement = self.policy.placement(layer, ids, self._allreduce)
-        stats.phase2_s.append(tl.now() - start2)
         # Phase 1 for the next layer: this device's estimate, sent to the coordinator.
         next_layer = layer + 1
-        estimate = self.policy.local_estimate(next_layer, history) if self.policy.uses_phase1 and next_layer < self.store.num_layers else None
+        paths = torch.cat([history, ids[:, :1]], dim=1)  # top-1 experts through this layer
+        estimate = self.policy.local_estimate(next_layer, paths) if self.policy.uses_phase1 and next_layer < self.store.num_layers else None
         carries_plan = estimate is not None
+        # Dispatch header: every device's local counts to every device (+ the estimate to the
+        # coordinator). From it each device knows the global counts and what it will receive.
+        start_a2a = tl.now()
+        header = torch.zeros(n, 2 * e_count, dtype=torch.float64)
+        header[:, :e_count] = local_counts(ids, e_count)
+        if carries_plan:
+            header[COORDINATOR, e_count:] = estimate
+        with tl.span(f"moe{layer}.dispatch-header", "a2a", phase="fwd"):
+            recv_header = self._a2a(header, [1] * n, [1] * n)
+        counts_by_source = recv_header[:, :e_count]  # [sources, E]
+        start2 = tl.now()
+        placement = self.policy.placement(layer, counts_by_source.sum(0))  # lina: phase 2
+        stats.phase2_s.append(tl.now() - start2)
+        self.layer_counts.append(counts_by_source.sum(0))
         # Route every token-slot to a replica and order slots by (device, expert).
         device = placement.route(ids)  # [T, k]
         key = (device * e_count + ids).reshape(-1)
         order = torch.argsort(key, stable=True)
         send_counts = torch.bincount(key, minlength=n * e_count).view(n, e_count)
-        start_a2a = tl.now()
-        header = torch.zeros(n, 2 * e_count, dtype=torch.float64)
-        header[:, :e_count] = send_counts
-        if carries_plan:
-            header[COORDINATOR, e_count:] = estimate
-        with tl.span(f"moe{layer}.dispatch-counts", "a2a", phase="fwd"):
-            recv_header = self._a2a(header.view(-1, 2 * e_count), [1] * n, [1] * n).view(n, 2 * e_count)
-        recv_counts = recv_header[:, :e_count].round().long()  # [sources, E]
+        recv_counts = replica_rows(counts_by_source, placement)[:, :, self.rank]  # [sources, E]
         rows = h[order // k]
         in_splits = send_counts.sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
@@ -185,15 +201,14 @@ class InferenceEngine:
         tl = self.timeline
         start = tl.now()
         history = torch.zeros(h.shape[0], 0, dtype=torch.long)
-        layer_counts = []
+        self.layer_counts: list[torch.Tensor] = []
         for layer in range(self.store.num_layers):
             h, moe_in = dense(layer, h)
             routing = gate(layer, moe_in)
             h = h + self.moe_layer(layer, moe_in, routing, history, stats)
             history = torch.cat([history, routing.expert_ids[:, :1]], dim=1)
-            layer_counts.append(local_counts(routing.expert_ids, self.num_experts))
         if self.policy.needs_batch_counts:
-            self.policy.end_batch(self._allreduce(torch.stack(layer_counts)))
+            self.policy.end_batch(torch.stack(self.layer_counts))
         self.store.forget()
         stats.latency_s = tl.now() - start
         tl.record("batch", "step", start, start + stats.latency_s, policy=self.policy.name)

@@ -6,19 +6,22 @@ when each policy plans and what it knows:
 
 ``static``  expert e on device e mod N (DeepSpeed's layout), never changes.
 ``eplb``    replicas from a moving average of past batches' load, re-planned every few batches
-            (DeepSeek EPLB / vLLM); learns the global counts with one small allreduce per batch.
+            (DeepSeek EPLB / vLLM).
 ``lina``    phase 1: each device estimates the next layer's popularity from its tokens' paths; the
             estimates ride on this layer's dispatch to the coordinator, whose plan returns on the
-            combine. Phase 2, after the real gate: a small allreduce of the real counts; if the
-            estimated top-2k experts differ from the real ones, re-plan on the real counts.
-``oracle``  Lina's placement on the batch's real counts, known for free (no communication).
+            combine (devices then load the planned experts' weights in the background). Phase 2,
+            after the real gate: if the estimated top-2k experts differ from the real ones, re-plan
+            on the real counts (and load weights on the spot).
+``oracle``  Lina's placement on the batch's real counts, planned before the batch at no cost.
+
+The engine gives every policy the layer's global real counts: each device's local counts travel
+in the dispatch header, an all-to-all the dispatch needs anyway, so phase 2 costs no extra round
+trip (the paper's phase 2 blocks on one).
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Callable
-
 import torch
 
 from lina.errors import ConfigError
@@ -28,7 +31,6 @@ from lina.placement.lina import lina_placement, oracle_placement, replan_if_need
 from lina.placement.core import Placement
 from lina.placement.static import static_placement
 
-AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def local_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -57,8 +59,9 @@ class ServingPolicy(abc.ABC):
         self.free_counts = free_counts
 
     @abc.abstractmethod
-    def placement(self, layer: int, expert_ids: torch.Tensor, allreduce: AllReduce) -> Placement:
-        """Placement of ``layer`` once its gate chose ``expert_ids`` (LongTensor[T, k], local tokens)."""
+    def placement(self, layer: int, counts: torch.Tensor) -> Placement:
+        """Placement of ``layer`` once its gate ran; ``counts``: float64 Tensor[E], the batch's real
+        token-slots per expert over all devices."""
 
     def local_estimate(self, layer: int, history: torch.Tensor) -> torch.Tensor | None:
         """Phase 1 on every device: estimated token-slots per expert of ``layer`` (Tensor[E])."""
@@ -82,18 +85,20 @@ class StaticPolicy(ServingPolicy):
         super().__init__(*args)
         self._placement = static_placement(self.num_experts, self.num_devices)
 
-    def placement(self, layer, expert_ids, allreduce):
+    def placement(self, layer, counts):
         return self._placement
 
 
 class OraclePolicy(ServingPolicy):
     name = "oracle"
 
-    def placement(self, layer, expert_ids, allreduce):
-        if self.free_counts is not None:
-            counts = self.free_counts[layer]
-        else:
-            counts = allreduce(local_counts(expert_ids, self.num_experts))
+    def begin_batch(self, free_counts):
+        super().begin_batch(free_counts)
+        self._plans = [oracle_placement(c, self.num_devices) for c in free_counts] if free_counts is not None else None
+
+    def placement(self, layer, counts):
+        if self._plans is not None:
+            return self._plans[layer]
         return oracle_placement(counts, self.num_devices)
 
 
@@ -105,7 +110,7 @@ class EPLBPolicy(ServingPolicy):
         super().__init__(*args)
         self.planners = [EPLBPlanner(self.num_experts, self.num_devices, window, replan_every) for _ in range(num_layers)]
 
-    def placement(self, layer, expert_ids, allreduce):
+    def placement(self, layer, counts):
         return self.planners[layer].placement
 
     def end_batch(self, counts):
@@ -138,8 +143,8 @@ class LinaPolicy(ServingPolicy):
     def receive_plan(self, layer, placement, estimate):
         self._plans[layer] = (placement, estimate)
 
-    def placement(self, layer, expert_ids, allreduce):
-        real = allreduce(local_counts(expert_ids, self.num_experts))  # phase 2
+    def placement(self, layer, counts):
+        real = counts  # phase 2
         plan = self._plans.pop(layer, None)
         if plan is None:  # no path yet (first layer): plan on the real counts
             return oracle_placement(real, self.num_devices)
