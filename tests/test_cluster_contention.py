@@ -35,6 +35,8 @@ def test_small_contention_run_writes_json_and_plot(tmp_path, capsys):
     assert result["link"] == "200mbit" and result["link_bps"] == 200_000_000 and result["hosts"] == 3
     assert result["a2a_bytes_per_rank"] == 4 * 49152 and result["allreduce_bytes"] == 4 * 262144
     assert result["paper"]["max_slowdown"] == 4.14
+    assert result["queue_ms"] == 100.0 and result["share"] == "peer" and len(result["link_counters"]) == 3
+    assert result["link_packets"] > 0 and 0 <= result["link_drops"] <= result["link_packets"]
     assert len(result["samples"]["slowdown"]) == 4
     # an all-to-all over a limited link cannot beat the link: 2/3 of 192 KiB at 200 Mbit/s
     assert result["alone_s"]["min"] >= 0.9 * result["a2a_link_bound_s"]

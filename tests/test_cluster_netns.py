@@ -97,15 +97,19 @@ def measure(c: EmulatedCluster, src: int, dst: int, seconds: float, port: int = 
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("rate_mbit", [50, 200])
-def test_point_to_point_throughput_matches_link_rate(rate_mbit):
-    with cluster(hosts=2, link_bps=rate_mbit * 10**6) as c:
+@pytest.mark.parametrize("rate_mbit,share", [(50, "peer"), (200, "peer"), (200, "fifo")])
+def test_point_to_point_throughput_matches_link_rate(rate_mbit, share):
+    with cluster(hosts=2, link_bps=rate_mbit * 10**6, share=share) as c:
         # both ends of each link carry the configured token bucket
         for h in c.hosts:
             assert netns.read_egress_rate(h.netns, h.ifname) == rate_mbit * 10**6
             assert netns.read_egress_rate(c.switch_netns, netns.port_ifname(h.index)) == rate_mbit * 10**6
         forward = measure(c, 0, 1, 1.5)
         backward = measure(c, 1, 0, 1.0, port=5002)
+        counters = c.link_counters()
+    # the data crossed host 0's upload and host 1's download buckets (>= 1.5 s at ~the rate)
+    for sent in (counters[0]["up"]["bytes"], counters[1]["down"]["bytes"]):
+        assert sent > 0.8 * 1.5 * rate_mbit * 1e6 / 8
     for bps in (forward, backward):
         assert abs(bps / (rate_mbit * 1e6) - 1) < 0.15, f"{bps / 1e6:.1f} Mbit/s on a {rate_mbit} Mbit/s link"
 
@@ -113,13 +117,25 @@ def test_point_to_point_throughput_matches_link_rate(rate_mbit):
 @pytest.mark.timeout(60)
 def test_two_flows_leaving_one_host_share_its_link():
     rate = 100 * 10**6
-    with cluster(hosts=3, link_bps=rate) as c:
+    with cluster(hosts=3, link_bps=rate) as c:  # share=peer: round-robin between peer hosts
         receivers = [start_receiver(c, h, c.hosts[h].ip, 5001) for h in (1, 2)]
         senders = [start_sender(c, 0, c.hosts[h].ip, 5001, 2.0) for h in (1, 2)]
         flows = [finish(r, s) for r, s in zip(receivers, senders)]
     assert abs(sum(flows) / rate - 1) < 0.15, [f / 1e6 for f in flows]
     for f in flows:
-        assert 0.3 < f / rate < 0.7, f"one of two flows got {f / 1e6:.1f} of {rate / 1e6:.0f} Mbit/s"
+        assert 0.4 < f / rate < 0.6, f"one of two flows got {f / 1e6:.1f} of {rate / 1e6:.0f} Mbit/s"
+
+
+@pytest.mark.timeout(60)
+def test_two_flows_into_one_host_share_its_download():
+    rate = 100 * 10**6
+    with cluster(hosts=3, link_bps=rate) as c:
+        receivers = [start_receiver(c, 0, c.hosts[0].ip, port) for port in (5001, 5002)]
+        senders = [start_sender(c, h, c.hosts[0].ip, port, 1.5) for h, port in ((1, 5001), (2, 5002))]
+        flows = [finish(r, s) for r, s in zip(receivers, senders)]
+    assert abs(sum(flows) / rate - 1) < 0.15, [f / 1e6 for f in flows]
+    for f in flows:
+        assert 0.4 < f / rate < 0.6, f"one of two flows got {f / 1e6:.1f} of {rate / 1e6:.0f} Mbit/s"
 
 
 @pytest.mark.timeout(60)
@@ -201,7 +217,7 @@ def test_cli_up_status_down(capsys):
     assert len(netns.list_project_netns(prefix + "-")) == 3  # stays up after the command returns
     assert lina_main(["cluster", "status"]) == 0
     status = capsys.readouterr().out
-    assert f"{prefix}  detached" in status and "tbf 100mbit" in status
+    assert f"{prefix}  detached" in status and "shaped to 100mbit" in status
     assert lina_main(["cluster", "down", prefix]) == 0
     assert f"removed {prefix}" in capsys.readouterr().out
     assert netns.list_project_netns(prefix + "-") == []

@@ -19,6 +19,9 @@ def test_parse_emulate_full_and_none():
     assert parse_emulate("none") is None
     assert parse_emulate(" None ") is None
     assert parse_emulate("hosts=2,workers-per-host=3,queue=5ms") == EmulateSpec(hosts=2, workers_per_host=3, queue_ms=5.0)
+    fifo = parse_emulate("link=1gbit,share=fifo")
+    assert fifo.share == "fifo" and parse_emulate(str(fifo)) == fifo
+    assert EmulateSpec().share == "peer" and "share" not in str(EmulateSpec())
 
 
 @pytest.mark.parametrize(
@@ -47,6 +50,8 @@ def test_durations():
         ("link=40gbit", "emulate.link"),
         ("delay=-3us", "emulate.delay"),
         ("workers_per_host=0", "emulate.workers_per_host"),
+        ("share=fair", "emulate.share"),
+        ("queue=0.1ms", "emulate.queue"),
         ("speed=3", "emulate"),
         ("hosts4", "emulate"),
     ],

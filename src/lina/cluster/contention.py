@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lina.cluster.emulate import EmulatedCluster, EmulateSpec, format_rate, parse_rate
+from lina.cluster.emulate import EmulatedCluster, EmulateSpec, parse_duration_us, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
 from lina.errors import ConfigError, LinaError
 
@@ -38,20 +38,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lina bench contention``."""
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_PAIRS} pairs instead of {FULL_PAIRS}")
     parser.add_argument("--pairs", type=int, default=None, help="measured alone/contended pairs (overrides --quick)")
-    parser.add_argument("--warmup", type=int, default=2, help="unmeasured pairs first (default 2)")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured pairs first")
     parser.add_argument("--json", default="runs/bench/contention.json", help="result JSON; the CDF plot goes next to it")
-    parser.add_argument("--link", default="200mbit", help="each host's link rate, each way (default 200mbit)")
-    parser.add_argument("--hosts", type=int, default=4, help="emulated hosts, one worker each (default 4)")
+    parser.add_argument("--link", default="200mbit", help="each host's link rate, each way (kbit/mbit/gbit)")
+    parser.add_argument("--queue", default="100ms", help="link queue depth, in time at the link rate")
+    parser.add_argument(
+        "--share", default="peer", choices=("peer", "fifo"),
+        help="link sharing: round-robin between peer hosts, or one FIFO per direction like a switch port",
+    )  # fmt: skip
+    parser.add_argument("--hosts", type=int, default=4, help="emulated hosts, one worker each")
     parser.add_argument(
         "--a2a-elems", type=int, default=DEFAULT_A2A_ELEMS,
-        help=f"float32 values each rank sends per all-to-all (default {DEFAULT_A2A_ELEMS}: 8 seqs x 128 tokens"
-        " x top-2 x d_model 128 = 1 MiB)",
+        help="float32 values each rank sends per all-to-all; the default is 8 seqs x 128 tokens x top-2 x d_model 128 (1 MiB)",
     )  # fmt: skip
     parser.add_argument(
         "--allreduce-elems", type=int, default=DEFAULT_ALLREDUCE_ELEMS,
-        help=f"float32 values in the concurrent allreduce (default {DEFAULT_ALLREDUCE_ELEMS} = 4 MiB)",
+        help="float32 values in the concurrent allreduce; the default is 4 MiB",
     )  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (default: from sizes)")
+    parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds; None: derived from sizes and link rate")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,13 +65,20 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--pairs", f"{pairs}", "use at least 2 pairs")
     if args.a2a_elems < args.hosts or args.allreduce_elems < 1:
         raise ConfigError("--a2a-elems", f"{args.a2a_elems}", f"send at least one value per rank ({args.hosts})")
-    spec = EmulateSpec(hosts=args.hosts, link_bps=parse_rate(args.link, field="--link"), workers_per_host=1)
+    spec = EmulateSpec(
+        hosts=args.hosts,
+        link_bps=parse_rate(args.link, field="--link"),
+        workers_per_host=1,
+        queue_ms=parse_duration_us(args.queue, field="--queue") / 1e3,
+        share=args.share,
+    )
     out_json = Path(args.json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     a2a_bytes, ar_bytes = 4 * args.a2a_elems, 4 * args.allreduce_elems
     bound_s = link_bound_s(a2a_bytes, spec.hosts, spec.link_bps)
     print(
-        f"contention: {spec.hosts} emulated hosts x 1 Gloo worker, link {spec.link} each way; all-to-all"
+        f"contention: {spec.hosts} emulated hosts x 1 Gloo worker, link {spec.link} each way ({spec.share}"
+        f" sharing, queue {spec.queue_ms:g} ms); all-to-all"
         f" {a2a_bytes / 2**20:.2f} MiB per rank (link-rate bound {bound_s * 1e3:.1f} ms), concurrent allreduce"
         f" {ar_bytes / 2**20:.2f} MiB on a second process group; {pairs} pairs after {args.warmup} warm-up",
         flush=True,
@@ -83,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         with EmulatedCluster(spec) as cluster:
             prefix = cluster.prefix
             run_on_cluster(cluster, "lina.cluster.contention_worker", worker_args, 1, timeout_s=timeout)
+            counters = cluster.link_counters()
         if not raw_path.exists():
             raise LinaError("the contention workers finished without writing their results")
         raw = json.loads(raw_path.read_text())
@@ -93,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         workers_per_host=1,
         link=spec.link,
         link_bps=spec.link_bps,
+        queue_ms=spec.queue_ms,
+        share=spec.share,
         emulate=str(spec),
         cluster=prefix,
         backend="gloo",
@@ -101,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
         a2a_link_bound_s=bound_s,
         pairs=pairs,
         warmup=args.warmup,
+        link_counters=counters,
+        link_drops=sum(c[d]["drops"] for c in counters for d in ("up", "down")),
+        link_packets=sum(c[d]["packets"] for c in counters for d in ("up", "down")),
         paper=PAPER,
         timeline_dir=raw["timeline_dir"],
         plot=str(out_json.with_suffix(".png")),
@@ -162,12 +179,15 @@ def summarize(alone: list[list[float]], contended: list[list[float]], allreduce:
 def print_report(result: dict) -> None:
     a, c, s = result["alone_s"], result["contended_s"], result["slowdown"]
     ms = lambda x: f"{x * 1e3:.1f} ms"  # noqa: E731
-    print(f"regime: {result['hosts']} hosts, link {result['link']} each way, Gloo over TCP through tc token buckets")
+    print(f"regime: {result['hosts']} hosts, link {result['link']} each way (tc, {result['share']} sharing, queue"
+          f" {result['queue_ms']:g} ms), Gloo over TCP")
     print(f"  all-to-all alone:          median {ms(a['median'])}  p95 {ms(a['p95'])}  min {ms(a['min'])}  max {ms(a['max'])}"
           f"  (link-rate bound {ms(result['a2a_link_bound_s'])})")
     print(f"  all-to-all with allreduce: median {ms(c['median'])}  p95 {ms(c['p95'])}  min {ms(c['min'])}  max {ms(c['max'])}")
     print(f"  slowdown per pair (ours):  median {s['median']:.2f}x  p95 {s['p95']:.2f}x  max {s['max']:.2f}x"
           f"  (min {s['min']:.2f}x; ratio of medians {result['ratio_of_medians']:.2f}x, {len(result['samples']['slowdown'])} pairs)")
+    print(f"  link queue drops over the run: {result['link_drops']} of {result['link_packets']} packets"
+          + ("  (drops stall TCP for a retransmission timeout; a deeper --queue avoids them)" if result["link_drops"] else ""))
     print(f"  slowdown (paper, Fig. 3):  median > {PAPER['median_slowdown_at_least']:.2f}x  max {PAPER['max_slowdown']:.2f}x"
           f"  ({PAPER['setting']})")
 
@@ -188,7 +208,7 @@ def plot_cdf(result: dict, path: Path) -> None:
     ax1.axhline(0.5, color="grey", lw=0.5)
     ax1.set_xlabel("all-to-all slowdown with a concurrent allreduce (x)")
     ax1.set_ylabel("CDF")
-    ax1.set_title(f"{result['hosts']} hosts, link {result['link']}")
+    ax1.set_title(f"{result['hosts']} hosts, link {result['link']} ({result['share']} sharing)")
     ax1.legend(loc="lower right", fontsize=8)
     for key, label in (("alone_s", "alone"), ("contended_s", "with allreduce")):
         xs = sorted(v * 1e3 for v in result["samples"][key])
@@ -204,7 +224,11 @@ def plot_cdf(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lina.cluster.contention", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lina.cluster.contention",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

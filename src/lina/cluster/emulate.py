@@ -7,9 +7,10 @@ Usage::
         subprocess.run(cluster.wrap(0, ["python", "-m", "x"]), env=cluster.host_env(0))
 
 Each host is a namespace holding one end of a veth pair whose other end is a port of a
-bridge in a dedicated switch namespace. Both ends shape their egress with a token bucket,
-so a host's upload and download are each limited to the link rate, like a host NIC into a
-non-blocking switch. Traffic between workers of one host goes to the host's own address,
+bridge in a dedicated switch namespace. Both ends shape their egress (token buckets: an
+htb class per peer host by default, or one tbf FIFO), so a host's upload and download are
+each limited to the link rate, like a host NIC into a non-blocking switch. Traffic
+between workers of one host goes to the host's own address,
 which the kernel routes over that namespace's loopback: unlimited, like NVLink in a node.
 
 The cluster is torn down on every exit path: normal exit, exception, SIGINT/SIGTERM/SIGHUP
@@ -37,7 +38,7 @@ from lina.errors import ConfigError, LinaError
 _RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
 _TIME_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
 _MAX_RATE_BPS = 32 * 10**9  # tbf's rate field is 32-bit bytes/s
-_KEYS = ("hosts", "link", "delay", "workers_per_host", "queue")
+_KEYS = ("hosts", "link", "delay", "workers_per_host", "queue", "share")
 
 
 # --------------------------------------------------------------------------- spec
@@ -81,14 +82,22 @@ class EmulateSpec:
             evenly between the host side and the switch side of each link.
         workers_per_host: worker processes per host (they talk over the host's loopback).
         queue_ms: how much traffic (in ms at the link rate) the link's queue holds before it
-            drops; deeper queues trade drops for queueing delay.
+            drops. Deep by default: a drop stalls a TCP flow for a retransmission timeout
+            (>= 200 ms), which a lossless fabric (InfiniBand, NVLink) never does. At 200mbit
+            with 4 hosts, a 5 ms queue dropped 5% of packets in the contention benchmark and
+            tripled the slowdown; 50 ms and 100 ms dropped none.
+        share: how a link is shared. ``peer`` (default): round-robin between peer hosts
+            (an htb class per peer), so two busy peers get half each, whatever TCP does;
+            flows to one peer share a FIFO. ``fifo``: one FIFO per direction, like a
+            switch port, where TCP alone decides the split (unevenly, with deep queues).
     """
 
     hosts: int = 4
     link_bps: int = 200 * 10**6
     delay_us: float = 0.0
     workers_per_host: int = 1
-    queue_ms: float = 20.0
+    queue_ms: float = 100.0
+    share: str = "peer"
 
     def __post_init__(self):
         if not isinstance(self.hosts, int) or not 2 <= self.hosts <= 250:
@@ -105,6 +114,8 @@ class EmulateSpec:
             raise ConfigError("emulate.workers_per_host", f"{self.workers_per_host!r}", "use 1 or more workers per host")
         if not 1 <= self.queue_ms <= 10_000:
             raise ConfigError("emulate.queue", f"{self.queue_ms}ms", "use a queue between 1ms and 10s")
+        if self.share not in netns.SHARES:
+            raise ConfigError("emulate.share", f"{self.share!r}", "use share=peer or share=fifo")
 
     @property
     def world_size(self) -> int:
@@ -121,6 +132,8 @@ class EmulateSpec:
         parts.append(f"workers_per_host={self.workers_per_host}")
         if self.queue_ms != EmulateSpec.queue_ms:
             parts.append(f"queue={self.queue_ms:g}ms")
+        if self.share != EmulateSpec.share:
+            parts.append(f"share={self.share}")
         return ",".join(parts)
 
 
@@ -128,7 +141,7 @@ def parse_emulate(text: str) -> EmulateSpec | None:
     """Parse ``"hosts=4,link=200mbit,delay=50us,workers_per_host=1"``; ``"none"`` -> None (plain loopback).
 
     Keys (all optional, defaults from :class:`EmulateSpec`): hosts, link, delay,
-    workers_per_host (or workers-per-host), queue.
+    workers_per_host (or workers-per-host), queue, share.
     """
     text = text.strip()
     if text.lower() in ("none", "off", ""):
@@ -154,6 +167,8 @@ def parse_emulate(text: str) -> EmulateSpec | None:
             values["link_bps"] = parse_rate(value)
         elif key == "delay":
             values["delay_us"] = parse_duration_us(value)
+        elif key == "share":
+            values["share"] = value.strip()
         else:
             values["queue_ms"] = parse_duration_us(value, field="emulate.queue") / 1e3
     return EmulateSpec(**values)
@@ -262,6 +277,17 @@ class EmulatedCluster:
         env["MASTER_ADDR"] = self.master_addr
         return env
 
+    def link_counters(self) -> list[dict[str, dict[str, int]]]:
+        """Per host: ``{"up": counters, "down": counters}`` of its link's token buckets
+        (see :func:`lina.cluster.netns.read_egress_counters`); counts since the cluster came up."""
+        return [
+            {
+                "up": netns.read_egress_counters(h.netns, h.ifname),
+                "down": netns.read_egress_counters(self.switch_netns, netns.port_ifname(h.index)),
+            }
+            for h in self.hosts
+        ]
+
     def wrap(self, h: int, argv: list[str]) -> list[str]:
         """``argv`` made to run inside host ``h``'s namespace."""
         return netns.exec_argv(self.hosts[h].netns, list(argv))
@@ -309,8 +335,10 @@ class EmulatedCluster:
             netns.create_netns(host.netns)
             port = netns.port_ifname(host.index)
             netns.add_host_link(host.netns, host.ifname, host.ip, self.switch_netns, port)
-            netns.shape_egress(host.netns, host.ifname, s.link_bps, half_delay, s.queue_ms)
-            netns.shape_egress(self.switch_netns, port, s.link_bps, half_delay, s.queue_ms)
+            peers = {o.index: o.ip for o in self.hosts if o is not host} if s.share == "peer" else None
+            shaping = dict(delay_us=half_delay, queue_ms=s.queue_ms, peers=peers)
+            netns.shape_egress(host.netns, host.ifname, s.link_bps, match="dst", **shaping)  # upload
+            netns.shape_egress(self.switch_netns, port, s.link_bps, match="src", **shaping)  # download
 
     def detach(self) -> None:
         """Leave the cluster up after this process exits (``lina cluster up``); ``lina cluster down`` removes it."""

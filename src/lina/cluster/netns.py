@@ -4,8 +4,11 @@ Topology built by :mod:`lina.cluster.emulate` from these pieces::
 
     netns <prefix>-h0                  netns <prefix>-sw                 netns <prefix>-h1
     veth-h0 10.213.0.1/24 <--veth--> port0 ┐                   ┌ port1 <--veth--> veth-h1 10.213.0.2/24
-      egress: tbf (host upload)          egress: tbf (host download)
+      egress: shaper (host upload)       egress: shaper (host download)
                                              └──── bridge br0 ───┘
+
+The shaper is an htb with one class per peer (``peer`` sharing) or one tbf FIFO
+(``fifo`` sharing); see :func:`shape_egress`.
 
 Every link and address lives inside the project's namespaces: each veth pair is created
 directly with one end in the host namespace and the other in the switch namespace, so
@@ -218,48 +221,107 @@ def add_host_link(host_ns: str, ifname: str, ip: str, switch_ns: str, port: str,
         ipr.link("set", index=ipr.link_lookup(ifname=port)[0], master=br, state="up")
 
 
+SHARES = ("peer", "fifo")
+_ROOT = 0x10000  # handle 1:
+_LINK_CLASS = 0x10001  # class 1:1, the whole link
+_OTHER_MINOR = 0xFF  # class 1:ff, traffic matching no peer (ARP, IPv6 neighbour discovery)
+_PEER_MINOR0 = 0x10  # class 1:(10+j) for peer host j
+
+
 def tbf_burst_bytes(rate_bps: int) -> int:
     """Token-bucket depth: 2 ms at the link rate, at least 16 KiB (well above one MTU frame)."""
     return max(16 * 1024, int(rate_bps / 8 * 0.002))
 
 
-def shape_egress(ns: str, ifname: str, rate_bps: int, delay_us: int = 0, queue_ms: float = 20.0) -> None:
+def _ip_u32(ip: str) -> int:
+    a, b, c, d = (int(x) for x in ip.split("."))
+    return (a << 24) | (b << 16) | (c << 8) | d
+
+
+def shape_egress(
+    ns: str,
+    ifname: str,
+    rate_bps: int,
+    *,
+    delay_us: int = 0,
+    queue_ms: float = 100.0,
+    peers: dict[int, str] | None = None,
+    match: str = "dst",
+) -> None:
     """Limit what leaves ``ifname`` (in ``ns``) to ``rate_bps``, optionally after ``delay_us``.
 
-    Without delay: a root ``tbf`` (rate, a burst of :func:`tbf_burst_bytes`, a queue that
-    holds ``queue_ms`` of traffic). With delay: ``netem`` at the root and the same ``tbf``
-    as its child (the layout netem's documentation gives for delay plus rate).
-    Large GSO frames are split by tbf itself, so offloads can stay on.
+    Two disciplines:
+
+    * ``peers`` given (share ``peer``): an ``htb`` root whose class 1:1 holds the link rate,
+      with one child class per peer host (``u32`` filter on the packet's ``match`` address,
+      ``dst`` on a host's upload and ``src`` on its download) plus one for anything else.
+      Children are served round-robin and each may use the whole link when alone, so busy
+      peers split the link evenly; flows to the same peer share that class's FIFO. Each
+      leaf queue holds ``queue_ms`` of traffic at the link rate (a ``netem`` leaf adds the
+      delay).
+    * ``peers`` None (share ``fifo``): one ``tbf`` with a queue of ``queue_ms``, like a
+      switch port: every flow shares one FIFO and TCP decides the split (unevenly, over
+      seconds, when the queue is deep). With delay, ``netem`` is the root and ``tbf`` its
+      child (the layout netem's documentation gives).
+
+    Large GSO frames are handled by the qdiscs, so offloads can stay on.
     """
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
-    burst = tbf_burst_bytes(rate_bps)
-    tbf = dict(rate=int(rate_bps // 8), burst=burst, latency=int(queue_ms * 1000))  # bytes/s, bytes, us
+    if match not in ("dst", "src"):
+        raise ValueError(f"match must be dst or src, not {match!r}")
     with IPRoute(netns=ns, flags=0) as ipr:
         idx = ipr.link_lookup(ifname=ifname)[0]
+        try:
+            if peers is None:
+                _shape_fifo(ipr, idx, rate_bps, delay_us, queue_ms)
+            else:
+                _shape_per_peer(ipr, idx, rate_bps, delay_us, queue_ms, peers, match)
+        except NetlinkError as err:
+            what = "netem (CONFIG_NET_SCH_NETEM), needed for delay" if delay_us else (
+                "tbf (CONFIG_NET_SCH_TBF)" if peers is None else "htb and u32 (CONFIG_NET_SCH_HTB, CONFIG_NET_CLS_U32)"
+            )
+            raise LinaError(
+                f"this kernel refused a traffic-control setting on {ifname} (netlink error {err.code}:"
+                f" {os.strerror(err.code)}); the emulated links need {what}. Drop the delay if one was"
+                " set, use the other share= discipline, or run with --emulate none (plain loopback)"
+            ) from err
+
+
+def _shape_fifo(ipr, idx: int, rate_bps: int, delay_us: int, queue_ms: float) -> None:
+    tbf = dict(rate=int(rate_bps // 8), burst=tbf_burst_bytes(rate_bps), latency=int(queue_ms * 1000))  # B/s, B, us
+    if delay_us > 0:
+        ipr.tc("add", "netem", idx, handle="1:", delay=int(delay_us), limit=100_000)
+        ipr.tc("add", "tbf", idx, handle="10:", parent="1:1", **tbf)
+    else:
+        ipr.tc("add", "tbf", idx, handle="1:", **tbf)
+
+
+def _shape_per_peer(ipr, idx: int, rate_bps: int, delay_us: int, queue_ms: float, peers: dict[int, str], match: str) -> None:
+    rate = int(rate_bps // 8)  # bytes/s, as pyroute2 takes it
+    burst = tbf_burst_bytes(rate_bps)
+    limit = max(64, int(rate * queue_ms / 1e3 / 1514))  # packets per leaf queue
+    share = max(1, rate // (len(peers) + 1))  # assured rate; any class may borrow up to the link
+    classes = dict(ceil=rate, burst=burst, cburst=burst, quantum=8 * 1024)
+    ipr.tc("add", "htb", idx, _ROOT, default=_OTHER_MINOR)
+    ipr.tc("add-class", "htb", idx, _LINK_CLASS, parent=_ROOT, rate=rate, **classes)
+    offset = 16 if match == "dst" else 12  # IPv4 header: source address at byte 12, destination at 16
+    for minor, ip in [(_OTHER_MINOR, None)] + [(_PEER_MINOR0 + j, ip) for j, ip in sorted(peers.items())]:
+        ipr.tc("add-class", "htb", idx, _ROOT | minor, parent=_LINK_CLASS, rate=share, **classes)
         if delay_us > 0:
-            try:
-                ipr.tc("add", "netem", idx, handle="1:", delay=int(delay_us), limit=10000)
-            except NetlinkError as err:
-                raise LinaError(
-                    f"this kernel refused the netem qdisc (netlink error {err.code}: {os.strerror(err.code)});"
-                    " it is needed to emulate link delay. Drop the delay (links are still rate-limited)"
-                    " or use a kernel with CONFIG_NET_SCH_NETEM"
-                ) from err
-            ipr.tc("add", "tbf", idx, handle="10:", parent="1:1", **tbf)
+            ipr.tc("add", "netem", idx, minor << 16, parent=_ROOT | minor, delay=int(delay_us), limit=limit)
         else:
-            try:
-                ipr.tc("add", "tbf", idx, handle="1:", **tbf)
-            except NetlinkError as err:
-                raise LinaError(
-                    f"this kernel refused the tbf qdisc (netlink error {err.code}: {os.strerror(err.code)}); rate limits need"
-                    " CONFIG_NET_SCH_TBF. Run with --emulate none (plain loopback) instead"
-                ) from err
+            ipr.tc("add", "pfifo", idx, minor << 16, parent=_ROOT | minor, limit=limit)
+        if ip is not None:
+            ipr.tc(
+                "add-filter", "u32", idx, parent=_ROOT, prio=1, protocol=0x0800,  # ETH_P_IP
+                target=_ROOT | minor, keys=[f"0x{_ip_u32(ip):08x}/0xffffffff+{offset}"],
+            )  # fmt: skip
 
 
 def read_egress_rate(ns: str, ifname: str) -> int | None:
-    """The tbf rate (bits/s) configured on ``ifname`` in ``ns``, or None when there is none."""
+    """The link rate (bits/s) shaped on ``ifname`` in ``ns`` (tbf rate or htb class 1:1), or None."""
     from pyroute2 import IPRoute
 
     with IPRoute(netns=ns, flags=0) as ipr:
@@ -268,9 +330,34 @@ def read_egress_rate(ns: str, ifname: str) -> int | None:
             return None
         for qdisc in ipr.get_qdiscs(idx[0]):
             if qdisc.get_attr("TCA_KIND") == "tbf":
-                parms = qdisc.get_attr("TCA_OPTIONS").get_attr("TCA_TBF_PARMS")
-                return int(parms["rate"]) * 8
+                return int(qdisc.get_attr("TCA_OPTIONS").get_attr("TCA_TBF_PARMS")["rate"]) * 8
+        for cls in ipr.get_classes(idx[0]):
+            if cls.get_attr("TCA_KIND") == "htb" and cls["handle"] == _LINK_CLASS:
+                return int(cls.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_PARMS")["rate"]) * 8
     return None
+
+
+def read_egress_counters(ns: str, ifname: str) -> dict[str, int]:
+    """Counters of the root qdisc on ``ifname`` in ``ns``: bytes, packets, drops, overlimits.
+
+    Drops are packets a link queue had no room for; TCP then retransmits, and a lost tail
+    can stall a flow for a retransmission timeout (200 ms minimum on Linux), an artefact a
+    lossless fabric (InfiniBand) does not have. Zeros when nothing is shaped.
+    """
+    from pyroute2 import IPRoute
+
+    out = {"bytes": 0, "packets": 0, "drops": 0, "overlimits": 0}
+    with IPRoute(netns=ns, flags=0) as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            return out
+        for qdisc in ipr.get_qdiscs(idx[0]):
+            if qdisc["parent"] != 0xFFFFFFFF or qdisc.get_attr("TCA_KIND") not in ("tbf", "htb", "netem"):
+                continue
+            stats = qdisc.get_attr("TCA_STATS2")
+            queue, basic = stats.get_attr("TCA_STATS_QUEUE"), stats.get_attr("TCA_STATS_BASIC")
+            out.update(bytes=basic["bytes"], packets=basic["packets"], drops=queue["drops"], overlimits=queue["overlimits"])
+    return out
 
 
 # --------------------------------------------------------------------------- processes

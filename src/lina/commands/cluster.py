@@ -36,7 +36,9 @@ def register(subparsers) -> None:
     up.add_argument("--workers-per-host", type=int, default=1, help="workers each host will run (default 1)")
     up.add_argument("--link", default="200mbit", help="each host's link rate, each way: kbit/mbit/gbit (default 200mbit)")
     up.add_argument("--delay", default="0", help="one-way host-to-host latency, e.g. 50us (default 0; needs netem)")
-    up.add_argument("--queue", default="20ms", help="link queue depth in time at the link rate (default 20ms)")
+    up.add_argument("--queue", default="100ms", help="link queue depth in time at the link rate (default 100ms)")
+    up.add_argument("--share", default="peer", choices=("peer", "fifo"),
+                    help="link sharing: round-robin between peer hosts, or one FIFO like a switch port (default peer)")
     up.set_defaults(func=run_up)
     status = sub.add_parser("status", help="list emulated clusters on this machine")
     status.set_defaults(func=run_status)
@@ -55,6 +57,7 @@ def run_up(args: argparse.Namespace) -> int:
         delay_us=parse_duration_us(args.delay, field="--delay"),
         workers_per_host=args.workers_per_host,
         queue_ms=parse_duration_us(args.queue, field="--queue") / 1e3,
+        share=args.share,
     )
     cluster = EmulatedCluster(spec)
     cluster.up()
@@ -85,14 +88,24 @@ def run_status(args: argparse.Namespace) -> int:
         hosts = rec.state.get("hosts", []) if rec.state else []
         for host in hosts:
             present = host["netns"] in rec.namespaces
-            rate = netns.read_egress_rate(host["netns"], host["ifname"]) if present else None
-            shaped = f"tbf {rate / 1e6:g}mbit" if rate else "no shaping found"
+            rate = _shaped_rate(host["netns"], host["ifname"]) if present else None
+            shaped = f"shaped to {rate / 1e6:g}mbit" if rate else "no shaping found"
             print(f"  host {host['index']}: {host['netns']}  {host['ip']}  {host['ifname']}  "
                   f"{'present' if present else 'missing'}, {shaped if present else ''}".rstrip(", "))
     stale = sum(r.kind == "stale" for r in records)
     if stale:
         print(f"{stale} stale cluster(s): remove with `lina cluster down --all`")
     return 0
+
+
+def _shaped_rate(ns: str, ifname: str) -> int | None:
+    """The shaped rate, or None when the namespace vanished meanwhile (a run ending as we look)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        return netns.read_egress_rate(ns, ifname)
+    except (OSError, NetlinkError):
+        return None
 
 
 def run_down(args: argparse.Namespace) -> int:
