@@ -1,0 +1,57 @@
+"""The benchmarks' --quick modes run end to end and write their JSON and plots (real runs; the
+numbers are measured, so only their presence and sanity are asserted here)."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import run_lina
+
+needs_netns = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and tc for the emulated cluster")
+
+
+def test_bench_layer_quick(tmp_path):
+    out = tmp_path / "layer.json"
+    res = run_lina("bench", "layer", "--quick", "--json", str(out), timeout=120)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    assert data["median_ms"]["moe"] > 0 and 0 <= data["routing_overhead_share_of_expert_time"] < 5
+
+
+@needs_netns
+@pytest.mark.netns
+def test_bench_train_quick(tmp_path):
+    out = tmp_path / "train.json"
+    res = run_lina("bench", "train", "--quick", "--json", str(out), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for key in ("link", "a2a_share_deepspeed", "allreduce_to_a2a_bytes"):
+        assert key in data["regime"]
+    cfg = data["configs"][0]
+    assert cfg["layout"] == "flat" and cfg["lower_bound_s"] > 0
+    for name in ("deepspeed", "sequential", "tutel", "lina"):
+        assert cfg["policies"][name]["step_time_s_median"] > 0
+        assert cfg["policies"][name]["bwd_a2a_s_median"] > 0
+        assert name in cfg["speedup_vs_deepspeed"]
+    assert out.with_suffix(".png").exists()
+    assert (tmp_path / "runs" / "flat-e4-lina" / "summary.json").exists()
+
+
+@needs_netns
+@pytest.mark.netns
+def test_bench_infer_quick(tmp_path):
+    out = tmp_path / "infer.json"
+    res = run_lina("bench", "infer", "--quick", "--json", str(out), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for name in ("static", "eplb", "lina", "oracle"):
+        p = data["policies"][name]
+        assert 0 < p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"]
+        assert name in data["p95_speedup_vs_static"]
+    assert 0 <= data["estimator"]["top2_accuracy"] <= 1 and 0 <= data["estimator"]["replan_rate"] <= 1
+    for key in ("link", "skew", "batch_tokens"):
+        assert key in data["regime"]
+    assert out.with_suffix(".png").exists()
+    assert [r["trace"] for r in data["runs"]][0] == "own-model"
