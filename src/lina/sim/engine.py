@@ -1,0 +1,129 @@
+"""Discrete-event executor: tasks on in-order streams, with dependencies, over a flow network.
+
+A *stream* runs its tasks in the order they were added (like a CUDA stream), at most
+``concurrency`` at a time. A task starts when it is at the head of its stream, its
+dependencies are done, and the policy's *gate* agrees (Lina's priority rule is a gate on the
+allreduce stream). Compute tasks take a fixed time; communication tasks are
+:class:`~lina.sim.network.Transfer` s whose time the network decides.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from lina.sim.network import FlowNetwork, Transfer
+
+
+@dataclass
+class Task:
+    """One operation of a simulated step.
+
+    Args:
+        name: label (also the span name in a timeline).
+        cat: ``compute``, ``a2a`` or ``allreduce`` (timeline categories).
+        stream: stream it runs on.
+        deps: indices of tasks that must finish first.
+        duration_s: compute time (compute tasks).
+        transfer: what goes over the network (communication tasks).
+        args: extra facts for reports (layer, phase, bytes).
+    """
+
+    name: str
+    cat: str
+    stream: str
+    deps: tuple[int, ...] = ()
+    duration_s: float = 0.0
+    transfer: Transfer | None = None
+    args: dict = field(default_factory=dict)
+    start_s: float = math.nan
+    end_s: float = math.nan
+
+
+Gate = Callable[[Task, "Executor"], bool]
+
+
+def _always(task: Task, executor: "Executor") -> bool:
+    return True
+
+
+class Executor:
+    """Runs a list of tasks to completion.
+
+    Args:
+        tasks: the step's tasks; ``deps`` refer to indices in this list.
+        network: the flow network communication tasks use.
+        streams: stream name -> concurrency, in the order streams are served at each event.
+        gate: extra start condition (default: none).
+    """
+
+    def __init__(self, tasks: list[Task], network: FlowNetwork, streams: dict[str, int], gate: Gate = _always):
+        self.tasks = tasks
+        self.net = network
+        self.gate = gate
+        self.concurrency = dict(streams)
+        self.queues: dict[str, deque[int]] = {s: deque() for s in streams}
+        self.running: dict[str, int] = {s: 0 for s in streams}
+        for i, task in enumerate(tasks):
+            if task.stream not in self.queues:
+                raise ValueError(f"task {task.name!r} is on unknown stream {task.stream!r}")
+            self.queues[task.stream].append(i)
+        self.done = [False] * len(tasks)
+        self.now = 0.0
+        self._compute_heap: list[tuple[float, int]] = []
+        self._transfer_task: dict[int, int] = {}
+        self.events = 0
+
+    def stream_busy(self, stream: str) -> bool:
+        return self.running.get(stream, 0) > 0
+
+    def stream_pending(self, stream: str) -> int:
+        return len(self.queues.get(stream, ()))
+
+    def run(self) -> list[Task]:
+        remaining = len(self.tasks)
+        while remaining:
+            self._start_ready()
+            t_compute = self._compute_heap[0][0] if self._compute_heap else math.inf
+            t = min(t_compute, self.net.next_event_time())
+            if math.isinf(t):
+                stuck = [self.tasks[q[0]].name for q in self.queues.values() if q]
+                raise RuntimeError(f"simulated step cannot progress; waiting heads: {stuck}")
+            finished_transfers = self.net.advance_to(t)
+            self.now = t
+            self.events += 1
+            for tid in finished_transfers:
+                remaining -= self._finish(self._transfer_task.pop(tid))
+            while self._compute_heap and self._compute_heap[0][0] <= t:
+                _, idx = heapq.heappop(self._compute_heap)
+                remaining -= self._finish(idx)
+        return self.tasks
+
+    def _finish(self, idx: int) -> int:
+        task = self.tasks[idx]
+        task.end_s = self.now
+        self.done[idx] = True
+        self.running[task.stream] -= 1
+        return 1
+
+    def _start_ready(self) -> None:
+        started = True
+        while started:
+            started = False
+            for stream, queue in self.queues.items():
+                while queue and self.running[stream] < self.concurrency[stream]:
+                    idx = queue[0]
+                    task = self.tasks[idx]
+                    if not all(self.done[d] for d in task.deps) or not self.gate(task, self):
+                        break
+                    queue.popleft()
+                    self.running[stream] += 1
+                    task.start_s = self.now
+                    started = True
+                    if task.transfer is None:
+                        heapq.heappush(self._compute_heap, (self.now + task.duration_s, idx))
+                    else:
+                        self._transfer_task[self.net.start(task.transfer)] = idx

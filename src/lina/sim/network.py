@@ -1,0 +1,194 @@
+"""Flow-level network: transfers of flow classes sharing resources by weighted max-min.
+
+A :class:`Transfer` is one collective (or one micro-op of it): a sequence of phases, each a set
+of flow classes that start together after the phase's latency; the next phase starts when
+every flow of the previous one is done (a barrier, as the steps of a ring or the two halves of
+a hierarchical all-to-all). Rates are recomputed by :func:`~lina.sim.maxmin.max_min_rates`
+at every flow arrival and departure.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from lina.sim.maxmin import max_min_rates
+from lina.sim.topology import FlowClass
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Flow classes that start together ``latency_s`` after the phase opens.
+
+    ``weight`` is the fairness weight of one member flow (see ``ClusterSpec.fairness``).
+    """
+
+    classes: tuple[FlowClass, ...]
+    latency_s: float
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One collective as the network sees it. ``bytes`` is what one GPU sends (for reports)."""
+
+    name: str
+    phases: tuple[Phase, ...]
+    bytes: float = 0.0
+
+
+class FlowNetwork:
+    """Event-driven fluid network over a fixed set of resources.
+
+    Args:
+        capacity: ``[R]`` bytes/s of each resource.
+
+    Use: :meth:`start` transfers, then alternate :meth:`next_event_time` and
+    :meth:`advance_to`, which returns the transfers that finished.
+    """
+
+    def __init__(self, capacity: np.ndarray):
+        self.capacity = np.asarray(capacity, dtype=float)
+        self.now = 0.0
+        self._ids = itertools.count()
+        self._seq = itertools.count()
+        self._timers: list[tuple[float, int, int]] = []
+        self._transfers: dict[int, list] = {}
+        # active flows: parallel lists
+        self._f_tid: list[int] = []
+        self._f_res: list[tuple[int, ...]] = []
+        self._f_count: list[float] = []
+        self._f_weight: list[float] = []
+        self._f_size: list[float] = []
+        self._remaining = np.zeros(0)
+        self._rates = np.zeros(0)
+        self._dirty = False
+        self.rate_solves = 0
+
+    # ------------------------------------------------------------------ public
+    def start(self, transfer: Transfer) -> int:
+        """Begin ``transfer`` now; returns its id."""
+        tid = next(self._ids)
+        # state: transfer, phase index, open flows in the phase
+        self._transfers[tid] = [transfer, -1, 0]
+        self._open_next_phase(tid)
+        return tid
+
+    def busy(self) -> bool:
+        return bool(self._transfers)
+
+    def next_event_time(self) -> float:
+        """Time of the next flow departure or phase start (``inf`` if idle)."""
+        self._solve()
+        t = self._timers[0][0] if self._timers else np.inf
+        if self._remaining.size:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                left = np.where(self._rates > 0, self._remaining / self._rates, np.inf)
+            t = min(t, self.now + float(left.min()))
+        return t
+
+    def advance_to(self, t: float) -> list[int]:
+        """Move time to ``t`` (not past :meth:`next_event_time`); return ids of finished transfers."""
+        self._solve()
+        if t < self.now:
+            raise ValueError(f"time goes backwards: {t} < {self.now}")
+        dt = t - self.now
+        if self._remaining.size and dt > 0:
+            finite = np.isfinite(self._rates)
+            self._remaining = np.where(finite, self._remaining - self._rates * dt, 0.0)
+        self.now = t
+        finished: list[int] = []
+        while True:
+            progressed = self._retire_flows(finished)
+            progressed |= self._fire_timers(finished)
+            if not progressed:
+                break
+        return finished
+
+    # ----------------------------------------------------------------- private
+    def _open_next_phase(self, tid: int) -> None:
+        state = self._transfers[tid]
+        state[1] += 1
+        transfer: Transfer = state[0]
+        if state[1] >= len(transfer.phases):
+            return
+        phase = transfer.phases[state[1]]
+        heapq.heappush(self._timers, (self.now + phase.latency_s, next(self._seq), tid))
+
+    def _fire_timers(self, finished: list[int]) -> bool:
+        fired = False
+        while self._timers and self._timers[0][0] <= self.now + 1e-15:
+            _, _, tid = heapq.heappop(self._timers)
+            fired = True
+            state = self._transfers[tid]
+            phase: Phase = state[0].phases[state[1]]
+            added = 0
+            for fc in phase.classes:
+                self._f_tid.append(tid)
+                self._f_res.append(fc.resources)
+                self._f_count.append(fc.count)
+                self._f_weight.append(phase.weight)
+                self._f_size.append(fc.size)
+                added += 1
+            if added:
+                self._remaining = np.concatenate([self._remaining, [fc.size for fc in phase.classes]])
+                self._rates = np.concatenate([self._rates, np.zeros(added)])  # not yet solved
+                self._dirty = True
+            state[2] = added
+            if added == 0:
+                self._phase_done(tid, finished)
+        return fired
+
+    def _retire_flows(self, finished: list[int]) -> bool:
+        if not self._remaining.size:
+            return False
+        size = np.asarray(self._f_size)
+        done = self._remaining <= np.maximum(1e-9 * size, 1e-6)
+        # below the clock's resolution: finishing now or a picosecond later is the same
+        with np.errstate(divide="ignore", invalid="ignore"):
+            left = np.where(self._rates > 0, self._remaining / self._rates, np.inf)
+        done |= left <= max(1e-12, 4 * np.spacing(self.now))
+        if not done.any():
+            return False
+        keep = ~done
+        done_tids = [tid for tid, d in zip(self._f_tid, done) if d]
+        idx = np.flatnonzero(keep)
+        self._f_tid = [self._f_tid[i] for i in idx]
+        self._f_res = [self._f_res[i] for i in idx]
+        self._f_count = [self._f_count[i] for i in idx]
+        self._f_weight = [self._f_weight[i] for i in idx]
+        self._f_size = [self._f_size[i] for i in idx]
+        self._remaining = self._remaining[keep]
+        self._rates = self._rates[keep]
+        self._dirty = True
+        for tid in done_tids:
+            state = self._transfers[tid]
+            state[2] -= 1
+            if state[2] == 0:
+                self._phase_done(tid, finished)
+        return True
+
+    def _phase_done(self, tid: int, finished: list[int]) -> None:
+        state = self._transfers[tid]
+        if state[1] + 1 >= len(state[0].phases):
+            del self._transfers[tid]
+            finished.append(tid)
+        else:
+            self._open_next_phase(tid)
+
+    def _solve(self) -> None:
+        if not self._dirty:
+            return
+        self._dirty = False
+        n = len(self._f_tid)
+        if n == 0:
+            self._rates = np.zeros(0)
+            return
+        usage = np.zeros((n, self.capacity.shape[0]))
+        for i, (res, count) in enumerate(zip(self._f_res, self._f_count)):
+            usage[i, list(res)] = count
+        self._rates = max_min_rates(usage, self.capacity, np.asarray(self._f_weight))
+        self.rate_solves += 1

@@ -1,0 +1,305 @@
+"""Typed, validated descriptions of what the simulator simulates: cluster, model, device, training.
+
+Every dataclass checks itself on construction and raises :class:`~lina.errors.ConfigError`
+naming the field and the fix. Rates are given the way people quote them (Gbit/s, TFLOP/s,
+GB/s) and converted to bytes/s and FLOP/s by properties.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from lina.errors import ConfigError
+
+FAIRNESS_MODES = ("collective", "flow")
+A2A_ALGORITHMS = ("pairwise", "hierarchical")
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(name, f"must be a positive number, got {value!r}", f"set {name} above 0")
+
+
+def _non_negative(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(name, f"must be 0 or more, got {value!r}", f"set {name} to 0 or a positive number")
+
+
+def _integer(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(name, f"must be a whole number >= 1, got {value!r}", f"set {name} to 1 or more")
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Hosts of ``gpus_per_host`` GPUs; each host has ``nics_per_host`` NICs of ``link_gbps``.
+
+    GPUs of one host talk over NVLink-like links (``nvlink_gbps`` per GPU per direction); GPUs
+    of different hosts go through their NICs (GPU ``a`` of a host uses NIC
+    ``a * nics_per_host // gpus_per_host``). Rates are per direction.
+
+    Args:
+        link_efficiency: fraction of the NIC line rate a transfer reaches (protocol overhead).
+        launch_s: fixed cost of launching one collective.
+        per_peer_s: extra start-up cost of an all-to-all per peer a GPU sends to.
+        hop_latency_s: latency of one step of a ring allreduce.
+        fairness: ``"collective"`` (default): concurrent collectives get equal weight on a NIC,
+            whatever their number of flows (NCCL runs each collective on a fixed set of channels);
+            ``"flow"``: plain max-min fairness among individual flows.
+    """
+
+    hosts: int
+    gpus_per_host: int
+    link_gbps: float
+    nics_per_host: int = 1
+    nvlink_gbps: float = 2400.0
+    link_efficiency: float = 1.0
+    launch_s: float = 20e-6
+    per_peer_s: float = 2e-6
+    hop_latency_s: float = 5e-6
+    fairness: str = "collective"
+
+    def __post_init__(self):
+        _integer(self, "hosts", "gpus_per_host", "nics_per_host")
+        _positive(self, "link_gbps", "nvlink_gbps", "link_efficiency")
+        _non_negative(self, "launch_s", "per_peer_s", "hop_latency_s")
+        if self.link_efficiency > 1:
+            raise ConfigError("link_efficiency", f"{self.link_efficiency} is above 1", "use a fraction in (0, 1]")
+        if self.gpus_per_host % self.nics_per_host:
+            raise ConfigError(
+                "nics_per_host",
+                f"{self.nics_per_host} NICs do not split {self.gpus_per_host} GPUs evenly",
+                "use a divisor of gpus_per_host (1 NIC per host, or 1 per GPU)",
+            )
+        if self.fairness not in FAIRNESS_MODES:
+            raise ConfigError("fairness", f"unknown mode {self.fairness!r}", f"use one of {', '.join(FAIRNESS_MODES)}")
+
+    @property
+    def gpus(self) -> int:
+        return self.hosts * self.gpus_per_host
+
+    @property
+    def nic_bytes_per_s(self) -> float:
+        return self.link_gbps * 1e9 / 8 * self.link_efficiency
+
+    @property
+    def nvlink_bytes_per_s(self) -> float:
+        return self.nvlink_gbps * 1e9 / 8
+
+    def describe(self) -> str:
+        nic = f"{self.nics_per_host}x{self.link_gbps:g} Gb/s" if self.nics_per_host > 1 else f"{self.link_gbps:g} Gb/s"
+        return f"{self.hosts} hosts x {self.gpus_per_host} GPUs, {nic} per host"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of a MoE transformer, as far as time and bytes go.
+
+    ``seq_len * batch_size`` tokens per device per step (training) or per batch (inference).
+    Every ``moe_every``-th layer's FFN is a MoE layer of ``experts`` experts, top-``top_k``.
+    ``act_bytes``: bytes per activation element sent by an all-to-all; ``grad_bytes``: bytes
+    per gradient element allreduced; ``param_bytes``: bytes per weight read by a kernel.
+    """
+
+    name: str
+    layers: int
+    d_model: int
+    d_ff: int
+    experts: int
+    top_k: int
+    seq_len: int
+    batch_size: int
+    vocab: int = 50257
+    moe_every: int = 1
+    act_bytes: int = 2
+    grad_bytes: int = 4
+    param_bytes: int = 2
+    capacity_factor: float = 1.0
+
+    def __post_init__(self):
+        _integer(self, "layers", "d_model", "d_ff", "experts", "top_k", "seq_len", "batch_size", "vocab", "moe_every")
+        _integer(self, "act_bytes", "grad_bytes", "param_bytes")
+        _positive(self, "capacity_factor")
+        if self.top_k > self.experts:
+            raise ConfigError("top_k", f"{self.top_k} is more than the {self.experts} experts", "use top_k <= experts")
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per device per step."""
+        return self.seq_len * self.batch_size
+
+    @property
+    def moe_layers(self) -> int:
+        return sum(1 for i in range(self.layers) if self.is_moe(i))
+
+    def is_moe(self, layer: int) -> bool:
+        return (layer + 1) % self.moe_every == 0
+
+    @property
+    def a2a_bytes(self) -> float:
+        """Bytes one device sends in one dispatch (or combine) all-to-all of a training step."""
+        return self.capacity_factor * self.tokens * self.top_k * self.d_model * self.act_bytes
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one expert FFN (two matrices and biases)."""
+        return 2 * self.d_model * self.d_ff + self.d_model + self.d_ff
+
+    def dense_tensors(self, layer: int) -> list[tuple[str, int]]:
+        """Data-parallel parameter tensors of one layer, ``(name, numel)``, in registration order."""
+        d = self.d_model
+        out = [
+            (f"L{layer}.attn.qkv", 3 * d * d + 3 * d),
+            (f"L{layer}.attn.out", d * d + d),
+            (f"L{layer}.ln1", 2 * d),
+            (f"L{layer}.ln2", 2 * d),
+        ]
+        if self.is_moe(layer):
+            out.append((f"L{layer}.gate", d * self.experts))
+        else:
+            out.append((f"L{layer}.ffn", self.expert_params))
+        return out
+
+    def embedding_tensors(self) -> list[tuple[str, int]]:
+        return [("embed.tok", self.vocab * self.d_model), ("embed.pos", self.seq_len * self.d_model), ("ln_f", 2 * self.d_model)]
+
+    @property
+    def total_params(self) -> int:
+        dense = sum(n for i in range(self.layers) for _, n in self.dense_tensors(i))
+        dense += sum(n for _, n in self.embedding_tensors())
+        return dense + self.moe_layers * self.experts * self.expert_params
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: {self.layers}L d={self.d_model} ff={self.d_ff} E={self.experts} top-{self.top_k}, "
+            f"{self.tokens} tokens/device, {self.total_params / 1e6:.0f}M params"
+        )
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """An accelerator: peak matmul rate, memory bandwidth, the fraction of both a kernel reaches."""
+
+    name: str
+    peak_tflops: float
+    mem_bw_gbs: float
+    efficiency: float = 0.4
+    mem_efficiency: float = 0.7
+    mem_gb: float = 80.0
+
+    def __post_init__(self):
+        _positive(self, "peak_tflops", "mem_bw_gbs", "efficiency", "mem_efficiency", "mem_gb")
+        for name in ("efficiency", "mem_efficiency"):
+            if getattr(self, name) > 1:
+                raise ConfigError(name, f"{getattr(self, name)} is above 1", "use a fraction in (0, 1]")
+
+    @property
+    def flops(self) -> float:
+        """Sustained FLOP/s of a large matmul."""
+        return self.peak_tflops * 1e12 * self.efficiency
+
+    @property
+    def mem_bytes_per_s(self) -> float:
+        return self.mem_bw_gbs * 1e9 * self.mem_efficiency
+
+
+DEVICES = {
+    "a100-40gb-tf32": DeviceSpec("a100-40gb-tf32", peak_tflops=156.0, mem_bw_gbs=1555.0, efficiency=0.25, mem_gb=40.0),
+    "a100-80gb-bf16": DeviceSpec("a100-80gb-bf16", peak_tflops=312.0, mem_bw_gbs=2039.0, efficiency=0.45, mem_gb=80.0),
+    "h100-sxm-bf16": DeviceSpec("h100-sxm-bf16", peak_tflops=989.0, mem_bw_gbs=3350.0, efficiency=0.4, mem_gb=80.0),
+}
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How a training step runs, beside the policy being compared.
+
+    Args:
+        chunk_mb: Lina's micro-op size (gradient chunks and all-to-all micro-ops), MB.
+        bucket_mb: DDP bucket size of the baselines, MB.
+        tutel_chunks: how many pieces Tutel splits an all-to-all into to overlap it with FFN.
+        credit_window: allreduce micro-ops Lina lets run at once.
+        a2a_algorithm: ``pairwise`` (every pair at once) or ``hierarchical`` (intra-host, then
+            inter-host among GPUs of the same local index).
+        ep_size: GPUs in one expert-parallel group (``None``: ``min(experts, gpus)``).
+        max_pack: cap on Lina's packing factor (``None``: until the group is one GPU).
+    """
+
+    chunk_mb: float = 30.0
+    bucket_mb: float = 25.0
+    tutel_chunks: int = 2
+    credit_window: int = 1
+    a2a_algorithm: str = "pairwise"
+    ep_size: int | None = None
+    max_pack: int | None = None
+
+    def __post_init__(self):
+        _positive(self, "chunk_mb", "bucket_mb")
+        _integer(self, "tutel_chunks", "credit_window")
+        if self.a2a_algorithm not in A2A_ALGORITHMS:
+            raise ConfigError("a2a_algorithm", f"unknown {self.a2a_algorithm!r}", f"use one of {', '.join(A2A_ALGORITHMS)}")
+        if self.ep_size is not None:
+            _integer(self, "ep_size")
+        if self.max_pack is not None:
+            _integer(self, "max_pack")
+
+    @property
+    def chunk_bytes(self) -> float:
+        return self.chunk_mb * 1e6
+
+    @property
+    def bucket_bytes(self) -> float:
+        return self.bucket_mb * 1e6
+
+
+def resolve_ep(cluster: ClusterSpec, model: ModelSpec, train: TrainSpec) -> int:
+    """Expert-parallel group size, checked against the cluster and model.
+
+    Groups are contiguous ranks; a group must be whole hosts or a divisor of a host, so that
+    every host sees the same traffic (what the simulator's symmetry reduction relies on).
+    """
+    n = cluster.gpus
+    ep = train.ep_size if train.ep_size is not None else min(model.experts, n)
+    if n % ep:
+        raise ConfigError("ep_size", f"{ep} does not divide the {n} GPUs", "use a divisor of hosts * gpus_per_host")
+    if ep <= model.experts and model.experts % ep:
+        raise ConfigError("ep_size", f"{model.experts} experts do not split over {ep} GPUs", "use a divisor of experts")
+    if ep > model.experts:
+        raise ConfigError("ep_size", f"{ep} GPUs per group but only {model.experts} experts", "use ep_size <= experts")
+    g = cluster.gpus_per_host
+    if ep % g and g % ep:
+        raise ConfigError(
+            "ep_size",
+            f"a group of {ep} GPUs neither fills whole hosts of {g} nor divides one",
+            f"use a multiple or a divisor of {g}",
+        )
+    return ep
+
+
+def spec_from_dict(cls, data: dict, section: str):
+    """Build ``cls`` from a TOML table, naming unknown keys as errors."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"[{section}] {unknown[0]}", "is not a known setting", f"use some of: {', '.join(sorted(known))}")
+    try:
+        return cls(**data)
+    except TypeError as err:
+        raise ConfigError(f"[{section}]", str(err), f"give every required setting: {', '.join(sorted(known))}") from err
+
+
+__all__ = [
+    "ClusterSpec",
+    "ModelSpec",
+    "DeviceSpec",
+    "TrainSpec",
+    "DEVICES",
+    "resolve_ep",
+    "spec_from_dict",
+]

@@ -1,0 +1,210 @@
+"""Simulate training steps under each policy and measure what the paper reports.
+
+Measures per step: step time, all-to-all time (union of a2a spans) and its share of the step,
+backward all-to-all time, allreduce time, exposed communication (step time when compute is
+idle), MoE layer forward/backward time, and how busy compute is while an all-to-all is in
+flight. ``speedup`` is relative to ``deepspeed`` when it was simulated.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from lina.obs.timeline import Timeline, union_length
+from lina.sim.collectives import all_to_all
+from lina.sim.compute import ComputeProfile
+from lina.sim.engine import Executor, Task
+from lina.sim.network import FlowNetwork, Transfer
+from lina.sim.policies import TrainPolicy, train_policy
+from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec, resolve_ep
+from lina.sim.topology import Topology
+from lina.sim.train_step import StepBuilder, StepPlan, TransferCache
+
+
+def transfer_time(topo: Topology, transfer: Transfer) -> float:
+    """Seconds ``transfer`` takes alone on an idle network."""
+    net = FlowNetwork(topo.capacity)
+    net.start(transfer)
+    end = 0.0
+    while net.busy():
+        end = net.next_event_time()
+        net.advance_to(end)
+    return end
+
+
+def _regular(group: int, gpus_per_host: int) -> bool:
+    return group % gpus_per_host == 0 or gpus_per_host % group == 0
+
+
+def decide_packing(plan: StepPlan, topo: Topology) -> StepPlan:
+    """Lina's packing: double experts per GPU while one micro-op's FFN is shorter than its a2a.
+
+    The a2a time of a micro-op is measured by simulating it alone (as Lina's controller measures
+    micro-ops in the forward pass); the FFN time of a micro-op counts every co-located expert's
+    invocation. Stops when the group is one GPU (pure data parallelism), when halving it would
+    break host regularity, or at ``TrainSpec.max_pack``. Returns a new plan.
+    """
+    m, c, t = plan.model, plan.cluster, plan.train
+    micro_bytes = min(t.chunk_bytes, m.a2a_bytes)
+    tokens = micro_bytes / (m.d_model * m.act_bytes)
+    pack, ep = 1, plan.ep
+    trace = []
+    while True:
+        trial = StepPlan(c, m, plan.profile, t, ep, pack)
+        ffn = trial.expert_time(False, tokens)
+        a2a = transfer_time(topo, all_to_all(topo, ep, micro_bytes, t.a2a_algorithm)) if ep > 1 else 0.0
+        trace.append({"pack": pack, "ep": ep, "ffn_micro_s": ffn, "a2a_micro_s": a2a})
+        can_halve = ep > 1 and ep % 2 == 0 and _regular(ep // 2, c.gpus_per_host)
+        if t.max_pack is not None and pack * 2 > t.max_pack:
+            can_halve = False
+        if not (can_halve and ffn < a2a):
+            break
+        pack, ep = pack * 2, ep // 2
+    return StepPlan(c, m, plan.profile, t, ep, pack, trace)
+
+
+@dataclass
+class TrainResult:
+    """Measured numbers of one simulated step (seconds unless named otherwise)."""
+
+    policy: str
+    step_s: float
+    a2a_s: float
+    fwd_a2a_s: float
+    bwd_a2a_s: float
+    allreduce_s: float
+    compute_s: float
+    exposed_comm_s: float
+    moe_fwd_s: float
+    moe_bwd_s: float
+    compute_busy_in_a2a: float
+    ep: int
+    pack: int
+    sim_wall_s: float
+    events: int
+    speedup: float | None = None
+    pack_trace: list[dict] = field(default_factory=list)
+    tasks: list[Task] = field(default_factory=list, repr=False)
+
+    @property
+    def a2a_share(self) -> float:
+        return self.a2a_s / self.step_s if self.step_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "tasks"}
+        out["a2a_share"] = self.a2a_share
+        return out
+
+    def timeline(self, rank: int = 0, offset_s: float = 0.0, step: int = 0) -> Timeline:
+        """The step as spans of ``rank`` (every rank runs the same program), shifted by ``offset_s``."""
+        tl = Timeline(rank)
+        tl.record("step", "step", offset_s, offset_s + self.step_s, thread="main", step=step)
+        for task in self.tasks:
+            tl.record(task.name, task.cat, offset_s + task.start_s, offset_s + task.end_s, thread=task.stream, **task.args)
+        return tl
+
+
+def _intervals(tasks: list[Task], cat: str, **match) -> list[tuple[float, float]]:
+    return [
+        (t.start_s, t.end_s)
+        for t in tasks
+        if t.cat == cat and all(t.args.get(k) == v for k, v in match.items())
+    ]
+
+
+def measure(policy: str, tasks: list[Task], plan: StepPlan, wall_s: float, events: int) -> TrainResult:
+    """Reduce a finished task list to the paper's metrics."""
+    step = max(t.end_s for t in tasks)
+    a2a = _intervals(tasks, "a2a")
+    compute = _intervals(tasks, "compute")
+    a2a_s = union_length(a2a)
+    compute_s = union_length(compute)
+    overlap = a2a_s + compute_s - union_length(a2a + compute)
+    moe = {"fwd": [], "bwd": []}
+    for direction in moe:
+        layers: dict[int, list[float]] = {}
+        for t in tasks:
+            if t.cat == "a2a" and t.args.get("direction") == direction:
+                span = layers.setdefault(t.args["layer"], [t.start_s, t.end_s])
+                span[0] = min(span[0], t.start_s)
+                span[1] = max(span[1], t.end_s)
+        moe[direction] = [e - s for s, e in layers.values()]
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    return TrainResult(
+        policy=policy,
+        step_s=step,
+        a2a_s=a2a_s,
+        fwd_a2a_s=union_length(_intervals(tasks, "a2a", direction="fwd")),
+        bwd_a2a_s=union_length(_intervals(tasks, "a2a", direction="bwd")),
+        allreduce_s=union_length(_intervals(tasks, "allreduce")),
+        compute_s=compute_s,
+        exposed_comm_s=step - compute_s,
+        moe_fwd_s=mean(moe["fwd"]),
+        moe_bwd_s=mean(moe["bwd"]),
+        compute_busy_in_a2a=overlap / a2a_s if a2a_s > 0 else 0.0,
+        ep=plan.ep,
+        pack=plan.pack,
+        sim_wall_s=wall_s,
+        events=events,
+        pack_trace=plan.pack_trace,
+        tasks=tasks,
+    )
+
+
+def _priority_gate(task: Task, executor: Executor) -> bool:
+    """Lina: an allreduce micro-op starts only while no all-to-all runs or waits."""
+    if task.cat != "allreduce":
+        return True
+    return not executor.stream_busy("a2a")
+
+
+def simulate_step(
+    cluster: ClusterSpec,
+    model: ModelSpec,
+    profile: ComputeProfile,
+    train: TrainSpec,
+    policy: str | TrainPolicy,
+    representative: bool = True,
+) -> TrainResult:
+    """Simulate one training step of ``policy``.
+
+    Args:
+        representative: simulate host 0 as the representative of all hosts (exact when every
+            host sees the same traffic, which training with uniform routing guarantees);
+            ``False`` simulates every flow of every host (slow; for checking).
+    """
+    pol = train_policy(policy) if isinstance(policy, str) else policy
+    started = time.perf_counter()
+    topo = Topology(cluster, representative=representative)
+    plan = StepPlan(cluster, model, profile, train, resolve_ep(cluster, model, train))
+    if pol.packing:
+        plan = decide_packing(plan, topo)
+    cache = TransferCache(topo, train.a2a_algorithm)
+    tasks = StepBuilder(plan, pol, cache).build()
+    window = train.credit_window if pol.grad_sync == "microops" else 1
+    executor = Executor(
+        tasks,
+        FlowNetwork(topo.capacity),
+        {"compute": 1, "a2a": 1, "allreduce": window},
+        _priority_gate if pol.priority else (lambda task, ex: True),
+    )
+    executor.run()
+    return measure(pol.name, tasks, plan, time.perf_counter() - started, executor.events)
+
+
+def simulate_policies(
+    cluster: ClusterSpec,
+    model: ModelSpec,
+    profile: ComputeProfile,
+    train: TrainSpec,
+    policies: tuple[str, ...] | list[str],
+    representative: bool = True,
+) -> dict[str, TrainResult]:
+    """Simulate every policy; fill ``speedup`` (``deepspeed`` step / policy step) when possible."""
+    results = {p: simulate_step(cluster, model, profile, train, p, representative) for p in policies}
+    if "deepspeed" in results:
+        base = results["deepspeed"].step_s
+        for r in results.values():
+            r.speedup = base / r.step_s if r.step_s > 0 else None
+    return results

@@ -1,0 +1,218 @@
+"""One training step as a task graph: forward and backward of every layer, gradient sync.
+
+Every GPU runs the same program (routing is near-uniform in training), so the graph is that of
+one GPU; its collectives involve all GPUs and go through the (representative) flow network.
+
+Per layer, forward: dense compute, then for a MoE layer dispatch all-to-all, expert FFN,
+combine all-to-all (split into chunks and pipelined when the policy says so). Then the
+embedding/LM head forward and backward. Backward, last layer first: combine all-to-all, expert
+FFN backward, dispatch all-to-all, dense backward. Gradients become ready as their layer's
+backward ends; the policy decides how they are allreduced. The optimizer runs when backward
+and every allreduce are done.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from lina.sim.collectives import all_to_all, ring_allreduce
+from lina.sim.compute import ComputeProfile
+from lina.sim.engine import Task
+from lina.sim.network import Transfer
+from lina.sim.policies import TrainPolicy
+from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec
+from lina.sim.topology import Topology
+
+
+@dataclass
+class StepPlan:
+    """Numbers a step graph is built from, after the policy's choices (packing) are made.
+
+    ``ep``: GPUs per expert-parallel group in effect (after packing by ``pack``); each group
+    holds every expert once, so a GPU holds ``experts / ep`` experts and each expert has
+    ``gpus / ep`` replicas, whose gradients are allreduced among them.
+    """
+
+    cluster: ClusterSpec
+    model: ModelSpec
+    profile: ComputeProfile
+    train: TrainSpec
+    ep: int
+    pack: int = 1
+    pack_trace: list[dict] = field(default_factory=list)
+
+    @property
+    def experts_per_gpu(self) -> int:
+        return self.model.experts // self.ep
+
+    @property
+    def replicas(self) -> int:
+        return self.cluster.gpus // self.ep
+
+    @property
+    def tokens(self) -> int:
+        return self.model.tokens
+
+    def expert_time(self, backward: bool, tokens: float | None = None) -> float:
+        """Expert FFN time of one GPU for ``tokens`` received tokens (default: a whole layer's)."""
+        m = self.model
+        received = m.capacity_factor * m.tokens * m.top_k if tokens is None else tokens
+        per_expert = received / self.experts_per_gpu
+        return self.profile.experts_time(per_expert, self.experts_per_gpu, backward)
+
+    def local_params(self) -> int:
+        m = self.model
+        expert = m.moe_layers * self.experts_per_gpu * m.expert_params
+        return m.total_params - m.moe_layers * m.experts * m.expert_params + expert
+
+
+class TransferCache:
+    """Builds each distinct collective once (layers repeat the same shapes)."""
+
+    def __init__(self, topo: Topology, algorithm: str):
+        self.topo = topo
+        self.algorithm = algorithm
+        self._cache: dict[tuple, Transfer] = {}
+
+    def a2a(self, group: int, nbytes: float) -> Transfer:
+        key = ("a2a", group, nbytes)
+        if key not in self._cache:
+            self._cache[key] = all_to_all(self.topo, group, nbytes, self.algorithm)
+        return self._cache[key]
+
+    def allreduce(self, stride: int, ring: int, nbytes: float) -> Transfer:
+        key = ("ar", stride, ring, nbytes)
+        if key not in self._cache:
+            self._cache[key] = ring_allreduce(self.topo, stride, ring, nbytes)
+        return self._cache[key]
+
+
+def a2a_chunks(plan: StepPlan, policy: TrainPolicy) -> int:
+    if policy.a2a_split == "tutel":
+        return plan.train.tutel_chunks
+    if policy.a2a_split == "micro":
+        return max(1, math.ceil(plan.model.a2a_bytes / plan.train.chunk_bytes - 1e-9))
+    return 1
+
+
+class StepBuilder:
+    """Appends the tasks of one step for ``policy``; :meth:`build` returns them."""
+
+    def __init__(self, plan: StepPlan, policy: TrainPolicy, cache: TransferCache):
+        self.plan = plan
+        self.policy = policy
+        self.cache = cache
+        self.tasks: list[Task] = []
+        self.grads: list[tuple[str, float, int, str]] = []  # (name, bytes, ready task, group)
+
+    def add(self, task: Task) -> int:
+        self.tasks.append(task)
+        return len(self.tasks) - 1
+
+    def compute(self, name: str, seconds: float, dep: int | None, **args) -> int:
+        return self.add(Task(name, "compute", "compute", () if dep is None else (dep,), duration_s=seconds, args=args))
+
+    def build(self) -> list[Task]:
+        p, m = self.plan, self.plan.model
+        prev = None
+        for layer in range(m.layers):
+            prev = self.compute(f"fwd.dense.L{layer}", p.profile.dense_fwd_s_per_token * m.tokens, prev, layer=layer, kind="dense", direction="fwd")
+            if m.is_moe(layer):
+                prev = self._moe(layer, prev, "fwd")
+            else:
+                ffn = p.profile.expert_time(m.tokens)
+                prev = self.compute(f"fwd.ffn.L{layer}", ffn, prev, layer=layer, kind="dense", direction="fwd")
+        head = (p.profile.head_fwd_s_per_token + p.profile.head_bwd_s_per_token) * m.tokens
+        prev = self.compute("head", head, prev, kind="head")
+        for layer in reversed(range(m.layers)):
+            if m.is_moe(layer):
+                prev = self._moe(layer, prev, "bwd")
+            else:
+                ffn = p.profile.expert_time(m.tokens, backward=True)
+                prev = self.compute(f"bwd.ffn.L{layer}", ffn, prev, layer=layer, kind="dense", direction="bwd")
+            prev = self.compute(f"bwd.dense.L{layer}", p.profile.dense_bwd_s_per_token * m.tokens, prev, layer=layer, kind="dense", direction="bwd")
+            for name, numel in reversed(m.dense_tensors(layer)):
+                self.grads.append((name, numel * m.grad_bytes, prev, "dp"))
+        for name, numel in reversed(m.embedding_tensors()):
+            self.grads.append((name, numel * m.grad_bytes, prev, "dp"))
+        syncs = self._grad_sync(last_backward=prev)
+        optimizer = p.profile.optimizer_s_per_param * p.local_params()
+        self.add(Task("optimizer", "compute", "compute", (prev, *syncs), duration_s=optimizer, args={"kind": "optimizer"}))
+        return self.tasks
+
+    # ------------------------------------------------------------------ MoE layer
+    def _moe(self, layer: int, prev: int, direction: str) -> int:
+        p, m = self.plan, self.plan.model
+        chunks = a2a_chunks(p, self.policy)
+        nbytes = m.a2a_bytes / chunks
+        backward = direction == "bwd"
+        ffn = p.expert_time(backward) / chunks
+        first, second = ("combine", "dispatch") if backward else ("dispatch", "combine")
+        a2a = self.cache.a2a(p.ep, nbytes)
+        firsts = [
+            self.add(Task(f"{direction}.{first}.L{layer}.c{j}", "a2a", "a2a", (prev,), transfer=a2a,
+                          args={"layer": layer, "phase": first, "direction": direction, "bytes": nbytes, "chunk": j}))
+            for j in range(chunks)
+        ]
+        ffns = [
+            self.add(Task(f"{direction}.expert.L{layer}.c{j}", "compute", "compute", (firsts[j],), duration_s=ffn,
+                          args={"layer": layer, "kind": "expert", "direction": direction, "chunk": j}))
+            for j in range(chunks)
+        ]
+        seconds = [
+            self.add(Task(f"{direction}.{second}.L{layer}.c{j}", "a2a", "a2a", (ffns[j],), transfer=a2a,
+                          args={"layer": layer, "phase": second, "direction": direction, "bytes": nbytes, "chunk": j}))
+            for j in range(chunks)
+        ]
+        if backward and p.replicas > 1:
+            w1 = (m.d_model * m.d_ff + m.d_ff) * m.grad_bytes
+            w2 = (m.d_ff * m.d_model + m.d_model) * m.grad_bytes
+            for e in range(p.experts_per_gpu):
+                self.grads.append((f"L{layer}.expert{e}.w2", w2, ffns[-1], "expert"))
+                self.grads.append((f"L{layer}.expert{e}.w1", w1, ffns[-1], "expert"))
+        return seconds[-1]
+
+    # -------------------------------------------------------------- gradient sync
+    def _allreduce(self, name: str, nbytes: float, deps: tuple[int, ...], group: str, **args) -> int:
+        p = self.plan
+        n = p.cluster.gpus
+        if group == "dp":
+            transfer = self.cache.allreduce(1, n, nbytes)
+        else:
+            transfer = self.cache.allreduce(p.ep, p.replicas, nbytes)
+        return self.add(Task(name, "allreduce", "allreduce", deps, transfer=transfer, args={"bytes": nbytes, "group": group, **args}))
+
+    def _grad_sync(self, last_backward: int) -> list[int]:
+        sync = self.policy.grad_sync
+        if sync == "none":
+            return []
+        out = []
+        if sync == "microops":
+            chunk = self.plan.train.chunk_bytes
+            for name, nbytes, ready, group in self.grads:
+                pieces = max(1, math.ceil(nbytes / chunk - 1e-9))
+                for j in range(pieces):
+                    size = min(chunk, nbytes - j * chunk)
+                    out.append(self._allreduce(f"allreduce.{name}.c{j}", size, (ready,), group, tensor=name))
+            return out
+        cap = self.plan.train.bucket_bytes
+        open_buckets: dict[str, list] = {}
+        count = 0
+
+        def flush(group: str) -> None:
+            nonlocal count
+            nbytes, ready = open_buckets.pop(group)
+            dep = last_backward if sync == "after" else ready
+            out.append(self._allreduce(f"allreduce.bucket{count}", nbytes, (dep,), group, bucket=count))
+            count += 1
+
+        for _, nbytes, ready, group in self.grads:
+            bucket = open_buckets.setdefault(group, [0.0, ready])
+            bucket[0] += nbytes
+            bucket[1] = ready
+            if bucket[0] >= cap:
+                flush(group)
+        for group in list(open_buckets):
+            flush(group)
+        return out
