@@ -25,7 +25,8 @@ class Placement:
     Args:
         num_experts: ``E``.
         num_devices: ``N``.
-        share: ``FloatTensor[E, N]``, non-negative, each row sums to 1.
+        share: ``FloatTensor[E, N]``, non-negative, each row sums to 1 (stored as float64,
+            rows renormalised).
     """
 
     num_experts: int
