@@ -85,11 +85,13 @@ def plot_step(spans: list[Span], path: Path, step: int | None = None) -> None:
         if not st:
             continue
         start, end = st[0].start_s, st[0].end_s
-        lanes = {"compute": 0.55, "a2a": 0.3, "allreduce": 0.05, "sched": 0.3}
+        lanes = {"compute": 0.55, "a2a": 0.3, "allreduce": 0.05, "sched": 0.05}
         for s in spans:
             if s.rank != rank or s.cat not in colors or s.end_s < start or s.start_s > end:
                 continue
             if s.cat == "compute" and not s.name.endswith("experts") and s.name not in ("forward", "backward"):
+                continue
+            if s.cat == "sched" and s.name != "gradsync.finish":  # scheduler bookkeeping is not drawn
                 continue
             y = i + lanes[s.cat]
             h = 0.2 if s.cat != "compute" or s.name.endswith("experts") else 0.35
