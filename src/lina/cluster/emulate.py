@@ -10,8 +10,8 @@ Each host is a namespace holding one end of a veth pair whose other end is a por
 bridge in a dedicated switch namespace. Both ends shape their egress (token buckets: an
 htb class per peer host by default, or one tbf FIFO), so a host's upload and download are
 each limited to the link rate, like a host NIC into a non-blocking switch. Traffic
-between workers of one host goes to the host's own address,
-which the kernel routes over that namespace's loopback: unlimited, like NVLink in a node.
+between workers of one host goes to the host's own address, which the kernel routes over
+that namespace's loopback: unlimited, like NVLink in a node.
 
 The cluster is torn down on every exit path: normal exit, exception, SIGINT/SIGTERM/SIGHUP
 (handlers are installed while it is up and restored after) and interpreter exit. Processes
@@ -407,17 +407,19 @@ class EmulatedCluster:
                 os.kill(os.getpid(), signum)
             return
         self.down()  # removes the cluster and restores the previous handlers
-        if signal.getsignal(signum) == self._on_signal:
-            signal.signal(signum, signal.SIG_DFL)
+        if signal.getsignal(signum) == self._on_signal:  # down() ran in another thread and could not restore
+            signal.signal(signum, self._old_handlers.pop(signum, signal.SIG_DFL))
         _redeliver(signum)  # then the signal acts as it would have (SIGTERM: SystemExit(143))
 
     def _defer_signals(self, deferred: list[int]) -> None:
-        if not self._old_handlers:
+        if not self._old_handlers or threading.current_thread() is not threading.main_thread():
             return
         for sig in self._old_handlers:
             signal.signal(sig, lambda signum, frame: deferred.append(signum))
 
     def _restore_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers; ours stay and act as a no-op down() then
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
         self._old_handlers.clear()
