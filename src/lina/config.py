@@ -87,6 +87,13 @@ class TrainConfig:
     trace: str = ""  # folder for the timeline (Chrome trace, breakdown, plot); "" = off
     emulate: str = "none"
     timeout_s: float = 120.0  # collective timeout: a dead peer ends the job after at most this
+    # Expert packing (see lina.train.packing): "off" (the layout of ep_size), "auto" (the controller
+    # doubles experts per rank while FFN time per micro-op < all-to-all time per micro-op), "N" (N
+    # experts per rank from the start) or "N@S" (N experts per rank from step S on).
+    packing: str = "off"
+    packing_first_step: int = 10  # auto: first decision before this step
+    packing_every: int = 4  # auto: re-checked every this many steps
+    max_expert_memory_mb: float = 0.0  # device memory for expert training state; 0 = unlimited
 
     @property
     def resolved_ep_size(self) -> int:
@@ -126,9 +133,28 @@ class TrainConfig:
             raise ConfigError("corpus_max_mb", f"{self.corpus_max_mb} must be > 0", "use e.g. 3")
         if self.timeout_s <= 0:
             raise ConfigError("timeout_s", f"{self.timeout_s} must be > 0", "use e.g. 120")
+        self._validate_packing()
         spec = self.emulate_spec()
         if spec is not None and spec.world_size != self.workers:
             raise ConfigError("workers", f"{self.workers} workers but the emulated cluster has {spec.hosts} hosts x {spec.workers_per_host} workers", f"use --workers {spec.world_size} or change --emulate")
+
+    def _validate_packing(self) -> None:
+        from lina.train.packing import parse_packing, valid_experts_per_rank
+
+        spec = parse_packing(self.packing)
+        _positive_int("packing_first_step", self.packing_first_step)
+        _positive_int("packing_every", self.packing_every)
+        if self.max_expert_memory_mb < 0:
+            raise ConfigError("max_expert_memory_mb", f"{self.max_expert_memory_mb} is negative", "use 0 (unlimited) or a budget in MB")
+        if spec.mode != "fixed":
+            return
+        valid = valid_experts_per_rank(self.model.experts, self.workers)
+        if spec.experts_per_rank not in valid:
+            raise ConfigError("packing", f"{spec.experts_per_rank} experts per rank is not a layout of {self.model.experts} experts on {self.workers} workers",
+                              f"use one of {', '.join(map(str, valid))} (experts per rank; the EP group size becomes experts / N)")
+        if spec.at_step == 0 and self.ep_size and self.model.experts // spec.experts_per_rank != self.ep_size:
+            raise ConfigError("packing", f"{spec.experts_per_rank} experts per rank from the start contradicts ep_size={self.ep_size}",
+                              f"drop --ep-size, or use --packing {self.model.experts // self.ep_size}, or switch later with N@STEP")
 
     def emulate_spec(self):
         """The emulated cluster to run on (:class:`lina.cluster.emulate.EmulateSpec`), or None."""

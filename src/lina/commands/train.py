@@ -13,7 +13,8 @@ OPTION_FIELDS = {
     "schedule": "schedule", "out": "out", "seed": "seed", "batch_size": "batch_size",
     "ep_size": "ep_size", "corpus": "corpus", "chunk_mb": "chunk_mb", "trace": "trace",
     "capacity_factor": "model.capacity_factor", "emulate": "emulate", "lr": "lr",
-    "pipeline_chunks": "pipeline_chunks",
+    "pipeline_chunks": "pipeline_chunks", "packing": "packing", "packing_first_step": "packing_first_step",
+    "packing_every": "packing_every", "max_expert_memory": "max_expert_memory_mb",
 }
 
 
@@ -32,6 +33,13 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, help="learning rate (default 3e-3)")
     p.add_argument("--chunk-mb", help="lina allreduce micro-op size in MB, or 'auto'")
     p.add_argument("--pipeline-chunks", type=int, help="all-to-all micro-ops per MoE layer for tutel/lina")
+    p.add_argument("--packing", help="expert packing: off (the --ep-size layout), auto (double experts per rank while an FFN "
+                   "micro-op is shorter than an all-to-all micro-op), N (N experts per rank, EP size = experts / N) or N@STEP "
+                   "(switch to N experts per rank at STEP) (default off)")
+    p.add_argument("--packing-first-step", type=int, help="auto packing: first decision before this step (default 10)")
+    p.add_argument("--packing-every", type=int, help="auto packing: re-check every this many steps (default 4)")
+    p.add_argument("--max-expert-memory", type=float, metavar="MB", help="device memory for expert weights, gradients and AdamW "
+                   "state per rank; MoE layers beyond it keep their experts in host memory and bring each in when it computes (default 0: unlimited)")
     p.add_argument("--corpus", help="text file or folder (default: the Python standard library's sources)")
     p.add_argument("--out", help="output folder (default runs/train)")
     p.add_argument("--trace", metavar="DIR", help="write the timeline: Chrome trace, breakdown, plot")
@@ -109,5 +117,14 @@ def print_summary(summary: dict, out: Path) -> None:
     print(f"  tokens/s {summary['tokens_per_s']:.0f}   median step {summary['step_time_s_median'] * 1e3:.1f} ms   wall {summary['wall_s']:.1f} s")
     print(f"  time split: compute {pct['compute']:.1f}%  all-to-all {pct['all_to_all']:.1f}%  "
           f"allreduce exposed {pct['allreduce_exposed']:.1f}%  (allreduce in flight {split['allreduce_in_flight']:.2f} s)")
+    packing = summary.get("packing")
+    if packing:
+        changes = [d for d in packing["decisions"] if d["new_experts_per_rank"] != d["experts_per_rank"]]
+        print(f"  packing {packing['mode']}: {packing['experts_per_rank']} experts per rank (EP size {packing['ep_size']}) at the end, "
+              f"{len(changes)} change(s), {len(packing['decisions'])} decision(s)")
+    mem = summary.get("expert_memory")
+    if mem and mem["budget_mb"] > 0:
+        print(f"  expert memory budget {mem['budget_mb']:g} MB: {mem['offloaded_experts']} experts offloaded to host "
+              f"({mem['offloaded_mb']:.2f} MB), brought in {mem['copies_in']} times ({mem['mb_in']:.1f} MB) on rank 0")
     print(f"  wrote {out / 'metrics.jsonl'}, {out / 'summary.json'}, {out / 'checkpoints'}")
     print(json.dumps({k: summary[k] for k in ("final_loss", "val_loss", "tokens_per_s")}))

@@ -1,23 +1,92 @@
 """The local experts of one rank: E_l two-layer FFNs, computed group by group (one matmul pair per
-expert over all its rows, never a loop over tokens)."""
+expert over all its rows, never a loop over tokens).
+
+Which experts a rank holds is a pure function of its rank and the EP size
+(:func:`local_expert_ids`). Experts can be *offloaded*: their weights (and so their gradients and
+optimizer state) live in host memory, and each expert's weights are brought in to the compute
+device just before its FFN runs, again before its backward, and dropped after (the backward
+recomputes the hidden activation instead of keeping device copies alive between the passes).
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+PARAM_NAMES = ("w1", "b1", "w2", "b2")
+
+
+def local_expert_ids(rank: int, ep_size: int, num_experts: int) -> list[int]:
+    """Global ids of the experts rank ``rank`` holds when EP groups are blocks of ``ep_size``
+    consecutive ranks: position p = rank % ep_size holds ``[p*E_l, (p+1)*E_l)``, E_l = E / ep_size."""
+    per_rank = num_experts // ep_size
+    first = (rank % ep_size) * per_rank
+    return list(range(first, first + per_rank))
+
+
+@dataclass
+class OffloadStats:
+    """What bringing offloaded experts in cost on this rank (since the last reset)."""
+
+    copies_in: int = 0  # expert weight sets brought to the compute device (forward and backward)
+    bytes_in: int = 0
+
+
+def bring_in(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy host-resident weights to the compute device. On a GPU this is an asynchronous
+    host-to-device copy from pinned memory; where host and compute device are the same memory (CPU)
+    it is still a real copy into a fresh buffer, so the code path and its accounting are the same."""
+    if t.device == device:
+        return t.clone()
+    return t.to(device, non_blocking=True)
+
+
+def _ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    return torch.addmm(b2, F.gelu(torch.addmm(b1, x, w1)), w2)
+
+
+class _HostExpertFFN(torch.autograd.Function):
+    """One offloaded expert: ``x [S, d_model] -> [S, d_model]`` with host-resident weights
+    (``w1 [d_model, d_ff]``, ``b1 [d_ff]``, ``w2 [d_ff, d_model]``, ``b2 [d_model]``). Weights are
+    brought in for forward and again for backward; gradients go back to the host weights."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, stats: OffloadStats):
+        weights = [bring_in(w, x.device) for w in (w1, b1, w2, b2)]
+        stats.copies_in += 1
+        stats.bytes_in += sum(w.numel() * w.element_size() for w in weights)
+        ctx.save_for_backward(x, w1, b1, w2, b2)
+        ctx.stats = stats
+        return _ffn(x, *weights)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, *host = ctx.saved_tensors
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_()
+            weights = [bring_in(w, x.device).requires_grad_() for w in host]
+            ctx.stats.copies_in += 1
+            ctx.stats.bytes_in += sum(w.numel() * w.element_size() for w in weights)
+            y = _ffn(x_in, *weights)
+            grads = torch.autograd.grad(y, [x_in, *weights], grad_y)
+        return (grads[0], *(g.to(h.device) for g, h in zip(grads[1:], host)), None)
+
 
 class LocalExperts(nn.Module):
     """E_l expert FFNs ``d_model -> d_ff -> d_model`` with GELU.
 
-    Parameters are marked ``param.lina_expert = True`` so that data-parallel gradient sync of
-    non-expert parameters skips them. ``global_ids`` are the experts' ids in the whole model.
+    Parameters (``w1 [E_l, d_model, d_ff]``, ``b1 [E_l, d_ff]``, ``w2 [E_l, d_ff, d_model]``,
+    ``b2 [E_l, d_model]``) are marked ``param.lina_expert = True`` so that data-parallel gradient
+    sync of non-expert parameters skips them. ``global_ids`` are the experts' ids in the whole model.
+    ``init=False`` leaves the weights uninitialised (they are about to be filled, e.g. by
+    :meth:`from_tensors`) and draws nothing from the global RNG.
     """
 
-    def __init__(self, num_local: int, d_model: int, d_ff: int, global_ids: list[int]):
+    def __init__(self, num_local: int, d_model: int, d_ff: int, global_ids: list[int], init: bool = True):
         super().__init__()
         self.num_local = num_local
         self.global_ids = list(global_ids)
@@ -27,7 +96,20 @@ class LocalExperts(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(num_local, d_model))
         for p in self.parameters():
             p.lina_expert = True
-        self.reset_parameters()
+        self.offloaded = False
+        self.offload_stats = OffloadStats()
+        if init:
+            self.reset_parameters()
+
+    @classmethod
+    def from_tensors(cls, global_ids: list[int], w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> "LocalExperts":
+        """Experts with the given weights (shapes as in the class docstring, E_l = len(global_ids))."""
+        num_local, d_model, d_ff = w1.shape
+        experts = cls(num_local, d_model, d_ff, global_ids, init=False)
+        with torch.no_grad():
+            for name, t in zip(PARAM_NAMES, (w1, b1, w2, b2)):
+                getattr(experts, name).copy_(t)
+        return experts
 
     def reset_parameters(self) -> None:
         """Each expert's weights come from its own generator seeded by (layer seed, global id), so
@@ -43,13 +125,44 @@ class LocalExperts(nn.Module):
         nn.init.zeros_(self.b1)
         nn.init.zeros_(self.b2)
 
-    def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def training_bytes(self) -> int:
+        """Memory these experts take in training: weights, gradients and AdamW's two moments."""
+        return 4 * self.weight_bytes()
+
+    def set_offloaded(self, offloaded: bool, device: torch.device) -> None:
+        """Keep the weights in host memory (``offloaded``) or on ``device``, the compute device.
+
+        On a GPU, offloaded weights move to pinned host memory; the caller moves the optimizer
+        state of these parameters along (see :meth:`lina.train.trainer.Trainer.place_experts`).
+        On CPU host and device are the same memory and nothing moves; only the compute path and
+        its accounting change.
+        """
+        home = torch.device("cpu") if offloaded else device
+        for p in self.parameters():
+            if p.device != home:
+                data = p.data.to(home)
+                p.data = data.pin_memory() if offloaded and device.type == "cuda" else data
+        self.offloaded = offloaded
+
+    def weights(self) -> list[torch.Tensor]:
+        """The parameters in :data:`PARAM_NAMES` order."""
+        return [getattr(self, n) for n in PARAM_NAMES]
+
+    def forward(self, rows: torch.Tensor, counts: list[int], weights: list[torch.Tensor] | None = None) -> torch.Tensor:
         """rows: FloatTensor[S, d_model] grouped by local expert; counts: rows per local expert
-        (len E_l, sums to S) -> FloatTensor[S, d_model]."""
+        (len E_l, sums to S) -> FloatTensor[S, d_model]. ``weights`` (shapes of the parameters)
+        replace the parameters, e.g. by leaves that collect one step's gradients."""
+        w1, b1, w2, b2 = weights if weights is not None else self.weights()
         outs = []
         for e, chunk in enumerate(torch.split(rows, counts)):
-            h = F.gelu(torch.addmm(self.b1[e], chunk, self.w1[e]))
-            outs.append(torch.addmm(self.b2[e], h, self.w2[e]))
+            if not self.offloaded:
+                h = F.gelu(torch.addmm(b1[e], chunk, w1[e]))
+                outs.append(torch.addmm(b2[e], h, w2[e]))
+            elif chunk.shape[0]:  # an offloaded expert without rows is not brought in
+                outs.append(_HostExpertFFN.apply(chunk, w1[e], b1[e], w2[e], b2[e], self.offload_stats))
         if not outs:
             return rows
         return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -56,6 +56,15 @@ class MoELayer(nn.Module):
         self.last_routing: Routing | None = None
         self.layer_index = 0
 
+    def set_experts(self, experts: LocalExperts) -> None:
+        """Swap in the local experts of a new layout (expert packing). The caller has already
+        pointed ``self.comm`` at the new EP group; ``experts`` must hold E / (EP size) experts,
+        those of this rank's position in its group."""
+        if experts.num_local * self.comm.size != self.num_experts:
+            raise ValueError(f"{experts.num_local} local experts x EP size {self.comm.size} != {self.num_experts} experts")
+        self.experts = experts
+        self.num_local = experts.num_local
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
@@ -77,13 +86,16 @@ class MoELayer(nn.Module):
         """rows: [S, d] grouped by global expert; counts: LongTensor[E]. Returns expert outputs
         for the same rows in the same order."""
         comm = self.comm
-        if comm.group is None:
-            return self.experts(rows, counts.tolist())
         name = f"moe{self.layer_index}"
+        if comm.group is None:
+            with comm.timeline.span(f"{name}.experts", "compute"):
+                return self.experts(rows, counts.tolist())
         recv_counts = exchange_counts(counts, comm)  # [P, E_l]
         in_splits = counts.view(comm.size, -1).sum(1).tolist()
         if comm.pipeline_chunks > 1:
-            return PipelinedExchange.apply(rows, in_splits, recv_counts, self.experts, comm, name)
+            step_experts = _StepExperts(self.experts)
+            rows = _ExpertGradsOnce.apply(rows, step_experts, *self.experts.weights())
+            return PipelinedExchange.apply(rows, in_splits, recv_counts, step_experts, comm, name)
         out_splits = recv_counts.sum(1).tolist()
         received = AllToAll.apply(rows, out_splits, in_splits, comm, f"{name}.dispatch")
         index = source_to_expert_major(recv_counts)
@@ -92,3 +104,37 @@ class MoELayer(nn.Module):
             computed = self.experts(grouped, recv_counts.sum(0).tolist())
         back = computed[inverse_permutation(index)]
         return AllToAll.apply(back, in_splits, out_splits, comm, f"{name}.combine")
+
+
+class _StepExperts:
+    """The local experts with their weights as leaves of their own, for one pipelined exchange.
+
+    The pipelined backward runs one small graph per micro-op, and each would accumulate into the
+    expert parameters' ``.grad`` (firing their gradient hooks once per micro-op: a policy that
+    allreduces a gradient from its hook would send a partial one). Here the micro-ops accumulate
+    into these leaves instead, and :class:`_ExpertGradsOnce` hands the sum to autograd once, when
+    the whole exchange's backward is done. Same additions in the same order: same numbers.
+    """
+
+    def __init__(self, experts: LocalExperts):
+        self.experts = experts
+        self.weights = [w.detach().requires_grad_() for w in experts.weights()]
+
+    def __call__(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return self.experts(rows, counts, self.weights)
+
+
+class _ExpertGradsOnce(torch.autograd.Function):
+    """Identity on ``rows [S, d]`` placed before the pipelined exchange; its backward (which runs
+    after the exchange's) returns the expert gradients collected by a :class:`_StepExperts`."""
+
+    @staticmethod
+    def forward(ctx, rows, step_experts: _StepExperts, *params):
+        ctx.step_experts = step_experts
+        return rows.view_as(rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = [w.grad for w in ctx.step_experts.weights]
+        ctx.step_experts = None
+        return (grad, None, *grads)

@@ -1,6 +1,10 @@
 """Checkpoints: one file per rank (expert parameters differ between ranks), written atomically
 (temporary file, then rename), and a ``latest`` pointer written last, so a crash mid-write never
-leaves a corrupt latest checkpoint. Loaded with ``weights_only=True``."""
+leaves a corrupt latest checkpoint. Loaded with ``weights_only=True``.
+
+A rank's state carries the expert layout it was written in (``state["packing"]["ep_size"]``):
+expert shapes depend on it, so a resumed run rebuilds that layout before loading (see
+:meth:`lina.train.trainer.Trainer.load_state_dict`) and may then repack."""
 
 from __future__ import annotations
 
@@ -63,3 +67,8 @@ def load_rank(ckpt_root: Path, rank: int) -> dict[str, Any]:
     if not path.exists():
         raise LinaError(f"--resume: {path} is missing; the checkpoint was written by a run with a different worker count. Fix: resume with the same --workers")
     return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def packing_ep_size(state: dict[str, Any], default: int) -> int:
+    """The EP size a rank's state was written with (checkpoints from before packing: ``default``)."""
+    return int(state.get("packing", {}).get("ep_size", default))

@@ -1,8 +1,9 @@
 """The training loop of one rank: a MoE GPT, AdamW, a gradient-sync policy, one timeline.
 
 Read top to bottom: ``Trainer.__init__`` builds the model and policy; ``train_step`` runs one step
-and returns its measurements; ``evaluate`` computes validation loss; ``state_dict`` /
-``load_state_dict`` feed checkpoints.
+(first asking the packing controller which layout to run it with, see :mod:`lina.train.packing`)
+and returns its measurements; ``repack`` moves to another layout; ``evaluate`` computes validation
+loss; ``state_dict`` / ``load_state_dict`` feed checkpoints (they carry the layout).
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import torch
 import torch.distributed as dist
 
 from lina.comm.chunk_sweep import sweep_chunk_size
-from lina.comm.groups import ParallelGroups
+from lina.comm.groups import ParallelGroups, build_group_set
 from lina.comm.gradsync import GradSync
 from lina.comm.policies import make_policy
 from lina.config import TrainConfig
 from lina.data.corpus import Corpus, sample_batch
+from lina.errors import LinaError
 from lina.models.gpt import MoEGPT
 from lina.moe.comm_context import ExpertComm
 from lina.obs.timeline import Timeline, union_length
+from lina.train.packing import PackingController, plan_residency, relayout_experts
 
 
 @dataclass
@@ -31,16 +34,32 @@ class StepResult:
     a2a_time_s: float
     allreduce_time_s: float  # time any allreduce was in flight (may overlap compute)
     sync_wait_s: float  # time spent in the policy's finish() after backward (exposed allreduce)
+    experts_per_rank: int = 0  # the packing this step ran with
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, groups: ParallelGroups, corpus: Corpus, timeline: Timeline | None = None):
+    """One rank's training state.
+
+    Args:
+        groups: the process groups of the layout to start with.
+        group_set: every layout the run may switch to (EP size -> groups, from
+            :func:`lina.comm.groups.build_group_set`); when a packing other than ``off`` needs
+            layouts that are missing, they are created here (a collective).
+    """
+
+    def __init__(self, cfg: TrainConfig, groups: ParallelGroups, corpus: Corpus, timeline: Timeline | None = None,
+                 group_set: dict[int, ParallelGroups] | None = None):
         self.cfg = cfg
-        self.groups = groups
         self.corpus = corpus
         self.timeline = timeline or Timeline(groups.rank)
+        self.packing = PackingController.from_config(cfg, groups.world_size)
+        self.group_set = dict(group_set or {groups.ep_size: groups})
+        missing = [ep for ep in self.packing.ep_sizes() if ep not in self.group_set]
+        if missing and cfg.packing != "off":
+            self.group_set.update(build_group_set(missing, cfg.timeout_s))
+        self.groups = self.group_set[self.packing.initial_ep()] if cfg.packing != "off" else groups
         self.comm = ExpertComm(
-            group=groups.ep_group,
+            group=self.groups.ep_group,
             timeline=self.timeline,
             a2a_begin=lambda name, nbytes: self.policy.a2a_begin(name, nbytes),
             a2a_end=lambda token: self.policy.a2a_end(token),
@@ -52,6 +71,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.chunk_mb = self._resolve_chunk_mb()
         self.policy: GradSync = self.make_policy(cfg.schedule)
+        self.place_experts()
 
     def _resolve_chunk_mb(self) -> float:
         """A fixed ``chunk_mb``, or for ``auto`` the result of a start-up sweep on the DP group
@@ -87,6 +107,69 @@ class Trainer:
         self.policy.close()
         self.policy = self.make_policy(name)
 
+    @property
+    def experts_per_rank(self) -> int:
+        return self.cfg.model.experts // self.groups.ep_size
+
+    def repack(self, ep_size: int) -> None:
+        """Move to the layout with EP size ``ep_size`` between steps (a collective): experts and
+        their AdamW state move (:func:`lina.train.packing.relayout_experts`), the MoE layers talk
+        on the new EP group, and the gradient-sync policy is rebuilt on the new parameters and
+        expert-data-parallel group. No step is lost or repeated."""
+        if ep_size == self.groups.ep_size:
+            return
+        if ep_size not in self.group_set:
+            raise LinaError(f"no process groups for EP size {ep_size} (created at start-up: {sorted(self.group_set)}). "
+                            "Fix: resume with the --packing setting of the run that wrote the checkpoint")
+        old, new = self.groups, self.group_set[ep_size]
+        name = self.policy.name
+        with self.timeline.span("packing.repack", "sched", from_ep=old.ep_size, to_ep=new.ep_size):
+            self.policy.close()
+            relayout_experts(self.model.moe_layers(), self.optimizer, old, new)
+            self.groups = new
+            self.policy = self.make_policy(name)
+            self.place_experts()
+
+    def place_experts(self) -> None:
+        """Apply ``max_expert_memory_mb``: the MoE layers whose experts fit stay on the device, the
+        others are offloaded to host memory (brought in per expert when it computes); the AdamW
+        state of each expert parameter follows it."""
+        layers = self.model.moe_layers()
+        device = self.model.head.weight.device
+        budget = int(self.cfg.max_expert_memory_mb * 1024 * 1024)
+        for layer, resident in zip(layers, plan_residency([m.experts.training_bytes() for m in layers], budget)):
+            layer.experts.set_offloaded(not resident, device)
+            for p in layer.experts.parameters():
+                state = self.optimizer.state.get(p, {})
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.dim() > 0 and value.device != p.device:
+                        state[key] = value.to(p.device)
+
+    def expert_memory(self) -> dict:
+        """Accounting of ``max_expert_memory_mb`` on this rank: what is resident, what is offloaded,
+        and how often offloaded experts were brought in."""
+        layers = self.model.moe_layers()
+        resident = [m for m in layers if not m.experts.offloaded]
+        offloaded = [m for m in layers if m.experts.offloaded]
+        mb = 1024 * 1024
+        return {
+            "budget_mb": self.cfg.max_expert_memory_mb,
+            "experts_per_rank": self.experts_per_rank,
+            "resident_layers": len(resident),
+            "offloaded_layers": len(offloaded),
+            "resident_mb": sum(m.experts.training_bytes() for m in resident) / mb,
+            "offloaded_mb": sum(m.experts.training_bytes() for m in offloaded) / mb,
+            "offloaded_experts": sum(m.experts.num_local for m in offloaded),
+            "copies_in": sum(m.experts.offload_stats.copies_in for m in layers),
+            "mb_in": sum(m.experts.offload_stats.bytes_in for m in layers) / mb,
+        }
+
+    def _maybe_repack(self, step: int) -> None:
+        layers = self.model.moe_layers()
+        layer_bytes = layers[0].experts.training_bytes() if layers else 0
+        target = self.packing.target_ep(step, self.groups.ep_size, self.timeline, layer_bytes)
+        self.repack(target)
+
     def _seed_gate_noise(self, step: int) -> None:
         if self.cfg.model.gate_noise > 0:
             for i, layer in enumerate(self.model.moe_layers()):
@@ -94,6 +177,7 @@ class Trainer:
 
     def train_step(self, step: int) -> StepResult:
         cfg = self.cfg
+        self._maybe_repack(step)
         x, y = sample_batch(self.corpus.train, cfg.batch_size, cfg.model.seq_len, cfg.seed, step, self.groups.rank)
         self.model.train()
         self._seed_gate_noise(step)
@@ -115,7 +199,7 @@ class Trainer:
         spans = [s for s in tl.spans(since_s=start) if s.end_s <= end + 1.0]
         a2a = union_length([(s.start_s, s.end_s) for s in spans if s.cat == "a2a"])  # micro-ops overlap
         allreduce = union_length([(s.start_s, min(s.end_s, end)) for s in spans if s.cat == "allreduce"])
-        return StepResult(step, float(lm.detach()), end - start, a2a, allreduce, sync_end - sync_start)
+        return StepResult(step, float(lm.detach()), end - start, a2a, allreduce, sync_end - sync_start, self.experts_per_rank)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -146,10 +230,17 @@ class Trainer:
             "world_size": self.groups.world_size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "packing": {"ep_size": self.groups.ep_size, "experts_per_rank": self.experts_per_rank,
+                        "controller": self.packing.state_dict()},
         }
 
     def load_state_dict(self, state: dict) -> int:
-        """Restore and return the next step to run."""
+        """Rebuild the checkpoint's layout (its expert shapes), restore, and return the next step
+        to run."""
+        packing = state.get("packing", {})
+        self.repack(int(packing.get("ep_size", self.groups.ep_size)))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.packing.load_state_dict(packing.get("controller", {}))
+        self.place_experts()
         return int(state["step"]) + 1

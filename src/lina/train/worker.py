@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lina.comm.groups import build_groups
+from lina.comm.groups import build_group_set
 from lina.config import TrainConfig
 from lina.data.corpus import load_corpus
 from lina.obs.timeline import Timeline
 from lina.train import checkpoint
+from lina.train.packing import PackingController
 from lina.train.trainer import Trainer
 
 
@@ -67,32 +68,47 @@ def _train(cfg: TrainConfig) -> dict | None:
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
-    groups = build_groups(cfg.resolved_ep_size, cfg.timeout_s)
+    # Every layout the run may use is created now (new_group is collective), including the one a
+    # resumed checkpoint was written in.
+    state = checkpoint.load_rank(ckpt_root, rank) if cfg.resume else None
+    controller = PackingController.from_config(cfg, world)
+    ep_sizes = controller.ep_sizes() + ([checkpoint.packing_ep_size(state, controller.initial_ep())] if state else [])
+    group_set = build_group_set(ep_sizes, cfg.timeout_s)
     corpus = load_corpus(cfg.corpus, cfg.corpus_max_mb)
     timeline = Timeline(rank, enabled=True)
-    trainer = Trainer(cfg, groups, corpus, timeline)
+    trainer = Trainer(cfg, group_set[controller.initial_ep()], corpus, timeline, group_set=group_set)
     start_step = 0
-    if cfg.resume:
-        start_step = trainer.load_state_dict(checkpoint.load_rank(ckpt_root, rank))
+    if state is not None:
+        start_step = trainer.load_state_dict(state)
+        del state
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         if cfg.resume:
             _truncate_metrics(metrics_path, start_step)
         else:
             metrics_path.unlink(missing_ok=True)
-        print(f"lina train: {world} workers, EP size {groups.ep_size}, {cfg.model.experts} experts top-{cfg.model.top_k}, "
+        print(f"lina train: {world} workers, EP size {trainer.groups.ep_size} ({trainer.experts_per_rank} experts per rank, "
+              f"packing {cfg.packing}), {cfg.model.experts} experts top-{cfg.model.top_k}, "
               f"schedule {cfg.schedule}; {corpus.describe()}; steps {start_step}..{cfg.steps - 1}", flush=True)
+        if cfg.max_expert_memory_mb > 0:
+            _print_memory(trainer.expert_memory())
     results = []
     val_loss = None
     wall_start = time.perf_counter()
     for step in range(start_step, cfg.steps):
+        decisions = len(trainer.packing.history)
         res = trainer.train_step(step)
         loss = trainer.mean_over_ranks(res.loss)
         results.append(res)
         if rank == 0:
+            for d in trainer.packing.history[decisions:]:
+                print(f"packing before step {d['step']}: {d['experts_per_rank']} -> {d['new_experts_per_rank']} experts per rank ({d['reason']})", flush=True)
+                if d["new_experts_per_rank"] != d["experts_per_rank"] and cfg.max_expert_memory_mb > 0:
+                    _print_memory(trainer.expert_memory())
             _append_metrics(metrics_path, {
                 "step": step, "loss": loss, "step_time_s": res.step_time_s, "a2a_time_s": res.a2a_time_s,
                 "allreduce_time_s": res.allreduce_time_s, "sync_wait_s": res.sync_wait_s, "schedule": cfg.schedule,
+                "experts_per_rank": res.experts_per_rank,
             })
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 print(f"step {step:5d}/{cfg.steps}  loss {loss:.4f}  step {res.step_time_s * 1e3:7.1f} ms  "
@@ -116,10 +132,19 @@ def _train(cfg: TrainConfig) -> dict | None:
     if rank != 0:
         return None
     summary = summarize(cfg, results, val_loss, wall)
+    summary["packing"] = {"mode": cfg.packing, "experts_per_rank": trainer.experts_per_rank, "ep_size": trainer.groups.ep_size,
+                          "decisions": trainer.packing.history}
+    summary["expert_memory"] = trainer.expert_memory()
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if cfg.trace:
         (Path(cfg.trace) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _print_memory(mem: dict) -> None:
+    print(f"expert memory (budget {mem['budget_mb']:g} MB): {mem['resident_layers']} MoE layers resident ({mem['resident_mb']:.2f} MB), "
+          f"{mem['offloaded_layers']} offloaded to host ({mem['offloaded_experts']} experts, {mem['offloaded_mb']:.2f} MB); "
+          f"brought in {mem['copies_in']} times so far ({mem['mb_in']:.1f} MB)", flush=True)
 
 
 def summarize(cfg: TrainConfig, results: list, val_loss: float | None, wall_s: float) -> dict:

@@ -1,0 +1,372 @@
+"""Expert packing in training: how many experts each rank holds, decided from measured micro-ops,
+and the one-off move of experts (parameters and AdamW state) when that changes.
+
+Lina's rule: when one expert-FFN micro-op is shorter than one all-to-all micro-op the pipeline has
+bubbles, so double the experts per rank (1, 2, 4, ...): the expert-parallel (EP) group shrinks to
+E / (experts per rank) ranks, the all-to-all runs among fewer, nearer peers, and every expert is
+replicated over W / (EP size) ranks whose gradients join the low-priority allreduce.
+
+``--packing`` (``TrainConfig.packing``):
+  ``off``   the layout of ``--ep-size`` for the whole run (a resumed checkpoint keeps its own);
+  ``auto``  the controller: first decision before step ``packing_first_step`` (10), re-checked
+            every ``packing_every`` (4) steps; packing only grows;
+  ``N``     N experts per rank (not a factor: with E experts the EP size is E / N) from the start;
+  ``N@S``   N experts per rank from step S on (a reproducible change, for experiments and tests).
+
+The controller reads the forward micro-ops of the last ``packing_every`` steps off the one
+timeline: all-to-all spans ``moe*.dispatch`` / ``moe*.combine`` with phase ``fwd`` and compute spans
+``moe*.experts``. Their durations are summed over all ranks (a 4-number allreduce) and rank 0's
+decision on the mean per micro-op is broadcast, so every rank changes layout at the same step.
+It doubles only when the packed experts of one MoE layer fit ``max_expert_memory_mb`` (the layer
+that computes must be on the device; the others may be offloaded, see :func:`plan_residency`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from lina.comm.groups import ParallelGroups
+from lina.errors import ConfigError, LinaError
+from lina.moe.experts import PARAM_NAMES, LocalExperts
+from lina.obs.timeline import Span, Timeline
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+# --- what the user asked for -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackingSpec:
+    mode: str  # "off" | "auto" | "fixed"
+    experts_per_rank: int = 0  # fixed only
+    at_step: int = 0  # fixed only: the first step run with that packing
+
+
+def parse_packing(text: str) -> PackingSpec:
+    """``off`` | ``auto`` | ``N`` | ``N@S`` -> :class:`PackingSpec` (ConfigError otherwise)."""
+    value = str(text).strip().lower()
+    if value in ("off", "auto"):
+        return PackingSpec(value)
+    n_text, _, s_text = value.partition("@")
+    fix = "use --packing off, auto, N (experts per rank, e.g. 2) or N@STEP (e.g. 2@10)"
+    try:
+        n, at = int(n_text), int(s_text) if s_text else 0
+    except ValueError:
+        raise ConfigError("packing", f"{text!r} is not off, auto, N or N@STEP", fix) from None
+    if n < 1 or at < 0:
+        raise ConfigError("packing", f"{text!r}: N must be >= 1 and STEP >= 0", fix)
+    return PackingSpec("fixed", n, at)
+
+
+def valid_experts_per_rank(experts: int, workers: int) -> list[int]:
+    """Experts per rank of every layout of ``experts`` experts on ``workers`` ranks, ascending."""
+    return [experts // ep for ep in range(workers, 0, -1) if workers % ep == 0 and experts % ep == 0]
+
+
+def packing_ep_sizes(spec: PackingSpec, experts: int, base_ep: int) -> list[int]:
+    """Every EP size a run may use (their process groups are created at start-up).
+    ``auto`` halves the base size while it is even; ``N@S`` uses the base size, then E / N."""
+    if spec.mode == "off":
+        return [base_ep]
+    if spec.mode == "fixed":
+        target = experts // spec.experts_per_rank
+        return [target] if spec.at_step == 0 else sorted({base_ep, target}, reverse=True)
+    sizes = [base_ep]
+    while sizes[-1] % 2 == 0:
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+# --- measuring and deciding --------------------------------------------------------------------
+
+_EXPERTS_FWD = re.compile(r"^moe\d+\.experts$")
+_A2A = re.compile(r"^moe\d+\.(dispatch|combine)$")
+
+
+@dataclass
+class MicroOpTimes:
+    """Forward micro-op durations summed over a window (of one rank, or of all ranks)."""
+
+    ffn_s: float = 0.0
+    ffn_ops: int = 0
+    a2a_s: float = 0.0
+    a2a_ops: int = 0
+
+    @property
+    def ffn_per_op_s(self) -> float | None:
+        return self.ffn_s / self.ffn_ops if self.ffn_ops else None
+
+    @property
+    def a2a_per_op_s(self) -> float | None:
+        return self.a2a_s / self.a2a_ops if self.a2a_ops else None
+
+
+def forward_micro_ops(spans: list[Span]) -> MicroOpTimes:
+    """Sum the forward expert-FFN micro-ops (``moe<i>.experts``, cat compute) and forward
+    all-to-all micro-ops (``moe<i>.dispatch|combine``, cat a2a, phase fwd) among ``spans``."""
+    out = MicroOpTimes()
+    for s in spans:
+        if s.cat == "compute" and _EXPERTS_FWD.match(s.name):
+            out.ffn_s += s.dur_s
+            out.ffn_ops += 1
+        elif s.cat == "a2a" and s.args.get("phase") == "fwd" and _A2A.match(s.name):
+            out.a2a_s += s.dur_s
+            out.a2a_ops += 1
+    return out
+
+
+def spans_of_steps(spans: list[Span], first: int, last: int) -> list[Span]:
+    """The spans that start inside the ``step`` spans of steps ``first..last``."""
+    windows = [(s.start_s, s.end_s) for s in spans if s.cat == "step" and first <= s.args.get("step", -1) <= last]
+    return [s for s in spans if s.cat != "step" and any(a <= s.start_s <= b for a, b in windows)]
+
+
+@dataclass
+class Decision:
+    experts_per_rank: int  # the packing to use from now on
+    reason: str
+
+
+def decide(experts_per_rank: int, ffn_per_op_s: float | None, a2a_per_op_s: float | None, can_double: bool, fits: bool) -> Decision:
+    """Lina's rule: double the experts per rank while one FFN micro-op is shorter than one
+    all-to-all micro-op, a smaller EP group exists, and the packed experts fit in memory."""
+    keep = experts_per_rank
+    if ffn_per_op_s is None or a2a_per_op_s is None:
+        return Decision(keep, "no forward all-to-all or FFN micro-op measured")
+    ratio = f"FFN {ffn_per_op_s * 1e3:.2f} ms vs all-to-all {a2a_per_op_s * 1e3:.2f} ms per micro-op"
+    if ffn_per_op_s >= a2a_per_op_s:
+        return Decision(keep, f"{ratio}: no bubble, keep")
+    if not can_double:
+        return Decision(keep, f"{ratio}, but no smaller EP group exists")
+    if not fits:
+        return Decision(keep, f"{ratio}, but {2 * experts_per_rank} packed experts of one layer exceed max_expert_memory_mb")
+    return Decision(2 * experts_per_rank, f"{ratio}: pack")
+
+
+def plan_residency(layer_bytes: list[int], budget_bytes: int) -> list[bool]:
+    """Which MoE layers keep their experts on the device (True), in layer order, within
+    ``budget_bytes`` (0 = no limit); the others are offloaded to host memory."""
+    if budget_bytes <= 0:
+        return [True] * len(layer_bytes)
+    out, used = [], 0
+    for nbytes in layer_bytes:
+        fits = used + nbytes <= budget_bytes
+        used += nbytes if fits else 0
+        out.append(fits)
+    return out
+
+
+@dataclass
+class PackingController:
+    """Decides, before each step, the EP size to run it with (see the module docstring).
+
+    Args:
+        spec: what ``--packing`` asked for.
+        experts: E, experts per MoE layer.
+        base_ep: the EP size of ``--ep-size`` (the starting layout of ``auto`` and ``N@S``).
+        first_step, every: ``auto``'s schedule.
+        budget_bytes: ``max_expert_memory_mb`` in bytes (0 = no limit).
+    """
+
+    spec: PackingSpec
+    experts: int
+    base_ep: int
+    first_step: int = 10
+    every: int = 4
+    budget_bytes: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, cfg, world: int) -> "PackingController":
+        return cls(parse_packing(cfg.packing), cfg.model.experts, cfg.ep_size or world, cfg.packing_first_step,
+                   cfg.packing_every, int(cfg.max_expert_memory_mb * 1024 * 1024))
+
+    def ep_sizes(self) -> list[int]:
+        return packing_ep_sizes(self.spec, self.experts, self.base_ep)
+
+    def initial_ep(self) -> int:
+        if self.spec.mode == "fixed" and self.spec.at_step == 0:
+            return self.experts // self.spec.experts_per_rank
+        return self.base_ep
+
+    def due(self, step: int) -> bool:
+        return self.spec.mode == "auto" and step >= self.first_step and (step - self.first_step) % self.every == 0
+
+    def target_ep(self, step: int, current_ep: int, timeline: Timeline, layer_training_bytes: int) -> int:
+        """The EP size for ``step``. For ``auto`` on a decision step this is a collective (every
+        rank calls it at the same steps); otherwise it is local.
+
+        Args:
+            layer_training_bytes: what one MoE layer's local experts take now (weights, grads,
+                AdamW moments); doubling must keep it within the budget.
+        """
+        per_rank = self.experts // current_ep
+        if self.spec.mode == "fixed" and step >= self.spec.at_step:
+            target = self.experts // self.spec.experts_per_rank
+            if target != current_ep:
+                self.history.append({"step": step, "experts_per_rank": per_rank, "new_experts_per_rank": self.spec.experts_per_rank,
+                                     "reason": f"fixed: {self.spec.experts_per_rank} experts per rank from step {self.spec.at_step}"})
+            return target
+        if not self.due(step):
+            return current_ep
+        times = forward_micro_ops(spans_of_steps(timeline.spans(), step - self.every, step - 1))
+        times = _sum_over_ranks(times)
+        fits = self.budget_bytes <= 0 or 2 * layer_training_bytes <= self.budget_bytes
+        decision = decide(per_rank, times.ffn_per_op_s, times.a2a_per_op_s, current_ep % 2 == 0, fits)
+        agreed = _from_rank0(decision.experts_per_rank)
+        self.history.append({
+            "step": step, "experts_per_rank": per_rank, "new_experts_per_rank": agreed, "reason": decision.reason,
+            "ffn_per_op_ms": None if times.ffn_per_op_s is None else times.ffn_per_op_s * 1e3,
+            "a2a_per_op_ms": None if times.a2a_per_op_s is None else times.a2a_per_op_s * 1e3,
+            "ffn_ops": times.ffn_ops, "a2a_ops": times.a2a_ops,
+        })
+        return self.experts // agreed
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state.get("history", []))
+
+
+def _sum_over_ranks(t: MicroOpTimes) -> MicroOpTimes:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    buf = torch.tensor([t.ffn_s, t.ffn_ops, t.a2a_s, t.a2a_ops], dtype=torch.float64)
+    dist.all_reduce(buf)
+    return MicroOpTimes(float(buf[0]), int(buf[1]), float(buf[2]), int(buf[3]))
+
+
+def _from_rank0(value: int) -> int:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    buf = torch.tensor([value], dtype=torch.long)
+    dist.broadcast(buf, src=0)
+    return int(buf)
+
+
+# --- moving experts to a new layout ------------------------------------------------------------
+
+def expert_sources(world: int, experts: int, old_ep: int, new_ep: int) -> list[list[tuple[int, int]]]:
+    """Where each rank gets its experts of the new layout from.
+
+    Returns, for every rank r, ``[(source rank, expert id)]`` in r's new local order. The source of
+    expert e is its holder under ``old_ep`` inside r's own old EP group (every old EP group holds
+    every expert once), so the move is one all-to-all within the old EP groups.
+    """
+    old_per_rank, new_per_rank = experts // old_ep, experts // new_ep
+    out = []
+    for r in range(world):
+        group_start = r - r % old_ep
+        first = (r % new_ep) * new_per_rank
+        out.append([(group_start + e // old_per_rank, e) for e in range(first, first + new_per_rank)])
+    return out
+
+
+def _payload(layers, optimizer: torch.optim.Optimizer, local: int, with_state: bool) -> torch.Tensor:
+    """One row: expert ``local`` of this rank in every MoE layer: per parameter its weights, then
+    (``with_state``) AdamW's exp_avg, exp_avg_sq and step. -> FloatTensor[K]."""
+    parts = []
+    for layer in layers:
+        for name in PARAM_NAMES:
+            p = getattr(layer.experts, name)
+            parts.append(p.detach()[local].reshape(-1))
+            if with_state:
+                st = optimizer.state[p]
+                parts += [st[m][local].reshape(-1) for m in ADAM_MOMENTS]
+                parts.append(st["step"].reshape(1).to(p.dtype))
+    return torch.cat(parts)
+
+
+def _unpack(rows: torch.Tensor, layers, with_state: bool) -> list[dict[str, tuple[torch.Tensor, dict]]]:
+    """Inverse of :func:`_payload` for E_l' rows ``[E_l', K]`` -> per layer, per parameter name:
+    (stacked weights, AdamW state or {})."""
+    out, offset = [], 0
+    for layer in layers:
+        entry = {}
+        for name in PARAM_NAMES:
+            shape = getattr(layer.experts, name).shape[1:]
+            n = shape.numel()
+
+            def take(count: int) -> torch.Tensor:
+                nonlocal offset
+                piece = rows[:, offset : offset + count]
+                offset += count
+                return piece
+
+            weights = take(n).reshape(-1, *shape).clone()
+            state = {}
+            if with_state:
+                state = {m: take(n).reshape(-1, *shape).clone() for m in ADAM_MOMENTS}
+                steps = take(1).reshape(-1)
+                if not bool((steps == steps[0]).all()):
+                    raise LinaError(f"expert packing: experts of {name} arrive with different AdamW steps {steps.tolist()}; they cannot share one parameter")
+                state["step"] = steps[0].detach().clone().to(torch.float32)
+            entry[name] = (weights, state)
+        out.append(entry)
+    return out
+
+
+def relayout_experts(layers, optimizer: torch.optim.Optimizer, old: ParallelGroups, new: ParallelGroups) -> None:
+    """Move every MoE layer's experts from layout ``old`` to layout ``new`` (a collective: every rank
+    calls it at the same point, between steps, with no gradient pending).
+
+    Each rank receives the parameters and AdamW state (exp_avg, exp_avg_sq, step) of its new experts
+    in one ``all_to_all_single`` within its old EP group (rows = experts, every MoE layer in a row),
+    rebuilds each layer's :class:`LocalExperts` for its new global ids, points the layers' shared
+    :class:`~lina.moe.comm_context.ExpertComm` at the new EP group, and swaps the new parameters
+    into the optimizer in place of the old ones (same positions, so optimizer state dicts keep
+    their order).
+    """
+    if not layers or old.ep_size == new.ep_size:
+        return
+    experts = layers[0].num_experts
+    rank, world = old.rank, old.world_size
+    sources = expert_sources(world, experts, old.ep_size, new.ep_size)
+    old_ids = layers[0].experts.global_ids
+    old_params = [p for layer in layers for p in layer.experts.parameters()]
+    with_state = all(len(optimizer.state.get(p, {})) > 0 for p in old_params)
+    peers = range(old.ep_group_start, old.ep_group_start + old.ep_size)
+    send_ids = [[e for s, e in sources[q] if s == rank] for q in peers]
+    rows = [_payload(layers, optimizer, old_ids.index(e), with_state) for ids in send_ids for e in ids]
+    width = sum(getattr(layer.experts, n)[0].numel() for layer in layers for n in PARAM_NAMES)
+    width = width * 3 + len(layers) * len(PARAM_NAMES) if with_state else width
+    device = old_params[0].device
+    send = torch.stack(rows) if rows else torch.empty(0, width, device=device)
+    recv_ids = [[e for s, e in sources[rank] if s == q] for q in peers]
+    if old.ep_group is None:
+        recv = send
+    else:
+        recv = send.new_empty(sum(map(len, recv_ids)), width)
+        dist.all_to_all_single(recv, send, [len(i) for i in recv_ids], [len(i) for i in send_ids], group=old.ep_group)
+    row_of = {e: i for i, e in enumerate(e for ids in recv_ids for e in ids)}
+    new_ids = [e for _, e in sources[rank]]
+    unpacked = _unpack(recv[[row_of[e] for e in new_ids]], layers, with_state)
+    new_params, new_states = [], []
+    for layer, entry in zip(layers, unpacked):
+        layer.comm.group = new.ep_group
+        fresh = LocalExperts.from_tensors(new_ids, *(entry[n][0] for n in PARAM_NAMES)).to(device)
+        layer.set_experts(fresh)
+        new_params += [getattr(fresh, n) for n in PARAM_NAMES]
+        new_states += [entry[n][1] for n in PARAM_NAMES]
+    _swap_optimizer_params(optimizer, old_params, new_params, new_states)
+
+
+def _swap_optimizer_params(optimizer: torch.optim.Optimizer, old: list, new: list, states: list[dict]) -> None:
+    index = {id(o): n for o, n in zip(old, new)}
+    found = 0
+    for group in optimizer.param_groups:
+        swapped = [index.get(id(p), p) for p in group["params"]]
+        found += sum(1 for p in group["params"] if id(p) in index)
+        group["params"] = swapped
+    if found != len(old):
+        raise LinaError(f"expert packing: {len(old) - found} expert parameters are not in the optimizer")
+    for o in old:
+        optimizer.state.pop(o, None)
+    for n, st in zip(new, states):
+        if st:
+            optimizer.state[n] = {k: v.to(n.device) for k, v in st.items()} if st["exp_avg"].device != n.device else st
