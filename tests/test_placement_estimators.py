@@ -148,4 +148,6 @@ def test_score_and_balance_replay_on_a_synthetic_trace():
     assert rep.samples == 12
     assert rep.mean["oracle"] <= rep.mean["static"] + 1e-9
     assert rep.mean["lina"] <= rep.mean["lina-phase1"] + 1e-9  # phase 2 only ever re-plans to the oracle
-    assert 0.0 <= rep.replan_rate <= 1.0
+    assert rep.mean["lina-expected"] <= rep.mean["lina-expected-phase1"] + 1e-9
+    assert set(rep.replan_rate) == {"lina", "lina-expected"}
+    assert all(0.0 <= r <= 1.0 for r in rep.replan_rate.values())

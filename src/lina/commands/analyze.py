@@ -82,7 +82,8 @@ def _summary(result: dict) -> list[str]:
             lines.append(f"  {name:14s} {cells}")
     for key, rep in result.get("balance", {}).items():
         cells = "  ".join(f"{p} {rep['mean'][p]:.3f}/{rep['p95'][p]:.3f}" for p in rep["mean"])
-        lines.append(f"balance {key} (busiest/mean, mean/p95 over {rep['samples']} batch-layers): {cells}; re-plan {rep['replan_rate']:.1%}")
+        replan = ", ".join(f"{n} {r:.0%}" for n, r in rep["replan_rate"].items())
+        lines.append(f"balance {key} (busiest/mean, mean/p95 over {rep['samples']} batch-layers): {cells}; re-plan: {replan}")
     return lines
 
 

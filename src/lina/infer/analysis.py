@@ -203,7 +203,8 @@ def analyze_trace(
             est = estimators[name](balance_path_len, fit)
             rep = placement_balance(est, test, n_dev, layers, batch_tokens).as_dict()
             out["balance"][f"{name}/N={n_dev}"] = rep
-            say("    mean busiest/mean load: " + "  ".join(f"{p} {v:.3f}" for p, v in rep["mean"].items()) + f"  (re-plan {rep['replan_rate']:.2f})")
+            replan = ", ".join(f"{n} {r:.2f}" for n, r in rep["replan_rate"].items())
+            say("    mean busiest/mean load: " + "  ".join(f"{p} {v:.3f}" for p, v in rep["mean"].items()) + f"  (re-plan: {replan})")
     return out
 
 

@@ -110,22 +110,23 @@ def score_estimator(
 class BalanceReport:
     """Busiest-device load over mean device load (1.0 = balanced), per policy, over (batch, layer).
 
-    ``mean`` / ``p95`` / ``max`` per policy name; ``replan_rate``: share of (batch, layer)
-    where Lina's phase 2 re-planned.
+    ``mean`` / ``p95`` / ``max`` per policy name; ``replan_rate`` per Lina variant: share
+    of (batch, layer) where phase 2 re-planned.
     """
 
     num_devices: int
     mean: dict[str, float] = field(default_factory=dict)
     p95: dict[str, float] = field(default_factory=dict)
     max: dict[str, float] = field(default_factory=dict)
-    replan_rate: float = 0.0
+    replan_rate: dict[str, float] = field(default_factory=dict)
     samples: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-POLICIES = ("static", "eplb", "lina-phase1", "lina", "oracle")
+POLICIES = ("static", "eplb", "lina-phase1", "lina", "lina-expected-phase1", "lina-expected", "oracle")
+LINA_VARIANTS = {"lina": "topk", "lina-expected": "expected"}
 
 
 def placement_balance(
@@ -142,27 +143,30 @@ def placement_balance(
 
     Policies: ``static`` (expert e on device e mod N), ``eplb`` (one
     :class:`EPLBPlanner` per layer fed the real counts after each batch), ``lina-phase1``
-    (plan from the estimate only), ``lina`` (phase 1 + phase 2 re-plan when the top-2k
-    list is wrong), ``oracle`` (plan on the real counts).
+    (plan from the paper's estimated popularity, ``mode="topk"``, and keep it), ``lina``
+    (phase 1 + phase 2 re-plan on the real counts when the top-2k list is wrong), the same
+    two with ``mode="expected"`` popularity (``lina-expected*``, our variant), and
+    ``oracle`` (plan on the real counts).
     """
     experts = trace.in_order().expert_tensor()
     k, num_experts = trace.top_k, trace.num_experts
     static = static_placement(num_experts, num_devices)
     planners = {j: EPLBPlanner(num_experts, num_devices, window=eplb_window, replan_every=eplb_replan_every) for j in layers}
     values: dict[str, list[float]] = {p: [] for p in POLICIES}
-    replans = 0
+    replans = {name: 0 for name in LINA_VARIANTS}
     for span in batches_of(experts.shape[0], batch_tokens):
         batch = experts[span]
         for j in layers:
             counts = _slot_counts(batch[:, j], num_experts)
-            est_pop = estimator.popularity(j, batch[:, :j], top_k=k)
-            planned = lina_placement(est_pop, num_devices, max_experts_per_device)
-            final, replanned = replan_if_needed(planned, est_pop, counts, k, max_experts_per_device)
-            replans += int(replanned)
             values["static"].append(imbalance(static, counts))
             values["eplb"].append(imbalance(planners[j].placement, counts))
-            values["lina-phase1"].append(imbalance(planned, counts))
-            values["lina"].append(imbalance(final, counts))
+            for name, mode in LINA_VARIANTS.items():
+                est_pop = estimator.popularity(j, batch[:, :j], top_k=k, mode=mode)
+                planned = lina_placement(est_pop, num_devices, max_experts_per_device)
+                final, replanned = replan_if_needed(planned, est_pop, counts, k, max_experts_per_device)
+                replans[name] += int(replanned)
+                values[f"{name}-phase1"].append(imbalance(planned, counts))
+                values[name].append(imbalance(final, counts))
             values["oracle"].append(imbalance(lina_placement(counts, num_devices, max_experts_per_device), counts))
             planners[j].observe(counts)
             if isinstance(estimator, OnlinePathEstimator):
@@ -173,5 +177,5 @@ def placement_balance(
         report.mean[name] = float(t.mean())
         report.p95[name] = float(torch.quantile(t, 0.95))
         report.max[name] = float(t.max())
-    report.replan_rate = replans / max(report.samples, 1)
+    report.replan_rate = {name: n / max(report.samples, 1) for name, n in replans.items()}
     return report
