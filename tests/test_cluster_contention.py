@@ -15,8 +15,8 @@ from lina.cluster.emulate import survey
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(
-        os.geteuid() != 0 or shutil.which("tc") is None or shutil.which("ip") is None,
-        reason="needs root, tc and ip to build network namespaces",
+        os.geteuid() != 0 or bool(netns.probe_support().missing()) or shutil.which("tc") is None,
+        reason="needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN), tc and ip to build network namespaces",
     ),
 ]
 
@@ -38,8 +38,10 @@ def test_small_contention_run_writes_json_and_plot(tmp_path, capsys):
     assert result["queue_ms"] == 100.0 and result["share"] == "peer" and len(result["link_counters"]) == 3
     assert result["link_packets"] > 0 and 0 <= result["link_drops"] <= result["link_packets"]
     assert len(result["samples"]["slowdown"]) == 4
-    # an all-to-all over a limited link cannot beat the link: 2/3 of 192 KiB at 200 Mbit/s
-    assert result["alone_s"]["min"] >= 0.9 * result["a2a_link_bound_s"]
+    # an all-to-all over a limited link cannot beat the link (2/3 of 192 KiB at 200 Mbit/s),
+    # except for what the token buckets let through at once
+    burst_s = netns.htb_burst_bytes(200_000_000) * 8 / 200e6
+    assert result["alone_s"]["min"] >= 0.95 * (result["a2a_link_bound_s"] - burst_s)
     middle = sorted(result["samples"]["slowdown"])[1:3]
     assert result["slowdown"]["median"] == pytest.approx(sum(middle) / 2)
     png = out.with_suffix(".png")

@@ -21,8 +21,8 @@ from lina.cluster.emulate import EmulatedCluster, EmulateSpec, survey
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(
-        os.geteuid() != 0 or shutil.which("tc") is None or shutil.which("ip") is None,
-        reason="needs root, tc and ip to build network namespaces",
+        os.geteuid() != 0 or bool(netns.probe_support().missing()) or shutil.which("tc") is None,
+        reason="needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN), tc and ip to build network namespaces",
     ),
 ]
 

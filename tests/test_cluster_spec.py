@@ -91,6 +91,8 @@ def test_missing_tools_are_each_named():
     msg = str(info.value)
     assert "iproute2" in msg and "CONFIG_NET_NS" in msg and "--link none" in msg
     assert require_support(Support(net_admin=True, ip_binary="/sbin/ip", netns=True)).net_admin
+    with pytest.raises(LinaError, match="no loopback mode"):
+        require_support(Support(net_admin=False, ip_binary="/sbin/ip", netns=True), alternative=None)
 
 
 def test_summarize_takes_slowest_rank_per_pair():

@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lina.cluster import netns
 from lina.cluster.emulate import EmulatedCluster, EmulateSpec, parse_duration_us, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
 from lina.errors import ConfigError, LinaError
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         queue_ms=parse_duration_us(args.queue, field="--queue") / 1e3,
         share=args.share,
     )
+    netns.require_support(alternative=None)
     out_json = Path(args.json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     a2a_bytes, ar_bytes = 4 * args.a2a_elems, 4 * args.allreduce_elems
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             "--allreduce-elems", str(args.allreduce_elems), "--out", str(raw_path),
             "--timeline-dir", str(out_json.resolve().with_suffix("")) + "_timeline",
         ]  # fmt: skip
-        with EmulatedCluster(spec) as cluster:
+        with EmulatedCluster(spec, alternative=None) as cluster:
             prefix = cluster.prefix
             run_on_cluster(cluster, "lina.cluster.contention_worker", worker_args, 1, timeout_s=timeout)
             counters = cluster.link_counters()

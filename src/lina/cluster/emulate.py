@@ -232,6 +232,8 @@ class EmulatedCluster:
         prefix: run prefix (``lina-<6 hex>``); a fresh one when None.
         support: machine facts to check (probed when None; tests inject a lacking one).
         handle_signals: install SIGINT/SIGTERM/SIGHUP handlers while up (main thread only).
+        alternative: the caller's no-emulation option, named when privileges are missing
+            (None: the caller has none).
     """
 
     def __init__(
@@ -241,6 +243,7 @@ class EmulatedCluster:
         prefix: str | None = None,
         support: netns.Support | None = None,
         handle_signals: bool = True,
+        alternative: str | None = "--emulate none",
     ):
         self.spec = spec
         self.prefix = prefix or netns.new_prefix()
@@ -248,6 +251,7 @@ class EmulatedCluster:
             raise ConfigError("prefix", f"{self.prefix!r}", "use lina-<6 hex digits>, e.g. lina-3fa9c1")
         self._support = support
         self._handle_signals = handle_signals
+        self._alternative = alternative
         self.hosts = [
             Host(h, netns.host_netns(self.prefix, h), netns.host_ip(h), netns.host_ifname(h)) for h in range(spec.hosts)
         ]
@@ -303,7 +307,7 @@ class EmulatedCluster:
 
     def up(self) -> None:
         """Build namespaces, bridge, veths, addresses and shaping; undo everything on failure."""
-        netns.require_support(self._support)
+        netns.require_support(self._support, self._alternative)
         from pyroute2.netlink.exceptions import NetlinkError  # pyroute2 loads only when a cluster is built
 
         with self._lock:

@@ -59,7 +59,7 @@ def run_up(args: argparse.Namespace) -> int:
         queue_ms=parse_duration_us(args.queue, field="--queue") / 1e3,
         share=args.share,
     )
-    cluster = EmulatedCluster(spec)
+    cluster = EmulatedCluster(spec, alternative=None)
     cluster.up()
     cluster.detach()
     print(f"cluster {cluster.prefix} is up: {spec} (each host's link limited to {spec.link} each way)")
@@ -110,6 +110,8 @@ def _shaped_rate(ns: str, ifname: str) -> int | None:
 
 def run_down(args: argparse.Namespace) -> int:
     records = survey()
+    if records:
+        netns.require_support(alternative=None)  # removing namespaces needs the same privileges
     if args.prefix:
         chosen = [r for r in records if r.prefix == args.prefix]
         if not chosen:
