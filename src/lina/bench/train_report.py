@@ -8,6 +8,8 @@ from pathlib import Path
 from lina.cluster.emulate import format_rate
 
 PAPER_SPEEDUP_NO_PACKING = (1.36, 1.42)
+PAPER_SPEEDUP_WITH_PACKING = 1.57  # average over 2-16 experts
+PAPER_BUSY_IN_A2A = {"without packing": (0.33, 0.36), "with packing": (0.79, 0.86)}  # Table 3
 
 
 def analyse(entry: dict, layout: str, link_bps: int, hosts: int, wph: int) -> dict:
@@ -39,11 +41,15 @@ def analyse(entry: dict, layout: str, link_bps: int, hosts: int, wph: int) -> di
                 "a2a_share": p["a2a_s"] / p["step_time_s"],
                 "partition_share": p["partition_s"] / p["step_time_s"],
                 "steps": p["steps"],
+                "experts_per_rank": p.get("experts_per_rank", entry["experts"] // world),
+                "compute_busy_in_a2a": p.get("compute_busy_in_a2a"),
             }
             for name, p in pols.items()
         },
         "lower_bound_s": bound,
     }
+    if entry.get("packing"):
+        out["packing"] = entry["packing"]
     if ds:
         out["speedup_vs_deepspeed"] = {name: ds["step_time_s"] / p["step_time_s"] for name, p in pols.items()}
     if ds and bound is not None:
@@ -64,17 +70,28 @@ def print_report(result: dict) -> None:
         share = reg["a2a_share_deepspeed"]
         print(f"\n{c['layout']}, {c['experts']} experts ({c['experts_per_rank']}/rank), top-2 | link {reg['link']}, "
               f"deepspeed a2a share {share * 100:.1f}%, allreduce/a2a bytes {reg['allreduce_to_a2a_bytes']:.2f}, chunk {c['chunk_mb']:g} MB")
-        print(f"  {'policy':12s} {'step ms':>9s} {'[min-max]':>17s} {'bwd a2a ms':>11s} {'allreduce ms':>13s} {'a2a share':>10s} {'speedup':>8s}")
+        print(f"  {'policy':13s} {'experts/rank':>12s} {'step ms':>9s} {'[min-max]':>17s} {'bwd a2a ms':>11s} {'allreduce ms':>13s} "
+              f"{'a2a share':>10s} {'busy in a2a':>12s} {'speedup':>8s}")
         for name, p in c["policies"].items():
             sp = c.get("speedup_vs_deepspeed", {}).get(name, float("nan"))
-            print(f"  {name:12s} {p['step_time_s_median'] * 1e3:9.1f} {p['step_time_s_min'] * 1e3:8.1f}-{p['step_time_s_max'] * 1e3:<8.1f} "
-                  f"{p['bwd_a2a_s_median'] * 1e3:11.1f} {p['allreduce_s_median'] * 1e3:13.1f} {p['a2a_share'] * 100:9.1f}% {sp:7.2f}x")
+            busy = p.get("compute_busy_in_a2a")
+            busy_text = "n/a (no a2a)" if busy is None else f"{busy * 100:.1f}%"
+            print(f"  {name:13s} {p.get('experts_per_rank', 0):12d} {p['step_time_s_median'] * 1e3:9.1f} {p['step_time_s_min'] * 1e3:8.1f}-{p['step_time_s_max'] * 1e3:<8.1f} "
+                  f"{p['bwd_a2a_s_median'] * 1e3:11.1f} {p['allreduce_s_median'] * 1e3:13.1f} {p['a2a_share'] * 100:9.1f}% {busy_text:>12s} {sp:7.2f}x")
+        if c.get("packing"):
+            pk = c["packing"]
+            steps = "; ".join(f"{d['experts_per_rank']}->{d['new_experts_per_rank']}: {d['reason']}" for d in pk["decisions"])
+            print(f"  packing chosen: {pk['experts_per_rank']} experts per rank (EP size {pk['ep_size']} of {pk['world']}), "
+                  f"{pk['window_steps']} steps measured per decision: {steps}")
         if c.get("lower_bound_s"):
             print(f"  lower bound {c['lower_bound_s'] * 1e3:.1f} ms; lina: {c['over_bound'].get('lina', float('nan')) * 100:+.1f}% over it "
                   f"(target <= 10%), headroom captured {_pct(c['headroom_captured'].get('lina'))} (target >= 80%), "
                   f"bwd a2a {_pct(c.get('bwd_a2a_over_uncontended', {}).get('lina'), signed=True)} vs uncontended (target <= 15%), "
                   f"partition {c['policies'].get('lina', {}).get('partition_share', 0) * 100:.2f}% of step (target < 2%)")
-    print(f"\npaper (16 A100, 100 Gb/s IB, a2a 34% of step): lina without packing {PAPER_SPEEDUP_NO_PACKING[0]}-{PAPER_SPEEDUP_NO_PACKING[1]}x over DeepSpeed")
+    print(f"\npaper (16 A100, 100 Gb/s IB, a2a 34% of step): lina without packing {PAPER_SPEEDUP_NO_PACKING[0]}-{PAPER_SPEEDUP_NO_PACKING[1]}x over DeepSpeed, "
+          f"with packing {PAPER_SPEEDUP_WITH_PACKING}x on average; compute busy while all-to-all is in flight "
+          + ", ".join(f"{k} {lo * 100:.0f}-{hi * 100:.0f}%" for k, (lo, hi) in PAPER_BUSY_IN_A2A.items())
+          + " (ours: share of all-to-all time with an expert-FFN span running on the same rank)")
 
 
 def _pct(x, signed: bool = False) -> str:
@@ -91,8 +108,13 @@ def plot(result: dict, path: Path) -> None:
 
     configs = result["configs"]
     policies = result["policies"]
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(configs)), 4))
+    fig, (ax, ax_busy) = plt.subplots(2, 1, figsize=(max(6, 2.2 * len(configs)), 7), sharex=True)
     width = 0.8 / len(policies)
+    for i, name in enumerate(policies):
+        xs = [k + i * width for k in range(len(configs))]
+        ax_busy.bar(xs, [100 * (c["policies"][name].get("compute_busy_in_a2a") or 0.0) for c in configs], width, label=name)
+    ax_busy.set_ylabel("expert compute busy\nduring all-to-all (%)")
+    ax_busy.set_ylim(0, 100)
     for i, name in enumerate(policies):
         xs = [k + i * width for k in range(len(configs))]
         ax.bar(xs, [c["policies"][name]["step_time_s_median"] * 1e3 for c in configs], width, label=name)
@@ -100,8 +122,9 @@ def plot(result: dict, path: Path) -> None:
         if c.get("lower_bound_s"):
             ax.hlines(c["lower_bound_s"] * 1e3, k - width / 2, k + 0.8 - width / 2, colors="black", linestyles="--",
                       label="lower bound" if k == 0 else None)
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(configs))],
-                  [f"{c['layout']}\n{c['experts']} experts\n{c['regime']['link']}, a2a {c['regime']['a2a_share_deepspeed'] * 100:.0f}%" for c in configs])
+    ax_busy.set_xticks([k + 0.4 - width / 2 for k in range(len(configs))],
+                       [f"{c['layout']}\n{c['experts']} experts\n{c['regime']['link']}, a2a {c['regime']['a2a_share_deepspeed'] * 100:.0f}%"
+                        + (f"\npacked: {c['packing']['experts_per_rank']}/rank" if c.get("packing") else "") for c in configs])
     ax.set_ylabel("median step time (ms)")
     ax.set_title("lina bench train (emulated cluster)")
     ax.legend(fontsize=8)

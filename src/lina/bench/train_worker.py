@@ -1,6 +1,12 @@
 """What each worker of ``lina bench train`` runs: for every expert count, one model trained with
 the policies interleaved (A B C D A B C D ...) after warm-up; per-step measurements from the one
-timeline. ``python -m lina.bench.train_worker PLAN.json`` (started by torchrun on each host)."""
+timeline. ``python -m lina.bench.train_worker PLAN.json`` (started by torchrun on each host).
+
+``lina+packing`` is the ``lina`` policy with expert packing: during its warm-up the packing
+controller (the one ``--packing auto`` uses) measures a few steps at each packing and doubles experts
+per rank while an FFN micro-op is shorter than an all-to-all micro-op; its measured steps then run
+at the packing it chose, the other policies at one layout without packing (the model moves between
+layouts when the policy changes; the move is outside the measured steps)."""
 
 from __future__ import annotations
 
@@ -11,12 +17,46 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from lina.comm.groups import build_groups
+from lina.comm.groups import build_group_set
 from lina.config import ModelConfig, TrainConfig
 from lina.data.corpus import load_corpus
 from lina.obs.timeline import Span, Timeline, union_length
+from lina.train.packing import PackingController, packing_ep_sizes, parse_packing
 from lina.train.trainer import Trainer
 from lina.train.worker import init_distributed
+
+#: benchmark policy -> (gradient-sync schedule, expert packing)
+POLICY_SPECS = {
+    "deepspeed": ("deepspeed", "off"),
+    "sequential": ("sequential", "off"),
+    "tutel": ("tutel", "off"),
+    "lina": ("lina", "off"),
+    "lina+packing": ("lina", "auto"),
+}
+
+
+def intersection_length(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Length of (union of intervals a) intersected with (union of intervals b), in seconds."""
+    def merged(intervals):
+        out: list[list[float]] = []
+        for s, e in sorted(intervals):
+            if out and s <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], e)
+            else:
+                out.append([s, e])
+        return out
+
+    x, y = merged(a), merged(b)
+    i = j = 0
+    total = 0.0
+    while i < len(x) and j < len(y):
+        lo, hi = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+        total += max(0.0, hi - lo)
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 def step_metrics(spans: list[Span], step: Span) -> dict[str, float]:
@@ -27,7 +67,10 @@ def step_metrics(spans: list[Span], step: Span) -> dict[str, float]:
         return union_length([(s.start_s, min(s.end_s, step.end_s)) for s in inside if pred(s)])
 
     a2a_bytes = sum(s.args.get("bytes", 0) for s in inside if s.cat == "a2a")
+    a2a = [(s.start_s, min(s.end_s, step.end_s)) for s in inside if s.cat == "a2a"]
+    experts = [(s.start_s, min(s.end_s, step.end_s)) for s in inside if s.cat == "compute" and ".experts" in s.name]
     return {
+        "compute_busy_in_a2a_s": intersection_length(a2a, experts),
         "step_time_s": step.dur_s,
         "a2a_s": union(lambda s: s.cat == "a2a"),
         "bwd_a2a_s": union(lambda s: s.cat == "a2a" and s.args.get("phase") == "bwd"),
@@ -55,27 +98,37 @@ def run(plan: dict) -> None:
 def _run(plan: dict) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(plan["out"])
-    groups = build_groups(world, plan.get("timeout_s", 300.0))
+    timeout_s = plan.get("timeout_s", 300.0)
+    packing = any(POLICY_SPECS[p][1] != "off" for p in plan["policies"])
+    group_set = build_group_set(packing_ep_sizes(parse_packing("auto" if packing else "off"), 0, world), timeout_s)
     corpus = load_corpus("", 1.0)
     results = []
     for experts in plan["experts"]:
         model = ModelConfig(**{**plan["model"], "experts": experts})
-        cfg = TrainConfig(model=model, workers=world, batch_size=plan["batch_size"], schedule=plan["policies"][-1],
+        schedules = [POLICY_SPECS[p][0] for p in plan["policies"]]
+        cfg = TrainConfig(model=model, workers=world, batch_size=plan["batch_size"], schedule="lina" if "lina" in schedules else schedules[-1],
                           chunk_mb=str(plan["chunk_mb"]), pipeline_chunks=plan["pipeline_chunks"], seed=plan["seed"],
-                          timeout_s=plan.get("timeout_s", 300.0))
+                          timeout_s=timeout_s)
         cfg.validate()
         timeline = Timeline(rank)
-        trainer = Trainer(cfg, groups, corpus, timeline)
+        trainer = Trainer(cfg, group_set[world], corpus, timeline, group_set=group_set)
+        layout = {p: world for p in plan["policies"]}  # EP size each policy runs with
+        search: dict = {}
         step = 0
         measured: dict[str, list[Span]] = {p: [] for p in plan["policies"]}
         for policy in plan["policies"]:  # warm-up, not measured
-            trainer.set_policy(policy)
+            _select(trainer, policy, layout[policy])
             for _ in range(plan["warmup"]):
                 trainer.train_step(step)
                 step += 1
+            if POLICY_SPECS[policy][1] == "auto":
+                layout[policy], search, step = _search_packing(trainer, step, max(2, plan["warmup"]))
+                if rank == 0:
+                    print(f"  experts {experts}: {policy} chose {experts // layout[policy]} experts per rank "
+                          f"({len(search['decisions'])} decisions)", flush=True)
         for r in range(plan["rounds"]):
             for policy in plan["policies"]:
-                trainer.set_policy(policy)
+                _select(trainer, policy, layout[policy])
                 for _ in range(plan["steps_per_round"]):
                     trainer.train_step(step)
                     measured[policy].append(next(s for s in reversed(timeline.spans()) if s.cat == "step"))
@@ -93,14 +146,50 @@ def _run(plan: dict) -> None:
             "dense_grad_bytes": dense_bytes,
             "policies": {p: {k: _median(rows, k) for k in rows[0]} | {"step_time_s_min": min(r["step_time_s"] for r in rows),
                                                                         "step_time_s_max": max(r["step_time_s"] for r in rows),
-                                                                        "steps": len(rows)}
+                                                                        "steps": len(rows),
+                                                                        "experts_per_rank": experts // layout[p],
+                                                                        "compute_busy_in_a2a": _busy_share(rows)}
                          for p, rows in per_policy.items()},
+            "packing": search,
         }
         results.append(entry)
         _save_runs(out, plan, cfg, experts, measured, spans, entry, rank, world)
         del trainer
     if rank == 0:
         (out / f"results-{plan['layout']}.json").write_text(json.dumps(results, indent=2))
+
+
+def _select(trainer: Trainer, policy: str, ep_size: int) -> None:
+    """Run the next steps with ``policy``'s gradient sync at EP size ``ep_size``."""
+    trainer.set_policy(POLICY_SPECS[policy][0])
+    trainer.repack(ep_size)
+
+
+def _search_packing(trainer: Trainer, step: int, window: int) -> tuple[int, dict, int]:
+    """Lina's packing controller on the running policy: ``window`` steps at each packing, then a
+    decision (collective); stops when it keeps the packing. Returns (EP size, what it measured and
+    decided, next step)."""
+    world = trainer.groups.world_size
+    controller = PackingController(parse_packing("auto"), trainer.cfg.model.experts, trainer.groups.ep_size,
+                                   first_step=step + window, every=window)
+    while True:
+        for _ in range(window):
+            trainer.train_step(step)
+            step += 1
+        layer_bytes = trainer.model.moe_layers()[0].experts.training_bytes()
+        target = controller.target_ep(step, trainer.groups.ep_size, trainer.timeline, layer_bytes)
+        if target == trainer.groups.ep_size:
+            break
+        trainer.repack(target)
+    ep = trainer.groups.ep_size
+    return ep, {"experts_per_rank": trainer.cfg.model.experts // ep, "ep_size": ep, "world": world,
+                "window_steps": window, "decisions": controller.history}, step
+
+
+def _busy_share(rows: list[dict]) -> float | None:
+    """Share of all-to-all time during which an expert FFN ran on the same rank (paper Table 3)."""
+    a2a = sum(r["a2a_s"] for r in rows)
+    return sum(r["compute_busy_in_a2a_s"] for r in rows) / a2a if a2a > 0 else None
 
 
 def _save_runs(out: Path, plan: dict, cfg: TrainConfig, experts: int, measured: dict, spans: list[Span], entry: dict, rank: int, world: int) -> None:
@@ -123,6 +212,7 @@ def _save_runs(out: Path, plan: dict, cfg: TrainConfig, experts: int, measured: 
                     "seq_len": m.seq_len, "batch_size": cfg.batch_size, "vocab_size": m.vocab_size, "workers": world,
                     "hosts": plan["hosts"], "workers_per_host": plan["workers_per_host"], "link_bps": plan["link_bps"],
                     "policy": policy, "chunk_mb": entry["chunk_mb"], "pipeline_chunks": cfg.pipeline_chunks,
+                    "experts_per_rank": entry["policies"][policy]["experts_per_rank"],
                     "dense_grad_bytes": entry["dense_grad_bytes"],
                 },
                 "step_time_s_median": entry["policies"][policy]["step_time_s"],
