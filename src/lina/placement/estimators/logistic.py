@@ -1,8 +1,10 @@
 """A learned estimator (beyond the paper): multinomial logistic regression per layer.
 
 For the layer ``j`` about to be gated, the features are one-hot codes of the experts the
-token chose at layers ``j-l .. j-1`` (all k of them per layer when ``use_topk``, else the
-top-1 only): ``F = l * E`` binary inputs, at most ``l * k`` of them set. The model is
+token chose at layers ``j-l .. j-1``. With ``use_topk`` (k > 1), each past layer gives
+``(1 + k) * E`` inputs: "chose expert e" whatever the rank (shared strength, what sparse
+traces need) and "chose e as its r-th choice" (what big traces can afford); without it,
+the top-1 expert only (``E`` inputs per layer). The model is
 ``softmax(b_j + sum of W_j rows of the set features)`` over layer ``j``'s experts, fitted
 with L2 weight decay against the soft target "each of the k chosen experts has 1/k".
 
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     from lina.infer.trace import RoutingTrace
 
 
-WEIGHT_DECAY_GRID = (1e-3, 1e-2, 1e-1)
+WEIGHT_DECAY_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
 class LogisticEstimator(PopularityEstimator):
@@ -70,7 +72,7 @@ class LogisticEstimator(PopularityEstimator):
         self.lr = float(lr)
         self.batch_tokens = batch_tokens
         self.seed = seed
-        self.weight: torch.Tensor | None = None  # [L, F, E], F = max(l, 1) * E
+        self.weight: torch.Tensor | None = None  # [L, F, E]
         self.bias: torch.Tensor | None = None  # [L, E]
         self.final_loss = float("nan")
 
@@ -78,21 +80,37 @@ class LogisticEstimator(PopularityEstimator):
     def _per_layer(self) -> int:
         return self.top_k if self.use_topk else 1
 
+    @property
+    def _groups(self) -> int:
+        """Feature blocks per past layer: 1 (top-1 only) or 1 + k (any rank, then per rank) in E-wide blocks."""
+        return 1 if self._per_layer == 1 else 1 + self._per_layer
+
+    @property
+    def _num_features(self) -> int:
+        """``F = max(l, 1) * groups * E``."""
+        return max(self.path_len, 1) * self._groups * self.num_experts
+
     def _features(self, history: torch.Tensor, layer: int) -> torch.Tensor:
-        """Feature indices ``LongTensor[T, l * k']`` for ``layer`` from ``history [T, h, k]``; padding = F."""
+        """Feature indices ``LongTensor[T, n]`` for ``layer`` from ``history [T, h, k]``; padding index = F."""
         tokens, depth, k_hist = history.shape
         kf = self._per_layer
         if k_hist < kf:
             raise ConfigError("history", f"has {k_hist} experts per layer", f"this estimator uses {kf}; pass [T, h, {kf}]")
-        pad = max(self.path_len, 1) * self.num_experts
-        idx = torch.full((tokens, max(self.path_len, 1), kf), pad, dtype=torch.long)  # l = 0: padding only
+        e = self.num_experts
+        groups = self._groups
+        idx = torch.full((tokens, max(self.path_len, 1), groups, kf), self._num_features, dtype=torch.long)  # l = 0: padding
+        rank_offset = torch.arange(kf) * e
         for i in range(1, min(self.path_len, layer, depth) + 1):  # i = 1 is layer - 1
-            idx[:, i - 1] = (i - 1) * self.num_experts + history[:, depth - i, :kf]
+            chosen = history[:, depth - i, :kf]
+            base = (i - 1) * groups * e
+            idx[:, i - 1, 0] = base + chosen  # "chose e at this layer", whatever the rank
+            if groups > 1:
+                idx[:, i - 1, 1] = base + e + rank_offset + chosen  # "chose e as its r-th choice"
         return idx.reshape(tokens, -1)
 
     def _dense(self, idx: torch.Tensor) -> torch.Tensor:
         """Feature indices ``[..., n]`` -> multi-hot ``FloatTensor[..., F]`` (padding dropped)."""
-        num_features = max(self.path_len, 1) * self.num_experts
+        num_features = self._num_features
         dense = torch.zeros(*idx.shape[:-1], num_features + 1)
         dense.scatter_(-1, idx, 1.0)
         return dense[..., :num_features]
@@ -150,7 +168,7 @@ class LogisticEstimator(PopularityEstimator):
         target = torch.zeros(tokens, self.num_layers, self.num_experts)
         target.scatter_(2, experts, 1.0 / self.top_k)
         target = target.transpose(0, 1).contiguous()
-        num_features = max(self.path_len, 1) * self.num_experts
+        num_features = self._num_features
         weight = torch.zeros(self.num_layers, num_features, self.num_experts, requires_grad=True)
         bias = torch.zeros(self.num_layers, 1, self.num_experts, requires_grad=True)
         params = [weight, bias]
