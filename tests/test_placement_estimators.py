@@ -7,6 +7,7 @@ import torch
 from lina.errors import ConfigError, LinaError
 from lina.infer.trace import RoutingTrace, synthetic_trace
 from lina.placement.estimators import LogisticEstimator, OnlinePathEstimator, PathEstimator, load_estimator
+from lina.placement.estimators.logistic import WEIGHT_DECAY_GRID
 from lina.placement.evaluate import placement_balance, score_estimator
 from lina.placement.metrics import token_topk_hits
 
@@ -132,8 +133,9 @@ def test_logistic_estimator_beats_the_marginal_on_affine_traffic():
 def test_logistic_auto_weight_decay_picks_from_the_grid():
     tr = synthetic_trace(200, 3, 4, top_k=1, seed=5, tokens_per_seq=50)
     est = LogisticEstimator(path_len=1, steps=20).fit(tr)
-    assert est.chosen_weight_decay in (1e-3, 1e-2, 1e-1)
-    assert len(est.selection_scores) == 3
+    assert est.chosen_weight_decay in WEIGHT_DECAY_GRID
+    assert set(est.selection_scores) == set(WEIGHT_DECAY_GRID)
+    assert est.selection_scores[est.chosen_weight_decay] == min(est.selection_scores.values())
     with pytest.raises(ConfigError):
         LogisticEstimator(weight_decay=-1.0)
 
