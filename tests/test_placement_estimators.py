@@ -153,3 +153,14 @@ def test_score_and_balance_replay_on_a_synthetic_trace():
     assert rep.mean["lina-expected"] <= rep.mean["lina-expected-phase1"] + 1e-9
     assert set(rep.replan_rate) == {"lina", "lina-expected"}
     assert all(0.0 <= r <= 1.0 for r in rep.replan_rate.values())
+
+
+def test_logistic_history_forms():
+    tr = synthetic_trace(120, 3, 4, top_k=2, seed=7)
+    hist = tr.expert_tensor()[:10, :2]
+    top1_only = LogisticEstimator(path_len=2, use_topk=False, weight_decay=1e-2, steps=10).fit(tr)
+    assert torch.allclose(top1_only.predict(2, hist[:, :, 0]), top1_only.predict(2, hist))
+    both = LogisticEstimator(path_len=2, weight_decay=1e-2, steps=10).fit(tr)
+    assert both.weight.shape == (3, 2 * 3 * 4, 4)  # 2 layers x (any rank + 2 ranks) x 4 experts
+    with pytest.raises(ConfigError, match="experts per layer"):
+        both.predict(2, hist[:, :, 0])
