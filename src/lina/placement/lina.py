@@ -37,7 +37,7 @@ import math
 import torch
 
 from lina.errors import ConfigError
-from lina.placement.core import Placement, max_device_load
+from lina.placement.core import Placement
 from lina.placement.metrics import topset_equal
 from lina.placement.static import static_placement
 
@@ -282,4 +282,4 @@ def replan_if_needed(
     return oracle_placement(real_counts, planned.num_devices, max_experts_per_device), True
 
 
-__all__ = ["lina_placement", "oracle_placement", "replan_if_needed", "max_device_load"]
+__all__ = ["lina_placement", "oracle_placement", "replan_if_needed"]
