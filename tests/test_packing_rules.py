@@ -8,8 +8,8 @@ from lina.errors import ConfigError
 from lina.moe.experts import local_expert_ids
 from lina.obs.timeline import Timeline
 from lina.train.packing import (
-    PackingController, PackingSpec, decide, expert_sources, forward_micro_ops, packing_ep_sizes, parse_packing,
-    plan_residency, spans_of_steps, valid_experts_per_rank,
+    PackingController, PackingSpec, decide, expert_sources, forward_micro_ops, got_slower, measure_window, packing_ep_sizes,
+    parse_packing, plan_residency, spans_of_steps, valid_experts_per_rank,
 )
 
 
@@ -66,7 +66,8 @@ def test_decision_rule_on_synthetic_timings():
     assert decide(4, 0.001, None, True, True).experts_per_rank == 4
 
 
-def _fake_step(tl: Timeline, step: int, t0: float, ffn: float, a2a: float, ops: int = 2) -> float:
+def _fake_step(tl: Timeline, step: int, t0: float, ffn: float, a2a: float, ops: int = 2, tail: float = 1.0) -> float:
+    """Two MoE layers of ``ops`` micro-ops each; ``tail`` seconds of the step after them."""
     t = t0
     for layer in range(2):
         for j in range(ops):
@@ -77,8 +78,8 @@ def _fake_step(tl: Timeline, step: int, t0: float, ffn: float, a2a: float, ops: 
             tl.record(f"moe{layer}.experts.bwd", "compute", t, t + 9 * ffn, micro_op=j)  # not forward
             t += 2 * a2a + ffn
     tl.record("counts", "a2a", t, t + 1.0, phase="fwd")  # not a micro-op of the exchange
-    tl.record("step", "step", t0, t + 1.0, step=step)
-    return t + 2.0
+    tl.record("step", "step", t0, t + tail, step=step)
+    return t + tail + 1.0
 
 
 def test_micro_op_times_from_the_timeline():
@@ -105,14 +106,36 @@ def test_controller_schedule_and_decisions_single_process():
         t = _fake_step(tl, step, t, ffn=0.1, a2a=1.0)
     assert c.target_ep(3, 8, tl, 100) == 8  # not due
     assert c.target_ep(4, 8, tl, 100) == 4  # FFN << all-to-all: 1 -> 2 experts per rank
-    for step in range(4, 6):
-        t = _fake_step(tl, step, t, ffn=2.0, a2a=1.0)
+    for step in range(4, 6):  # packed: all-to-all shorter, steps faster
+        t = _fake_step(tl, step, t, ffn=0.5, a2a=0.2)
     assert c.target_ep(6, 4, tl, 100) == 4  # FFN >= all-to-all now: keep
     assert [h["new_experts_per_rank"] for h in c.history] == [2, 2]
+    assert not c.settled and c.history[1]["step_ms"] < c.history[0]["step_ms"]
     assert c.history[0]["ffn_per_op_ms"] == pytest.approx(100.0) and c.history[0]["a2a_ops"] == 16  # steps 2 and 3
     # Memory: one layer's experts take 100 bytes; doubling needs 200 > budget 150.
     c = _controller("auto", budget=150)
     assert c.target_ep(4, 8, tl, 100) == 8 and "max_expert_memory_mb" in c.history[0]["reason"]
+
+
+def test_a_doubling_that_makes_steps_slower_is_undone():
+    assert got_slower(1.0, 1.06) and not got_slower(1.0, 1.04) and not got_slower(None, 2.0)
+    c = _controller("auto")
+    tl, t = Timeline(0), 0.0
+    for step in range(4):
+        t = _fake_step(tl, step, t, ffn=0.1, a2a=1.0)
+    before = measure_window(tl.spans(), 2, 3)
+    assert before.steps == 2 and before.step_mean_s == pytest.approx(9.4)
+    assert c.target_ep(4, 8, tl, 100) == 4  # pack: 1 -> 2 experts per rank
+    for step in range(4, 6):  # FFN still short, but whole steps got slower (e.g. the experts' allreduce)
+        t = _fake_step(tl, step, t, ffn=0.1, a2a=0.5, tail=6.0)
+    assert c.target_ep(6, 4, tl, 100) == 8  # back to 1 expert per rank
+    assert c.settled and "slower" in c.history[-1]["reason"]
+    for step in range(6, 8):
+        t = _fake_step(tl, step, t, ffn=0.1, a2a=1.0)
+    assert c.target_ep(8, 8, tl, 100) == 8  # settled: no more packing
+    fresh = _controller("auto")
+    fresh.load_state_dict(c.state_dict())
+    assert fresh.settled and fresh.history == c.history
 
 
 def test_controller_fixed_modes():

@@ -167,7 +167,8 @@ def _select(trainer: Trainer, policy: str, ep_size: int) -> None:
 
 def _search_packing(trainer: Trainer, step: int, window: int) -> tuple[int, dict, int]:
     """Lina's packing controller on the running policy: ``window`` steps at each packing, then a
-    decision (collective); stops when it keeps the packing. Returns (EP size, what it measured and
+    decision (collective); stops when it keeps the packing or undoes a doubling that made steps
+    slower. Returns (EP size, what it measured and
     decided, next step)."""
     world = trainer.groups.world_size
     controller = PackingController(parse_packing("auto"), trainer.cfg.model.experts, trainer.groups.ep_size,
@@ -181,6 +182,8 @@ def _search_packing(trainer: Trainer, step: int, window: int) -> tuple[int, dict
         if target == trainer.groups.ep_size:
             break
         trainer.repack(target)
+        if controller.settled:  # a doubling was undone
+            break
     ep = trainer.groups.ep_size
     return ep, {"experts_per_rank": trainer.cfg.model.experts // ep, "ep_size": ep, "world": world,
                 "window_steps": window, "decisions": controller.history}, step

@@ -19,6 +19,11 @@ timeline: all-to-all spans ``moe*.dispatch`` / ``moe*.combine`` with phase ``fwd
 decision on the mean per micro-op is broadcast, so every rank changes layout at the same step.
 It doubles only when the packed experts of one MoE layer fit ``max_expert_memory_mb`` (the layer
 that computes must be on the device; the others may be offloaded, see :func:`plan_residency`).
+
+Beyond the paper: packing replicates experts, and their gradients then cross the network in the
+allreduce, which the paper's rule does not weigh. So the controller also compares the mean step
+time of the window after a doubling with the window before it; if steps got slower by more than
+``REVERT_MARGIN``, it goes back to the previous packing and settles there (no further changes).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from lina.moe.experts import PARAM_NAMES, LocalExperts
 from lina.obs.timeline import Span, Timeline
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+REVERT_MARGIN = 0.05  # a doubling that makes the mean step slower than this is undone
 
 
 # --- what the user asked for -------------------------------------------------------------------
@@ -95,6 +101,12 @@ class MicroOpTimes:
     ffn_ops: int = 0
     a2a_s: float = 0.0
     a2a_ops: int = 0
+    step_s: float = 0.0  # whole steps in the window
+    steps: int = 0
+
+    @property
+    def step_mean_s(self) -> float | None:
+        return self.step_s / self.steps if self.steps else None
 
     @property
     def ffn_per_op_s(self) -> float | None:
@@ -125,6 +137,14 @@ def spans_of_steps(spans: list[Span], first: int, last: int) -> list[Span]:
     return [s for s in spans if s.cat != "step" and any(a <= s.start_s <= b for a, b in windows)]
 
 
+def measure_window(spans: list[Span], first: int, last: int) -> MicroOpTimes:
+    """Forward micro-ops and whole-step times of steps ``first..last`` (one rank)."""
+    times = forward_micro_ops(spans_of_steps(spans, first, last))
+    steps = [s for s in spans if s.cat == "step" and first <= s.args.get("step", -1) <= last]
+    times.step_s, times.steps = sum(s.dur_s for s in steps), len(steps)
+    return times
+
+
 @dataclass
 class Decision:
     experts_per_rank: int  # the packing to use from now on
@@ -145,6 +165,12 @@ def decide(experts_per_rank: int, ffn_per_op_s: float | None, a2a_per_op_s: floa
     if not fits:
         return Decision(keep, f"{ratio}, but {2 * experts_per_rank} packed experts of one layer exceed max_expert_memory_mb")
     return Decision(2 * experts_per_rank, f"{ratio}: pack")
+
+
+def got_slower(before_s: float | None, after_s: float | None, margin: float = REVERT_MARGIN) -> bool:
+    """Whether the mean step after a packing change is slower than before it by more than
+    ``margin`` (unknown times: no)."""
+    return before_s is not None and after_s is not None and after_s > before_s * (1 + margin)
 
 
 def plan_residency(layer_bytes: list[int], budget_bytes: int) -> list[bool]:
@@ -179,6 +205,8 @@ class PackingController:
     every: int = 4
     budget_bytes: int = 0
     history: list[dict] = field(default_factory=list)
+    pending: dict | None = None  # the last doubling, to be confirmed: {"from_ep", "step_before_s"}
+    settled: bool = False  # a doubling was undone: no further changes
 
     @classmethod
     def from_config(cls, cfg, world: int) -> "PackingController":
@@ -213,32 +241,45 @@ class PackingController:
             return target
         if not self.due(step):
             return current_ep
-        times = forward_micro_ops(spans_of_steps(timeline.spans(), step - self.every, step - 1))
-        times = _sum_over_ranks(times)
-        fits = self.budget_bytes <= 0 or 2 * layer_training_bytes <= self.budget_bytes
-        decision = decide(per_rank, times.ffn_per_op_s, times.a2a_per_op_s, current_ep % 2 == 0, fits)
-        agreed = _from_rank0(decision.experts_per_rank)
+        times = _sum_over_ranks(measure_window(timeline.spans(), step - self.every, step - 1))
+        pending, self.pending = self.pending, None
+        if self.settled:
+            decision = Decision(per_rank, "settled (an earlier doubling made steps slower)")
+        elif pending and got_slower(pending["step_before_s"], times.step_mean_s):
+            decision = Decision(self.experts // pending["from_ep"], f"steps got slower after packing ({times.step_mean_s * 1e3:.1f} ms vs "
+                                f"{pending['step_before_s'] * 1e3:.1f} ms): back to {self.experts // pending['from_ep']} and settle")
+        else:
+            fits = self.budget_bytes <= 0 or 2 * layer_training_bytes <= self.budget_bytes
+            decision = decide(per_rank, times.ffn_per_op_s, times.a2a_per_op_s, current_ep % 2 == 0, fits)
+        agreed = _from_rank0(decision.experts_per_rank)  # rank 0 decides; the state below follows from it alone
+        if agreed > per_rank:
+            self.pending = {"from_ep": current_ep, "step_before_s": times.step_mean_s}
+        elif agreed < per_rank:
+            self.settled = True
         self.history.append({
             "step": step, "experts_per_rank": per_rank, "new_experts_per_rank": agreed, "reason": decision.reason,
             "ffn_per_op_ms": None if times.ffn_per_op_s is None else times.ffn_per_op_s * 1e3,
             "a2a_per_op_ms": None if times.a2a_per_op_s is None else times.a2a_per_op_s * 1e3,
+            "step_ms": None if times.step_mean_s is None else times.step_mean_s * 1e3,
             "ffn_ops": times.ffn_ops, "a2a_ops": times.a2a_ops,
         })
         return self.experts // agreed
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history)}
+        return {"history": list(self.history), "pending": self.pending, "settled": self.settled}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state.get("history", []))
+        self.pending = state.get("pending")
+        self.settled = bool(state.get("settled", False))
 
 
 def _sum_over_ranks(t: MicroOpTimes) -> MicroOpTimes:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return t
-    buf = torch.tensor([t.ffn_s, t.ffn_ops, t.a2a_s, t.a2a_ops], dtype=torch.float64)
+    buf = torch.tensor([t.ffn_s, t.ffn_ops, t.a2a_s, t.a2a_ops, t.step_s, t.steps], dtype=torch.float64)
     dist.all_reduce(buf)
-    return MicroOpTimes(float(buf[0]), int(buf[1]), float(buf[2]), int(buf[3]))
+    return MicroOpTimes(float(buf[0]), int(buf[1]), float(buf[2]), int(buf[3]), float(buf[4]), int(buf[5]))
 
 
 def _from_rank0(value: int) -> int:
@@ -285,27 +326,26 @@ def _payload(layers, optimizer: torch.optim.Optimizer, local: int, with_state: b
 def _unpack(rows: torch.Tensor, layers, with_state: bool) -> list[dict[str, tuple[torch.Tensor, dict]]]:
     """Inverse of :func:`_payload` for E_l' rows ``[E_l', K]`` -> per layer, per parameter name:
     (stacked weights, AdamW state or {})."""
-    out, offset = [], 0
+    offset = 0
+
+    def take(count: int) -> torch.Tensor:  # the next ``count`` columns, [E_l', count]
+        nonlocal offset
+        offset += count
+        return rows[:, offset - count : offset]
+
+    out = []
     for layer in layers:
         entry = {}
         for name in PARAM_NAMES:
             shape = getattr(layer.experts, name).shape[1:]
-            n = shape.numel()
-
-            def take(count: int) -> torch.Tensor:
-                nonlocal offset
-                piece = rows[:, offset : offset + count]
-                offset += count
-                return piece
-
-            weights = take(n).reshape(-1, *shape).clone()
+            weights = take(shape.numel()).reshape(-1, *shape).clone()
             state = {}
             if with_state:
-                state = {m: take(n).reshape(-1, *shape).clone() for m in ADAM_MOMENTS}
+                state = {m: take(shape.numel()).reshape(-1, *shape).clone() for m in ADAM_MOMENTS}
                 steps = take(1).reshape(-1)
                 if not bool((steps == steps[0]).all()):
                     raise LinaError(f"expert packing: experts of {name} arrive with different AdamW steps {steps.tolist()}; they cannot share one parameter")
-                state["step"] = steps[0].detach().clone().to(torch.float32)
+                state["step"] = steps[0].clone().to(torch.float32)
             entry[name] = (weights, state)
         out.append(entry)
     return out
@@ -329,7 +369,10 @@ def relayout_experts(layers, optimizer: torch.optim.Optimizer, old: ParallelGrou
     sources = expert_sources(world, experts, old.ep_size, new.ep_size)
     old_ids = layers[0].experts.global_ids
     old_params = [p for layer in layers for p in layer.experts.parameters()]
-    with_state = all(len(optimizer.state.get(p, {})) > 0 for p in old_params)
+    has_state = [len(optimizer.state.get(p, {})) > 0 for p in old_params]
+    if any(has_state) and not all(has_state):
+        raise LinaError("expert packing: only some expert parameters have optimizer state; move between steps, after optimizer.step()")
+    with_state = all(has_state)
     peers = range(old.ep_group_start, old.ep_group_start + old.ep_size)
     send_ids = [[e for s, e in sources[q] if s == rank] for q in peers]
     rows = [_payload(layers, optimizer, old_ids.index(e), with_state) for ids in send_ids for e in ids]

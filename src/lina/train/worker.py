@@ -142,7 +142,7 @@ def _train(cfg: TrainConfig) -> dict | None:
 
 
 def _print_memory(mem: dict) -> None:
-    print(f"expert memory (budget {mem['budget_mb']:g} MB): {mem['resident_layers']} MoE layers resident ({mem['resident_mb']:.2f} MB), "
+    print(f"expert memory (budget {mem['budget_mb']:g} MB): {mem['resident_layers']} MoE layer(s) resident ({mem['resident_mb']:.2f} MB), "
           f"{mem['offloaded_layers']} offloaded to host ({mem['offloaded_experts']} experts, {mem['offloaded_mb']:.2f} MB); "
           f"brought in {mem['copies_in']} times so far ({mem['mb_in']:.1f} MB)", flush=True)
 
