@@ -72,6 +72,12 @@ class Executor:
                 raise ValueError(f"task {task.name!r} is on unknown stream {task.stream!r}")
             self.queues[task.stream].append(i)
         self.done = [False] * len(tasks)
+        self._unmet = [0] * len(tasks)
+        self._dependents: list[list[int]] = [[] for _ in tasks]
+        for i, task in enumerate(tasks):
+            for d in set(task.deps):
+                self._unmet[i] += 1
+                self._dependents[d].append(i)
         self.now = 0.0
         self._compute_heap: list[tuple[float, int]] = []
         self._transfer_task: dict[int, int] = {}
@@ -107,6 +113,8 @@ class Executor:
         task.end_s = self.now
         self.done[idx] = True
         self.running[task.stream] -= 1
+        for i in self._dependents[idx]:
+            self._unmet[i] -= 1
         return 1
 
     def _start_ready(self) -> None:
@@ -117,7 +125,7 @@ class Executor:
                 while queue and self.running[stream] < self.concurrency[stream]:
                     idx = queue[0]
                     task = self.tasks[idx]
-                    if not all(self.done[d] for d in task.deps) or not self.gate(task, self):
+                    if self._unmet[idx] or not self.gate(task, self):
                         break
                     queue.popleft()
                     self.running[stream] += 1

@@ -19,16 +19,29 @@ from lina.sim.maxmin import max_min_rates
 from lina.sim.topology import FlowClass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Phase:
     """Flow classes that start together ``latency_s`` after the phase opens.
 
-    ``weight`` is the fairness weight of one member flow (see ``ClusterSpec.fairness``).
+    ``weight`` is the fairness weight of one member flow (see ``ClusterSpec.fairness``);
+    ``usage`` (``[C, R]``, member flows of class ``c`` on resource ``r``) and ``sizes`` (``[C]``
+    bytes per member flow) are the classes as arrays, built once by :func:`make_phase`.
     """
 
     classes: tuple[FlowClass, ...]
     latency_s: float
-    weight: float = 1.0
+    weight: float
+    usage: np.ndarray
+    sizes: np.ndarray
+
+
+def make_phase(classes: list[FlowClass] | tuple[FlowClass, ...], latency_s: float, n_resources: int, weight: float = 1.0) -> Phase:
+    """A :class:`Phase` with its usage matrix filled in."""
+    usage = np.zeros((len(classes), n_resources))
+    for i, fc in enumerate(classes):
+        usage[i, list(fc.resources)] = fc.count
+    sizes = np.array([fc.size for fc in classes], dtype=float)
+    return Phase(tuple(classes), latency_s, weight, usage, sizes)
 
 
 @dataclass(frozen=True)
@@ -57,12 +70,12 @@ class FlowNetwork:
         self._seq = itertools.count()
         self._timers: list[tuple[float, int, int]] = []
         self._transfers: dict[int, list] = {}
-        # active flows: parallel lists
-        self._f_tid: list[int] = []
-        self._f_res: list[tuple[int, ...]] = []
-        self._f_count: list[float] = []
-        self._f_weight: list[float] = []
-        self._f_size: list[float] = []
+        n_res = self.capacity.shape[0]
+        # active flow classes, as parallel arrays
+        self._usage = np.zeros((0, n_res))
+        self._weight = np.zeros(0)
+        self._size = np.zeros(0)
+        self._tid = np.zeros(0, dtype=np.int64)
         self._remaining = np.zeros(0)
         self._rates = np.zeros(0)
         self._dirty = False
@@ -97,8 +110,7 @@ class FlowNetwork:
             raise ValueError(f"time goes backwards: {t} < {self.now}")
         dt = t - self.now
         if self._remaining.size and dt > 0:
-            finite = np.isfinite(self._rates)
-            self._remaining = np.where(finite, self._remaining - self._rates * dt, 0.0)
+            self._remaining = self._remaining - self._rates * dt
         self.now = t
         finished: list[int] = []
         while True:
@@ -125,42 +137,36 @@ class FlowNetwork:
             fired = True
             state = self._transfers[tid]
             phase: Phase = state[0].phases[state[1]]
-            added = 0
-            for fc in phase.classes:
-                self._f_tid.append(tid)
-                self._f_res.append(fc.resources)
-                self._f_count.append(fc.count)
-                self._f_weight.append(phase.weight)
-                self._f_size.append(fc.size)
-                added += 1
-            if added:
-                self._remaining = np.concatenate([self._remaining, [fc.size for fc in phase.classes]])
-                self._rates = np.concatenate([self._rates, np.zeros(added)])  # not yet solved
-                self._dirty = True
+            added = phase.sizes.shape[0]
             state[2] = added
             if added == 0:
                 self._phase_done(tid, finished)
+                continue
+            self._usage = np.concatenate([self._usage, phase.usage])
+            self._weight = np.concatenate([self._weight, np.full(added, phase.weight)])
+            self._size = np.concatenate([self._size, phase.sizes])
+            self._tid = np.concatenate([self._tid, np.full(added, tid, dtype=np.int64)])
+            self._remaining = np.concatenate([self._remaining, phase.sizes])
+            self._rates = np.concatenate([self._rates, np.zeros(added)])  # not yet solved
+            self._dirty = True
         return fired
 
     def _retire_flows(self, finished: list[int]) -> bool:
         if not self._remaining.size:
             return False
-        size = np.asarray(self._f_size)
-        done = self._remaining <= np.maximum(1e-9 * size, 1e-6)
+        done = self._remaining <= np.maximum(1e-9 * self._size, 1e-6)
         # below the clock's resolution: finishing now or a picosecond later is the same
         with np.errstate(divide="ignore", invalid="ignore"):
             left = np.where(self._rates > 0, self._remaining / self._rates, np.inf)
         done |= left <= max(1e-12, 4 * np.spacing(self.now))
         if not done.any():
             return False
+        done_tids = self._tid[done].tolist()
         keep = ~done
-        done_tids = [tid for tid, d in zip(self._f_tid, done) if d]
-        idx = np.flatnonzero(keep)
-        self._f_tid = [self._f_tid[i] for i in idx]
-        self._f_res = [self._f_res[i] for i in idx]
-        self._f_count = [self._f_count[i] for i in idx]
-        self._f_weight = [self._f_weight[i] for i in idx]
-        self._f_size = [self._f_size[i] for i in idx]
+        self._usage = self._usage[keep]
+        self._weight = self._weight[keep]
+        self._size = self._size[keep]
+        self._tid = self._tid[keep]
         self._remaining = self._remaining[keep]
         self._rates = self._rates[keep]
         self._dirty = True
@@ -183,12 +189,8 @@ class FlowNetwork:
         if not self._dirty:
             return
         self._dirty = False
-        n = len(self._f_tid)
-        if n == 0:
+        if self._remaining.size == 0:
             self._rates = np.zeros(0)
             return
-        usage = np.zeros((n, self.capacity.shape[0]))
-        for i, (res, count) in enumerate(zip(self._f_res, self._f_count)):
-            usage[i, list(res)] = count
-        self._rates = max_min_rates(usage, self.capacity, np.asarray(self._f_weight))
+        self._rates = max_min_rates(self._usage, self.capacity, self._weight)
         self.rate_solves += 1

@@ -13,6 +13,7 @@ from lina.errors import ConfigError
 
 FAIRNESS_MODES = ("collective", "flow")
 A2A_ALGORITHMS = ("pairwise", "hierarchical")
+ALLREDUCE_ALGORITHMS = ("ring", "hierarchical")
 
 
 def _positive(obj, *names: str) -> None:
@@ -213,6 +214,7 @@ DEVICES = {
     "a100-40gb-tf32": DeviceSpec("a100-40gb-tf32", peak_tflops=156.0, mem_bw_gbs=1555.0, efficiency=0.25, mem_gb=40.0),
     "a100-80gb-bf16": DeviceSpec("a100-80gb-bf16", peak_tflops=312.0, mem_bw_gbs=2039.0, efficiency=0.45, mem_gb=80.0),
     "h100-sxm-bf16": DeviceSpec("h100-sxm-bf16", peak_tflops=989.0, mem_bw_gbs=3350.0, efficiency=0.4, mem_gb=80.0),
+    "h200-sxm-bf16": DeviceSpec("h200-sxm-bf16", peak_tflops=989.0, mem_bw_gbs=4800.0, efficiency=0.4, mem_gb=141.0),
 }
 
 
@@ -224,26 +226,46 @@ class TrainSpec:
         chunk_mb: Lina's micro-op size (gradient chunks and all-to-all micro-ops), MB.
         bucket_mb: DDP bucket size of the baselines, MB.
         tutel_chunks: how many pieces Tutel splits an all-to-all into to overlap it with FFN.
+        lina_a2a_chunks: pieces of Lina's pipelined all-to-all (``None``: as many ``chunk_mb``
+            micro-ops as the all-to-all needs, as in the paper; the project's trainer uses a
+            fixed count, ``pipeline_chunks``).
         credit_window: allreduce micro-ops Lina lets run at once.
         a2a_algorithm: ``pairwise`` (every pair at once) or ``hierarchical`` (intra-host, then
             inter-host among GPUs of the same local index).
+        allreduce_algorithm: ``ring`` (one ring per NIC over all members) or ``hierarchical``
+            (reduce-scatter in the host, ring across hosts, all-gather in the host).
         ep_size: GPUs in one expert-parallel group (``None``: ``min(experts, gpus)``).
         max_pack: cap on Lina's packing factor (``None``: until the group is one GPU).
+        state_bytes_per_param: device memory per parameter (weights, gradient, optimizer
+            state; 16 for Adam in mixed precision); packing stops before the model states
+            exceed ``memory_fraction`` of the device memory (the paper offloads instead;
+            offloading is not simulated).
     """
 
     chunk_mb: float = 30.0
     bucket_mb: float = 25.0
     tutel_chunks: int = 2
+    lina_a2a_chunks: int | None = None
     credit_window: int = 1
     a2a_algorithm: str = "pairwise"
+    allreduce_algorithm: str = "ring"
     ep_size: int | None = None
     max_pack: int | None = None
+    state_bytes_per_param: float = 16.0
+    memory_fraction: float = 0.8
 
     def __post_init__(self):
         _positive(self, "chunk_mb", "bucket_mb")
         _integer(self, "tutel_chunks", "credit_window")
         if self.a2a_algorithm not in A2A_ALGORITHMS:
             raise ConfigError("a2a_algorithm", f"unknown {self.a2a_algorithm!r}", f"use one of {', '.join(A2A_ALGORITHMS)}")
+        if self.allreduce_algorithm not in ALLREDUCE_ALGORITHMS:
+            raise ConfigError(
+                "allreduce_algorithm", f"unknown {self.allreduce_algorithm!r}", f"use one of {', '.join(ALLREDUCE_ALGORITHMS)}"
+            )
+        _positive(self, "state_bytes_per_param", "memory_fraction")
+        if self.lina_a2a_chunks is not None:
+            _integer(self, "lina_a2a_chunks")
         if self.ep_size is not None:
             _integer(self, "ep_size")
         if self.max_pack is not None:

@@ -37,13 +37,14 @@ def _regular(group: int, gpus_per_host: int) -> bool:
     return group % gpus_per_host == 0 or gpus_per_host % group == 0
 
 
-def decide_packing(plan: StepPlan, topo: Topology) -> StepPlan:
+def decide_packing(plan: StepPlan, topo: Topology, memory_gb: float | None = None) -> StepPlan:
     """Lina's packing: double experts per GPU while one micro-op's FFN is shorter than its a2a.
 
     The a2a time of a micro-op is measured by simulating it alone (as Lina's controller measures
     micro-ops in the forward pass); the FFN time of a micro-op counts every co-located expert's
     invocation. Stops when the group is one GPU (pure data parallelism), when halving it would
-    break host regularity, or at ``TrainSpec.max_pack``. Returns a new plan.
+    break host regularity, at ``TrainSpec.max_pack``, or (given ``memory_gb``) when the packed
+    model states would not fit. Returns a new plan; ``pack_trace`` says why it stopped.
     """
     m, c, t = plan.model, plan.cluster, plan.train
     micro_bytes = min(t.chunk_bytes, m.a2a_bytes)
@@ -54,12 +55,22 @@ def decide_packing(plan: StepPlan, topo: Topology) -> StepPlan:
         trial = StepPlan(c, m, plan.profile, t, ep, pack)
         ffn = trial.expert_time(False, tokens)
         a2a = transfer_time(topo, all_to_all(topo, ep, micro_bytes, t.a2a_algorithm)) if ep > 1 else 0.0
-        trace.append({"pack": pack, "ep": ep, "ffn_micro_s": ffn, "a2a_micro_s": a2a})
-        can_halve = ep > 1 and ep % 2 == 0 and _regular(ep // 2, c.gpus_per_host)
-        if t.max_pack is not None and pack * 2 > t.max_pack:
-            can_halve = False
-        if not (can_halve and ffn < a2a):
+        step = {"pack": pack, "ep": ep, "ffn_micro_s": ffn, "a2a_micro_s": a2a}
+        trace.append(step)
+        if ffn >= a2a:
+            step["stop"] = "ffn >= a2a per micro-op"
             break
+        if ep == 1 or ep % 2 or not _regular(ep // 2, c.gpus_per_host):
+            step["stop"] = "group cannot shrink further"
+            break
+        if t.max_pack is not None and pack * 2 > t.max_pack:
+            step["stop"] = "max_pack"
+            break
+        if memory_gb is not None:
+            need = StepPlan(c, m, plan.profile, t, ep // 2, pack * 2).local_params() * t.state_bytes_per_param
+            if need > memory_gb * 1e9 * t.memory_fraction:
+                step["stop"] = f"memory: {need / 1e9:.0f} GB of states > {t.memory_fraction:.0%} of {memory_gb:g} GB"
+                break
         pack, ep = pack * 2, ep // 2
     return StepPlan(c, m, plan.profile, t, ep, pack, trace)
 
@@ -97,9 +108,20 @@ class TrainResult:
         return out
 
     def timeline(self, rank: int = 0, offset_s: float = 0.0, step: int = 0) -> Timeline:
-        """The step as spans of ``rank`` (every rank runs the same program), shifted by ``offset_s``."""
+        """The step as spans of ``rank`` (every rank runs the same program), shifted by ``offset_s``.
+
+        Besides one span per task (thread = stream), it holds what the project's trainer
+        records: a ``step`` span, and ``forward`` / ``backward`` compute spans around each
+        pass (from the first forward task to the end of ``head.fwd``, and from ``head.bwd`` to
+        the last backward compute).
+        """
         tl = Timeline(rank)
         tl.record("step", "step", offset_s, offset_s + self.step_s, thread="main", step=step)
+        fwd_end = next(t.end_s for t in self.tasks if t.name == "head.fwd")
+        bwd_start = next(t.start_s for t in self.tasks if t.name == "head.bwd")
+        bwd_end = max(t.end_s for t in self.tasks if t.cat == "compute" and t.args.get("direction") == "bwd")
+        tl.record("forward", "compute", offset_s, offset_s + fwd_end, thread="main", step=step)
+        tl.record("backward", "compute", offset_s + bwd_start, offset_s + bwd_end, thread="main", step=step)
         for task in self.tasks:
             tl.record(task.name, task.cat, offset_s + task.start_s, offset_s + task.end_s, thread=task.stream, **task.args)
         return tl
@@ -166,6 +188,7 @@ def simulate_step(
     train: TrainSpec,
     policy: str | TrainPolicy,
     representative: bool = True,
+    memory_gb: float | None = None,
 ) -> TrainResult:
     """Simulate one training step of ``policy``.
 
@@ -173,14 +196,15 @@ def simulate_step(
         representative: simulate host 0 as the representative of all hosts (exact when every
             host sees the same traffic, which training with uniform routing guarantees);
             ``False`` simulates every flow of every host (slow; for checking).
+        memory_gb: device memory, which caps Lina's packing (``None``: no cap).
     """
     pol = train_policy(policy) if isinstance(policy, str) else policy
     started = time.perf_counter()
     topo = Topology(cluster, representative=representative)
     plan = StepPlan(cluster, model, profile, train, resolve_ep(cluster, model, train))
     if pol.packing:
-        plan = decide_packing(plan, topo)
-    cache = TransferCache(topo, train.a2a_algorithm)
+        plan = decide_packing(plan, topo, memory_gb)
+    cache = TransferCache(topo, train.a2a_algorithm, train.allreduce_algorithm)
     tasks = StepBuilder(plan, pol, cache).build()
     window = train.credit_window if pol.grad_sync == "microops" else 1
     executor = Executor(
@@ -200,9 +224,18 @@ def simulate_policies(
     train: TrainSpec,
     policies: tuple[str, ...] | list[str],
     representative: bool = True,
+    memory_gb: float | None = None,
+    progress=None,
 ) -> dict[str, TrainResult]:
-    """Simulate every policy; fill ``speedup`` (``deepspeed`` step / policy step) when possible."""
-    results = {p: simulate_step(cluster, model, profile, train, p, representative) for p in policies}
+    """Simulate every policy; fill ``speedup`` (``deepspeed`` step / policy step) when possible.
+
+    ``progress``: called with each finished :class:`TrainResult` (for a line per policy).
+    """
+    results = {}
+    for p in policies:
+        results[p] = simulate_step(cluster, model, profile, train, p, representative, memory_gb)
+        if progress is not None:
+            progress(results[p])
     if "deepspeed" in results:
         base = results["deepspeed"].step_s
         for r in results.values():

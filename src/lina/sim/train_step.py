@@ -5,7 +5,7 @@ one GPU; its collectives involve all GPUs and go through the (representative) fl
 
 Per layer, forward: dense compute, then for a MoE layer dispatch all-to-all, expert FFN,
 combine all-to-all (split into chunks and pipelined when the policy says so). Then the
-embedding/LM head forward and backward. Backward, last layer first: combine all-to-all, expert
+embedding/LM head forward (``head.fwd``) and backward (``head.bwd``). Backward, last layer first: combine all-to-all, expert
 FFN backward, dispatch all-to-all, dense backward. Gradients become ready as their layer's
 backward ends; the policy decides how they are allreduced. The optimizer runs when backward
 and every allreduce are done.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from lina.sim.collectives import all_to_all, ring_allreduce
+from lina.sim.collectives import all_to_all, allreduce
 from lina.sim.compute import ComputeProfile
 from lina.sim.engine import Task
 from lina.sim.network import Transfer
@@ -70,9 +70,10 @@ class StepPlan:
 class TransferCache:
     """Builds each distinct collective once (layers repeat the same shapes)."""
 
-    def __init__(self, topo: Topology, algorithm: str):
+    def __init__(self, topo: Topology, a2a_algorithm: str, allreduce_algorithm: str = "ring"):
         self.topo = topo
-        self.algorithm = algorithm
+        self.algorithm = a2a_algorithm
+        self.allreduce_algorithm = allreduce_algorithm
         self._cache: dict[tuple, Transfer] = {}
 
     def a2a(self, group: int, nbytes: float) -> Transfer:
@@ -84,7 +85,7 @@ class TransferCache:
     def allreduce(self, stride: int, ring: int, nbytes: float) -> Transfer:
         key = ("ar", stride, ring, nbytes)
         if key not in self._cache:
-            self._cache[key] = ring_allreduce(self.topo, stride, ring, nbytes)
+            self._cache[key] = allreduce(self.topo, stride, ring, nbytes, self.allreduce_algorithm)
         return self._cache[key]
 
 
@@ -92,6 +93,8 @@ def a2a_chunks(plan: StepPlan, policy: TrainPolicy) -> int:
     if policy.a2a_split == "tutel":
         return plan.train.tutel_chunks
     if policy.a2a_split == "micro":
+        if plan.train.lina_a2a_chunks is not None:
+            return plan.train.lina_a2a_chunks
         return max(1, math.ceil(plan.model.a2a_bytes / plan.train.chunk_bytes - 1e-9))
     return 1
 
@@ -123,8 +126,8 @@ class StepBuilder:
             else:
                 ffn = p.profile.expert_time(m.tokens)
                 prev = self.compute(f"fwd.ffn.L{layer}", ffn, prev, layer=layer, kind="dense", direction="fwd")
-        head = (p.profile.head_fwd_s_per_token + p.profile.head_bwd_s_per_token) * m.tokens
-        prev = self.compute("head", head, prev, kind="head")
+        prev = self.compute("head.fwd", p.profile.head_fwd_s_per_token * m.tokens, prev, kind="head", direction="fwd")
+        prev = self.compute("head.bwd", p.profile.head_bwd_s_per_token * m.tokens, prev, kind="head", direction="bwd")
         for layer in reversed(range(m.layers)):
             if m.is_moe(layer):
                 prev = self._moe(layer, prev, "bwd")

@@ -1,0 +1,505 @@
+"""Fit the simulator to measured runs, then predict those runs.
+
+A *run directory* holds ``summary.json`` and ``timeline-rank{R}.jsonl`` (spans written by
+:meth:`lina.obs.timeline.Timeline.save_jsonl`). ``summary.json`` has ``step_time_s_median`` and
+a ``config`` in either of two forms:
+
+- flat: ``layers, d_model, d_ff, experts, top_k, seq_len, batch_size, workers, hosts,
+  workers_per_host, link_bps, policy, chunk_mb`` (optional: ``bucket_mb``, ``pipeline_chunks``,
+  ``ep_size``, ``vocab``, ``capacity_factor``);
+- the project trainer's ``TrainConfig.to_dict()``: ``model.{n_layers, d_model, d_ff, experts,
+  top_k, seq_len, vocab_size}``, ``workers, batch_size, schedule, chunk_mb, bucket_mb,
+  pipeline_chunks`` and ``emulate`` (``"hosts=4,link=200mbit,workers_per_host=1"``); the
+  expert-parallel group in effect is read from ``summary["packing"]["ep_size"]`` when present.
+
+What the timelines must contain, per rank: ``step`` spans (cat ``step``); ``forward`` and
+``backward`` compute spans around each pass; expert FFN compute spans (name containing
+``expert``; backward ones containing ``bwd``); a2a spans with args ``bytes`` (what the rank
+sends) and a direction (``phase`` or ``direction`` = ``fwd``/``bwd``); allreduce spans with
+``bytes``.
+
+Fitted (pooled over all runs, so a prediction is not its own measurement played back):
+
+- compute, per token: non-expert forward/backward (the passes minus their all-to-alls minus
+  expert FFN; embedding and head included), expert FFN forward/backward (per routed token;
+  backward from ``bwd`` expert spans, else the backward/forward ratio of the passes), and the
+  optimizer per local parameter (step end after backward and every allreduce);
+- link: uncontended forward all-to-alls fit ``duration = latency + x / efficiency`` where ``x`` is
+  the bytes on the busiest host link divided by the configured link rate; the allreduce
+  latency is the median excess of uncontended allreduces over the simulator's own time for them.
+
+:func:`write_synthetic_run` writes a run directory from the simulator itself (known
+parameters), which the tests use to check that the fit recovers them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from lina.errors import ConfigError, LinaError
+from lina.obs.timeline import Span, Timeline, load_jsonl, union_length
+from lina.sim.collectives import ring_allreduce
+from lina.sim.compute import ComputeProfile
+from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec
+from lina.sim.topology import Topology
+from lina.sim.train import TrainResult, simulate_step, transfer_time
+from lina.sim.train_step import StepPlan
+
+INTRA_FACTOR_ASSUMED = 10.0  # intra-host link rate / host link rate when no run measures it
+
+
+# --------------------------------------------------------------------------- reading runs
+@dataclass
+class RunRecord:
+    """One measured run: its shape, policy, measured median step and spans by rank."""
+
+    path: Path
+    hosts: int
+    workers_per_host: int
+    link_bps: float
+    model: ModelSpec
+    policy: str
+    ep_size: int | None
+    train: TrainSpec
+    measured_step_s: float
+    spans: dict[int, list[Span]] = field(repr=False, default_factory=dict)
+
+    @property
+    def workers(self) -> int:
+        return self.hosts * self.workers_per_host
+
+    @property
+    def label(self) -> str:
+        m = self.model
+        return (
+            f"{self.path.name}: {self.hosts}x{self.workers_per_host} @{self.link_bps / 1e6:g}Mb/s "
+            f"{m.layers}L d{m.d_model} E{m.experts} T{m.tokens}"
+        )
+
+
+def _get(cfg: dict, *names, default=None):
+    for name in names:
+        if name in cfg and cfg[name] is not None:
+            return cfg[name]
+    return default
+
+
+def _config_fields(summary: dict, path: Path) -> dict:
+    cfg = summary.get("config")
+    if not isinstance(cfg, dict):
+        raise LinaError(f"{path}/summary.json has no 'config' object")
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else cfg
+    out = {
+        "layers": _get(model, "layers", "n_layers"),
+        "d_model": _get(model, "d_model"),
+        "d_ff": _get(model, "d_ff"),
+        "experts": _get(model, "experts"),
+        "top_k": _get(model, "top_k"),
+        "seq_len": _get(model, "seq_len"),
+        "vocab": _get(model, "vocab", "vocab_size", default=256),
+        "moe_every": _get(model, "moe_every", "moe_interval", default=1),
+        "batch_size": _get(cfg, "batch_size"),
+        "workers": _get(cfg, "workers"),
+        "policy": _get(cfg, "policy", "schedule"),
+        "chunk_mb": _get(cfg, "chunk_mb", default=30.0),
+        "bucket_mb": _get(cfg, "bucket_mb", default=25.0),
+        "pipeline_chunks": _get(cfg, "pipeline_chunks", "tutel_chunks", default=2),
+        "ep_size": _get(cfg, "ep_size", default=None),
+        "hosts": _get(cfg, "hosts"),
+        "workers_per_host": _get(cfg, "workers_per_host"),
+        "link_bps": _get(cfg, "link_bps", "link_rate_bps", "link_bit_s"),
+    }
+    emulate = cfg.get("emulate")
+    if isinstance(emulate, str) and out["hosts"] is None:
+        from lina.cluster.emulate import parse_emulate
+
+        spec = parse_emulate(emulate)
+        if spec is None:
+            raise LinaError(f"{path}: ran on plain loopback (emulate={emulate!r}); there is no link to calibrate")
+        out.update(hosts=spec.hosts, workers_per_host=spec.workers_per_host, link_bps=spec.link_bps)
+    packing = summary.get("packing")
+    if isinstance(packing, dict) and packing.get("ep_size"):
+        out["ep_size"] = packing["ep_size"]
+    missing = [k for k, v in out.items() if v is None and k != "ep_size"]
+    if missing:
+        raise LinaError(f"{path}/summary.json: config lacks {', '.join(missing)}")
+    return out
+
+
+def read_run(path: str | Path) -> RunRecord:
+    """Read one run directory (see the module docstring)."""
+    path = Path(path)
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+    except (OSError, ValueError) as err:
+        raise LinaError(f"cannot read {path}/summary.json: {err}") from err
+    cfg = _config_fields(summary, path)
+    measured = summary.get("step_time_s_median")
+    if not isinstance(measured, (int, float)) or measured <= 0:
+        raise LinaError(f"{path}/summary.json: step_time_s_median is missing or not positive")
+    chunk = cfg["chunk_mb"]
+    try:
+        chunk = float(chunk)
+    except (TypeError, ValueError):
+        chunk = float(summary.get("chunk_mb_resolved", 30.0))
+    model = ModelSpec(
+        name=path.name,
+        layers=int(cfg["layers"]),
+        d_model=int(cfg["d_model"]),
+        d_ff=int(cfg["d_ff"]),
+        experts=int(cfg["experts"]),
+        top_k=int(cfg["top_k"]),
+        seq_len=int(cfg["seq_len"]),
+        batch_size=int(cfg["batch_size"]),
+        vocab=int(cfg["vocab"]),
+        moe_every=int(cfg["moe_every"]),
+        act_bytes=4,
+        grad_bytes=4,
+        param_bytes=4,
+    )
+    chunks = int(cfg["pipeline_chunks"])
+    train = TrainSpec(chunk_mb=chunk, bucket_mb=float(cfg["bucket_mb"]), tutel_chunks=chunks, lina_a2a_chunks=chunks)
+    spans: dict[int, list[Span]] = {}
+    for f in sorted(path.glob("timeline-rank*.jsonl")):
+        rank = int(f.stem.removeprefix("timeline-rank"))
+        spans[rank] = load_jsonl(f)
+    if not spans:
+        raise LinaError(f"{path}: no timeline-rank*.jsonl files")
+    hosts, wph = int(cfg["hosts"]), int(cfg["workers_per_host"])
+    if hosts * wph != int(cfg["workers"]):
+        raise LinaError(f"{path}: {hosts} hosts x {wph} workers != {cfg['workers']} workers")
+    return RunRecord(path, hosts, wph, float(cfg["link_bps"]), model, str(cfg["policy"]),
+                     int(cfg["ep_size"]) if cfg["ep_size"] else None, train, float(measured), spans)
+
+
+def find_runs(root: str | Path) -> list[RunRecord]:
+    """Every run directory at or below ``root`` (a folder holding ``summary.json``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError("--calibrate", f"{root} is not a directory", "give the folder of emulated-cluster runs")
+    dirs = sorted({p.parent for p in root.rglob("summary.json")})
+    if not dirs:
+        raise LinaError(f"no summary.json under {root}: nothing to calibrate against")
+    return [read_run(d) for d in dirs]
+
+
+# --------------------------------------------------------------------------- observations
+def _direction(span: Span) -> str | None:
+    for key in ("direction", "phase", "pass"):
+        value = span.args.get(key)
+        if value in ("fwd", "bwd"):
+            return value
+    name = span.name.lower()
+    if "bwd" in name or "backward" in name:
+        return "bwd"
+    if "fwd" in name or "forward" in name:
+        return "fwd"
+    return None
+
+
+def _overlaps(span: Span, others: list[Span]) -> bool:
+    return any(o is not span and o.start_s < span.end_s and span.start_s < o.end_s for o in others)
+
+
+@dataclass
+class StepObs:
+    fwd_dense_s: float  # forward pass neither in an all-to-all nor in expert compute
+    fwd_expert_s: float
+    bwd_rest_s: float  # backward pass neither in an all-to-all nor in a *recorded* backward expert span
+    bwd_expert_s: float | None  # None when backward expert compute has no spans of its own
+    tail_s: float  # after backward and every allreduce: optimizer
+
+
+@dataclass
+class RunObs:
+    steps: list[StepObs]
+    a2a: list[tuple[float, float]]  # (bytes sent by the rank, seconds), forward, uncontended
+    allreduce: list[tuple[float, float]]  # (bytes, seconds), not overlapping an a2a
+
+
+def observe(run: RunRecord, skip_first: bool = True) -> RunObs:
+    """Per-step compute totals and uncontended collective durations of every rank."""
+    steps, a2a, allreduce = [], [], []
+    for spans in run.spans.values():
+        windows = sorted((s for s in spans if s.cat == "step"), key=lambda s: s.start_s)
+        if skip_first and len(windows) >= 3:
+            windows = windows[1:]
+        for w in windows:
+            inside = [s for s in spans if s.cat != "step" and s.start_s >= w.start_s - 1e-9 and s.end_s <= w.end_s + 1e-9]
+            a2as = [s for s in inside if s.cat == "a2a"]
+            ars = [s for s in inside if s.cat == "allreduce"]
+            fwd = next((s for s in inside if s.cat == "compute" and s.name == "forward"), None)
+            bwd = next((s for s in inside if s.cat == "compute" and s.name == "backward"), None)
+            if fwd is None or bwd is None:
+                continue
+
+            experts = [s for s in inside if s.cat == "compute" and "expert" in s.name.lower()]
+            e_fwd = [s for s in experts if _direction(s) != "bwd"]
+            e_bwd = [s for s in experts if _direction(s) == "bwd"]
+
+            def rest(pass_span: Span, busy: list[Span]) -> float:
+                cut = [(max(s.start_s, pass_span.start_s), min(s.end_s, pass_span.end_s)) for s in a2as + busy]
+                return pass_span.dur_s - union_length([(a, b) for a, b in cut if b > a])
+
+            done = max([bwd.end_s] + [s.end_s for s in ars])
+            steps.append(StepObs(
+                fwd_dense_s=rest(fwd, e_fwd),
+                fwd_expert_s=sum(s.dur_s for s in e_fwd),
+                bwd_rest_s=rest(bwd, e_bwd),
+                bwd_expert_s=sum(s.dur_s for s in e_bwd) if e_bwd else None,
+                tail_s=w.end_s - done,
+            ))
+            for s in a2as:
+                if _direction(s) == "fwd" and "bytes" in s.args and not _overlaps(s, a2as):
+                    a2a.append((float(s.args["bytes"]), s.dur_s))
+            for s in ars:
+                if "bytes" in s.args and not _overlaps(s, a2as) and not _overlaps(s, ars):
+                    allreduce.append((float(s.args["bytes"]), s.dur_s))
+    if not steps:
+        raise LinaError(f"{run.path}: no step with 'forward' and 'backward' compute spans")
+    return RunObs(steps, a2a, allreduce)
+
+
+# --------------------------------------------------------------------------- fitting
+@dataclass
+class CalibrationFit:
+    profile: ComputeProfile
+    link_efficiency: float
+    a2a_latency_s: float
+    allreduce_latency_s: float
+    intra_factor: float
+    intra_measured: bool
+    a2a_samples: int
+    allreduce_samples: int
+
+    def cluster_for(self, run: RunRecord) -> ClusterSpec:
+        n = run.workers
+        hop = max(0.0, self.allreduce_latency_s - self.a2a_latency_s) / (2 * (n - 1)) if n > 1 else 0.0
+        gbps = run.link_bps / 1e9
+        return ClusterSpec(
+            hosts=run.hosts,
+            gpus_per_host=run.workers_per_host,
+            link_gbps=gbps,
+            nvlink_gbps=gbps * self.intra_factor,
+            link_efficiency=min(1.0, self.link_efficiency),
+            launch_s=self.a2a_latency_s,
+            per_peer_s=0.0,
+            hop_latency_s=hop,
+        )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "profile": self.profile.to_dict()}
+
+
+def _ep(run: RunRecord) -> int:
+    return run.ep_size or min(run.model.experts, run.workers)
+
+
+def _busiest_link_bytes(run: RunRecord, nbytes: float) -> float:
+    """Bytes of one uniform all-to-all on the busiest host link, per rank sending ``nbytes``."""
+    ep, g = _ep(run), run.workers_per_host
+    if ep <= g:
+        return 0.0
+    return g * nbytes * (ep - g) / ep
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else 0.0
+
+
+def fit(runs: list[RunRecord]) -> CalibrationFit:
+    """Fit compute and link parameters to ``runs`` (pooled; see the module docstring)."""
+    obs = [observe(r) for r in runs]
+    tok_layers = fwd_dense = bwd_dense = 0.0
+    slot_layers = e_fwd = e_bwd = 0.0
+    params = tail = 0.0
+    have_e_bwd = all(s.bwd_expert_s is not None for o in obs for s in o.steps)
+    for r, o in zip(runs, obs):
+        m = r.model
+        fd = _median([s.fwd_dense_s for s in o.steps])
+        ef = _median([s.fwd_expert_s for s in o.steps])
+        br = _median([s.bwd_rest_s for s in o.steps])
+        if have_e_bwd:
+            eb = _median([s.bwd_expert_s for s in o.steps])
+            bd = br
+        else:  # backward expert compute hides in the pass: split it like the forward
+            ratio = br / (fd + ef) if fd + ef > 0 else 2.0
+            eb = ef * ratio
+            bd = br - eb
+        tok_layers += m.layers * m.tokens
+        slot_layers += m.moe_layers * m.tokens * m.top_k * m.capacity_factor
+        fwd_dense += fd
+        bwd_dense += bd
+        e_fwd += ef
+        e_bwd += eb
+        plan = StepPlan(ClusterSpec(r.hosts, r.workers_per_host, r.link_bps / 1e9), m, None, r.train, _ep(r))
+        params += plan.local_params()
+        tail += _median([s.tail_s for s in o.steps])
+    profile = ComputeProfile(
+        dense_fwd_s_per_token=max(0.0, fwd_dense / tok_layers),
+        dense_bwd_s_per_token=max(0.0, bwd_dense / tok_layers),
+        expert_fwd_s_per_token=max(0.0, e_fwd / slot_layers) if slot_layers else 0.0,
+        expert_bwd_s_per_token=max(0.0, e_bwd / slot_layers) if slot_layers else 0.0,
+        optimizer_s_per_param=max(0.0, tail / params) if params else 0.0,
+    )
+    # link: duration = latency + (busiest-link bytes / line rate) / efficiency
+    xs, ys = [], []
+    intra = []
+    for r, o in zip(runs, obs):
+        line = r.link_bps / 8
+        for nbytes, dur in o.a2a:
+            x = _busiest_link_bytes(r, nbytes) / line
+            if x > 0:
+                xs.append(x)
+                ys.append(dur)
+            elif _ep(r) > 1:
+                intra.append((r, nbytes, dur))
+    if not xs:
+        raise LinaError("no uncontended forward all-to-all crossed a host link: cannot fit the link")
+    x, y = np.asarray(xs), np.asarray(ys)
+    if len(x) >= 2 and np.ptp(x) > 1e-3 * x.mean():
+        slope, intercept = np.polyfit(x, y, 1)
+        if intercept < 0:
+            intercept, slope = 0.0, float((x @ y) / (x @ x))
+    else:
+        intercept, slope = 0.0, float((x @ y) / (x @ x))
+    efficiency = 1.0 / slope if slope > 0 else 1.0
+    latency = max(0.0, float(intercept))
+    intra_factor, intra_measured = INTRA_FACTOR_ASSUMED, False
+    if intra:
+        rates = [nb * (_ep(r) - 1) / _ep(r) / max(d - latency, 1e-9) / (r.link_bps / 8) for r, nb, d in intra]
+        intra_factor, intra_measured = float(_median(rates)), True
+    provisional = CalibrationFit(profile, efficiency, latency, latency, intra_factor, intra_measured, len(xs), 0)
+    excess = []
+    for r, o in zip(runs, obs):
+        if not o.allreduce:
+            continue
+        cluster = replace(provisional.cluster_for(r), launch_s=0.0, hop_latency_s=0.0)
+        topo = Topology(cluster)
+        for nbytes, dur in o.allreduce:
+            excess.append(dur - transfer_time(topo, ring_allreduce(topo, 1, r.workers, nbytes)))
+    ar_latency = max(0.0, float(_median(excess))) if excess else latency
+    return replace(provisional, allreduce_latency_s=ar_latency, allreduce_samples=len(excess))
+
+
+# --------------------------------------------------------------------------- predicting
+POLICY_OF_SCHEDULE = {"deepspeed": "deepspeed", "sequential": "sequential", "tutel": "tutel", "lina": "lina"}
+
+
+def predict(fitted: CalibrationFit, run: RunRecord) -> TrainResult:
+    """Simulate one step of ``run`` with the fitted parameters."""
+    policy = POLICY_OF_SCHEDULE.get(run.policy, run.policy)
+    train = replace(run.train, ep_size=_ep(run))
+    return simulate_step(fitted.cluster_for(run), run.model, fitted.profile, train, policy)
+
+
+@dataclass
+class CalibrationReport:
+    fit: CalibrationFit
+    rows: list[dict]
+
+    @property
+    def median_abs_error(self) -> float:
+        return statistics.median(abs(r["error"]) for r in self.rows)
+
+    def to_dict(self) -> dict:
+        return {"fit": self.fit.to_dict(), "rows": self.rows, "median_abs_error": self.median_abs_error}
+
+
+def calibrate(root: str | Path) -> CalibrationReport:
+    runs = find_runs(root)
+    fitted = fit(runs)
+    rows = []
+    for r in runs:
+        pred = predict(fitted, r).step_s
+        rows.append({"run": str(r.path), "config": r.label, "policy": r.policy, "measured_s": r.measured_step_s,
+                     "predicted_s": pred, "error": (pred - r.measured_step_s) / r.measured_step_s})
+    return CalibrationReport(fitted, rows)
+
+
+def report_text(rep: CalibrationReport) -> str:
+    f = rep.fit
+    p = f.profile
+    lines = [
+        "fitted parameters:",
+        f"  link efficiency {f.link_efficiency:.3f} of the configured rate; all-to-all latency {f.a2a_latency_s * 1e3:.3f} ms "
+        f"({f.a2a_samples} uncontended forward all-to-alls)",
+        f"  allreduce latency {f.allreduce_latency_s * 1e3:.3f} ms ({f.allreduce_samples} uncontended allreduces)",
+        f"  intra-host rate {f.intra_factor:.1f}x the host link ({'measured' if f.intra_measured else 'assumed: no single-host all-to-all in the runs'})",
+        f"  compute per token: dense fwd {p.dense_fwd_s_per_token * 1e6:.3f} us, bwd {p.dense_bwd_s_per_token * 1e6:.3f} us per layer; "
+        f"expert fwd {p.expert_fwd_s_per_token * 1e6:.3f} us, bwd {p.expert_bwd_s_per_token * 1e6:.3f} us per routed token; "
+        f"optimizer {p.optimizer_s_per_param * 1e9:.3f} ns per parameter",
+        "",
+        f"  {'config':<52}{'policy':<12}{'measured ms':>12}{'predicted ms':>14}{'error':>9}",
+    ]
+    for r in rep.rows:
+        lines.append(f"  {r['config'][:51]:<52}{r['policy']:<12}{r['measured_s'] * 1e3:>12.1f}{r['predicted_s'] * 1e3:>14.1f}{r['error']:>+9.1%}")
+    lines.append(f"median |error|: {rep.median_abs_error:.1%} over {len(rep.rows)} runs")
+    return "\n".join(lines)
+
+
+def run_command(root: str, json_path: str | None) -> int:
+    """``lina sim --calibrate DIR``."""
+    print(f"calibrating against the runs under {root}", flush=True)
+    rep = calibrate(root)
+    print(report_text(rep))
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- synthetic runs
+def write_synthetic_run(
+    path: str | Path,
+    cluster: ClusterSpec,
+    model: ModelSpec,
+    profile: ComputeProfile,
+    train: TrainSpec,
+    policy: str,
+    steps: int = 4,
+    jitter: float = 0.0,
+    seed: int = 0,
+) -> TrainResult:
+    """Simulate ``policy`` and write a run directory in the trainer's format (flat config).
+
+    Every rank gets the same spans (training is symmetric); ``jitter`` scales each step's spans
+    by a random factor in ``[1 - jitter, 1 + jitter]`` so the data are not all alike.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    result = simulate_step(cluster, model, profile, train, policy)
+    rng = np.random.default_rng(seed)
+    timelines = [Timeline(rank) for rank in range(cluster.gpus)]
+    offset = 0.0
+    step_times = []
+    for step in range(steps):
+        scale = 1.0 + jitter * (2 * rng.random() - 1)
+        for rank, tl in enumerate(timelines):
+            for s in result.timeline(rank, 0.0, step).spans():
+                tl.record(s.name, s.cat, offset + s.start_s * scale, offset + s.end_s * scale, thread=s.thread, **s.args)
+        step_times.append(result.step_s * scale)
+        offset += result.step_s * scale + 1e-3
+    for tl in timelines:
+        tl.save_jsonl(path / f"timeline-rank{tl.rank}.jsonl")
+    config = {
+        "layers": model.layers, "d_model": model.d_model, "d_ff": model.d_ff, "experts": model.experts,
+        "top_k": model.top_k, "seq_len": model.seq_len, "batch_size": model.batch_size, "vocab": model.vocab,
+        "workers": cluster.gpus, "hosts": cluster.hosts, "workers_per_host": cluster.gpus_per_host,
+        "link_bps": cluster.link_gbps * 1e9, "policy": policy, "chunk_mb": train.chunk_mb, "bucket_mb": train.bucket_mb,
+        "pipeline_chunks": train.lina_a2a_chunks or train.tutel_chunks,
+    }
+    summary = {"config": config, "step_time_s_median": statistics.median(step_times[1:] if steps >= 3 else step_times),
+               "source": "lina.sim.calibrate.write_synthetic_run"}
+    (path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if not math.isfinite(summary["step_time_s_median"]):
+        raise LinaError("synthetic run produced a non-finite step time")
+    return result

@@ -1,0 +1,65 @@
+"""PNG plots of simulated results (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lina.sim.runner import ScenarioRun  # noqa: E402
+
+AXIS_LABEL = {"gpus": "GPUs", "link": "NIC link rate (Gb/s)"}
+
+
+def plot_sweep(runs: list[ScenarioRun], axis: str, values: list[float], path: str | Path, title: str) -> Path:
+    """Speedup over deepspeed of every policy against the swept value; a2a share on a second panel."""
+    path = Path(path)
+    policies = [p for p in runs[0].results if p != "deepspeed"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for p in policies:
+        ys = [r.results[p].speedup for r in runs]
+        ax.plot(values, ys, marker="o", label=p)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(AXIS_LABEL[axis])
+    ax.set_ylabel("step-time speedup vs deepspeed")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax2.plot(values, [r.baseline.a2a_share * 100 for r in runs], marker="s", color="tab:red", label="deepspeed a2a share")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel(AXIS_LABEL[axis])
+    ax2.set_ylabel("all-to-all share of deepspeed step (%)")
+    ax2.set_ylim(0, 100)
+    ax2.grid(alpha=0.3)
+    ax2.set_title("regime")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_breakdown(run: ScenarioRun, path: str | Path) -> Path:
+    """Per policy: step time split into compute and exposed communication, a2a time beside it."""
+    path = Path(path)
+    names = list(run.results)
+    compute = [run.results[n].compute_s * 1e3 for n in names]
+    exposed = [run.results[n].exposed_comm_s * 1e3 for n in names]
+    a2a = [run.results[n].a2a_s * 1e3 for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], compute, 0.4, label="compute")
+    ax.bar([x - 0.2 for x in xs], exposed, 0.4, bottom=compute, label="exposed communication")
+    ax.bar([x + 0.2 for x in xs], a2a, 0.4, label="all-to-all (in flight)", color="tab:red", alpha=0.6)
+    ax.axhline(run.lower_bound.step_s * 1e3, color="k", ls=":", lw=1, label="lower bound")
+    ax.set_xticks(list(xs), names, rotation=20, fontsize=8)
+    ax.set_ylabel("ms per training step")
+    ax.set_title(f"{run.scenario.name} (simulated)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
