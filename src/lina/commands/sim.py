@@ -193,7 +193,15 @@ def run(args) -> int:
     import torch
 
     # The simulator is single-threaded; torch's intra-op threads only fight over the cores.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _dispatch(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _dispatch(args) -> int:
     if args.list:
         return _list()
     if args.calibrate:

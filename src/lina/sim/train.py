@@ -37,42 +37,34 @@ def _regular(group: int, gpus_per_host: int) -> bool:
     return group % gpus_per_host == 0 or gpus_per_host % group == 0
 
 
-def decide_packing(plan: StepPlan, topo: Topology, memory_gb: float | None = None) -> StepPlan:
-    """Lina's packing: double experts per GPU while one micro-op's FFN is shorter than its a2a.
+def packing_rule(plan: StepPlan, topo: Topology, memory_gb: float | None = None) -> dict:
+    """Lina's rule at ``plan``'s packing: should experts per GPU double?
 
-    The a2a time of a micro-op is measured by simulating it alone (as Lina's controller measures
-    micro-ops in the forward pass); the FFN time of a micro-op counts every co-located expert's
-    invocation. Stops when the group is one GPU (pure data parallelism), when halving it would
-    break host regularity, at ``TrainSpec.max_pack``, or (given ``memory_gb``) when the packed
-    model states would not fit. Returns a new plan; ``pack_trace`` says why it stopped.
+    The a2a time of one micro-op is measured by simulating it alone (as Lina's controller
+    measures forward micro-ops); the FFN time of a micro-op counts every co-located expert's
+    invocation. Returns ``{"pack", "ep", "ffn_micro_s", "a2a_micro_s"}`` plus ``"stop"`` (why
+    not) when the answer is no: FFN not shorter, the group cannot halve (one GPU: pure data
+    parallelism; or a half that breaks host regularity), ``TrainSpec.max_pack``, or (given
+    ``memory_gb``) packed model states that would not fit.
     """
     m, c, t = plan.model, plan.cluster, plan.train
     micro_bytes = min(t.chunk_bytes, m.a2a_bytes)
     tokens = micro_bytes / (m.d_model * m.act_bytes)
-    pack, ep = 1, plan.ep
-    trace = []
-    while True:
-        trial = StepPlan(c, m, plan.profile, t, ep, pack)
-        ffn = trial.expert_time(False, tokens)
-        a2a = transfer_time(topo, all_to_all(topo, ep, micro_bytes, t.a2a_algorithm)) if ep > 1 else 0.0
-        step = {"pack": pack, "ep": ep, "ffn_micro_s": ffn, "a2a_micro_s": a2a}
-        trace.append(step)
-        if ffn >= a2a:
-            step["stop"] = "ffn >= a2a per micro-op"
-            break
-        if ep == 1 or ep % 2 or not _regular(ep // 2, c.gpus_per_host):
-            step["stop"] = "group cannot shrink further"
-            break
-        if t.max_pack is not None and pack * 2 > t.max_pack:
-            step["stop"] = "max_pack"
-            break
-        if memory_gb is not None:
-            need = StepPlan(c, m, plan.profile, t, ep // 2, pack * 2).local_params() * t.state_bytes_per_param
-            if need > memory_gb * 1e9 * t.memory_fraction:
-                step["stop"] = f"memory: {need / 1e9:.0f} GB of states > {t.memory_fraction:.0%} of {memory_gb:g} GB"
-                break
-        pack, ep = pack * 2, ep // 2
-    return StepPlan(c, m, plan.profile, t, ep, pack, trace)
+    ep, pack = plan.ep, plan.pack
+    ffn = plan.expert_time(False, tokens)
+    a2a = transfer_time(topo, all_to_all(topo, ep, micro_bytes, t.a2a_algorithm)) if ep > 1 else 0.0
+    step = {"pack": pack, "ep": ep, "ffn_micro_s": ffn, "a2a_micro_s": a2a}
+    if ffn >= a2a:
+        step["stop"] = "ffn >= a2a per micro-op"
+    elif ep == 1 or ep % 2 or not _regular(ep // 2, c.gpus_per_host):
+        step["stop"] = "group cannot shrink further"
+    elif t.max_pack is not None and pack * 2 > t.max_pack:
+        step["stop"] = "max_pack"
+    elif memory_gb is not None:
+        need = StepPlan(c, m, plan.profile, t, ep // 2, pack * 2).local_params() * t.state_bytes_per_param
+        if need > memory_gb * 1e9 * t.memory_fraction:
+            step["stop"] = f"memory: {need / 1e9:.0f} GB of states > {t.memory_fraction:.0%} of {memory_gb:g} GB"
+    return step
 
 
 @dataclass
@@ -201,12 +193,17 @@ def simulate_step(
     pol = train_policy(policy) if isinstance(policy, str) else policy
     started = time.perf_counter()
     topo = Topology(cluster, representative=representative)
-    plan = StepPlan(cluster, model, profile, train, resolve_ep(cluster, model, train))
-    if pol.packing:
-        plan = decide_packing(plan, topo, memory_gb)
     cache = TransferCache(topo, train.a2a_algorithm, train.allreduce_algorithm)
+    plan = StepPlan(cluster, model, profile, train, resolve_ep(cluster, model, train))
+    tasks, events = _run(plan, pol, topo, cache)
+    if pol.packing:
+        plan, tasks, events = _pack(plan, pol, topo, cache, tasks, events, memory_gb)
+    return measure(pol.name, tasks, plan, time.perf_counter() - started, events)
+
+
+def _run(plan: StepPlan, pol: TrainPolicy, topo: Topology, cache: TransferCache) -> tuple[list[Task], int]:
     tasks = StepBuilder(plan, pol, cache).build()
-    window = train.credit_window if pol.grad_sync == "microops" else 1
+    window = plan.train.credit_window if pol.grad_sync == "microops" else 1
     executor = Executor(
         tasks,
         FlowNetwork(topo.capacity),
@@ -214,7 +211,36 @@ def simulate_step(
         _priority_gate if pol.priority else (lambda task, ex: True),
     )
     executor.run()
-    return measure(pol.name, tasks, plan, time.perf_counter() - started, executor.events)
+    return tasks, executor.events
+
+
+def _pack(plan, pol, topo, cache, tasks, events, memory_gb):
+    """Double experts per GPU while :func:`packing_rule` says so, as the trainer's controller does.
+
+    Like the project's trainer (:mod:`lina.train.packing`), a doubling that makes the step slower
+    by more than ``REVERT_MARGIN`` is undone and packing settles (the replicated experts'
+    gradients join the allreduce, which the paper's rule does not weigh).
+    """
+    from lina.train.packing import REVERT_MARGIN
+
+    trace = []
+    step_s = max(t.end_s for t in tasks)
+    while True:
+        decision = packing_rule(plan, topo, memory_gb)
+        decision["step_s"] = step_s
+        trace.append(decision)
+        if "stop" in decision:
+            break
+        trial = StepPlan(plan.cluster, plan.model, plan.profile, plan.train, plan.ep // 2, plan.pack * 2)
+        trial_tasks, trial_events = _run(trial, pol, topo, cache)
+        trial_s = max(t.end_s for t in trial_tasks)
+        events += trial_events
+        if trial_s > step_s * (1 + REVERT_MARGIN):
+            decision["stop"] = f"reverted: x{trial.pack} made the step {trial_s / step_s - 1:.0%} slower"
+            break
+        plan, tasks, step_s = trial, trial_tasks, trial_s
+    plan.pack_trace = trace
+    return plan, tasks, events
 
 
 def simulate_policies(

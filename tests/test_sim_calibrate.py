@@ -1,0 +1,77 @@
+"""Calibration: fit known parameters back from synthetic run directories and predict the runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lina.errors import LinaError
+from lina.sim.calibrate import calibrate, find_runs, read_run, write_synthetic_run
+from lina.sim.compute import ComputeProfile
+from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec
+
+TRUTH = ComputeProfile(
+    dense_fwd_s_per_token=2e-6,
+    dense_bwd_s_per_token=4e-6,
+    expert_fwd_s_per_token=3e-6,
+    expert_bwd_s_per_token=6e-6,
+    optimizer_s_per_param=2e-9,
+)
+EFFICIENCY = 0.8
+LAUNCH = 1e-3
+HOP = 2e-4
+
+
+def make_runs(root):
+    runs = [(0.2, "deepspeed", 8), (0.1, "deepspeed", 4), (0.2, "lina", 8), (0.4, "sequential", 8), (0.1, "tutel", 8)]
+    for i, (gbps, policy, batch) in enumerate(runs):
+        cluster = ClusterSpec(hosts=2, gpus_per_host=2, link_gbps=gbps, link_efficiency=EFFICIENCY, launch_s=LAUNCH, per_peer_s=0, hop_latency_s=HOP)
+        model = ModelSpec("tiny", layers=4, d_model=128, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=batch, vocab=256,
+                          act_bytes=4, grad_bytes=4, param_bytes=4)
+        write_synthetic_run(root / f"run{i}", cluster, model, TRUTH, TrainSpec(lina_a2a_chunks=2), policy, steps=4, jitter=0.02, seed=i)
+    return len(runs)
+
+
+def test_fit_recovers_known_parameters_and_predicts_within_10_percent(tmp_path):
+    n = make_runs(tmp_path)
+    rep = calibrate(tmp_path)
+    f = rep.fit
+    assert f.link_efficiency == pytest.approx(EFFICIENCY, rel=0.05)
+    assert f.a2a_latency_s == pytest.approx(LAUNCH, rel=0.1)
+    assert f.allreduce_latency_s == pytest.approx(LAUNCH + 2 * 3 * HOP, rel=0.1)
+    p = f.profile
+    for name in ("dense_fwd_s_per_token", "dense_bwd_s_per_token", "expert_fwd_s_per_token", "expert_bwd_s_per_token", "optimizer_s_per_param"):
+        assert getattr(p, name) == pytest.approx(getattr(TRUTH, name), rel=0.05), name
+    assert len(rep.rows) == n
+    for row in rep.rows:
+        assert abs(row["error"]) < 0.10, row
+    assert rep.median_abs_error < 0.05
+
+
+def test_reads_the_trainer_config_form(tmp_path):
+    make_runs(tmp_path)
+    run = tmp_path / "run0"
+    summary = json.loads((run / "summary.json").read_text())
+    flat = summary["config"]
+    summary["config"] = {
+        "model": {"n_layers": flat["layers"], "d_model": flat["d_model"], "d_ff": flat["d_ff"], "experts": flat["experts"],
+                  "top_k": flat["top_k"], "seq_len": flat["seq_len"], "vocab_size": flat["vocab"], "moe_interval": 1},
+        "workers": flat["workers"], "batch_size": flat["batch_size"], "schedule": "deepspeed", "chunk_mb": "auto",
+        "bucket_mb": 25.0, "pipeline_chunks": 2, "ep_size": 0, "emulate": "hosts=2,link=200mbit,workers_per_host=2",
+    }
+    summary["packing"] = {"ep_size": 4}
+    (run / "summary.json").write_text(json.dumps(summary))
+    rec = read_run(run)
+    assert (rec.hosts, rec.workers_per_host, rec.link_bps, rec.policy, rec.ep_size) == (2, 2, 200e6, "deepspeed", 4)
+    assert rec.model.layers == 4 and rec.model.tokens == 128 * 8
+    assert len(find_runs(tmp_path)) == 5
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(LinaError):
+        find_runs(tmp_path)  # no summary.json anywhere
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "summary.json").write_text(json.dumps({"config": {"layers": 2}, "step_time_s_median": 1.0}))
+    with pytest.raises(LinaError, match="lacks"):
+        read_run(tmp_path / "r")

@@ -1,0 +1,203 @@
+"""Hand-computable cases of the flow-level network and the collectives built on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lina.sim.collectives import (
+    all_to_all,
+    all_to_all_matrix,
+    hierarchical_allreduce,
+    ring_allreduce,
+    ring_allreduce_time,
+)
+from lina.sim.infer import a2a_bottleneck_time
+from lina.sim.maxmin import max_min_rates
+from lina.sim.network import FlowNetwork, Transfer, make_phase
+from lina.sim.spec import ClusterSpec
+from lina.sim.topology import FlowClass, Topology
+
+GB = 1e9
+
+
+def bare(hosts=2, gpus=1, link_gbps=8.0, **kw) -> ClusterSpec:
+    """No latencies, so times are bytes / rates exactly. 8 Gb/s = 1 GB/s."""
+    return ClusterSpec(hosts=hosts, gpus_per_host=gpus, link_gbps=link_gbps, launch_s=0, per_peer_s=0, hop_latency_s=0, **kw)
+
+
+def run(capacity, transfers) -> list[float]:
+    net = FlowNetwork(capacity)
+    ids = [net.start(t) for t in transfers]
+    ends = {}
+    while net.busy():
+        t = net.next_event_time()
+        for tid in net.advance_to(t):
+            ends[tid] = t
+    return [ends[i] for i in ids]
+
+
+def flows(topo: Topology, pairs: list[tuple[int, int, float]], name="f") -> Transfer:
+    src, dst, size = zip(*pairs)
+    classes = topo.classes(np.array(src), np.array(dst), np.array(size))
+    return Transfer(name, (make_phase(classes, 0.0, topo.n_resources),))
+
+
+# ------------------------------------------------------------------ max-min solver
+def test_max_min_textbook_example():
+    # link A (cap 1) carries f0, f1; link B (cap 2) carries f1, f2 -> 0.5, 0.5, 1.5
+    usage = np.array([[1, 0], [1, 1], [0, 1]], dtype=float)
+    rates = max_min_rates(usage, np.array([1.0, 2.0]), np.ones(3))
+    np.testing.assert_allclose(rates, [0.5, 0.5, 1.5])
+
+
+def test_max_min_weights_and_counts():
+    usage = np.array([[1.0], [1.0]])
+    np.testing.assert_allclose(max_min_rates(usage, np.array([4.0]), np.array([1.0, 3.0])), [1.0, 3.0])
+    # a class of 3 member flows and a single flow: 4 equal members share the link
+    usage = np.array([[3.0], [1.0]])
+    np.testing.assert_allclose(max_min_rates(usage, np.array([4.0]), np.ones(2)), [1.0, 1.0])
+
+
+# ------------------------------------------------------------------ single flows
+def test_one_flow_runs_at_link_rate():
+    topo = Topology(bare(), representative=False)
+    (end,) = run(topo.capacity, [flows(topo, [(0, 1, 3 * GB)])])
+    assert end == pytest.approx(3.0)
+
+
+def test_link_efficiency_scales_the_rate():
+    topo = Topology(bare(link_efficiency=0.5), representative=False)
+    (end,) = run(topo.capacity, [flows(topo, [(0, 1, 1 * GB)])])
+    assert end == pytest.approx(2.0)
+
+
+def test_two_flows_share_a_nic_then_the_survivor_speeds_up():
+    topo = Topology(bare(hosts=3), representative=False)
+    a, b = run(topo.capacity, [flows(topo, [(0, 1, 1 * GB)], "a"), flows(topo, [(0, 2, 3 * GB)], "b")])
+    # both at 0.5 GB/s until a is done at t=2 (1 GB); b then has 2 GB left at 1 GB/s
+    assert a == pytest.approx(2.0)
+    assert b == pytest.approx(4.0)
+
+
+def test_intra_host_flow_uses_nvlink_not_the_nic():
+    c = bare(hosts=2, gpus=2, nvlink_gbps=80.0)  # 10 GB/s inside a host
+    topo = Topology(c, representative=False)
+    fast, slow = run(topo.capacity, [flows(topo, [(0, 1, 1 * GB)], "in"), flows(topo, [(0, 2, 1 * GB)], "out")])
+    assert fast == pytest.approx(0.1)
+    assert slow == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ collectives
+@pytest.mark.parametrize("hosts,gpus", [(4, 1), (2, 2), (4, 4)])
+def test_ring_allreduce_matches_the_formula(hosts, gpus):
+    c = ClusterSpec(hosts=hosts, gpus_per_host=gpus, link_gbps=8.0, launch_s=1e-4, per_peer_s=0, hop_latency_s=1e-5)
+    n = c.gpus
+    topo = Topology(c)
+    nbytes = 0.4 * GB
+    formula = ring_allreduce_time(nbytes, n, c.nic_bytes_per_s, c.hop_latency_s, c.launch_s)
+    stepwise = run(topo.capacity, [ring_allreduce(topo, 1, n, nbytes, stepwise=True)])[0]
+    fluid = run(topo.capacity, [ring_allreduce(topo, 1, n, nbytes)])[0]
+    assert stepwise == pytest.approx(formula, rel=1e-9)
+    assert fluid == pytest.approx(formula, rel=1e-9)
+    # 2 (N-1)/N * S / B + latencies, spelled out
+    assert formula == pytest.approx(1e-4 + 2 * (n - 1) * (1e-5 + nbytes / n / GB))
+
+
+def test_ring_channels_use_every_nic():
+    one = bare(hosts=4, gpus=4, nics_per_host=1)
+    four = bare(hosts=4, gpus=4, nics_per_host=4)
+    t1 = run(Topology(one).capacity, [ring_allreduce(Topology(one), 1, 16, GB)])[0]
+    t4 = run(Topology(four).capacity, [ring_allreduce(Topology(four), 1, 16, GB)])[0]
+    assert t4 == pytest.approx(t1 / 4)
+
+
+def test_hierarchical_allreduce_phases():
+    c = bare(hosts=4, gpus=4, nvlink_gbps=80.0)
+    topo = Topology(c)
+    s = 0.8 * GB
+    t = run(topo.capacity, [hierarchical_allreduce(topo, 1, 16, s)])[0]
+    intra = 3 / 4 * s / (10 * GB)  # reduce-scatter in the host, 4 members, NVLink
+    inter = 4 * (2 * 3 / 4 * s / 4) / GB  # 4 rings (one per local GPU) of S/4 share the host's one NIC
+    assert t == pytest.approx(2 * intra + inter)
+
+
+def test_uniform_all_to_all_time():
+    c = bare(hosts=4, gpus=4)
+    topo = Topology(c)
+    s = 0.64 * GB
+    (t,) = run(topo.capacity, [all_to_all(topo, 16, s)])
+    # every host's NIC sends 4 GPUs x 12/16 of their bytes
+    assert t == pytest.approx(4 * s * 12 / 16 / GB)
+
+
+def test_hot_receiver_sets_the_all_to_all_time():
+    c = bare(hosts=4, gpus=1)
+    topo = Topology(c, representative=False)
+    traffic = np.full((4, 4), 0.1 * GB)
+    traffic[:, 0] = 0.5 * GB  # everybody sends 5x more to rank 0
+    np.fill_diagonal(traffic, 0.0)
+    (t,) = run(topo.capacity, [all_to_all_matrix(topo, traffic)])
+    hot = 3 * 0.5 * GB / GB  # rank 0's NIC receives 1.5 GB
+    assert t == pytest.approx(hot)
+    assert a2a_bottleneck_time(c, traffic) == pytest.approx(hot)
+    # without the hot receiver the same all-to-all is 3x faster
+    cool = np.full((4, 4), 0.1 * GB)
+    np.fill_diagonal(cool, 0.0)
+    assert run(topo.capacity, [all_to_all_matrix(topo, cool)])[0] == pytest.approx(0.3)
+
+
+def test_hierarchical_a2a_moves_the_same_inter_host_bytes():
+    c = bare(hosts=4, gpus=4, nvlink_gbps=800.0)
+    topo = Topology(c)
+    s = 0.64 * GB
+    flat = run(topo.capacity, [all_to_all(topo, 16, s)])[0]
+    hier = run(topo.capacity, [all_to_all(topo, 16, s, algorithm="hierarchical")])[0]
+    intra = s * 3 / 4 / (100 * GB)
+    assert hier == pytest.approx(flat + intra)
+
+
+# ------------------------------------------------------------------ contention and fairness
+def test_all_to_all_slowed_by_a_concurrent_allreduce():
+    c = bare(hosts=4, gpus=1)
+    topo = Topology(c)
+    alone = run(topo.capacity, [all_to_all(topo, 4, 1 * GB)])[0]
+    together, _ = run(topo.capacity, [all_to_all(topo, 4, 1 * GB), ring_allreduce(topo, 1, 4, 2 * GB)])
+    assert alone == pytest.approx(0.75)
+    # per-collective fairness: half the NIC each while both run
+    assert together == pytest.approx(1.5)
+
+
+def test_flow_fairness_lets_many_flows_crowd_out_a_ring():
+    topo = Topology(bare(hosts=4, gpus=4, fairness="flow"))
+    alone = run(topo.capacity, [all_to_all(topo, 16, 1 * GB)])[0]
+    together, _ = run(topo.capacity, [all_to_all(topo, 16, 1 * GB), ring_allreduce(topo, 1, 16, 4 * GB)])
+    # 48 a2a flows against 1 ring flow per NIC: the a2a barely notices
+    assert together < alone * 1.05
+    topo_c = Topology(bare(hosts=4, gpus=4))
+    together_c, _ = run(topo_c.capacity, [all_to_all(topo_c, 16, 1 * GB), ring_allreduce(topo_c, 1, 16, 4 * GB)])
+    assert together_c > alone * 1.9
+
+
+# ------------------------------------------------------------------ symmetry reduction
+@pytest.mark.parametrize("hosts,gpus,nics,ep", [(2, 2, 1, 4), (4, 2, 1, 4), (4, 2, 2, 8), (4, 4, 1, 2)])
+def test_representative_host_equals_full_simulation(hosts, gpus, nics, ep):
+    c = ClusterSpec(hosts=hosts, gpus_per_host=gpus, link_gbps=8.0, nics_per_host=nics, nvlink_gbps=40.0)
+    times = []
+    for representative in (True, False):
+        topo = Topology(c, representative=representative)
+        transfers = [
+            all_to_all(topo, ep, 0.3 * GB),
+            ring_allreduce(topo, 1, c.gpus, 0.5 * GB),
+            ring_allreduce(topo, ep, c.gpus // ep, 0.2 * GB),
+        ]
+        times.append(run(topo.capacity, transfers))
+    np.testing.assert_allclose(times[0], times[1], rtol=1e-9)
+
+
+def test_representative_topology_rejects_other_hosts_flows():
+    topo = Topology(bare(hosts=2, gpus=2))
+    with pytest.raises(ValueError):
+        topo.classes(np.array([2]), np.array([0]), 1.0)
+    assert topo.classes(np.array([0]), np.array([0]), 1.0) == []
+    assert isinstance(topo.classes(np.array([0]), np.array([3]), 1.0)[0], FlowClass)
