@@ -120,7 +120,8 @@ class Trainer:
             return
         if ep_size not in self.group_set:
             raise LinaError(f"no process groups for EP size {ep_size} (created at start-up: {sorted(self.group_set)}). "
-                            "Fix: resume with the --packing setting of the run that wrote the checkpoint")
+                            "Fix: pass every layout the run may use in group_set (lina.comm.groups.build_group_set); "
+                            "a resumed run gets its checkpoint's layout from lina.train.worker")
         old, new = self.groups, self.group_set[ep_size]
         name = self.policy.name
         with self.timeline.span("packing.repack", "sched", from_ep=old.ep_size, to_ep=new.ep_size):
