@@ -102,6 +102,8 @@ def _train(cfg: TrainConfig) -> dict | None:
         results.append(res)
         if rank == 0:
             for d in trainer.packing.history[decisions:]:
+                if d["reason"].startswith("settled"):
+                    continue
                 print(f"packing before step {d['step']}: {d['experts_per_rank']} -> {d['new_experts_per_rank']} experts per rank ({d['reason']})", flush=True)
                 if d["new_experts_per_rank"] != d["experts_per_rank"] and cfg.max_expert_memory_mb > 0:
                     _print_memory(trainer.expert_memory())
