@@ -110,7 +110,8 @@ def _config_fields(summary: dict, path: Path) -> dict:
         "chunk_mb": _get(cfg, "chunk_mb", default=30.0),
         "bucket_mb": _get(cfg, "bucket_mb", default=25.0),
         "pipeline_chunks": _get(cfg, "pipeline_chunks", "tutel_chunks", default=2),
-        "ep_size": _get(cfg, "ep_size", default=None),
+        "ep_size": _get(cfg, "ep_size", default=None) or None,
+        "experts_per_rank": _get(cfg, "experts_per_rank", default=None),
         "hosts": _get(cfg, "hosts"),
         "workers_per_host": _get(cfg, "workers_per_host"),
         "link_bps": _get(cfg, "link_bps", "link_rate_bps", "link_bit_s"),
@@ -126,7 +127,9 @@ def _config_fields(summary: dict, path: Path) -> dict:
     packing = summary.get("packing")
     if isinstance(packing, dict) and packing.get("ep_size"):
         out["ep_size"] = packing["ep_size"]
-    missing = [k for k, v in out.items() if v is None and k != "ep_size"]
+    elif out["experts_per_rank"]:
+        out["ep_size"] = int(out["experts"]) // int(out["experts_per_rank"])
+    missing = [k for k, v in out.items() if v is None and k not in ("ep_size", "experts_per_rank")]
     if missing:
         raise LinaError(f"{path}/summary.json: config lacks {', '.join(missing)}")
     return out
@@ -164,13 +167,14 @@ def read_run(path: str | Path) -> RunRecord:
         param_bytes=4,
     )
     chunks = int(cfg["pipeline_chunks"])
-    train = TrainSpec(chunk_mb=chunk, bucket_mb=float(cfg["bucket_mb"]), tutel_chunks=chunks, lina_a2a_chunks=chunks)
     spans: dict[int, list[Span]] = {}
     for f in sorted(path.glob("timeline-rank*.jsonl")):
         rank = int(f.stem.removeprefix("timeline-rank"))
         spans[rank] = load_jsonl(f)
     if not spans:
         raise LinaError(f"{path}: no timeline-rank*.jsonl files")
+    counts = any(s.cat == "a2a" and s.name.split(".")[-1] == "counts" for s in spans[min(spans)])
+    train = TrainSpec(chunk_mb=chunk, bucket_mb=float(cfg["bucket_mb"]), tutel_chunks=chunks, lina_a2a_chunks=chunks, count_exchange=counts)
     hosts, wph = int(cfg["hosts"]), int(cfg["workers_per_host"])
     if hosts * wph != int(cfg["workers"]):
         raise LinaError(f"{path}: {hosts} hosts x {wph} workers != {cfg['workers']} workers")
@@ -277,6 +281,7 @@ class CalibrationFit:
     intra_measured: bool
     a2a_samples: int
     allreduce_samples: int
+    note: str = ""
 
     def cluster_for(self, run: RunRecord) -> ClusterSpec:
         n = run.workers
@@ -363,19 +368,26 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
     if not xs:
         raise LinaError("no uncontended forward all-to-all crossed a host link: cannot fit the link")
     x, y = np.asarray(xs), np.asarray(ys)
-    if len(x) >= 2 and np.ptp(x) > 1e-3 * x.mean():
-        slope, intercept = np.polyfit(x, y, 1)
-        if intercept < 0:
-            intercept, slope = 0.0, float((x @ y) / (x @ x))
+    note = ""
+    slope = intercept = float("nan")
+    if len(x) >= 3 and np.ptp(x) > 0.05 * x.mean():
+        slope, intercept = (float(v) for v in np.polyfit(x, y, 1))
+    if 1.0 <= slope and intercept >= 0:  # efficiency = 1 / slope in (0, 1]
+        efficiency, latency = 1.0 / slope, intercept
     else:
-        intercept, slope = 0.0, float((x @ y) / (x @ x))
-    efficiency = 1.0 / slope if slope > 0 else 1.0
-    latency = max(0.0, float(intercept))
+        # Durations do not grow with bytes as a link would make them (latency- or noise-bound
+        # runs): keep the configured rate and put the rest in the latency.
+        efficiency = 1.0
+        latency = max(0.0, float(np.median(y - x)))
+        note = (
+            f"all-to-all durations do not scale with bytes (fitted slope {slope:.2f} s per line-rate second, "
+            f"intercept {intercept * 1e3:.2f} ms): the link rate is taken as configured and the rest as latency"
+        )
     intra_factor, intra_measured = INTRA_FACTOR_ASSUMED, False
-    if intra:
-        rates = [nb * (_ep(r) - 1) / _ep(r) / max(d - latency, 1e-9) / (r.link_bps / 8) for r, nb, d in intra]
+    rates = [nb * (_ep(r) - 1) / _ep(r) / (d - latency) / (r.link_bps / 8) for r, nb, d in intra if nb >= 1024 and d > latency]
+    if rates:
         intra_factor, intra_measured = float(_median(rates)), True
-    provisional = CalibrationFit(profile, efficiency, latency, latency, intra_factor, intra_measured, len(xs), 0)
+    provisional = CalibrationFit(profile, efficiency, latency, latency, intra_factor, intra_measured, len(xs), 0, note)
     excess = []
     for r, o in zip(runs, obs):
         if not o.allreduce:
@@ -435,6 +447,7 @@ def report_text(rep: CalibrationReport) -> str:
         f"  compute per token: dense fwd {p.dense_fwd_s_per_token * 1e6:.3f} us, bwd {p.dense_bwd_s_per_token * 1e6:.3f} us per layer; "
         f"expert fwd {p.expert_fwd_s_per_token * 1e6:.3f} us, bwd {p.expert_bwd_s_per_token * 1e6:.3f} us per routed token; "
         f"optimizer {p.optimizer_s_per_param * 1e9:.3f} ns per parameter",
+        *([f"  note: {f.note}"] if f.note else []),
         "",
         f"  {'config':<52}{'policy':<12}{'measured ms':>12}{'predicted ms':>14}{'error':>9}",
     ]

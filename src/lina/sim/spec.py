@@ -236,6 +236,8 @@ class TrainSpec:
             (reduce-scatter in the host, ring across hosts, all-gather in the host).
         ep_size: GPUs in one expert-parallel group (``None``: ``min(experts, gpus)``).
         max_pack: cap on Lina's packing factor (``None``: until the group is one GPU).
+        count_exchange: before each forward dispatch, a tiny all-to-all of per-expert token
+            counts (dropless routing, as the project's trainer does); costs its latency.
         state_bytes_per_param: device memory per parameter (weights, gradient, optimizer
             state; 16 for Adam in mixed precision); packing stops before the model states
             exceed ``memory_fraction`` of the device memory (the paper offloads instead;
@@ -251,6 +253,7 @@ class TrainSpec:
     allreduce_algorithm: str = "ring"
     ep_size: int | None = None
     max_pack: int | None = None
+    count_exchange: bool = False
     state_bytes_per_param: float = 16.0
     memory_fraction: float = 0.8
 

@@ -153,6 +153,10 @@ class StepBuilder:
         ffn = p.expert_time(backward) / chunks
         first, second = ("combine", "dispatch") if backward else ("dispatch", "combine")
         a2a = self.cache.a2a(p.ep, nbytes)
+        if not backward and p.train.count_exchange:
+            counts = 8.0 * m.experts
+            prev = self.add(Task(f"fwd.counts.L{layer}", "a2a", "a2a", (prev,), transfer=self.cache.a2a(p.ep, counts),
+                                 args={"layer": layer, "phase": "counts", "direction": "fwd", "bytes": counts}))
         firsts = [
             self.add(Task(f"{direction}.{first}.L{layer}.c{j}", "a2a", "a2a", (prev,), transfer=a2a,
                           args={"layer": layer, "phase": first, "direction": direction, "bytes": nbytes, "chunk": j}))
