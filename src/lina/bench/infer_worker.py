@@ -29,7 +29,7 @@ def batch_tokens(num_tokens: int, world: int, per_rank: int, batch: int, seed: i
 
 
 def run(plan: dict) -> None:
-    init_distributed(600.0)
+    init_distributed(600.0, plan["world"])
     try:
         _run(plan)
     finally:

@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per policy")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--chunk-mb", default="auto")
+    p.add_argument("--buckets", type=int, default=16, help="DDP buckets per step for deepspeed/tutel: the bucket size is the model's "
+                   "non-expert gradient bytes / this (the paper's 100M+ models fill about 16 buckets of 25 MB); 0: 25 MB buckets")
     p.add_argument("--pipeline-chunks", type=int, default=2)
     p.add_argument("--delay", default="0us", help="one-way host-to-host delay (needs the netem qdisc)")
     p.add_argument("--seed", type=int, default=0)
@@ -53,7 +55,7 @@ def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: 
     hosts, wph = LAYOUTS[layout]
     plan = {
         "layout": layout, "hosts": hosts, "workers_per_host": wph, "link_bps": link_bps, "experts": experts,
-        "policies": policies, "model": BENCH_MODEL, "batch_size": args.batch_size, "chunk_mb": args.chunk_mb,
+        "policies": policies, "model": BENCH_MODEL, "batch_size": args.batch_size, "chunk_mb": args.chunk_mb, "buckets": args.buckets,
         "pipeline_chunks": args.pipeline_chunks, "seed": args.seed, "warmup": args.warmup, "rounds": args.rounds,
         "steps_per_round": args.steps_per_round, "out": str(out),
     }

@@ -88,7 +88,7 @@ def _median(rows: list[dict], key: str) -> float:
 
 
 def run(plan: dict) -> None:
-    init_distributed(plan.get("timeout_s", 300.0))
+    init_distributed(plan.get("timeout_s", 300.0), plan["hosts"] * plan["workers_per_host"])
     try:
         _run(plan)
     finally:
@@ -112,6 +112,10 @@ def _run(plan: dict) -> None:
         cfg.validate()
         timeline = Timeline(rank)
         trainer = Trainer(cfg, group_set[world], corpus, timeline, group_set=group_set)
+        if plan.get("buckets"):  # DDP buckets scaled to the model: the same bucket count as a big model
+            dense = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if not getattr(p, "lina_expert", False))
+            trainer.cfg.bucket_mb = dense / plan["buckets"] / 2**20
+            trainer.set_policy(trainer.policy.name)
         layout = {p: world for p in plan["policies"]}  # EP size each policy runs with
         search: dict = {}
         step = 0

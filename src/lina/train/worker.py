@@ -27,12 +27,19 @@ from lina.train.packing import PackingController
 from lina.train.trainer import Trainer
 
 
-def init_distributed(timeout_s: float) -> None:
+def init_distributed(timeout_s: float, workers_on_machine: int | None = None) -> None:
+    """Join the process group (Gloo on CPU, NCCL with CUDA) and share the CPU cores fairly.
+
+    Args:
+        workers_on_machine: worker processes sharing this machine's cores; on the emulated
+            cluster every host is on one machine, so pass the world size; default: the local
+            world size torchrun reports.
+    """
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    local = workers_on_machine or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
 
 
@@ -53,7 +60,7 @@ def _truncate_metrics(path: Path, first_step: int) -> None:
 def run(cfg_dict: dict) -> dict | None:
     """Train with the given config (a ``TrainConfig.to_dict()``); returns the summary on rank 0."""
     cfg = TrainConfig.from_dict(cfg_dict)
-    init_distributed(cfg.timeout_s)
+    init_distributed(cfg.timeout_s, cfg.workers if cfg.emulate_spec() is not None else None)
     try:
         return _train(cfg)
     finally:
