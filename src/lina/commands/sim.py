@@ -215,5 +215,5 @@ def _dispatch(args) -> int:
     if args.scenario in scenarios.SUITES:
         return _run_suite(args)
     if not args.scenario and not args.config:
-        raise LinaError("lina sim: say what to simulate: --list, --scenario NAME, --config FILE.toml, --sweep, --calibrate DIR or --bench")
+        raise LinaError("say what to simulate: --list, --scenario NAME, --config FILE.toml, --sweep, --calibrate DIR or --bench")
     return _run_one(args)

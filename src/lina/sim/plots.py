@@ -54,7 +54,7 @@ def plot_breakdown(run: ScenarioRun, path: str | Path) -> Path:
     ax.bar([x - 0.2 for x in xs], compute, 0.4, label="compute")
     ax.bar([x - 0.2 for x in xs], exposed, 0.4, bottom=compute, label="exposed communication")
     ax.bar([x + 0.2 for x in xs], a2a, 0.4, label="all-to-all (in flight)", color="tab:red", alpha=0.6)
-    ax.axhline(run.lower_bound.step_s * 1e3, color="k", ls=":", lw=1, label="lower bound")
+    ax.axhline(run.lower_bound.step_s * 1e3, color="k", ls=":", lw=1, label="lower bound (synchronous schedule)")
     ax.set_xticks(list(xs), names, rotation=20, fontsize=8)
     ax.set_ylabel("ms per training step")
     ax.set_title(f"{run.scenario.name} (simulated)")
