@@ -107,6 +107,28 @@ def test_credit_window_limits_in_flight():
         assert sched.stats().max_in_flight == 3
 
 
+def test_flush_opens_a_wider_credit_window():
+    """During backward one micro-op at a time; once flush() runs (no all-to-all left in the step)
+    up to flush_credit go at once."""
+    net = FakeNet()
+    with CommScheduler(Timeline(), SchedulerConfig(credit=1, flush_credit=3, timeout_s=5.0)) as sched:
+        submit(sched, net, [f"g{i}" for i in range(5)])
+        assert net.wait_launched(1) == ["g0"]
+        time.sleep(QUIET_S)
+        assert len(net.launched) == 1
+        flusher = threading.Thread(target=sched.flush)
+        flusher.start()
+        assert net.wait_launched(3) == ["g0", "g1", "g2"]
+        time.sleep(QUIET_S)
+        assert len(net.launched) == 3
+        for i in range(5):
+            if i >= 3:
+                net.wait_launched(i + 1)
+            net.finish(f"g{i}")
+        flusher.join(5)
+        assert not flusher.is_alive() and sched.stats().max_in_flight == 3
+
+
 def test_no_allreduce_launch_while_a2a_waits_or_runs(sched_net):
     sched, net, tl = sched_net
     submit(sched, net, ["before"])

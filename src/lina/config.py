@@ -76,6 +76,7 @@ class TrainConfig:
     bucket_mb: float = 25.0
     chunk_mb: str = "auto"  # lina partition size in MB, or "auto"
     pipeline_chunks: int = 2  # all-to-all micro-ops per MoE layer for tutel / lina
+    credit: int = 1  # lina: allreduce micro-ops in flight at once
     corpus: str = ""  # "" = the Python standard library's own source files
     corpus_max_mb: float = 3.0
     eval_every: int = 50
@@ -125,6 +126,7 @@ class TrainConfig:
             if not value > 0:
                 raise ConfigError("chunk_mb", f"{self.chunk_mb!r} is neither 'auto' nor a positive number", "use --chunk-mb auto or e.g. --chunk-mb 1")
         _positive_int("pipeline_chunks", self.pipeline_chunks)
+        _positive_int("credit", self.credit)
         for name in ("eval_every", "eval_batches", "checkpoint_every", "log_every"):
             _positive_int(name, getattr(self, name))
         if self.corpus and not Path(self.corpus).exists():

@@ -35,7 +35,9 @@ BENCH_MODEL = {"d_model": 256, "n_layers": 4, "n_heads": 4, "d_ff": 512, "seq_le
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="flat layout, 4 experts, 2 rounds (about a minute; for tests)")
     p.add_argument("--json", metavar="FILE", default="runs/bench-train/bench-train.json", help="results; the PNG and run folders go beside it")
-    p.add_argument("--link", help="fix the link rate (e.g. 150mbit) instead of calibrating it to a 30-45%% all-to-all share")
+    p.add_argument("--link", default="400mbit",
+                   help="each host's link rate, or 'auto': calibrate it so deepspeed's all-to-all share lands in 30-45%% "
+                        "(on 2 shared cores that share is reached only without a bandwidth limit, so the default fixes a link-limited rate)")
     p.add_argument("--layouts", default="flat,hierarchical", help="comma list of flat, hierarchical")
     p.add_argument("--experts", default="4,8,16", help="comma list of expert counts")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma list, interleaved in this order")
@@ -47,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--buckets", type=int, default=16, help="DDP buckets per step for deepspeed/tutel: the bucket size is the model's "
                    "non-expert gradient bytes / this (the paper's 100M+ models fill about 16 buckets of 25 MB); 0: 25 MB buckets")
     p.add_argument("--pipeline-chunks", type=int, default=2)
+    p.add_argument("--credit", type=int, default=1, help="lina: allreduce micro-ops in flight at once")
     p.add_argument("--delay", default="0us", help="one-way host-to-host delay (needs the netem qdisc)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -56,7 +59,7 @@ def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: 
     plan = {
         "layout": layout, "hosts": hosts, "workers_per_host": wph, "link_bps": link_bps, "experts": experts,
         "policies": policies, "model": BENCH_MODEL, "batch_size": args.batch_size, "chunk_mb": args.chunk_mb, "buckets": args.buckets,
-        "pipeline_chunks": args.pipeline_chunks, "seed": args.seed, "warmup": args.warmup, "rounds": args.rounds,
+        "pipeline_chunks": args.pipeline_chunks, "credit": args.credit, "seed": args.seed, "warmup": args.warmup, "rounds": args.rounds,
         "steps_per_round": args.steps_per_round, "out": str(out),
     }
     plan.update(over)
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     delay_us = parse_duration_us(args.delay)
     configs = []
     for layout in layouts:
-        if args.link:
+        if args.link != "auto":
             link_bps = parse_rate(args.link)
         else:
             link_bps, _ = calibrate_link(args, layout, experts[0], out, delay_us)

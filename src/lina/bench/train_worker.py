@@ -107,7 +107,7 @@ def _run(plan: dict) -> None:
         model = ModelConfig(**{**plan["model"], "experts": experts})
         schedules = [POLICY_SPECS[p][0] for p in plan["policies"]]
         cfg = TrainConfig(model=model, workers=world, batch_size=plan["batch_size"], schedule="lina" if "lina" in schedules else schedules[-1],
-                          chunk_mb=str(plan["chunk_mb"]), pipeline_chunks=plan["pipeline_chunks"], seed=plan["seed"],
+                          chunk_mb=str(plan["chunk_mb"]), pipeline_chunks=plan["pipeline_chunks"], credit=plan.get("credit", 1), seed=plan["seed"],
                           timeout_s=timeout_s)
         cfg.validate()
         timeline = Timeline(rank)

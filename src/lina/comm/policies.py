@@ -14,13 +14,13 @@ POLICIES: dict[str, type[GradSync]] = {
 }
 
 
-def make_policy(name: str, chunk_mb: float = 1.0, **kwargs) -> GradSync:
+def make_policy(name: str, chunk_mb: float = 1.0, credit: int = 1, **kwargs) -> GradSync:
     """Build the named policy; ``kwargs`` are those of :class:`lina.comm.gradsync.GradSync`;
-    ``chunk_mb`` is used by ``lina`` only."""
+    ``chunk_mb`` and ``credit`` are used by ``lina`` only."""
     try:
         cls = POLICIES[name]
     except KeyError:
         raise ConfigError("schedule", f"unknown schedule {name!r}", f"use one of {', '.join(sorted(POLICIES))}") from None
     if cls is LinaSync:
-        return cls(chunk_mb=chunk_mb, **kwargs)
+        return cls(chunk_mb=chunk_mb, credit=credit, **kwargs)
     return cls(**kwargs)

@@ -81,6 +81,8 @@ class SchedulerConfig:
         timeout_s: longest :meth:`CommScheduler.flush` waits before raising
             :class:`CommTimeoutError` (a peer that stalls or died silently).
         name: the scheduler thread's name, also the ``thread`` of allreduce spans.
+        flush_credit: allreduce micro-ops in flight once :meth:`CommScheduler.flush` runs (end
+            of backward: no all-to-all of this step is left to protect); at least ``credit``.
     """
 
     credit: int = 1
@@ -88,10 +90,14 @@ class SchedulerConfig:
     drain_timeout_s: float = 0.1
     timeout_s: float = 300.0
     name: str = "comm-sched"
+    flush_credit: int = 0  # 0: same as credit
 
     def __post_init__(self) -> None:
         if isinstance(self.credit, bool) or not isinstance(self.credit, int) or self.credit < 1:
             raise ConfigError("credit", f"{self.credit!r} is not a positive integer", "allow at least 1 allreduce micro-op in flight (Lina: 1)")
+        if not isinstance(self.flush_credit, int) or self.flush_credit < 0:
+            raise ConfigError("flush_credit", f"{self.flush_credit!r} is not a non-negative integer", "use 0 (same as credit) or a count >= credit")
+        self.flush_credit = max(self.flush_credit, self.credit)
         if not isinstance(self.drain, bool):
             raise ConfigError("drain", f"{self.drain!r} is not a bool", "use true or false")
         for key in ("drain_timeout_s", "timeout_s"):
@@ -416,7 +422,7 @@ class CommScheduler:
         return (
             bool(self._queue)
             and self._error is None
-            and len(self._in_flight) < self.config.credit
+            and len(self._in_flight) < (self.config.flush_credit if self._flushing > 0 else self.config.credit)
             and self._a2a_active == 0
             and (not self._held or self._flushing > 0)
         )

@@ -13,7 +13,7 @@ OPTION_FIELDS = {
     "schedule": "schedule", "out": "out", "seed": "seed", "batch_size": "batch_size",
     "ep_size": "ep_size", "corpus": "corpus", "chunk_mb": "chunk_mb", "trace": "trace",
     "capacity_factor": "model.capacity_factor", "emulate": "emulate", "lr": "lr",
-    "pipeline_chunks": "pipeline_chunks", "packing": "packing", "packing_first_step": "packing_first_step",
+    "pipeline_chunks": "pipeline_chunks", "credit": "credit", "packing": "packing", "packing_first_step": "packing_first_step",
     "packing_every": "packing_every", "max_expert_memory": "max_expert_memory_mb",
 }
 
@@ -33,6 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, help="learning rate (default 3e-3)")
     p.add_argument("--chunk-mb", help="lina allreduce micro-op size in MB, or 'auto'")
     p.add_argument("--pipeline-chunks", type=int, help="all-to-all micro-ops per MoE layer for tutel/lina")
+    p.add_argument("--credit", type=int, help="lina: allreduce micro-ops in flight at once (default 1)")
     p.add_argument("--packing", help="expert packing: off (the --ep-size layout), auto (double experts per rank while an FFN "
                    "micro-op is shorter than an all-to-all micro-op), N (N experts per rank, EP size = experts / N) or N@STEP "
                    "(switch to N experts per rank at STEP) (default off)")

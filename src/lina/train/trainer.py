@@ -91,6 +91,7 @@ class Trainer:
         policy = make_policy(
             name,
             chunk_mb=self.chunk_mb,
+            credit=self.cfg.credit,
             model=self.model,
             dp_group=self.groups.dp_group if self.groups.world_size > 1 else None,
             expert_dp_group=self.groups.expert_dp_group,
