@@ -19,8 +19,7 @@ OPTION_FIELDS = {
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train the MoE GPT (spawns local workers; also runs under torchrun)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("train", help="train the MoE GPT (spawns local workers; also runs under torchrun)")
     p.add_argument("--config", metavar="FILE.toml", help="settings file; options given here override it")
     p.add_argument("--workers", type=int, help="local worker processes (default 4; under torchrun: its --nproc-per-node)")
     p.add_argument("--steps", type=int, help="training steps (default 200)")
