@@ -122,9 +122,10 @@ class LinaPolicy(ServingPolicy):
     name = "lina"
     uses_phase1 = True
 
-    def __init__(self, *args, estimator: PopularityEstimator):
+    def __init__(self, *args, estimator: PopularityEstimator, popularity_mode: str = "expected"):
         super().__init__(*args)
         self.estimator = estimator
+        self.popularity_mode = popularity_mode
         self._plans: dict[int, tuple[Placement, torch.Tensor]] = {}
 
     def begin_batch(self, free_counts):
@@ -135,7 +136,10 @@ class LinaPolicy(ServingPolicy):
         if layer >= self.estimator.num_layers or history.shape[1] == 0:
             return None
         h = history[:, -self.estimator.path_len:] if hasattr(self.estimator, "path_len") else history
-        return self.estimator.popularity(layer, h, top_k=self.top_k)
+        # Expected token-slots per expert (every expert gets its probability mass), not the paper's
+        # top-k mass only: with top-k mass, tail experts are estimated at 0 and packed four to a
+        # device, which overloads that device when they do get tokens.
+        return self.estimator.popularity(layer, h, top_k=self.top_k, mode=self.popularity_mode)
 
     def coordinate(self, layer, estimate_sum):
         return lina_placement(estimate_sum, self.num_devices)

@@ -36,8 +36,9 @@ def source_to_expert_major(counts: torch.Tensor) -> torch.Tensor:
     counts_em = counts.t().reshape(-1)  # blocks in expert-major order
     starts_em = starts.t().reshape(-1)
     total = int(counts_em.sum())
-    block_of_row = torch.repeat_interleave(torch.arange(counts_em.numel()), counts_em)
-    offset_in_block = torch.arange(total) - (torch.cumsum(counts_em, 0) - counts_em)[block_of_row]
+    dev = counts.device
+    block_of_row = torch.repeat_interleave(torch.arange(counts_em.numel(), device=dev), counts_em)
+    offset_in_block = torch.arange(total, device=dev) - (torch.cumsum(counts_em, 0) - counts_em)[block_of_row]
     return starts_em[block_of_row] + offset_in_block
 
 

@@ -46,13 +46,15 @@ class _Plan:
     """Splits and index maps of one pipelined exchange (computed once, used fwd and bwd)."""
 
     def __init__(self, send_splits: list[int], recv_counts: torch.Tensor, m: int):
+        device = recv_counts.device  # index maps are built on the CPU, used where the rows live
+        recv_counts = recv_counts.cpu()
         recv_splits = recv_counts.sum(1).tolist()
         self.m = m
         self.send = split_a2a(send_splits, m)  # [m][P] rows sent to each peer
         self.recv = split_a2a(recv_splits, m)  # [m][P] rows received from each peer
-        self.send_rows = a2a_micro_rows(send_splits, m)  # rows of the send buffer per micro-op
+        self.send_rows = [r.to(device) for r in a2a_micro_rows(send_splits, m)]  # rows of the send buffer per micro-op
         self.counts = micro_counts(recv_counts, m)
-        self.to_expert_major = [source_to_expert_major(c) for c in self.counts]
+        self.to_expert_major = [source_to_expert_major(c).to(device) for c in self.counts]
         self.to_source_major = [inverse_permutation(i) for i in self.to_expert_major]
         self.expert_counts = [c.sum(0).tolist() for c in self.counts]
 

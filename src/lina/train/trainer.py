@@ -67,7 +67,9 @@ class Trainer:
             pipeline_chunks=1,
         )
         torch.manual_seed(cfg.seed)  # same on every rank: identical non-expert parameters
-        self.model = MoEGPT(cfg.model, self.comm if groups.world_size > 1 else None)
+        # CUDA when the process group is NCCL (one GPU per local rank), else the CPU.
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.model = MoEGPT(cfg.model, self.comm if groups.world_size > 1 else None).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.chunk_mb = self._resolve_chunk_mb()
         self.policy: GradSync = self.make_policy(cfg.schedule)
@@ -181,6 +183,7 @@ class Trainer:
         cfg = self.cfg
         self._maybe_repack(step)
         x, y = sample_batch(self.corpus.train, cfg.batch_size, cfg.model.seq_len, cfg.seed, step, self.groups.rank)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         self.model.train()
         self._seed_gate_noise(step)
         tl = self.timeline
@@ -211,15 +214,15 @@ class Trainer:
         losses = []
         for i in range(cfg.eval_batches):
             x, y = sample_batch(self.corpus.val, cfg.batch_size, cfg.model.seq_len, cfg.seed + 7919, i, self.groups.rank)
-            losses.append(float(self.model.loss(x, y)[1]))
-        value = torch.tensor(sum(losses) / len(losses))
+            losses.append(float(self.model.loss(x.to(self.device), y.to(self.device))[1]))
+        value = torch.tensor(sum(losses) / len(losses), device=self.device)
         if self.groups.world_size > 1:
             dist.all_reduce(value)
             value /= self.groups.world_size
         return float(value)
 
     def mean_over_ranks(self, value: float) -> float:
-        t = torch.tensor(value, dtype=torch.float64)
+        t = torch.tensor(value, dtype=torch.float64, device=self.device)
         if self.groups.world_size > 1:
             dist.all_reduce(t)
             t /= self.groups.world_size
