@@ -402,14 +402,9 @@ class EmulatedCluster:
 
     def _on_signal(self, signum, frame) -> None:
         if os.getpid() != self._owner_pid:
-            # A forked helper (pyroute2 forks some) got the signal: act exactly as if we were not here.
-            previous = self._old_handlers.get(signum, signal.SIG_DFL)
-            signal.signal(signum, previous)
-            if callable(previous):
-                previous(signum, frame)
-            elif previous == signal.SIG_DFL:
-                os.kill(os.getpid(), signum)
-            return
+            # A forked helper (pyroute2 forks some) is being stopped: it owns nothing, so it ends
+            # at once, without running the owner's handlers (which may raise and print).
+            os._exit(128 + signum)
         self.down()  # removes the cluster and restores the previous handlers
         if signal.getsignal(signum) == self._on_signal:  # down() ran in another thread and could not restore
             signal.signal(signum, self._old_handlers.pop(signum, signal.SIG_DFL))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import uuid
 from typing import Any, Callable
@@ -45,6 +46,9 @@ def launch_local(fn: Callable[..., Any], args: tuple, workers: int, monitor_inte
         monitor_interval=monitor_interval_s,
         start_method="spawn",
     )
+    # The elastic agent installs its own SIGTERM/SIGINT/... handlers in this process; put ours back
+    # afterwards so later work here (e.g. building an emulated cluster) sees the usual signals.
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
     try:
         return elastic_launch(config, fn)(*args)
     except ChildFailedError as err:
@@ -54,3 +58,6 @@ def launch_local(fn: Callable[..., Any], args: tuple, workers: int, monitor_inte
             signal_or_code = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {-failure.exitcode}"
             lines.append(f"rank {rank} failed ({signal_or_code}){': ' + reason.splitlines()[-1] if reason else ''}")
         raise LinaError("a worker failed and the job was stopped: " + "; ".join(lines)) from None
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
