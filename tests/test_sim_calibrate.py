@@ -29,7 +29,8 @@ def make_runs(root):
         cluster = ClusterSpec(hosts=2, gpus_per_host=2, link_gbps=gbps, link_efficiency=EFFICIENCY, launch_s=LAUNCH, per_peer_s=0, hop_latency_s=HOP)
         model = ModelSpec("tiny", layers=4, d_model=128, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=batch, vocab=256,
                           act_bytes=4, grad_bytes=4, param_bytes=4)
-        write_synthetic_run(root / f"run{i}", cluster, model, TRUTH, TrainSpec(lina_a2a_chunks=2), policy, steps=4, jitter=0.02, seed=i)
+        # one micro-op per tensor: many small uncontended allreduces pin the fitted latency
+        write_synthetic_run(root / f"run{i}", cluster, model, TRUTH, TrainSpec(lina_a2a_chunks=2, coalesce_small=False), policy, steps=4, jitter=0.02, seed=i)
     return len(runs)
 
 

@@ -218,7 +218,7 @@ def _save_runs(out: Path, plan: dict, cfg: TrainConfig, experts: int, measured: 
                     "layers": m.n_layers, "d_model": m.d_model, "d_ff": m.d_ff, "experts": experts, "top_k": m.top_k,
                     "seq_len": m.seq_len, "batch_size": cfg.batch_size, "vocab_size": m.vocab_size, "workers": world,
                     "hosts": plan["hosts"], "workers_per_host": plan["workers_per_host"], "link_bps": plan["link_bps"],
-                    "policy": policy, "chunk_mb": entry["chunk_mb"], "pipeline_chunks": cfg.pipeline_chunks,
+                    "policy": policy, "chunk_mb": entry["chunk_mb"], "pipeline_chunks": cfg.pipeline_chunks, "bucket_mb": cfg.bucket_mb,
                     "experts_per_rank": entry["policies"][policy]["experts_per_rank"],
                     "dense_grad_bytes": entry["dense_grad_bytes"],
                 },

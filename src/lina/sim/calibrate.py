@@ -109,6 +109,7 @@ def _config_fields(summary: dict, path: Path) -> dict:
         "policy": _get(cfg, "policy", "schedule"),
         "chunk_mb": _get(cfg, "chunk_mb", default=30.0),
         "bucket_mb": _get(cfg, "bucket_mb", default=25.0),
+        "coalesce_small": bool(_get(cfg, "coalesce_small", default=True)),
         "pipeline_chunks": _get(cfg, "pipeline_chunks", "tutel_chunks", default=2),
         "ep_size": _get(cfg, "ep_size", default=None) or None,
         "experts_per_rank": _get(cfg, "experts_per_rank", default=None),
@@ -174,7 +175,8 @@ def read_run(path: str | Path) -> RunRecord:
     if not spans:
         raise LinaError(f"{path}: no timeline-rank*.jsonl files")
     counts = any(s.cat == "a2a" and s.name.split(".")[-1] == "counts" for s in spans[min(spans)])
-    train = TrainSpec(chunk_mb=chunk, bucket_mb=float(cfg["bucket_mb"]), tutel_chunks=chunks, lina_a2a_chunks=chunks, count_exchange=counts)
+    train = TrainSpec(chunk_mb=chunk, bucket_mb=float(cfg["bucket_mb"]), tutel_chunks=chunks, lina_a2a_chunks=chunks, count_exchange=counts,
+                      coalesce_small=cfg["coalesce_small"])
     hosts, wph = int(cfg["hosts"]), int(cfg["workers_per_host"])
     if hosts * wph != int(cfg["workers"]):
         raise LinaError(f"{path}: {hosts} hosts x {wph} workers != {cfg['workers']} workers")
@@ -508,7 +510,7 @@ def write_synthetic_run(
         "top_k": model.top_k, "seq_len": model.seq_len, "batch_size": model.batch_size, "vocab": model.vocab,
         "workers": cluster.gpus, "hosts": cluster.hosts, "workers_per_host": cluster.gpus_per_host,
         "link_bps": cluster.link_gbps * 1e9, "policy": policy, "chunk_mb": train.chunk_mb, "bucket_mb": train.bucket_mb,
-        "pipeline_chunks": train.lina_a2a_chunks or train.tutel_chunks,
+        "pipeline_chunks": train.lina_a2a_chunks or train.tutel_chunks, "coalesce_small": train.coalesce_small,
     }
     summary = {"config": config, "step_time_s_median": statistics.median(step_times[1:] if steps >= 3 else step_times),
                "source": "lina.sim.calibrate.write_synthetic_run"}

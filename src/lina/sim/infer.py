@@ -270,7 +270,7 @@ def batch_estimate(policy, layer: int, paths: torch.Tensor) -> torch.Tensor | No
 
     Tokens with the same last ``path_len`` top-1 experts get the same prediction, so the
     estimator's :meth:`predict` runs once per distinct path and the top-k slot shares (as
-    :meth:`PopularityEstimator.popularity` computes them, mode ``topk``) are weighted by the
+    :meth:`PopularityEstimator.popularity` computes them, in the policy's mode) are weighted by the
     path's token count. Equal to ``policy.local_estimate(layer, paths)`` (a test checks it),
     tens of times faster on big batches. Falls back to that call for estimators without
     ``path_len``.
@@ -293,6 +293,8 @@ def batch_estimate(policy, layer: int, paths: torch.Tensor) -> torch.Tensor | No
     probs = estimator.predict(layer, torch.from_numpy(tail[first])).double()
     weight = torch.from_numpy(weight)
     k = policy.top_k
+    if getattr(policy, "popularity_mode", "topk") == "expected":
+        return (probs * k * weight.double()[:, None]).sum(dim=0)
     keep = torch.zeros_like(probs, dtype=torch.bool)
     keep.scatter_(1, torch.topk(probs, min(k, probs.shape[1]), dim=1).indices, True)
     return (probs * k * keep * weight.double()[:, None]).sum(dim=0)

@@ -242,6 +242,8 @@ class TrainSpec:
             state; 16 for Adam in mixed precision); packing stops before the model states
             exceed ``memory_fraction`` of the device memory (the paper offloads instead;
             offloading is not simulated).
+        coalesce_small: as the real ``lina`` policy, dense tensors under a quarter chunk share
+            micro-ops (in gradient-ready order, up to one chunk) instead of one micro-op each.
     """
 
     chunk_mb: float = 30.0
@@ -256,6 +258,7 @@ class TrainSpec:
     count_exchange: bool = False
     state_bytes_per_param: float = 16.0
     memory_fraction: float = 0.8
+    coalesce_small: bool = True
 
     def __post_init__(self):
         _positive(self, "chunk_mb", "bucket_mb")

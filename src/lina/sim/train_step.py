@@ -24,6 +24,8 @@ from lina.sim.policies import TrainPolicy
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec
 from lina.sim.topology import Topology
 
+SMALL_FRACTION = 0.25  # lina.comm.lina_sync.LinaSync's default small_fraction
+
 
 @dataclass
 class StepPlan:
@@ -197,11 +199,24 @@ class StepBuilder:
         out = []
         if sync == "microops":
             chunk = self.plan.train.chunk_bytes
+            small: list = []  # as the real lina policy: dense tensors under a quarter chunk share micro-ops
+
+            def flush_small() -> None:
+                if small:
+                    out.append(self._allreduce(f"allreduce.small{len(out)}", sum(b for b, _ in small), (small[-1][1],), "dp", tensor="small"))
+                    small.clear()
+
             for name, nbytes, ready, group in self.grads:
+                if self.plan.train.coalesce_small and group == "dp" and nbytes < SMALL_FRACTION * chunk:
+                    small.append((nbytes, ready))
+                    if sum(b for b, _ in small) >= chunk:
+                        flush_small()
+                    continue
                 pieces = max(1, math.ceil(nbytes / chunk - 1e-9))
                 for j in range(pieces):
                     size = min(chunk, nbytes - j * chunk)
                     out.append(self._allreduce(f"allreduce.{name}.c{j}", size, (ready,), group, tensor=name))
+            flush_small()
             return out
         cap = self.plan.train.bucket_bytes
         open_buckets: dict[str, list] = {}
