@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -40,8 +41,10 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout_s: float = 60.0) -> 
         init_file = os.path.join(tmp, "init")
         ctx = mp.start_processes(_entry, args=(world, init_file, tmp, fn, args, timeout_s), nprocs=world, join=False, start_method="spawn")
         try:
-            while not ctx.join(timeout=timeout_s * 2):
-                pass
+            deadline = time.monotonic() + timeout_s * 2
+            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+                if time.monotonic() >= deadline:
+                    raise LinaError(f"ranks did not finish within {timeout_s * 2:g} s (a collective hangs?); all were stopped")
         except mp.ProcessRaisedException as err:
             errs = sorted(Path(tmp).glob("rank*.err"))
             detail = errs[0].read_text() if errs else str(err)
