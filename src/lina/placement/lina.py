@@ -37,7 +37,8 @@ import math
 import torch
 
 from lina.errors import ConfigError
-from lina.placement.core import Placement
+from lina.placement.core import Placement, max_device_load
+from lina.placement.eplb import default_slots_per_device, eplb_placement
 from lina.placement.metrics import topset_equal
 from lina.placement.static import static_placement
 
@@ -251,7 +252,16 @@ def lina_placement(
     if improve:
         _improve(best_assign, loads, cap, max_rounds=4 * num_experts)
         _level_replicas(best_assign, loads)
-    return _to_placement(loads, best_assign, num_experts)
+    placement = _to_placement(loads, best_assign, num_experts)
+    if improve:
+        # Beyond the paper: also try balanced replication with one spare expert slot per device
+        # (DeepSeek EPLB's construction, within the same per-device cap) and keep the better plan.
+        slots = min(cap, default_slots_per_device(num_experts, num_devices))
+        if num_devices * slots >= num_experts:
+            alt = eplb_placement(load, num_devices, slots)
+            if max_device_load(alt, load) < max_device_load(placement, load) * (1 - 1e-9):
+                return alt
+    return placement
 
 
 def oracle_placement(counts: torch.Tensor, num_devices: int, max_experts_per_device: int = 4) -> Placement:
