@@ -6,7 +6,8 @@ import json
 import pytest
 
 from lina.bench.train_report import analyse, plot, print_report
-from lina.bench.train_worker import _busy_share, intersection_length, step_metrics
+from lina.bench.train_worker import _busy_share, step_metrics
+from lina.obs.timeline import intersection_length
 from lina.obs.timeline import Timeline
 
 

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from lina.comm.groups import build_group_set
 from lina.config import ModelConfig, TrainConfig
 from lina.data.corpus import load_corpus
-from lina.obs.timeline import Span, Timeline, union_length
+from lina.obs.report import step_breakdown
+from lina.obs.timeline import Span, Timeline
 from lina.train.packing import PackingController, packing_ep_sizes, parse_packing
 from lina.train.trainer import Trainer
 from lina.train.worker import init_distributed
@@ -35,51 +36,21 @@ POLICY_SPECS = {
 }
 
 
-def intersection_length(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
-    """Length of (union of intervals a) intersected with (union of intervals b), in seconds."""
-    def merged(intervals):
-        out: list[list[float]] = []
-        for s, e in sorted(intervals):
-            if out and s <= out[-1][1]:
-                out[-1][1] = max(out[-1][1], e)
-            else:
-                out.append([s, e])
-        return out
-
-    x, y = merged(a), merged(b)
-    i = j = 0
-    total = 0.0
-    while i < len(x) and j < len(y):
-        lo, hi = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
-        total += max(0.0, hi - lo)
-        if x[i][1] < y[j][1]:
-            i += 1
-        else:
-            j += 1
-    return total
-
-
 def step_metrics(spans: list[Span], step: Span) -> dict[str, float]:
-    """Measurements of one step of one rank, all read off its timeline."""
-    inside = [s for s in spans if s.start_s >= step.start_s - 1e-6 and s.start_s <= step.end_s]
-
-    def union(pred) -> float:
-        return union_length([(s.start_s, min(s.end_s, step.end_s)) for s in inside if pred(s)])
-
-    a2a_bytes = sum(s.args.get("bytes", 0) for s in inside if s.cat == "a2a")
-    a2a = [(s.start_s, min(s.end_s, step.end_s)) for s in inside if s.cat == "a2a"]
-    experts = [(s.start_s, min(s.end_s, step.end_s)) for s in inside if s.cat == "compute" and ".experts" in s.name]
+    """The benchmark's measurements of one step of one rank: :func:`lina.obs.report.step_breakdown`
+    under the benchmark's JSON names."""
+    b = step_breakdown(spans, step)
     return {
-        "compute_busy_in_a2a_s": intersection_length(a2a, experts),
-        "step_time_s": step.dur_s,
-        "a2a_s": union(lambda s: s.cat == "a2a"),
-        "bwd_a2a_s": union(lambda s: s.cat == "a2a" and s.args.get("phase") == "bwd"),
-        "fwd_a2a_s": union(lambda s: s.cat == "a2a" and s.args.get("phase") == "fwd"),
-        "allreduce_s": union(lambda s: s.cat == "allreduce"),
-        "sync_wait_s": union(lambda s: s.name == "gradsync.finish"),
-        "partition_s": sum(s.dur_s for s in inside if s.name == "partition"),
-        "expert_compute_s": union(lambda s: s.cat == "compute" and ".experts" in s.name),
-        "a2a_bytes": a2a_bytes,
+        "compute_busy_in_a2a_s": b["compute_busy_in_a2a"],
+        "step_time_s": b["step"],
+        "a2a_s": b["a2a_total"],
+        "bwd_a2a_s": b["a2a_bwd"],
+        "fwd_a2a_s": b["a2a_fwd"],
+        "allreduce_s": b["allreduce_in_flight"],
+        "sync_wait_s": b["allreduce_exposed"],
+        "partition_s": b["partition"],
+        "expert_compute_s": b["expert_compute"],
+        "a2a_bytes": b["a2a_bytes"],
     }
 
 

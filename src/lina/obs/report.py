@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 from lina.obs.chrome_trace import write_chrome_trace
-from lina.obs.timeline import Span, load_jsonl, union_length
+from lina.obs.timeline import Span, intersection_length, load_jsonl, union_length
 
 
 def load_run_spans(folder: Path) -> list[Span]:
@@ -19,42 +19,48 @@ def load_run_spans(folder: Path) -> list[Span]:
     return spans
 
 
-def _clip(spans: list[Span], start: float, end: float, cat: str) -> list[tuple[float, float]]:
-    return [(max(s.start_s, start), min(s.end_s, end)) for s in spans if s.cat == cat and s.end_s > start and s.start_s < end]
-
-
-def _minus(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
-    """Length of union(a) not covered by union(b)."""
-    return union_length(a) - union_length([(max(x0, y0), min(x1, y1)) for x0, x1 in a for y0, y1 in b if min(x1, y1) > max(x0, y0)])
+def _is_expert_compute(s: Span) -> bool:
+    """An expert-FFN span (forward ``moeN.experts`` or backward ``moeN.experts.bwd``)."""
+    return s.cat == "compute" and ".experts" in s.name
 
 
 def step_breakdown(spans: list[Span], step_span: Span) -> dict[str, float]:
-    """Seconds of one step of one rank: compute, a2a (total, exposed = not overlapped by compute),
-    allreduce (in flight, exposed = waited for after backward), idle (nothing on the main thread)."""
+    """Seconds of one step of one rank, every figure read off the timeline the same way.
+
+    Keys: ``step``; ``compute`` (forward + backward outside all-to-all, expert FFNs included);
+    ``a2a_total`` / ``a2a_fwd`` / ``a2a_bwd`` (union of all-to-all spans), ``a2a_exposed`` (not
+    overlapped by expert compute), ``compute_busy_in_a2a`` (overlapped); ``allreduce_in_flight``
+    and ``allreduce_exposed`` (waited for after backward); ``expert_compute``; ``partition``
+    (Lina's gradient partitioning and concatenation); ``idle``; ``a2a_bytes``.
+    """
     start, end = step_span.start_s, step_span.end_s
-    mine = [s for s in spans if s.rank == step_span.rank]
-    compute = _clip([s for s in mine if s.name.endswith("experts") or s.name in ("forward", "backward")], start, end, "compute")
-    compute_outer = _clip([s for s in mine if s.name in ("forward", "backward")], start, end, "compute")
-    a2a = _clip(mine, start, end, "a2a")
-    expert_compute = _clip([s for s in mine if s.name.endswith("experts")], start, end, "compute")
-    allreduce = _clip(mine, start, end, "allreduce")
-    waits = _clip([s for s in mine if s.name == "gradsync.finish"], start, end, "sched")
-    busy = union_length(compute_outer + waits)
-    step = end - start
+    mine = [s for s in spans if s.rank == step_span.rank and s.end_s > start and s.start_s < end]
+
+    def clip(pred) -> list[tuple[float, float]]:
+        return [(max(s.start_s, start), min(s.end_s, end)) for s in mine if pred(s)]
+
+    a2a = clip(lambda s: s.cat == "a2a")
+    experts = clip(_is_expert_compute)
+    passes = clip(lambda s: s.cat == "compute" and s.name in ("forward", "backward"))
+    waits = clip(lambda s: s.name == "gradsync.finish")
     a2a_total = union_length(a2a)
+    busy_in_a2a = intersection_length(a2a, experts)
+    step = end - start
     return {
         "step": step,
-        "compute": max(0.0, union_length(compute_outer) - a2a_total + _overlap(a2a, expert_compute)),
+        "compute": max(0.0, union_length(passes) - a2a_total + busy_in_a2a),
         "a2a_total": a2a_total,
-        "a2a_exposed": _minus(a2a, expert_compute),
-        "allreduce_in_flight": union_length(allreduce),
+        "a2a_fwd": union_length(clip(lambda s: s.cat == "a2a" and s.args.get("phase") == "fwd")),
+        "a2a_bwd": union_length(clip(lambda s: s.cat == "a2a" and s.args.get("phase") == "bwd")),
+        "a2a_exposed": a2a_total - busy_in_a2a,
+        "compute_busy_in_a2a": busy_in_a2a,
+        "allreduce_in_flight": union_length(clip(lambda s: s.cat == "allreduce")),
         "allreduce_exposed": union_length(waits),
-        "idle": max(0.0, step - busy),
+        "expert_compute": union_length(experts),
+        "partition": sum(s.dur_s for s in mine if s.name == "partition"),
+        "idle": max(0.0, step - union_length(passes + waits)),
+        "a2a_bytes": float(sum(s.args.get("bytes", 0) for s in mine if s.cat == "a2a")),
     }
-
-
-def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
-    return union_length(a) - _minus(a, b)
 
 
 def breakdown_table(spans: list[Span]) -> dict[str, dict[str, float]]:
@@ -114,7 +120,7 @@ def write_trace_report(folder: Path) -> dict:
     (folder / "breakdown.json").write_text(json.dumps(table, indent=2))
     plot_step(spans, folder / "timeline.png")
     print(f"\ntimeline breakdown (median per step, ms) -> {folder}/trace.json (open in Perfetto), timeline.png")
-    cols = ["step", "compute", "a2a_total", "a2a_exposed", "allreduce_in_flight", "allreduce_exposed", "idle"]
+    cols = ["step", "compute", "a2a_total", "a2a_exposed", "allreduce_in_flight", "allreduce_exposed", "idle"]  # of step_breakdown
     print("  " + "policy".ljust(12) + "".join(c.rjust(20) for c in cols))
     for pol, row in table.items():
         print("  " + pol.ljust(12) + "".join(f"{row[c] * 1e3:20.1f}" for c in cols))

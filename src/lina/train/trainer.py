@@ -22,7 +22,8 @@ from lina.data.corpus import Corpus, sample_batch
 from lina.errors import LinaError
 from lina.models.gpt import MoEGPT
 from lina.moe.comm_context import ExpertComm
-from lina.obs.timeline import Timeline, union_length
+from lina.obs.report import step_breakdown
+from lina.obs.timeline import Span, Timeline
 from lina.train.packing import PackingController, plan_residency, relayout_experts
 
 
@@ -201,10 +202,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         end = tl.now()
         tl.record("step", "step", start, end, step=step, policy=self.policy.name)
-        spans = [s for s in tl.spans(since_s=start) if s.end_s <= end + 1.0]
-        a2a = union_length([(s.start_s, s.end_s) for s in spans if s.cat == "a2a"])  # micro-ops overlap
-        allreduce = union_length([(s.start_s, min(s.end_s, end)) for s in spans if s.cat == "allreduce"])
-        return StepResult(step, float(lm.detach()), end - start, a2a, allreduce, sync_end - sync_start, self.experts_per_rank)
+        b = step_breakdown(tl.spans(since_s=start), Span("step", "step", start, end, tl.rank))
+        return StepResult(step, float(lm.detach()), end - start, b["a2a_total"], b["allreduce_in_flight"], b["allreduce_exposed"], self.experts_per_rank)
 
     @torch.no_grad()
     def evaluate(self) -> float:
