@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from lina.errors import ConfigError, LinaError
+from lina.npz_io import read_npz, write_npz
 
 TRACE_FORMAT = "lina-routing-trace"
 TRACE_VERSION = 1
@@ -186,53 +187,32 @@ class RoutingTrace:
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
         """Write the trace as a compressed ``.npz`` (no pickle). Returns the path written."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise ConfigError("path", f"{path} does not end in .npz", "save traces as FILE.npz")
-        meta = {
-            "format": TRACE_FORMAT,
-            "version": TRACE_VERSION,
-            "num_experts": self.num_experts,
-            "top_k": self.top_k,
-            "source": self.source,
-        }
-        arrays = {
-            "experts": self.experts,
-            "seq_id": self.seq_id,
-            "token_idx": self.token_idx,
-            "meta": np.array(json.dumps(meta)),
-        }
+        meta = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "num_experts": self.num_experts, "top_k": self.top_k, "source": self.source}
+        arrays = {"experts": self.experts, "seq_id": self.seq_id, "token_idx": self.token_idx}
         if self.gate_probs is not None:
             arrays["gate_probs"] = self.gate_probs
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        return path
+        return write_npz(path, meta, arrays, "routing trace")
 
     @classmethod
     def load(cls, path: str | Path) -> RoutingTrace:
         """Read a trace written by :meth:`save`."""
-        path = Path(path)
-        if not path.is_file():
-            raise LinaError(f"routing trace {path} not found")
+        meta, data = read_npz(path, "routing trace")
+        if meta.get("format") != TRACE_FORMAT:
+            raise LinaError(f"{path} is not a lina routing trace (format {meta.get('format')!r})")
+        if int(meta.get("version", 0)) > TRACE_VERSION:
+            raise LinaError(f"{path} has trace format version {meta['version']}; this lina reads up to {TRACE_VERSION}")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                if meta.get("format") != TRACE_FORMAT:
-                    raise LinaError(f"{path} is not a lina routing trace (format {meta.get('format')!r})")
-                if int(meta.get("version", 0)) > TRACE_VERSION:
-                    raise LinaError(f"{path} has trace format version {meta['version']}; this lina reads up to {TRACE_VERSION}")
-                return cls(
-                    experts=data["experts"],
-                    seq_id=data["seq_id"],
-                    token_idx=data["token_idx"],
-                    num_experts=int(meta["num_experts"]),
-                    top_k=int(meta["top_k"]),
-                    gate_probs=data["gate_probs"] if "gate_probs" in data.files else None,
-                    source=meta.get("source", ""),
-                )
-        except (KeyError, ValueError, OSError) as err:
-            raise LinaError(f"cannot read routing trace {path}: {err}") from err
+            return cls(
+                experts=data["experts"],
+                seq_id=data["seq_id"],
+                token_idx=data["token_idx"],
+                num_experts=int(meta["num_experts"]),
+                top_k=int(meta["top_k"]),
+                gate_probs=data.get("gate_probs"),
+                source=meta.get("source", ""),
+            )
+        except KeyError as err:
+            raise LinaError(f"cannot read routing trace {path}: missing {err}") from err
 
 
 def read_mixtral_jsonl(path: str | Path, num_experts: int | None = None) -> RoutingTrace:

@@ -17,7 +17,6 @@ unicode array holding JSON ``{"format": "lina-estimator", "kind": ..., ...}``.
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from lina.errors import ConfigError, LinaError
+from lina.npz_io import read_npz, write_npz
 
 if TYPE_CHECKING:
     from lina.infer.trace import RoutingTrace
@@ -119,28 +119,13 @@ class PopularityEstimator(ABC):
         """Write the fitted estimator to ``path`` (``.npz``). Returns the path."""
         if not self.fitted:
             raise LinaError(f"{type(self).__name__} is not fitted; nothing to save")
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise ConfigError("path", f"{path} does not end in .npz", "save estimators as FILE.npz")
         meta, arrays = self._state()
-        meta = {"format": ESTIMATOR_FORMAT, "kind": self.kind, **meta}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as fh:
-            np.savez_compressed(fh, meta=np.array(json.dumps(meta)), **arrays)
-        return path
+        return write_npz(path, {"format": ESTIMATOR_FORMAT, "kind": self.kind, **meta}, arrays, "estimator")
 
     @classmethod
     def load(cls, path: str | Path) -> PopularityEstimator:
         """Read an estimator written by :meth:`save` (any kind when called on the base class)."""
-        path = Path(path)
-        if not path.is_file():
-            raise LinaError(f"estimator file {path} not found")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                arrays = {name: data[name] for name in data.files if name != "meta"}
-        except (KeyError, ValueError, OSError) as err:
-            raise LinaError(f"cannot read estimator {path}: {err}") from err
+        meta, arrays = read_npz(path, "estimator")
         if meta.get("format") != ESTIMATOR_FORMAT or meta.get("kind") not in _KINDS:
             raise LinaError(f"{path} is not a lina estimator (format {meta.get('format')!r}, kind {meta.get('kind')!r})")
         target = _KINDS[meta["kind"]]
