@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lina.bench.stats import percentile
-from lina.cluster.emulate import EmulateSpec, EmulatedCluster, format_rate, parse_rate
+from lina.cluster.emulate import EmulateSpec, EmulatedCluster, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
 from lina.errors import LinaError
 from lina.infer.trace import RoutingTrace, load_trace

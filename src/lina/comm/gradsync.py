@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

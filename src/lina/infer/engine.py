@@ -42,10 +42,12 @@ class LayerRouting:
 
 @dataclass
 class BatchStats:
+    """Figures of one batch on one rank, read off its spans (see ``_fill_stats``)."""
+
     latency_s: float = 0.0
     layer_a2a_s: list[float] = field(default_factory=list)  # dispatch + combine per MoE layer
     phase1_s: float = 0.0  # coordinator planning time (rank 0)
-    phase2_s: list[float] = field(default_factory=list)  # per layer: real-count allreduce + check/re-plan
+    phase2_s: list[float] = field(default_factory=list)  # per layer: the placement decision (lina: top-2k check, re-plan)
     max_device_rows: list[int] = field(default_factory=list)
 
 
@@ -112,7 +114,6 @@ class InferenceEngine:
         carries_plan = estimate is not None
         # Dispatch header: every device's local counts to every device (+ the estimate to the
         # coordinator). From it each device knows the global counts and what it will receive.
-        start_a2a = tl.now()
         header = torch.zeros(n, 2 * e_count, dtype=torch.float64)
         header[:, :e_count] = local_counts(ids, e_count)
         if carries_plan:
@@ -120,9 +121,8 @@ class InferenceEngine:
         with tl.span(f"moe{layer}.dispatch-header", "a2a", phase="fwd"):
             recv_header = self._a2a(header, [1] * n, [1] * n)
         counts_by_source = recv_header[:, :e_count]  # [sources, E]
-        start2 = tl.now()
-        placement = self.policy.placement(layer, counts_by_source.sum(0))  # lina: phase 2
-        stats.phase2_s.append(tl.now() - start2)
+        with tl.span(f"moe{layer}.phase2", "sched"):
+            placement = self.policy.placement(layer, counts_by_source.sum(0))  # lina: phase 2
         self.layer_counts.append(counts_by_source.sum(0))
         # Route every token-slot to a replica and order slots by (device, expert).
         device = placement.route(ids)  # [T, k]
@@ -135,7 +135,6 @@ class InferenceEngine:
         out_splits = recv_counts.sum(1).tolist()
         with tl.span(f"moe{layer}.dispatch", "a2a", phase="fwd", bytes=rows.numel() * rows.element_size()):
             received = self._a2a(rows, out_splits, in_splits)
-        a2a_s = tl.now() - start_a2a
         stats.max_device_rows.append(int(recv_counts.sum()))
         # Experts this device computes for this layer.
         index = source_to_expert_major(recv_counts)
@@ -150,12 +149,10 @@ class InferenceEngine:
         plan_rows = self._plan_rows(d) if carries_plan else 0
         if carries_plan and self.rank == COORDINATOR:
             with tl.span(f"moe{next_layer}.phase1", "sched"):
-                t0 = tl.now()
                 est_sum = recv_header[:, e_count:].sum(0)
                 plan = self.policy.coordinate(next_layer, est_sum)
                 payload = torch.cat([plan.share.float().reshape(-1), est_sum.float()])
                 payload = torch.nn.functional.pad(payload, (0, plan_rows * d - payload.numel())).view(plan_rows, d)
-                stats.phase1_s += tl.now() - t0
             pieces, splits_back = [], []
             for src in range(n):
                 block = back[sum(out_splits[:src]) : sum(out_splits[: src + 1])]
@@ -165,11 +162,8 @@ class InferenceEngine:
         else:
             splits_back = out_splits
         recv_back = [c + (plan_rows if src == COORDINATOR else 0) for src, c in enumerate(in_splits)]
-        start_c = tl.now()
         with tl.span(f"moe{layer}.combine", "a2a", phase="fwd", bytes=back.numel() * back.element_size()):
             returned = self._a2a(back, recv_back, splits_back)
-        a2a_s += tl.now() - start_c
-        stats.layer_a2a_s.append(a2a_s)
         if carries_plan:
             payload = returned[in_splits[COORDINATOR] : in_splits[COORDINATOR] + plan_rows].reshape(-1)
             share = payload[: e_count * n].double().view(e_count, n)
@@ -181,6 +175,15 @@ class InferenceEngine:
         w = weights.reshape(-1)[order].unsqueeze(-1).to(returned.dtype)
         out = h.new_zeros((t, d))
         return out.index_add(0, order // k, returned * w)
+
+    def _fill_stats(self, stats: BatchStats, spans: list, start: float, end: float) -> None:
+        """Batch figures, all read off this batch's spans on the one timeline."""
+        stats.latency_s = end - start
+        for layer in range(self.store.num_layers):
+            prefix = f"moe{layer}."
+            stats.layer_a2a_s.append(sum(s.dur_s for s in spans if s.cat == "a2a" and s.name.startswith(prefix)))
+            stats.phase2_s.append(sum(s.dur_s for s in spans if s.name == prefix + "phase2"))
+        stats.phase1_s = sum(s.dur_s for s in spans if s.name.endswith(".phase1"))
 
     # ------------------------------------------------------------------ a batch
     def run_batch(self, h: torch.Tensor, dense: Callable[[int, torch.Tensor], torch.Tensor], gate: Callable[[int, torch.Tensor], LayerRouting],
@@ -210,6 +213,7 @@ class InferenceEngine:
         if self.policy.needs_batch_counts:
             self.policy.end_batch(torch.stack(self.layer_counts))
         self.store.forget()
-        stats.latency_s = tl.now() - start
-        tl.record("batch", "step", start, start + stats.latency_s, policy=self.policy.name)
+        end = tl.now()
+        tl.record("batch", "step", start, end, policy=self.policy.name)
+        self._fill_stats(stats, tl.spans(since_s=start), start, end)
         return h, stats
