@@ -168,3 +168,23 @@ def test_residency_plan():
     assert plan_residency([10, 10, 10], 0) == [True, True, True]
     assert plan_residency([10, 10, 10], 25) == [True, True, False]
     assert plan_residency([10, 10, 10], 5) == [False, False, False]
+
+
+def test_undoing_a_chain_of_doublings_returns_to_the_fastest_packing():
+    """1 -> 2 costs a little (within the margin), 2 -> 4 costs more: back to 1, not to 2."""
+    c = _controller("auto")
+    tl, t = Timeline(0), 0.0
+    for step in range(4):
+        t = _fake_step(tl, step, t, ffn=0.1, a2a=1.0)
+    assert c.target_ep(4, 8, tl, 100) == 4  # 1 -> 2 experts per rank
+    for step in range(4, 6):
+        t = _fake_step(tl, step, t, ffn=0.1, a2a=0.95, tail=1.5)  # about 3% slower: kept
+    assert c.target_ep(6, 4, tl, 100) == 2  # still short FFN: 2 -> 4
+    for step in range(6, 8):
+        t = _fake_step(tl, step, t, ffn=0.1, a2a=0.9, tail=3.0)  # slower than 2 by more than the margin
+    assert c.target_ep(8, 2, tl, 100) == 8  # the fastest measured was 1 expert per rank
+    assert c.settled and "fastest" in c.history[-1]["reason"]
+    assert set(c.step_s_by_packing) == {1, 2, 4}
+    fresh = _controller("auto")
+    fresh.load_state_dict(c.state_dict())
+    assert fresh.step_s_by_packing == c.step_s_by_packing

@@ -76,3 +76,22 @@ def test_clear_errors(tmp_path):
     (tmp_path / "r" / "summary.json").write_text(json.dumps({"config": {"layers": 2}, "step_time_s_median": 1.0}))
     with pytest.raises(LinaError, match="lacks"):
         read_run(tmp_path / "r")
+
+
+def test_fit_recovers_the_compute_slowdown_under_collectives(tmp_path):
+    """Collectives that share the compute's cores slow it: policies of one shape that overlap more
+    compute longer, and the fit separates that from the work itself."""
+    truth = ComputeProfile(**{**TRUTH.to_dict(), "slowdown_in_a2a": 0.3, "slowdown_in_allreduce": 0.15})
+    cluster = ClusterSpec(hosts=2, gpus_per_host=2, link_gbps=0.2, link_efficiency=EFFICIENCY, launch_s=LAUNCH, per_peer_s=0, hop_latency_s=HOP)
+    model = ModelSpec("tiny", layers=4, d_model=128, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=8, vocab=256,
+                      act_bytes=4, grad_bytes=4, param_bytes=4)
+    for i, policy in enumerate(("deepspeed", "sequential", "tutel", "lina")):
+        write_synthetic_run(tmp_path / policy, cluster, model, truth, TrainSpec(lina_a2a_chunks=2, coalesce_small=False), policy, steps=4, seed=i)
+    rep = calibrate(tmp_path)
+    p = rep.fit.profile
+    assert p.slowdown_in_a2a == pytest.approx(0.3, abs=0.05)
+    assert p.slowdown_in_allreduce == pytest.approx(0.15, abs=0.05)
+    assert p.expert_fwd_s_per_token == pytest.approx(TRUTH.expert_fwd_s_per_token, rel=0.1)
+    assert p.dense_bwd_s_per_token == pytest.approx(TRUTH.dense_bwd_s_per_token, rel=0.1)
+    for row in rep.rows:
+        assert abs(row["error"]) < 0.05, row

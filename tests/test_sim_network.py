@@ -201,3 +201,19 @@ def test_representative_topology_rejects_other_hosts_flows():
         topo.classes(np.array([2]), np.array([0]), 1.0)
     assert topo.classes(np.array([0]), np.array([0]), 1.0) == []
     assert isinstance(topo.classes(np.array([0]), np.array([3]), 1.0)[0], FlowClass)
+
+
+def test_compute_slows_while_a_transfer_is_in_flight():
+    """1 s of work beside a 0.4 s transfer at half speed: 0.2 s of work done by 0.4 s, the other
+    0.8 s at full speed, so it ends at 1.2 s."""
+    from lina.sim.engine import Executor, Task
+
+    topo = Topology(ClusterSpec(hosts=2, gpus_per_host=1, link_gbps=8.0, launch_s=0.0, per_peer_s=0.0))
+    flow = flows(topo, [(0, 1, 0.4e9)])  # 0.4 GB at 1 GB/s
+    tasks = [Task("work", "compute", "compute", duration_s=1.0), Task("send", "a2a", "a2a", transfer=flow)]
+    rate = lambda ex: 0.5 if ex.stream_busy("a2a") else 1.0  # noqa: E731
+    Executor(tasks, FlowNetwork(topo.capacity), {"compute": 1, "a2a": 1}, compute_rate=rate).run()
+    assert tasks[1].end_s == pytest.approx(0.4)
+    assert tasks[0].end_s == pytest.approx(1.2)
+    with pytest.raises(ValueError, match="compute rate"):
+        Executor([Task("w", "compute", "compute", duration_s=1.0)], FlowNetwork(topo.capacity), {"compute": 1}, compute_rate=lambda ex: 0.0).run()

@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5, help="interleaving rounds after warm-up")
     p.add_argument("--steps-per-round", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per policy")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per rank per step (default 32: 2048 tokens per rank, so that, as in real MoE training, a step moves more all-to-all bytes than its experts have gradient bytes; --quick: 4)")
     p.add_argument("--chunk-mb", default="auto")
     p.add_argument("--buckets", type=int, default=16, help="DDP buckets per step for deepspeed/tutel: the bucket size is the model's "
                    "non-expert gradient bytes / this (the paper's 100M+ models fill about 16 buckets of 25 MB); 0: 25 MB buckets")
@@ -99,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.quick:
         args.layouts, args.experts, args.rounds, args.steps_per_round, args.warmup = "flat", "4", 2, 1, 1
+    if args.batch_size is None:
+        args.batch_size = 4 if args.quick else 32
+    if args.batch_size < 1:
+        raise ConfigError("batch-size", f"{args.batch_size} sequences per rank", "use --batch-size 1 or more")
     layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
     experts = [int(e) for e in args.experts.split(",")]
     policies = [p.strip() for p in args.policies.split(",")]

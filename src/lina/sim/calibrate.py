@@ -24,6 +24,10 @@ Fitted (pooled over all runs, so a prediction is not its own measurement played 
   expert FFN; embedding and head included), expert FFN forward/backward (per routed token;
   backward from ``bwd`` expert spans, else the backward/forward ratio of the passes), and the
   optimizer per local parameter (step end after backward and every allreduce);
+- contention: the share of compute speed lost while an all-to-all, or an allreduce, is in flight
+  (:func:`fit_slowdowns`; on the emulated cluster the collectives' threads share the compute's
+  CPU cores), from how much longer the same shape computes under policies that overlap more;
+  the per-token costs above are then those at full speed;
 - link: uncontended forward all-to-alls fit ``duration = latency + x / efficiency`` where ``x`` is
   the bytes on the busiest host link divided by the configured link rate; the allreduce
   latency is the median excess of uncontended allreduces over the simulator's own time for them.
@@ -43,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from lina.errors import ConfigError, LinaError
-from lina.obs.timeline import Span, Timeline, load_jsonl, union_length
+from lina.obs.timeline import Span, Timeline, intersection_length, load_jsonl, union_length
 from lina.sim.collectives import ring_allreduce
 from lina.sim.compute import ComputeProfile
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec
@@ -220,6 +224,41 @@ class StepObs:
     bwd_rest_s: float  # backward pass neither in an all-to-all nor in a *recorded* backward expert span
     bwd_expert_s: float | None  # None when backward expert compute has no spans of its own
     tail_s: float  # after backward and every allreduce: optimizer
+    # compute time spent with a collective in flight (the contention the slowdowns are fitted to):
+    a2a_overlap_fwd_s: float = 0.0  # expert compute during an all-to-all, forward
+    a2a_overlap_bwd_s: float = 0.0
+    allreduce_overlap_fwd_s: float = 0.0  # compute during an allreduce and no all-to-all
+    allreduce_overlap_bwd_s: float = 0.0
+
+    @property
+    def compute_s(self) -> float:
+        return self.fwd_dense_s + self.fwd_expert_s + self.bwd_rest_s + (self.bwd_expert_s or 0.0)
+
+    @property
+    def a2a_overlap_s(self) -> float:
+        return self.a2a_overlap_fwd_s + self.a2a_overlap_bwd_s
+
+    @property
+    def allreduce_overlap_s(self) -> float:
+        return self.allreduce_overlap_fwd_s + self.allreduce_overlap_bwd_s
+
+
+def _clip(intervals: list[tuple[float, float]], window: Span) -> list[tuple[float, float]]:
+    out = [(max(a, window.start_s), min(b, window.end_s)) for a, b in intervals]
+    return [(a, b) for a, b in out if b > a]
+
+
+def _overlaps_in_pass(pass_span: Span, a2a: list[tuple[float, float]], allreduce: list[tuple[float, float]],
+                      experts: list[tuple[float, float]]) -> tuple[float, float]:
+    """(expert compute during an all-to-all, compute during an allreduce but no all-to-all) in a pass.
+
+    Compute is taken to run whenever the pass is neither waiting on an all-to-all nor idle, and in
+    every expert span (which may overlap a pipelined all-to-all).
+    """
+    a2a, ar = _clip(a2a, pass_span), _clip(allreduce, pass_span)
+    in_a2a = intersection_length(_clip(experts, pass_span), a2a)
+    in_ar = union_length(ar) - intersection_length(ar, a2a)
+    return in_a2a, in_ar
 
 
 @dataclass
@@ -254,12 +293,20 @@ def observe(run: RunRecord, skip_first: bool = True) -> RunObs:
                 return pass_span.dur_s - union_length([(a, b) for a, b in cut if b > a])
 
             done = max([bwd.end_s] + [s.end_s for s in ars])
+            a2a_iv = [(s.start_s, s.end_s) for s in a2as]
+            ar_iv = [(s.start_s, s.end_s) for s in ars]
+            ov_fwd = _overlaps_in_pass(fwd, a2a_iv, ar_iv, [(s.start_s, s.end_s) for s in e_fwd])
+            ov_bwd = _overlaps_in_pass(bwd, a2a_iv, ar_iv, [(s.start_s, s.end_s) for s in e_bwd])
             steps.append(StepObs(
                 fwd_dense_s=rest(fwd, e_fwd),
                 fwd_expert_s=sum(s.dur_s for s in e_fwd),
                 bwd_rest_s=rest(bwd, e_bwd),
                 bwd_expert_s=sum(s.dur_s for s in e_bwd) if e_bwd else None,
                 tail_s=w.end_s - done,
+                a2a_overlap_fwd_s=ov_fwd[0],
+                a2a_overlap_bwd_s=ov_bwd[0],
+                allreduce_overlap_fwd_s=ov_fwd[1],
+                allreduce_overlap_bwd_s=ov_bwd[1],
             ))
             for s in a2as:
                 if _direction(s) == "fwd" and "bytes" in s.args and not _overlaps(s, a2as):
@@ -320,20 +367,61 @@ def _median(xs):
     return statistics.median(xs) if xs else 0.0
 
 
+def _shape_key(run: RunRecord) -> tuple:
+    """Runs that differ only in policy share this key (and so the same compute work)."""
+    m = run.model
+    return (run.hosts, run.workers_per_host, run.link_bps, m.layers, m.d_model, m.d_ff, m.experts, m.top_k, m.tokens, _ep(run))
+
+
+def fit_slowdowns(runs: list[RunRecord], obs: list[RunObs]) -> tuple[float, float]:
+    """Share of compute speed lost while an all-to-all / an allreduce is in flight.
+
+    Each run's median compute per step is ``W + a * O_a2a + r * O_allreduce``: ``W`` the work of its
+    shape (shared by the runs of one shape, which differ only in policy) and ``O`` the compute time
+    spent with that collective in flight. Fitted by least squares within shapes that have at least
+    two runs (a lone run cannot tell work from slowdown); each share is kept in [0, 0.9].
+    """
+    by_shape: dict[tuple, list[tuple[float, float, float]]] = {}
+    for r, o in zip(runs, obs):
+        row = (_median([s.compute_s for s in o.steps]), _median([s.a2a_overlap_s for s in o.steps]),
+               _median([s.allreduce_overlap_s for s in o.steps]))
+        by_shape.setdefault(_shape_key(r), []).append(row)
+    ys, xs = [], []
+    for rows in by_shape.values():
+        if len(rows) < 2:
+            continue
+        mean = np.mean(np.asarray(rows), axis=0)
+        for row in rows:
+            d = np.asarray(row) - mean
+            ys.append(d[0])
+            xs.append(d[1:])
+    if len(ys) < 2:
+        return 0.0, 0.0
+    coef, *_ = np.linalg.lstsq(np.asarray(xs), np.asarray(ys), rcond=1e-9)
+    a2a, allreduce = (float(v) for v in coef)
+    if a2a < 0 or allreduce < 0:  # a negative share is noise: refit the other alone
+        keep = 0 if a2a >= allreduce else 1
+        x = np.asarray(xs)[:, keep]
+        value = float(x @ np.asarray(ys) / (x @ x)) if x @ x > 0 else 0.0
+        a2a, allreduce = (value, 0.0) if keep == 0 else (0.0, value)
+    return min(max(a2a, 0.0), 0.9), min(max(allreduce, 0.0), 0.9)
+
+
 def fit(runs: list[RunRecord]) -> CalibrationFit:
     """Fit compute and link parameters to ``runs`` (pooled; see the module docstring)."""
     obs = [observe(r) for r in runs]
+    slow_a2a, slow_ar = fit_slowdowns(runs, obs)
     tok_layers = fwd_dense = bwd_dense = 0.0
     slot_layers = e_fwd = e_bwd = 0.0
     params = tail = 0.0
-    have_e_bwd = all(s.bwd_expert_s is not None for o in obs for s in o.steps)
     for r, o in zip(runs, obs):
         m = r.model
-        fd = _median([s.fwd_dense_s for s in o.steps])
-        ef = _median([s.fwd_expert_s for s in o.steps])
-        br = _median([s.bwd_rest_s for s in o.steps])
-        if have_e_bwd:
-            eb = _median([s.bwd_expert_s for s in o.steps])
+        # Work at full speed: take off what the collectives in flight cost (see fit_slowdowns).
+        fd = _median([s.fwd_dense_s - slow_ar * s.allreduce_overlap_fwd_s for s in o.steps])
+        ef = _median([s.fwd_expert_s - slow_a2a * s.a2a_overlap_fwd_s for s in o.steps])
+        br = _median([s.bwd_rest_s - slow_ar * s.allreduce_overlap_bwd_s for s in o.steps])
+        if all(s.bwd_expert_s is not None for s in o.steps):
+            eb = _median([s.bwd_expert_s - slow_a2a * s.a2a_overlap_bwd_s for s in o.steps])
             bd = br
         else:  # backward expert compute hides in the pass: split it like the forward
             ratio = br / (fd + ef) if fd + ef > 0 else 2.0
@@ -354,6 +442,8 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
         expert_fwd_s_per_token=max(0.0, e_fwd / slot_layers) if slot_layers else 0.0,
         expert_bwd_s_per_token=max(0.0, e_bwd / slot_layers) if slot_layers else 0.0,
         optimizer_s_per_param=max(0.0, tail / params) if params else 0.0,
+        slowdown_in_a2a=slow_a2a,
+        slowdown_in_allreduce=slow_ar,
     )
     # link: duration = latency + (busiest-link bytes / line rate) / efficiency
     xs, ys = [], []
@@ -449,6 +539,8 @@ def report_text(rep: CalibrationReport) -> str:
         f"  compute per token: dense fwd {p.dense_fwd_s_per_token * 1e6:.3f} us, bwd {p.dense_bwd_s_per_token * 1e6:.3f} us per layer; "
         f"expert fwd {p.expert_fwd_s_per_token * 1e6:.3f} us, bwd {p.expert_bwd_s_per_token * 1e6:.3f} us per routed token; "
         f"optimizer {p.optimizer_s_per_param * 1e9:.3f} ns per parameter",
+        f"  compute speed lost while an all-to-all is in flight {p.slowdown_in_a2a:.1%}, while an allreduce is {p.slowdown_in_allreduce:.1%} "
+        f"(collectives share the compute's CPU cores)",
         *([f"  note: {f.note}"] if f.note else []),
         "",
         f"  {'config':<52}{'policy':<12}{'measured ms':>12}{'predicted ms':>14}{'error':>9}",

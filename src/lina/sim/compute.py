@@ -6,7 +6,11 @@ A :class:`ComputeProfile` holds per-token costs, so one profile serves any batch
 - ``expert_*``: one expert FFN per routed token, with ``expert_min_s`` the least time one
   expert invocation takes however few tokens it gets (its weights must be read);
 - ``head_*``: embedding and LM head per token, once per step;
-- ``optimizer_s_per_param``: the optimizer step, per parameter held by the device.
+- ``optimizer_s_per_param``: the optimizer step, per parameter held by the device;
+- ``slowdown_in_a2a`` / ``slowdown_in_allreduce``: the share of compute speed lost while an
+  all-to-all (or, with none running, an allreduce) is in flight on the device. 0 for GPUs, whose
+  collectives run on their own engines; above 0 where collectives share the compute's CPU cores
+  (the emulated cluster; fitted by ``lina sim --calibrate``).
 
 Backward costs are separate (usually about twice the forward).
 """
@@ -29,12 +33,25 @@ class ComputeProfile:
     head_fwd_s_per_token: float = 0.0
     head_bwd_s_per_token: float = 0.0
     optimizer_s_per_param: float = 0.0
+    slowdown_in_a2a: float = 0.0
+    slowdown_in_allreduce: float = 0.0
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, (int, float)) or value < 0:
+            if f.name.startswith("slowdown_"):
+                if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                    raise ConfigError(f.name, f"must be a share in [0, 1), got {value!r}", "give the share of compute speed lost, e.g. 0.2")
+            elif not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f.name, f"must be a time of 0 s or more, got {value!r}", "give seconds as a number >= 0")
+
+    def compute_rate(self, a2a_in_flight: bool, allreduce_in_flight: bool) -> float:
+        """Compute speed (1 = full) while the named collectives are in flight."""
+        if a2a_in_flight:
+            return 1.0 - self.slowdown_in_a2a
+        if allreduce_in_flight:
+            return 1.0 - self.slowdown_in_allreduce
+        return 1.0
 
     def expert_time(self, tokens: float, backward: bool = False) -> float:
         """Seconds one expert takes on ``tokens`` routed tokens (0 tokens: 0 s)."""

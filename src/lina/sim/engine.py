@@ -3,13 +3,14 @@
 A *stream* runs its tasks in the order they were added (like a CUDA stream), at most
 ``concurrency`` at a time. A task starts when it is at the head of its stream, its
 dependencies are done, and the policy's *gate* agrees (Lina's priority rule is a gate on the
-allreduce stream). Compute tasks take a fixed time; communication tasks are
+allreduce stream). Compute tasks hold a fixed amount of work (seconds at full speed), done at
+the rate ``compute_rate`` gives (1 by default; below 1 while, say, communication threads take CPU
+from the compute, as on hosts where collectives run on the same cores); communication tasks are
 :class:`~lina.sim.network.Transfer` s whose time the network decides.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,10 +45,15 @@ class Task:
 
 
 Gate = Callable[[Task, "Executor"], bool]
+Rate = Callable[["Executor"], float]
 
 
 def _always(task: Task, executor: "Executor") -> bool:
     return True
+
+
+def _full_speed(executor: "Executor") -> float:
+    return 1.0
 
 
 class Executor:
@@ -58,12 +64,16 @@ class Executor:
         network: the flow network communication tasks use.
         streams: stream name -> concurrency, in the order streams are served at each event.
         gate: extra start condition (default: none).
+        compute_rate: work done per second by a running compute task, in (0, 1], asked again
+            whenever a task starts or ends (default: always 1).
     """
 
-    def __init__(self, tasks: list[Task], network: FlowNetwork, streams: dict[str, int], gate: Gate = _always):
+    def __init__(self, tasks: list[Task], network: FlowNetwork, streams: dict[str, int], gate: Gate = _always,
+                 compute_rate: Rate = _full_speed):
         self.tasks = tasks
         self.net = network
         self.gate = gate
+        self.compute_rate = compute_rate
         self.concurrency = dict(streams)
         self.queues: dict[str, deque[int]] = {s: deque() for s in streams}
         self.running: dict[str, int] = {s: 0 for s in streams}
@@ -79,7 +89,7 @@ class Executor:
                 self._unmet[i] += 1
                 self._dependents[d].append(i)
         self.now = 0.0
-        self._compute_heap: list[tuple[float, int]] = []
+        self._computing: dict[int, float] = {}  # running compute task -> work left (seconds at full speed)
         self._transfer_task: dict[int, int] = {}
         self.events = 0
 
@@ -93,19 +103,28 @@ class Executor:
         remaining = len(self.tasks)
         while remaining:
             self._start_ready()
-            t_compute = self._compute_heap[0][0] if self._compute_heap else math.inf
+            rate = self.compute_rate(self) if self._computing else 1.0
+            if not 0.0 < rate <= 1.0:
+                raise ValueError(f"compute rate must be in (0, 1], got {rate}")
+            first = min(self._computing, key=self._computing.__getitem__) if self._computing else None
+            t_compute = self.now + self._computing[first] / rate if first is not None else math.inf
             t = min(t_compute, self.net.next_event_time())
             if math.isinf(t):
                 stuck = [self.tasks[q[0]].name for q in self.queues.values() if q]
                 raise RuntimeError(f"simulated step cannot progress; waiting heads: {stuck}")
             finished_transfers = self.net.advance_to(t)
+            done_work = (t - self.now) * rate
             self.now = t
             self.events += 1
             for tid in finished_transfers:
                 remaining -= self._finish(self._transfer_task.pop(tid))
-            while self._compute_heap and self._compute_heap[0][0] <= t:
-                _, idx = heapq.heappop(self._compute_heap)
-                remaining -= self._finish(idx)
+            for idx in list(self._computing):
+                left = self._computing[idx] - done_work
+                if idx == first and t == t_compute or left <= 1e-12:
+                    del self._computing[idx]
+                    remaining -= self._finish(idx)
+                else:
+                    self._computing[idx] = left
         return self.tasks
 
     def _finish(self, idx: int) -> int:
@@ -132,6 +151,6 @@ class Executor:
                     task.start_s = self.now
                     started = True
                     if task.transfer is None:
-                        heapq.heappush(self._compute_heap, (self.now + task.duration_s, idx))
+                        self._computing[idx] = task.duration_s
                     else:
                         self._transfer_task[self.net.start(task.transfer)] = idx

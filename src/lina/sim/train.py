@@ -204,11 +204,13 @@ def simulate_step(
 def _run(plan: StepPlan, pol: TrainPolicy, topo: Topology, cache: TransferCache) -> tuple[list[Task], int]:
     tasks = StepBuilder(plan, pol, cache).build()
     window = plan.train.credit_window if pol.grad_sync == "microops" else 1
+    profile = plan.profile
     executor = Executor(
         tasks,
         FlowNetwork(topo.capacity),
         {"compute": 1, "a2a": 1, "allreduce": window},
         _priority_gate if pol.priority else (lambda task, ex: True),
+        lambda ex: profile.compute_rate(ex.stream_busy("a2a"), ex.stream_busy("allreduce")),
     )
     executor.run()
     return tasks, executor.events

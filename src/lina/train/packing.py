@@ -23,7 +23,8 @@ that computes must be on the device; the others may be offloaded, see :func:`pla
 Beyond the paper: packing replicates experts, and their gradients then cross the network in the
 allreduce, which the paper's rule does not weigh. So the controller also compares the mean step
 time of the window after a doubling with the window before it; if steps got slower by more than
-``REVERT_MARGIN``, it goes back to the previous packing and settles there (no further changes).
+``REVERT_MARGIN``, it goes back to the fastest packing it has measured (not only the previous one: a
+chain of doublings that each cost a little is undone as a whole) and settles there.
 """
 
 from __future__ import annotations
@@ -207,6 +208,7 @@ class PackingController:
     history: list[dict] = field(default_factory=list)
     pending: dict | None = None  # the last doubling, to be confirmed: {"from_ep", "step_before_s"}
     settled: bool = False  # a doubling was undone: no further changes
+    step_s_by_packing: dict[int, float] = field(default_factory=dict)  # experts per rank -> mean step measured there
 
     @classmethod
     def from_config(cls, cfg, world: int) -> "PackingController":
@@ -242,12 +244,15 @@ class PackingController:
         if not self.due(step):
             return current_ep
         times = _sum_over_ranks(measure_window(timeline.spans(), step - self.every, step - 1))
+        if times.step_mean_s is not None:
+            self.step_s_by_packing[per_rank] = times.step_mean_s
         pending, self.pending = self.pending, None
         if self.settled:
             decision = Decision(per_rank, "settled (an earlier doubling made steps slower)")
         elif pending and got_slower(pending["step_before_s"], times.step_mean_s):
-            decision = Decision(self.experts // pending["from_ep"], f"steps got slower after packing ({times.step_mean_s * 1e3:.1f} ms vs "
-                                f"{pending['step_before_s'] * 1e3:.1f} ms): back to {self.experts // pending['from_ep']} and settle")
+            best = min(self.step_s_by_packing, key=self.step_s_by_packing.get)
+            decision = Decision(best, f"steps got slower after packing ({times.step_mean_s * 1e3:.1f} ms vs "
+                                f"{pending['step_before_s'] * 1e3:.1f} ms): back to {best}, the fastest measured, and settle")
         else:
             fits = self.budget_bytes <= 0 or 2 * layer_training_bytes <= self.budget_bytes
             decision = decide(per_rank, times.ffn_per_op_s, times.a2a_per_op_s, current_ep % 2 == 0, fits)
@@ -266,12 +271,14 @@ class PackingController:
         return self.experts // agreed
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "pending": self.pending, "settled": self.settled}
+        return {"history": list(self.history), "pending": self.pending, "settled": self.settled,
+                "step_s_by_packing": {str(k): v for k, v in self.step_s_by_packing.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state.get("history", []))
         self.pending = state.get("pending")
         self.settled = bool(state.get("settled", False))
+        self.step_s_by_packing = {int(k): float(v) for k, v in state.get("step_s_by_packing", {}).items()}
 
 
 def _sum_over_ranks(t: MicroOpTimes) -> MicroOpTimes:
