@@ -39,7 +39,9 @@ def test_fit_recovers_known_parameters_and_predicts_within_10_percent(tmp_path):
     rep = calibrate(tmp_path)
     f = rep.fit
     assert f.link_efficiency == pytest.approx(EFFICIENCY, rel=0.05)
-    assert f.a2a_latency_s == pytest.approx(LAUNCH, rel=0.1)
+    # 2% jitter on 26-52 ms all-to-alls: efficiency and latency trade off within the noise
+    # (1% of efficiency is about 0.3 ms of latency)
+    assert f.a2a_latency_s == pytest.approx(LAUNCH, abs=5e-4)
     assert f.allreduce_latency_s == pytest.approx(LAUNCH + 2 * 3 * HOP, rel=0.1)
     p = f.profile
     for name in ("dense_fwd_s_per_token", "dense_bwd_s_per_token", "expert_fwd_s_per_token", "expert_bwd_s_per_token", "optimizer_s_per_param"):
@@ -93,5 +95,24 @@ def test_fit_recovers_the_compute_slowdown_under_collectives(tmp_path):
     assert p.slowdown_in_allreduce == pytest.approx(0.15, abs=0.05)
     assert p.expert_fwd_s_per_token == pytest.approx(TRUTH.expert_fwd_s_per_token, rel=0.1)
     assert p.dense_bwd_s_per_token == pytest.approx(TRUTH.dense_bwd_s_per_token, rel=0.1)
+    for row in rep.rows:
+        assert abs(row["error"]) < 0.05, row
+
+
+def test_fit_finds_a_machine_wide_copy_limit_across_layouts(tmp_path):
+    """Emulated hosts share one machine's cores: all-to-all traffic between hosts is copied at
+    a machine-wide rate, split among the hosts. Runs in two layouts pin it down; a link-only fit
+    could not match both (the flat layout sends fewer bytes per host link but as many in all)."""
+    machine_gbps = 0.24  # below what four 0.1 Gb/s links carry together
+    model = ModelSpec("tiny", layers=4, d_model=128, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=8, vocab=256,
+                      act_bytes=4, grad_bytes=4, param_bytes=4)
+    for hosts, per_host in ((4, 1), (2, 2)):
+        cluster = ClusterSpec(hosts=hosts, gpus_per_host=per_host, link_gbps=0.1, launch_s=LAUNCH, per_peer_s=0, hop_latency_s=HOP,
+                              host_copy_gbps=machine_gbps / hosts)
+        for i, policy in enumerate(("deepspeed", "sequential")):
+            write_synthetic_run(tmp_path / f"{hosts}x{per_host}-{policy}", cluster, model, TRUTH, TrainSpec(coalesce_small=False), policy,
+                                steps=4, seed=i)
+    rep = calibrate(tmp_path)
+    assert rep.fit.copy_bytes_per_s * 8 / 1e9 == pytest.approx(machine_gbps, rel=0.1)
     for row in rep.rows:
         assert abs(row["error"]) < 0.05, row

@@ -1,8 +1,11 @@
 """``lina bench train``: training step time of ``deepspeed``, ``sequential``, ``tutel``, ``lina`` and
-``lina+packing`` on the emulated cluster, interleaved in one run, in a flat layout (4 hosts x 1
-worker) and a hierarchical one (2 hosts x 2 workers), for 4, 8 and 16 experts (top-2).
+``lina+packing`` on the emulated cluster, interleaved in one run, in a pair (2 hosts x 1 worker), a
+flat layout (4 hosts x 1 worker) and a hierarchical one (2 hosts x 2 workers), top-2. By default
+each layout has as many experts as workers, one expert per rank, as in the paper's evaluation
+("experts = GPUs"); ``--experts 8,16`` runs more experts than workers instead.
 ``lina+packing`` is the ``lina`` policy with expert packing, decided by the packing controller
-during its warm-up; the packing chosen is reported per config.
+during its warm-up (4 steps at each packing, the controller's re-check period); the packing
+chosen is reported per config.
 
 The link rate is calibrated per layout so that ``deepspeed``'s all-to-all share of step time lands
 in the paper's 30-45%; the regime is printed beside every speedup. The lower bound of a config is
@@ -27,7 +30,8 @@ from lina.cluster.hostlaunch import run_on_cluster
 from lina.errors import ConfigError
 
 POLICIES = ("deepspeed", "sequential", "tutel", "lina", "lina+packing")
-LAYOUTS = {"flat": (4, 1), "hierarchical": (2, 2)}
+LAYOUTS = {"pair": (2, 1), "flat": (4, 1), "hierarchical": (2, 2)}
+PACKING_WINDOW = 4  # steps measured at each packing before a decision (the controller's packing_every)
 TARGET_SHARE = 0.38
 BENCH_MODEL = {"d_model": 256, "n_layers": 4, "n_heads": 4, "d_ff": 512, "seq_len": 64, "top_k": 2}
 
@@ -38,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link", default="400mbit",
                    help="each host's link rate, or 'auto': calibrate it so deepspeed's all-to-all share lands in 30-45%% "
                         "(on 2 shared cores that share is reached only without a bandwidth limit, so the default fixes a link-limited rate)")
-    p.add_argument("--layouts", default="flat,hierarchical", help="comma list of flat, hierarchical")
-    p.add_argument("--experts", default="4,8,16", help="comma list of expert counts")
+    p.add_argument("--layouts", default="pair,flat,hierarchical", help="comma list of pair (2x1), flat (4x1), hierarchical (2x2)")
+    p.add_argument("--experts", default="workers", help="'workers' (one expert per rank, as in the paper) or a comma list of expert counts")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma list, interleaved in this order")
     p.add_argument("--rounds", type=int, default=5, help="interleaving rounds after warm-up")
     p.add_argument("--steps-per-round", type=int, default=2)
@@ -61,7 +65,7 @@ def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: 
         "layout": layout, "hosts": hosts, "workers_per_host": wph, "link_bps": link_bps, "experts": experts,
         "policies": policies, "model": BENCH_MODEL, "batch_size": args.batch_size, "chunk_mb": args.chunk_mb, "buckets": args.buckets,
         "pipeline_chunks": args.pipeline_chunks, "credit": args.credit, "seed": args.seed, "warmup": args.warmup, "rounds": args.rounds,
-        "steps_per_round": args.steps_per_round, "out": str(out),
+        "steps_per_round": args.steps_per_round, "out": str(out), "packing_window": 2 if args.quick else PACKING_WINDOW,
     }
     plan.update(over)
     return plan
@@ -95,6 +99,19 @@ def calibrate_link(args, layout: str, experts: int, out: Path, delay_us: float) 
     return rate, share
 
 
+def _parse_experts(text: str):
+    """``workers`` or ``4,8,16`` -> a function of a layout's worker count giving its expert counts."""
+    if text.strip() == "workers":
+        return lambda workers: [workers]
+    try:
+        counts = [int(e) for e in text.split(",") if e.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ConfigError("experts", f"{text!r} is not 'workers' or a comma list of positive counts", "use e.g. --experts workers or --experts 4,8,16")
+    return lambda workers: counts
+
+
 def run(args: argparse.Namespace) -> int:
     from lina.cluster.emulate import parse_duration_us
 
@@ -105,7 +122,10 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError("batch-size", f"{args.batch_size} sequences per rank", "use --batch-size 1 or more")
     layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
-    experts = [int(e) for e in args.experts.split(",")]
+    bad = [name for name in layouts if name not in LAYOUTS]
+    if bad or not layouts:
+        raise ConfigError("layouts", f"unknown layout {', '.join(bad) or '(none given)'}", f"use a comma list of {', '.join(LAYOUTS)}")
+    experts_of = _parse_experts(args.experts)
     policies = [p.strip() for p in args.policies.split(",")]
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
@@ -115,11 +135,11 @@ def run(args: argparse.Namespace) -> int:
     delay_us = parse_duration_us(args.delay)
     configs = []
     for layout in layouts:
-        if args.link != "auto":
-            link_bps = parse_rate(args.link)
-        else:
-            link_bps, _ = calibrate_link(args, layout, experts[0], out, delay_us)
+        link_bps = parse_rate(args.link) if args.link != "auto" else 0
         hosts, wph = LAYOUTS[layout]
+        experts = experts_of(hosts * wph)
+        if args.link == "auto":
+            link_bps, _ = calibrate_link(args, layout, experts[0], out, delay_us)
         print(f"\n{layout}: {hosts} hosts x {wph} workers, link {format_rate(link_bps)}, delay {args.delay}; "
               f"policies {', '.join(policies)} interleaved, {args.rounds} rounds x {args.steps_per_round} steps after {args.warmup} warm-up", flush=True)
         for entry in _launch(_plan(args, layout, experts, policies, link_bps, out), delay_us):

@@ -213,6 +213,22 @@ def _direction(span: Span) -> str | None:
     return None
 
 
+def _instances(by_step: dict[int, list[list[Span]]], contended: set[int]) -> list[tuple[float, float]]:
+    """(most bytes any rank sends, last exit - last arrival) of every uncontended collective that
+    every rank ran (steps whose ranks ran different numbers of them are left out)."""
+    out = []
+    for per_rank in by_step.values():
+        if len({len(spans) for spans in per_rank}) != 1:
+            continue
+        for same in zip(*per_rank):
+            if any(id(s) in contended for s in same):
+                continue
+            dur = max(s.end_s for s in same) - max(s.start_s for s in same)
+            if dur > 0:
+                out.append((max(float(s.args["bytes"]) for s in same), dur))
+    return out
+
+
 def _overlaps(span: Span, others: list[Span]) -> bool:
     return any(o is not span and o.start_s < span.end_s and span.start_s < o.end_s for o in others)
 
@@ -266,19 +282,40 @@ class RunObs:
     steps: list[StepObs]
     a2a: list[tuple[float, float]]  # (bytes sent by the rank, seconds), forward, uncontended
     allreduce: list[tuple[float, float]]  # (bytes, seconds), not overlapping an a2a
+    sync_wait_s: float = 0.0  # per step: the last rank's arrivals at all-to-alls beyond the mean rank's compute before them
 
 
 def observe(run: RunRecord, skip_first: bool = True) -> RunObs:
-    """Per-step compute totals and uncontended collective durations of every rank."""
-    steps, a2a, allreduce = [], [], []
+    """Per-step compute totals of every rank, and uncontended collective durations.
+
+    A collective is timed across ranks (their clocks are the host's monotonic clock): from the
+    last rank's arrival to the last rank's exit, so a rank that waits in it for a slower peer does
+    not count as network time; its bytes are the most any rank sends. One instance is the j-th
+    forward all-to-all (or allreduce) of a step on every rank; it is uncontended when no rank
+    runs another collective beside it.
+    """
+    steps = []
+    a2a_by_step: dict[int, list[list[Span]]] = {}  # step index -> per rank, its forward a2a spans in order
+    all_a2a_by_step: dict[int, list[list[Span]]] = {}  # the same, every all-to-all
+    ar_by_step: dict[int, list[list[Span]]] = {}
+    contended: set[int] = set()  # id() of spans that overlap another collective on their rank
     for spans in run.spans.values():
         windows = sorted((s for s in spans if s.cat == "step"), key=lambda s: s.start_s)
         if skip_first and len(windows) >= 3:
             windows = windows[1:]
-        for w in windows:
+        for k, w in enumerate(windows):
             inside = [s for s in spans if s.cat != "step" and s.start_s >= w.start_s - 1e-9 and s.end_s <= w.end_s + 1e-9]
-            a2as = [s for s in inside if s.cat == "a2a"]
-            ars = [s for s in inside if s.cat == "allreduce"]
+            a2as = sorted((s for s in inside if s.cat == "a2a"), key=lambda s: s.start_s)
+            ars = sorted((s for s in inside if s.cat == "allreduce"), key=lambda s: s.start_s)
+            for s in a2as:
+                if _overlaps(s, a2as):
+                    contended.add(id(s))
+            for s in ars:
+                if _overlaps(s, a2as) or _overlaps(s, ars):
+                    contended.add(id(s))
+            a2a_by_step.setdefault(k, []).append([s for s in a2as if _direction(s) == "fwd" and "bytes" in s.args])
+            all_a2a_by_step.setdefault(k, []).append(a2as)
+            ar_by_step.setdefault(k, []).append([s for s in ars if "bytes" in s.args])
             fwd = next((s for s in inside if s.cat == "compute" and s.name == "forward"), None)
             bwd = next((s for s in inside if s.cat == "compute" and s.name == "backward"), None)
             if fwd is None or bwd is None:
@@ -308,15 +345,25 @@ def observe(run: RunRecord, skip_first: bool = True) -> RunObs:
                 allreduce_overlap_fwd_s=ov_fwd[1],
                 allreduce_overlap_bwd_s=ov_bwd[1],
             ))
-            for s in a2as:
-                if _direction(s) == "fwd" and "bytes" in s.args and not _overlaps(s, a2as):
-                    a2a.append((float(s.args["bytes"]), s.dur_s))
-            for s in ars:
-                if "bytes" in s.args and not _overlaps(s, a2as) and not _overlaps(s, ars):
-                    allreduce.append((float(s.args["bytes"]), s.dur_s))
+    a2a = _instances(a2a_by_step, contended)
+    allreduce = _instances(ar_by_step, contended)
+    waits = []
+    for per_rank in all_a2a_by_step.values():
+        if len(per_rank) < 2 or len({len(spans) for spans in per_rank}) != 1:
+            continue
+        instances = list(zip(*per_rank))
+        late = 0.0
+        for done, nxt in zip(instances, instances[1:]):
+            if any(id(x) in contended for x in done + nxt):
+                continue
+            # after the last rank leaves one all-to-all, the next starts when the last rank arrives:
+            # what that takes beyond the mean rank's compute in between is straggling
+            mean_gap = sum(b.start_s - a.end_s for a, b in zip(done, nxt)) / len(done)
+            late += max(b.start_s for b in nxt) - max(a.end_s for a in done) - mean_gap
+        waits.append(late)
     if not steps:
         raise LinaError(f"{run.path}: no step with 'forward' and 'backward' compute spans")
-    return RunObs(steps, a2a, allreduce)
+    return RunObs(steps, a2a, allreduce, _median(waits))
 
 
 # --------------------------------------------------------------------------- fitting
@@ -331,6 +378,7 @@ class CalibrationFit:
     a2a_samples: int
     allreduce_samples: int
     note: str = ""
+    copy_bytes_per_s: float | None = None  # all-to-all bytes the machine's cores move per second, all hosts together (None: no limit)
 
     def cluster_for(self, run: RunRecord) -> ClusterSpec:
         n = run.workers
@@ -345,6 +393,7 @@ class CalibrationFit:
             launch_s=self.a2a_latency_s,
             per_peer_s=0.0,
             hop_latency_s=hop,
+            host_copy_gbps=None if self.copy_bytes_per_s is None else self.copy_bytes_per_s * 8 / 1e9 / run.hosts,
         )
 
     def to_dict(self) -> dict:
@@ -363,6 +412,12 @@ def _busiest_link_bytes(run: RunRecord, nbytes: float) -> float:
     return g * nbytes * (ep - g) / ep
 
 
+def _remote_bytes(run: RunRecord, nbytes: float) -> float:
+    """Bytes one rank sends to other hosts in a uniform all-to-all of ``nbytes`` per rank."""
+    ep, g = _ep(run), run.workers_per_host
+    return nbytes * (ep - min(ep, g)) / ep
+
+
 def _median(xs):
     return statistics.median(xs) if xs else 0.0
 
@@ -371,6 +426,54 @@ def _shape_key(run: RunRecord) -> tuple:
     """Runs that differ only in policy share this key (and so the same compute work)."""
     m = run.model
     return (run.hosts, run.workers_per_host, run.link_bps, m.layers, m.d_model, m.d_ff, m.experts, m.top_k, m.tokens, _ep(run))
+
+
+def fit_link(samples: np.ndarray, small: list[float]) -> tuple[float, float | None, float, str]:
+    """(efficiency, machine copy rate in bytes/s or None, latency s, note) of the emulated links.
+
+    ``samples``: ``[N, 3]`` uncontended all-to-alls as (busiest host link's bytes at line rate in
+    seconds, bytes all ranks of the machine send to other hosts in it, duration in seconds). The links move
+    ``efficiency`` of their rate, and the machine's cores copy at most ``copy`` bytes/s of
+    all-to-all traffic in all (shared by its emulated hosts), so ``duration = latency +
+    max(x_link / efficiency, machine bytes / copy)``. The latency is the median duration of
+    all-to-alls under 1 KiB (counts) when there are any; efficiency and copy rate are a grid
+    search on relative error (ties go to the faster copy: a copy limit is fitted only where the
+    data ask for one).
+    """
+    x_link, machine_bytes, dur = samples[:, 0], samples[:, 1], samples[:, 2]
+    copies = np.concatenate([np.geomspace(1e6, 1e10, 161), [np.inf]])
+
+    def search(latency: float, effs: np.ndarray) -> tuple[float, float, float]:
+        """(mean squared relative error, efficiency, copy rate) of the best grid point."""
+        best = (np.inf, 1.0, np.inf)
+        for eff in effs:
+            pred = latency + np.maximum(x_link[None, :] / eff, machine_bytes[None, :] / copies[:, None])  # [copies, N]
+            err = np.mean((pred - dur) ** 2, axis=1)  # squared seconds: fits the mean duration, which is what a step adds up
+            j = int(np.argmin(err))
+            if err[j] < best[0] * (1 - 1e-9):
+                tied = np.flatnonzero(err <= err[j] * (1 + 1e-9))
+                best = (float(err[j]), float(eff), float(copies[tied.max()]))
+        return best
+
+    def latency_for(eff: float, copy: float) -> float:
+        return max(0.0, float(np.mean(dur - np.maximum(x_link / eff, machine_bytes / copy))))
+
+    coarse = np.linspace(0.2, 1.0, 81)
+    if small:
+        latency = float(np.mean(small))
+    else:
+        lats = np.linspace(0.0, float(dur.min()), 21)
+        latency = float(min(lats, key=lambda lat: search(lat, coarse)[0]))
+    _, efficiency, copy = search(latency, coarse)
+    if not small:  # refine the latency for the chosen link, then the link for that latency
+        latency = latency_for(efficiency, copy)
+    _, efficiency, copy = search(latency, np.clip(efficiency + np.linspace(-0.01, 0.01, 41), 0.2, 1.0))
+    if not small:
+        latency = latency_for(efficiency, copy)
+    note = ""
+    if efficiency <= coarse[0] or copy <= copies[0]:
+        note = "the link fit sits at the edge of its grid: all-to-all durations barely follow their bytes"
+    return efficiency, (None if math.isinf(copy) else copy), latency, note
 
 
 def fit_slowdowns(runs: list[RunRecord], obs: list[RunObs]) -> tuple[float, float]:
@@ -411,6 +514,9 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
     """Fit compute and link parameters to ``runs`` (pooled; see the module docstring)."""
     obs = [observe(r) for r in runs]
     slow_a2a, slow_ar = fit_slowdowns(runs, obs)
+    # ranks drift apart between all-to-alls; the step runs at the pace of the last to arrive
+    computed = sum(_median([s.compute_s for s in o.steps]) for o in obs)
+    straggler = min(1.0, sum(o.sync_wait_s for o in obs) / computed) if computed > 0 else 0.0
     tok_layers = fwd_dense = bwd_dense = 0.0
     slot_layers = e_fwd = e_bwd = 0.0
     params = tail = 0.0
@@ -444,42 +550,30 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
         optimizer_s_per_param=max(0.0, tail / params) if params else 0.0,
         slowdown_in_a2a=slow_a2a,
         slowdown_in_allreduce=slow_ar,
+        straggler=straggler,
     )
-    # link: duration = latency + (busiest-link bytes / line rate) / efficiency
-    xs, ys = [], []
+    # link: duration = latency + max(busiest-link bytes / (efficiency x rate), bytes of one flow / flow ceiling)
+    samples = []  # (busiest-link line seconds, bytes all ranks send, duration)
+    small = []
     intra = []
     for r, o in zip(runs, obs):
         line = r.link_bps / 8
         for nbytes, dur in o.a2a:
             x = _busiest_link_bytes(r, nbytes) / line
             if x > 0:
-                xs.append(x)
-                ys.append(dur)
+                samples.append((x, r.workers * _remote_bytes(r, nbytes), dur))
             elif _ep(r) > 1:
                 intra.append((r, nbytes, dur))
-    if not xs:
+            if nbytes < 1024:
+                small.append(dur)
+    if not samples:
         raise LinaError("no uncontended forward all-to-all crossed a host link: cannot fit the link")
-    x, y = np.asarray(xs), np.asarray(ys)
-    note = ""
-    slope = intercept = float("nan")
-    if len(x) >= 3 and np.ptp(x) > 0.05 * x.mean():
-        slope, intercept = (float(v) for v in np.polyfit(x, y, 1))
-    if 1.0 <= slope and intercept >= 0:  # efficiency = 1 / slope in (0, 1]
-        efficiency, latency = 1.0 / slope, intercept
-    else:
-        # Durations do not grow with bytes as a link would make them (latency- or noise-bound
-        # runs): keep the configured rate and put the rest in the latency.
-        efficiency = 1.0
-        latency = max(0.0, float(np.median(y - x)))
-        note = (
-            f"all-to-all durations do not scale with bytes (fitted slope {slope:.2f} s per line-rate second, "
-            f"intercept {intercept * 1e3:.2f} ms): the link rate is taken as configured and the rest as latency"
-        )
+    efficiency, copy_rate, latency, note = fit_link(np.asarray(samples), small)
     intra_factor, intra_measured = INTRA_FACTOR_ASSUMED, False
     rates = [nb * (_ep(r) - 1) / _ep(r) / (d - latency) / (r.link_bps / 8) for r, nb, d in intra if nb >= 1024 and d > latency]
     if rates:
         intra_factor, intra_measured = float(_median(rates)), True
-    provisional = CalibrationFit(profile, efficiency, latency, latency, intra_factor, intra_measured, len(xs), 0, note)
+    provisional = CalibrationFit(profile, efficiency, latency, latency, intra_factor, intra_measured, len(samples), 0, note, copy_rate)
     excess = []
     for r, o in zip(runs, obs):
         if not o.allreduce:
@@ -499,6 +593,8 @@ POLICY_OF_SCHEDULE = {"deepspeed": "deepspeed", "sequential": "sequential", "tut
 def predict(fitted: CalibrationFit, run: RunRecord) -> TrainResult:
     """Simulate one step of ``run`` with the fitted parameters."""
     policy = POLICY_OF_SCHEDULE.get(run.policy, run.policy)
+    if policy == "lina+packing":  # the run records the packing its controller chose: simulate that layout
+        policy = "lina"
     train = replace(run.train, ep_size=_ep(run))
     return simulate_step(fitted.cluster_for(run), run.model, fitted.profile, train, policy)
 
@@ -532,15 +628,17 @@ def report_text(rep: CalibrationReport) -> str:
     p = f.profile
     lines = [
         "fitted parameters:",
-        f"  link efficiency {f.link_efficiency:.3f} of the configured rate; all-to-all latency {f.a2a_latency_s * 1e3:.3f} ms "
-        f"({f.a2a_samples} uncontended forward all-to-alls)",
+        f"  link efficiency {f.link_efficiency:.3f} of the configured rate; the machine copies "
+        f"{'all-to-all traffic without a limit' if f.copy_bytes_per_s is None else f'at most {f.copy_bytes_per_s * 8 / 1e6:.0f} Mbit/s of all-to-all traffic'}"
+        f" (all hosts); all-to-all latency {f.a2a_latency_s * 1e3:.3f} ms "
+        f"({f.a2a_samples} uncontended forward all-to-alls, timed from the last rank's arrival)",
         f"  allreduce latency {f.allreduce_latency_s * 1e3:.3f} ms ({f.allreduce_samples} uncontended allreduces)",
         f"  intra-host rate {f.intra_factor:.1f}x the host link ({'measured' if f.intra_measured else 'assumed: no single-host all-to-all in the runs'})",
         f"  compute per token: dense fwd {p.dense_fwd_s_per_token * 1e6:.3f} us, bwd {p.dense_bwd_s_per_token * 1e6:.3f} us per layer; "
         f"expert fwd {p.expert_fwd_s_per_token * 1e6:.3f} us, bwd {p.expert_bwd_s_per_token * 1e6:.3f} us per routed token; "
         f"optimizer {p.optimizer_s_per_param * 1e9:.3f} ns per parameter",
         f"  compute speed lost while an all-to-all is in flight {p.slowdown_in_a2a:.1%}, while an allreduce is {p.slowdown_in_allreduce:.1%} "
-        f"(collectives share the compute's CPU cores)",
+        f"(collectives share the compute's CPU cores); the last rank to reach an all-to-all computes {p.straggler:.1%} longer than the mean",
         *([f"  note: {f.note}"] if f.note else []),
         "",
         f"  {'config':<52}{'policy':<12}{'measured ms':>12}{'predicted ms':>14}{'error':>9}",

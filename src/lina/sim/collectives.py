@@ -59,18 +59,18 @@ def all_to_all(topo: Topology, group_size: int, bytes_per_rank: float, algorithm
         hosts_in_group = group_size // g
         src1 = np.repeat(sources, g)
         dst1 = ((sources // g) * g)[:, None] + np.arange(g)[None, :]
-        p1 = topo.classes(src1, dst1.reshape(-1), bytes_per_rank / g)
+        p1 = topo.classes(src1, dst1.reshape(-1), bytes_per_rank / g, copy=True)
         group_start_host = (sources // group_size) * hosts_in_group
         src2 = np.repeat(sources, hosts_in_group)
         dst2 = (group_start_host[:, None] + np.arange(hosts_in_group)[None, :]) * g + (sources % g)[:, None]
-        p2 = topo.classes(src2, dst2.reshape(-1), bytes_per_rank / hosts_in_group)
+        p2 = topo.classes(src2, dst2.reshape(-1), bytes_per_rank / hosts_in_group, copy=True)
         phases = (
             _phase(topo, p1, c.launch_s + c.per_peer_s * (g - 1)),
             _phase(topo, p2, c.per_peer_s * (hosts_in_group - 1)),
         )
         return Transfer(name, phases, bytes_per_rank)
     src, dst = _group_members(sources, group_size)
-    classes = topo.classes(src, dst, bytes_per_rank / group_size)
+    classes = topo.classes(src, dst, bytes_per_rank / group_size, copy=True)
     return Transfer(name, (_phase(topo, classes, c.launch_s + c.per_peer_s * (group_size - 1)),), bytes_per_rank)
 
 
@@ -86,7 +86,7 @@ def all_to_all_matrix(topo: Topology, traffic: np.ndarray, name: str = "a2a") ->
     n = traffic.shape[0]
     off_diag = traffic * (1 - np.eye(n))
     src, dst = np.nonzero(off_diag)
-    classes = topo.classes(src, dst, off_diag[src, dst])
+    classes = topo.classes(src, dst, off_diag[src, dst], copy=True)
     peers = int((off_diag > 0).sum(axis=1).max()) if n > 1 else 0
     return Transfer(name, (_phase(topo, classes, c.launch_s + c.per_peer_s * peers),), float(traffic.sum(axis=1).max()))
 

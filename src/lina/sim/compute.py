@@ -10,7 +10,9 @@ A :class:`ComputeProfile` holds per-token costs, so one profile serves any batch
 - ``slowdown_in_a2a`` / ``slowdown_in_allreduce``: the share of compute speed lost while an
   all-to-all (or, with none running, an allreduce) is in flight on the device. 0 for GPUs, whose
   collectives run on their own engines; above 0 where collectives share the compute's CPU cores
-  (the emulated cluster; fitted by ``lina sim --calibrate``).
+  (the emulated cluster; fitted by ``lina sim --calibrate``);
+- ``straggler``: how much longer than the mean the slowest device computes between two
+  synchronizing collectives (every device then waits for it); 0 when devices run in lockstep.
 
 Backward costs are separate (usually about twice the forward).
 """
@@ -35,6 +37,7 @@ class ComputeProfile:
     optimizer_s_per_param: float = 0.0
     slowdown_in_a2a: float = 0.0
     slowdown_in_allreduce: float = 0.0
+    straggler: float = 0.0
 
     def __post_init__(self):
         for f in fields(self):
@@ -46,12 +49,14 @@ class ComputeProfile:
                 raise ConfigError(f.name, f"must be a time of 0 s or more, got {value!r}", "give seconds as a number >= 0")
 
     def compute_rate(self, a2a_in_flight: bool, allreduce_in_flight: bool) -> float:
-        """Compute speed (1 = full) while the named collectives are in flight."""
+        """Compute speed of the step's slowest device (1 = full, lockstep) while the named
+        collectives are in flight."""
+        pace = 1.0 / (1.0 + self.straggler)
         if a2a_in_flight:
-            return 1.0 - self.slowdown_in_a2a
+            return pace * (1.0 - self.slowdown_in_a2a)
         if allreduce_in_flight:
-            return 1.0 - self.slowdown_in_allreduce
-        return 1.0
+            return pace * (1.0 - self.slowdown_in_allreduce)
+        return pace
 
     def expert_time(self, tokens: float, backward: bool = False) -> float:
         """Seconds one expert takes on ``tokens`` routed tokens (0 tokens: 0 s)."""

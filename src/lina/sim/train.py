@@ -15,7 +15,7 @@ from lina.obs.timeline import Timeline, union_length
 from lina.sim.collectives import all_to_all
 from lina.sim.compute import ComputeProfile
 from lina.sim.engine import Executor, Task
-from lina.sim.network import FlowNetwork, Transfer
+from lina.sim.network import Transfer
 from lina.sim.policies import TrainPolicy, train_policy
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec, resolve_ep
 from lina.sim.topology import Topology
@@ -24,7 +24,7 @@ from lina.sim.train_step import StepBuilder, StepPlan, TransferCache
 
 def transfer_time(topo: Topology, transfer: Transfer) -> float:
     """Seconds ``transfer`` takes alone on an idle network."""
-    net = FlowNetwork(topo.capacity)
+    net = topo.network()
     net.start(transfer)
     end = 0.0
     while net.busy():
@@ -207,7 +207,7 @@ def _run(plan: StepPlan, pol: TrainPolicy, topo: Topology, cache: TransferCache)
     profile = plan.profile
     executor = Executor(
         tasks,
-        FlowNetwork(topo.capacity),
+        topo.network(),
         {"compute": 1, "a2a": 1, "allreduce": window},
         _priority_gate if pol.priority else (lambda task, ex: True),
         lambda ex: profile.compute_rate(ex.stream_busy("a2a"), ex.stream_busy("allreduce")),
