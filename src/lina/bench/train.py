@@ -7,8 +7,9 @@ each layout has as many experts as workers, one expert per rank, as in the paper
 during its warm-up (4 steps at each packing, the controller's re-check period); the packing
 chosen is reported per config.
 
-The link rate is calibrated per layout so that ``deepspeed``'s all-to-all share of step time lands
-in the paper's 30-45%; the regime is printed beside every speedup. The lower bound of a config is
+Links run at ``--link`` (400 Mbit/s by default); ``--link auto`` calibrates the rate per layout so
+that ``deepspeed``'s all-to-all share of step time lands in the paper's 30-45%. The regime is
+printed beside every speedup. The lower bound of a config is
 the critical path with compute as measured in the same run, every all-to-all at its uncontended
 speed (the ``sequential`` policy's, which runs no allreduce during backward) and all allreduce
 hidden: median(sequential step - sequential's post-backward allreduce).
@@ -40,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="flat layout, 4 experts, 2 rounds (about a minute; for tests)")
     p.add_argument("--json", metavar="FILE", default="runs/bench-train/bench-train.json", help="results; the PNG and run folders go beside it")
     p.add_argument("--link", default="400mbit",
-                   help="each host's link rate, or 'auto': calibrate it so deepspeed's all-to-all share lands in 30-45%% "
-                        "(on 2 shared cores that share is reached only without a bandwidth limit, so the default fixes a link-limited rate)")
+                   help="each host's link rate, or 'auto': calibrate it so deepspeed's all-to-all share lands in the paper's 30-45%% "
+                        "(about 4gbit here, where the all-to-all is bound by the shared cores more than by the link)")
     p.add_argument("--layouts", default="pair,flat,hierarchical", help="comma list of pair (2x1), flat (4x1), hierarchical (2x2)")
     p.add_argument("--experts", default="workers", help="'workers' (one expert per rank, as in the paper) or a comma list of expert counts")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma list, interleaved in this order")

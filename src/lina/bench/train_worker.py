@@ -11,6 +11,7 @@ layouts when the policy changes; the move is outside the measured steps)."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -192,6 +193,7 @@ def _save_runs(out: Path, plan: dict, cfg: TrainConfig, experts: int, measured: 
                     "policy": policy, "chunk_mb": entry["chunk_mb"], "pipeline_chunks": cfg.pipeline_chunks, "bucket_mb": cfg.bucket_mb,
                     "experts_per_rank": entry["policies"][policy]["experts_per_rank"],
                     "dense_grad_bytes": entry["dense_grad_bytes"],
+                    "cpu_count": os.cpu_count(),
                 },
                 "step_time_s_median": entry["policies"][policy]["step_time_s"],
             }

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -73,6 +74,14 @@ class RunRecord:
     train: TrainSpec
     measured_step_s: float
     spans: dict[int, list[Span]] = field(repr=False, default_factory=dict)
+    cpu_count: int | None = None  # cores of the machine the run shared (None: this machine's)
+
+    @property
+    def core_share(self) -> float:
+        """Cores per rank, at most 1: the ranks of an emulated cluster share one machine's cores."""
+        cores = self.cpu_count or os.cpu_count() or 1
+        return min(1.0, cores / self.workers)
+
 
     @property
     def workers(self) -> int:
@@ -120,6 +129,7 @@ def _config_fields(summary: dict, path: Path) -> dict:
         "hosts": _get(cfg, "hosts"),
         "workers_per_host": _get(cfg, "workers_per_host"),
         "link_bps": _get(cfg, "link_bps", "link_rate_bps", "link_bit_s"),
+        "cpu_count": _get(cfg, "cpu_count", default=None),
     }
     emulate = cfg.get("emulate")
     if isinstance(emulate, str) and out["hosts"] is None:
@@ -134,7 +144,7 @@ def _config_fields(summary: dict, path: Path) -> dict:
         out["ep_size"] = packing["ep_size"]
     elif out["experts_per_rank"]:
         out["ep_size"] = int(out["experts"]) // int(out["experts_per_rank"])
-    missing = [k for k, v in out.items() if v is None and k not in ("ep_size", "experts_per_rank")]
+    missing = [k for k, v in out.items() if v is None and k not in ("ep_size", "experts_per_rank", "cpu_count")]
     if missing:
         raise LinaError(f"{path}/summary.json: config lacks {', '.join(missing)}")
     return out
@@ -185,7 +195,8 @@ def read_run(path: str | Path) -> RunRecord:
     if hosts * wph != int(cfg["workers"]):
         raise LinaError(f"{path}: {hosts} hosts x {wph} workers != {cfg['workers']} workers")
     return RunRecord(path, hosts, wph, float(cfg["link_bps"]), model, str(cfg["policy"]),
-                     int(cfg["ep_size"]) if cfg["ep_size"] else None, train, float(measured), spans)
+                     int(cfg["ep_size"]) if cfg["ep_size"] else None, train, float(measured), spans,
+                     int(cfg["cpu_count"]) if cfg["cpu_count"] else None)
 
 
 def find_runs(root: str | Path) -> list[RunRecord]:
@@ -379,6 +390,7 @@ class CalibrationFit:
     allreduce_samples: int
     note: str = ""
     copy_bytes_per_s: float | None = None  # all-to-all bytes the machine's cores move per second, all hosts together (None: no limit)
+    core_exponent: float = 1.0  # compute time ~ (cores per rank) ** -core_exponent
 
     def cluster_for(self, run: RunRecord) -> ClusterSpec:
         n = run.workers
@@ -476,6 +488,24 @@ def fit_link(samples: np.ndarray, small: list[float]) -> tuple[float, float | No
     return efficiency, (None if math.isinf(copy) else copy), latency, note
 
 
+def fit_core_exponent(runs: list[RunRecord], obs: list[RunObs]) -> float:
+    """How compute time grows as ranks share cores: ``time ~ core_share ** -exponent``.
+
+    1 would be a rank running at exactly its share of a core; less, when sharing costs less than
+    that (idle moments of one rank are another's compute). Fitted on compute per token and layer
+    (log-log least squares) when the runs have more than one core share; 1 otherwise.
+    """
+    xs, ys = [], []
+    for r, o in zip(runs, obs):
+        work = r.model.layers * r.model.tokens
+        xs.append(math.log(r.core_share))
+        ys.append(math.log(_median([s.compute_s for s in o.steps]) / work))
+    if len(set(xs)) < 2:
+        return 1.0
+    slope = float(np.polyfit(xs, ys, 1)[0])
+    return min(1.0, max(0.0, -slope))
+
+
 def fit_slowdowns(runs: list[RunRecord], obs: list[RunObs]) -> tuple[float, float]:
     """Share of compute speed lost while an all-to-all / an allreduce is in flight.
 
@@ -514,6 +544,7 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
     """Fit compute and link parameters to ``runs`` (pooled; see the module docstring)."""
     obs = [observe(r) for r in runs]
     slow_a2a, slow_ar = fit_slowdowns(runs, obs)
+    exponent = fit_core_exponent(runs, obs)
     # ranks drift apart between all-to-alls; the step runs at the pace of the last to arrive
     computed = sum(_median([s.compute_s for s in o.steps]) for o in obs)
     straggler = min(1.0, sum(o.sync_wait_s for o in obs) / computed) if computed > 0 else 0.0
@@ -533,6 +564,8 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
             ratio = br / (fd + ef) if fd + ef > 0 else 2.0
             eb = ef * ratio
             bd = br - eb
+        share = r.core_share ** exponent  # costs are fitted per whole core (see fit_core_exponent)
+        fd, ef, bd, eb = fd * share, ef * share, bd * share, eb * share
         tok_layers += m.layers * m.tokens
         slot_layers += m.moe_layers * m.tokens * m.top_k * m.capacity_factor
         fwd_dense += fd
@@ -541,7 +574,7 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
         e_bwd += eb
         plan = StepPlan(ClusterSpec(r.hosts, r.workers_per_host, r.link_bps / 1e9), m, None, r.train, _ep(r))
         params += plan.local_params()
-        tail += _median([s.tail_s for s in o.steps])
+        tail += _median([s.tail_s for s in o.steps]) * r.core_share ** exponent
     profile = ComputeProfile(
         dense_fwd_s_per_token=max(0.0, fwd_dense / tok_layers),
         dense_bwd_s_per_token=max(0.0, bwd_dense / tok_layers),
@@ -570,9 +603,9 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
         raise LinaError("no uncontended forward all-to-all crossed a host link: cannot fit the link")
     efficiency, copy_rate, latency, note = fit_link(np.asarray(samples), small)
     intra_factor, intra_measured = INTRA_FACTOR_ASSUMED, False
-    rates = [nb * (_ep(r) - 1) / _ep(r) / (d - latency) / (r.link_bps / 8) for r, nb, d in intra if nb >= 1024 and d > latency]
-    if rates:
-        intra_factor, intra_measured = float(_median(rates)), True
+    moved = [(nb * (_ep(r) - 1) / _ep(r) / (r.link_bps / 8), d - latency) for r, nb, d in intra if nb >= 1024 and d > latency]
+    if moved:  # total bytes over total time: the mean rate, which is what a step adds up
+        intra_factor, intra_measured = sum(x for x, _ in moved) / sum(t for _, t in moved), True
     provisional = CalibrationFit(profile, efficiency, latency, latency, intra_factor, intra_measured, len(samples), 0, note, copy_rate)
     excess = []
     for r, o in zip(runs, obs):
@@ -583,7 +616,7 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
         for nbytes, dur in o.allreduce:
             excess.append(dur - transfer_time(topo, ring_allreduce(topo, 1, r.workers, nbytes)))
     ar_latency = max(0.0, float(_median(excess))) if excess else latency
-    return replace(provisional, allreduce_latency_s=ar_latency, allreduce_samples=len(excess))
+    return replace(provisional, allreduce_latency_s=ar_latency, allreduce_samples=len(excess), core_exponent=exponent)
 
 
 # --------------------------------------------------------------------------- predicting
@@ -596,7 +629,14 @@ def predict(fitted: CalibrationFit, run: RunRecord) -> TrainResult:
     if policy == "lina+packing":  # the run records the packing its controller chose: simulate that layout
         policy = "lina"
     train = replace(run.train, ep_size=_ep(run))
-    return simulate_step(fitted.cluster_for(run), run.model, fitted.profile, train, policy)
+    return simulate_step(fitted.cluster_for(run), run.model, on_core_share(fitted.profile, run.core_share ** fitted.core_exponent), train, policy)
+
+
+def on_core_share(profile: ComputeProfile, share: float) -> ComputeProfile:
+    """``profile`` (costs on one whole core) for a rank that gets ``share`` of a core."""
+    costs = ("dense_fwd_s_per_token", "dense_bwd_s_per_token", "expert_fwd_s_per_token", "expert_bwd_s_per_token", "expert_min_s",
+             "head_fwd_s_per_token", "head_bwd_s_per_token", "optimizer_s_per_param")
+    return replace(profile, **{name: getattr(profile, name) / share for name in costs})
 
 
 @dataclass
@@ -634,9 +674,10 @@ def report_text(rep: CalibrationReport) -> str:
         f"({f.a2a_samples} uncontended forward all-to-alls, timed from the last rank's arrival)",
         f"  allreduce latency {f.allreduce_latency_s * 1e3:.3f} ms ({f.allreduce_samples} uncontended allreduces)",
         f"  intra-host rate {f.intra_factor:.1f}x the host link ({'measured' if f.intra_measured else 'assumed: no single-host all-to-all in the runs'})",
-        f"  compute per token: dense fwd {p.dense_fwd_s_per_token * 1e6:.3f} us, bwd {p.dense_bwd_s_per_token * 1e6:.3f} us per layer; "
+        f"  compute per token on one whole core (a run's ranks share its machine's cores): dense fwd {p.dense_fwd_s_per_token * 1e6:.3f} us, bwd {p.dense_bwd_s_per_token * 1e6:.3f} us per layer; "
         f"expert fwd {p.expert_fwd_s_per_token * 1e6:.3f} us, bwd {p.expert_bwd_s_per_token * 1e6:.3f} us per routed token; "
         f"optimizer {p.optimizer_s_per_param * 1e9:.3f} ns per parameter",
+        f"  compute time grows as (cores per rank) ** -{f.core_exponent:.2f} when ranks share cores",
         f"  compute speed lost while an all-to-all is in flight {p.slowdown_in_a2a:.1%}, while an allreduce is {p.slowdown_in_allreduce:.1%} "
         f"(collectives share the compute's CPU cores); the last rank to reach an all-to-all computes {p.straggler:.1%} longer than the mean",
         *([f"  note: {f.note}"] if f.note else []),
@@ -701,6 +742,7 @@ def write_synthetic_run(
         "workers": cluster.gpus, "hosts": cluster.hosts, "workers_per_host": cluster.gpus_per_host,
         "link_bps": cluster.link_gbps * 1e9, "policy": policy, "chunk_mb": train.chunk_mb, "bucket_mb": train.bucket_mb,
         "pipeline_chunks": train.lina_a2a_chunks or train.tutel_chunks, "coalesce_small": train.coalesce_small,
+        "cpu_count": cluster.gpus,  # the simulator's devices do not share cores
     }
     summary = {"config": config, "step_time_s_median": statistics.median(step_times[1:] if steps >= 3 else step_times),
                "source": "lina.sim.calibrate.write_synthetic_run"}
