@@ -165,3 +165,16 @@ def test_large_scenario_simulates_fast():
     assert sc.gpus == 1024
     assert r.step_s > 0 and r.events > 100
     assert wall < 8.0, f"1024-GPU 16-layer lina step took {wall:.1f} s to simulate"
+
+
+def test_pure_data_parallelism_issues_no_all_to_all():
+    """Every expert on every GPU (EP size 1): the MoE layers run their experts locally and only
+    the gradients travel, replicated experts' included."""
+    cluster = ClusterSpec(hosts=2, gpus_per_host=1, link_gbps=10.0)
+    model = ModelSpec("m", layers=2, d_model=64, d_ff=128, experts=2, top_k=2, seq_len=16, batch_size=2, vocab=100)
+    profile = ComputeProfile(1e-6, 2e-6, 1e-6, 2e-6)
+    res = simulate_step(cluster, model, profile, TrainSpec(ep_size=1), "lina")
+    assert res.a2a_s == 0.0 and not [t for t in res.tasks if t.cat == "a2a"]
+    assert res.ep == 1 and res.allreduce_s > 0
+    expert_grads = [t for t in res.tasks if t.cat == "allreduce" and "expert" in str(t.args.get("tensor", ""))]
+    assert expert_grads  # both experts are replicated on both GPUs

@@ -154,6 +154,11 @@ class StepBuilder:
         backward = direction == "bwd"
         ffn = p.expert_time(backward) / chunks
         first, second = ("combine", "dispatch") if backward else ("dispatch", "combine")
+        if p.ep == 1:  # every expert is local (pure data parallelism): no all-to-all is issued
+            ffn_all = self.compute(f"{direction}.expert.L{layer}", p.expert_time(backward), prev,
+                                   layer=layer, kind="expert", direction=direction, chunk=0)
+            self._expert_grads(layer, backward, ffn_all)
+            return ffn_all
         a2a = self.cache.a2a(p.ep, nbytes)
         if not backward and p.train.count_exchange:
             counts = 8.0 * m.experts
@@ -174,13 +179,18 @@ class StepBuilder:
                           args={"layer": layer, "phase": second, "direction": direction, "bytes": nbytes, "chunk": j}))
             for j in range(chunks)
         ]
+        self._expert_grads(layer, backward, ffns[-1])
+        return seconds[-1]
+
+    def _expert_grads(self, layer: int, backward: bool, ready: int) -> None:
+        """Replicated experts' gradients join the allreduce once their backward FFN is done."""
+        p, m = self.plan, self.plan.model
         if backward and p.replicas > 1:
             w1 = (m.d_model * m.d_ff + m.d_ff) * m.grad_bytes
             w2 = (m.d_ff * m.d_model + m.d_model) * m.grad_bytes
             for e in range(p.experts_per_gpu):
-                self.grads.append((f"L{layer}.expert{e}.w2", w2, ffns[-1], "expert"))
-                self.grads.append((f"L{layer}.expert{e}.w1", w1, ffns[-1], "expert"))
-        return seconds[-1]
+                self.grads.append((f"L{layer}.expert{e}.w2", w2, ready, "expert"))
+                self.grads.append((f"L{layer}.expert{e}.w1", w1, ready, "expert"))
 
     # -------------------------------------------------------------- gradient sync
     def _allreduce(self, name: str, nbytes: float, deps: tuple[int, ...], group: str, **args) -> int:
