@@ -99,20 +99,20 @@ def test_fit_recovers_the_compute_slowdown_under_collectives(tmp_path):
         assert abs(row["error"]) < 0.05, row
 
 
-def test_fit_finds_a_machine_wide_copy_limit_across_layouts(tmp_path):
-    """Emulated hosts share one machine's cores: all-to-all traffic between hosts is copied at
-    a machine-wide rate, split among the hosts. Runs in two layouts pin it down; a link-only fit
-    could not match both (the flat layout sends fewer bytes per host link but as many in all)."""
-    machine_gbps = 0.24  # below what four 0.1 Gb/s links carry together
+def test_fit_finds_a_rank_copy_limit_across_layouts(tmp_path):
+    """A rank moves its all-to-all bytes at a bounded rate, to whatever peer: runs in two layouts
+    pin it down; a link-only fit could not match both (the flat layout puts fewer bytes on each
+    host link but each rank sends as many)."""
+    rank_gbps = 0.06  # below a rank's share of a 0.1 Gb/s link in the flat layout
     model = ModelSpec("tiny", layers=4, d_model=128, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=8, vocab=256,
                       act_bytes=4, grad_bytes=4, param_bytes=4)
     for hosts, per_host in ((4, 1), (2, 2)):
         cluster = ClusterSpec(hosts=hosts, gpus_per_host=per_host, link_gbps=0.1, launch_s=LAUNCH, per_peer_s=0, hop_latency_s=HOP,
-                              host_copy_gbps=machine_gbps / hosts)
+                              rank_copy_gbps=rank_gbps)
         for i, policy in enumerate(("deepspeed", "sequential")):
             write_synthetic_run(tmp_path / f"{hosts}x{per_host}-{policy}", cluster, model, TRUTH, TrainSpec(coalesce_small=False), policy,
                                 steps=4, seed=i)
     rep = calibrate(tmp_path)
-    assert rep.fit.copy_bytes_per_s * 8 / 1e9 == pytest.approx(machine_gbps, rel=0.1)
+    assert rep.fit.copy_bytes_per_s * 8 / 1e9 == pytest.approx(rank_gbps, rel=0.1)
     for row in rep.rows:
         assert abs(row["error"]) < 0.05, row

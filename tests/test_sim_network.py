@@ -219,19 +219,21 @@ def test_compute_slows_while_a_transfer_is_in_flight():
         Executor([Task("w", "compute", "compute", duration_s=1.0)], FlowNetwork(topo.capacity), {"compute": 1}, compute_rate=lambda ex: 0.0).run()
 
 
-def test_a_host_copy_limit_slows_flows_between_hosts_only():
-    """1 GB/s links, a host that copies 0.5 GB/s of all-to-all traffic: 0.4 GB to another host
-    takes 0.8 s; the same bytes inside the host (10 GB/s) do not cross the copy resource, and
-    neither do flows not marked as all-to-all traffic."""
-    topo = Topology(bare(hosts=2, gpus=2, nvlink_gbps=80.0, host_copy_gbps=4.0), representative=False)
-    assert topo.resource_name(topo.copy_base + 1) == "h1.copy"
+def test_a_rank_copy_limit_bounds_what_each_gpu_sends():
+    """1 GB/s links, GPUs that send at most 0.5 GB/s of all-to-all traffic: 0.4 GB to another
+    host takes 0.8 s, and so does 0.4 GB to the GPU next to it (10 GB/s); flows not marked as
+    all-to-all traffic are not limited; two GPUs of one host each have their own limit, and then
+    share the 1 GB/s link."""
+    topo = Topology(bare(hosts=2, gpus=2, nvlink_gbps=80.0, rank_copy_gbps=4.0), representative=False)
+    assert topo.resource_name(topo.copy_base + 3) == "h1.gpu1.copy"
 
     def a2a(pairs, copy=True):
         src, dst, size = zip(*pairs)
         return Transfer("a2a", (make_phase(topo.classes(np.array(src), np.array(dst), np.array(size), copy=copy), 0.0, topo.n_resources),))
 
     assert run(topo.capacity, [a2a([(0, 2, 0.4 * GB)])]) == pytest.approx([0.8])
-    assert run(topo.capacity, [a2a([(0, 1, 0.4 * GB)])]) == pytest.approx([0.04])
+    assert run(topo.capacity, [a2a([(0, 1, 0.4 * GB)])]) == pytest.approx([0.8])
     assert run(topo.capacity, [a2a([(0, 2, 0.4 * GB)], copy=False)]) == pytest.approx([0.4])
-    # two flows leaving host 0 from its two GPUs share its copy resource: 0.25 GB/s each
-    assert run(topo.capacity, [a2a([(0, 2, 0.4 * GB), (1, 3, 0.4 * GB)])]) == pytest.approx([1.6])
+    assert run(topo.capacity, [a2a([(0, 2, 0.4 * GB), (1, 3, 0.4 * GB)])]) == pytest.approx([0.8])
+    # one GPU sending to two peers shares its own limit: 0.25 GB/s each
+    assert run(topo.capacity, [a2a([(0, 1, 0.4 * GB), (0, 2, 0.4 * GB)])]) == pytest.approx([1.6])

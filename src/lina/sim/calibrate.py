@@ -225,7 +225,7 @@ def _direction(span: Span) -> str | None:
 
 
 def _instances(by_step: dict[int, list[list[Span]]], contended: set[int]) -> list[tuple[float, float]]:
-    """(most bytes any rank sends, last exit - last arrival) of every uncontended collective that
+    """(bytes the mean rank sends, last exit - last arrival) of every uncontended collective that
     every rank ran (steps whose ranks ran different numbers of them are left out)."""
     out = []
     for per_rank in by_step.values():
@@ -236,7 +236,7 @@ def _instances(by_step: dict[int, list[list[Span]]], contended: set[int]) -> lis
                 continue
             dur = max(s.end_s for s in same) - max(s.start_s for s in same)
             if dur > 0:
-                out.append((max(float(s.args["bytes"]) for s in same), dur))
+                out.append((sum(float(s.args["bytes"]) for s in same) / len(same), dur))
     return out
 
 
@@ -301,7 +301,7 @@ def observe(run: RunRecord, skip_first: bool = True) -> RunObs:
 
     A collective is timed across ranks (their clocks are the host's monotonic clock): from the
     last rank's arrival to the last rank's exit, so a rank that waits in it for a slower peer does
-    not count as network time; its bytes are the most any rank sends. One instance is the j-th
+    not count as network time; its bytes are what the mean rank sends. One instance is the j-th
     forward all-to-all (or allreduce) of a step on every rank; it is uncontended when no rank
     runs another collective beside it.
     """
@@ -389,7 +389,7 @@ class CalibrationFit:
     a2a_samples: int
     allreduce_samples: int
     note: str = ""
-    copy_bytes_per_s: float | None = None  # all-to-all bytes the machine's cores move per second, all hosts together (None: no limit)
+    copy_bytes_per_s: float | None = None  # all-to-all bytes one rank sends per second at most (None: no limit)
     core_exponent: float = 1.0  # compute time ~ (cores per rank) ** -core_exponent
 
     def cluster_for(self, run: RunRecord) -> ClusterSpec:
@@ -405,7 +405,7 @@ class CalibrationFit:
             launch_s=self.a2a_latency_s,
             per_peer_s=0.0,
             hop_latency_s=hop,
-            host_copy_gbps=None if self.copy_bytes_per_s is None else self.copy_bytes_per_s * 8 / 1e9 / run.hosts,
+            rank_copy_gbps=None if self.copy_bytes_per_s is None else self.copy_bytes_per_s * 8 / 1e9,
         )
 
     def to_dict(self) -> dict:
@@ -416,18 +416,13 @@ def _ep(run: RunRecord) -> int:
     return run.ep_size or min(run.model.experts, run.workers)
 
 
-def _busiest_link_bytes(run: RunRecord, nbytes: float) -> float:
-    """Bytes of one uniform all-to-all on the busiest host link, per rank sending ``nbytes``."""
-    ep, g = _ep(run), run.workers_per_host
+def _busiest_link_bytes(run: RunRecord, sent: float) -> float:
+    """Bytes of one uniform all-to-all on the busiest host link, when each rank sends ``sent``
+    bytes to the other ranks of its group (what the trainer's spans record)."""
+    ep, g = _ep(run), min(run.workers_per_host, _ep(run))
     if ep <= g:
         return 0.0
-    return g * nbytes * (ep - g) / ep
-
-
-def _remote_bytes(run: RunRecord, nbytes: float) -> float:
-    """Bytes one rank sends to other hosts in a uniform all-to-all of ``nbytes`` per rank."""
-    ep, g = _ep(run), run.workers_per_host
-    return nbytes * (ep - min(ep, g)) / ep
+    return g * sent * (ep - g) / (ep - 1)
 
 
 def _median(xs):
@@ -441,25 +436,25 @@ def _shape_key(run: RunRecord) -> tuple:
 
 
 def fit_link(samples: np.ndarray, small: list[float]) -> tuple[float, float | None, float, str]:
-    """(efficiency, machine copy rate in bytes/s or None, latency s, note) of the emulated links.
+    """(efficiency, copy rate of one rank in bytes/s or None, latency s, note) of the emulated links.
 
     ``samples``: ``[N, 3]`` uncontended all-to-alls as (busiest host link's bytes at line rate in
-    seconds, bytes all ranks of the machine send to other hosts in it, duration in seconds). The links move
-    ``efficiency`` of their rate, and the machine's cores copy at most ``copy`` bytes/s of
-    all-to-all traffic in all (shared by its emulated hosts), so ``duration = latency +
-    max(x_link / efficiency, machine bytes / copy)``. The latency is the median duration of
-    all-to-alls under 1 KiB (counts) when there are any; efficiency and copy rate are a grid
-    search on relative error (ties go to the faster copy: a copy limit is fitted only where the
-    data ask for one).
+    seconds, bytes the mean rank sends to the others, duration in seconds). The links move
+    ``efficiency`` of their rate, and a rank sends at most ``copy`` bytes/s (to any peer: on the
+    emulated cluster each Gloo process moves its bytes through TCP on shared cores), so
+    ``duration = latency + max(x_link / efficiency, bytes / copy)``. The latency is the mean
+    duration of all-to-alls under 1 KiB (counts) when there are any; efficiency and copy rate are
+    a grid search on squared seconds (the mean duration, which is what a step adds up; ties go
+    to the faster copy: a copy limit is fitted only where the data ask for one).
     """
-    x_link, machine_bytes, dur = samples[:, 0], samples[:, 1], samples[:, 2]
-    copies = np.concatenate([np.geomspace(1e6, 1e10, 161), [np.inf]])
+    x_link, sent, dur = samples[:, 0], samples[:, 1], samples[:, 2]
+    copies = np.concatenate([np.geomspace(1e5, 1e10, 201), [np.inf]])
 
     def search(latency: float, effs: np.ndarray) -> tuple[float, float, float]:
         """(mean squared relative error, efficiency, copy rate) of the best grid point."""
         best = (np.inf, 1.0, np.inf)
         for eff in effs:
-            pred = latency + np.maximum(x_link[None, :] / eff, machine_bytes[None, :] / copies[:, None])  # [copies, N]
+            pred = latency + np.maximum(x_link[None, :] / eff, sent[None, :] / copies[:, None])  # [copies, N]
             err = np.mean((pred - dur) ** 2, axis=1)  # squared seconds: fits the mean duration, which is what a step adds up
             j = int(np.argmin(err))
             if err[j] < best[0] * (1 - 1e-9):
@@ -468,7 +463,7 @@ def fit_link(samples: np.ndarray, small: list[float]) -> tuple[float, float | No
         return best
 
     def latency_for(eff: float, copy: float) -> float:
-        return max(0.0, float(np.mean(dur - np.maximum(x_link / eff, machine_bytes / copy))))
+        return max(0.0, float(np.mean(dur - np.maximum(x_link / eff, sent / copy))))
 
     coarse = np.linspace(0.2, 1.0, 81)
     if small:
@@ -586,26 +581,19 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
         straggler=straggler,
     )
     # link: duration = latency + max(busiest-link bytes / (efficiency x rate), bytes of one flow / flow ceiling)
-    samples = []  # (busiest-link line seconds, bytes all ranks send, duration)
+    samples = []  # (busiest-link line seconds, bytes one rank sends, duration)
     small = []
-    intra = []
     for r, o in zip(runs, obs):
         line = r.link_bps / 8
         for nbytes, dur in o.a2a:
-            x = _busiest_link_bytes(r, nbytes) / line
-            if x > 0:
-                samples.append((x, r.workers * _remote_bytes(r, nbytes), dur))
-            elif _ep(r) > 1:
-                intra.append((r, nbytes, dur))
             if nbytes < 1024:
                 small.append(dur)
+            elif _busiest_link_bytes(r, nbytes) > 0:
+                samples.append((_busiest_link_bytes(r, nbytes) / line, nbytes, dur))
     if not samples:
         raise LinaError("no uncontended forward all-to-all crossed a host link: cannot fit the link")
     efficiency, copy_rate, latency, note = fit_link(np.asarray(samples), small)
-    intra_factor, intra_measured = INTRA_FACTOR_ASSUMED, False
-    moved = [(nb * (_ep(r) - 1) / _ep(r) / (r.link_bps / 8), d - latency) for r, nb, d in intra if nb >= 1024 and d > latency]
-    if moved:  # total bytes over total time: the mean rate, which is what a step adds up
-        intra_factor, intra_measured = sum(x for x, _ in moved) / sum(t for _, t in moved), True
+    intra_factor, intra_measured = INTRA_FACTOR_ASSUMED, False  # inside a host, the rank copy limit binds
     provisional = CalibrationFit(profile, efficiency, latency, latency, intra_factor, intra_measured, len(samples), 0, note, copy_rate)
     excess = []
     for r, o in zip(runs, obs):
@@ -668,12 +656,12 @@ def report_text(rep: CalibrationReport) -> str:
     p = f.profile
     lines = [
         "fitted parameters:",
-        f"  link efficiency {f.link_efficiency:.3f} of the configured rate; the machine copies "
-        f"{'all-to-all traffic without a limit' if f.copy_bytes_per_s is None else f'at most {f.copy_bytes_per_s * 8 / 1e6:.0f} Mbit/s of all-to-all traffic'}"
-        f" (all hosts); all-to-all latency {f.a2a_latency_s * 1e3:.3f} ms "
+        f"  link efficiency {f.link_efficiency:.3f} of the configured rate; a rank sends "
+        f"{'all-to-all traffic without a limit of its own' if f.copy_bytes_per_s is None else f'at most {f.copy_bytes_per_s * 8 / 1e6:.0f} Mbit/s of all-to-all traffic'}"
+        f" (to any peer); all-to-all latency {f.a2a_latency_s * 1e3:.3f} ms "
         f"({f.a2a_samples} uncontended forward all-to-alls, timed from the last rank's arrival)",
         f"  allreduce latency {f.allreduce_latency_s * 1e3:.3f} ms ({f.allreduce_samples} uncontended allreduces)",
-        f"  intra-host rate {f.intra_factor:.1f}x the host link ({'measured' if f.intra_measured else 'assumed: no single-host all-to-all in the runs'})",
+        f"  intra-host rate {f.intra_factor:.1f}x the host link ({'measured' if f.intra_measured else 'assumed; the rank copy limit binds inside a host'})",
         f"  compute per token on one whole core (a run's ranks share its machine's cores): dense fwd {p.dense_fwd_s_per_token * 1e6:.3f} us, bwd {p.dense_bwd_s_per_token * 1e6:.3f} us per layer; "
         f"expert fwd {p.expert_fwd_s_per_token * 1e6:.3f} us, bwd {p.expert_bwd_s_per_token * 1e6:.3f} us per routed token; "
         f"optimizer {p.optimizer_s_per_param * 1e9:.3f} ns per parameter",

@@ -50,10 +50,10 @@ class ClusterSpec:
         launch_s: fixed cost of launching one collective.
         per_peer_s: extra start-up cost of an all-to-all per peer a GPU sends to.
         hop_latency_s: latency of one step of a ring allreduce.
-        host_copy_gbps: the most all-to-all traffic to other hosts (every byte a host's GPUs send
-            there) the host can move per second, whatever its links allow: on the emulated cluster the
-            hosts share one machine's cores, which copy every byte through TCP (fitted by
-            ``lina sim --calibrate``); ``None``: no such limit (devices with copy engines).
+        rank_copy_gbps: the most all-to-all traffic one GPU (rank) sends per second, to peers on
+            any host, whatever the links allow: on the emulated cluster each Gloo process moves
+            every byte through TCP on shared cores (fitted by ``lina sim --calibrate``); ``None``:
+            no such limit (devices with copy engines).
         fairness: ``"collective"`` (default): concurrent collectives get equal weight on a NIC,
             whatever their number of flows (NCCL runs each collective on a fixed set of channels);
             ``"flow"``: plain max-min fairness among individual flows.
@@ -69,13 +69,13 @@ class ClusterSpec:
     per_peer_s: float = 2e-6
     hop_latency_s: float = 5e-6
     fairness: str = "collective"
-    host_copy_gbps: float | None = None
+    rank_copy_gbps: float | None = None
 
     def __post_init__(self):
         _integer(self, "hosts", "gpus_per_host", "nics_per_host")
         _positive(self, "link_gbps", "nvlink_gbps", "link_efficiency")
-        if self.host_copy_gbps is not None:
-            _positive(self, "host_copy_gbps")
+        if self.rank_copy_gbps is not None:
+            _positive(self, "rank_copy_gbps")
         _non_negative(self, "launch_s", "per_peer_s", "hop_latency_s")
         if self.link_efficiency > 1:
             raise ConfigError("link_efficiency", f"{self.link_efficiency} is above 1", "use a fraction in (0, 1]")
@@ -97,8 +97,8 @@ class ClusterSpec:
         return self.link_gbps * 1e9 / 8 * self.link_efficiency
 
     @property
-    def host_copy_bytes_per_s(self) -> float | None:
-        return None if self.host_copy_gbps is None else self.host_copy_gbps * 1e9 / 8
+    def rank_copy_bytes_per_s(self) -> float | None:
+        return None if self.rank_copy_gbps is None else self.rank_copy_gbps * 1e9 / 8
 
     @property
     def nvlink_bytes_per_s(self) -> float:

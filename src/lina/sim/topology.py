@@ -6,9 +6,9 @@ Resource layout per host (``stride = 2 * nics + 2 * gpus_per_host``)::
     [nic_out 0..n-1 | nic_in 0..n-1 | nvl_out 0..G-1 | nvl_in 0..G-1]
 
 A flow between two GPUs of one host crosses ``nvl_out[src]`` and ``nvl_in[dst]``; between
-hosts it crosses ``nic_out[nic(src)]`` and ``nic_in[nic(dst)]``. With ``host_copy_gbps`` every
-host also has a *copy* resource (after all the strides) that its all-to-all flows to other hosts
-cross: the CPU that moves the bytes when collectives run over TCP on shared cores.
+hosts it crosses ``nic_out[nic(src)]`` and ``nic_in[nic(dst)]``. With ``rank_copy_gbps`` every
+GPU also has a *copy* resource (after all the strides) that the all-to-all flows it sends cross,
+wherever they go: the process that moves the bytes when collectives run over TCP on CPUs.
 
 **Representative mode.** When every host sees the same traffic (uniform routing in training,
 groups that are whole hosts), the max-min allocation is the same on every host: progressive
@@ -62,13 +62,14 @@ class Topology:
                 np.full(2 * self.gpus_per_host, cluster.nvlink_bytes_per_s),
             ]
         )
-        copy = cluster.host_copy_bytes_per_s
-        self.copy_base = hosts_kept * self.stride  # host h's copy resource is copy_base + h (only with host_copy_gbps)
+        copy = cluster.rank_copy_bytes_per_s
+        self.copy_base = hosts_kept * self.stride  # GPU a of kept host h: copy_base + h * G + a (with rank_copy_gbps)
         self.capacity = np.tile(one_host, hosts_kept)
         self.is_nic = np.tile(np.arange(self.stride) < 2 * self.nics, hosts_kept)
         if copy is not None:
-            self.capacity = np.concatenate([self.capacity, np.full(hosts_kept, copy)])
-            self.is_nic = np.concatenate([self.is_nic, np.zeros(hosts_kept, dtype=bool)])
+            gpus_kept = hosts_kept * self.gpus_per_host
+            self.capacity = np.concatenate([self.capacity, np.full(gpus_kept, copy)])
+            self.is_nic = np.concatenate([self.is_nic, np.zeros(gpus_kept, dtype=bool)])
 
     def network(self):
         """An idle :class:`~lina.sim.network.FlowNetwork` over these resources."""
@@ -82,7 +83,8 @@ class Topology:
 
     def resource_name(self, index: int) -> str:
         if index >= self.copy_base:
-            return f"h{index - self.copy_base}.copy"
+            host, gpu = divmod(index - self.copy_base, self.gpus_per_host)
+            return f"h{host}.gpu{gpu}.copy"
         host, off = divmod(index, self.stride)
         n, g = self.nics, self.gpus_per_host
         if off < n:
@@ -105,8 +107,8 @@ class Topology:
             src: ``[P]`` int sending ranks (in representative mode, ranks of host 0 only).
             dst: ``[P]`` int receiving ranks (any host).
             size: ``[P]`` or scalar, bytes of each flow.
-            copy: flows between hosts also cross their sending host's copy resource (all-to-all
-                traffic, when the cluster has ``host_copy_gbps``).
+            copy: the flows also cross their sending GPU's copy resource (all-to-all traffic,
+                when the cluster has ``rank_copy_gbps``).
 
         Returns:
             One :class:`FlowClass` per distinct (resources, size); self-sends and empty flows
@@ -132,8 +134,8 @@ class Topology:
         nic_b = b * n // g
         r_out = np.where(same, hs * self.stride + 2 * n + a, hs * self.stride + nic_a)
         r_in = np.where(same, hd * self.stride + 2 * n + g + b, hd * self.stride + n + nic_b)
-        through_copy = copy and self.cluster.host_copy_gbps is not None
-        copy_res = np.where(same | (not through_copy), -1, self.copy_base + hs)  # flows between hosts only
+        through_copy = copy and self.cluster.rank_copy_gbps is not None
+        copy_res = self.copy_base + hs * g + a if through_copy else np.full(src.shape, -1)
         keys = np.stack([r_out.astype(float), r_in.astype(float), size, copy_res.astype(float)], axis=1)
         uniq, counts = np.unique(keys, axis=0, return_counts=True)
         return [

@@ -160,13 +160,14 @@ class StepBuilder:
             self._expert_grads(layer, backward, ffn_all)
             return ffn_all
         a2a = self.cache.a2a(p.ep, nbytes)
+        sent = nbytes * (p.ep - 1) / p.ep  # to other ranks, as the trainer's spans record it
         if not backward and p.train.count_exchange:
             counts = 8.0 * m.experts
             prev = self.add(Task(f"fwd.counts.L{layer}", "a2a", "a2a", (prev,), transfer=self.cache.a2a(p.ep, counts),
                                  args={"layer": layer, "phase": "counts", "direction": "fwd", "bytes": counts}))
         firsts = [
             self.add(Task(f"{direction}.{first}.L{layer}.c{j}", "a2a", "a2a", (prev,), transfer=a2a,
-                          args={"layer": layer, "phase": first, "direction": direction, "bytes": nbytes, "chunk": j}))
+                          args={"layer": layer, "phase": first, "direction": direction, "bytes": sent, "chunk": j}))
             for j in range(chunks)
         ]
         ffns = [
@@ -176,7 +177,7 @@ class StepBuilder:
         ]
         seconds = [
             self.add(Task(f"{direction}.{second}.L{layer}.c{j}", "a2a", "a2a", (ffns[j],), transfer=a2a,
-                          args={"layer": layer, "phase": second, "direction": direction, "bytes": nbytes, "chunk": j}))
+                          args={"layer": layer, "phase": second, "direction": direction, "bytes": sent, "chunk": j}))
             for j in range(chunks)
         ]
         self._expert_grads(layer, backward, ffns[-1])
