@@ -15,22 +15,28 @@ a ``config`` in either of two forms:
 What the timelines must contain, per rank: ``step`` spans (cat ``step``); ``forward`` and
 ``backward`` compute spans around each pass; expert FFN compute spans (name containing
 ``expert``; backward ones containing ``bwd``); a2a spans with args ``bytes`` (what the rank
-sends) and a direction (``phase`` or ``direction`` = ``fwd``/``bwd``); allreduce spans with
-``bytes``.
+sends to the other ranks) and a direction (``phase`` or ``direction`` = ``fwd``/``bwd``);
+allreduce spans with ``bytes``. Ranks' span times must share one clock (the host's monotonic
+clock does): collectives are timed across ranks. ``config.cpu_count`` (optional) is the cores
+the run's ranks shared.
 
 Fitted (pooled over all runs, so a prediction is not its own measurement played back):
 
-- compute, per token: non-expert forward/backward (the passes minus their all-to-alls minus
-  expert FFN; embedding and head included), expert FFN forward/backward (per routed token;
-  backward from ``bwd`` expert spans, else the backward/forward ratio of the passes), and the
-  optimizer per local parameter (step end after backward and every allreduce);
+- compute, per token on one whole core: non-expert forward/backward (the passes minus their
+  all-to-alls minus expert FFN; embedding and head included), expert FFN forward/backward (per
+  routed token; backward from ``bwd`` expert spans, else the backward/forward ratio of the
+  passes), and the optimizer per local parameter (step end after backward and every allreduce);
+  how compute time grows as ranks share cores (:func:`fit_core_exponent`); how much later than
+  the mean the last rank reaches an all-to-all (straggling);
 - contention: the share of compute speed lost while an all-to-all, or an allreduce, is in flight
   (:func:`fit_slowdowns`; on the emulated cluster the collectives' threads share the compute's
   CPU cores), from how much longer the same shape computes under policies that overlap more;
   the per-token costs above are then those at full speed;
-- link: uncontended forward all-to-alls fit ``duration = latency + x / efficiency`` where ``x`` is
-  the bytes on the busiest host link divided by the configured link rate; the allreduce
-  latency is the median excess of uncontended allreduces over the simulator's own time for them.
+- link: uncontended forward all-to-alls, timed from the last rank's arrival to the last exit,
+  fit ``duration = latency + max(x / efficiency, bytes / copy)`` (:func:`fit_link`): ``x`` the
+  busiest host link's bytes at the configured rate, ``copy`` the most a rank sends per second
+  to any peer; the allreduce latency is the median excess of uncontended allreduces over the
+  simulator's own time for them.
 
 :func:`write_synthetic_run` writes a run directory from the simulator itself (known
 parameters), which the tests use to check that the fit recovers them.
