@@ -56,3 +56,16 @@ def test_bench_infer_quick(tmp_path):
         assert key in data["regime"]
     assert out.with_suffix(".png").exists()
     assert [r["trace"] for r in data["runs"]][0] == "own-model"
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--layouts", "ring"], "layouts"),
+    (["--experts", "four"], "experts"),
+    (["--experts", "0"], "experts"),
+    (["--batch-size", "0"], "batch-size"),
+])
+def test_bench_train_rejects_bad_options_before_starting(args, field, tmp_path):
+    res = run_lina("bench", "train", *args, "--json", str(tmp_path / "t.json"), timeout=60)
+    assert res.returncode == 2
+    assert f"invalid {field}" in res.stderr and "Fix:" in res.stderr
+    assert not (tmp_path / "t.json").exists()
