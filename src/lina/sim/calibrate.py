@@ -62,7 +62,7 @@ from lina.sim.topology import Topology
 from lina.sim.train import TrainResult, simulate_step, transfer_time
 from lina.sim.train_step import StepPlan
 
-INTRA_FACTOR_ASSUMED = 10.0  # intra-host link rate / host link rate when no run measures it
+INTRA_FACTOR = 10.0  # intra-host link rate / host link rate: above what the rank copy limit lets a rank send
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -391,7 +391,6 @@ class CalibrationFit:
     a2a_latency_s: float
     allreduce_latency_s: float
     intra_factor: float
-    intra_measured: bool
     a2a_samples: int
     allreduce_samples: int
     note: str = ""
@@ -599,8 +598,7 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
     if not samples:
         raise LinaError("no uncontended forward all-to-all crossed a host link: cannot fit the link")
     efficiency, copy_rate, latency, note = fit_link(np.asarray(samples), small)
-    intra_factor, intra_measured = INTRA_FACTOR_ASSUMED, False  # inside a host, the rank copy limit binds
-    provisional = CalibrationFit(profile, efficiency, latency, latency, intra_factor, intra_measured, len(samples), 0, note, copy_rate)
+    provisional = CalibrationFit(profile, efficiency, latency, latency, INTRA_FACTOR, len(samples), 0, note, copy_rate)
     excess = []
     for r, o in zip(runs, obs):
         if not o.allreduce:
@@ -667,7 +665,7 @@ def report_text(rep: CalibrationReport) -> str:
         f" (to any peer); all-to-all latency {f.a2a_latency_s * 1e3:.3f} ms "
         f"({f.a2a_samples} uncontended forward all-to-alls, timed from the last rank's arrival)",
         f"  allreduce latency {f.allreduce_latency_s * 1e3:.3f} ms ({f.allreduce_samples} uncontended allreduces)",
-        f"  intra-host rate {f.intra_factor:.1f}x the host link ({'measured' if f.intra_measured else 'assumed; the rank copy limit binds inside a host'})",
+        f"  intra-host rate {f.intra_factor:.1f}x the host link (assumed; inside a host the rank copy limit binds first)",
         f"  compute per token on one whole core (a run's ranks share its machine's cores): dense fwd {p.dense_fwd_s_per_token * 1e6:.3f} us, bwd {p.dense_bwd_s_per_token * 1e6:.3f} us per layer; "
         f"expert fwd {p.expert_fwd_s_per_token * 1e6:.3f} us, bwd {p.expert_bwd_s_per_token * 1e6:.3f} us per routed token; "
         f"optimizer {p.optimizer_s_per_param * 1e9:.3f} ns per parameter",
