@@ -98,7 +98,7 @@ def _run(plan: dict) -> None:
                 trainer.train_step(step)
                 step += 1
             if POLICY_SPECS[policy][1] == "auto":
-                layout[policy], search, step = _search_packing(trainer, step, plan.get("packing_window", 4))
+                layout[policy], search, step = _search_packing(trainer, step, plan["packing_window"])
                 if rank == 0:
                     print(f"  experts {experts}: {policy} chose {experts // layout[policy]} experts per rank "
                           f"({len(search['decisions'])} decisions)", flush=True)

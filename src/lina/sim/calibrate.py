@@ -88,7 +88,6 @@ class RunRecord:
         cores = self.cpu_count or os.cpu_count() or 1
         return min(1.0, cores / self.workers)
 
-
     @property
     def workers(self) -> int:
         return self.hosts * self.workers_per_host
@@ -297,9 +296,14 @@ def _overlaps_in_pass(pass_span: Span, a2a: list[tuple[float, float]], allreduce
 @dataclass
 class RunObs:
     steps: list[StepObs]
-    a2a: list[tuple[float, float]]  # (bytes sent by the rank, seconds), forward, uncontended
-    allreduce: list[tuple[float, float]]  # (bytes, seconds), not overlapping an a2a
+    a2a: list[tuple[float, float]]  # (bytes the mean rank sends, seconds across ranks), forward, uncontended
+    allreduce: list[tuple[float, float]]  # (bytes, seconds across ranks), not overlapping an a2a
     sync_wait_s: float = 0.0  # per step: the last rank's arrivals at all-to-alls beyond the mean rank's compute before them
+
+    @property
+    def compute_s(self) -> float:
+        """Median compute per step of a rank."""
+        return _median([s.compute_s for s in self.steps])
 
 
 def observe(run: RunRecord, skip_first: bool = True) -> RunObs:
@@ -456,7 +460,7 @@ def fit_link(samples: np.ndarray, small: list[float]) -> tuple[float, float | No
     copies = np.concatenate([np.geomspace(1e5, 1e10, 201), [np.inf]])
 
     def search(latency: float, effs: np.ndarray) -> tuple[float, float, float]:
-        """(mean squared relative error, efficiency, copy rate) of the best grid point."""
+        """(mean squared error in s^2, efficiency, copy rate) of the best grid point."""
         best = (np.inf, 1.0, np.inf)
         for eff in effs:
             pred = latency + np.maximum(x_link[None, :] / eff, sent[None, :] / copies[:, None])  # [copies, N]
@@ -499,7 +503,7 @@ def fit_core_exponent(runs: list[RunRecord], obs: list[RunObs]) -> float:
     for r, o in zip(runs, obs):
         work = r.model.layers * r.model.tokens
         xs.append(math.log(r.core_share))
-        ys.append(math.log(_median([s.compute_s for s in o.steps]) / work))
+        ys.append(math.log(o.compute_s / work))
     if len(set(xs)) < 2:
         return 1.0
     slope = float(np.polyfit(xs, ys, 1)[0])
@@ -516,7 +520,7 @@ def fit_slowdowns(runs: list[RunRecord], obs: list[RunObs]) -> tuple[float, floa
     """
     by_shape: dict[tuple, list[tuple[float, float, float]]] = {}
     for r, o in zip(runs, obs):
-        row = (_median([s.compute_s for s in o.steps]), _median([s.a2a_overlap_s for s in o.steps]),
+        row = (o.compute_s, _median([s.a2a_overlap_s for s in o.steps]),
                _median([s.allreduce_overlap_s for s in o.steps]))
         by_shape.setdefault(_shape_key(r), []).append(row)
     ys, xs = [], []
@@ -546,7 +550,7 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
     slow_a2a, slow_ar = fit_slowdowns(runs, obs)
     exponent = fit_core_exponent(runs, obs)
     # ranks drift apart between all-to-alls; the step runs at the pace of the last to arrive
-    computed = sum(_median([s.compute_s for s in o.steps]) for o in obs)
+    computed = sum(o.compute_s for o in obs)
     straggler = min(1.0, sum(o.sync_wait_s for o in obs) / computed) if computed > 0 else 0.0
     tok_layers = fwd_dense = bwd_dense = 0.0
     slot_layers = e_fwd = e_bwd = 0.0
@@ -585,7 +589,7 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
         slowdown_in_allreduce=slow_ar,
         straggler=straggler,
     )
-    # link: duration = latency + max(busiest-link bytes / (efficiency x rate), bytes of one flow / flow ceiling)
+    # link: duration = latency + max(busiest-link bytes / (efficiency x rate), bytes a rank sends / copy rate)
     samples = []  # (busiest-link line seconds, bytes one rank sends, duration)
     small = []
     for r, o in zip(runs, obs):

@@ -220,13 +220,15 @@ def _pack(plan, pol, topo, cache, tasks, events, memory_gb):
     """Double experts per GPU while :func:`packing_rule` says so, as the trainer's controller does.
 
     Like the project's trainer (:mod:`lina.train.packing`), a doubling that makes the step slower
-    by more than ``REVERT_MARGIN`` is undone and packing settles (the replicated experts'
-    gradients join the allreduce, which the paper's rule does not weigh).
+    by more than ``REVERT_MARGIN`` is undone: packing goes back to the fastest layout simulated so
+    far and settles (the replicated experts' gradients join the allreduce, which the paper's rule
+    does not weigh).
     """
     from lina.train.packing import REVERT_MARGIN
 
     trace = []
     step_s = max(t.end_s for t in tasks)
+    visited = [(step_s, plan, tasks)]
     while True:
         decision = packing_rule(plan, topo, memory_gb)
         decision["step_s"] = step_s
@@ -238,9 +240,11 @@ def _pack(plan, pol, topo, cache, tasks, events, memory_gb):
         trial_s = max(t.end_s for t in trial_tasks)
         events += trial_events
         if trial_s > step_s * (1 + REVERT_MARGIN):
-            decision["stop"] = f"reverted: x{trial.pack} made the step {trial_s / step_s - 1:.0%} slower"
+            step_s, plan, tasks = min(visited, key=lambda v: v[0])
+            decision["stop"] = f"reverted: x{trial.pack} made the step {trial_s / decision['step_s'] - 1:.0%} slower; back to x{plan.pack}, the fastest"
             break
         plan, tasks, step_s = trial, trial_tasks, trial_s
+        visited.append((step_s, plan, tasks))
     plan.pack_trace = trace
     return plan, tasks, events
 
