@@ -237,3 +237,40 @@ def test_a_rank_copy_limit_bounds_what_each_gpu_sends():
     assert run(topo.capacity, [a2a([(0, 2, 0.4 * GB), (1, 3, 0.4 * GB)])]) == pytest.approx([0.8])
     # one GPU sending to two peers shares its own limit: 0.25 GB/s each
     assert run(topo.capacity, [a2a([(0, 1, 0.4 * GB), (0, 2, 0.4 * GB)])]) == pytest.approx([1.6])
+
+
+def test_a_flow_cap_bounds_each_flow_between_hosts_only():
+    """1 GB/s links, each all-to-all flow between hosts capped at 0.25 GB/s: one 0.5 GB flow
+    takes 2 s, two flows from one GPU to two hosts run side by side at their caps (2 s), a flow
+    to the GPU next door is not capped (NVLink, 10 GB/s), nor is traffic not marked all-to-all."""
+    topo = Topology(bare(hosts=3, gpus=2, nvlink_gbps=80.0, flow_copy_gbps=2.0), representative=False)
+
+    def a2a(pairs, copy=True):
+        src, dst, size = zip(*pairs)
+        return Transfer("a2a", (make_phase(topo.classes(np.array(src), np.array(dst), np.array(size), copy=copy), 0.0, topo.n_resources),))
+
+    assert run(topo.capacity, [a2a([(0, 2, 0.5 * GB)])]) == pytest.approx([2.0])
+    assert run(topo.capacity, [a2a([(0, 2, 0.5 * GB), (0, 4, 0.5 * GB)])]) == pytest.approx([2.0])
+    assert run(topo.capacity, [a2a([(0, 1, 0.5 * GB)])]) == pytest.approx([0.05])
+    assert run(topo.capacity, [a2a([(0, 2, 0.5 * GB)], copy=False)]) == pytest.approx([0.5])
+    # five capped flows out of one host would take 1.25 GB/s: the 1 GB/s link binds first
+    five = [(0, 2, 0.2 * GB), (0, 3, 0.2 * GB), (0, 4, 0.2 * GB), (1, 5, 0.2 * GB), (1, 2, 0.2 * GB)]
+    assert run(topo.capacity, [a2a(five)]) == pytest.approx([1.0])
+
+
+def test_a_first_come_stream_serves_the_earlier_transfer_first():
+    """Two 1 GB transfers on one 1 GB/s link, two in flight at once: on a first-come stream the
+    first ends at 1 s as if alone and the second at 2 s; shared equally, both end at 2 s."""
+    from lina.sim.engine import Executor, Task
+
+    topo = Topology(bare(), representative=False)
+
+    def ends(first_come):
+        tasks = [Task(f"t{i}", "a2a", "a2a", transfer=flows(topo, [(0, 1, GB)])) for i in range(2)]
+        Executor(tasks, topo.network(), {"a2a": 2}, first_come=first_come).run()
+        return [t.end_s for t in tasks]
+
+    assert ends(("a2a",)) == pytest.approx([1.0, 2.0], rel=1e-3)
+    assert ends(()) == pytest.approx([2.0, 2.0])
+    with pytest.raises(ValueError, match="not among the streams"):
+        Executor([], topo.network(), {"a2a": 1}, first_come=("allreduce",))

@@ -178,3 +178,24 @@ def test_pure_data_parallelism_issues_no_all_to_all():
     assert res.ep == 1 and res.allreduce_s > 0
     expert_grads = [t for t in res.tasks if t.cat == "allreduce" and "expert" in str(t.args.get("tensor", ""))]
     assert expert_grads  # both experts are replicated on both GPUs
+
+
+def test_micro_ops_in_flight_together_and_the_next_layer_waits_for_all():
+    """A backend that runs two all-to-alls of a rank at once (Gloo's two threads) starts both
+    dispatch micro-ops together, the earlier served first; the next layer starts only after
+    every combine micro-op, whichever ends last. With one in flight (a GPU stream) they queue."""
+    model = ModelSpec("m", layers=2, d_model=64, d_ff=128, experts=2, top_k=2, seq_len=64, batch_size=8, vocab=100)
+    train = TrainSpec(lina_a2a_chunks=2)
+    for in_flight in (1, 2):
+        cluster = ClusterSpec(hosts=2, gpus_per_host=1, link_gbps=0.1, a2a_in_flight=in_flight)
+        res = simulate_step(cluster, model, PROFILE, train, "lina")
+        by_name = {t.name: t for t in res.tasks}
+        d0, d1 = by_name["fwd.dispatch.L0.c0"], by_name["fwd.dispatch.L0.c1"]
+        if in_flight == 1:
+            assert d1.start_s == pytest.approx(d0.end_s)
+        else:
+            assert d1.start_s == pytest.approx(d0.start_s) and d0.end_s < d1.end_s
+        combines = [by_name[f"fwd.combine.L0.c{j}"] for j in range(2)]
+        assert by_name["fwd.dense.L1"].start_s >= max(t.end_s for t in combines) - 1e-12
+    with pytest.raises(ConfigError, match="a2a_in_flight"):
+        ClusterSpec(hosts=2, gpus_per_host=1, link_gbps=0.1, a2a_in_flight=0)

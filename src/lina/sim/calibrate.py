@@ -32,11 +32,13 @@ Fitted (pooled over all runs, so a prediction is not its own measurement played 
   (:func:`fit_slowdowns`; on the emulated cluster the collectives' threads share the compute's
   CPU cores), from how much longer the same shape computes under policies that overlap more;
   the per-token costs above are then those at full speed;
-- link: uncontended forward all-to-alls, timed from the last rank's arrival to the last exit,
-  fit ``duration = latency + max(x / efficiency, bytes / copy)`` (:func:`fit_link`): ``x`` the
-  busiest host link's bytes at the configured rate, ``copy`` the most a rank sends per second
-  to any peer; the allreduce latency is the median excess of uncontended allreduces over the
-  simulator's own time for them.
+- network (:mod:`lina.sim.fit_links`): uncontended allreduces give the links' efficiency and
+  the allreduce's launch and per-ring-step latency; uncontended forward all-to-alls crossing a
+  host link, timed from the last rank's arrival to the last exit, give the all-to-all latency
+  and two limits of the emulated cluster: what a rank sends per second per core it has (Gloo
+  moves every byte through TCP on shared cores) and what one flow to another host moves. The
+  runs' backend serves a rank's asynchronous all-to-alls ``GLOO_THREADS`` at a time, the
+  earlier one first (``a2a_in_flight`` in the run's config overrides it).
 
 :func:`write_synthetic_run` writes a run directory from the simulator itself (known
 parameters), which the tests use to check that the fit recovers them.
@@ -55,14 +57,14 @@ import numpy as np
 
 from lina.errors import ConfigError, LinaError
 from lina.obs.timeline import Span, Timeline, intersection_length, load_jsonl, union_length
-from lina.sim.collectives import ring_allreduce
 from lina.sim.compute import ComputeProfile
+from lina.sim.fit_links import fit_allreduce, fit_a2a
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec
-from lina.sim.topology import Topology
-from lina.sim.train import TrainResult, simulate_step, transfer_time
+from lina.sim.train import TrainResult, simulate_step
 from lina.sim.train_step import StepPlan
 
 INTRA_FACTOR = 10.0  # intra-host link rate / host link rate: above what the rank copy limit lets a rank send
+GLOO_THREADS = 2  # threads of a Gloo process group: asynchronous operations of one rank run two at a time
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -81,6 +83,7 @@ class RunRecord:
     measured_step_s: float
     spans: dict[int, list[Span]] = field(repr=False, default_factory=dict)
     cpu_count: int | None = None  # cores of the machine the run shared (None: this machine's)
+    a2a_in_flight: int = GLOO_THREADS  # all-to-all operations a rank's backend runs at once
 
     @property
     def core_share(self) -> float:
@@ -135,6 +138,7 @@ def _config_fields(summary: dict, path: Path) -> dict:
         "workers_per_host": _get(cfg, "workers_per_host"),
         "link_bps": _get(cfg, "link_bps", "link_rate_bps", "link_bit_s"),
         "cpu_count": _get(cfg, "cpu_count", default=None),
+        "a2a_in_flight": _get(cfg, "a2a_in_flight", default=GLOO_THREADS),
     }
     emulate = cfg.get("emulate")
     if isinstance(emulate, str) and out["hosts"] is None:
@@ -149,7 +153,7 @@ def _config_fields(summary: dict, path: Path) -> dict:
         out["ep_size"] = packing["ep_size"]
     elif out["experts_per_rank"]:
         out["ep_size"] = int(out["experts"]) // int(out["experts_per_rank"])
-    missing = [k for k, v in out.items() if v is None and k not in ("ep_size", "experts_per_rank", "cpu_count")]
+    missing = [k for k, v in out.items() if v is None and k not in ("ep_size", "experts_per_rank", "cpu_count", "a2a_in_flight")]
     if missing:
         raise LinaError(f"{path}/summary.json: config lacks {', '.join(missing)}")
     return out
@@ -201,7 +205,7 @@ def read_run(path: str | Path) -> RunRecord:
         raise LinaError(f"{path}: {hosts} hosts x {wph} workers != {cfg['workers']} workers")
     return RunRecord(path, hosts, wph, float(cfg["link_bps"]), model, str(cfg["policy"]),
                      int(cfg["ep_size"]) if cfg["ep_size"] else None, train, float(measured), spans,
-                     int(cfg["cpu_count"]) if cfg["cpu_count"] else None)
+                     int(cfg["cpu_count"]) if cfg["cpu_count"] else None, int(cfg["a2a_in_flight"]))
 
 
 def find_runs(root: str | Path) -> list[RunRecord]:
@@ -393,18 +397,19 @@ class CalibrationFit:
     profile: ComputeProfile
     link_efficiency: float
     a2a_latency_s: float
-    allreduce_latency_s: float
+    allreduce_launch_s: float
+    allreduce_hop_s: float
     intra_factor: float
     a2a_samples: int
     allreduce_samples: int
     note: str = ""
-    copy_bytes_per_s: float | None = None  # all-to-all bytes one rank sends per second at most (None: no limit)
+    core_copy_bytes_per_s: float | None = None  # all-to-all bytes a rank sends per second per whole core (None: no limit)
+    flow_copy_bytes_per_s: float | None = None  # bytes per second of one all-to-all flow to another host (None: no limit)
     core_exponent: float = 1.0  # compute time ~ (cores per rank) ** -core_exponent
 
     def cluster_for(self, run: RunRecord) -> ClusterSpec:
-        n = run.workers
-        hop = max(0.0, self.allreduce_latency_s - self.a2a_latency_s) / (2 * (n - 1)) if n > 1 else 0.0
         gbps = run.link_bps / 1e9
+        core = self.core_copy_bytes_per_s
         return ClusterSpec(
             hosts=run.hosts,
             gpus_per_host=run.workers_per_host,
@@ -413,8 +418,11 @@ class CalibrationFit:
             link_efficiency=min(1.0, self.link_efficiency),
             launch_s=self.a2a_latency_s,
             per_peer_s=0.0,
-            hop_latency_s=hop,
-            rank_copy_gbps=None if self.copy_bytes_per_s is None else self.copy_bytes_per_s * 8 / 1e9,
+            hop_latency_s=self.allreduce_hop_s,
+            allreduce_launch_s=self.allreduce_launch_s,
+            rank_copy_gbps=None if core is None else core * run.core_share * 8 / 1e9,
+            flow_copy_gbps=None if self.flow_copy_bytes_per_s is None else self.flow_copy_bytes_per_s * 8 / 1e9,
+            a2a_in_flight=run.a2a_in_flight,
         )
 
     def to_dict(self) -> dict:
@@ -442,54 +450,6 @@ def _shape_key(run: RunRecord) -> tuple:
     """Runs that differ only in policy share this key (and so the same compute work)."""
     m = run.model
     return (run.hosts, run.workers_per_host, run.link_bps, m.layers, m.d_model, m.d_ff, m.experts, m.top_k, m.tokens, _ep(run))
-
-
-def fit_link(samples: np.ndarray, small: list[float]) -> tuple[float, float | None, float, str]:
-    """(efficiency, copy rate of one rank in bytes/s or None, latency s, note) of the emulated links.
-
-    ``samples``: ``[N, 3]`` uncontended all-to-alls as (busiest host link's bytes at line rate in
-    seconds, bytes the mean rank sends to the others, duration in seconds). The links move
-    ``efficiency`` of their rate, and a rank sends at most ``copy`` bytes/s (to any peer: on the
-    emulated cluster each Gloo process moves its bytes through TCP on shared cores), so
-    ``duration = latency + max(x_link / efficiency, bytes / copy)``. The latency is the mean
-    duration of all-to-alls under 1 KiB (counts) when there are any; efficiency and copy rate are
-    a grid search on squared seconds (the mean duration, which is what a step adds up; ties go
-    to the faster copy: a copy limit is fitted only where the data ask for one).
-    """
-    x_link, sent, dur = samples[:, 0], samples[:, 1], samples[:, 2]
-    copies = np.concatenate([np.geomspace(1e5, 1e10, 201), [np.inf]])
-
-    def search(latency: float, effs: np.ndarray) -> tuple[float, float, float]:
-        """(mean squared error in s^2, efficiency, copy rate) of the best grid point."""
-        best = (np.inf, 1.0, np.inf)
-        for eff in effs:
-            pred = latency + np.maximum(x_link[None, :] / eff, sent[None, :] / copies[:, None])  # [copies, N]
-            err = np.mean((pred - dur) ** 2, axis=1)  # squared seconds: fits the mean duration, which is what a step adds up
-            j = int(np.argmin(err))
-            if err[j] < best[0] * (1 - 1e-9):
-                tied = np.flatnonzero(err <= err[j] * (1 + 1e-9))
-                best = (float(err[j]), float(eff), float(copies[tied.max()]))
-        return best
-
-    def latency_for(eff: float, copy: float) -> float:
-        return max(0.0, float(np.mean(dur - np.maximum(x_link / eff, sent / copy))))
-
-    coarse = np.linspace(0.2, 1.0, 81)
-    if small:
-        latency = float(np.mean(small))
-    else:
-        lats = np.linspace(0.0, float(dur.min()), 21)
-        latency = float(min(lats, key=lambda lat: search(lat, coarse)[0]))
-    _, efficiency, copy = search(latency, coarse)
-    if not small:  # refine the latency for the chosen link, then the link for that latency
-        latency = latency_for(efficiency, copy)
-    _, efficiency, copy = search(latency, np.clip(efficiency + np.linspace(-0.01, 0.01, 41), 0.2, 1.0))
-    if not small:
-        latency = latency_for(efficiency, copy)
-    note = ""
-    if efficiency <= coarse[0] or copy <= copies[0]:
-        note = "the link fit sits at the edge of its grid: all-to-all durations barely follow their bytes"
-    return efficiency, (None if math.isinf(copy) else copy), latency, note
 
 
 def fit_core_exponent(runs: list[RunRecord], obs: list[RunObs]) -> float:
@@ -589,8 +549,21 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
         slowdown_in_allreduce=slow_ar,
         straggler=straggler,
     )
-    # link: duration = latency + max(busiest-link bytes / (efficiency x rate), bytes a rank sends / copy rate)
-    samples = []  # (busiest-link line seconds, bytes one rank sends, duration)
+    # allreduce: duration = launch + ring steps x hop + busiest-link bytes / (efficiency x rate)
+    ar_samples, ar_weights = [], []  # per run and size: the median duration, weighted by how many ran
+    for r, o in zip(runs, obs):
+        line = r.link_bps / 8
+        n = r.workers
+        by_size: dict[float, list[float]] = {}
+        for nbytes, dur in o.allreduce:
+            by_size.setdefault(nbytes, []).append(dur)
+        for nbytes, durs in by_size.items():
+            ar_samples.append((2 * (n - 1), 2 * (n - 1) / n * nbytes / line, _median(durs)))
+            ar_weights.append(len(durs))
+    if ar_samples:
+        ar_launch, ar_hop, efficiency = fit_allreduce(np.asarray(ar_samples), np.asarray(ar_weights))
+    # all-to-all: duration = latency + max(link bytes / (efficiency x rate), bytes / (core rate x cores), flow / flow cap)
+    samples = []  # (busiest-link line seconds, bytes one rank sends, its largest flow to another host, cores per rank, duration)
     small = []
     for r, o in zip(runs, obs):
         line = r.link_bps / 8
@@ -598,21 +571,18 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
             if nbytes < 1024:
                 small.append(dur)
             elif _busiest_link_bytes(r, nbytes) > 0:
-                samples.append((_busiest_link_bytes(r, nbytes) / line, nbytes, dur))
+                samples.append((_busiest_link_bytes(r, nbytes) / line, nbytes, nbytes / (_ep(r) - 1), r.core_share, dur))
     if not samples:
         raise LinaError("no uncontended forward all-to-all crossed a host link: cannot fit the link")
-    efficiency, copy_rate, latency, note = fit_link(np.asarray(samples), small)
-    provisional = CalibrationFit(profile, efficiency, latency, latency, INTRA_FACTOR, len(samples), 0, note, copy_rate)
-    excess = []
-    for r, o in zip(runs, obs):
-        if not o.allreduce:
-            continue
-        cluster = replace(provisional.cluster_for(r), launch_s=0.0, hop_latency_s=0.0)
-        topo = Topology(cluster)
-        for nbytes, dur in o.allreduce:
-            excess.append(dur - transfer_time(topo, ring_allreduce(topo, 1, r.workers, nbytes)))
-    ar_latency = max(0.0, float(_median(excess))) if excess else latency
-    return replace(provisional, allreduce_latency_s=ar_latency, allreduce_samples=len(excess), core_exponent=exponent)
+    samples = np.asarray(samples)
+    if not ar_samples:  # no allreduce to read the link from: the all-to-alls' own line bound, as if no other limit held
+        efficiency = float(np.clip(np.median(samples[:, 0] / samples[:, 4]), 0.05, 1.0))
+        ar_launch = ar_hop = None
+    latency, core_copy, flow_copy, note = fit_a2a(samples, small, efficiency)
+    if ar_launch is None:
+        ar_launch, ar_hop = latency, 0.0
+    return CalibrationFit(profile, efficiency, latency, ar_launch, ar_hop, INTRA_FACTOR, len(samples), len(ar_samples), note,
+                          core_copy, flow_copy, exponent)
 
 
 # --------------------------------------------------------------------------- predicting
@@ -659,17 +629,24 @@ def calibrate(root: str | Path) -> CalibrationReport:
     return CalibrationReport(fitted, rows)
 
 
+def _rate(bytes_per_s: float | None, per: str) -> str:
+    if bytes_per_s is None:
+        return "without a limit of its own"
+    return f"at most {bytes_per_s * 8 / 1e6:.0f} Mbit/s" + (f" {per}" if per else "")
+
+
 def report_text(rep: CalibrationReport) -> str:
     f = rep.fit
     p = f.profile
     lines = [
         "fitted parameters:",
-        f"  link efficiency {f.link_efficiency:.3f} of the configured rate; a rank sends "
-        f"{'all-to-all traffic without a limit of its own' if f.copy_bytes_per_s is None else f'at most {f.copy_bytes_per_s * 8 / 1e6:.0f} Mbit/s of all-to-all traffic'}"
-        f" (to any peer); all-to-all latency {f.a2a_latency_s * 1e3:.3f} ms "
-        f"({f.a2a_samples} uncontended forward all-to-alls, timed from the last rank's arrival)",
-        f"  allreduce latency {f.allreduce_latency_s * 1e3:.3f} ms ({f.allreduce_samples} uncontended allreduces)",
-        f"  intra-host rate {f.intra_factor:.1f}x the host link (assumed; inside a host the rank copy limit binds first)",
+        f"  links carry {f.link_efficiency:.3f} of their configured rate; an allreduce costs {f.allreduce_launch_s * 1e3:.3f} ms "
+        f"+ {f.allreduce_hop_s * 1e3:.3f} ms per ring step ({f.allreduce_samples} uncontended allreduces)",
+        f"  all-to-all: latency {f.a2a_latency_s * 1e3:.3f} ms; a rank sends {_rate(f.core_copy_bytes_per_s, 'per core it has')}; "
+        f"one flow to another host moves {_rate(f.flow_copy_bytes_per_s, '')} "
+        f"({f.a2a_samples} uncontended forward all-to-alls, timed from the last rank's arrival); "
+        f"{GLOO_THREADS} operations of a rank in flight at once (Gloo's threads), the earlier served first",
+        f"  intra-host rate {f.intra_factor:.1f}x the host link (assumed; inside a host the per-core limit binds first)",
         f"  compute per token on one whole core (a run's ranks share its machine's cores): dense fwd {p.dense_fwd_s_per_token * 1e6:.3f} us, bwd {p.dense_bwd_s_per_token * 1e6:.3f} us per layer; "
         f"expert fwd {p.expert_fwd_s_per_token * 1e6:.3f} us, bwd {p.expert_bwd_s_per_token * 1e6:.3f} us per routed token; "
         f"optimizer {p.optimizer_s_per_param * 1e9:.3f} ns per parameter",
@@ -739,6 +716,7 @@ def write_synthetic_run(
         "link_bps": cluster.link_gbps * 1e9, "policy": policy, "chunk_mb": train.chunk_mb, "bucket_mb": train.bucket_mb,
         "pipeline_chunks": train.lina_a2a_chunks or train.tutel_chunks, "coalesce_small": train.coalesce_small,
         "cpu_count": cluster.gpus,  # the simulator's devices do not share cores
+        "a2a_in_flight": cluster.a2a_in_flight,
     }
     summary = {"config": config, "step_time_s_median": statistics.median(step_times[1:] if steps >= 3 else step_times),
                "source": "lina.sim.calibrate.write_synthetic_run"}

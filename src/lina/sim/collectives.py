@@ -4,7 +4,8 @@ Groups are contiguous blocks of ranks (expert-parallel groups) or strided sets (
 of an expert, or the whole world for data-parallel gradients). Functions return a
 :class:`~lina.sim.network.Transfer` whose flows are those sent by ``topo.sources()``.
 
-Latency model: a collective costs ``launch_s`` before its first byte moves; an all-to-all phase
+Latency model: a collective costs ``launch_s`` before its first byte moves (an allreduce
+``ClusterSpec.allreduce_start_s``); an all-to-all phase
 adds ``per_peer_s`` per peer a GPU sends to; each ring step costs ``hop_latency_s``.
 Fairness weight (``ClusterSpec.fairness == "collective"``): every member flow of a phase gets
 weight ``1 / (members on the busiest NIC port)``, so one collective weighs 1 on a NIC whatever
@@ -146,11 +147,11 @@ def ring_allreduce(
     steps = 2 * (ring_size - 1)
     if stepwise:
         classes = topo.classes(srcs, dsts, nbytes / ring_size / channels)
-        phases = [_phase(topo, classes, c.launch_s + c.hop_latency_s)]
+        phases = [_phase(topo, classes, c.allreduce_start_s + c.hop_latency_s)]
         phases += [_phase(topo, classes, c.hop_latency_s) for _ in range(steps - 1)]
         return Transfer(name, tuple(phases), nbytes)
     classes = topo.classes(srcs, dsts, steps / ring_size * nbytes / channels)
-    return Transfer(name, (_phase(topo, classes, c.launch_s + steps * c.hop_latency_s),), nbytes)
+    return Transfer(name, (_phase(topo, classes, c.allreduce_start_s + steps * c.hop_latency_s),), nbytes)
 
 
 def hierarchical_allreduce(topo: Topology, stride: int, ring_size: int, nbytes: float, name: str = "allreduce") -> Transfer:
@@ -181,7 +182,7 @@ def hierarchical_allreduce(topo: Topology, stride: int, ring_size: int, nbytes: 
     inter = topo.classes(sources, inter_next, 2 * (hosts - 1) / hosts * nbytes / per_host)
     hop = c.hop_latency_s
     phases = (
-        _phase(topo, intra, c.launch_s + (per_host - 1) * hop),
+        _phase(topo, intra, c.allreduce_start_s + (per_host - 1) * hop),
         _phase(topo, inter, 2 * (hosts - 1) * hop),
         _phase(topo, intra, (per_host - 1) * hop),
     )

@@ -6,7 +6,10 @@ dependencies are done, and the policy's *gate* agrees (Lina's priority rule is a
 allreduce stream). Compute tasks hold a fixed amount of work (seconds at full speed), done at
 the rate ``compute_rate`` gives (1 by default; below 1 while, say, communication threads take CPU
 from the compute, as on hosts where collectives run on the same cores); communication tasks are
-:class:`~lina.sim.network.Transfer` s whose time the network decides.
+:class:`~lina.sim.network.Transfer` s whose time the network decides. On a *first-come* stream
+with more than one transfer in flight, a transfer that starts while others run gets a fairness
+weight of ``LATER_WEIGHT`` per earlier one: it takes what they leave (as a thread pool serves
+the operation it took first), rather than an equal share.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class Task:
     end_s: float = math.nan
 
 
+LATER_WEIGHT = 1e-3  # fairness weight of a first-come stream's transfer per earlier one in flight
+
 Gate = Callable[[Task, "Executor"], bool]
 Rate = Callable[["Executor"], float]
 
@@ -66,15 +71,21 @@ class Executor:
         gate: extra start condition (default: none).
         compute_rate: work done per second by a running compute task, in (0, 1], asked again
             whenever a task starts or ends (default: always 1).
+        first_come: streams whose concurrent transfers are served in the order they started
+            (see the module docstring); others share the network equally.
     """
 
     def __init__(self, tasks: list[Task], network: FlowNetwork, streams: dict[str, int], gate: Gate = _always,
-                 compute_rate: Rate = _full_speed):
+                 compute_rate: Rate = _full_speed, first_come: tuple[str, ...] = ()):
         self.tasks = tasks
         self.net = network
         self.gate = gate
         self.compute_rate = compute_rate
         self.concurrency = dict(streams)
+        unknown = set(first_come) - set(streams)
+        if unknown:
+            raise ValueError(f"first-come streams {sorted(unknown)} are not among the streams")
+        self.first_come = frozenset(first_come)
         self.queues: dict[str, deque[int]] = {s: deque() for s in streams}
         self.running: dict[str, int] = {s: 0 for s in streams}
         for i, task in enumerate(tasks):
@@ -147,10 +158,12 @@ class Executor:
                     if self._unmet[idx] or not self.gate(task, self):
                         break
                     queue.popleft()
+                    earlier = self.running[stream]
                     self.running[stream] += 1
                     task.start_s = self.now
                     started = True
                     if task.transfer is None:
                         self._computing[idx] = task.duration_s
                     else:
-                        self._transfer_task[self.net.start(task.transfer)] = idx
+                        weight = LATER_WEIGHT ** earlier if stream in self.first_come else 1.0
+                        self._transfer_task[self.net.start(task.transfer, weight)] = idx

@@ -24,8 +24,9 @@ class Phase:
     """Flow classes that start together ``latency_s`` after the phase opens.
 
     ``weight`` is the fairness weight of one member flow (see ``ClusterSpec.fairness``);
-    ``usage`` (``[C, R]``, member flows of class ``c`` on resource ``r``) and ``sizes`` (``[C]``
-    bytes per member flow) are the classes as arrays, built once by :func:`make_phase`.
+    ``usage`` (``[C, R]``, member flows of class ``c`` on resource ``r``), ``sizes`` (``[C]``
+    bytes per member flow) and ``caps`` (``[C]``, most bytes/s of one member flow; ``inf``: no
+    cap) are the classes as arrays, built once by :func:`make_phase`.
     """
 
     classes: tuple[FlowClass, ...]
@@ -33,6 +34,7 @@ class Phase:
     weight: float
     usage: np.ndarray
     sizes: np.ndarray
+    caps: np.ndarray
 
 
 def make_phase(classes: list[FlowClass] | tuple[FlowClass, ...], latency_s: float, n_resources: int, weight: float = 1.0) -> Phase:
@@ -41,7 +43,8 @@ def make_phase(classes: list[FlowClass] | tuple[FlowClass, ...], latency_s: floa
     for i, fc in enumerate(classes):
         usage[i, list(fc.resources)] = fc.count
     sizes = np.array([fc.size for fc in classes], dtype=float)
-    return Phase(tuple(classes), latency_s, weight, usage, sizes)
+    caps = np.array([fc.cap for fc in classes], dtype=float)
+    return Phase(tuple(classes), latency_s, weight, usage, sizes, caps)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class FlowNetwork:
         self._usage = np.zeros((0, n_res))
         self._weight = np.zeros(0)
         self._size = np.zeros(0)
+        self._cap = np.zeros(0)
         self._tid = np.zeros(0, dtype=np.int64)
         self._remaining = np.zeros(0)
         self._rates = np.zeros(0)
@@ -82,11 +86,13 @@ class FlowNetwork:
         self.rate_solves = 0
 
     # ------------------------------------------------------------------ public
-    def start(self, transfer: Transfer) -> int:
-        """Begin ``transfer`` now; returns its id."""
+    def start(self, transfer: Transfer, weight: float = 1.0) -> int:
+        """Begin ``transfer`` now, its flows' fairness weights scaled by ``weight``; returns its id."""
+        if not weight > 0:
+            raise ValueError(f"transfer weight must be positive, got {weight}")
         tid = next(self._ids)
-        # state: transfer, phase index, open flows in the phase
-        self._transfers[tid] = [transfer, -1, 0]
+        # state: transfer, phase index, open flows in the phase, weight scale
+        self._transfers[tid] = [transfer, -1, 0, weight]
         self._open_next_phase(tid)
         return tid
 
@@ -143,8 +149,9 @@ class FlowNetwork:
                 self._phase_done(tid, finished)
                 continue
             self._usage = np.concatenate([self._usage, phase.usage])
-            self._weight = np.concatenate([self._weight, np.full(added, phase.weight)])
+            self._weight = np.concatenate([self._weight, np.full(added, phase.weight * state[3])])
             self._size = np.concatenate([self._size, phase.sizes])
+            self._cap = np.concatenate([self._cap, phase.caps])
             self._tid = np.concatenate([self._tid, np.full(added, tid, dtype=np.int64)])
             self._remaining = np.concatenate([self._remaining, phase.sizes])
             self._rates = np.concatenate([self._rates, np.zeros(added)])  # not yet solved
@@ -166,6 +173,7 @@ class FlowNetwork:
         self._usage = self._usage[keep]
         self._weight = self._weight[keep]
         self._size = self._size[keep]
+        self._cap = self._cap[keep]
         self._tid = self._tid[keep]
         self._remaining = self._remaining[keep]
         self._rates = self._rates[keep]
@@ -192,5 +200,12 @@ class FlowNetwork:
         if self._remaining.size == 0:
             self._rates = np.zeros(0)
             return
-        self._rates = max_min_rates(self._usage, self.capacity, self._weight)
+        usage, capacity = self._usage, self.capacity
+        capped = np.flatnonzero(np.isfinite(self._cap))
+        if capped.size:  # a capped class gets a resource of its own, holding one member's cap
+            private = np.zeros((usage.shape[0], capped.size))
+            private[capped, np.arange(capped.size)] = 1.0
+            usage = np.concatenate([usage, private], axis=1)
+            capacity = np.concatenate([capacity, self._cap[capped]])
+        self._rates = max_min_rates(usage, capacity, self._weight)
         self.rate_solves += 1

@@ -50,10 +50,20 @@ class ClusterSpec:
         launch_s: fixed cost of launching one collective.
         per_peer_s: extra start-up cost of an all-to-all per peer a GPU sends to.
         hop_latency_s: latency of one step of a ring allreduce.
+        allreduce_launch_s: fixed cost of launching one allreduce when it differs from the other
+            collectives' ``launch_s`` (``None``: the same); a calibrated emulated cluster starts an
+            all-to-all slower than an allreduce.
         rank_copy_gbps: the most all-to-all traffic one GPU (rank) sends per second, to peers on
             any host, whatever the links allow: on the emulated cluster each Gloo process moves
             every byte through TCP on shared cores (fitted by ``lina sim --calibrate``); ``None``:
             no such limit (devices with copy engines).
+        flow_copy_gbps: the most one all-to-all flow between hosts (one rank to one peer, in one
+            operation) moves per second: on the emulated cluster a TCP connection through the
+            shaped link does not reach the link rate with a burst of a megabyte or more (the
+            ring allreduce's smaller messages do); ``None``: no such limit.
+        a2a_in_flight: all-to-all operations one rank runs at once: 1 on GPUs (one
+            communication stream); 2 on the emulated cluster (Gloo serves asynchronous
+            operations with two threads per process group), so pipelined micro-ops overlap.
         fairness: ``"collective"`` (default): concurrent collectives get equal weight on a NIC,
             whatever their number of flows (NCCL runs each collective on a fixed set of channels);
             ``"flow"``: plain max-min fairness among individual flows.
@@ -70,13 +80,20 @@ class ClusterSpec:
     hop_latency_s: float = 5e-6
     fairness: str = "collective"
     rank_copy_gbps: float | None = None
+    allreduce_launch_s: float | None = None
+    flow_copy_gbps: float | None = None
+    a2a_in_flight: int = 1
 
     def __post_init__(self):
         _integer(self, "hosts", "gpus_per_host", "nics_per_host")
         _positive(self, "link_gbps", "nvlink_gbps", "link_efficiency")
-        if self.rank_copy_gbps is not None:
-            _positive(self, "rank_copy_gbps")
+        for name in ("rank_copy_gbps", "flow_copy_gbps"):
+            if getattr(self, name) is not None:
+                _positive(self, name)
+        _integer(self, "a2a_in_flight")
         _non_negative(self, "launch_s", "per_peer_s", "hop_latency_s")
+        if self.allreduce_launch_s is not None:
+            _non_negative(self, "allreduce_launch_s")
         if self.link_efficiency > 1:
             raise ConfigError("link_efficiency", f"{self.link_efficiency} is above 1", "use a fraction in (0, 1]")
         if self.gpus_per_host % self.nics_per_host:
@@ -93,12 +110,21 @@ class ClusterSpec:
         return self.hosts * self.gpus_per_host
 
     @property
+    def allreduce_start_s(self) -> float:
+        """What launching one allreduce costs (``allreduce_launch_s``, else ``launch_s``)."""
+        return self.launch_s if self.allreduce_launch_s is None else self.allreduce_launch_s
+
+    @property
     def nic_bytes_per_s(self) -> float:
         return self.link_gbps * 1e9 / 8 * self.link_efficiency
 
     @property
     def rank_copy_bytes_per_s(self) -> float | None:
         return None if self.rank_copy_gbps is None else self.rank_copy_gbps * 1e9 / 8
+
+    @property
+    def flow_copy_bytes_per_s(self) -> float | None:
+        return None if self.flow_copy_gbps is None else self.flow_copy_gbps * 1e9 / 8
 
     @property
     def nvlink_bytes_per_s(self) -> float:

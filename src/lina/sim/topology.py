@@ -8,7 +8,9 @@ Resource layout per host (``stride = 2 * nics + 2 * gpus_per_host``)::
 A flow between two GPUs of one host crosses ``nvl_out[src]`` and ``nvl_in[dst]``; between
 hosts it crosses ``nic_out[nic(src)]`` and ``nic_in[nic(dst)]``. With ``rank_copy_gbps`` every
 GPU also has a *copy* resource (after all the strides) that the all-to-all flows it sends cross,
-wherever they go: the process that moves the bytes when collectives run over TCP on CPUs.
+wherever they go: the process that moves the bytes when collectives run over TCP on CPUs. With
+``flow_copy_gbps`` each all-to-all flow between hosts is also capped on its own (a TCP
+connection through the emulated cluster's shaped link).
 
 **Representative mode.** When every host sees the same traffic (uniform routing in training,
 groups that are whole hosts), the max-min allocation is the same on every host: progressive
@@ -33,12 +35,14 @@ from lina.sim.spec import ClusterSpec
 class FlowClass:
     """``count`` member flows of ``size`` bytes each, crossing every resource in ``resources``.
 
-    ``count`` is how many members cross each of those resources (the same on each).
+    ``count`` is how many members cross each of those resources (the same on each); ``cap`` is
+    the most one member moves per second whatever the resources leave it (``inf``: no cap).
     """
 
     resources: tuple[int, ...]
     count: float
     size: float
+    cap: float = float("inf")
 
 
 class Topology:
@@ -108,7 +112,8 @@ class Topology:
             dst: ``[P]`` int receiving ranks (any host).
             size: ``[P]`` or scalar, bytes of each flow.
             copy: the flows also cross their sending GPU's copy resource (all-to-all traffic,
-                when the cluster has ``rank_copy_gbps``).
+                when the cluster has ``rank_copy_gbps``), and each is capped at
+                ``flow_copy_gbps`` when the cluster has it.
 
         Returns:
             One :class:`FlowClass` per distinct (resources, size); self-sends and empty flows
@@ -136,12 +141,15 @@ class Topology:
         r_in = np.where(same, hd * self.stride + 2 * n + g + b, hd * self.stride + n + nic_b)
         through_copy = copy and self.cluster.rank_copy_gbps is not None
         copy_res = self.copy_base + hs * g + a if through_copy else np.full(src.shape, -1)
-        keys = np.stack([r_out.astype(float), r_in.astype(float), size, copy_res.astype(float)], axis=1)
+        keys = np.stack([r_out.astype(float), r_in.astype(float), size, copy_res.astype(float), same.astype(float)], axis=1)
         uniq, counts = np.unique(keys, axis=0, return_counts=True)
-        return [
-            FlowClass((int(k[0]), int(k[1])) + ((int(k[3]),) if k[3] >= 0 else ()), float(c), float(k[2]))
-            for k, c in zip(uniq, counts)
-        ]
+        flow_cap = self.cluster.flow_copy_bytes_per_s if copy else None
+        out = []
+        for k, members in zip(uniq, counts):
+            resources = (int(k[0]), int(k[1])) + ((int(k[3]),) if k[3] >= 0 else ())
+            cap = float("inf") if flow_cap is None or k[4] else flow_cap  # the cap is TCP's over a host link
+            out.append(FlowClass(resources, float(members), float(k[2]), cap))
+        return out
 
     def nic_load(self, classes: list[FlowClass]) -> float:
         """Most member flows of ``classes`` on any one NIC port (or any port if none is a NIC)."""

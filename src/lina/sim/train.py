@@ -208,9 +208,10 @@ def _run(plan: StepPlan, pol: TrainPolicy, topo: Topology, cache: TransferCache)
     executor = Executor(
         tasks,
         topo.network(),
-        {"compute": 1, "a2a": 1, "allreduce": window},
+        {"compute": 1, "a2a": plan.cluster.a2a_in_flight, "allreduce": window},
         _priority_gate if pol.priority else (lambda task, ex: True),
         lambda ex: profile.compute_rate(ex.stream_busy("a2a"), ex.stream_busy("allreduce")),
+        first_come=("a2a",),
     )
     executor.run()
     return tasks, executor.events

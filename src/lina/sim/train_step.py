@@ -115,8 +115,9 @@ class StepBuilder:
         self.tasks.append(task)
         return len(self.tasks) - 1
 
-    def compute(self, name: str, seconds: float, dep: int | None, **args) -> int:
-        return self.add(Task(name, "compute", "compute", () if dep is None else (dep,), duration_s=seconds, args=args))
+    def compute(self, name: str, seconds: float, dep: int | tuple[int, ...] | None, **args) -> int:
+        deps = () if dep is None else (dep,) if isinstance(dep, int) else tuple(dep)
+        return self.add(Task(name, "compute", "compute", deps, duration_s=seconds, args=args))
 
     def build(self) -> list[Task]:
         p, m = self.plan, self.plan.model
@@ -147,7 +148,9 @@ class StepBuilder:
         return self.tasks
 
     # ------------------------------------------------------------------ MoE layer
-    def _moe(self, layer: int, prev: int, direction: str) -> int:
+    def _moe(self, layer: int, prev: int, direction: str) -> int | tuple[int, ...]:
+        """Tasks of one MoE layer after ``prev``; returns what the next compute waits for (every
+        second all-to-all micro-op: with more than one in flight they may end out of order)."""
         p, m = self.plan, self.plan.model
         chunks = a2a_chunks(p, self.policy)
         nbytes = m.a2a_bytes / chunks
@@ -181,7 +184,7 @@ class StepBuilder:
             for j in range(chunks)
         ]
         self._expert_grads(layer, backward, ffns[-1])
-        return seconds[-1]
+        return tuple(seconds)
 
     def _expert_grads(self, layer: int, backward: bool, ready: int) -> None:
         """Replicated experts' gradients join the allreduce once their backward FFN is done."""

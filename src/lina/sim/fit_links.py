@@ -1,0 +1,100 @@
+"""Fit the network side of a calibration: allreduce latency and link efficiency, all-to-all limits.
+
+Both fits take uncontended collectives timed across ranks (last arrival to last exit) and are
+least squares on seconds, so they match the mean duration, which is what a step adds up.
+
+- :func:`fit_allreduce`: ``duration = launch + steps * hop + x / efficiency``: ``steps`` the
+  ring's ``2 (M - 1)`` steps and ``x`` the seconds the busiest link's bytes take at line rate.
+  The ring's messages are small, so its TCP connections keep the link busy: the efficiency
+  found here is the link's.
+- :func:`fit_a2a`: ``duration = latency + max(x / efficiency, sent / (core * share),
+  flow / flow_cap)``: all-to-all bytes are also bounded by what a rank's share of a core moves
+  (``core`` bytes/s per whole core, counting every byte it sends) and by what one connection to
+  one peer on another host moves (``flow_cap``): a megabyte burst through the emulated cluster's
+  shaped link does not reach its rate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+RATES = np.concatenate([np.geomspace(1e5, 1e10, 161), [np.inf]])  # bytes/s grid of the all-to-all limits
+
+
+def fit_allreduce(samples: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, float, float]:
+    """(launch s, hop s, efficiency) of ``samples`` ``[N, 3]``: (ring steps, line seconds, duration).
+
+    Weighted least squares (``weights`` ``[N]``, default equal), non-negative launch and hop,
+    efficiency at most 1 (the best feasible fit over which bounds bind). With one ring size only,
+    hop and launch cannot be told apart: hop is 0.
+    """
+    root = np.sqrt(np.ones(len(samples)) if weights is None else np.asarray(weights, dtype=float))
+    steps, x, dur = samples[:, 0], samples[:, 1], samples[:, 2]
+    columns = [root, steps * root, x * root]
+    dur = dur * root
+    free_hop = len(np.unique(steps)) > 1
+    best = None
+    # bounds: launch >= 0, hop >= 0, 1 / efficiency >= 1; try every set of them held at the bound
+    for held in itertools.product((False, True), repeat=3):
+        if not free_hop and not held[1]:
+            continue
+        fixed = np.array([0.0, 0.0, 1.0]) * np.array(held)
+        free = [i for i in range(3) if not held[i]]
+        rest = dur - sum(columns[i] * fixed[i] for i in range(3) if held[i])
+        coef = fixed.copy()
+        if free:
+            a = np.stack([columns[i] for i in free], axis=1)
+            sol, *_ = np.linalg.lstsq(a, rest, rcond=None)
+            coef[free] = sol
+        if coef[0] < 0 or coef[1] < 0 or coef[2] < 1:
+            continue
+        err = float(np.sum((np.stack(columns, axis=1) @ coef - dur) ** 2))
+        if best is None or err < best[0] - 1e-18:
+            best = (err, coef)
+    launch, hop, inverse = best[1]
+    return float(launch), float(hop), float(1.0 / inverse)
+
+
+def a2a_seconds(samples: np.ndarray, latency: float, efficiency: float, core: np.ndarray, flow: np.ndarray) -> np.ndarray:
+    """Modelled durations, ``[len(core), len(flow), N]``, of ``samples`` (see :func:`fit_a2a`)."""
+    x, sent, flow_bytes, share = samples[:, 0], samples[:, 1], samples[:, 2], samples[:, 3]
+    with np.errstate(divide="ignore"):
+        by_core = sent[None, :] / (core[:, None] * share[None, :])  # [C, N]
+        by_flow = flow_bytes[None, :] / flow[:, None]  # [F, N]
+    bound = np.maximum(by_core[:, None, :], by_flow[None, :, :])
+    return latency + np.maximum(bound, x[None, None, :] / efficiency)
+
+
+def fit_a2a(samples: np.ndarray, small: list[float], efficiency: float) -> tuple[float, float | None, float | None, str]:
+    """(latency s, per-core rate, per-flow cap, note) of all-to-alls on links of ``efficiency``.
+
+    ``samples`` ``[N, 5]``: (busiest host link's bytes in seconds at line rate, bytes the mean
+    rank sends to the others, bytes of its largest flow to another host, cores per rank,
+    duration). The latency is the mean duration of all-to-alls under 1 KiB (counts) when there
+    are any, else searched. Rates are a grid search; among ties the fastest wins (a limit is
+    fitted only where the data ask for one); ``None`` for no limit.
+    """
+    dur = samples[:, 4]
+
+    def search(latency: float) -> tuple[float, float, float]:
+        err = np.stack([np.mean((a2a_seconds(samples, latency, efficiency, RATES[i:i + 1], RATES)[0] - dur) ** 2, axis=1)
+                        for i in range(len(RATES))])  # [C, F], one core rate at a time to bound memory
+        tied = np.argwhere(err <= err.min() * (1 + 1e-9) + 1e-18)
+        i, j = max(tied.tolist(), key=lambda ij: (ij[0], ij[1]))
+        return float(err[i, j]), float(RATES[i]), float(RATES[j])
+
+    if small:
+        latency = float(np.mean(small))
+    else:
+        latency = min(np.linspace(0.0, float(dur.min()), 21), key=lambda lat: search(float(lat))[0])
+    _, core, flow = search(float(latency))
+    if not small:  # the latency that makes the mean duration right for the chosen limits
+        bound = a2a_seconds(samples, 0.0, efficiency, np.array([core]), np.array([flow]))[0, 0]
+        latency = max(0.0, float(np.mean(dur - bound)))
+    note = ""
+    if core <= RATES[0] or flow <= RATES[0]:
+        note = "an all-to-all limit sits at the edge of its grid: all-to-all durations barely follow their bytes"
+    return latency, (None if math.isinf(core) else core), (None if math.isinf(flow) else flow), note

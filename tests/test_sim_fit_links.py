@@ -1,0 +1,64 @@
+"""The network fits of a calibration recover known parameters from noiseless and noisy samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lina.sim.fit_links import a2a_seconds, fit_a2a, fit_allreduce
+
+
+def test_allreduce_fit_separates_launch_hop_and_efficiency():
+    """Rings of 2 and 4 ranks (2 and 6 steps), several sizes: launch 1 ms, 0.5 ms a step, links at 80%."""
+    rng = np.random.default_rng(0)
+    steps = np.repeat([2.0, 6.0], 50)
+    line = rng.uniform(0.002, 0.02, size=100)
+    dur = 1e-3 + steps * 5e-4 + line / 0.8
+    launch, hop, eff = fit_allreduce(np.stack([steps, line, dur], axis=1))
+    assert (launch, hop, eff) == pytest.approx((1e-3, 5e-4, 0.8), rel=1e-6)
+    # one ring size: the latency is one number, put in the launch
+    one = np.stack([steps[:50], line[:50], dur[:50]], axis=1)
+    launch, hop, eff = fit_allreduce(one)
+    assert hop == 0.0 and launch == pytest.approx(1e-3 + 2 * 5e-4) and eff == pytest.approx(0.8)
+
+
+def test_allreduce_fit_keeps_efficiency_at_most_one_and_latencies_non_negative():
+    """Durations faster than line rate would need an efficiency above 1: it is held at 1."""
+    steps = np.full(20, 2.0)
+    line = np.linspace(0.001, 0.02, 20)
+    dur = line / 1.2 + 1e-4
+    launch, hop, eff = fit_allreduce(np.stack([steps, line, dur], axis=1))
+    assert eff == 1.0 and launch >= 0 and hop >= 0
+
+
+def test_allreduce_fit_weights_samples():
+    """A weight counts like repeated samples."""
+    s = np.array([[2.0, 0.01, 0.02], [6.0, 0.01, 0.03], [2.0, 0.02, 0.035], [6.0, 0.02, 0.05]])
+    w = np.array([3.0, 1.0, 2.0, 1.0])
+    assert fit_allreduce(s, w) == pytest.approx(fit_allreduce(np.repeat(s, w.astype(int), axis=0)))
+
+
+def test_a2a_fit_recovers_a_per_core_rate_and_a_flow_cap():
+    """Three layouts: one flow per peer bounds the 2x1 pair (its ranks have a whole core each),
+    the per-core rate bounds the 4x1 ranks (half a core each); the 2x2 layout has its link bound.
+    Every sample is its model's duration with 2% noise; tiny all-to-alls give the latency."""
+    core, flow, eff, latency = 55e6, 25e6, 1.0, 3e-3
+    rng = np.random.default_rng(1)
+    rows = []
+    for sent in (1e6, 2e6, 3e6):
+        rows += [(sent / 50e6, sent, sent, 1.0)]  # 2x1: one peer on the other host
+        rows += [(sent / 50e6, sent, sent / 3, 0.5)]  # 4x1: three peers, one per host
+        rows += [(2 * sent * 2 / 3 / 20e6, sent, sent / 3, 1.0)]  # 2x2 on slow links: the link binds
+    x = np.asarray(rows)
+    truth = a2a_seconds(np.column_stack([x, np.zeros(len(x))]), latency, eff, np.array([core]), np.array([flow]))[0, 0]
+    samples = np.column_stack([np.repeat(x, 20, axis=0), np.repeat(truth, 20) * rng.uniform(0.98, 1.02, size=20 * len(x))])
+    lat, core_fit, flow_fit, note = fit_a2a(samples, [latency] * 10, eff)
+    assert lat == pytest.approx(latency)
+    assert core_fit == pytest.approx(core, rel=0.05) and flow_fit == pytest.approx(flow, rel=0.05) and not note
+
+
+def test_a2a_fit_finds_no_limit_where_the_link_explains_everything():
+    x = np.array([[s / 40e6, s, s / 3, 0.5] for s in np.linspace(1e6, 4e6, 10)])
+    dur = 1e-3 + x[:, 0] / 0.8
+    lat, core, flow, _ = fit_a2a(np.column_stack([x, dur]), [1e-3], 0.8)
+    assert core is None and flow is None and lat == pytest.approx(1e-3)
