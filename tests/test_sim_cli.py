@@ -97,3 +97,20 @@ def test_calibrate_command(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "median |error|" in text and "predicted ms" in text
     assert json.loads(out.read_text())["median_abs_error"] < 0.1
+
+
+def test_calibrate_with_held_out_runs(tmp_path, capsys):
+    """Runs under --holdout are predicted with the fit of the others and reported apart."""
+    prof = ComputeProfile(2e-6, 4e-6, 3e-6, 6e-6, optimizer_s_per_param=1e-9)
+    model = ModelSpec("tiny", layers=2, d_model=128, d_ff=256, experts=4, top_k=2, seq_len=64, batch_size=4, vocab=128, act_bytes=4)
+    for folder, gbps in (("fit/a", 0.1), ("fit/b", 0.3), ("held/c", 0.2)):
+        cluster = ClusterSpec(hosts=2, gpus_per_host=2, link_gbps=gbps, launch_s=5e-4, per_peer_s=0)
+        write_synthetic_run(tmp_path / folder, cluster, model, prof, TrainSpec(), "deepspeed", steps=3)
+    out = tmp_path / "cal.json"
+    assert main(["sim", "--calibrate", str(tmp_path / "fit"), "--holdout", str(tmp_path / "held"), "--json", str(out)]) == 0
+    assert "held-out median |error|" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 2 and len(data["holdout_rows"]) == 1
+    assert out.with_suffix(".png").stat().st_size > 1000  # measured against predicted
+    assert abs(data["holdout_rows"][0]["error"]) < 0.1  # a link rate between the fitted ones
+    assert main(["sim", "--holdout", str(tmp_path / "held")]) == 2

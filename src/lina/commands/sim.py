@@ -4,7 +4,7 @@
     lina sim --scenario NAME [--json FILE] [--policies a,b,..]
     lina sim --config FILE.toml [--json FILE]
     lina sim --sweep gpus|link --scenario NAME --out DIR
-    lina sim --calibrate DIR [--json FILE]
+    lina sim --calibrate DIR [--holdout DIR2] [--json FILE]
     lina sim --bench
 """
 
@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--scenario", metavar="NAME", help="built-in scenario or suite (see --list)")
     p.add_argument("--config", metavar="FILE", help="scenario from a TOML file")
     p.add_argument("--policies", metavar="LIST", help=f"comma-separated policies (known: {', '.join(TRAIN_POLICIES)})")
+    p.add_argument("--holdout", metavar="DIR", help="with --calibrate: also predict the runs in DIR, which the fit never sees")
     p.add_argument("--json", metavar="FILE", help="write results as JSON (and a PNG beside it)")
     p.add_argument("--sweep", choices=("gpus", "link"), help="vary GPU count or link rate; needs --out")
     p.add_argument("--values", metavar="LIST", help="comma-separated sweep values (GPUs, or Gb/s)")
@@ -202,12 +203,14 @@ def run(args) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.holdout and not args.calibrate:
+        raise ConfigError("--holdout", "needs --calibrate DIR (the runs to fit)", "add --calibrate DIR, or drop --holdout")
     if args.list:
         return _list()
     if args.calibrate:
         from lina.sim.calibrate import run_command
 
-        return run_command(args.calibrate, args.json)
+        return run_command(args.calibrate, args.json, args.holdout)
     if args.bench:
         return _bench(args)
     if args.sweep:

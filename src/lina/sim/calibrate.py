@@ -581,7 +581,7 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
     latency, core_copy, flow_copy, note = fit_a2a(samples, small, efficiency)
     if ar_launch is None:
         ar_launch, ar_hop = latency, 0.0
-    return CalibrationFit(profile, efficiency, latency, ar_launch, ar_hop, INTRA_FACTOR, len(samples), len(ar_samples), note,
+    return CalibrationFit(profile, efficiency, latency, ar_launch, ar_hop, INTRA_FACTOR, len(samples), int(sum(ar_weights)), note,
                           core_copy, flow_copy, exponent)
 
 
@@ -609,24 +609,37 @@ def on_core_share(profile: ComputeProfile, share: float) -> ComputeProfile:
 class CalibrationReport:
     fit: CalibrationFit
     rows: list[dict]
+    holdout_rows: list[dict] = field(default_factory=list)  # runs predicted but never fitted
 
     @property
     def median_abs_error(self) -> float:
         return statistics.median(abs(r["error"]) for r in self.rows)
 
+    @property
+    def holdout_median_abs_error(self) -> float | None:
+        return statistics.median(abs(r["error"]) for r in self.holdout_rows) if self.holdout_rows else None
+
     def to_dict(self) -> dict:
-        return {"fit": self.fit.to_dict(), "rows": self.rows, "median_abs_error": self.median_abs_error}
+        return {"fit": self.fit.to_dict(), "rows": self.rows, "median_abs_error": self.median_abs_error,
+                "holdout_rows": self.holdout_rows, "holdout_median_abs_error": self.holdout_median_abs_error}
 
 
-def calibrate(root: str | Path) -> CalibrationReport:
-    runs = find_runs(root)
-    fitted = fit(runs)
+def _rows(fitted: CalibrationFit, runs: list[RunRecord]) -> list[dict]:
     rows = []
     for r in runs:
         pred = predict(fitted, r).step_s
         rows.append({"run": str(r.path), "config": r.label, "policy": r.policy, "measured_s": r.measured_step_s,
                      "predicted_s": pred, "error": (pred - r.measured_step_s) / r.measured_step_s})
-    return CalibrationReport(fitted, rows)
+    return rows
+
+
+def calibrate(root: str | Path, holdout: str | Path | None = None) -> CalibrationReport:
+    """Fit to the runs under ``root`` and predict them; with ``holdout``, predict its runs too
+    (with the same fit: they test the model on runs it was not fitted to)."""
+    runs = find_runs(root)
+    held = find_runs(holdout) if holdout is not None else []
+    fitted = fit(runs)
+    return CalibrationReport(fitted, _rows(fitted, runs), _rows(fitted, held))
 
 
 def _rate(bytes_per_s: float | None, per: str) -> str:
@@ -657,22 +670,38 @@ def report_text(rep: CalibrationReport) -> str:
         "",
         f"  {'config':<52}{'policy':<12}{'measured ms':>12}{'predicted ms':>14}{'error':>9}",
     ]
-    for r in rep.rows:
-        lines.append(f"  {r['config'][:51]:<52}{r['policy']:<12}{r['measured_s'] * 1e3:>12.1f}{r['predicted_s'] * 1e3:>14.1f}{r['error']:>+9.1%}")
-    lines.append(f"median |error|: {rep.median_abs_error:.1%} over {len(rep.rows)} runs")
+    lines += _table(rep.rows)
+    lines.append(f"median |error|: {rep.median_abs_error:.1%} over {len(rep.rows)} runs; "
+                 f"{_within(rep.rows)} of {len(rep.rows)} within 10%")
+    if rep.holdout_rows:
+        lines += ["", "held-out runs (predicted with the parameters above, never fitted to):"] + _table(rep.holdout_rows)
+        lines.append(f"held-out median |error|: {rep.holdout_median_abs_error:.1%} over {len(rep.holdout_rows)} runs; "
+                     f"{_within(rep.holdout_rows)} of {len(rep.holdout_rows)} within 10%")
     return "\n".join(lines)
 
 
-def run_command(root: str, json_path: str | None) -> int:
-    """``lina sim --calibrate DIR``."""
-    print(f"calibrating against the runs under {root}", flush=True)
-    rep = calibrate(root)
+def _table(rows: list[dict]) -> list[str]:
+    return [f"  {r['config'][:51]:<52}{r['policy']:<12}{r['measured_s'] * 1e3:>12.1f}{r['predicted_s'] * 1e3:>14.1f}{r['error']:>+9.1%}"
+            for r in rows]
+
+
+def _within(rows: list[dict], bound: float = 0.10) -> int:
+    return sum(abs(r["error"]) <= bound for r in rows)
+
+
+def run_command(root: str, json_path: str | None, holdout: str | None = None) -> int:
+    """``lina sim --calibrate DIR [--holdout DIR2]``."""
+    print(f"calibrating against the runs under {root}" + (f"; holding out the runs under {holdout}" if holdout else ""), flush=True)
+    rep = calibrate(root, holdout)
     print(report_text(rep))
     if json_path:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
-        print(f"wrote {path}")
+        from lina.sim.plots import plot_calibration
+
+        png = plot_calibration(rep.rows, rep.holdout_rows, path.with_suffix(".png"))
+        print(f"wrote {path} and {png}")
     return 0
 
 

@@ -63,3 +63,28 @@ def plot_breakdown(run: ScenarioRun, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_calibration(rows: list[dict], holdout_rows: list[dict], path: str | Path) -> Path:
+    """Predicted against measured step time of every calibration row (held-out rows apart), with
+    the diagonal and a 10% band."""
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(5.6, 5.2))
+    everything = rows + holdout_rows
+    top = max(max(r["measured_s"], r["predicted_s"]) for r in everything) * 1.1e3
+    ax.plot([0, top], [0, top], color="k", lw=0.8)
+    ax.fill_between([0, top], [0, top * 0.9], [0, top * 1.1], color="grey", alpha=0.15, label="within 10%")
+    for group, marker, label in ((rows, "o", "fitted runs"), (holdout_rows, "^", "held-out runs")):
+        if group:
+            ax.scatter([r["measured_s"] * 1e3 for r in group], [r["predicted_s"] * 1e3 for r in group], marker=marker, s=22, label=label)
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("measured median step (ms, emulated cluster)")
+    ax.set_ylabel("simulated step (ms)")
+    ax.set_title("simulator calibration")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
