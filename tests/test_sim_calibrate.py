@@ -69,6 +69,10 @@ def test_reads_the_trainer_config_form(tmp_path):
     rec = read_run(run)
     assert (rec.hosts, rec.workers_per_host, rec.link_bps, rec.policy, rec.ep_size) == (2, 2, 200e6, "deepspeed", 4)
     assert rec.model.layers == 4 and rec.model.tokens == 128 * 8
+    assert rec.a2a_in_flight == 2  # Gloo serves a rank's asynchronous collectives on two threads
+    summary["backend"] = "nccl"  # one stream per rank
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert read_run(run).a2a_in_flight == 1
     assert len(find_runs(tmp_path)) == 5
 
 

@@ -194,6 +194,7 @@ def _save_runs(out: Path, plan: dict, cfg: TrainConfig, experts: int, measured: 
                     "experts_per_rank": entry["policies"][policy]["experts_per_rank"],
                     "dense_grad_bytes": entry["dense_grad_bytes"],
                     "cpu_count": os.cpu_count(),
+                    "backend": dist.get_backend(),
                 },
                 "step_time_s_median": entry["policies"][policy]["step_time_s"],
             }

@@ -138,7 +138,7 @@ def _config_fields(summary: dict, path: Path) -> dict:
         "workers_per_host": _get(cfg, "workers_per_host"),
         "link_bps": _get(cfg, "link_bps", "link_rate_bps", "link_bit_s"),
         "cpu_count": _get(cfg, "cpu_count", default=None),
-        "a2a_in_flight": _get(cfg, "a2a_in_flight", default=GLOO_THREADS),
+        "a2a_in_flight": _get(cfg, "a2a_in_flight", default=None),
     }
     emulate = cfg.get("emulate")
     if isinstance(emulate, str) and out["hosts"] is None:
@@ -148,6 +148,9 @@ def _config_fields(summary: dict, path: Path) -> dict:
         if spec is None:
             raise LinaError(f"{path}: ran on plain loopback (emulate={emulate!r}); there is no link to calibrate")
         out.update(hosts=spec.hosts, workers_per_host=spec.workers_per_host, link_bps=spec.link_bps)
+    if out["a2a_in_flight"] is None:  # NCCL runs a rank's collectives on one stream; Gloo on its threads
+        backend = _get(cfg, "backend", default=summary.get("backend", "gloo"))
+        out["a2a_in_flight"] = 1 if backend == "nccl" else GLOO_THREADS
     packing = summary.get("packing")
     if isinstance(packing, dict) and packing.get("ep_size"):
         out["ep_size"] = packing["ep_size"]

@@ -144,6 +144,7 @@ def _train(cfg: TrainConfig) -> dict | None:
     summary["packing"] = {"mode": cfg.packing, "experts_per_rank": trainer.experts_per_rank, "ep_size": trainer.groups.ep_size,
                           "decisions": trainer.packing.history}
     summary["expert_memory"] = trainer.expert_memory()
+    summary["backend"] = dist.get_backend()  # how many collectives of a rank run at once (lina sim --calibrate)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if cfg.trace:
         (Path(cfg.trace) / "summary.json").write_text(json.dumps(summary, indent=2))
