@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from lina.errors import LinaError
@@ -120,5 +121,33 @@ def test_fit_finds_a_rank_copy_limit_across_layouts(tmp_path):
                                 TrainSpec(coalesce_small=False, count_exchange=True), policy, steps=4, seed=i)
     rep = calibrate(tmp_path)
     assert rep.fit.core_copy_bytes_per_s * 8 / 1e9 == pytest.approx(rank_gbps, rel=0.1)  # one core per rank
+    for row in rep.rows:
+        assert abs(row["error"]) < 0.05, row
+
+
+def test_fixed_per_layer_cost_is_found_across_token_counts(tmp_path):
+    """A fixed cost per layer and pass (framework overheads) weighs more when a device has few
+    tokens: runs at two batch sizes tell it from the per-token cost; one batch size cannot."""
+    from lina.sim.calibrate import fit_per_layer
+
+    layers = np.array([4.0, 4.0, 4.0])
+    tokens = np.array([256.0, 2048.0, 2048.0])
+    seconds = layers * (2e-3 + 8e-6 * tokens)
+    assert fit_per_layer(layers, tokens, seconds) == pytest.approx((2e-3, 8e-6))
+    fixed, per_token = fit_per_layer(layers[1:], tokens[1:], seconds[1:])
+    assert fixed == 0.0 and per_token == pytest.approx(2e-3 / 2048 + 8e-6)
+
+    truth = ComputeProfile(**{**TRUTH.to_dict(), "layer_fwd_s": 1e-3, "layer_bwd_s": 2e-3})
+    cluster = ClusterSpec(hosts=2, gpus_per_host=2, link_gbps=0.2, link_efficiency=EFFICIENCY, launch_s=LAUNCH, per_peer_s=0, hop_latency_s=HOP)
+    for batch in (2, 16):
+        model = ModelSpec("tiny", layers=4, d_model=128, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=batch, vocab=256,
+                          act_bytes=4, grad_bytes=4, param_bytes=4)
+        for i, policy in enumerate(("deepspeed", "sequential")):
+            write_synthetic_run(tmp_path / f"b{batch}-{policy}", cluster, model, truth, TrainSpec(coalesce_small=False, count_exchange=True),
+                                policy, steps=4, seed=i)
+    rep = calibrate(tmp_path)
+    p = rep.fit.profile
+    assert p.layer_fwd_s == pytest.approx(1e-3, rel=0.1) and p.layer_bwd_s == pytest.approx(2e-3, rel=0.1)
+    assert p.dense_fwd_s_per_token == pytest.approx(TRUTH.dense_fwd_s_per_token, rel=0.1)
     for row in rep.rows:
         assert abs(row["error"]) < 0.05, row

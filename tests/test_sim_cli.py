@@ -114,3 +114,6 @@ def test_calibrate_with_held_out_runs(tmp_path, capsys):
     assert out.with_suffix(".png").stat().st_size > 1000  # measured against predicted
     assert abs(data["holdout_rows"][0]["error"]) < 0.1  # a link rate between the fitted ones
     assert main(["sim", "--holdout", str(tmp_path / "held")]) == 2
+    # several folders fit together
+    assert main(["sim", "--calibrate", str(tmp_path / "fit"), str(tmp_path / "held"), "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())["rows"]) == 3

@@ -4,7 +4,7 @@
     lina sim --scenario NAME [--json FILE] [--policies a,b,..]
     lina sim --config FILE.toml [--json FILE]
     lina sim --sweep gpus|link --scenario NAME --out DIR
-    lina sim --calibrate DIR [--holdout DIR2] [--json FILE]
+    lina sim --calibrate DIR [DIR ...] [--holdout DIR2] [--json FILE]
     lina sim --bench
 """
 
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     )
     what = p.add_mutually_exclusive_group()
     what.add_argument("--list", action="store_true", help="list built-in scenarios (name, GPUs, description)")
-    what.add_argument("--calibrate", metavar="DIR", help="fit compute/link parameters to emulated-cluster runs in DIR and predict them")
+    what.add_argument("--calibrate", metavar="DIR", nargs="+", help="fit compute/link parameters to the emulated-cluster runs in DIR(s) and predict them")
     what.add_argument("--bench", action="store_true", help="time the simulator on the 1024-GPU, 64-layer scenario")
     p.add_argument("--scenario", metavar="NAME", help="built-in scenario or suite (see --list)")
     p.add_argument("--config", metavar="FILE", help="scenario from a TOML file")

@@ -455,22 +455,42 @@ def _shape_key(run: RunRecord) -> tuple:
     return (run.hosts, run.workers_per_host, run.link_bps, m.layers, m.d_model, m.d_ff, m.experts, m.top_k, m.tokens, _ep(run))
 
 
+def fit_per_layer(layers: np.ndarray, tokens: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
+    """(fixed seconds per layer, seconds per token and layer) of runs' non-expert pass times.
+
+    ``seconds[i]`` is run ``i``'s pass over ``layers[i]`` layers of ``tokens[i]`` tokens each:
+    least squares of ``seconds / layers = fixed + per_token * tokens`` when the runs have more
+    than one token count (and the fixed cost comes out non-negative); otherwise no fixed cost
+    and the pooled per-token cost.
+    """
+    per_layer = seconds / layers
+    if len(np.unique(tokens)) > 1:
+        (per_token, fixed), *_ = np.linalg.lstsq(np.stack([tokens, np.ones_like(tokens)], axis=1), per_layer, rcond=None)
+        if fixed >= 0 and per_token >= 0:
+            return float(fixed), float(per_token)
+    return 0.0, max(0.0, float(seconds.sum() / (layers * tokens).sum()))
+
+
 def fit_core_exponent(runs: list[RunRecord], obs: list[RunObs]) -> float:
     """How compute time grows as ranks share cores: ``time ~ core_share ** -exponent``.
 
     1 would be a rank running at exactly its share of a core; less, when sharing costs less than
     that (idle moments of one rank are another's compute). Fitted on compute per token and layer
-    (log-log least squares) when the runs have more than one core share; 1 otherwise.
+    (log-log least squares, one intercept per token count: runs with fewer tokens pay more per
+    token) when runs of one token count have more than one core share; 1 otherwise.
     """
+    tokens = sorted({r.model.tokens for r in runs})
     xs, ys = [], []
     for r, o in zip(runs, obs):
         work = r.model.layers * r.model.tokens
-        xs.append(math.log(r.core_share))
+        group = [1.0 if r.model.tokens == t else 0.0 for t in tokens]
+        xs.append([math.log(r.core_share)] + group)
         ys.append(math.log(o.compute_s / work))
-    if len(set(xs)) < 2:
+    shares_within = any(len({r.core_share for r in runs if r.model.tokens == t}) > 1 for t in tokens)
+    if not shares_within:
         return 1.0
-    slope = float(np.polyfit(xs, ys, 1)[0])
-    return min(1.0, max(0.0, -slope))
+    coef, *_ = np.linalg.lstsq(np.asarray(xs), np.asarray(ys), rcond=None)
+    return min(1.0, max(0.0, -float(coef[0])))
 
 
 def fit_slowdowns(runs: list[RunRecord], obs: list[RunObs]) -> tuple[float, float]:
@@ -515,7 +535,7 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
     # ranks drift apart between all-to-alls; the step runs at the pace of the last to arrive
     computed = sum(o.compute_s for o in obs)
     straggler = min(1.0, sum(o.sync_wait_s for o in obs) / computed) if computed > 0 else 0.0
-    tok_layers = fwd_dense = bwd_dense = 0.0
+    dense_rows = []  # per run: (layers, tokens, forward and backward non-expert seconds at full speed on a whole core)
     slot_layers = e_fwd = e_bwd = 0.0
     params = tail = 0.0
     for r, o in zip(runs, obs):
@@ -533,18 +553,21 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
             bd = br - eb
         share = r.core_share ** exponent  # costs are fitted per whole core (see fit_core_exponent)
         fd, ef, bd, eb = fd * share, ef * share, bd * share, eb * share
-        tok_layers += m.layers * m.tokens
+        dense_rows.append((m.layers, m.tokens, fd, bd))
         slot_layers += m.moe_layers * m.tokens * m.top_k * m.capacity_factor
-        fwd_dense += fd
-        bwd_dense += bd
         e_fwd += ef
         e_bwd += eb
         plan = StepPlan(ClusterSpec(r.hosts, r.workers_per_host, r.link_bps / 1e9), m, None, r.train, _ep(r))
         params += plan.local_params()
         tail += _median([s.tail_s for s in o.steps]) * r.core_share ** exponent
+    rows = np.asarray(dense_rows)
+    layer_fwd, dense_fwd = fit_per_layer(rows[:, 0], rows[:, 1], rows[:, 2])
+    layer_bwd, dense_bwd = fit_per_layer(rows[:, 0], rows[:, 1], rows[:, 3])
     profile = ComputeProfile(
-        dense_fwd_s_per_token=max(0.0, fwd_dense / tok_layers),
-        dense_bwd_s_per_token=max(0.0, bwd_dense / tok_layers),
+        dense_fwd_s_per_token=dense_fwd,
+        dense_bwd_s_per_token=dense_bwd,
+        layer_fwd_s=layer_fwd,
+        layer_bwd_s=layer_bwd,
         expert_fwd_s_per_token=max(0.0, e_fwd / slot_layers) if slot_layers else 0.0,
         expert_bwd_s_per_token=max(0.0, e_bwd / slot_layers) if slot_layers else 0.0,
         optimizer_s_per_param=max(0.0, tail / params) if params else 0.0,
@@ -636,10 +659,12 @@ def _rows(fitted: CalibrationFit, runs: list[RunRecord]) -> list[dict]:
     return rows
 
 
-def calibrate(root: str | Path, holdout: str | Path | None = None) -> CalibrationReport:
-    """Fit to the runs under ``root`` and predict them; with ``holdout``, predict its runs too
-    (with the same fit: they test the model on runs it was not fitted to)."""
-    runs = find_runs(root)
+def calibrate(root: str | Path | list, holdout: str | Path | None = None) -> CalibrationReport:
+    """Fit to the runs under ``root`` (a folder or a list of folders) and predict them; with
+    ``holdout``, predict its runs too (with the same fit: they test the model on runs it was
+    not fitted to)."""
+    roots = root if isinstance(root, (list, tuple)) else [root]
+    runs = [r for folder in roots for r in find_runs(folder)]
     held = find_runs(holdout) if holdout is not None else []
     fitted = fit(runs)
     return CalibrationReport(fitted, _rows(fitted, runs), _rows(fitted, held))
@@ -664,6 +689,7 @@ def report_text(rep: CalibrationReport) -> str:
         f"{GLOO_THREADS} operations of a rank in flight at once (Gloo's threads), the earlier served first",
         f"  intra-host rate {f.intra_factor:.1f}x the host link (assumed; inside a host the per-core limit binds first)",
         f"  compute per token on one whole core (a run's ranks share its machine's cores): dense fwd {p.dense_fwd_s_per_token * 1e6:.3f} us, bwd {p.dense_bwd_s_per_token * 1e6:.3f} us per layer; "
+        f"{f'plus {p.layer_fwd_s * 1e3:.3f} ms fwd, {p.layer_bwd_s * 1e3:.3f} ms bwd per layer whatever the tokens; ' if p.layer_fwd_s or p.layer_bwd_s else ''}"
         f"expert fwd {p.expert_fwd_s_per_token * 1e6:.3f} us, bwd {p.expert_bwd_s_per_token * 1e6:.3f} us per routed token; "
         f"optimizer {p.optimizer_s_per_param * 1e9:.3f} ns per parameter",
         f"  compute time grows as (cores per rank) ** -{f.core_exponent:.2f} when ranks share cores",
@@ -692,9 +718,10 @@ def _within(rows: list[dict], bound: float = 0.10) -> int:
     return sum(abs(r["error"]) <= bound for r in rows)
 
 
-def run_command(root: str, json_path: str | None, holdout: str | None = None) -> int:
-    """``lina sim --calibrate DIR [--holdout DIR2]``."""
-    print(f"calibrating against the runs under {root}" + (f"; holding out the runs under {holdout}" if holdout else ""), flush=True)
+def run_command(root: str | list[str], json_path: str | None, holdout: str | None = None) -> int:
+    """``lina sim --calibrate DIR [DIR ...] [--holdout DIR2]``."""
+    folders = ", ".join(root) if isinstance(root, (list, tuple)) else root
+    print(f"calibrating against the runs under {folders}" + (f"; holding out the runs under {holdout}" if holdout else ""), flush=True)
     rep = calibrate(root, holdout)
     print(report_text(rep))
     if json_path:

@@ -2,7 +2,9 @@
 
 A :class:`ComputeProfile` holds per-token costs, so one profile serves any batch:
 
-- ``dense_*``: non-expert work of one transformer layer (attention, norms, gate) per token;
+- ``dense_*``: non-expert work of one transformer layer (attention, norms, gate) per token,
+  plus ``layer_fwd_s`` / ``layer_bwd_s`` per layer and pass whatever the tokens (framework
+  overheads: launches, Python; they matter when a device has few tokens);
 - ``expert_*``: one expert FFN per routed token, with ``expert_min_s`` the least time one
   expert invocation takes however few tokens it gets (its weights must be read);
 - ``head_*``: embedding and LM head per token, once per step;
@@ -38,6 +40,8 @@ class ComputeProfile:
     slowdown_in_a2a: float = 0.0
     slowdown_in_allreduce: float = 0.0
     straggler: float = 0.0
+    layer_fwd_s: float = 0.0
+    layer_bwd_s: float = 0.0
 
     def __post_init__(self):
         for f in fields(self):
@@ -57,6 +61,12 @@ class ComputeProfile:
         if allreduce_in_flight:
             return pace * (1.0 - self.slowdown_in_allreduce)
         return pace
+
+    def dense_time(self, tokens: float, backward: bool = False) -> float:
+        """Seconds of one layer's non-expert work on ``tokens`` tokens."""
+        if backward:
+            return self.layer_bwd_s + self.dense_bwd_s_per_token * tokens
+        return self.layer_fwd_s + self.dense_fwd_s_per_token * tokens
 
     def expert_time(self, tokens: float, backward: bool = False) -> float:
         """Seconds one expert takes on ``tokens`` routed tokens (0 tokens: 0 s)."""

@@ -313,7 +313,7 @@ def _batch(policy, ids: np.ndarray, costs: _Costs) -> tuple[float, list[float], 
     for layer in range(layers):
         counts[layer] = np.bincount(src_slot + ids[:, layer].reshape(-1), minlength=n * e).reshape(n, e)
     policy.begin_batch(torch.from_numpy(counts.sum(axis=1)))
-    dense = prof.dense_fwd_s_per_token * t
+    dense = prof.dense_time(t)
     latency = (prof.head_fwd_s_per_token * t) if prof.head_fwd_s_per_token else 0.0
     a2a_times, expert_times = [], []
     exposed = 0.0

@@ -123,7 +123,7 @@ class StepBuilder:
         p, m = self.plan, self.plan.model
         prev = None
         for layer in range(m.layers):
-            prev = self.compute(f"fwd.dense.L{layer}", p.profile.dense_fwd_s_per_token * m.tokens, prev, layer=layer, kind="dense", direction="fwd")
+            prev = self.compute(f"fwd.dense.L{layer}", p.profile.dense_time(m.tokens), prev, layer=layer, kind="dense", direction="fwd")
             if m.is_moe(layer):
                 prev = self._moe(layer, prev, "fwd")
             else:
@@ -137,7 +137,7 @@ class StepBuilder:
             else:
                 ffn = p.profile.expert_time(m.tokens, backward=True)
                 prev = self.compute(f"bwd.ffn.L{layer}", ffn, prev, layer=layer, kind="dense", direction="bwd")
-            prev = self.compute(f"bwd.dense.L{layer}", p.profile.dense_bwd_s_per_token * m.tokens, prev, layer=layer, kind="dense", direction="bwd")
+            prev = self.compute(f"bwd.dense.L{layer}", p.profile.dense_time(m.tokens, backward=True), prev, layer=layer, kind="dense", direction="bwd")
             for name, numel in reversed(m.dense_tensors(layer)):
                 self.grads.append((name, numel * m.grad_bytes, prev, "dp"))
         for name, numel in reversed(m.embedding_tensors()):
