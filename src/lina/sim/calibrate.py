@@ -620,9 +620,9 @@ def predict(fitted: CalibrationFit, run: RunRecord) -> TrainResult:
 
     Lina's allreduce micro-ops run one at a time, as the trainer runs them during backward. After
     backward the trainer lets four run at once, but over Gloo they move no more per second than
-    one does (the 4x1 pure data-parallel run moved about 26 MB/s per rank with four in flight;
-    one 286 KB allreduce at a time moves about 47 MB/s in the 4x1 sequential run), so the
-    simulator's one-at-a-time link model is the closer one.
+    one does (after backward, the 4x1 pure data-parallel run sent about 40 MB/s per rank with
+    four in flight; one 286 KB allreduce at a time sends about 47 MB/s in the 4x1 sequential
+    run), so running them one at a time is the closer model.
     """
     policy = POLICY_OF_SCHEDULE.get(run.policy, run.policy)
     if policy == "lina+packing":  # the run records the packing its controller chose: simulate that layout
