@@ -12,7 +12,8 @@ Pieces, each in its own module:
 - :mod:`~lina.sim.engine`, :mod:`~lina.sim.train_step`, :mod:`~lina.sim.train`: one training
   step as tasks on streams, under the policies of :mod:`~lina.sim.policies`;
 - :mod:`~lina.sim.infer`: inference batches replayed under the real placement policies;
-- :mod:`~lina.sim.calibrate`: fit the simulator to measured runs and predict them;
+- :mod:`~lina.sim.calibrate`: fit the simulator to measured runs and predict them (the
+  network's part in :mod:`~lina.sim.fit_links`);
 - :mod:`~lina.sim.scenarios`, :mod:`~lina.sim.infer_scenarios`: built-in scenarios;
   ``lina sim`` (:mod:`lina.commands.sim`) runs them.
 """
