@@ -62,3 +62,11 @@ def test_a2a_fit_finds_no_limit_where_the_link_explains_everything():
     dur = 1e-3 + x[:, 0] / 0.8
     lat, core, flow, _ = fit_a2a(np.column_stack([x, dur]), [1e-3], 0.8)
     assert core is None and flow is None and lat == pytest.approx(1e-3)
+
+
+def test_allreduce_fit_of_one_size_keeps_the_link_at_its_rate():
+    """Allreduces of one size and ring cannot tell latency from rate: the link is taken at its
+    rate and the rest is latency."""
+    samples = np.array([[6.0, 0.01, 0.02]] * 5)
+    launch, hop, eff = fit_allreduce(samples)
+    assert (launch, hop, eff) == pytest.approx((0.01, 0.0, 1.0))

@@ -29,17 +29,19 @@ def fit_allreduce(samples: np.ndarray, weights: np.ndarray | None = None) -> tup
 
     Weighted least squares (``weights`` ``[N]``, default equal), non-negative launch and hop,
     efficiency at most 1 (the best feasible fit over which bounds bind). With one ring size only,
-    hop and launch cannot be told apart: hop is 0.
+    hop and launch cannot be told apart: hop is 0; with one size only, neither can the rate and
+    the latency: efficiency is 1.
     """
     root = np.sqrt(np.ones(len(samples)) if weights is None else np.asarray(weights, dtype=float))
     steps, x, dur = samples[:, 0], samples[:, 1], samples[:, 2]
     columns = [root, steps * root, x * root]
     dur = dur * root
     free_hop = len(np.unique(steps)) > 1
+    free_rate = len(np.unique(x)) > 1  # one size only: the rate cannot be told from the latency
     best = None
     # bounds: launch >= 0, hop >= 0, 1 / efficiency >= 1; try every set of them held at the bound
     for held in itertools.product((False, True), repeat=3):
-        if not free_hop and not held[1]:
+        if (not free_hop and not held[1]) or (not free_rate and not held[2]):
             continue
         fixed = np.array([0.0, 0.0, 1.0]) * np.array(held)
         free = [i for i in range(3) if not held[i]]
