@@ -7,9 +7,12 @@ allreduce stream). Compute tasks hold a fixed amount of work (seconds at full sp
 the rate ``compute_rate`` gives (1 by default; below 1 while, say, communication threads take CPU
 from the compute, as on hosts where collectives run on the same cores); communication tasks are
 :class:`~lina.sim.network.Transfer` s whose time the network decides. On a *first-come* stream
-with more than one transfer in flight, a transfer that starts while others run gets a fairness
-weight of ``LATER_WEIGHT`` per earlier one: it takes what they leave (as a thread pool serves
-the operation it took first), rather than an equal share.
+with more than one transfer in flight, a transfer that starts while ``k`` others of its stream
+run keeps a fairness weight of ``LATER_WEIGHT ** k`` for its whole life: it takes what they leave
+(as a thread pool serves the operation it took first) rather than an equal share, and yields to
+other streams' flows as well. The calibration against the emulated cluster chose this over
+moving it up when the earlier one ends: with that, the held-out Tutel runs (chunked all-to-alls
+beside DDP's allreduce buckets) came out 10-19% too fast, with this within 6%.
 """
 
 from __future__ import annotations
