@@ -67,7 +67,12 @@ def test_reads_the_trainer_config_form(tmp_path):
     }
     summary["packing"] = {"ep_size": 4}
     (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(LinaError, match="chunk_mb_resolved"):  # "auto" without what it chose
+        read_run(run)
+    summary["chunk_mb_resolved"] = 0.5
+    (run / "summary.json").write_text(json.dumps(summary))
     rec = read_run(run)
+    assert rec.train.chunk_mb == 0.5
     assert (rec.hosts, rec.workers_per_host, rec.link_bps, rec.policy, rec.ep_size) == (2, 2, 200e6, "deepspeed", 4)
     assert rec.model.layers == 4 and rec.model.tokens == 128 * 8
     assert rec.a2a_in_flight == 2  # Gloo serves a rank's asynchronous collectives on two threads

@@ -173,11 +173,12 @@ def read_run(path: str | Path) -> RunRecord:
     measured = summary.get("step_time_s_median")
     if not isinstance(measured, (int, float)) or measured <= 0:
         raise LinaError(f"{path}/summary.json: step_time_s_median is missing or not positive")
-    chunk = cfg["chunk_mb"]
+    chunk = summary.get("chunk_mb_resolved", cfg["chunk_mb"])  # what "auto" chose, when the run says
     try:
         chunk = float(chunk)
     except (TypeError, ValueError):
-        chunk = float(summary.get("chunk_mb_resolved", 30.0))
+        raise LinaError(f"{path}/summary.json: chunk_mb is {cfg['chunk_mb']!r} and the run does not say what it chose "
+                        "(no chunk_mb_resolved): re-run with a fixed --chunk-mb, or with this version of lina train") from None
     model = ModelSpec(
         name=path.name,
         layers=int(cfg["layers"]),

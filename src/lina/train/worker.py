@@ -145,6 +145,7 @@ def _train(cfg: TrainConfig) -> dict | None:
                           "decisions": trainer.packing.history}
     summary["expert_memory"] = trainer.expert_memory()
     summary["backend"] = dist.get_backend()  # how many collectives of a rank run at once (lina sim --calibrate)
+    summary["chunk_mb_resolved"] = trainer.chunk_mb  # what chunk_mb "auto" chose (lina sim --calibrate reads it)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if cfg.trace:
         (Path(cfg.trace) / "summary.json").write_text(json.dumps(summary, indent=2))
