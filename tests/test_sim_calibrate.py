@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from lina.errors import LinaError
+from lina.errors import ConfigError, LinaError
 from lina.sim.calibrate import calibrate, find_runs, read_run, write_synthetic_run
 from lina.sim.compute import ComputeProfile
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec
@@ -156,3 +156,43 @@ def test_fixed_per_layer_cost_is_found_across_token_counts(tmp_path):
     assert p.dense_fwd_s_per_token == pytest.approx(TRUTH.dense_fwd_s_per_token, rel=0.1)
     for row in rep.rows:
         assert abs(row["error"]) < 0.05, row
+
+
+def test_fit_finds_allreduces_slowed_beside_compute_on_shared_cores(tmp_path):
+    """Two ranks to a core: an allreduce beside compute moves its bytes 30% slower. Lina's
+    micro-ops run beside the backward pass, the sequential policy's after it: the fit tells the
+    slowdown from the link."""
+    truth = ComputeProfile(**{**TRUTH.to_dict(), "allreduce_slowdown_in_compute": 0.3})
+    cluster = ClusterSpec(hosts=2, gpus_per_host=2, link_gbps=0.2, link_efficiency=EFFICIENCY, launch_s=LAUNCH, per_peer_s=0, hop_latency_s=HOP)
+    model = ModelSpec("tiny", layers=4, d_model=128, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=8, vocab=256,
+                      act_bytes=4, grad_bytes=4, param_bytes=4)
+    for i, policy in enumerate(("lina", "sequential", "deepspeed")):
+        write_synthetic_run(tmp_path / policy, cluster, model, truth, TrainSpec(lina_a2a_chunks=2, coalesce_small=False, count_exchange=True),
+                            policy, steps=4, seed=i, cpu_count=2)
+    rep = calibrate(tmp_path)
+    assert rep.fit.allreduce_slowdown_per_sharer == pytest.approx(0.3, abs=0.05)
+    assert rep.fit.link_efficiency == pytest.approx(EFFICIENCY, rel=0.05)
+    for row in rep.rows:
+        assert abs(row["error"]) < 0.05, row
+
+
+def test_core_sharing_exponents_with_and_without_all_to_all():
+    """Compute per token grows as cores per rank shrink, by a power fitted for runs with
+    all-to-alls and, apart, for runs without (ranks then compute side by side all step)."""
+    from types import SimpleNamespace
+
+    from lina.sim.calibrate import fit_core_exponent
+
+    def run(share, ep, tokens=2048):
+        return SimpleNamespace(model=SimpleNamespace(tokens=tokens, layers=4, experts=4), core_share=share, ep_size=ep, workers=4)
+
+    runs = [run(1.0, 2), run(0.5, 4), run(1.0, 1), run(0.5, 1), run(1.0, 2, 256), run(0.5, 4, 256)]
+    base = {2048: 50e-6, 256: 80e-6}  # seconds per token and layer on a whole core
+    exps = {True: 0.5, False: 1.0}
+    obs = [SimpleNamespace(compute_s=base[r.model.tokens] * r.core_share ** -exps[r.ep_size > 1] * 4 * r.model.tokens) for r in runs]
+    with_a2a, without = fit_core_exponent(runs, obs)
+    assert (with_a2a, without) == pytest.approx((0.5, 1.0))
+    # no run without all-to-all: none for that kind
+    assert fit_core_exponent(runs[:2], obs[:2]) == pytest.approx((0.5, None))
+    with pytest.raises(ConfigError, match="allreduce_slowdown_in_compute"):
+        ComputeProfile(**{**TRUTH.to_dict(), "allreduce_slowdown_in_compute": 1.0})

@@ -14,11 +14,11 @@ def test_allreduce_fit_separates_launch_hop_and_efficiency():
     steps = np.repeat([2.0, 6.0], 50)
     line = rng.uniform(0.002, 0.02, size=100)
     dur = 1e-3 + steps * 5e-4 + line / 0.8
-    launch, hop, eff = fit_allreduce(np.stack([steps, line, dur], axis=1))
-    assert (launch, hop, eff) == pytest.approx((1e-3, 5e-4, 0.8), rel=1e-6)
+    launch, hop, eff, slow = fit_allreduce(np.stack([steps, line, dur], axis=1))
+    assert (launch, hop, eff) == pytest.approx((1e-3, 5e-4, 0.8), rel=1e-6) and slow == 0.0
     # one ring size: the latency is one number, put in the launch
     one = np.stack([steps[:50], line[:50], dur[:50]], axis=1)
-    launch, hop, eff = fit_allreduce(one)
+    launch, hop, eff, _ = fit_allreduce(one)
     assert hop == 0.0 and launch == pytest.approx(1e-3 + 2 * 5e-4) and eff == pytest.approx(0.8)
 
 
@@ -27,8 +27,22 @@ def test_allreduce_fit_keeps_efficiency_at_most_one_and_latencies_non_negative()
     steps = np.full(20, 2.0)
     line = np.linspace(0.001, 0.02, 20)
     dur = line / 1.2 + 1e-4
-    launch, hop, eff = fit_allreduce(np.stack([steps, line, dur], axis=1))
+    launch, hop, eff, _ = fit_allreduce(np.stack([steps, line, dur], axis=1))
     assert eff == 1.0 and launch >= 0 and hop >= 0
+
+
+def test_allreduce_fit_finds_the_speed_lost_beside_compute():
+    """Allreduces with compute beside them for some seconds (from their start) took longer: with
+    40% of the speed lost then, by 0.4 s per second computed past their latency."""
+    rng = np.random.default_rng(2)
+    steps = np.repeat([2.0, 6.0], 60)
+    line = rng.uniform(0.002, 0.02, size=120)
+    busy = np.tile([0.0, 0.005, 0.02], 40)
+    latency = 1e-3 + steps * 5e-4
+    dur = latency + line / 0.9 + 0.4 * np.maximum(0.0, busy - latency)
+    launch, hop, eff, slow = fit_allreduce(np.stack([steps, line, dur, busy], axis=1))
+    assert slow == pytest.approx(0.4) and eff == pytest.approx(0.9)
+    assert launch == pytest.approx(1e-3) and hop == pytest.approx(5e-4)
 
 
 def test_allreduce_fit_weights_samples():
@@ -68,5 +82,5 @@ def test_allreduce_fit_of_one_size_keeps_the_link_at_its_rate():
     """Allreduces of one size and ring cannot tell latency from rate: the link is taken at its
     rate and the rest is latency."""
     samples = np.array([[6.0, 0.01, 0.02]] * 5)
-    launch, hop, eff = fit_allreduce(samples)
+    launch, hop, eff, _ = fit_allreduce(samples)
     assert (launch, hop, eff) == pytest.approx((0.01, 0.0, 1.0))

@@ -274,3 +274,30 @@ def test_a_first_come_stream_serves_the_earlier_transfer_first():
     assert ends(()) == pytest.approx([2.0, 2.0])
     with pytest.raises(ValueError, match="not among the streams"):
         Executor([], topo.network(), {"a2a": 1}, first_come=("allreduce",))
+
+
+def test_a_kind_of_transfer_can_be_slowed():
+    """At half speed, 1 GB of allreduce takes 2 s on a 1 GB/s link, and leaves the other half of
+    the link to an all-to-all beside it (0.5 GB: done at 1 s). In a step, the executor sets the
+    speed: an allreduce beside 1 s of compute moves 0.5 GB in that second and the rest at full
+    speed (1.5 s)."""
+    from lina.sim.engine import Executor, Task
+
+    topo = Topology(bare(), representative=False)
+    net = FlowNetwork(topo.capacity)
+    net.set_speed("allreduce", 0.5)
+    slow = net.start(flows(topo, [(0, 1, GB)]), kind="allreduce")
+    other = net.start(flows(topo, [(0, 1, 0.5 * GB)]), kind="a2a")
+    ends = {}
+    while net.busy():
+        t = net.next_event_time()
+        for tid in net.advance_to(t):
+            ends[tid] = t
+    assert ends[other] == pytest.approx(1.0) and ends[slow] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="speed"):
+        net.set_speed("allreduce", 0.0)
+
+    tasks = [Task("c", "compute", "compute", duration_s=1.0), Task("ar", "allreduce", "allreduce", transfer=flows(topo, [(0, 1, GB)]))]
+    Executor(tasks, topo.network(), {"compute": 1, "allreduce": 1},
+             comm_speed=lambda ex: {"allreduce": 0.5 if ex.stream_busy("compute") else 1.0}).run()
+    assert tasks[1].end_s == pytest.approx(1.5)

@@ -237,19 +237,27 @@ def _direction(span: Span) -> str | None:
     return None
 
 
-def _instances(by_step: dict[int, list[list[Span]]], contended: set[int]) -> list[tuple[float, float]]:
-    """(bytes the mean rank sends, last exit - last arrival) of every uncontended collective that
-    every rank ran (steps whose ranks ran different numbers of them are left out)."""
+def _instances(by_step: dict[int, list[list[Span]]], contended: set[int],
+               busy_by_step: dict[int, list[list[tuple[float, float]]]] | None = None) -> list[tuple[float, float, float]]:
+    """(bytes the mean rank sends, last exit - last arrival, share of that time the mean rank
+    computes) of every uncontended collective that every rank ran (steps whose ranks ran
+    different numbers of them are left out). ``busy_by_step``: per step, per rank, its compute
+    intervals (none given: the share is 0)."""
     out = []
-    for per_rank in by_step.values():
+    for k, per_rank in by_step.items():
         if len({len(spans) for spans in per_rank}) != 1:
             continue
+        busy = busy_by_step.get(k) if busy_by_step else None
         for same in zip(*per_rank):
             if any(id(s) in contended for s in same):
                 continue
-            dur = max(s.end_s for s in same) - max(s.start_s for s in same)
-            if dur > 0:
-                out.append((sum(float(s.args["bytes"]) for s in same) / len(same), dur))
+            start, end = max(s.start_s for s in same), max(s.end_s for s in same)
+            if end <= start:
+                continue
+            share = 0.0
+            if busy and len(busy) == len(same):
+                share = sum(intersection_length([(start, end)], b) for b in busy) / len(busy) / (end - start)
+            out.append((sum(float(s.args["bytes"]) for s in same) / len(same), end - start, share))
     return out
 
 
@@ -305,7 +313,7 @@ def _overlaps_in_pass(pass_span: Span, a2a: list[tuple[float, float]], allreduce
 class RunObs:
     steps: list[StepObs]
     a2a: list[tuple[float, float]]  # (bytes the mean rank sends, seconds across ranks), forward, uncontended
-    allreduce: list[tuple[float, float]]  # (bytes, seconds across ranks), not overlapping an a2a
+    allreduce: list[tuple[float, float, float]]  # (bytes, seconds across ranks, share of it the ranks compute), not beside an a2a
     sync_wait_s: float = 0.0  # per step: the last rank's arrivals at all-to-alls beyond the mean rank's compute before them
 
     @property
@@ -327,6 +335,7 @@ def observe(run: RunRecord, skip_first: bool = True) -> RunObs:
     a2a_by_step: dict[int, list[list[Span]]] = {}  # step index -> per rank, its forward a2a spans in order
     all_a2a_by_step: dict[int, list[list[Span]]] = {}  # the same, every all-to-all
     ar_by_step: dict[int, list[list[Span]]] = {}
+    busy_by_step: dict[int, list[list[tuple[float, float]]]] = {}  # step -> per rank, its forward and backward passes
     contended: set[int] = set()  # id() of spans that overlap another collective on their rank
     for spans in run.spans.values():
         windows = sorted((s for s in spans if s.cat == "step"), key=lambda s: s.start_s)
@@ -345,6 +354,7 @@ def observe(run: RunRecord, skip_first: bool = True) -> RunObs:
             a2a_by_step.setdefault(k, []).append([s for s in a2as if _direction(s) == "fwd" and "bytes" in s.args])
             all_a2a_by_step.setdefault(k, []).append(a2as)
             ar_by_step.setdefault(k, []).append([s for s in ars if "bytes" in s.args])
+            busy_by_step.setdefault(k, []).append([(s.start_s, s.end_s) for s in inside if s.cat == "compute" and s.name in ("forward", "backward")])
             fwd = next((s for s in inside if s.cat == "compute" and s.name == "forward"), None)
             bwd = next((s for s in inside if s.cat == "compute" and s.name == "backward"), None)
             if fwd is None or bwd is None:
@@ -374,8 +384,8 @@ def observe(run: RunRecord, skip_first: bool = True) -> RunObs:
                 allreduce_overlap_fwd_s=ov_fwd[1],
                 allreduce_overlap_bwd_s=ov_bwd[1],
             ))
-    a2a = _instances(a2a_by_step, contended)
-    allreduce = _instances(ar_by_step, contended)
+    a2a = [(b, d) for b, d, _ in _instances(a2a_by_step, contended)]
+    allreduce = _instances(ar_by_step, contended, busy_by_step)
     waits = []
     for per_rank in all_a2a_by_step.values():
         if len(per_rank) < 2 or len({len(spans) for spans in per_rank}) != 1:
@@ -410,6 +420,20 @@ class CalibrationFit:
     core_copy_bytes_per_s: float | None = None  # all-to-all bytes a rank sends per second per whole core (None: no limit)
     flow_copy_bytes_per_s: float | None = None  # bytes per second of one all-to-all flow to another host (None: no limit)
     core_exponent: float = 1.0  # compute time ~ (cores per rank) ** -core_exponent
+    core_exponent_no_a2a: float | None = None  # the same for steps without all-to-all (None: core_exponent)
+    allreduce_slowdown_per_sharer: float = 0.0  # allreduce speed lost while computing, per other rank on the same core
+
+    def profile_for(self, run: RunRecord) -> ComputeProfile:
+        """The fitted profile on ``run``'s share of the cores (costs and allreduce slowdown)."""
+        slow = min(0.9, self.allreduce_slowdown_per_sharer * _core_sharers(run))
+        profile = replace(self.profile, allreduce_slowdown_in_compute=slow)
+        return on_core_share(profile, run.core_share ** self.exponent_for(run))
+
+    def exponent_for(self, run: RunRecord) -> float:
+        """The core-sharing exponent of ``run``'s kind (see :func:`fit_core_exponent`)."""
+        if _ep(run) == 1 and self.core_exponent_no_a2a is not None:
+            return self.core_exponent_no_a2a
+        return self.core_exponent
 
     def cluster_for(self, run: RunRecord) -> ClusterSpec:
         gbps = run.link_bps / 1e9
@@ -431,6 +455,11 @@ class CalibrationFit:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "profile": self.profile.to_dict()}
+
+
+def _core_sharers(run: RunRecord) -> float:
+    """Other ranks per core beside a rank of ``run`` (0 when each rank has a core or more)."""
+    return max(0.0, 1.0 / run.core_share - 1.0)
 
 
 def _ep(run: RunRecord) -> int:
@@ -472,26 +501,37 @@ def fit_per_layer(layers: np.ndarray, tokens: np.ndarray, seconds: np.ndarray) -
     return 0.0, max(0.0, float(seconds.sum() / (layers * tokens).sum()))
 
 
-def fit_core_exponent(runs: list[RunRecord], obs: list[RunObs]) -> float:
-    """How compute time grows as ranks share cores: ``time ~ core_share ** -exponent``.
+def fit_core_exponent(runs: list[RunRecord], obs: list[RunObs]) -> tuple[float, float | None]:
+    """How compute time grows as ranks share cores: ``time ~ core_share ** -exponent``, for runs
+    with all-to-alls and for runs without (pure data parallelism).
 
     1 would be a rank running at exactly its share of a core; less, when sharing costs less than
-    that (idle moments of one rank are another's compute). Fitted on compute per token and layer
-    (log-log least squares, one intercept per token count: runs with fewer tokens pay more per
-    token) when runs of one token count have more than one core share; 1 otherwise.
+    that (idle moments of one rank are another's compute: all-to-alls pause the ranks in turn;
+    with none, ranks sharing cores compute side by side the whole step). Fitted on compute per
+    token and layer (log-log least squares, one intercept per token count, since runs with fewer
+    tokens pay more per token, and one slope per kind of run) where runs of one token count and
+    kind have more than one core share; otherwise 1 (with all-to-alls) or ``None`` (without:
+    the exponent of runs with all-to-alls).
     """
     tokens = sorted({r.model.tokens for r in runs})
+
+    def varied(kind: bool) -> bool:
+        return any(len({r.core_share for r in runs if r.model.tokens == t and (_ep(r) > 1) == kind}) > 1 for t in tokens)
+
+    kinds = [k for k in (True, False) if varied(k)]  # with all-to-alls, without
+    if not kinds:
+        return 1.0, None
     xs, ys = [], []
     for r, o in zip(runs, obs):
-        work = r.model.layers * r.model.tokens
-        group = [1.0 if r.model.tokens == t else 0.0 for t in tokens]
-        xs.append([math.log(r.core_share)] + group)
-        ys.append(math.log(o.compute_s / work))
-    shares_within = any(len({r.core_share for r in runs if r.model.tokens == t}) > 1 for t in tokens)
-    if not shares_within:
-        return 1.0
+        kind = _ep(r) > 1
+        if kind not in kinds:
+            continue
+        slopes = [math.log(r.core_share) if kind == k else 0.0 for k in kinds]
+        xs.append(slopes + [1.0 if r.model.tokens == t else 0.0 for t in tokens])
+        ys.append(math.log(o.compute_s / (r.model.layers * r.model.tokens)))
     coef, *_ = np.linalg.lstsq(np.asarray(xs), np.asarray(ys), rcond=None)
-    return min(1.0, max(0.0, -float(coef[0])))
+    value = {k: min(1.0, max(0.0, -float(c))) for k, c in zip(kinds, coef)}
+    return value.get(True, 1.0), value.get(False)
 
 
 def fit_slowdowns(runs: list[RunRecord], obs: list[RunObs]) -> tuple[float, float]:
@@ -532,7 +572,10 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
     """Fit compute and link parameters to ``runs`` (pooled; see the module docstring)."""
     obs = [observe(r) for r in runs]
     slow_a2a, slow_ar = fit_slowdowns(runs, obs)
-    exponent = fit_core_exponent(runs, obs)
+    exponent, exponent_no_a2a = fit_core_exponent(runs, obs)
+
+    def exponent_of(r: RunRecord) -> float:
+        return exponent_no_a2a if _ep(r) == 1 and exponent_no_a2a is not None else exponent
     # ranks drift apart between all-to-alls; the step runs at the pace of the last to arrive
     computed = sum(o.compute_s for o in obs)
     straggler = min(1.0, sum(o.sync_wait_s for o in obs) / computed) if computed > 0 else 0.0
@@ -552,7 +595,7 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
             ratio = br / (fd + ef) if fd + ef > 0 else 2.0
             eb = ef * ratio
             bd = br - eb
-        share = r.core_share ** exponent  # costs are fitted per whole core (see fit_core_exponent)
+        share = r.core_share ** exponent_of(r)  # costs are fitted per whole core (see fit_core_exponent)
         fd, ef, bd, eb = fd * share, ef * share, bd * share, eb * share
         dense_rows.append((m.layers, m.tokens, fd, bd))
         slot_layers += m.moe_layers * m.tokens * m.top_k * m.capacity_factor
@@ -560,7 +603,7 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
         e_bwd += eb
         plan = StepPlan(ClusterSpec(r.hosts, r.workers_per_host, r.link_bps / 1e9), m, None, r.train, _ep(r))
         params += plan.local_params()
-        tail += _median([s.tail_s for s in o.steps]) * r.core_share ** exponent
+        tail += _median([s.tail_s for s in o.steps]) * r.core_share ** exponent_of(r)
     rows = np.asarray(dense_rows)
     layer_fwd, dense_fwd = fit_per_layer(rows[:, 0], rows[:, 1], rows[:, 2])
     layer_bwd, dense_bwd = fit_per_layer(rows[:, 0], rows[:, 1], rows[:, 3])
@@ -577,18 +620,23 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
         straggler=straggler,
     )
     # allreduce: duration = launch + ring steps x hop + busiest-link bytes / (efficiency x rate)
-    ar_samples, ar_weights = [], []  # per run and size: the median duration, weighted by how many ran
+    # ... and, beside compute, its bytes move slower
+    ar_samples, ar_weights = [], []  # per run, size and computed share (none, or in quarters): the median, weighted by how many ran
     for r, o in zip(runs, obs):
         line = r.link_bps / 8
         n = r.workers
-        by_size: dict[float, list[float]] = {}
-        for nbytes, dur in o.allreduce:
-            by_size.setdefault(nbytes, []).append(dur)
-        for nbytes, durs in by_size.items():
-            ar_samples.append((2 * (n - 1), 2 * (n - 1) / n * nbytes / line, _median(durs)))
-            ar_weights.append(len(durs))
+        groups: dict[tuple[float, float], list[tuple[float, float]]] = {}
+        for nbytes, dur, busy in o.allreduce:
+            groups.setdefault((nbytes, round(busy * 4) / 4 if busy > 0 else -1.0), []).append((dur, busy))
+        sharers = _core_sharers(r)
+        for (nbytes, _), rows in groups.items():
+            dur = _median([d for d, _ in rows])
+            busy = dur * sum(b for _, b in rows) / len(rows)
+            ar_samples.append((2 * (n - 1), 2 * (n - 1) / n * nbytes / line, dur, busy * sharers))
+            ar_weights.append(len(rows))
+    ar_slowdown = 0.0
     if ar_samples:
-        ar_launch, ar_hop, efficiency = fit_allreduce(np.asarray(ar_samples), np.asarray(ar_weights))
+        ar_launch, ar_hop, efficiency, ar_slowdown = fit_allreduce(np.asarray(ar_samples), np.asarray(ar_weights))
     # all-to-all: duration = latency + max(link bytes / (efficiency x rate), bytes / (core rate x cores), flow / flow cap)
     samples = []  # (busiest-link line seconds, bytes one rank sends, its largest flow to another host, cores per rank, duration)
     small = []
@@ -609,7 +657,7 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
     if ar_launch is None:
         ar_launch, ar_hop = latency, 0.0
     return CalibrationFit(profile, efficiency, latency, ar_launch, ar_hop, INTRA_FACTOR, len(samples), int(sum(ar_weights)), note,
-                          core_copy, flow_copy, exponent)
+                          core_copy, flow_copy, exponent, exponent_no_a2a, ar_slowdown)
 
 
 # --------------------------------------------------------------------------- predicting
@@ -629,7 +677,7 @@ def predict(fitted: CalibrationFit, run: RunRecord) -> TrainResult:
     if policy == "lina+packing":  # the run records the packing its controller chose: simulate that layout
         policy = "lina"
     train = replace(run.train, ep_size=_ep(run))
-    return simulate_step(fitted.cluster_for(run), run.model, on_core_share(fitted.profile, run.core_share ** fitted.core_exponent), train, policy)
+    return simulate_step(fitted.cluster_for(run), run.model, fitted.profile_for(run), train, policy)
 
 
 def on_core_share(profile: ComputeProfile, share: float) -> ComputeProfile:
@@ -690,7 +738,8 @@ def report_text(rep: CalibrationReport) -> str:
     lines = [
         "fitted parameters:",
         f"  links carry {f.link_efficiency:.3f} of their configured rate; an allreduce costs {f.allreduce_launch_s * 1e3:.3f} ms "
-        f"+ {f.allreduce_hop_s * 1e3:.3f} ms per ring step ({f.allreduce_samples} uncontended allreduces)",
+        f"+ {f.allreduce_hop_s * 1e3:.3f} ms per ring step ({f.allreduce_samples} uncontended allreduces); "
+        f"an allreduce loses {f.allreduce_slowdown_per_sharer:.0%} of its speed while its ranks compute, per other rank on their core",
         f"  all-to-all: latency {f.a2a_latency_s * 1e3:.3f} ms; a rank sends {_rate(f.core_copy_bytes_per_s, 'per core it has')}; "
         f"one flow to another host moves {_rate(f.flow_copy_bytes_per_s, '')} "
         f"({f.a2a_samples} uncontended forward all-to-alls, timed from the last rank's arrival); "
@@ -700,7 +749,8 @@ def report_text(rep: CalibrationReport) -> str:
         f"{f'plus {p.layer_fwd_s * 1e3:.3f} ms fwd, {p.layer_bwd_s * 1e3:.3f} ms bwd per layer whatever the tokens; ' if p.layer_fwd_s or p.layer_bwd_s else ''}"
         f"expert fwd {p.expert_fwd_s_per_token * 1e6:.3f} us, bwd {p.expert_bwd_s_per_token * 1e6:.3f} us per routed token; "
         f"optimizer {p.optimizer_s_per_param * 1e9:.3f} ns per parameter",
-        f"  compute time grows as (cores per rank) ** -{f.core_exponent:.2f} when ranks share cores",
+        f"  compute time grows as (cores per rank) ** -{f.core_exponent:.2f} when ranks share cores"
+        + (f" (** -{f.core_exponent_no_a2a:.2f} in steps without all-to-all)" if f.core_exponent_no_a2a is not None else ""),
         f"  compute speed lost while an all-to-all is in flight {p.slowdown_in_a2a:.1%}, while an allreduce is {p.slowdown_in_allreduce:.1%} "
         f"(collectives share the compute's CPU cores); the last rank to reach an all-to-all computes {p.straggler:.1%} longer than the mean",
         *([f"  note: {f.note}"] if f.note else []),
@@ -754,11 +804,14 @@ def write_synthetic_run(
     steps: int = 4,
     jitter: float = 0.0,
     seed: int = 0,
+    cpu_count: int | None = None,
 ) -> TrainResult:
     """Simulate ``policy`` and write a run directory in the trainer's format (flat config).
 
     Every rank gets the same spans (training is symmetric); ``jitter`` scales each step's spans
     by a random factor in ``[1 - jitter, 1 + jitter]`` so the data are not all alike.
+    ``cpu_count``: the cores the run says its ranks shared (default: one per rank); ``profile``
+    holds the costs as they were on those cores.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -782,7 +835,7 @@ def write_synthetic_run(
         "workers": cluster.gpus, "hosts": cluster.hosts, "workers_per_host": cluster.gpus_per_host,
         "link_bps": cluster.link_gbps * 1e9, "policy": policy, "chunk_mb": train.chunk_mb, "bucket_mb": train.bucket_mb,
         "pipeline_chunks": train.lina_a2a_chunks or train.tutel_chunks, "coalesce_small": train.coalesce_small,
-        "cpu_count": cluster.gpus,  # the simulator's devices do not share cores
+        "cpu_count": cpu_count or cluster.gpus,  # the simulator's devices do not share cores unless told
         "a2a_in_flight": cluster.a2a_in_flight,
     }
     summary = {"config": config, "step_time_s_median": statistics.median(step_times[1:] if steps >= 3 else step_times),

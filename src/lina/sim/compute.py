@@ -13,6 +13,8 @@ A :class:`ComputeProfile` holds per-token costs, so one profile serves any batch
   all-to-all (or, with none running, an allreduce) is in flight on the device. 0 for GPUs, whose
   collectives run on their own engines; above 0 where collectives share the compute's CPU cores
   (the emulated cluster; fitted by ``lina sim --calibrate``);
+- ``allreduce_slowdown_in_compute``: the share of an allreduce's speed lost while the device
+  computes beside it (the other way round: compute and collectives share CPU cores); 0 for GPUs;
 - ``straggler``: how much longer than the mean the slowest device computes between two
   synchronizing collectives (every device then waits for it); 0 when devices run in lockstep.
 
@@ -42,11 +44,12 @@ class ComputeProfile:
     straggler: float = 0.0
     layer_fwd_s: float = 0.0
     layer_bwd_s: float = 0.0
+    allreduce_slowdown_in_compute: float = 0.0
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name.startswith("slowdown_"):
+            if "slowdown" in f.name:
                 if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                     raise ConfigError(f.name, f"must be a share in [0, 1), got {value!r}", "give the share of compute speed lost, e.g. 0.2")
             elif not isinstance(value, (int, float)) or value < 0:

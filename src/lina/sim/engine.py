@@ -76,14 +76,19 @@ class Executor:
             whenever a task starts or ends (default: always 1).
         first_come: streams whose concurrent transfers are served in the order they started
             (see the module docstring); others share the network equally.
+        comm_speed: speed of each kind of transfer (task category -> share in (0, 1] of the
+            rate the network gives it), asked again whenever a task starts or ends (default:
+            all at full speed).
     """
 
     def __init__(self, tasks: list[Task], network: FlowNetwork, streams: dict[str, int], gate: Gate = _always,
-                 compute_rate: Rate = _full_speed, first_come: tuple[str, ...] = ()):
+                 compute_rate: Rate = _full_speed, first_come: tuple[str, ...] = (),
+                 comm_speed: Callable[["Executor"], dict[str, float]] | None = None):
         self.tasks = tasks
         self.net = network
         self.gate = gate
         self.compute_rate = compute_rate
+        self.comm_speed = comm_speed
         self.concurrency = dict(streams)
         unknown = set(first_come) - set(streams)
         if unknown:
@@ -117,6 +122,9 @@ class Executor:
         remaining = len(self.tasks)
         while remaining:
             self._start_ready()
+            if self.comm_speed is not None:
+                for kind, speed in self.comm_speed(self).items():
+                    self.net.set_speed(kind, speed)
             rate = self.compute_rate(self) if self._computing else 1.0
             if not 0.0 < rate <= 1.0:
                 raise ValueError(f"compute rate must be in (0, 1], got {rate}")
@@ -169,4 +177,4 @@ class Executor:
                         self._computing[idx] = task.duration_s
                     else:
                         weight = LATER_WEIGHT ** earlier if stream in self.first_come else 1.0
-                        self._transfer_task[self.net.start(task.transfer, weight)] = idx
+                        self._transfer_task[self.net.start(task.transfer, weight, kind=task.cat)] = idx

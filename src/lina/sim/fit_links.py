@@ -4,9 +4,10 @@ Both fits take uncontended collectives timed across ranks (last arrival to last 
 least squares on seconds, so they match the mean duration, which is what a step adds up.
 
 - :func:`fit_allreduce`: ``duration = launch + steps * hop + x / efficiency``: ``steps`` the
-  ring's ``2 (M - 1)`` steps and ``x`` the seconds the busiest link's bytes take at line rate.
-  The ring's messages are small, so its TCP connections keep the link busy: the efficiency
-  found here is the link's.
+  ring's ``2 (M - 1)`` steps and ``x`` the seconds the busiest link's bytes take at line rate,
+  from allreduces with no compute beside them, then how much slower the bytes move beside
+  compute (compute takes the cores the collective's threads need). The ring's messages are
+  small, so its TCP connections keep the link busy: the efficiency found here is the link's.
 - :func:`fit_a2a`: ``duration = latency + max(x / efficiency, sent / (core * share),
   flow / flow_cap)``: all-to-all bytes are also bounded by what a rank's share of a core moves
   (``core`` bytes/s per whole core, counting every byte it sends) and by what one connection to
@@ -24,21 +25,44 @@ import numpy as np
 RATES = np.concatenate([np.geomspace(1e5, 1e10, 161), [np.inf]])  # bytes/s grid of the all-to-all limits
 
 
-def fit_allreduce(samples: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, float, float]:
-    """(launch s, hop s, efficiency) of ``samples`` ``[N, 3]``: (ring steps, line seconds, duration).
+def fit_allreduce(samples: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, float, float, float]:
+    """(launch s, hop s, efficiency, slowdown in compute) of allreduce ``samples``.
 
-    Weighted least squares (``weights`` ``[N]``, default equal), non-negative launch and hop,
-    efficiency at most 1 (the best feasible fit over which bounds bind). With one ring size only,
-    hop and launch cannot be told apart: hop is 0; with one size only, neither can the rate and
-    the latency: efficiency is 1.
+    ``samples`` ``[N, 3]`` (ring steps, line seconds, duration) or ``[N, 4]`` with the seconds
+    of it the ranks computed beside it. Allreduces with no compute beside them give ``launch +
+    steps * hop + x / efficiency`` (weighted least squares, ``weights`` ``[N]``, default equal;
+    non-negative launch and hop, efficiency at most 1, the best feasible fit over which bounds
+    bind; with one ring size only hop is 0, with one size only efficiency is 1). Beside compute
+    an allreduce moves its bytes at ``1 - slowdown`` of its speed (collectives and compute share
+    the cores); the compute is taken to overlap its start, latency first, so it takes
+    ``slowdown * max(0, computed - latency)`` longer: the slowdown is the least-squares ratio of
+    those excesses, kept in [0, 0.9] (0 with no compute beside any sample).
     """
-    root = np.sqrt(np.ones(len(samples)) if weights is None else np.asarray(weights, dtype=float))
+    w = np.ones(len(samples)) if weights is None else np.asarray(weights, dtype=float)
+    busy = samples[:, 3] if samples.shape[1] > 3 else np.zeros(len(samples))
+    quiet = busy <= 1e-9
+    base = quiet if quiet.any() else np.ones(len(samples), dtype=bool)
+    _, coef = _fit_allreduce_at(samples[base, :3], w[base])
+    launch, hop, inverse = coef
+    steps, x, dur = samples[:, 0], samples[:, 1], samples[:, 2]
+    latency = launch + steps * hop
+    excess = dur - latency - x * inverse
+    overlap = np.maximum(0.0, busy - latency)
+    slowdown = 0.0
+    if (w * overlap * overlap).sum() > 0:
+        slowdown = float(np.clip((w * excess * overlap).sum() / (w * overlap * overlap).sum(), 0.0, 0.9))
+    return float(launch), float(hop), float(1.0 / inverse), slowdown
+
+
+def _fit_allreduce_at(samples: np.ndarray, weights: np.ndarray) -> tuple[float, np.ndarray]:
+    """(weighted squared error, [launch, hop, 1 / efficiency]) of ``samples`` (see :func:`fit_allreduce`)."""
+    root = np.sqrt(weights)
     steps, x, dur = samples[:, 0], samples[:, 1], samples[:, 2]
     columns = [root, steps * root, x * root]
     dur = dur * root
     free_hop = len(np.unique(steps)) > 1
     free_rate = len(np.unique(x)) > 1  # one size only: the rate cannot be told from the latency
-    best = None
+    best = (np.inf, None)
     # bounds: launch >= 0, hop >= 0, 1 / efficiency >= 1; try every set of them held at the bound
     for held in itertools.product((False, True), repeat=3):
         if (not free_hop and not held[1]) or (not free_rate and not held[2]):
@@ -54,10 +78,9 @@ def fit_allreduce(samples: np.ndarray, weights: np.ndarray | None = None) -> tup
         if coef[0] < 0 or coef[1] < 0 or coef[2] < 1:
             continue
         err = float(np.sum((np.stack(columns, axis=1) @ coef - dur) ** 2))
-        if best is None or err < best[0] - 1e-18:
+        if err < best[0] - 1e-18:
             best = (err, coef)
-    launch, hop, inverse = best[1]
-    return float(launch), float(hop), float(1.0 / inverse)
+    return best
 
 
 def a2a_seconds(samples: np.ndarray, latency: float, efficiency: float, core: np.ndarray, flow: np.ndarray) -> np.ndarray:

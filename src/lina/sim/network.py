@@ -79,6 +79,8 @@ class FlowNetwork:
         self._weight = np.zeros(0)
         self._size = np.zeros(0)
         self._cap = np.zeros(0)
+        self._kind: list[str] = []
+        self._speed: dict[str, float] = {}
         self._tid = np.zeros(0, dtype=np.int64)
         self._remaining = np.zeros(0)
         self._rates = np.zeros(0)
@@ -86,15 +88,28 @@ class FlowNetwork:
         self.rate_solves = 0
 
     # ------------------------------------------------------------------ public
-    def start(self, transfer: Transfer, weight: float = 1.0) -> int:
-        """Begin ``transfer`` now, its flows' fairness weights scaled by ``weight``; returns its id."""
+    def start(self, transfer: Transfer, weight: float = 1.0, kind: str = "") -> int:
+        """Begin ``transfer`` now, its flows' fairness weights scaled by ``weight``; returns its id.
+
+        ``kind`` names what it is (``"allreduce"``, ...) for :meth:`set_speed`.
+        """
         if not weight > 0:
             raise ValueError(f"transfer weight must be positive, got {weight}")
         tid = next(self._ids)
-        # state: transfer, phase index, open flows in the phase, weight scale
-        self._transfers[tid] = [transfer, -1, 0, weight]
+        # state: transfer, phase index, open flows in the phase, weight scale, kind
+        self._transfers[tid] = [transfer, -1, 0, weight, kind]
         self._open_next_phase(tid)
         return tid
+
+    def set_speed(self, kind: str, speed: float) -> None:
+        """From now on, a flow of a transfer of ``kind`` moves at most ``speed`` (in (0, 1]) of
+        the rate its resources would give its class alone (a sender short of CPU), and the link
+        it leaves goes to other flows."""
+        if not 0.0 < speed <= 1.0:
+            raise ValueError(f"speed must be in (0, 1], got {speed}")
+        if self._speed.get(kind, 1.0) != speed:
+            self._speed[kind] = speed
+            self._dirty = True
 
     def busy(self) -> bool:
         return bool(self._transfers)
@@ -152,6 +167,7 @@ class FlowNetwork:
             self._weight = np.concatenate([self._weight, np.full(added, phase.weight * state[3])])
             self._size = np.concatenate([self._size, phase.sizes])
             self._cap = np.concatenate([self._cap, phase.caps])
+            self._kind.extend([state[4]] * added)
             self._tid = np.concatenate([self._tid, np.full(added, tid, dtype=np.int64)])
             self._remaining = np.concatenate([self._remaining, phase.sizes])
             self._rates = np.concatenate([self._rates, np.zeros(added)])  # not yet solved
@@ -174,6 +190,7 @@ class FlowNetwork:
         self._weight = self._weight[keep]
         self._size = self._size[keep]
         self._cap = self._cap[keep]
+        self._kind = [k for k, kept in zip(self._kind, keep) if kept]
         self._tid = self._tid[keep]
         self._remaining = self._remaining[keep]
         self._rates = self._rates[keep]
@@ -200,12 +217,19 @@ class FlowNetwork:
         if self._remaining.size == 0:
             self._rates = np.zeros(0)
             return
-        usage, capacity = self._usage, self.capacity
-        capped = np.flatnonzero(np.isfinite(self._cap))
+        usage, capacity, caps = self._usage, self.capacity, self._cap
+        if self._speed and any(v != 1.0 for v in self._speed.values()):
+            speed = np.array([self._speed.get(k, 1.0) for k in self._kind])
+            slowed = speed < 1.0
+            with np.errstate(divide="ignore"):  # a member's rate with its resources to its class alone
+                alone = np.where(usage[slowed] > 0, capacity[None, :] / usage[slowed], np.inf).min(axis=1)
+            caps = caps.copy()
+            caps[slowed] = np.minimum(caps[slowed], speed[slowed] * alone)
+        capped = np.flatnonzero(np.isfinite(caps))
         if capped.size:  # a capped class gets a resource of its own, holding one member's cap
             private = np.zeros((usage.shape[0], capped.size))
             private[capped, np.arange(capped.size)] = 1.0
             usage = np.concatenate([usage, private], axis=1)
-            capacity = np.concatenate([capacity, self._cap[capped]])
+            capacity = np.concatenate([capacity, caps[capped]])
         self._rates = max_min_rates(usage, capacity, self._weight)
         self.rate_solves += 1

@@ -201,6 +201,15 @@ def simulate_step(
     return measure(pol.name, tasks, plan, time.perf_counter() - started, events)
 
 
+def _allreduce_speed(profile: ComputeProfile):
+    """Allreduces lose ``allreduce_slowdown_in_compute`` of their speed while the device computes
+    (``None`` when they lose nothing: the network is left as it is)."""
+    slow = profile.allreduce_slowdown_in_compute
+    if not slow:
+        return None
+    return lambda ex: {"allreduce": 1.0 - slow if ex.stream_busy("compute") else 1.0}
+
+
 def _run(plan: StepPlan, pol: TrainPolicy, topo: Topology, cache: TransferCache) -> tuple[list[Task], int]:
     tasks = StepBuilder(plan, pol, cache).build()
     window = plan.train.credit_window if pol.grad_sync == "microops" else 1
@@ -212,6 +221,7 @@ def _run(plan: StepPlan, pol: TrainPolicy, topo: Topology, cache: TransferCache)
         _priority_gate if pol.priority else (lambda task, ex: True),
         lambda ex: profile.compute_rate(ex.stream_busy("a2a"), ex.stream_busy("allreduce")),
         first_come=("a2a",),
+        comm_speed=_allreduce_speed(profile),
     )
     executor.run()
     return tasks, executor.events
