@@ -26,14 +26,17 @@ Fitted (pooled over all runs, so a prediction is not its own measurement played 
   all-to-alls minus expert FFN; embedding and head included), expert FFN forward/backward (per
   routed token; backward from ``bwd`` expert spans, else the backward/forward ratio of the
   passes), and the optimizer per local parameter (step end after backward and every allreduce);
-  how compute time grows as ranks share cores (:func:`fit_core_exponent`); how much later than
-  the mean the last rank reaches an all-to-all (straggling);
+  how compute time grows as ranks share cores (:func:`fit_core_exponent`, apart for steps with
+  no all-to-all); a fixed cost per layer when the runs have more than one token count
+  (:func:`fit_per_layer`); how much later than the mean the last rank reaches an all-to-all
+  (straggling);
 - contention: the share of compute speed lost while an all-to-all, or an allreduce, is in flight
   (:func:`fit_slowdowns`; on the emulated cluster the collectives' threads share the compute's
   CPU cores), from how much longer the same shape computes under policies that overlap more;
   the per-token costs above are then those at full speed;
-- network (:mod:`lina.sim.fit_links`): uncontended allreduces give the links' efficiency and
-  the allreduce's launch and per-ring-step latency; uncontended forward all-to-alls crossing a
+- network (:mod:`lina.sim.fit_links`): uncontended allreduces give the links' efficiency, the
+  allreduce's launch and per-ring-step latency, and how much slower its bytes move while its
+  ranks compute, per other rank on their core (the other way round from the contention above); uncontended forward all-to-alls crossing a
   host link, timed from the last rank's arrival to the last exit, give the all-to-all latency
   and two limits of the emulated cluster: what a rank sends per second per core it has (Gloo
   moves every byte through TCP on shared cores) and what one flow to another host moves. The
@@ -431,9 +434,7 @@ class CalibrationFit:
 
     def exponent_for(self, run: RunRecord) -> float:
         """The core-sharing exponent of ``run``'s kind (see :func:`fit_core_exponent`)."""
-        if _ep(run) == 1 and self.core_exponent_no_a2a is not None:
-            return self.core_exponent_no_a2a
-        return self.core_exponent
+        return _exponent_of(run, self.core_exponent, self.core_exponent_no_a2a)
 
     def cluster_for(self, run: RunRecord) -> ClusterSpec:
         gbps = run.link_bps / 1e9
@@ -455,6 +456,11 @@ class CalibrationFit:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "profile": self.profile.to_dict()}
+
+
+def _exponent_of(run: RunRecord, with_a2a: float, without: float | None) -> float:
+    """The core-sharing exponent for ``run``: ``without`` when its step has no all-to-all."""
+    return without if _ep(run) == 1 and without is not None else with_a2a
 
 
 def _core_sharers(run: RunRecord) -> float:
@@ -575,7 +581,7 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
     exponent, exponent_no_a2a = fit_core_exponent(runs, obs)
 
     def exponent_of(r: RunRecord) -> float:
-        return exponent_no_a2a if _ep(r) == 1 and exponent_no_a2a is not None else exponent
+        return _exponent_of(r, exponent, exponent_no_a2a)
     # ranks drift apart between all-to-alls; the step runs at the pace of the last to arrive
     computed = sum(o.compute_s for o in obs)
     straggler = min(1.0, sum(o.sync_wait_s for o in obs) / computed) if computed > 0 else 0.0
