@@ -638,6 +638,7 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
         for (nbytes, _), rows in groups.items():
             dur = _median([d for d, _ in rows])
             busy = dur * sum(b for _, b in rows) / len(rows)
+            # computed seconds weighed by the other ranks on the core: the fitted slowdown is per such rank
             ar_samples.append((2 * (n - 1), 2 * (n - 1) / n * nbytes / line, dur, busy * sharers))
             ar_weights.append(len(rows))
     ar_slowdown = 0.0

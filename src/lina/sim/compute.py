@@ -51,7 +51,7 @@ class ComputeProfile:
             value = getattr(self, f.name)
             if "slowdown" in f.name:
                 if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                    raise ConfigError(f.name, f"must be a share in [0, 1), got {value!r}", "give the share of compute speed lost, e.g. 0.2")
+                    raise ConfigError(f.name, f"must be a share in [0, 1), got {value!r}", "give the share of speed lost, e.g. 0.2")
             elif not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f.name, f"must be a time of 0 s or more, got {value!r}", "give seconds as a number >= 0")
 
