@@ -196,3 +196,30 @@ def test_core_sharing_exponents_with_and_without_all_to_all():
     assert fit_core_exponent(runs[:2], obs[:2]) == pytest.approx((0.5, None))
     with pytest.raises(ConfigError, match="allreduce_slowdown_in_compute"):
         ComputeProfile(**{**TRUTH.to_dict(), "allreduce_slowdown_in_compute": 1.0})
+
+
+def test_compute_within_the_machine_cores():
+    """Four ranks on two cores: a step whose passes last 1 s gives each rank 0.5 core-seconds.
+    Compute simulated at 0.7 of a core for 0.8 s is 0.56 core-seconds of work, plus 0.2 of
+    loopback copies (1 MB sent and 1 MB received at 10 MB/s per core): too much, so compute
+    slows to 0.7 / 1.52; with no loopback rate fitted, to 0.7 / 1.12; passes of 2 s leave the
+    speed as it was."""
+    from types import SimpleNamespace
+
+    from lina.sim.calibrate import within_cores
+    from lina.sim.engine import Task
+
+    def result(end):
+        tasks = [Task("f", "compute", "compute", duration_s=0.4, args={"direction": "fwd"}),
+                 Task("b", "compute", "compute", duration_s=0.4, args={"direction": "bwd"}),
+                 Task("a", "a2a", "a2a", args={"bytes": 1e6, "direction": "fwd"})]
+        for t, (start, stop) in zip(tasks, [(0.0, 0.4), (end - 0.4, end), (0.4, 0.5)]):
+            t.start_s, t.end_s = start, stop
+        return SimpleNamespace(tasks=tasks)
+
+    run = SimpleNamespace(core_share=0.5, ep_size=2, workers=4, workers_per_host=2, model=SimpleNamespace(experts=4))
+    assert within_cores(SimpleNamespace(loopback_bytes_per_s=1e7), run, result(1.0), 0.7) == pytest.approx(0.7 / 1.52)
+    assert within_cores(SimpleNamespace(loopback_bytes_per_s=None), run, result(1.0), 0.7) == pytest.approx(0.7 / 1.12)
+    assert within_cores(SimpleNamespace(loopback_bytes_per_s=1e7), run, result(2.0), 0.7) == 0.7
+    whole_cores = SimpleNamespace(**{**vars(run), "core_share": 1.0})
+    assert within_cores(SimpleNamespace(loopback_bytes_per_s=1e7), whole_cores, result(1.0), 0.7) == 0.7

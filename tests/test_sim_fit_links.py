@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lina.sim.fit_links import a2a_seconds, fit_a2a, fit_allreduce
+from lina.sim.fit_links import a2a_seconds, fit_a2a, fit_allreduce, fit_loopback
 
 
 def test_allreduce_fit_separates_launch_hop_and_efficiency():
@@ -66,16 +66,41 @@ def test_a2a_fit_recovers_a_per_core_rate_and_a_flow_cap():
     x = np.asarray(rows)
     truth = a2a_seconds(np.column_stack([x, np.zeros(len(x))]), latency, eff, np.array([core]), np.array([flow]))[0, 0]
     samples = np.column_stack([np.repeat(x, 20, axis=0), np.repeat(truth, 20) * rng.uniform(0.98, 1.02, size=20 * len(x))])
-    lat, core_fit, flow_fit, note = fit_a2a(samples, [latency] * 10, eff)
+    lat, core_fit, flow_fit, loss, note = fit_a2a(samples, [latency] * 10, eff)
     assert lat == pytest.approx(latency)
     assert core_fit == pytest.approx(core, rel=0.05) and flow_fit == pytest.approx(flow, rel=0.05) and not note
+    assert loss == 0.0  # five columns: no flow counts, no loss searched
 
 
 def test_a2a_fit_finds_no_limit_where_the_link_explains_everything():
     x = np.array([[s / 40e6, s, s / 3, 0.5] for s in np.linspace(1e6, 4e6, 10)])
     dur = 1e-3 + x[:, 0] / 0.8
-    lat, core, flow, _ = fit_a2a(np.column_stack([x, dur]), [1e-3], 0.8)
+    lat, core, flow, _, _ = fit_a2a(np.column_stack([x, dur]), [1e-3], 0.8)
     assert core is None and flow is None and lat == pytest.approx(1e-3)
+
+
+def test_a2a_fit_recovers_the_goodput_lost_per_extra_flow_between_two_hosts():
+    """4x1 ranks (one flow per host pair) are bound by their per-core rate; 2x2 ranks (four flows
+    between the two hosts, on slower links) by their link, which loses 6% per extra flow."""
+    core, eff, latency, loss = 30e6, 0.9, 3e-3, 0.06
+    rows = []
+    for sent in (1e6, 2e6, 3e6):
+        rows += [(sent / 50e6, sent, sent / 3, 0.5, 0.0, 1)]  # 4x1
+        inter = sent * 2 / 3
+        rows += [(2 * inter / 20e6, inter, sent / 3, 0.5, 0.0, 4)]  # 2x2 on slower links: bytes to the other host count
+    x = np.asarray(rows)
+    x[:, 4] = a2a_seconds(x, latency, eff, np.array([core]), np.array([np.inf]), loss)[0, 0]
+    lat, core_fit, flow_fit, loss_fit, _ = fit_a2a(x, [latency], eff)
+    assert loss_fit == pytest.approx(loss, abs=0.011)
+    assert core_fit == pytest.approx(core, rel=0.05) and flow_fit is None
+
+
+def test_loopback_fit_recovers_the_rate_per_core():
+    rate, latency = 400e6, 2e-3
+    sent = np.array([1e6, 2e6, 1e6, 3e6])
+    share = np.array([0.5, 0.5, 1.0, 1.0])
+    assert fit_loopback(np.column_stack([sent, share, latency + sent / (rate * share)]), latency) == pytest.approx(rate)
+    assert fit_loopback(np.zeros((0, 3)), latency) is None
 
 
 def test_allreduce_fit_of_one_size_keeps_the_link_at_its_rate():

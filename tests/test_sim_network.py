@@ -26,14 +26,20 @@ def bare(hosts=2, gpus=1, link_gbps=8.0, **kw) -> ClusterSpec:
     return ClusterSpec(hosts=hosts, gpus_per_host=gpus, link_gbps=link_gbps, launch_s=0, per_peer_s=0, hop_latency_s=0, **kw)
 
 
-def run(capacity, transfers) -> list[float]:
-    net = FlowNetwork(capacity)
-    ids = [net.start(t) for t in transfers]
+def drain(net: FlowNetwork) -> dict[int, float]:
+    """Run ``net`` until idle; end time of each transfer id."""
     ends = {}
     while net.busy():
         t = net.next_event_time()
         for tid in net.advance_to(t):
             ends[tid] = t
+    return ends
+
+
+def run(capacity, transfers) -> list[float]:
+    net = FlowNetwork(capacity)
+    ids = [net.start(t) for t in transfers]
+    ends = drain(net)
     return [ends[i] for i in ids]
 
 
@@ -258,6 +264,56 @@ def test_a_flow_cap_bounds_each_flow_between_hosts_only():
     assert run(topo.capacity, [a2a(five)]) == pytest.approx([1.0])
 
 
+def test_loopback_flows_can_skip_the_copy_limit():
+    """Without ``copy_intra``, a flow to the GPU next door is bound by the intra-host rate alone
+    (0.4 GB at 10 GB/s: 0.04 s) while a flow to another host still pays the 0.5 GB/s copy limit,
+    and a GPU sending both keeps its copy limit for the remote one only."""
+    topo = Topology(bare(hosts=2, gpus=2, nvlink_gbps=80.0, rank_copy_gbps=4.0, copy_intra=False), representative=False)
+
+    def a2a(pairs):
+        src, dst, size = zip(*pairs)
+        return Transfer("a2a", (make_phase(topo.classes(np.array(src), np.array(dst), np.array(size), copy=True), 0.0, topo.n_resources),))
+
+    assert run(topo.capacity, [a2a([(0, 1, 0.4 * GB)])]) == pytest.approx([0.04])
+    assert run(topo.capacity, [a2a([(0, 2, 0.4 * GB)])]) == pytest.approx([0.8])
+    assert run(topo.capacity, [a2a([(0, 1, 0.4 * GB), (0, 2, 0.4 * GB)])]) == pytest.approx([0.8])
+    classes = topo.classes(np.array([0, 0]), np.array([1, 2]), np.array([1.0, 1.0]), copy=True)
+    assert sorted(fc.intra for fc in classes) == [False, True]
+
+
+def test_flows_between_the_same_two_hosts_lose_goodput():
+    """A 10% loss per extra flow between two hosts: one 1 GB flow on a 1 GB/s link takes 1 s;
+    two flows of one all-to-all between the same hosts (0.5 GB each) move at 0.9 GB/s together
+    (1.11 s); two flows to two different hosts lose nothing; traffic not marked all-to-all pays
+    nothing either."""
+    topo = Topology(bare(hosts=3, gpus=2, nvlink_gbps=80.0, pair_flow_loss=0.1), representative=False)
+
+    def a2a(pairs, copy=True):
+        src, dst, size = zip(*pairs)
+        return Transfer("a2a", (make_phase(topo.classes(np.array(src), np.array(dst), np.array(size), copy=copy), 0.0, topo.n_resources),))
+
+    assert run(topo.capacity, [a2a([(0, 2, GB)])]) == pytest.approx([1.0])
+    assert run(topo.capacity, [a2a([(0, 2, 0.5 * GB), (1, 3, 0.5 * GB)])]) == pytest.approx([1.0 / 0.9])
+    assert run(topo.capacity, [a2a([(0, 2, 0.5 * GB), (0, 4, 0.5 * GB)])]) == pytest.approx([1.0])
+    assert run(topo.capacity, [a2a([(0, 2, 0.5 * GB), (1, 3, 0.5 * GB)], copy=False)]) == pytest.approx([1.0])
+    with pytest.raises(Exception, match="pair_flow_loss"):
+        bare(pair_flow_loss=1.0)
+
+
+def test_loopback_flows_have_a_kind_of_their_own():
+    """``set_speed("a2a-intra", 0.5)`` halves a loopback flow (0.4 GB at 10 GB/s: 0.08 s) and
+    leaves a flow of the same all-to-all to another host alone (1 GB/s link: 0.4 s)."""
+    topo = Topology(bare(hosts=2, gpus=2, nvlink_gbps=80.0), representative=False)
+    net = FlowNetwork(topo.capacity)
+    net.set_speed("a2a-intra", 0.5)
+    classes = topo.classes(np.array([0]), np.array([1]), np.array([0.4 * GB]), copy=True)
+    inside = net.start(Transfer("in", (make_phase(classes, 0.0, topo.n_resources),)), kind="a2a")
+    classes = topo.classes(np.array([0]), np.array([2]), np.array([0.4 * GB]), copy=True)
+    across = net.start(Transfer("out", (make_phase(classes, 0.0, topo.n_resources),)), kind="a2a")
+    ends = drain(net)
+    assert ends[inside] == pytest.approx(0.08) and ends[across] == pytest.approx(0.4)
+
+
 def test_a_first_come_stream_serves_the_earlier_transfer_first():
     """Two 1 GB transfers on one 1 GB/s link, two in flight at once: on a first-come stream the
     first ends at 1 s as if alone and the second at 2 s; shared equally, both end at 2 s."""
@@ -288,11 +344,7 @@ def test_a_kind_of_transfer_can_be_slowed():
     net.set_speed("allreduce", 0.5)
     slow = net.start(flows(topo, [(0, 1, GB)]), kind="allreduce")
     other = net.start(flows(topo, [(0, 1, 0.5 * GB)]), kind="a2a")
-    ends = {}
-    while net.busy():
-        t = net.next_event_time()
-        for tid in net.advance_to(t):
-            ends[tid] = t
+    ends = drain(net)
     assert ends[other] == pytest.approx(1.0) and ends[slow] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="speed"):
         net.set_speed("allreduce", 0.0)

@@ -38,10 +38,16 @@ Fitted (pooled over all runs, so a prediction is not its own measurement played 
   allreduce's launch and per-ring-step latency, and how much slower its bytes move while its
   ranks compute, per other rank on their core (the other way round from the contention above); uncontended forward all-to-alls crossing a
   host link, timed from the last rank's arrival to the last exit, give the all-to-all latency
-  and two limits of the emulated cluster: what a rank sends per second per core it has (Gloo
-  moves every byte through TCP on shared cores) and what one flow to another host moves. The
-  runs' backend serves a rank's asynchronous all-to-alls ``GLOO_THREADS`` at a time, the
-  earlier one first (``a2a_in_flight`` in the run's config overrides it).
+  and three properties of the emulated cluster: what a rank sends per second per core it has
+  (Gloo moves the bytes through TCP on shared cores), what one flow to another host moves, and
+  how much of the link's goodput the flows of one all-to-all between the same two hosts lose per
+  extra flow; uncontended all-to-alls that stay inside hosts give the loopback rate per core
+  (with it, the per-core limit counts bytes to other hosts only). The runs' backend serves a
+  rank's asynchronous all-to-alls ``GLOO_THREADS`` at a time, the earlier one first
+  (``a2a_in_flight`` in the run's config overrides it).
+
+Predicting (:func:`predict`) also keeps a step's compute and loopback copies within the cores
+its machine has (:func:`within_cores`).
 
 :func:`write_synthetic_run` writes a run directory from the simulator itself (known
 parameters), which the tests use to check that the fit recovers them.
@@ -61,7 +67,7 @@ import numpy as np
 from lina.errors import ConfigError, LinaError
 from lina.obs.timeline import Span, Timeline, intersection_length, load_jsonl, union_length
 from lina.sim.compute import ComputeProfile
-from lina.sim.fit_links import fit_allreduce, fit_a2a
+from lina.sim.fit_links import fit_allreduce, fit_a2a, fit_loopback
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec
 from lina.sim.train import TrainResult, simulate_step
 from lina.sim.train_step import StepPlan
@@ -425,12 +431,21 @@ class CalibrationFit:
     core_exponent: float = 1.0  # compute time ~ (cores per rank) ** -core_exponent
     core_exponent_no_a2a: float | None = None  # the same for steps without all-to-all (None: core_exponent)
     allreduce_slowdown_per_sharer: float = 0.0  # allreduce speed lost while computing, per other rank on the same core
+    loopback_bytes_per_s: float | None = None  # all-to-all bytes to ranks of the same host per second per whole core (None: not fitted)
+    pair_flow_loss: float = 0.0  # host-link goodput lost per extra flow of one all-to-all between two hosts
+    loopback_samples: int = 0
 
     def profile_for(self, run: RunRecord) -> ComputeProfile:
         """The fitted profile on ``run``'s share of the cores (costs and allreduce slowdown)."""
+        return self.profile_at(run, run.core_share ** self.exponent_for(run))
+
+    def profile_at(self, run: RunRecord, speed: float) -> ComputeProfile:
+        """The fitted profile computing at ``speed`` of a whole core, with ``run``'s collective slowdowns."""
         slow = min(0.9, self.allreduce_slowdown_per_sharer * _core_sharers(run))
-        profile = replace(self.profile, allreduce_slowdown_in_compute=slow)
-        return on_core_share(profile, run.core_share ** self.exponent_for(run))
+        # loopback copies are CPU work like the allreduce's: they lose the same share beside compute
+        loop = slow if self.loopback_bytes_per_s is not None else 0.0
+        profile = replace(self.profile, allreduce_slowdown_in_compute=slow, loopback_slowdown_in_compute=loop)
+        return on_core_share(profile, speed)
 
     def exponent_for(self, run: RunRecord) -> float:
         """The core-sharing exponent of ``run``'s kind (see :func:`fit_core_exponent`)."""
@@ -443,7 +458,7 @@ class CalibrationFit:
             hosts=run.hosts,
             gpus_per_host=run.workers_per_host,
             link_gbps=gbps,
-            nvlink_gbps=gbps * self.intra_factor,
+            nvlink_gbps=gbps * self.intra_factor if self.loopback_bytes_per_s is None else self.loopback_bytes_per_s * run.core_share * 8 / 1e9,
             link_efficiency=min(1.0, self.link_efficiency),
             launch_s=self.a2a_latency_s,
             per_peer_s=0.0,
@@ -452,6 +467,8 @@ class CalibrationFit:
             rank_copy_gbps=None if core is None else core * run.core_share * 8 / 1e9,
             flow_copy_gbps=None if self.flow_copy_bytes_per_s is None else self.flow_copy_bytes_per_s * 8 / 1e9,
             a2a_in_flight=run.a2a_in_flight,
+            copy_intra=self.loopback_bytes_per_s is None,
+            pair_flow_loss=self.pair_flow_loss,
         )
 
     def to_dict(self) -> dict:
@@ -472,10 +489,15 @@ def _ep(run: RunRecord) -> int:
     return run.ep_size or min(run.model.experts, run.workers)
 
 
+def _group_ranks_per_host(run: RunRecord) -> int:
+    """Ranks of one all-to-all group on each of its hosts."""
+    return min(run.workers_per_host, _ep(run))
+
+
 def _busiest_link_bytes(run: RunRecord, sent: float) -> float:
     """Bytes of one uniform all-to-all on the busiest host link, when each rank sends ``sent``
     bytes to the other ranks of its group (what the trainer's spans record)."""
-    ep, g = _ep(run), min(run.workers_per_host, _ep(run))
+    ep, g = _ep(run), _group_ranks_per_host(run)
     if ep <= g:
         return 0.0
     return g * sent * (ep - g) / (ep - 1)
@@ -644,27 +666,38 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
     ar_slowdown = 0.0
     if ar_samples:
         ar_launch, ar_hop, efficiency, ar_slowdown = fit_allreduce(np.asarray(ar_samples), np.asarray(ar_weights))
-    # all-to-all: duration = latency + max(link bytes / (efficiency x rate), bytes / (core rate x cores), flow / flow cap)
-    samples = []  # (busiest-link line seconds, bytes one rank sends, its largest flow to another host, cores per rank, duration)
+    # all-to-all: duration = latency + max(link bytes / (efficiency x rate x pair loss), bytes / (core rate x cores),
+    # flow / flow cap); all-to-alls that stay inside hosts: latency + bytes / (loopback rate x cores)
+    samples = []  # (busiest-link line seconds, bytes one rank sends, to other hosts, its largest flow to another host,
+    #              cores per rank, duration, flows between two hosts)
+    loopback = []  # (bytes one rank sends, cores per rank, duration)
     small = []
     for r, o in zip(runs, obs):
         line = r.link_bps / 8
+        ep, g = _ep(r), _group_ranks_per_host(r)
         for nbytes, dur in o.a2a:
             if nbytes < 1024:
                 small.append(dur)
             elif _busiest_link_bytes(r, nbytes) > 0:
-                samples.append((_busiest_link_bytes(r, nbytes) / line, nbytes, nbytes / (_ep(r) - 1), r.core_share, dur))
+                samples.append((_busiest_link_bytes(r, nbytes) / line, nbytes, nbytes * (ep - g) / (ep - 1), nbytes / (ep - 1),
+                                r.core_share, dur, g * g))
+            else:
+                loopback.append((nbytes, r.core_share, dur))
     if not samples:
         raise LinaError("no uncontended forward all-to-all crossed a host link: cannot fit the link")
     samples = np.asarray(samples)
     if not ar_samples:  # no allreduce to read the link from: the all-to-alls' own line bound, as if no other limit held
-        efficiency = float(np.clip(np.median(samples[:, 0] / samples[:, 4]), 0.05, 1.0))
+        efficiency = float(np.clip(np.median(samples[:, 0] / samples[:, 5]), 0.05, 1.0))
         ar_launch = ar_hop = None
-    latency, core_copy, flow_copy, note = fit_a2a(samples, small, efficiency)
+    # with loopback all-to-alls to read their own rate from, the per-core rate counts bytes to other hosts only
+    counted = samples[:, 2] if loopback else samples[:, 1]
+    link_samples = np.column_stack([samples[:, 0], counted, samples[:, 3:]])
+    latency, core_copy, flow_copy, pair_loss, note = fit_a2a(link_samples, small, efficiency)
+    loopback_rate = fit_loopback(np.asarray(loopback), latency) if loopback else None
     if ar_launch is None:
         ar_launch, ar_hop = latency, 0.0
     return CalibrationFit(profile, efficiency, latency, ar_launch, ar_hop, INTRA_FACTOR, len(samples), int(sum(ar_weights)), note,
-                          core_copy, flow_copy, exponent, exponent_no_a2a, ar_slowdown)
+                          core_copy, flow_copy, exponent, exponent_no_a2a, ar_slowdown, loopback_rate, pair_loss, len(loopback))
 
 
 # --------------------------------------------------------------------------- predicting
@@ -679,12 +712,55 @@ def predict(fitted: CalibrationFit, run: RunRecord) -> TrainResult:
     one does (after backward, the 4x1 pure data-parallel run sent about 40 MB/s per rank with
     four in flight; one 286 KB allreduce at a time sends about 47 MB/s in the 4x1 sequential
     run), so running them one at a time is the closer model.
+
+    The ranks share one machine's cores, so their compute cannot take more core-seconds than the
+    machine has: see :func:`within_cores`.
     """
     policy = POLICY_OF_SCHEDULE.get(run.policy, run.policy)
     if policy == "lina+packing":  # the run records the packing its controller chose: simulate that layout
         policy = "lina"
     train = replace(run.train, ep_size=_ep(run))
-    return simulate_step(fitted.cluster_for(run), run.model, fitted.profile_for(run), train, policy)
+    cluster = fitted.cluster_for(run)
+    speed = run.core_share ** fitted.exponent_for(run)
+    result = simulate_step(cluster, run.model, fitted.profile_at(run, speed), train, policy)
+    for _ in range(CORE_ROUNDS):
+        slower = within_cores(fitted, run, result, speed)
+        if slower >= speed * (1 - 1e-3):
+            break
+        speed = slower
+        result = simulate_step(cluster, run.model, fitted.profile_at(run, speed), train, policy)
+    return result
+
+
+CORE_ROUNDS = 8  # re-simulations that bring a step's compute within its machine's cores
+
+
+def within_cores(fitted: CalibrationFit, run: RunRecord, result: TrainResult, speed: float) -> float:
+    """The compute speed (share of a whole core) at which ``result``'s passes fit the cores.
+
+    The fitted core-sharing exponent gives a rank more than its share of the cores while it
+    computes (other ranks are paused in all-to-alls meanwhile), but all ranks together cannot
+    use more than the machine has: over the forward and backward passes, a rank's work on a
+    whole core plus the core-seconds of its loopback all-to-all copies must fit in the passes
+    times its share of the cores. A loopback byte is copied twice, out of the sender and into
+    the receiver, each at the fitted loopback rate (timed with both ends copying at once), and a
+    rank of a uniform all-to-all receives as many loopback bytes as it sends.
+    When it does not (ranks whose all-to-alls stay inside a host wait little and compute side
+    by side), compute slows to the speed that makes it fit; otherwise ``speed`` is returned.
+    ``speed`` is what ``result`` was simulated at.
+    """
+    passes = [t for t in result.tasks if t.cat == "compute" and t.args.get("direction") in ("fwd", "bwd")]
+    if not passes or run.core_share >= 1.0:
+        return speed
+    elapsed = max(t.end_s for t in passes) - min(t.start_s for t in result.tasks)
+    work = sum(t.duration_s for t in passes) * speed
+    copies = 0.0
+    ep, g = _ep(run), _group_ranks_per_host(run)
+    if fitted.loopback_bytes_per_s and ep > 1 and g > 1:
+        sent = sum(t.args.get("bytes", 0.0) for t in result.tasks if t.cat == "a2a" and t.args.get("bytes", 0.0) >= 1024)
+        copies = 2 * sent * (g - 1) / (ep - 1) / fitted.loopback_bytes_per_s
+    need = (work + copies) / run.core_share
+    return speed if need <= elapsed else speed * elapsed / need
 
 
 def on_core_share(profile: ComputeProfile, share: float) -> ComputeProfile:
@@ -748,10 +824,15 @@ def report_text(rep: CalibrationReport) -> str:
         f"+ {f.allreduce_hop_s * 1e3:.3f} ms per ring step ({f.allreduce_samples} uncontended allreduces); "
         f"an allreduce loses {f.allreduce_slowdown_per_sharer:.0%} of its speed while its ranks compute, per other rank on their core",
         f"  all-to-all: latency {f.a2a_latency_s * 1e3:.3f} ms; a rank sends {_rate(f.core_copy_bytes_per_s, 'per core it has')}; "
-        f"one flow to another host moves {_rate(f.flow_copy_bytes_per_s, '')} "
+        f"one flow to another host moves {_rate(f.flow_copy_bytes_per_s, '')}"
+        f"{f'; the link loses {f.pair_flow_loss:.0%} of its goodput per extra flow between the same two hosts' if f.pair_flow_loss else ''} "
         f"({f.a2a_samples} uncontended forward all-to-alls, timed from the last rank's arrival); "
         f"{GLOO_THREADS} operations of a rank in flight at once (Gloo's threads), the earlier served first",
-        f"  intra-host rate {f.intra_factor:.1f}x the host link (assumed; inside a host the per-core limit binds first)",
+        (f"  all-to-alls inside a host (loopback): a rank sends {_rate(f.loopback_bytes_per_s, 'per core it has')} "
+         f"({f.loopback_samples} uncontended ones; the per-core limit above counts bytes to other hosts only); "
+         f"they lose the allreduce's share of speed beside compute, and their copies take the compute's cores"
+         if f.loopback_bytes_per_s else
+         f"  intra-host rate {f.intra_factor:.1f}x the host link (assumed; inside a host the per-core limit binds first)"),
         f"  compute per token on one whole core (a run's ranks share its machine's cores): dense fwd {p.dense_fwd_s_per_token * 1e6:.3f} us, bwd {p.dense_bwd_s_per_token * 1e6:.3f} us per layer; "
         f"{f'plus {p.layer_fwd_s * 1e3:.3f} ms fwd, {p.layer_bwd_s * 1e3:.3f} ms bwd per layer whatever the tokens; ' if p.layer_fwd_s or p.layer_bwd_s else ''}"
         f"expert fwd {p.expert_fwd_s_per_token * 1e6:.3f} us, bwd {p.expert_bwd_s_per_token * 1e6:.3f} us per routed token; "

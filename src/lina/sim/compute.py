@@ -15,6 +15,8 @@ A :class:`ComputeProfile` holds per-token costs, so one profile serves any batch
   (the emulated cluster; fitted by ``lina sim --calibrate``);
 - ``allreduce_slowdown_in_compute``: the share of an allreduce's speed lost while the device
   computes beside it (the other way round: compute and collectives share CPU cores); 0 for GPUs;
+- ``loopback_slowdown_in_compute``: the same for all-to-all bytes between ranks of one host
+  (loopback copies are CPU work too); 0 for GPUs;
 - ``straggler``: how much longer than the mean the slowest device computes between two
   synchronizing collectives (every device then waits for it); 0 when devices run in lockstep.
 
@@ -45,6 +47,7 @@ class ComputeProfile:
     layer_fwd_s: float = 0.0
     layer_bwd_s: float = 0.0
     allreduce_slowdown_in_compute: float = 0.0
+    loopback_slowdown_in_compute: float = 0.0
 
     def __post_init__(self):
         for f in fields(self):

@@ -8,11 +8,15 @@ least squares on seconds, so they match the mean duration, which is what a step 
   from allreduces with no compute beside them, then how much slower the bytes move beside
   compute (compute takes the cores the collective's threads need). The ring's messages are
   small, so its TCP connections keep the link busy: the efficiency found here is the link's.
-- :func:`fit_a2a`: ``duration = latency + max(x / efficiency, sent / (core * share),
-  flow / flow_cap)``: all-to-all bytes are also bounded by what a rank's share of a core moves
-  (``core`` bytes/s per whole core, counting every byte it sends) and by what one connection to
+- :func:`fit_a2a`: ``duration = latency + max(x / (efficiency * (1 - loss * (n - 1))),
+  sent / (core * share), flow / flow_cap)``: all-to-all bytes are also bounded by what a rank's
+  share of a core moves (``core`` bytes/s per whole core, counting the bytes it sends through
+  the shaped links, or every byte when no loopback rate is fitted) and by what one connection to
   one peer on another host moves (``flow_cap``): a megabyte burst through the emulated cluster's
-  shaped link does not reach its rate.
+  shaped link does not reach its rate; ``n`` flows of one all-to-all between the same two hosts
+  lose ``loss`` of the link's goodput per extra flow (TCP connections in one shaped queue).
+- :func:`fit_loopback`: all-to-alls that stay inside hosts: ``duration = latency + bytes /
+  (rate * share)``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import math
 import numpy as np
 
 RATES = np.concatenate([np.geomspace(1e5, 1e10, 161), [np.inf]])  # bytes/s grid of the all-to-all limits
+LOSSES = np.linspace(0.0, 0.3, 31)  # grid of the goodput lost per extra flow between two hosts
 
 
 def fit_allreduce(samples: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, float, float, float]:
@@ -83,43 +88,69 @@ def _fit_allreduce_at(samples: np.ndarray, weights: np.ndarray) -> tuple[float, 
     return best
 
 
-def a2a_seconds(samples: np.ndarray, latency: float, efficiency: float, core: np.ndarray, flow: np.ndarray) -> np.ndarray:
+def a2a_seconds(samples: np.ndarray, latency: float, efficiency: float, core: np.ndarray, flow: np.ndarray,
+                loss: float = 0.0) -> np.ndarray:
     """Modelled durations, ``[len(core), len(flow), N]``, of ``samples`` (see :func:`fit_a2a`)."""
     x, sent, flow_bytes, share = samples[:, 0], samples[:, 1], samples[:, 2], samples[:, 3]
+    pair_flows = samples[:, 5] if samples.shape[1] > 5 else np.ones(len(samples))
+    goodput = efficiency * np.maximum(0.1, 1.0 - loss * (pair_flows - 1))
     with np.errstate(divide="ignore"):
         by_core = sent[None, :] / (core[:, None] * share[None, :])  # [C, N]
         by_flow = flow_bytes[None, :] / flow[:, None]  # [F, N]
     bound = np.maximum(by_core[:, None, :], by_flow[None, :, :])
-    return latency + np.maximum(bound, x[None, None, :] / efficiency)
+    return latency + np.maximum(bound, (x / goodput)[None, None, :])
 
 
-def fit_a2a(samples: np.ndarray, small: list[float], efficiency: float) -> tuple[float, float | None, float | None, str]:
-    """(latency s, per-core rate, per-flow cap, note) of all-to-alls on links of ``efficiency``.
+def fit_a2a(samples: np.ndarray, small: list[float], efficiency: float) -> tuple[float, float | None, float | None, float, str]:
+    """(latency s, per-core rate, per-flow cap, goodput loss per extra flow, note) of all-to-alls
+    on links of ``efficiency``.
 
-    ``samples`` ``[N, 5]``: (busiest host link's bytes in seconds at line rate, bytes the mean
-    rank sends to the others, bytes of its largest flow to another host, cores per rank,
-    duration). The latency is the mean duration of all-to-alls under 1 KiB (counts) when there
-    are any, else searched. Rates are a grid search; among ties the fastest wins (a limit is
-    fitted only where the data ask for one); ``None`` for no limit.
+    ``samples`` ``[N, 5]`` or ``[N, 6]``: (busiest host link's bytes in seconds at line rate,
+    bytes the mean rank sends that count against the per-core rate, bytes of its largest flow to
+    another host, cores per rank, duration[, flows of the operation between two hosts]). The
+    latency is the mean duration of all-to-alls under 1 KiB (counts) when there are any, else
+    searched. Rates and loss are a grid search; among ties the fastest rates and the least loss
+    win (a limit is fitted only where the data ask for one); ``None`` for no limit. The loss is
+    searched only when some sample has more than one flow between two hosts.
     """
     dur = samples[:, 4]
+    losses = LOSSES if samples.shape[1] > 5 and (samples[:, 5] > 1).any() else LOSSES[:1]
 
-    def search(latency: float) -> tuple[float, float, float]:
-        err = np.stack([np.mean((a2a_seconds(samples, latency, efficiency, RATES[i:i + 1], RATES)[0] - dur) ** 2, axis=1)
-                        for i in range(len(RATES))])  # [C, F], one core rate at a time to bound memory
-        tied = np.argwhere(err <= err.min() * (1 + 1e-9) + 1e-18)
-        i, j = max(tied.tolist(), key=lambda ij: (ij[0], ij[1]))
-        return float(err[i, j]), float(RATES[i]), float(RATES[j])
+    def search(latency: float) -> tuple[float, float, float, float]:
+        best = None
+        for loss in losses:
+            err = np.stack([np.mean((a2a_seconds(samples, latency, efficiency, RATES[i:i + 1], RATES, loss)[0] - dur) ** 2, axis=1)
+                            for i in range(len(RATES))])  # [C, F], one core rate at a time to bound memory
+            tied = np.argwhere(err <= err.min() * (1 + 1e-9) + 1e-18)
+            i, j = max(tied.tolist(), key=lambda ij: (ij[0], ij[1]))
+            if best is None or err[i, j] < best[0] * (1 - 1e-9) - 1e-18:
+                best = (float(err[i, j]), float(RATES[i]), float(RATES[j]), float(loss))
+        return best
 
     if small:
         latency = float(np.mean(small))
     else:
         latency = min(np.linspace(0.0, float(dur.min()), 21), key=lambda lat: search(float(lat))[0])
-    _, core, flow = search(float(latency))
+    _, core, flow, loss = search(float(latency))
     if not small:  # the latency that makes the mean duration right for the chosen limits
-        bound = a2a_seconds(samples, 0.0, efficiency, np.array([core]), np.array([flow]))[0, 0]
+        bound = a2a_seconds(samples, 0.0, efficiency, np.array([core]), np.array([flow]), loss)[0, 0]
         latency = max(0.0, float(np.mean(dur - bound)))
     note = ""
     if core <= RATES[0] or flow <= RATES[0]:
         note = "an all-to-all limit sits at the edge of its grid: all-to-all durations barely follow their bytes"
-    return latency, (None if math.isinf(core) else core), (None if math.isinf(flow) else flow), note
+    return latency, (None if math.isinf(core) else core), (None if math.isinf(flow) else flow), loss, note
+
+
+def fit_loopback(samples: np.ndarray, latency: float) -> float | None:
+    """Bytes per second per whole core of all-to-alls that stay inside hosts, or ``None`` without
+    samples.
+
+    ``samples`` ``[M, 3]``: (bytes the mean rank sends, cores per rank, duration). Least squares
+    on seconds of ``duration - latency = bytes / (rate * share)``.
+    """
+    if len(samples) == 0:
+        return None
+    z = samples[:, 0] / samples[:, 1]
+    y = samples[:, 2] - latency
+    inverse = float((y * z).sum() / (z * z).sum())
+    return 1.0 / inverse if inverse > 0 else None

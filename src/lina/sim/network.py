@@ -19,14 +19,19 @@ from lina.sim.maxmin import max_min_rates
 from lina.sim.topology import FlowClass
 
 
+INTRA_SUFFIX = "-intra"  # kind of a transfer's flows inside one host: ``"a2a-intra"`` for :meth:`FlowNetwork.set_speed`
+
+
 @dataclass(frozen=True, eq=False)
 class Phase:
     """Flow classes that start together ``latency_s`` after the phase opens.
 
     ``weight`` is the fairness weight of one member flow (see ``ClusterSpec.fairness``);
-    ``usage`` (``[C, R]``, member flows of class ``c`` on resource ``r``), ``sizes`` (``[C]``
-    bytes per member flow) and ``caps`` (``[C]``, most bytes/s of one member flow; ``inf``: no
-    cap) are the classes as arrays, built once by :func:`make_phase`.
+    ``usage`` (``[C, R]``, what the member flows of class ``c`` take of resource ``r`` per byte
+    they move: their count, times ``link_cost`` on the ports they leave and enter by),
+    ``sizes`` (``[C]`` bytes per member flow), ``caps`` (``[C]``, most bytes/s of one member
+    flow; ``inf``: no cap) and ``intra`` (``[C]`` bool, members inside one host) are the
+    classes as arrays, built once by :func:`make_phase`.
     """
 
     classes: tuple[FlowClass, ...]
@@ -35,6 +40,7 @@ class Phase:
     usage: np.ndarray
     sizes: np.ndarray
     caps: np.ndarray
+    intra: np.ndarray
 
 
 def make_phase(classes: list[FlowClass] | tuple[FlowClass, ...], latency_s: float, n_resources: int, weight: float = 1.0) -> Phase:
@@ -42,9 +48,11 @@ def make_phase(classes: list[FlowClass] | tuple[FlowClass, ...], latency_s: floa
     usage = np.zeros((len(classes), n_resources))
     for i, fc in enumerate(classes):
         usage[i, list(fc.resources)] = fc.count
+        usage[i, list(fc.resources[:2])] *= fc.link_cost
     sizes = np.array([fc.size for fc in classes], dtype=float)
     caps = np.array([fc.cap for fc in classes], dtype=float)
-    return Phase(tuple(classes), latency_s, weight, usage, sizes, caps)
+    intra = np.array([fc.intra for fc in classes], dtype=bool)
+    return Phase(tuple(classes), latency_s, weight, usage, sizes, caps, intra)
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,8 @@ class FlowNetwork:
     def start(self, transfer: Transfer, weight: float = 1.0, kind: str = "") -> int:
         """Begin ``transfer`` now, its flows' fairness weights scaled by ``weight``; returns its id.
 
-        ``kind`` names what it is (``"allreduce"``, ...) for :meth:`set_speed`.
+        ``kind`` names what it is (``"allreduce"``, ...) for :meth:`set_speed`; its flows inside
+        one host are of kind ``kind + INTRA_SUFFIX``.
         """
         if not weight > 0:
             raise ValueError(f"transfer weight must be positive, got {weight}")
@@ -167,7 +176,7 @@ class FlowNetwork:
             self._weight = np.concatenate([self._weight, np.full(added, phase.weight * state[3])])
             self._size = np.concatenate([self._size, phase.sizes])
             self._cap = np.concatenate([self._cap, phase.caps])
-            self._kind.extend([state[4]] * added)
+            self._kind.extend(state[4] + INTRA_SUFFIX if inside else state[4] for inside in phase.intra)
             self._tid = np.concatenate([self._tid, np.full(added, tid, dtype=np.int64)])
             self._remaining = np.concatenate([self._remaining, phase.sizes])
             self._rates = np.concatenate([self._rates, np.zeros(added)])  # not yet solved

@@ -61,6 +61,13 @@ class ClusterSpec:
             operation) moves per second: on the emulated cluster a TCP connection through the
             shaped link does not reach the link rate with a burst of a megabyte or more (the
             ring allreduce's smaller messages do); ``None``: no such limit.
+        copy_intra: intra-host all-to-all flows cross their rank's copy resource too (default);
+            ``False`` where loopback copies inside a host are bound by ``nvlink_gbps`` alone (the
+            calibrated emulated cluster: loopback moves gigabits a second where a TCP connection
+            through the shaped link moves a few hundred megabits).
+        pair_flow_loss: share of the host link's goodput lost per extra flow of one all-to-all
+            between the same two hosts (TCP connections sharing one shaped queue; fitted by
+            ``lina sim --calibrate``); 0: none.
         a2a_in_flight: all-to-all operations one rank runs at once: 1 on GPUs (one
             communication stream); 2 on the emulated cluster (Gloo serves asynchronous
             operations with two threads per process group), so pipelined micro-ops overlap.
@@ -83,6 +90,8 @@ class ClusterSpec:
     allreduce_launch_s: float | None = None
     flow_copy_gbps: float | None = None
     a2a_in_flight: int = 1
+    copy_intra: bool = True
+    pair_flow_loss: float = 0.0
 
     def __post_init__(self):
         _integer(self, "hosts", "gpus_per_host", "nics_per_host")
@@ -94,6 +103,8 @@ class ClusterSpec:
         _non_negative(self, "launch_s", "per_peer_s", "hop_latency_s")
         if self.allreduce_launch_s is not None:
             _non_negative(self, "allreduce_launch_s")
+        if not 0.0 <= self.pair_flow_loss < 1.0:
+            raise ConfigError("pair_flow_loss", f"{self.pair_flow_loss} is outside [0, 1)", "use a share of the link, e.g. 0.05")
         if self.link_efficiency > 1:
             raise ConfigError("link_efficiency", f"{self.link_efficiency} is above 1", "use a fraction in (0, 1]")
         if self.gpus_per_host % self.nics_per_host:

@@ -8,9 +8,11 @@ Resource layout per host (``stride = 2 * nics + 2 * gpus_per_host``)::
 A flow between two GPUs of one host crosses ``nvl_out[src]`` and ``nvl_in[dst]``; between
 hosts it crosses ``nic_out[nic(src)]`` and ``nic_in[nic(dst)]``. With ``rank_copy_gbps`` every
 GPU also has a *copy* resource (after all the strides) that the all-to-all flows it sends cross,
-wherever they go: the process that moves the bytes when collectives run over TCP on CPUs. With
-``flow_copy_gbps`` each all-to-all flow between hosts is also capped on its own (a TCP
-connection through the emulated cluster's shaped link).
+wherever they go (only those to other hosts without ``copy_intra``): the process that moves the
+bytes when collectives run over TCP on CPUs. With ``flow_copy_gbps`` each all-to-all flow between
+hosts is also capped on its own (a TCP connection through the emulated cluster's shaped link), and
+with ``pair_flow_loss`` the flows of one all-to-all between the same two hosts cost the link more
+per byte the more of them there are.
 
 **Representative mode.** When every host sees the same traffic (uniform routing in training,
 groups that are whole hosts), the max-min allocation is the same on every host: progressive
@@ -37,12 +39,17 @@ class FlowClass:
 
     ``count`` is how many members cross each of those resources (the same on each); ``cap`` is
     the most one member moves per second whatever the resources leave it (``inf``: no cap).
+    ``link_cost`` is what one byte takes of the first two resources (the ports the flow leaves
+    and enters by: above 1 when flows sharing a host link lose goodput, see
+    ``ClusterSpec.pair_flow_loss``); ``intra``: the members stay inside one host.
     """
 
     resources: tuple[int, ...]
     count: float
     size: float
     cap: float = float("inf")
+    link_cost: float = 1.0
+    intra: bool = False
 
 
 class Topology:
@@ -111,9 +118,10 @@ class Topology:
             src: ``[P]`` int sending ranks (in representative mode, ranks of host 0 only).
             dst: ``[P]`` int receiving ranks (any host).
             size: ``[P]`` or scalar, bytes of each flow.
-            copy: the flows also cross their sending GPU's copy resource (all-to-all traffic,
-                when the cluster has ``rank_copy_gbps``), and each is capped at
-                ``flow_copy_gbps`` when the cluster has it.
+            copy: all-to-all traffic: the flows also cross their sending GPU's copy resource
+                (when the cluster has ``rank_copy_gbps``; flows inside a host only with
+                ``copy_intra``), each flow between hosts is capped at ``flow_copy_gbps`` when the
+                cluster has it, and flows between the same two hosts pay ``pair_flow_loss``.
 
         Returns:
             One :class:`FlowClass` per distinct (resources, size); self-sends and empty flows
@@ -130,6 +138,11 @@ class Topology:
         hs, a = np.divmod(src, g)
         hd, b = np.divmod(dst, g)
         same = hs == hd
+        cost = np.ones(src.shape)
+        loss = self.cluster.pair_flow_loss
+        if copy and loss > 0 and (~same).any():  # flows of this operation between each pair of hosts
+            _, pair, per_pair = np.unique(np.stack([hs, hd], axis=1), axis=0, return_inverse=True, return_counts=True)
+            cost = np.where(same, 1.0, 1.0 / np.maximum(0.1, 1.0 - loss * (per_pair[pair.reshape(-1)] - 1)))
         if self.representative:
             if (hs != 0).any():
                 raise ValueError("representative topology takes flows sent by host 0 only")
@@ -141,14 +154,16 @@ class Topology:
         r_in = np.where(same, hd * self.stride + 2 * n + g + b, hd * self.stride + n + nic_b)
         through_copy = copy and self.cluster.rank_copy_gbps is not None
         copy_res = self.copy_base + hs * g + a if through_copy else np.full(src.shape, -1)
-        keys = np.stack([r_out.astype(float), r_in.astype(float), size, copy_res.astype(float), same.astype(float)], axis=1)
+        if through_copy and not self.cluster.copy_intra:
+            copy_res = np.where(same, -1, copy_res)
+        keys = np.stack([r_out.astype(float), r_in.astype(float), size, copy_res.astype(float), same.astype(float), cost], axis=1)
         uniq, counts = np.unique(keys, axis=0, return_counts=True)
         flow_cap = self.cluster.flow_copy_bytes_per_s if copy else None
         out = []
         for k, members in zip(uniq, counts):
             resources = (int(k[0]), int(k[1])) + ((int(k[3]),) if k[3] >= 0 else ())
             cap = float("inf") if flow_cap is None or k[4] else flow_cap  # the cap is TCP's over a host link
-            out.append(FlowClass(resources, float(members), float(k[2]), cap))
+            out.append(FlowClass(resources, float(members), float(k[2]), cap, float(k[5]), bool(k[4])))
         return out
 
     def nic_load(self, classes: list[FlowClass]) -> float:

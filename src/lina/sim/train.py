@@ -15,7 +15,7 @@ from lina.obs.timeline import Timeline, union_length
 from lina.sim.collectives import all_to_all
 from lina.sim.compute import ComputeProfile
 from lina.sim.engine import Executor, Task
-from lina.sim.network import Transfer
+from lina.sim.network import INTRA_SUFFIX, Transfer
 from lina.sim.policies import TrainPolicy, train_policy
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec, resolve_ep
 from lina.sim.topology import Topology
@@ -201,13 +201,19 @@ def simulate_step(
     return measure(pol.name, tasks, plan, time.perf_counter() - started, events)
 
 
-def _allreduce_speed(profile: ComputeProfile):
-    """Allreduces lose ``allreduce_slowdown_in_compute`` of their speed while the device computes
-    (``None`` when they lose nothing: the network is left as it is)."""
-    slow = profile.allreduce_slowdown_in_compute
-    if not slow:
+def _comm_speed(profile: ComputeProfile):
+    """Allreduces lose ``allreduce_slowdown_in_compute`` of their speed while the device computes,
+    all-to-all bytes inside a host ``loopback_slowdown_in_compute`` (``None`` when they lose
+    nothing: the network is left as it is)."""
+    slow_ar = profile.allreduce_slowdown_in_compute
+    slow_loop = profile.loopback_slowdown_in_compute
+    if not slow_ar and not slow_loop:
         return None
-    return lambda ex: {"allreduce": 1.0 - slow if ex.stream_busy("compute") else 1.0}
+
+    def speeds(ex: Executor) -> dict[str, float]:
+        busy = ex.stream_busy("compute")
+        return {"allreduce": 1.0 - slow_ar if busy else 1.0, "a2a" + INTRA_SUFFIX: 1.0 - slow_loop if busy else 1.0}
+    return speeds
 
 
 def _run(plan: StepPlan, pol: TrainPolicy, topo: Topology, cache: TransferCache) -> tuple[list[Task], int]:
@@ -221,7 +227,7 @@ def _run(plan: StepPlan, pol: TrainPolicy, topo: Topology, cache: TransferCache)
         _priority_gate if pol.priority else (lambda task, ex: True),
         lambda ex: profile.compute_rate(ex.stream_busy("a2a"), ex.stream_busy("allreduce")),
         first_come=("a2a",),
-        comm_speed=_allreduce_speed(profile),
+        comm_speed=_comm_speed(profile),
     )
     executor.run()
     return tasks, executor.events
