@@ -68,6 +68,7 @@ from lina.errors import ConfigError, LinaError
 from lina.obs.timeline import Span, Timeline, intersection_length, load_jsonl, union_length
 from lina.sim.compute import ComputeProfile
 from lina.sim.fit_links import fit_allreduce, fit_a2a, fit_loopback
+from lina.sim.repeats import pooled_rows, step_times
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec
 from lina.sim.train import TrainResult, simulate_step
 from lina.sim.train_step import StepPlan
@@ -775,10 +776,15 @@ class CalibrationReport:
     fit: CalibrationFit
     rows: list[dict]
     holdout_rows: list[dict] = field(default_factory=list)  # runs predicted but never fitted
+    config_rows: list[dict] = field(default_factory=list)  # the fitted runs per configuration and policy (see lina.sim.repeats)
 
     @property
     def median_abs_error(self) -> float:
         return statistics.median(abs(r["error"]) for r in self.rows)
+
+    @property
+    def config_median_abs_error(self) -> float | None:
+        return statistics.median(abs(r["error"]) for r in self.config_rows) if self.config_rows else None
 
     @property
     def holdout_median_abs_error(self) -> float | None:
@@ -786,7 +792,8 @@ class CalibrationReport:
 
     def to_dict(self) -> dict:
         return {"fit": self.fit.to_dict(), "rows": self.rows, "median_abs_error": self.median_abs_error,
-                "holdout_rows": self.holdout_rows, "holdout_median_abs_error": self.holdout_median_abs_error}
+                "holdout_rows": self.holdout_rows, "holdout_median_abs_error": self.holdout_median_abs_error,
+                "config_rows": self.config_rows, "config_median_abs_error": self.config_median_abs_error}
 
 
 def _rows(fitted: CalibrationFit, runs: list[RunRecord]) -> list[dict]:
@@ -806,7 +813,8 @@ def calibrate(root: str | Path | list, holdout: str | Path | None = None) -> Cal
     runs = [r for folder in roots for r in find_runs(folder)]
     held = find_runs(holdout) if holdout is not None else []
     fitted = fit(runs)
-    return CalibrationReport(fitted, _rows(fitted, runs), _rows(fitted, held))
+    rows = _rows(fitted, runs)
+    return CalibrationReport(fitted, rows, _rows(fitted, held), pooled_rows(rows, [step_times(r.spans) for r in runs]))
 
 
 def _rate(bytes_per_s: float | None, per: str) -> str:
@@ -848,6 +856,16 @@ def report_text(rep: CalibrationReport) -> str:
     lines += _table(rep.rows)
     lines.append(f"median |error|: {rep.median_abs_error:.1%} over {len(rep.rows)} runs; "
                  f"{_within(rep.rows)} of {len(rep.rows)} within 10%")
+    repeated = [r for r in rep.config_rows if r["runs"] > 1]
+    if repeated:
+        lines += ["", f"per configuration and policy ({len(repeated)} measured more than once, each pooled: the median of all its runs' steps):",
+                  f"  {'config':<52}{'policy':<12}{'runs ms':>16}{'pooled ms':>11}{'predicted ms':>14}{'error':>9}"]
+        for r in repeated:
+            runs_ms = ", ".join(f"{m * 1e3:.0f}" for m in r["run_medians_s"])
+            lines.append(f"  {r['config'][:51]:<52}{r['policy']:<12}{runs_ms:>16}{r['measured_s'] * 1e3:>11.1f}"
+                         f"{r['predicted_s'] * 1e3:>14.1f}{r['error']:>+9.1%}")
+        lines.append(f"median |error| per configuration: {rep.config_median_abs_error:.1%} over {len(rep.config_rows)} configurations; "
+                     f"{_within(rep.config_rows)} of {len(rep.config_rows)} within 10%")
     if rep.holdout_rows:
         lines += ["", "held-out runs (predicted with the parameters above, never fitted to):"] + _table(rep.holdout_rows)
         lines.append(f"held-out median |error|: {rep.holdout_median_abs_error:.1%} over {len(rep.holdout_rows)} runs; "
@@ -876,7 +894,7 @@ def run_command(root: str | list[str], json_path: str | None, holdout: str | Non
         path.write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
         from lina.sim.plots import plot_calibration
 
-        png = plot_calibration(rep.rows, rep.holdout_rows, path.with_suffix(".png"))
+        png = plot_calibration(rep.rows, rep.holdout_rows, path.with_suffix(".png"), rep.config_rows)
         print(f"wrote {path} and {png}")
     return 0
 

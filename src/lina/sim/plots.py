@@ -65,9 +65,10 @@ def plot_breakdown(run: ScenarioRun, path: str | Path) -> Path:
     return path
 
 
-def plot_calibration(rows: list[dict], holdout_rows: list[dict], path: str | Path) -> Path:
+def plot_calibration(rows: list[dict], holdout_rows: list[dict], path: str | Path, config_rows: list[dict] | None = None) -> Path:
     """Predicted against measured step time of every calibration row (held-out rows apart), with
-    the diagonal and a 10% band."""
+    the diagonal and a 10% band; configurations measured more than once (``config_rows`` with
+    ``runs`` > 1) get a line from their lowest to their highest run median, at their prediction."""
     path = Path(path)
     fig, ax = plt.subplots(figsize=(5.6, 5.2))
     everything = rows + holdout_rows
@@ -77,6 +78,10 @@ def plot_calibration(rows: list[dict], holdout_rows: list[dict], path: str | Pat
     for group, marker, label in ((rows, "o", "fitted runs"), (holdout_rows, "^", "held-out runs")):
         if group:
             ax.scatter([r["measured_s"] * 1e3 for r in group], [r["predicted_s"] * 1e3 for r in group], marker=marker, s=22, label=label)
+    repeated = [r for r in config_rows or [] if r["runs"] > 1]
+    for i, r in enumerate(repeated):
+        ax.hlines(r["predicted_s"] * 1e3, min(r["run_medians_s"]) * 1e3, max(r["run_medians_s"]) * 1e3, color="tab:green", lw=1.2,
+                  label="runs of one configuration" if i == 0 else None)
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     ax.set_xlabel("measured median step (ms, emulated cluster)")
