@@ -186,9 +186,13 @@ def test_flow_fairness_lets_many_flows_crowd_out_a_ring():
 
 
 # ------------------------------------------------------------------ symmetry reduction
-@pytest.mark.parametrize("hosts,gpus,nics,ep", [(2, 2, 1, 4), (4, 2, 1, 4), (4, 2, 2, 8), (4, 4, 1, 2)])
-def test_representative_host_equals_full_simulation(hosts, gpus, nics, ep):
-    c = ClusterSpec(hosts=hosts, gpus_per_host=gpus, link_gbps=8.0, nics_per_host=nics, nvlink_gbps=40.0)
+CALIBRATED = dict(rank_copy_gbps=3.0, flow_copy_gbps=2.0, copy_intra=False, pair_flow_loss=0.05)  # the emulated cluster's limits
+
+
+@pytest.mark.parametrize("hosts,gpus,nics,ep,limits", [(2, 2, 1, 4, {}), (4, 2, 1, 4, {}), (4, 2, 2, 8, {}), (4, 4, 1, 2, {}),
+                                                       (2, 2, 1, 4, CALIBRATED), (4, 2, 1, 8, CALIBRATED)])
+def test_representative_host_equals_full_simulation(hosts, gpus, nics, ep, limits):
+    c = ClusterSpec(hosts=hosts, gpus_per_host=gpus, link_gbps=8.0, nics_per_host=nics, nvlink_gbps=40.0, **limits)
     times = []
     for representative in (True, False):
         topo = Topology(c, representative=representative)
