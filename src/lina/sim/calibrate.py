@@ -73,7 +73,7 @@ from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec
 from lina.sim.train import TrainResult, simulate_step
 from lina.sim.train_step import StepPlan
 
-INTRA_FACTOR = 10.0  # intra-host link rate / host link rate: above what the rank copy limit lets a rank send
+INTRA_FACTOR = 10.0  # intra-host link rate / host link rate when no loopback all-to-all was measured: above what the rank copy limit lets a rank send
 GLOO_THREADS = 2  # threads of a Gloo process group: asynchronous operations of one rank run two at a time
 
 
