@@ -306,7 +306,8 @@ def test_flows_between_the_same_two_hosts_lose_goodput():
 
 def test_loopback_flows_have_a_kind_of_their_own():
     """``set_speed("a2a-intra", 0.5)`` halves a loopback flow (0.4 GB at 10 GB/s: 0.08 s) and
-    leaves a flow of the same all-to-all to another host alone (1 GB/s link: 0.4 s)."""
+    leaves a flow of the same all-to-all to another host alone (1 GB/s link: 0.4 s); an
+    allreduce's flow inside a host follows ``set_speed("allreduce", ...)``."""
     topo = Topology(bare(hosts=2, gpus=2, nvlink_gbps=80.0), representative=False)
     net = FlowNetwork(topo.capacity)
     net.set_speed("a2a-intra", 0.5)
@@ -316,6 +317,12 @@ def test_loopback_flows_have_a_kind_of_their_own():
     across = net.start(Transfer("out", (make_phase(classes, 0.0, topo.n_resources),)), kind="a2a")
     ends = drain(net)
     assert ends[inside] == pytest.approx(0.08) and ends[across] == pytest.approx(0.4)
+    # without a speed of their own, flows inside a host move at their transfer's kind's speed
+    net = FlowNetwork(topo.capacity)
+    net.set_speed("allreduce", 0.5)
+    inside = net.start(Transfer("in", (make_phase(topo.classes(np.array([0]), np.array([1]), np.array([0.4 * GB])), 0.0, topo.n_resources),)),
+                       kind="allreduce")
+    assert drain(net)[inside] == pytest.approx(0.08)
 
 
 def test_a_first_come_stream_serves_the_earlier_transfer_first():

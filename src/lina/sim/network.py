@@ -100,7 +100,8 @@ class FlowNetwork:
         """Begin ``transfer`` now, its flows' fairness weights scaled by ``weight``; returns its id.
 
         ``kind`` names what it is (``"allreduce"``, ...) for :meth:`set_speed`; its flows inside
-        one host are of kind ``kind + INTRA_SUFFIX``.
+        one host are of kind ``kind + INTRA_SUFFIX``, which moves at ``kind``'s speed unless that
+        kind has a speed of its own.
         """
         if not weight > 0:
             raise ValueError(f"transfer weight must be positive, got {weight}")
@@ -228,7 +229,7 @@ class FlowNetwork:
             return
         usage, capacity, caps = self._usage, self.capacity, self._cap
         if self._speed and any(v != 1.0 for v in self._speed.values()):
-            speed = np.array([self._speed.get(k, 1.0) for k in self._kind])
+            speed = np.array([self._speed.get(k, self._speed.get(k.removesuffix(INTRA_SUFFIX), 1.0)) for k in self._kind])
             slowed = speed < 1.0
             with np.errstate(divide="ignore"):  # a member's rate with its resources to its class alone
                 alone = np.where(usage[slowed] > 0, capacity[None, :] / usage[slowed], np.inf).min(axis=1)
