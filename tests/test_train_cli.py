@@ -46,8 +46,14 @@ def _losses(out: Path) -> dict[int, float]:
 
 def test_training_lowers_loss_and_writes_outputs(tmp_path, tiny_config):
     out = tmp_path / "run"
-    res = run_lina("train", "--config", str(tiny_config), "--workers", "2", "--steps", "30", "--out", str(out))
+    trace = tmp_path / "trace"
+    res = run_lina("train", "--config", str(tiny_config), "--workers", "2", "--steps", "30", "--out", str(out), "--trace", str(trace))
     assert res.returncode == 0, res.stderr
+    # the trace streams to its file while the trainer keeps only recent spans: still every step
+    for rank in (0, 1):
+        steps = [r["args"]["step"] for r in map(json.loads, (trace / f"timeline-rank{rank}.jsonl").read_text().splitlines()) if r["cat"] == "step"]
+        assert steps == list(range(30))
+    assert (trace / "trace.json").exists() and (trace / "timeline.png").exists()
     losses = _losses(out)
     assert len(losses) == 30
     first, last = sum(losses[s] for s in range(3)) / 3, sum(losses[s] for s in range(27, 30)) / 3

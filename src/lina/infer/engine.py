@@ -76,7 +76,8 @@ class InferenceEngine:
         top_k: k.
         group: the process group of the N workers (None: one process).
         policy: a :class:`lina.infer.policies.ServingPolicy`.
-        timeline: spans of this rank.
+        timeline: spans of this rank; when None, the engine keeps its own and forgets each
+            batch's spans once its figures are read (a long serving run stays flat in memory).
     """
 
     def __init__(self, store: ExpertStore, top_k: int, group: dist.ProcessGroup | None, policy: ServingPolicy, timeline: Timeline | None = None):
@@ -86,6 +87,7 @@ class InferenceEngine:
         self.world = 1 if group is None else dist.get_world_size(group)
         self.rank = 0 if group is None else dist.get_rank(group)
         self.policy = policy
+        self._own_timeline = timeline is None
         self.timeline = timeline or Timeline(self.rank, enabled=True)
         self.num_experts = store.num_experts
 
@@ -216,4 +218,6 @@ class InferenceEngine:
         end = tl.now()
         tl.record("batch", "step", start, end, policy=self.policy.name)
         self._fill_stats(stats, tl.spans(since_s=start), start, end)
+        if self._own_timeline:
+            tl.clear()  # this batch's figures are read; nothing reads its spans again
         return h, stats

@@ -43,16 +43,27 @@ class Span:
 class Timeline:
     """Thread-safe span recorder for one rank.
 
+    A long run keeps its memory bounded with :meth:`drop_before` (the trainer drops what no
+    measurement needs any more after every step); with ``spill_path`` the dropped spans go to that
+    JSONL file instead of away, so a trace of a long run is complete without being held in memory
+    (:meth:`flush` writes the rest at the end).
+
     Args:
         rank: global rank the spans belong to.
         enabled: when False, ``span`` and ``record`` cost almost nothing and keep nothing.
+        spill_path: JSONL file for dropped spans (created empty here); None: dropped spans are gone.
     """
 
-    def __init__(self, rank: int = 0, enabled: bool = True):
+    def __init__(self, rank: int = 0, enabled: bool = True, spill_path: str | Path | None = None):
         self.rank = rank
         self.enabled = enabled
         self._spans: list[Span] = []
         self._lock = threading.Lock()
+        self.spill_path = Path(spill_path) if spill_path is not None else None
+        self.spilled = 0  # spans written to spill_path so far
+        if self.spill_path is not None:
+            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+            self.spill_path.write_text("")
 
     @staticmethod
     def now() -> float:
@@ -87,6 +98,30 @@ class Timeline:
     def clear(self) -> None:
         with self._lock:
             self._spans.clear()
+
+    def drop_before(self, end_s: float) -> int:
+        """Forget the spans that ended before ``end_s`` (to ``spill_path`` when set); spans still
+        open then, or recorded later, stay. Returns how many were dropped."""
+        with self._lock:
+            old = [s for s in self._spans if s.end_s < end_s]
+            if old:
+                self._spans = [s for s in self._spans if s.end_s >= end_s]
+        self._spill(old)
+        return len(old)
+
+    def flush(self) -> None:
+        """Spill every span still held (the end of a run with ``spill_path``)."""
+        with self._lock:
+            held, self._spans = self._spans, []
+        self._spill(held)
+
+    def _spill(self, spans: list[Span]) -> None:
+        if self.spill_path is None or not spans:
+            return
+        with open(self.spill_path, "a") as fh:
+            for s in spans:
+                fh.write(json.dumps(asdict(s)) + "\n")
+        self.spilled += len(spans)
 
     def total(self, cat: str, since_s: float | None = None, name_prefix: str | None = None) -> float:
         """Sum of span durations of one category (overlaps are counted twice)."""

@@ -46,11 +46,16 @@ class Trainer:
         group_set: every layout the run may switch to (EP size -> groups, from
             :func:`lina.comm.groups.build_group_set`); when a packing other than ``off`` needs
             layouts that are missing, they are created here (a collective).
+        bounded_timeline: after every step, drop the timeline's spans that no measurement needs
+            any more (all but the last ``packing_every + 1`` steps; to the timeline's spill file
+            when it has one), so a long run's memory and per-step work stay flat. False keeps
+            every span (benchmarks read them all at the end).
     """
 
     def __init__(self, cfg: TrainConfig, groups: ParallelGroups, corpus: Corpus, timeline: Timeline | None = None,
-                 group_set: dict[int, ParallelGroups] | None = None):
+                 group_set: dict[int, ParallelGroups] | None = None, bounded_timeline: bool = False):
         self.cfg = cfg
+        self._kept_step_starts: list[float] | None = [] if bounded_timeline else None
         self.corpus = corpus
         self.timeline = timeline or Timeline(groups.rank)
         self.packing = PackingController.from_config(cfg, groups.world_size)
@@ -203,7 +208,19 @@ class Trainer:
         end = tl.now()
         tl.record("step", "step", start, end, step=step, policy=self.policy.name)
         b = step_breakdown(tl.spans(since_s=start), Span("step", "step", start, end, tl.rank))
+        self._drop_old_spans(start)
         return StepResult(step, float(lm.detach()), end - start, b["a2a_total"], b["allreduce_in_flight"], b["allreduce_exposed"], self.experts_per_rank)
+
+    def _drop_old_spans(self, step_start: float) -> None:
+        """With ``bounded_timeline``: keep the spans of the last ``packing.every + 1`` steps (the
+        packing controller measures the last ``every``), drop older ones."""
+        if self._kept_step_starts is None:
+            return
+        self._kept_step_starts.append(step_start)
+        keep = max(2, self.packing.every + 1)
+        if len(self._kept_step_starts) > keep:
+            del self._kept_step_starts[:-keep]
+            self.timeline.drop_before(self._kept_step_starts[0])
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -82,8 +82,10 @@ def _train(cfg: TrainConfig) -> dict | None:
     ep_sizes = controller.ep_sizes() + ([checkpoint.packing_ep_size(state, controller.initial_ep())] if state else [])
     group_set = build_group_set(ep_sizes, cfg.timeout_s)
     corpus = load_corpus(cfg.corpus, cfg.corpus_max_mb)
-    timeline = Timeline(rank, enabled=True)
-    trainer = Trainer(cfg, group_set[controller.initial_ep()], corpus, timeline, group_set=group_set)
+    # The trace streams to its file as the run goes (a long run's spans are not held in memory).
+    trace_path = Path(cfg.trace) / f"timeline-rank{rank}.jsonl" if cfg.trace else None
+    timeline = Timeline(rank, enabled=True, spill_path=trace_path)
+    trainer = Trainer(cfg, group_set[controller.initial_ep()], corpus, timeline, group_set=group_set, bounded_timeline=True)
     start_step = 0
     if state is not None:
         start_step = trainer.load_state_dict(state)
@@ -134,10 +136,7 @@ def _train(cfg: TrainConfig) -> dict | None:
                 checkpoint.mark_latest(ckpt_root, step, world)
     wall = time.perf_counter() - wall_start
     trainer.policy.close()
-    if cfg.trace:
-        trace_dir = Path(cfg.trace)
-        trace_dir.mkdir(parents=True, exist_ok=True)
-        timeline.save_jsonl(trace_dir / f"timeline-rank{rank}.jsonl")
+    timeline.flush()  # the rest of the trace, when there is one
     if rank != 0:
         return None
     summary = summarize(cfg, results, val_loss, wall)
