@@ -61,3 +61,37 @@ def test_report_carries_packing_and_busy_share(tmp_path, capsys):
     assert "packing chosen: 4 experts per rank (EP size 2 of 4)" in text and "80.0%" in text and "79-86%" in text
     plot(result, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_round_schedule_settles_only_after_the_experts_move():
+    from lina.bench.train_worker import round_schedule
+
+    policies = ["deepspeed", "lina", "lina+packing"]
+    layout = {"deepspeed": 4, "lina": 4, "lina+packing": 1}
+    rnd = round_schedule(policies, layout, 4, steps_per_round=2, settle=3)
+    assert rnd == [("deepspeed", [True, True]), ("lina", [True, True]), ("lina+packing", [False] * 3 + [True, True])]
+    # the next round starts packed: deepspeed moves the experts back, so it settles first
+    again = round_schedule(policies, layout, 1, steps_per_round=2, settle=3)
+    assert again[0] == ("deepspeed", [False] * 3 + [True, True]) and again[1] == ("lina", [True, True])
+    # nothing packs (many experts per rank already): no settling at all
+    flat = round_schedule(policies, {p: 4 for p in policies}, 4, steps_per_round=1, settle=5)
+    assert all(steps == [True] for _, steps in flat)
+    # ... unless the warm-up's packing search has just moved them (there and back)
+    after_search = round_schedule(policies, {p: 4 for p in policies}, 4, steps_per_round=1, settle=2, moved=True)
+    assert [steps for _, steps in after_search] == [[False, False, True], [True], [True]]
+
+
+def test_report_without_the_deepspeed_baseline(tmp_path, capsys):
+    entry = {
+        "experts": 4, "chunk_mb": 0.25, "chunk_sweep_s": None, "dense_grad_bytes": 1e6,
+        "policies": {"lina": _policy(0.8, 0.3, 0.35, 1), "lina+packing": _policy(0.6, 0.0, None, 4) | {"settle_steps": 6}},
+    }
+    config = analyse(entry, "flat", 400_000_000, 4, 1)
+    assert config["regime"]["a2a_share_deepspeed"] is None and "speedup_vs_deepspeed" not in config
+    assert config["policies"]["lina+packing"]["settle_steps"] == 6
+    result = {"policies": list(entry["policies"]), "configs": [config]}
+    print_report(result)
+    text = capsys.readouterr().out
+    assert "n/a (deepspeed not among the policies)" in text and "nan" not in text
+    plot(result, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 0

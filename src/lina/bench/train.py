@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5, help="interleaving rounds after warm-up")
     p.add_argument("--steps-per-round", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per policy")
+    p.add_argument("--settle", type=int, default=6,
+                   help="unmeasured steps after each switch that moves the experts to another layout (into and out of lina+packing's "
+                        "packing): the first steps after a move run up to 20%% faster than the steady state here (--quick: 1)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per rank per step (default 32: 2048 tokens per rank, so that, as in real MoE training, a step moves more all-to-all bytes than its experts have gradient bytes; --quick: 4)")
     p.add_argument("--chunk-mb", default="auto")
@@ -66,7 +69,7 @@ def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: 
         "layout": layout, "hosts": hosts, "workers_per_host": wph, "link_bps": link_bps, "experts": experts,
         "policies": policies, "model": BENCH_MODEL, "batch_size": args.batch_size, "chunk_mb": args.chunk_mb, "buckets": args.buckets,
         "pipeline_chunks": args.pipeline_chunks, "credit": args.credit, "seed": args.seed, "warmup": args.warmup, "rounds": args.rounds,
-        "steps_per_round": args.steps_per_round, "out": str(out), "packing_window": 2 if args.quick else PACKING_WINDOW,
+        "steps_per_round": args.steps_per_round, "settle": args.settle, "out": str(out), "packing_window": 2 if args.quick else PACKING_WINDOW,
     }
     plan.update(over)
     return plan
@@ -117,9 +120,11 @@ def run(args: argparse.Namespace) -> int:
     from lina.cluster.emulate import parse_duration_us
 
     if args.quick:
-        args.layouts, args.experts, args.rounds, args.steps_per_round, args.warmup = "flat", "4", 2, 1, 1
+        args.layouts, args.experts, args.rounds, args.steps_per_round, args.warmup, args.settle = "flat", "4", 2, 1, 1, 1
     if args.batch_size is None:
         args.batch_size = 4 if args.quick else 32
+    if args.settle < 0:
+        raise ConfigError("settle", f"{args.settle} steps", "use --settle 0 (measure right after a move) or more")
     if args.batch_size < 1:
         raise ConfigError("batch-size", f"{args.batch_size} sequences per rank", "use --batch-size 1 or more")
     layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
@@ -142,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
         if args.link == "auto":
             link_bps, _ = calibrate_link(args, layout, experts[0], out, delay_us)
         print(f"\n{layout}: {hosts} hosts x {wph} workers, link {format_rate(link_bps)}, delay {args.delay}; "
-              f"policies {', '.join(policies)} interleaved, {args.rounds} rounds x {args.steps_per_round} steps after {args.warmup} warm-up", flush=True)
+              f"policies {', '.join(policies)} interleaved, {args.rounds} rounds x {args.steps_per_round} steps after {args.warmup} warm-up, "
+              f"{args.settle} unmeasured after each move of the experts", flush=True)
         for entry in _launch(_plan(args, layout, experts, policies, link_bps, out), delay_us):
             configs.append(analyse(entry, layout, link_bps, hosts, wph))
     result = {

@@ -43,6 +43,7 @@ def analyse(entry: dict, layout: str, link_bps: int, hosts: int, wph: int) -> di
                 "steps": p["steps"],
                 "experts_per_rank": p.get("experts_per_rank", entry["experts"] // world),
                 "compute_busy_in_a2a": p.get("compute_busy_in_a2a"),
+                "settle_steps": p.get("settle_steps", 0),
             }
             for name, p in pols.items()
         },
@@ -63,21 +64,33 @@ def analyse(entry: dict, layout: str, link_bps: int, hosts: int, wph: int) -> di
     return out
 
 
+def _share_text(regime: dict) -> str:
+    share = regime["a2a_share_deepspeed"]
+    return "a2a share n/a (deepspeed not run)" if share is None else f"a2a {share * 100:.0f}%"
+
+
+def _regime_text(regime: dict) -> str:
+    """The all-to-all regime, measured by the deepspeed baseline (n/a when it was not among the policies)."""
+    if regime["a2a_share_deepspeed"] is None:
+        return "deepspeed a2a share and allreduce/a2a bytes n/a (deepspeed not among the policies)"
+    return f"deepspeed a2a share {regime['a2a_share_deepspeed'] * 100:.1f}%, allreduce/a2a bytes {regime['allreduce_to_a2a_bytes']:.2f}"
+
+
 def print_report(result: dict) -> None:
     print("\nlina bench train: median step time per policy (interleaved, same run)")
     for c in result["configs"]:
         reg = c["regime"]
-        share = reg["a2a_share_deepspeed"]
         print(f"\n{c['layout']}, {c['experts']} experts ({c['experts_per_rank']}/rank), top-2 | link {reg['link']}, "
-              f"deepspeed a2a share {share * 100:.1f}%, allreduce/a2a bytes {reg['allreduce_to_a2a_bytes']:.2f}, chunk {c['chunk_mb']:g} MB")
+              f"{_regime_text(reg)}, chunk {c['chunk_mb']:g} MB")
         print(f"  {'policy':13s} {'experts/rank':>12s} {'step ms':>9s} {'[min-max]':>17s} {'bwd a2a ms':>11s} {'allreduce ms':>13s} "
               f"{'a2a share':>10s} {'busy in a2a':>12s} {'speedup':>8s}")
         for name, p in c["policies"].items():
-            sp = c.get("speedup_vs_deepspeed", {}).get(name, float("nan"))
+            sp = c.get("speedup_vs_deepspeed", {}).get(name)
+            sp_text = "n/a" if sp is None else f"{sp:.2f}x"
             busy = p.get("compute_busy_in_a2a")
             busy_text = "n/a (no a2a)" if busy is None else f"{busy * 100:.1f}%"
             print(f"  {name:13s} {p.get('experts_per_rank', 0):12d} {p['step_time_s_median'] * 1e3:9.1f} {p['step_time_s_min'] * 1e3:8.1f}-{p['step_time_s_max'] * 1e3:<8.1f} "
-                  f"{p['bwd_a2a_s_median'] * 1e3:11.1f} {p['allreduce_s_median'] * 1e3:13.1f} {p['a2a_share'] * 100:9.1f}% {busy_text:>12s} {sp:7.2f}x")
+                  f"{p['bwd_a2a_s_median'] * 1e3:11.1f} {p['allreduce_s_median'] * 1e3:13.1f} {p['a2a_share'] * 100:9.1f}% {busy_text:>12s} {sp_text:>8s}")
         if c.get("packing"):
             pk = c["packing"]
             steps = "; ".join(f"{d['experts_per_rank']}->{d['new_experts_per_rank']}: {d['reason']}" for d in pk["decisions"])
@@ -127,7 +140,7 @@ def plot(result: dict, path: Path) -> None:
             ax.hlines(c["lower_bound_s"] * 1e3, k - width / 2, k + 0.8 - width / 2, colors="black", linestyles="--",
                       label="lower bound" if k == 0 else None)
     ax_busy.set_xticks([k + 0.4 - width / 2 for k in range(len(configs))],
-                       [f"{c['layout']}\n{c['experts']} experts\n{c['regime']['link']}, a2a {c['regime']['a2a_share_deepspeed'] * 100:.0f}%"
+                       [f"{c['layout']}\n{c['experts']} experts\n{c['regime']['link']}, {_share_text(c['regime'])}"
                         + (f"\npacked: {c['packing']['experts_per_rank']}/rank" if c.get("packing") else "") for c in configs])
     ax.set_ylabel("median step time (ms)")
     ax.set_title("lina bench train (emulated cluster)")

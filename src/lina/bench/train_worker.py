@@ -6,7 +6,8 @@ timeline. ``python -m lina.bench.train_worker PLAN.json`` (started by torchrun o
 controller (the one ``--packing auto`` uses) measures a few steps at each packing and doubles experts
 per rank while an FFN micro-op is shorter than an all-to-all micro-op; its measured steps then run
 at the packing it chose, the other policies at one layout without packing (the model moves between
-layouts when the policy changes; the move is outside the measured steps)."""
+layouts when the policy changes; the move and the settling steps after it, see
+:func:`round_schedule`, are outside the measured steps)."""
 
 from __future__ import annotations
 
@@ -102,12 +103,19 @@ def _run(plan: dict) -> None:
                 if rank == 0:
                     print(f"  experts {experts}: {policy} chose {experts // layout[policy]} experts per rank "
                           f"({len(search['decisions'])} decisions)", flush=True)
+        settled = {p: 0 for p in plan["policies"]}
+        # the packing search of the warm-up may have just moved the experts (and back)
+        moved = any(d.get("new_experts_per_rank") != d.get("experts_per_rank") for d in search.get("decisions", []))
         for r in range(plan["rounds"]):
-            for policy in plan["policies"]:
+            for policy, steps in round_schedule(plan["policies"], layout, trainer.groups.ep_size, plan["steps_per_round"], plan.get("settle", 0),
+                                                moved=moved and r == 0):
                 _select(trainer, policy, layout[policy])
-                for _ in range(plan["steps_per_round"]):
+                for is_measured in steps:
                     trainer.train_step(step)
-                    measured[policy].append(next(s for s in reversed(timeline.spans()) if s.cat == "step"))
+                    if is_measured:
+                        measured[policy].append(next(s for s in reversed(timeline.spans()) if s.cat == "step"))
+                    else:
+                        settled[policy] += 1
                     step += 1
             if rank == 0:
                 print(f"  experts {experts}: round {r + 1}/{plan['rounds']} done", flush=True)
@@ -124,6 +132,7 @@ def _run(plan: dict) -> None:
                                                                         "step_time_s_max": max(r["step_time_s"] for r in rows),
                                                                         "steps": len(rows),
                                                                         "experts_per_rank": experts // layout[p],
+                                                                        "settle_steps": settled[p],
                                                                         "compute_busy_in_a2a": _busy_share(rows)}
                          for p, rows in per_policy.items()},
             "packing": search,
@@ -133,6 +142,28 @@ def _run(plan: dict) -> None:
         del trainer
     if rank == 0:
         (out / f"results-{plan['layout']}.json").write_text(json.dumps(results, indent=2))
+
+
+def round_schedule(policies: list[str], layout: dict[str, int], ep_size: int, steps_per_round: int, settle: int,
+                   moved: bool = False) -> list[tuple[str, list[bool]]]:
+    """One interleaving round: for each policy in turn, its steps (True: measured, False: an
+    unmeasured settling step).
+
+    A policy whose layout (EP size, ``layout[policy]``) differs from the one the model is in when
+    its turn comes first runs ``settle`` unmeasured steps: after the experts move, the first steps
+    run up to 20% faster than the steady state on the emulated cluster (measured with
+    ``lina train --packing 4@5``: 4-6 fast steps after the move, on loopback as well), which would
+    flatter a packed policy measured right after its move. Switches that keep the layout measure at
+    once. ``ep_size``: the layout the model is in before the round; ``moved``: the experts have just
+    moved into it (the warm-up's packing search), so the first policy settles whatever its layout.
+    """
+    out = []
+    for policy in policies:
+        moved = moved or layout[policy] != ep_size
+        ep_size = layout[policy]
+        out.append((policy, [False] * (settle if moved else 0) + [True] * steps_per_round))
+        moved = False
+    return out
 
 
 def _select(trainer: Trainer, policy: str, ep_size: int) -> None:
