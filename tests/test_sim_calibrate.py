@@ -223,3 +223,28 @@ def test_compute_within_the_machine_cores():
     assert within_cores(SimpleNamespace(loopback_bytes_per_s=1e7), run, result(2.0), 0.7) == 0.7
     whole_cores = SimpleNamespace(**{**vars(run), "core_share": 1.0})
     assert within_cores(SimpleNamespace(loopback_bytes_per_s=1e7), whole_cores, result(1.0), 0.7) == 0.7
+
+
+def test_loopback_rate_is_fitted_to_the_step_times(monkeypatch):
+    """Runs whose all-to-alls stay partly inside hosts pick the loopback rate that predicts their
+    step times best, on a grid around the samples' rate; other runs do not take part, and
+    without such runs (or without a sampled rate) the fit is unchanged."""
+    from types import SimpleNamespace
+
+    from lina.sim import calibrate as cal
+
+    def run(per_host, measured):
+        return SimpleNamespace(ep_size=4, workers=4, workers_per_host=per_host, model=SimpleNamespace(experts=4), measured_step_s=measured)
+
+    true_rate = 4e8 * 2 ** 1.5  # on the grid: 2.83x the sampled 400 MB/s
+    # a step costs 1 s plus 1 GB of loopback copies at the rate: the measured runs ran at the true rate
+    monkeypatch.setattr(cal, "predict", lambda f, r: SimpleNamespace(step_s=1.0 + 1e9 / f.loopback_bytes_per_s))
+    local = [run(2, 1.0 + 1e9 / true_rate) for _ in range(3)]
+    flat = run(1, 50.0)  # no loopback all-to-all: its (badly predicted) step must not sway the fit
+    fitted = SimpleNamespace(loopback_bytes_per_s=4e8, loopback_step_runs=0)
+    monkeypatch.setattr(cal, "replace", lambda obj, **kw: SimpleNamespace(**{**vars(obj), **kw}))
+    out = cal.fit_loopback_to_steps(fitted, local + [flat])
+    assert out.loopback_bytes_per_s == pytest.approx(true_rate) and out.loopback_step_runs == 3
+    assert cal.fit_loopback_to_steps(fitted, [flat]) is fitted
+    none = SimpleNamespace(loopback_bytes_per_s=None, loopback_step_runs=0)
+    assert cal.fit_loopback_to_steps(none, local) is none

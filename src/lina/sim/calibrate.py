@@ -435,6 +435,8 @@ class CalibrationFit:
     loopback_bytes_per_s: float | None = None  # all-to-all bytes to ranks of the same host per second per whole core (None: not fitted)
     pair_flow_loss: float = 0.0  # host-link goodput lost per extra flow of one all-to-all between two hosts
     loopback_samples: int = 0
+    loopback_sampled_bytes_per_s: float | None = None  # what the uncontended loopback all-to-alls alone give (least squares)
+    loopback_step_runs: int = 0  # runs whose step times the loopback rate was fitted to (0: the samples' rate kept)
 
     def profile_for(self, run: RunRecord) -> ComputeProfile:
         """The fitted profile on ``run``'s share of the cores (costs and allreduce slowdown)."""
@@ -697,8 +699,42 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
     loopback_rate = fit_loopback(np.asarray(loopback), latency) if loopback else None
     if ar_launch is None:
         ar_launch, ar_hop = latency, 0.0
-    return CalibrationFit(profile, efficiency, latency, ar_launch, ar_hop, INTRA_FACTOR, len(samples), int(sum(ar_weights)), note,
-                          core_copy, flow_copy, exponent, exponent_no_a2a, ar_slowdown, loopback_rate, pair_loss, len(loopback))
+    fitted = CalibrationFit(profile, efficiency, latency, ar_launch, ar_hop, INTRA_FACTOR, len(samples), int(sum(ar_weights)), note,
+                            core_copy, flow_copy, exponent, exponent_no_a2a, ar_slowdown, loopback_rate, pair_loss, len(loopback),
+                            loopback_rate)
+    return fit_loopback_to_steps(fitted, runs)
+
+
+LOOPBACK_MULTIPLIERS = tuple(2.0 ** (k / 2) for k in range(-2, 7))  # around the samples' rate: 0.5x .. 8x
+
+
+def fit_loopback_to_steps(fitted: CalibrationFit, runs: list[RunRecord]) -> CalibrationFit:
+    """The loopback rate that best predicts the step times (least squares of relative errors) of
+    the runs whose all-to-alls stay partly inside hosts, searched around the rate the uncontended
+    loopback all-to-alls give alone.
+
+    Those samples cannot pin the rate down on shared cores: 1 MB moves in about 1 ms when both
+    ranks run and in 10-40 ms when one waits for a core (the waits are core sharing, which the
+    compute model charges already), so their least-squares rate follows how many waits a run
+    happened to catch (2.6 or 5.3 Gbit/s per core from two sets of the same configurations).
+    Searched on a grid of factors of sqrt(2), then refined by a quarter step either side.
+    ``fitted`` unchanged when there is no such run or no loopback rate.
+    """
+    base = fitted.loopback_bytes_per_s
+    local = [r for r in runs if _ep(r) > 1 and _group_ranks_per_host(r) > 1]
+    if base is None or not local:
+        return fitted
+
+    def cost(factor: float) -> float:
+        trial = replace(fitted, loopback_bytes_per_s=base * factor)
+        return sum(((predict(trial, r).step_s - r.measured_step_s) / r.measured_step_s) ** 2 for r in local)
+
+    costs = {m: cost(m) for m in LOOPBACK_MULTIPLIERS}
+    best = min(costs, key=costs.get)
+    for m in (best * 2 ** -0.25, best * 2 ** 0.25):
+        costs[m] = cost(m)
+    best = min(costs, key=costs.get)
+    return replace(fitted, loopback_bytes_per_s=base * best, loopback_step_runs=len(local))
 
 
 # --------------------------------------------------------------------------- predicting
@@ -837,8 +873,11 @@ def report_text(rep: CalibrationReport) -> str:
         f"({f.a2a_samples} uncontended forward all-to-alls, timed from the last rank's arrival); "
         f"{GLOO_THREADS} operations of a rank in flight at once (Gloo's threads), the earlier served first",
         (f"  all-to-alls inside a host (loopback): a rank sends {_rate(f.loopback_bytes_per_s, 'per core it has')} "
-         f"({f.loopback_samples} uncontended ones; the per-core limit above counts bytes to other hosts only); "
-         f"they lose the allreduce's share of speed beside compute, and their copies take the compute's cores"
+         + (f"(fitted to the step times of the {f.loopback_step_runs} runs with all-to-alls inside hosts; their "
+            f"{f.loopback_samples} uncontended loopback all-to-alls alone give {_rate(f.loopback_sampled_bytes_per_s, '')}, "
+            f"swayed by waits for a core; " if f.loopback_step_runs else f"({f.loopback_samples} uncontended ones; ")
+         + "the per-core limit above counts bytes to other hosts only); "
+         "they lose the allreduce's share of speed beside compute, and their copies take the compute's cores"
          if f.loopback_bytes_per_s else
          f"  intra-host rate {f.intra_factor:.1f}x the host link (assumed; inside a host the per-core limit binds first)"),
         f"  compute per token on one whole core (a run's ranks share its machine's cores): dense fwd {p.dense_fwd_s_per_token * 1e6:.3f} us, bwd {p.dense_bwd_s_per_token * 1e6:.3f} us per layer; "
