@@ -119,8 +119,7 @@ class Timeline:
         if self.spill_path is None or not spans:
             return
         with open(self.spill_path, "a") as fh:
-            for s in spans:
-                fh.write(json.dumps(asdict(s)) + "\n")
+            _write_jsonl(fh, spans)
         self.spilled += len(spans)
 
     def total(self, cat: str, since_s: float | None = None, name_prefix: str | None = None) -> float:
@@ -133,8 +132,12 @@ class Timeline:
 
     def save_jsonl(self, path: str | Path) -> None:
         with open(path, "w") as fh:
-            for s in self.spans():
-                fh.write(json.dumps(asdict(s)) + "\n")
+            _write_jsonl(fh, self.spans())
+
+
+def _write_jsonl(fh, spans: list[Span]) -> None:
+    for s in spans:
+        fh.write(json.dumps(asdict(s)) + "\n")
 
 
 def load_jsonl(path: str | Path) -> list[Span]:
