@@ -248,3 +248,29 @@ def test_loopback_rate_is_fitted_to_the_step_times(monkeypatch):
     assert cal.fit_loopback_to_steps(fitted, [flat]) is fitted
     none = SimpleNamespace(loopback_bytes_per_s=None, loopback_step_runs=0)
     assert cal.fit_loopback_to_steps(none, local) is none
+
+
+def test_fit_follows_each_runs_routing_skew(tmp_path):
+    """Runs of one shape whose routing differs (a hot receiver moving 1.6x the mean rank's bytes,
+    or none) take different times; the skew read from each run's timelines accounts for it."""
+    from dataclasses import replace
+
+    from lina.sim.calibrate import fit, predict
+
+    cluster = ClusterSpec(hosts=4, gpus_per_host=1, link_gbps=0.2, link_efficiency=EFFICIENCY, launch_s=LAUNCH, per_peer_s=0,
+                          hop_latency_s=HOP)
+    model = ModelSpec("tiny", layers=4, d_model=128, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=8, vocab=256,
+                      act_bytes=4, grad_bytes=4, param_bytes=4)
+    for i, (skew, policy) in enumerate([(1.0, "deepspeed"), (1.6, "deepspeed"), (1.0, "sequential"), (1.6, "sequential"), (1.3, "lina")]):
+        write_synthetic_run(tmp_path / f"{policy}-{skew}", cluster, model, TRUTH,
+                            TrainSpec(lina_a2a_chunks=2, coalesce_small=False, count_exchange=True, a2a_skew=skew), policy, steps=4, seed=i)
+    runs = find_runs(tmp_path)
+    assert sorted(round(r.a2a_skew, 6) for r in runs) == [1.0, 1.0, 1.3, 1.6, 1.6]
+    fitted = fit(runs)
+    assert fitted.link_efficiency == pytest.approx(EFFICIENCY, rel=0.05)
+    errors = {r.path.name: predict(fitted, r).step_s / r.measured_step_s - 1 for r in runs}
+    assert max(abs(e) for e in errors.values()) < 0.03, errors
+    # the same runs read as uniform miss the skewed one by far more
+    hot = next(r for r in runs if r.path.name == "deepspeed-1.6")
+    uniform = replace(hot, train=replace(hot.train, a2a_skew=1.0))
+    assert predict(fitted, uniform).step_s / hot.measured_step_s - 1 < -0.15

@@ -46,6 +46,13 @@ Fitted (pooled over all runs, so a prediction is not its own measurement played 
   rank's asynchronous all-to-alls ``GLOO_THREADS`` at a time, the earlier one first
   (``a2a_in_flight`` in the run's config overrides it).
 
+Read from each run, not fitted (an input like a routing trace): how uneven its all-to-alls were
+(:func:`lina.sim.a2a_skew.a2a_skew`: the busiest rank's bytes, sent or received, over the mean
+rank's; the busiest host's when the group's ranks share host links). An all-to-all ends when its
+busiest rank is done, so the link fit times the busiest's bytes and the prediction simulates
+them (``TrainSpec.a2a_skew``); with dropless routing on 4 hosts of one rank, 16 experts give
+1.5-1.6, 4 experts 1.3.
+
 Predicting (:func:`predict`) also keeps a step's compute and loopback copies within the cores
 its machine has (:func:`within_cores`).
 
@@ -66,6 +73,7 @@ import numpy as np
 
 from lina.errors import ConfigError, LinaError
 from lina.obs.timeline import Span, Timeline, intersection_length, load_jsonl, union_length
+from lina.sim.a2a_skew import a2a_skew
 from lina.sim.compute import ComputeProfile
 from lina.sim.fit_links import fit_allreduce, fit_a2a, fit_loopback
 from lina.sim.repeats import pooled_rows, step_times
@@ -94,6 +102,7 @@ class RunRecord:
     spans: dict[int, list[Span]] = field(repr=False, default_factory=dict)
     cpu_count: int | None = None  # cores of the machine the run shared (None: this machine's)
     a2a_in_flight: int = GLOO_THREADS  # all-to-all operations a rank's backend runs at once
+    a2a_skew: float = 1.0  # the busiest rank's all-to-all bytes over the mean rank's (lina.sim.a2a_skew)
 
     @property
     def core_share(self) -> float:
@@ -212,14 +221,17 @@ def read_run(path: str | Path) -> RunRecord:
     if not spans:
         raise LinaError(f"{path}: no timeline-rank*.jsonl files")
     counts = any(s.cat == "a2a" and s.name.split(".")[-1] == "counts" for s in spans[min(spans)])
-    train = TrainSpec(chunk_mb=chunk, bucket_mb=float(cfg["bucket_mb"]), tutel_chunks=chunks, lina_a2a_chunks=chunks, count_exchange=counts,
-                      coalesce_small=cfg["coalesce_small"])
     hosts, wph = int(cfg["hosts"]), int(cfg["workers_per_host"])
+    ep = int(cfg["ep_size"]) if cfg["ep_size"] else min(model.experts, hosts * wph)
+    # the busiest host's bytes when the group's all-to-alls share host links, else the busiest rank's
+    skew = a2a_skew(spans, min(wph, ep) if ep > wph else 1)
+    train = TrainSpec(chunk_mb=chunk, bucket_mb=float(cfg["bucket_mb"]), tutel_chunks=chunks, lina_a2a_chunks=chunks, count_exchange=counts,
+                      coalesce_small=cfg["coalesce_small"], a2a_skew=skew)
     if hosts * wph != int(cfg["workers"]):
         raise LinaError(f"{path}: {hosts} hosts x {wph} workers != {cfg['workers']} workers")
     return RunRecord(path, hosts, wph, float(cfg["link_bps"]), model, str(cfg["policy"]),
                      int(cfg["ep_size"]) if cfg["ep_size"] else None, train, float(measured), spans,
-                     int(cfg["cpu_count"]) if cfg["cpu_count"] else None, int(cfg["a2a_in_flight"]))
+                     int(cfg["cpu_count"]) if cfg["cpu_count"] else None, int(cfg["a2a_in_flight"]), skew)
 
 
 def find_runs(root: str | Path) -> list[RunRecord]:
@@ -678,10 +690,12 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
     for r, o in zip(runs, obs):
         line = r.link_bps / 8
         ep, g = _ep(r), _group_ranks_per_host(r)
-        for nbytes, dur in o.a2a:
-            if nbytes < 1024:
+        for mean_bytes, dur in o.a2a:
+            if mean_bytes < 1024:
                 small.append(dur)
-            elif _busiest_link_bytes(r, nbytes) > 0:
+                continue
+            nbytes = mean_bytes * r.a2a_skew  # the busiest rank's: it ends the all-to-all
+            if _busiest_link_bytes(r, nbytes) > 0:
                 samples.append((_busiest_link_bytes(r, nbytes) / line, nbytes, nbytes * (ep - g) / (ep - 1), nbytes / (ep - 1),
                                 r.core_share, dur, g * g))
             else:
@@ -837,7 +851,7 @@ def _rows(fitted: CalibrationFit, runs: list[RunRecord]) -> list[dict]:
     for r in runs:
         pred = predict(fitted, r).step_s
         rows.append({"run": str(r.path), "config": r.label, "policy": r.policy, "measured_s": r.measured_step_s,
-                     "predicted_s": pred, "error": (pred - r.measured_step_s) / r.measured_step_s})
+                     "predicted_s": pred, "error": (pred - r.measured_step_s) / r.measured_step_s, "a2a_skew": r.a2a_skew})
     return rows
 
 
@@ -889,8 +903,9 @@ def report_text(rep: CalibrationReport) -> str:
         f"  compute speed lost while an all-to-all is in flight {p.slowdown_in_a2a:.1%}, while an allreduce is {p.slowdown_in_allreduce:.1%} "
         f"(collectives share the compute's CPU cores); the last rank to reach an all-to-all computes {p.straggler:.1%} longer than the mean",
         *([f"  note: {f.note}"] if f.note else []),
+        *_skew_line(rep.rows),
         "",
-        f"  {'config':<52}{'policy':<12}{'measured ms':>12}{'predicted ms':>14}{'error':>9}",
+        f"  {'config':<52}{'policy':<12}{'skew':>6}{'measured ms':>12}{'predicted ms':>14}{'error':>9}",
     ]
     lines += _table(rep.rows)
     lines.append(f"median |error|: {rep.median_abs_error:.1%} over {len(rep.rows)} runs; "
@@ -912,9 +927,18 @@ def report_text(rep: CalibrationReport) -> str:
     return "\n".join(lines)
 
 
+def _skew_line(rows: list[dict]) -> list[str]:
+    skews = [r.get("a2a_skew", 1.0) for r in rows]
+    if not skews or max(skews) <= 1.0:
+        return []
+    return [f"  routing (an input, not fitted): each run's all-to-all skew (column 'skew': the busiest rank's bytes, or host's where the "
+            f"group's ranks share host links, over the mean rank's) is read from its timelines: {min(skews):.2f} to {max(skews):.2f}; "
+            "the simulated all-to-alls move the busiest's bytes"]
+
+
 def _table(rows: list[dict]) -> list[str]:
-    return [f"  {r['config'][:51]:<52}{r['policy']:<12}{r['measured_s'] * 1e3:>12.1f}{r['predicted_s'] * 1e3:>14.1f}{r['error']:>+9.1%}"
-            for r in rows]
+    return [f"  {r['config'][:51]:<52}{r['policy']:<12}{r.get('a2a_skew', 1.0):>6.2f}{r['measured_s'] * 1e3:>12.1f}"
+            f"{r['predicted_s'] * 1e3:>14.1f}{r['error']:>+9.1%}" for r in rows]
 
 
 def _within(rows: list[dict], bound: float = 0.10) -> int:
@@ -956,11 +980,22 @@ def write_synthetic_run(
     Every rank gets the same spans (training is symmetric); ``jitter`` scales each step's spans
     by a random factor in ``[1 - jitter, 1 + jitter]`` so the data are not all alike.
     ``cpu_count``: the cores the run says its ranks shared (default: one per rank); ``profile``
-    holds the costs as they were on those cores.
+    holds the costs as they were on those cores. With ``train.a2a_skew`` above 1, rank 0 is the
+    busiest receiver: its combine spans record ``a2a_skew`` times the mean rank's bytes and the
+    other ranks' the rest (so :func:`lina.sim.a2a_skew.a2a_skew` reads it back by rank).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    n = cluster.gpus
+    if train.a2a_skew > 1.0 and train.a2a_skew > n:
+        raise ConfigError("a2a_skew", f"{train.a2a_skew} is more than the {n} ranks can receive", f"use at most {n}")
     result = simulate_step(cluster, model, profile, train, policy)
+    others = (n - train.a2a_skew) / (n - 1) if n > 1 else 1.0
+
+    def recorded(rank: int, args: dict) -> dict:
+        if train.a2a_skew == 1.0 or args.get("phase") != "combine":
+            return args
+        return {**args, "bytes": args["bytes"] * (train.a2a_skew if rank == 0 else others)}
     rng = np.random.default_rng(seed)
     timelines = [Timeline(rank) for rank in range(cluster.gpus)]
     offset = 0.0
@@ -969,7 +1004,7 @@ def write_synthetic_run(
         scale = 1.0 + jitter * (2 * rng.random() - 1)
         for rank, tl in enumerate(timelines):
             for s in result.timeline(rank, 0.0, step).spans():
-                tl.record(s.name, s.cat, offset + s.start_s * scale, offset + s.end_s * scale, thread=s.thread, **s.args)
+                tl.record(s.name, s.cat, offset + s.start_s * scale, offset + s.end_s * scale, thread=s.thread, **recorded(rank, s.args))
         step_times.append(result.step_s * scale)
         offset += result.step_s * scale + 1e-3
     for tl in timelines:

@@ -292,6 +292,11 @@ class TrainSpec:
             offloading is not simulated).
         coalesce_small: as the real ``lina`` policy, dense tensors under a quarter chunk share
             micro-ops (in gradient-ready order, up to one chunk) instead of one micro-op each.
+        a2a_skew: routing imbalance of the all-to-alls: the busiest rank's bytes (the larger of
+            what it sends and what it receives) over what the mean rank sends. An all-to-all
+            ends when its busiest rank is done, so the simulated all-to-alls move the busiest
+            rank's bytes (1.0: every rank sends and receives the same, as uniform routing does;
+            :func:`lina.sim.a2a_skew.a2a_skew` measures it from a run's timelines).
     """
 
     chunk_mb: float = 30.0
@@ -307,9 +312,12 @@ class TrainSpec:
     state_bytes_per_param: float = 16.0
     memory_fraction: float = 0.8
     coalesce_small: bool = True
+    a2a_skew: float = 1.0
 
     def __post_init__(self):
         _positive(self, "chunk_mb", "bucket_mb")
+        if not self.a2a_skew >= 1.0:
+            raise ConfigError("a2a_skew", f"{self.a2a_skew!r} is below 1", "give the busiest rank's all-to-all bytes over the mean rank's (1.0: uniform)")
         _integer(self, "tutel_chunks", "credit_window")
         if self.a2a_algorithm not in A2A_ALGORITHMS:
             raise ConfigError("a2a_algorithm", f"unknown {self.a2a_algorithm!r}", f"use one of {', '.join(A2A_ALGORITHMS)}")

@@ -52,7 +52,7 @@ def packing_rule(plan: StepPlan, topo: Topology, memory_gb: float | None = None)
     tokens = micro_bytes / (m.d_model * m.act_bytes)
     ep, pack = plan.ep, plan.pack
     ffn = plan.expert_time(False, tokens)
-    a2a = transfer_time(topo, all_to_all(topo, ep, micro_bytes, t.a2a_algorithm)) if ep > 1 else 0.0
+    a2a = transfer_time(topo, all_to_all(topo, ep, micro_bytes * t.a2a_skew, t.a2a_algorithm)) if ep > 1 else 0.0
     step = {"pack": pack, "ep": ep, "ffn_micro_s": ffn, "a2a_micro_s": a2a}
     if ffn >= a2a:
         step["stop"] = "ffn >= a2a per micro-op"

@@ -162,8 +162,8 @@ class StepBuilder:
                                    layer=layer, kind="expert", direction=direction, chunk=0)
             self._expert_grads(layer, backward, ffn_all)
             return ffn_all
-        a2a = self.cache.a2a(p.ep, nbytes)
-        sent = nbytes * (p.ep - 1) / p.ep  # to other ranks, as the trainer's spans record it
+        a2a = self.cache.a2a(p.ep, nbytes * p.train.a2a_skew)  # the busiest rank's bytes: it ends the exchange
+        sent = nbytes * (p.ep - 1) / p.ep  # the mean rank's, to other ranks, as the trainer's spans record it
         if not backward and p.train.count_exchange:
             counts = 8.0 * m.experts
             prev = self.add(Task(f"fwd.counts.L{layer}", "a2a", "a2a", (prev,), transfer=self.cache.a2a(p.ep, counts),
