@@ -22,6 +22,7 @@ Scenarios are built in (:mod:`lina.sim.scenarios`) or read from TOML (:func:`loa
     batch_size = 1
     [train]          # optional
     chunk_mb = 30
+    a2a_skew = 1.3   # uneven routing: the busiest rank's all-to-all bytes over the mean's
     [profile]        # optional: measured costs instead of the device roofline
     dense_fwd_s_per_token = 1e-6
     ...
