@@ -70,6 +70,15 @@ allreduce_algorithm = "hierarchical"
     bad.write_text('[cluster]\nhosts = 2\ngpus_per_host = 1\nlink_gbps = 10\nwarp = 9\n[model]\nlayers = 1\n')
     assert main(["sim", "--config", str(bad)]) == 2
     assert "warp" in capsys.readouterr().err
+    # uneven routing: the all-to-alls move the busiest rank's bytes, so they take longer
+    skewed = tmp_path / "skewed.toml"
+    skewed.write_text(cfg.read_text() + "a2a_skew = 1.5\n")
+    assert main(["sim", "--config", str(skewed), "--json", str(tmp_path / "skewed.json")]) == 0
+    a2a = lambda path: json.loads(path.read_text())["policies"]["deepspeed"]["a2a_s"]  # noqa: E731
+    assert a2a(tmp_path / "skewed.json") > 1.2 * a2a(out)
+    skewed.write_text(cfg.read_text() + "a2a_skew = 0.5\n")
+    assert main(["sim", "--config", str(skewed)]) == 2
+    assert "a2a_skew" in capsys.readouterr().err
 
 
 def test_unknown_scenario_is_a_config_error(capsys):
