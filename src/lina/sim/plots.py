@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter  # noqa: E402
 
 from lina.sim.runner import ScenarioRun  # noqa: E402
 
@@ -65,30 +67,60 @@ def plot_breakdown(run: ScenarioRun, path: str | Path) -> Path:
     return path
 
 
+NICE_TICKS = (1, 2, 3, 5, 7)  # mantissas of the labelled ticks on a log axis
+
+
+def _plain_log_ticks(axis, low: float, high: float) -> None:
+    """Label a log axis with plain numbers (300, 500, 1000, ...) instead of powers of ten."""
+    ticks = [m * 10 ** e for e in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1) for m in NICE_TICKS]
+    axis.set_major_locator(FixedLocator([t for t in ticks if low <= t <= high]))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot_calibration(rows: list[dict], holdout_rows: list[dict], path: str | Path, config_rows: list[dict] | None = None) -> Path:
-    """Predicted against measured step time of every calibration row (held-out rows apart), with
-    the diagonal and a 10% band; configurations measured more than once (``config_rows`` with
-    ``runs`` > 1) get a line from their lowest to their highest run median, at their prediction."""
+    """Predicted against measured step time of every calibration row (held-out rows apart), on log
+    axes with the diagonal and a 10% band, and beside it each row's error against its measured
+    step; configurations measured more than once (``config_rows`` with ``runs`` > 1) get a line
+    from their lowest to their highest run median, at their prediction."""
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(5.6, 5.2))
+    fig, (ax, err) = plt.subplots(1, 2, figsize=(11.0, 5.0))
     everything = rows + holdout_rows
-    top = max(max(r["measured_s"], r["predicted_s"]) for r in everything) * 1.1e3
-    ax.plot([0, top], [0, top], color="k", lw=0.8)
-    ax.fill_between([0, top], [0, top * 0.9], [0, top * 1.1], color="grey", alpha=0.15, label="within 10%")
+    values = [v for r in everything for v in (r["measured_s"], r["predicted_s"])]
+    low, top = min(values) * 0.8e3, max(values) * 1.25e3
+    line = np.geomspace(low, top, 50)
+    ax.plot(line, line, color="k", lw=0.8)
+    ax.fill_between(line, line * 0.9, line * 1.1, color="grey", alpha=0.15, label="within 10%")
+    err.axhspan(-10, 10, color="grey", alpha=0.15, label="within 10%")
+    err.axhline(0, color="k", lw=0.8)
     for group, marker, label in ((rows, "o", "fitted runs"), (holdout_rows, "^", "held-out runs")):
         if group:
-            ax.scatter([r["measured_s"] * 1e3 for r in group], [r["predicted_s"] * 1e3 for r in group], marker=marker, s=22, label=label)
+            measured = [r["measured_s"] * 1e3 for r in group]
+            ax.scatter(measured, [r["predicted_s"] * 1e3 for r in group], marker=marker, s=22, label=label)
+            err.scatter(measured, [r["error"] * 100 for r in group], marker=marker, s=22, label=label)
     repeated = [r for r in config_rows or [] if r["runs"] > 1]
     for i, r in enumerate(repeated):
         ax.hlines(r["predicted_s"] * 1e3, min(r["run_medians_s"]) * 1e3, max(r["run_medians_s"]) * 1e3, color="tab:green", lw=1.2,
                   label="runs of one configuration" if i == 0 else None)
-    ax.set_xlim(0, top)
-    ax.set_ylim(0, top)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(low, top)
+    ax.set_ylim(low, top)
     ax.set_xlabel("measured median step (ms, emulated cluster)")
     ax.set_ylabel("simulated step (ms)")
     ax.set_title("simulator calibration")
     ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
+    err.set_xscale("log")
+    err.set_xlim(low, top)
+    _plain_log_ticks(ax.xaxis, low, top)
+    _plain_log_ticks(ax.yaxis, low, top)
+    _plain_log_ticks(err.xaxis, low, top)
+    err.set_xlabel("measured median step (ms, emulated cluster)")
+    err.set_ylabel("error of the simulated step (%)")
+    err.set_title("error per run")
+    err.legend(fontsize=8, loc="lower right")
+    err.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
