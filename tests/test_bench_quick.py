@@ -31,6 +31,9 @@ def test_bench_train_quick(tmp_path):
     for key in ("link", "a2a_share_deepspeed", "allreduce_to_a2a_bytes"):
         assert key in data["regime"]
     cfg = data["configs"][0]
+    # routing skew read back from the run folders' timelines: 4 experts on 4 ranks, top-2
+    assert cfg["regime"]["a2a_skew_deepspeed"] >= 1.0 and cfg["policies"]["lina"]["a2a_skew"] >= 1.0
+    assert "a2a skew" in res.stdout
     assert cfg["layout"] == "flat" and cfg["lower_bound_s"] > 0
     for name in ("deepspeed", "sequential", "tutel", "lina"):
         assert cfg["policies"][name]["step_time_s_median"] > 0

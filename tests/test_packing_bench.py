@@ -49,7 +49,8 @@ def test_report_carries_packing_and_busy_share(tmp_path, capsys):
                     "decisions": [{"step": 6, "experts_per_rank": 2, "new_experts_per_rank": 4, "reason": "FFN 1 ms vs all-to-all 3 ms per micro-op: pack"},
                                   {"step": 8, "experts_per_rank": 4, "new_experts_per_rank": 4, "reason": "no bubble, keep"}]},
     }
-    config = analyse(entry, "hierarchical", 100_000_000, 2, 2)
+    config = analyse(entry, "hierarchical", 100_000_000, 2, 2, skews={"deepspeed": 1.4, "lina": 1.3})
+    assert config["policies"]["lina"]["a2a_skew"] == 1.3 and config["policies"]["sequential"]["a2a_skew"] is None
     assert config["policies"]["lina+packing"]["experts_per_rank"] == 4
     assert config["policies"]["lina+packing"]["compute_busy_in_a2a"] == 0.8
     assert config["packing"]["experts_per_rank"] == 4
@@ -59,6 +60,7 @@ def test_report_carries_packing_and_busy_share(tmp_path, capsys):
     print_report(result)
     text = capsys.readouterr().out
     assert "packing chosen: 4 experts per rank (EP size 2 of 4)" in text and "80.0%" in text and "79-86%" in text
+    assert "a2a skew 1.40" in text
     plot(result, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").stat().st_size > 0
 
@@ -88,6 +90,7 @@ def test_report_without_the_deepspeed_baseline(tmp_path, capsys):
     }
     config = analyse(entry, "flat", 400_000_000, 4, 1)
     assert config["regime"]["a2a_share_deepspeed"] is None and "speedup_vs_deepspeed" not in config
+    assert config["regime"]["a2a_skew_deepspeed"] is None and config["policies"]["lina"]["a2a_skew"] is None
     assert config["policies"]["lina+packing"]["settle_steps"] == 6
     result = {"policies": list(entry["policies"]), "configs": [config]}
     print_report(result)

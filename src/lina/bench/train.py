@@ -29,6 +29,8 @@ from lina.bench.train_report import analyse, plot, print_report
 from lina.cluster.emulate import EmulateSpec, EmulatedCluster, format_rate, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
 from lina.errors import ConfigError
+from lina.obs.timeline import load_jsonl
+from lina.sim.a2a_skew import a2a_skew
 
 POLICIES = ("deepspeed", "sequential", "tutel", "lina", "lina+packing")
 LAYOUTS = {"pair": (2, 1), "flat": (4, 1), "hierarchical": (2, 2)}
@@ -103,6 +105,17 @@ def calibrate_link(args, layout: str, experts: int, out: Path, delay_us: float) 
     return rate, share
 
 
+def _skews(out: Path, layout: str, entry: dict) -> dict[str, float]:
+    """Per policy, the all-to-all skew of its measured steps, read from its run folder's timelines."""
+    skews = {}
+    for policy in entry["policies"]:
+        folder = out / "runs" / f"{layout}-e{entry['experts']}-{policy}"
+        spans = {int(f.stem.removeprefix("timeline-rank")): load_jsonl(f) for f in folder.glob("timeline-rank*.jsonl")}
+        if spans:
+            skews[policy] = a2a_skew(spans)
+    return skews
+
+
 def _parse_experts(text: str):
     """``workers`` or ``4,8,16`` -> a function of a layout's worker count giving its expert counts."""
     if text.strip() == "workers":
@@ -150,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
               f"policies {', '.join(policies)} interleaved, {args.rounds} rounds x {args.steps_per_round} steps after {args.warmup} warm-up, "
               f"{args.settle} unmeasured after each move of the experts", flush=True)
         for entry in _launch(_plan(args, layout, experts, policies, link_bps, out), delay_us):
-            configs.append(analyse(entry, layout, link_bps, hosts, wph))
+            configs.append(analyse(entry, layout, link_bps, hosts, wph, _skews(out, layout, entry)))
     result = {
         "regime": {
             "link": format_rate(configs[0]["regime"]["link_bps"]),

@@ -12,7 +12,10 @@ PAPER_SPEEDUP_WITH_PACKING = 1.57  # average over 2-16 experts
 PAPER_BUSY_IN_A2A = {"without packing": (0.33, 0.36), "with packing": (0.79, 0.86)}  # Table 3
 
 
-def analyse(entry: dict, layout: str, link_bps: int, hosts: int, wph: int) -> dict:
+def analyse(entry: dict, layout: str, link_bps: int, hosts: int, wph: int, skews: dict[str, float] | None = None) -> dict:
+    """One configuration's figures; ``skews``: per policy, its all-to-all skew read from the run's
+    timelines (:func:`lina.sim.a2a_skew.a2a_skew`: the busiest rank's bytes over the mean rank's)."""
+    skews = skews or {}
     pols = entry["policies"]
     world = hosts * wph
     ds = pols.get("deepspeed")
@@ -30,6 +33,7 @@ def analyse(entry: dict, layout: str, link_bps: int, hosts: int, wph: int) -> di
             "link": format_rate(link_bps),
             "a2a_share_deepspeed": ds["a2a_s"] / ds["step_time_s"] if ds else None,
             "allreduce_to_a2a_bytes": ring_bytes / ds["a2a_bytes"] if ds and ds["a2a_bytes"] else None,
+            "a2a_skew_deepspeed": skews.get("deepspeed"),
         },
         "policies": {
             name: {
@@ -44,6 +48,7 @@ def analyse(entry: dict, layout: str, link_bps: int, hosts: int, wph: int) -> di
                 "experts_per_rank": p.get("experts_per_rank", entry["experts"] // world),
                 "compute_busy_in_a2a": p.get("compute_busy_in_a2a"),
                 "settle_steps": p.get("settle_steps", 0),
+                "a2a_skew": skews.get(name),
             }
             for name, p in pols.items()
         },
@@ -73,7 +78,10 @@ def _regime_text(regime: dict) -> str:
     """The all-to-all regime, measured by the deepspeed baseline (n/a when it was not among the policies)."""
     if regime["a2a_share_deepspeed"] is None:
         return "deepspeed a2a share and allreduce/a2a bytes n/a (deepspeed not among the policies)"
-    return f"deepspeed a2a share {regime['a2a_share_deepspeed'] * 100:.1f}%, allreduce/a2a bytes {regime['allreduce_to_a2a_bytes']:.2f}"
+    text = f"deepspeed a2a share {regime['a2a_share_deepspeed'] * 100:.1f}%, allreduce/a2a bytes {regime['allreduce_to_a2a_bytes']:.2f}"
+    if regime.get("a2a_skew_deepspeed"):
+        text += f", a2a skew {regime['a2a_skew_deepspeed']:.2f} (busiest rank's bytes / mean)"
+    return text
 
 
 def print_report(result: dict) -> None:
