@@ -12,7 +12,9 @@ micro-op. The skew of a run is then
     sum over forward dispatches of  mean over ranks of sent
 
 (backward all-to-alls carry the same matrices transposed). It is 1.0 when every rank sends and
-receives alike, and what :attr:`lina.sim.spec.TrainSpec.a2a_skew` takes.
+receives alike, and what :attr:`lina.sim.spec.TrainSpec.a2a_skew` takes. Taken by host instead
+(``ranks_per_unit``), the bytes of a host's ranks add up first: where ranks share a host's link,
+the busiest link rather than the busiest rank ends the all-to-all.
 """
 
 from __future__ import annotations
