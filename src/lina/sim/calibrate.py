@@ -102,7 +102,11 @@ class RunRecord:
     spans: dict[int, list[Span]] = field(repr=False, default_factory=dict)
     cpu_count: int | None = None  # cores of the machine the run shared (None: this machine's)
     a2a_in_flight: int = GLOO_THREADS  # all-to-all operations a rank's backend runs at once
-    a2a_skew: float = 1.0  # the busiest rank's all-to-all bytes over the mean rank's (lina.sim.a2a_skew)
+
+    @property
+    def a2a_skew(self) -> float:
+        """The busiest rank's (or host's) all-to-all bytes over the mean rank's, read from the spans."""
+        return self.train.a2a_skew
 
     @property
     def core_share(self) -> float:
@@ -221,17 +225,18 @@ def read_run(path: str | Path) -> RunRecord:
     if not spans:
         raise LinaError(f"{path}: no timeline-rank*.jsonl files")
     counts = any(s.cat == "a2a" and s.name.split(".")[-1] == "counts" for s in spans[min(spans)])
-    hosts, wph = int(cfg["hosts"]), int(cfg["workers_per_host"])
-    ep = int(cfg["ep_size"]) if cfg["ep_size"] else min(model.experts, hosts * wph)
-    # the busiest host's bytes when the group's all-to-alls share host links, else the busiest rank's
-    skew = a2a_skew(spans, min(wph, ep) if ep > wph else 1)
     train = TrainSpec(chunk_mb=chunk, bucket_mb=float(cfg["bucket_mb"]), tutel_chunks=chunks, lina_a2a_chunks=chunks, count_exchange=counts,
-                      coalesce_small=cfg["coalesce_small"], a2a_skew=skew)
+                      coalesce_small=cfg["coalesce_small"])
+    hosts, wph = int(cfg["hosts"]), int(cfg["workers_per_host"])
     if hosts * wph != int(cfg["workers"]):
         raise LinaError(f"{path}: {hosts} hosts x {wph} workers != {cfg['workers']} workers")
-    return RunRecord(path, hosts, wph, float(cfg["link_bps"]), model, str(cfg["policy"]),
-                     int(cfg["ep_size"]) if cfg["ep_size"] else None, train, float(measured), spans,
-                     int(cfg["cpu_count"]) if cfg["cpu_count"] else None, int(cfg["a2a_in_flight"]), skew)
+    run = RunRecord(path, hosts, wph, float(cfg["link_bps"]), model, str(cfg["policy"]),
+                    int(cfg["ep_size"]) if cfg["ep_size"] else None, train, float(measured), spans,
+                    int(cfg["cpu_count"]) if cfg["cpu_count"] else None, int(cfg["a2a_in_flight"]))
+    # the busiest host's bytes when the group's all-to-alls share host links, else the busiest rank's
+    g = _group_ranks_per_host(run)
+    skew = a2a_skew(spans, g if _ep(run) > g else 1)
+    return replace(run, train=replace(train, a2a_skew=skew))
 
 
 def find_runs(root: str | Path) -> list[RunRecord]:
@@ -987,7 +992,7 @@ def write_synthetic_run(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     n = cluster.gpus
-    if train.a2a_skew > 1.0 and train.a2a_skew > n:
+    if train.a2a_skew > n:
         raise ConfigError("a2a_skew", f"{train.a2a_skew} is more than the {n} ranks can receive", f"use at most {n}")
     result = simulate_step(cluster, model, profile, train, policy)
     others = (n - train.a2a_skew) / (n - 1) if n > 1 else 1.0
