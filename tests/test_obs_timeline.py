@@ -50,3 +50,16 @@ def test_without_spill_path_dropped_spans_are_gone(tmp_path):
     tl.drop_before(5.0)
     tl.flush()
     assert tl.spans() == [] and tl.spilled == 0
+
+
+def test_rank_timelines_of_a_run_folder(tmp_path):
+    from lina.obs.timeline import load_rank_timelines
+
+    for rank in (0, 1, 10):
+        tl = Timeline(rank)
+        tl.record(f"op{rank}", "compute", 0.0, 1.0 + rank)
+        tl.save_jsonl(tmp_path / f"timeline-rank{rank}.jsonl")
+    spans = load_rank_timelines(tmp_path)
+    assert sorted(spans) == [0, 1, 10]
+    assert [s.name for s in spans[10]] == ["op10"] and spans[10][0].rank == 10
+    assert load_rank_timelines(tmp_path / "missing") == {}

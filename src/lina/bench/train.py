@@ -29,7 +29,7 @@ from lina.bench.train_report import analyse, plot, print_report
 from lina.cluster.emulate import EmulateSpec, EmulatedCluster, format_rate, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
 from lina.errors import ConfigError
-from lina.obs.timeline import load_jsonl
+from lina.obs.timeline import load_rank_timelines
 from lina.sim.a2a_skew import a2a_skew
 
 POLICIES = ("deepspeed", "sequential", "tutel", "lina", "lina+packing")
@@ -109,8 +109,7 @@ def _skews(out: Path, layout: str, entry: dict) -> dict[str, float]:
     """Per policy, the all-to-all skew of its measured steps, read from its run folder's timelines."""
     skews = {}
     for policy in entry["policies"]:
-        folder = out / "runs" / f"{layout}-e{entry['experts']}-{policy}"
-        spans = {int(f.stem.removeprefix("timeline-rank")): load_jsonl(f) for f in folder.glob("timeline-rank*.jsonl")}
+        spans = load_rank_timelines(out / "runs" / f"{layout}-e{entry['experts']}-{policy}")
         if spans:
             skews[policy] = a2a_skew(spans)
     return skews

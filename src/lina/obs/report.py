@@ -9,14 +9,12 @@ import statistics
 from pathlib import Path
 
 from lina.obs.chrome_trace import write_chrome_trace
-from lina.obs.timeline import Span, intersection_length, load_jsonl, union_length
+from lina.obs.timeline import Span, intersection_length, load_rank_timelines, union_length
 
 
 def load_run_spans(folder: Path) -> list[Span]:
-    spans: list[Span] = []
-    for path in sorted(folder.glob("timeline-rank*.jsonl")):
-        spans.extend(load_jsonl(path))
-    return spans
+    """Every rank's spans of a run folder, in one list."""
+    return [s for spans in load_rank_timelines(folder).values() for s in spans]
 
 
 def _is_expert_compute(s: Span) -> bool:

@@ -150,6 +150,12 @@ def load_jsonl(path: str | Path) -> list[Span]:
     return out
 
 
+def load_rank_timelines(folder: str | Path) -> dict[int, list[Span]]:
+    """Every rank's spans of a run folder (``timeline-rank{R}.jsonl`` files): rank -> spans; empty
+    when the folder has none."""
+    return {int(f.stem.removeprefix("timeline-rank")): load_jsonl(f) for f in sorted(Path(folder).glob("timeline-rank*.jsonl"))}
+
+
 def union_length(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of ``[start, end)`` intervals (seconds)."""
     total = 0.0

@@ -72,7 +72,7 @@ from pathlib import Path
 import numpy as np
 
 from lina.errors import ConfigError, LinaError
-from lina.obs.timeline import Span, Timeline, intersection_length, load_jsonl, union_length
+from lina.obs.timeline import Span, Timeline, intersection_length, load_rank_timelines, union_length
 from lina.sim.a2a_skew import a2a_skew
 from lina.sim.compute import ComputeProfile
 from lina.sim.fit_links import fit_allreduce, fit_a2a, fit_loopback
@@ -218,10 +218,7 @@ def read_run(path: str | Path) -> RunRecord:
         param_bytes=4,
     )
     chunks = int(cfg["pipeline_chunks"])
-    spans: dict[int, list[Span]] = {}
-    for f in sorted(path.glob("timeline-rank*.jsonl")):
-        rank = int(f.stem.removeprefix("timeline-rank"))
-        spans[rank] = load_jsonl(f)
+    spans = load_rank_timelines(path)
     if not spans:
         raise LinaError(f"{path}: no timeline-rank*.jsonl files")
     counts = any(s.cat == "a2a" and s.name.split(".")[-1] == "counts" for s in spans[min(spans)])
