@@ -33,7 +33,7 @@ ATOL = 1e-5
 def _cfg(packing: str = "off", memory_mb: float = 0.0) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32, experts=4, top_k=2),
-        workers=4, batch_size=4, schedule="lina", chunk_mb="0.05", pipeline_chunks=2, corpus_max_mb=0.3,
+        workers=4, batch_size=4, policy="lina", chunk_mb="0.05", pipeline_chunks=2, corpus_max_mb=0.3,
         packing=packing, max_expert_memory_mb=memory_mb,
     )
 

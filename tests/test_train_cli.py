@@ -30,11 +30,17 @@ def test_bad_config_is_rejected_before_workers_start(args, field):
     assert "Traceback" not in res.stderr
 
 
-def test_unknown_schedule_in_config_file(tmp_path):
+def test_unknown_policy_in_config_file(tmp_path):
     cfg = tmp_path / "bad.toml"
-    cfg.write_text('schedule = "fastest"\n')
+    cfg.write_text('policy = "fastest"\n')
     res = run_lina("train", "--config", str(cfg), timeout=60)
-    assert res.returncode == 2 and "schedule" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "policy" in res.stderr and "lina+packing" in res.stderr and "Traceback" not in res.stderr
+    cfg.write_text('schedule = "fastest"\n')  # the old name of the setting: accepted, with a note
+    res = run_lina("train", "--config", str(cfg), timeout=60)
+    assert res.returncode == 2 and "now called 'policy'" in res.stderr and "'fastest'" in res.stderr
+    cfg.write_text('policy = "lina-priority"\n')  # a simulator-only policy
+    res = run_lina("train", "--config", str(cfg), timeout=60)
+    assert res.returncode == 2 and "simulator only" in res.stderr
     cfg.write_text("[model]\nexpertz = 3\n")
     res = run_lina("train", "--config", str(cfg), timeout=60)
     assert res.returncode == 2 and "model.expertz" in res.stderr

@@ -19,8 +19,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from lina.errors import ConfigError
+from lina.policy import TRAIN_POLICIES, train_policy
 
-SCHEDULES = ("deepspeed", "sequential", "tutel", "lina")
+#: old name of a setting -> its name now (still accepted, with a note)
+RENAMED = {"schedule": "policy"}
 
 
 @dataclass
@@ -72,7 +74,7 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.01
     seed: int = 0
-    schedule: str = "deepspeed"
+    policy: str = "lina"  # a registered training policy (lina.policy), or module:NAME
     bucket_mb: float = 25.0
     chunk_mb: str = "auto"  # lina partition size in MB, or "auto"
     pipeline_chunks: int = 2  # all-to-all micro-ops per MoE layer for tutel / lina
@@ -100,6 +102,14 @@ class TrainConfig:
     def resolved_ep_size(self) -> int:
         return self.ep_size or self.workers
 
+    @property
+    def effective_packing(self) -> str:
+        """The packing the run uses: ``packing`` when set, else ``auto`` for a policy that packs
+        experts (``lina+packing``), else ``off``."""
+        if self.packing != "off":
+            return self.packing
+        return "auto" if train_policy(self.policy).packing else "off"
+
     def validate(self) -> None:
         self.model.validate()
         _positive_int("workers", self.workers)
@@ -112,8 +122,9 @@ class TrainConfig:
             raise ConfigError("ep_size", f"{ep} does not divide workers={self.workers}", "choose an EP size that divides the worker count")
         if self.model.experts % ep:
             raise ConfigError("experts", f"{self.model.experts} experts cannot be sharded evenly over an expert-parallel group of {ep} workers", f"use a multiple of {ep} experts (e.g. --experts {ep * max(1, self.model.experts // ep)}) or change --workers")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError("schedule", f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+        if not train_policy(self.policy).trainable:
+            trainable = ", ".join(n for n, p in TRAIN_POLICIES.items() if p.trainable)
+            raise ConfigError("policy", f"{self.policy!r} exists in the simulator only", f"train with one of {trainable}")
         if not self.lr > 0:
             raise ConfigError("lr", f"{self.lr} must be > 0", "use e.g. 3e-3")
         if self.bucket_mb <= 0:
@@ -143,7 +154,7 @@ class TrainConfig:
     def _validate_packing(self) -> None:
         from lina.train.packing import parse_packing, valid_experts_per_rank
 
-        spec = parse_packing(self.packing)
+        spec = parse_packing(self.effective_packing)
         _positive_int("packing_first_step", self.packing_first_step)
         _positive_int("packing_every", self.packing_every)
         if self.max_expert_memory_mb < 0:
@@ -169,9 +180,22 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        data = dict(data)
+        data = renamed_settings(dict(data))
         model = _build(ModelConfig, data.pop("model", {}), "model.")
         return _build(cls, {**data, "model": model}, "")
+
+
+def renamed_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """Settings under an old name (:data:`RENAMED`) moved to the new one, with a note on stderr;
+    both names at once is a config error."""
+    for old, new in RENAMED.items():
+        if old not in data:
+            continue
+        if new in data:
+            raise ConfigError(old, f"both {old!r} and {new!r} are set", f"keep only {new} ({old} is its old name)")
+        print(f"lina: note: the setting {old!r} is now called {new!r}; {old!r} is still accepted", file=sys.stderr)
+        data[new] = data.pop(old)
+    return data
 
 
 def _build(cls, data: dict[str, Any], prefix: str):

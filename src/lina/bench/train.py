@@ -29,10 +29,10 @@ from lina.bench.train_report import analyse, plot, print_report
 from lina.cluster.emulate import EmulateSpec, EmulatedCluster, format_rate, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
 from lina.errors import ConfigError
+from lina.policy import BENCH_POLICIES, TRAIN_POLICIES, train_policy
 from lina.obs.timeline import load_rank_timelines
 from lina.sim.a2a_skew import a2a_skew
 
-POLICIES = ("deepspeed", "sequential", "tutel", "lina", "lina+packing")
 LAYOUTS = {"pair": (2, 1), "flat": (4, 1), "hierarchical": (2, 2)}
 PACKING_WINDOW = 4  # steps measured at each packing before a decision (the controller's packing_every)
 TARGET_SHARE = 0.38
@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(about 4gbit here, where the all-to-all is bound by the shared cores more than by the link)")
     p.add_argument("--layouts", default="pair,flat,hierarchical", help="comma list of pair (2x1), flat (4x1), hierarchical (2x2)")
     p.add_argument("--experts", default="workers", help="'workers' (one expert per rank, as in the paper) or a comma list of expert counts")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma list, interleaved in this order")
+    p.add_argument("--policies", default=",".join(BENCH_POLICIES),
+                   help="comma list of training policies (lina.policy; module:NAME for one of your own), interleaved in this order")
     p.add_argument("--rounds", type=int, default=5, help="interleaving rounds after warm-up")
     p.add_argument("--steps-per-round", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per policy")
@@ -128,6 +129,16 @@ def _parse_experts(text: str):
     return lambda workers: counts
 
 
+def _check_policies(policies: list[str]) -> None:
+    """Every name a registered training policy the trainer can run (ConfigError otherwise)."""
+    trainable = ", ".join(n for n, p in TRAIN_POLICIES.items() if p.trainable)
+    if not policies or not all(policies):
+        raise ConfigError("policies", f"{','.join(policies)!r} names no policy", f"use a comma list of {trainable}")
+    for name in policies:
+        if not train_policy(name).trainable:
+            raise ConfigError("policies", f"{name!r} exists in the simulator only", f"use a comma list of {trainable}")
+
+
 def run(args: argparse.Namespace) -> int:
     from lina.cluster.emulate import parse_duration_us
 
@@ -145,9 +156,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("layouts", f"unknown layout {', '.join(bad) or '(none given)'}", f"use a comma list of {', '.join(LAYOUTS)}")
     experts_of = _parse_experts(args.experts)
     policies = [p.strip() for p in args.policies.split(",")]
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown:
-        raise ConfigError("policies", f"unknown {', '.join(unknown)}", f"use a comma list of {', '.join(POLICIES)}")
+    _check_policies(policies)
     json_path = Path(args.json)
     out = json_path.parent
     delay_us = parse_duration_us(args.delay)

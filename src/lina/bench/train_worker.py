@@ -2,10 +2,10 @@
 the policies interleaved (A B C D A B C D ...) after warm-up; per-step measurements from the one
 timeline. ``python -m lina.bench.train_worker PLAN.json`` (started by torchrun on each host).
 
-``lina+packing`` is the ``lina`` policy with expert packing: during its warm-up the packing
-controller (the one ``--packing auto`` uses) measures a few steps at each packing and doubles experts
-per rank while an FFN micro-op is shorter than an all-to-all micro-op; its measured steps then run
-at the packing it chose, the other policies at one layout without packing (the model moves between
+A policy that packs experts (``lina+packing``, :attr:`lina.policy.TrainPolicy.packing`): during its
+warm-up the packing controller (the one ``--packing auto`` uses) measures a few steps at each packing
+and doubles experts per rank while an FFN micro-op is shorter than an all-to-all micro-op; its
+measured steps then run at the packing it chose, the other policies at one layout without packing (the model moves between
 layouts when the policy changes; the move and the settling steps after it, see
 :func:`round_schedule`, are outside the measured steps)."""
 
@@ -24,18 +24,11 @@ from lina.config import ModelConfig, TrainConfig
 from lina.data.corpus import load_corpus
 from lina.obs.report import step_breakdown
 from lina.obs.timeline import Span, Timeline
+from lina.policy import train_policy
 from lina.train.packing import PackingController, packing_ep_sizes, parse_packing
 from lina.train.trainer import Trainer
 from lina.train.worker import init_distributed
 
-#: benchmark policy -> (gradient-sync schedule, expert packing)
-POLICY_SPECS = {
-    "deepspeed": ("deepspeed", "off"),
-    "sequential": ("sequential", "off"),
-    "tutel": ("tutel", "off"),
-    "lina": ("lina", "off"),
-    "lina+packing": ("lina", "auto"),
-}
 
 
 def step_metrics(spans: list[Span], step: Span) -> dict[str, float]:
@@ -72,14 +65,16 @@ def _run(plan: dict) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(plan["out"])
     timeout_s = plan.get("timeout_s", 300.0)
-    packing = any(POLICY_SPECS[p][1] != "off" for p in plan["policies"])
+    packing = any(train_policy(p).packing for p in plan["policies"])
     group_set = build_group_set(packing_ep_sizes(parse_packing("auto" if packing else "off"), 0, world), timeout_s)
     corpus = load_corpus("", 1.0)
     results = []
     for experts in plan["experts"]:
         model = ModelConfig(**{**plan["model"], "experts": experts})
-        schedules = [POLICY_SPECS[p][0] for p in plan["policies"]]
-        cfg = TrainConfig(model=model, workers=world, batch_size=plan["batch_size"], schedule="lina" if "lina" in schedules else schedules[-1],
+        # built with a policy that never packs (the benchmark runs the packing search itself, below);
+        # one that partitions gradients when any benchmarked policy does, so chunk_mb 'auto' is swept
+        partitioned = any(train_policy(p).partitions_gradients for p in plan["policies"])
+        cfg = TrainConfig(model=model, workers=world, batch_size=plan["batch_size"], policy="lina" if partitioned else "deepspeed",
                           chunk_mb=str(plan["chunk_mb"]), pipeline_chunks=plan["pipeline_chunks"], credit=plan.get("credit", 1), seed=plan["seed"],
                           timeout_s=timeout_s)
         cfg.validate()
@@ -98,7 +93,7 @@ def _run(plan: dict) -> None:
             for _ in range(plan["warmup"]):
                 trainer.train_step(step)
                 step += 1
-            if POLICY_SPECS[policy][1] == "auto":
+            if train_policy(policy).packing:
                 layout[policy], search, step = _search_packing(trainer, step, plan["packing_window"])
                 if rank == 0:
                     print(f"  experts {experts}: {policy} chose {experts // layout[policy]} experts per rank "
@@ -168,7 +163,7 @@ def round_schedule(policies: list[str], layout: dict[str, int], ep_size: int, st
 
 def _select(trainer: Trainer, policy: str, ep_size: int) -> None:
     """Run the next steps with ``policy``'s gradient sync at EP size ``ep_size``."""
-    trainer.set_policy(POLICY_SPECS[policy][0])
+    trainer.set_policy(policy)
     trainer.repack(ep_size)
 
 

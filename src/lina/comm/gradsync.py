@@ -209,9 +209,3 @@ class BucketedAsyncSync(GradSync):
             h.remove()
         self._handles = []
 
-
-class TutelSync(BucketedAsyncSync):
-    """Tutel style: all-to-all pipelined with expert compute, DDP buckets, no priority."""
-
-    name = "tutel"
-    pipelined = True

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lina.errors import ConfigError, LinaError
 from lina.sim import scenarios
-from lina.sim.policies import TRAIN_POLICIES
+from lina.policy import TRAIN_POLICIES
 
 
 def register(subparsers) -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from lina.config import SCHEDULES, TrainConfig, load_toml, merge
+from lina.config import TrainConfig, load_toml, merge
+from lina.policy import TRAIN_POLICIES
 
 OPTION_FIELDS = {
     "workers": "workers", "steps": "steps", "experts": "model.experts", "top_k": "model.top_k",
-    "schedule": "schedule", "out": "out", "seed": "seed", "batch_size": "batch_size",
+    "policy": "policy", "out": "out", "seed": "seed", "batch_size": "batch_size",
     "ep_size": "ep_size", "corpus": "corpus", "chunk_mb": "chunk_mb", "trace": "trace",
     "capacity_factor": "model.capacity_factor", "emulate": "emulate", "lr": "lr",
     "pipeline_chunks": "pipeline_chunks", "credit": "credit", "packing": "packing", "packing_first_step": "packing_first_step",
@@ -26,7 +28,10 @@ def register(subparsers) -> None:
     p.add_argument("--experts", type=int, help="experts per MoE layer (default 4)")
     p.add_argument("--top-k", type=int, help="experts per token (default 2)")
     p.add_argument("--capacity-factor", type=float, help="expert capacity factor; implies capacity-limited routing")
-    p.add_argument("--schedule", choices=SCHEDULES, help="gradient-sync policy (default deepspeed)")
+    trainable = ", ".join(n for n, pol in TRAIN_POLICIES.items() if pol.trainable)
+    p.add_argument("--policy", "--schedule", dest="policy", action=_PolicyOption,
+                   help=f"training policy: {trainable}, or module:NAME for one of your own (default lina; "
+                        "--schedule is its old name)")
     p.add_argument("--ep-size", type=int, help="expert-parallel group size (default: all workers)")
     p.add_argument("--batch-size", type=int, help="sequences per worker per step (default 8)")
     p.add_argument("--lr", type=float, help="learning rate (default 3e-3)")
@@ -47,6 +52,15 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.set_defaults(func=run)
+
+
+class _PolicyOption(argparse.Action):
+    """``--policy``; its old spelling ``--schedule`` still works, with a note."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == "--schedule":
+            print("lina: note: --schedule is now called --policy; --schedule is still accepted", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -112,7 +126,7 @@ def print_summary(summary: dict, out: Path) -> None:
     split = summary["time_split_s"]
     total = split["compute"] + split["all_to_all"] + split["allreduce_exposed"]
     pct = {k: 100 * v / total if total else 0.0 for k, v in split.items()}
-    print("\nsummary")
+    print(f"\nsummary (policy {summary.get('policy', '?')})")
     print(f"  loss (last 10 steps) {summary['final_loss']:.4f}   validation loss {summary['val_loss']:.4f}")
     print(f"  tokens/s {summary['tokens_per_s']:.0f}   median step {summary['step_time_s_median'] * 1e3:.1f} ms   wall {summary['wall_s']:.1f} s")
     print(f"  time split: compute {pct['compute']:.1f}%  all-to-all {pct['all_to_all']:.1f}%  "

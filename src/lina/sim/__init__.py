@@ -10,7 +10,7 @@ Pieces, each in its own module:
   all-to-all, as flows;
 - :mod:`~lina.sim.compute`: per-op compute costs, measured or from a device roofline;
 - :mod:`~lina.sim.engine`, :mod:`~lina.sim.train_step`, :mod:`~lina.sim.train`: one training
-  step as tasks on streams, under the policies of :mod:`~lina.sim.policies`;
+  step as tasks on streams, under the policies of :mod:`~lina.policy`;
 - :mod:`~lina.sim.infer`: inference batches replayed under the real placement policies;
 - :mod:`~lina.sim.calibrate`: fit the simulator to measured runs and predict them (the
   network's part in :mod:`~lina.sim.fit_links`);
@@ -20,7 +20,7 @@ Pieces, each in its own module:
 
 from lina.sim.compute import ComputeProfile
 from lina.sim.infer import InferSpec, simulate_inference
-from lina.sim.policies import TRAIN_POLICIES, TrainPolicy
+from lina.policy import TRAIN_POLICIES, TrainPolicy
 from lina.sim.scenario import Scenario, load_toml
 from lina.sim.spec import ClusterSpec, DeviceSpec, ModelSpec, TrainSpec
 from lina.sim.train import TrainResult, simulate_policies, simulate_step

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from lina.errors import ConfigError
 from lina.sim.compute import ComputeProfile
-from lina.sim.policies import DEFAULT_TRAIN_POLICIES, train_policy
+from lina.policy import BENCH_POLICIES, train_policy
 from lina.sim.spec import DEVICES, ClusterSpec, DeviceSpec, ModelSpec, TrainSpec, spec_from_dict
 
 
@@ -56,7 +56,7 @@ class Scenario:
     device: DeviceSpec | None = None
     profile: ComputeProfile | None = None
     train: TrainSpec = field(default_factory=TrainSpec)
-    policies: tuple[str, ...] = DEFAULT_TRAIN_POLICIES
+    policies: tuple[str, ...] = BENCH_POLICIES
     experts_follow_gpus: bool = False
 
     def __post_init__(self):
@@ -121,7 +121,7 @@ def scenario_from_dict(data: dict, default_name: str = "config") -> Scenario:
         device=device,
         profile=profile,
         train=train,
-        policies=tuple(data.get("policies", DEFAULT_TRAIN_POLICIES)),
+        policies=tuple(data.get("policies", BENCH_POLICIES)),
         experts_follow_gpus=bool(data.get("experts_follow_gpus", False)),
     )
 

@@ -16,7 +16,7 @@ from lina.sim.collectives import all_to_all
 from lina.sim.compute import ComputeProfile
 from lina.sim.engine import Executor, Task
 from lina.sim.network import INTRA_SUFFIX, Transfer
-from lina.sim.policies import TrainPolicy, train_policy
+from lina.policy import TrainPolicy, train_policy
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec, resolve_ep
 from lina.sim.topology import Topology
 from lina.sim.train_step import StepBuilder, StepPlan, TransferCache

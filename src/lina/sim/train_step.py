@@ -20,7 +20,7 @@ from lina.sim.collectives import all_to_all, allreduce
 from lina.sim.compute import ComputeProfile
 from lina.sim.engine import Task
 from lina.sim.network import Transfer
-from lina.sim.policies import TrainPolicy
+from lina.policy import TrainPolicy
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec
 from lina.sim.topology import Topology
 

@@ -212,7 +212,7 @@ class PackingController:
 
     @classmethod
     def from_config(cls, cfg, world: int) -> "PackingController":
-        return cls(parse_packing(cfg.packing), cfg.model.experts, cfg.ep_size or world, cfg.packing_first_step,
+        return cls(parse_packing(cfg.effective_packing), cfg.model.experts, cfg.ep_size or world, cfg.packing_first_step,
                    cfg.packing_every, int(cfg.max_expert_memory_mb * 1024 * 1024))
 
     def ep_sizes(self) -> list[int]:

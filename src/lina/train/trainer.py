@@ -16,7 +16,7 @@ import torch.distributed as dist
 from lina.comm.chunk_sweep import sweep_chunk_size
 from lina.comm.groups import ParallelGroups, build_group_set
 from lina.comm.gradsync import GradSync
-from lina.comm.policies import make_policy
+from lina.comm.policies import make_sync
 from lina.config import TrainConfig
 from lina.data.corpus import Corpus, sample_batch
 from lina.errors import LinaError
@@ -24,6 +24,7 @@ from lina.models.gpt import MoEGPT
 from lina.moe.comm_context import ExpertComm
 from lina.obs.report import step_breakdown
 from lina.obs.timeline import Span, Timeline
+from lina.policy import train_policy
 from lina.train.packing import PackingController, plan_residency, relayout_experts
 
 
@@ -61,9 +62,9 @@ class Trainer:
         self.packing = PackingController.from_config(cfg, groups.world_size)
         self.group_set = dict(group_set or {groups.ep_size: groups})
         missing = [ep for ep in self.packing.ep_sizes() if ep not in self.group_set]
-        if missing and cfg.packing != "off":
+        if missing and cfg.effective_packing != "off":
             self.group_set.update(build_group_set(missing, cfg.timeout_s))
-        self.groups = self.group_set[self.packing.initial_ep()] if cfg.packing != "off" else groups
+        self.groups = self.group_set[self.packing.initial_ep()] if cfg.effective_packing != "off" else groups
         self.comm = ExpertComm(
             group=self.groups.ep_group,
             timeline=self.timeline,
@@ -78,7 +79,7 @@ class Trainer:
         self.model = MoEGPT(cfg.model, self.comm if groups.world_size > 1 else None).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.chunk_mb = self._resolve_chunk_mb()
-        self.policy: GradSync = self.make_policy(cfg.schedule)
+        self.policy: GradSync = self.make_policy(cfg.policy)
         self.place_experts()
 
     def _resolve_chunk_mb(self) -> float:
@@ -86,7 +87,7 @@ class Trainer:
         (only when a policy that partitions gradients may run)."""
         if self.cfg.chunk_mb != "auto":
             return float(self.cfg.chunk_mb)
-        if self.groups.world_size == 1 or self.cfg.schedule != "lina":
+        if self.groups.world_size == 1 or not train_policy(self.cfg.policy).partitions_gradients:
             return 1.0
         dense_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if not getattr(p, "lina_expert", False))
         result = sweep_chunk_size(self.groups.dp_group, dense_bytes)
@@ -96,7 +97,8 @@ class Trainer:
         return result.chosen_mb
 
     def make_policy(self, name: str) -> GradSync:
-        policy = make_policy(
+        """The gradient sync of the training policy ``name`` (:mod:`lina.policy`) on the current layout."""
+        policy = make_sync(
             name,
             chunk_mb=self.chunk_mb,
             credit=self.cfg.credit,

@@ -97,8 +97,8 @@ def _train(cfg: TrainConfig) -> dict | None:
         else:
             metrics_path.unlink(missing_ok=True)
         print(f"lina train: {world} workers, EP size {trainer.groups.ep_size} ({trainer.experts_per_rank} experts per rank, "
-              f"packing {cfg.packing}), {cfg.model.experts} experts top-{cfg.model.top_k}, "
-              f"schedule {cfg.schedule}; {corpus.describe()}; steps {start_step}..{cfg.steps - 1}", flush=True)
+              f"packing {cfg.effective_packing}), {cfg.model.experts} experts top-{cfg.model.top_k}, "
+              f"policy {cfg.policy}; {corpus.describe()}; steps {start_step}..{cfg.steps - 1}", flush=True)
         if cfg.max_expert_memory_mb > 0:
             _print_memory(trainer.expert_memory())
     results = []
@@ -118,7 +118,7 @@ def _train(cfg: TrainConfig) -> dict | None:
                     _print_memory(trainer.expert_memory())
             _append_metrics(metrics_path, {
                 "step": step, "loss": loss, "step_time_s": res.step_time_s, "a2a_time_s": res.a2a_time_s,
-                "allreduce_time_s": res.allreduce_time_s, "sync_wait_s": res.sync_wait_s, "schedule": cfg.schedule,
+                "allreduce_time_s": res.allreduce_time_s, "sync_wait_s": res.sync_wait_s, "policy": cfg.policy,
                 "experts_per_rank": res.experts_per_rank,
             })
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
@@ -140,9 +140,10 @@ def _train(cfg: TrainConfig) -> dict | None:
     if rank != 0:
         return None
     summary = summarize(cfg, results, val_loss, wall)
-    summary["packing"] = {"mode": cfg.packing, "experts_per_rank": trainer.experts_per_rank, "ep_size": trainer.groups.ep_size,
+    summary["packing"] = {"mode": cfg.effective_packing, "experts_per_rank": trainer.experts_per_rank, "ep_size": trainer.groups.ep_size,
                           "decisions": trainer.packing.history}
     summary["expert_memory"] = trainer.expert_memory()
+    summary["policy"] = cfg.policy
     summary["backend"] = dist.get_backend()  # how many collectives of a rank run at once (lina sim --calibrate)
     summary["chunk_mb_resolved"] = trainer.chunk_mb  # what chunk_mb "auto" chose (lina sim --calibrate reads it)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
