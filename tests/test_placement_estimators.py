@@ -8,7 +8,8 @@ from lina.errors import ConfigError, LinaError
 from lina.infer.trace import RoutingTrace, synthetic_trace
 from lina.placement.estimators import LogisticEstimator, OnlinePathEstimator, PathEstimator, load_estimator
 from lina.placement.estimators.logistic import WEIGHT_DECAY_GRID
-from lina.placement.evaluate import placement_balance, score_estimator
+from lina.infer.replay import placement_balance
+from lina.placement.evaluate import score_estimator
 from lina.placement.metrics import token_topk_hits
 
 

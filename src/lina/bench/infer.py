@@ -17,11 +17,12 @@ from lina.bench.stats import percentile
 from lina.cluster.emulate import EmulateSpec, EmulatedCluster, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
 from lina.errors import LinaError
+from lina.infer.policies import SERVING_POLICIES
 from lina.infer.trace import RoutingTrace, load_trace
 from lina.placement.estimators import PathEstimator
 from lina.placement.metrics import token_topk_hits
 
-POLICIES = ("static", "eplb", "lina", "oracle")
+POLICIES = tuple(SERVING_POLICIES)  # every registered serving policy, interleaved in this order
 PAPER = {"p95_speedup_avg": 1.63, "estimator_accuracy_l3": (0.54, 0.60), "phase_cost_ms": 6.2, "phase2_noop_ms": 1.45}
 DEFAULT_MIXTRAL = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "mixtral-8x7b-gsm8k-routing.jsonl"
 

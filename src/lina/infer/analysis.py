@@ -22,7 +22,8 @@ import torch
 from lina.errors import ConfigError
 from lina.infer.trace import RoutingTrace
 from lina.placement.estimators import LogisticEstimator, OnlinePathEstimator, PathEstimator, PopularityEstimator
-from lina.placement.evaluate import placement_balance, score_estimator
+from lina.infer.replay import placement_balance
+from lina.placement.evaluate import score_estimator
 
 Progress = Callable[[str], None]
 

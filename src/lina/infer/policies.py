@@ -22,6 +22,8 @@ trip (the paper's phase 2 blocks on one).
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
+
 import torch
 
 from lina.errors import ConfigError
@@ -31,6 +33,29 @@ from lina.placement.lina import lina_placement, oracle_placement, replan_if_need
 from lina.placement.core import Placement
 from lina.placement.static import static_placement
 
+
+@dataclass
+class ServingContext:
+    """What a serving policy is built from.
+
+    Attributes:
+        num_experts: E; num_devices: N; top_k: k; num_layers: MoE layers L.
+        estimator: the fitted popularity estimator (``lina`` needs one).
+        eplb_window / eplb_replan_every: batches EPLB averages over / re-plans after.
+        max_experts_per_device: Lina's packing limit (the paper's 4; raised where E / N needs it).
+        popularity_mode: ``expected`` (every expert gets its probability mass) or ``topk`` (the
+            paper's: each token's top-k experts only).
+    """
+
+    num_experts: int
+    num_devices: int
+    top_k: int
+    num_layers: int
+    estimator: PopularityEstimator | None = None
+    eplb_window: int = 32
+    eplb_replan_every: int = 4
+    max_experts_per_device: int = 4
+    popularity_mode: str = "expected"
 
 
 def local_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -52,6 +77,11 @@ class ServingPolicy(abc.ABC):
     def __init__(self, num_experts: int, num_devices: int, top_k: int):
         self.num_experts, self.num_devices, self.top_k = num_experts, num_devices, top_k
         self.stats = {"replans": 0, "checked": 0}
+
+    @classmethod
+    def create(cls, ctx: ServingContext) -> "ServingPolicy":
+        """The policy for ``ctx`` (subclasses that need more than E, N and k override this)."""
+        return cls(ctx.num_experts, ctx.num_devices, ctx.top_k)
 
     def begin_batch(self, free_counts: torch.Tensor | None) -> None:
         """``free_counts``: FloatTensor[L, E] of the batch's real global counts when the engine
@@ -92,14 +122,23 @@ class StaticPolicy(ServingPolicy):
 class OraclePolicy(ServingPolicy):
     name = "oracle"
 
+    def __init__(self, *args, max_experts_per_device: int = 4):
+        super().__init__(*args)
+        self.max_experts_per_device = max_experts_per_device
+
+    @classmethod
+    def create(cls, ctx):
+        return cls(ctx.num_experts, ctx.num_devices, ctx.top_k, max_experts_per_device=ctx.max_experts_per_device)
+
     def begin_batch(self, free_counts):
         super().begin_batch(free_counts)
-        self._plans = [oracle_placement(c, self.num_devices) for c in free_counts] if free_counts is not None else None
+        self._plans = ([oracle_placement(c, self.num_devices, self.max_experts_per_device) for c in free_counts]
+                       if free_counts is not None else None)
 
     def placement(self, layer, counts):
         if self._plans is not None:
             return self._plans[layer]
-        return oracle_placement(counts, self.num_devices)
+        return oracle_placement(counts, self.num_devices, self.max_experts_per_device)
 
 
 class EPLBPolicy(ServingPolicy):
@@ -109,6 +148,11 @@ class EPLBPolicy(ServingPolicy):
     def __init__(self, *args, num_layers: int, window: int = 32, replan_every: int = 4):
         super().__init__(*args)
         self.planners = [EPLBPlanner(self.num_experts, self.num_devices, window, replan_every) for _ in range(num_layers)]
+
+    @classmethod
+    def create(cls, ctx):
+        return cls(ctx.num_experts, ctx.num_devices, ctx.top_k, num_layers=ctx.num_layers, window=ctx.eplb_window,
+                   replan_every=ctx.eplb_replan_every)
 
     def placement(self, layer, counts):
         return self.planners[layer].placement
@@ -122,11 +166,22 @@ class LinaPolicy(ServingPolicy):
     name = "lina"
     uses_phase1 = True
 
-    def __init__(self, *args, estimator: PopularityEstimator, popularity_mode: str = "expected"):
+    def __init__(self, *args, estimator: PopularityEstimator, popularity_mode: str = "expected",
+                 max_experts_per_device: int = 4):
         super().__init__(*args)
         self.estimator = estimator
         self.popularity_mode = popularity_mode
+        self.max_experts_per_device = max_experts_per_device
         self._plans: dict[int, tuple[Placement, torch.Tensor]] = {}
+        self.last_phase1: Placement | None = None  # the latest phase-1 plan placement() checked
+
+    @classmethod
+    def create(cls, ctx):
+        if ctx.estimator is None:
+            raise ConfigError("estimator", "the lina policy needs a fitted popularity estimator",
+                              "fit one from a routing trace (lina analyze trace) and pass it")
+        return cls(ctx.num_experts, ctx.num_devices, ctx.top_k, estimator=ctx.estimator, popularity_mode=ctx.popularity_mode,
+                   max_experts_per_device=ctx.max_experts_per_device)
 
     def begin_batch(self, free_counts):
         super().begin_batch(free_counts)
@@ -142,7 +197,7 @@ class LinaPolicy(ServingPolicy):
         return self.estimator.popularity(layer, h, top_k=self.top_k, mode=self.popularity_mode)
 
     def coordinate(self, layer, estimate_sum):
-        return lina_placement(estimate_sum, self.num_devices)
+        return lina_placement(estimate_sum, self.num_devices, self.max_experts_per_device)
 
     def receive_plan(self, layer, placement, estimate):
         self._plans[layer] = (placement, estimate)
@@ -151,24 +206,41 @@ class LinaPolicy(ServingPolicy):
         real = counts  # phase 2
         plan = self._plans.pop(layer, None)
         if plan is None:  # no path yet (first layer): plan on the real counts
-            return oracle_placement(real, self.num_devices)
+            self.last_phase1 = None
+            return oracle_placement(real, self.num_devices, self.max_experts_per_device)
         planned, estimate = plan
-        placement, replanned = replan_if_needed(planned, estimate, real, self.top_k)
+        self.last_phase1 = planned
+        placement, replanned = replan_if_needed(planned, estimate, real, self.top_k, self.max_experts_per_device)
         self.stats["checked"] += 1
         self.stats["replans"] += int(replanned)
         return placement
 
 
+#: name -> policy class; a policy of one's own is one ServingPolicy subclass and one entry
+SERVING_POLICIES: dict[str, type[ServingPolicy]] = {}
+
+
+def register_serving_policy(cls: type[ServingPolicy]) -> type[ServingPolicy]:
+    """Add ``cls`` under ``cls.name`` (usable as a class decorator)."""
+    SERVING_POLICIES[cls.name] = cls
+    return cls
+
+
+for _cls in (StaticPolicy, EPLBPolicy, LinaPolicy, OraclePolicy):
+    register_serving_policy(_cls)
+
+
+def serving_policy(name: str, ctx: ServingContext) -> ServingPolicy:
+    """Build the registered serving policy ``name`` for ``ctx``."""
+    try:
+        cls = SERVING_POLICIES[name]
+    except KeyError:
+        raise ConfigError("policy", f"unknown serving policy {name!r}", f"use one of {', '.join(SERVING_POLICIES)}") from None
+    return cls.create(ctx)
+
+
 def make_serving_policy(name: str, num_experts: int, num_devices: int, top_k: int, num_layers: int,
                         estimator: PopularityEstimator | None = None, eplb_replan_every: int = 4) -> ServingPolicy:
-    if name == "static":
-        return StaticPolicy(num_experts, num_devices, top_k)
-    if name == "oracle":
-        return OraclePolicy(num_experts, num_devices, top_k)
-    if name == "eplb":
-        return EPLBPolicy(num_experts, num_devices, top_k, num_layers=num_layers, replan_every=eplb_replan_every)
-    if name == "lina":
-        if estimator is None:
-            raise ConfigError("estimator", "the lina policy needs a fitted popularity estimator", "fit one from a routing trace (lina analyze trace) and pass it")
-        return LinaPolicy(num_experts, num_devices, top_k, estimator=estimator)
-    raise ConfigError("policy", f"unknown inference policy {name!r}", "use static, eplb, lina or oracle")
+    """:func:`serving_policy` with the context spelled out."""
+    return serving_policy(name, ServingContext(num_experts, num_devices, top_k, num_layers, estimator,
+                                               eplb_replan_every=eplb_replan_every))

@@ -1,27 +1,24 @@
-"""Replay a held-out routing trace through an estimator and the placement policies.
+"""Replay a held-out routing trace through an estimator and score its accuracy.
 
 The trace is served in order ((sequence, position)), in batches of ``batch_tokens``
 consecutive tokens; for every batch and every scored layer ``j`` the estimator sees the
 tokens' routing at layers ``< j`` (as the engine would before the gate of ``j``) and is
 scored against the real choices at ``j``. An :class:`OnlinePathEstimator` is updated with
-the real choices right after it was scored, as it would be while serving.
+the real choices right after it was scored, as it would be while serving. The serving
+policies' balance on the same replay is :func:`lina.infer.replay.placement_balance`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from lina.errors import ConfigError
-from lina.placement.core import imbalance
-from lina.placement.eplb import EPLBPlanner
 from lina.placement.estimators.base import PopularityEstimator
 from lina.placement.estimators.online import OnlinePathEstimator
-from lina.placement.lina import lina_placement, replan_if_needed
 from lina.placement.metrics import token_topk_hits, topset_equal
-from lina.placement.static import static_placement
 
 if TYPE_CHECKING:
     from lina.infer.trace import RoutingTrace
@@ -104,78 +101,3 @@ def score_estimator(
         tokens=tokens,
         batches=len(spans),
     )
-
-
-@dataclass
-class BalanceReport:
-    """Busiest-device load over mean device load (1.0 = balanced), per policy, over (batch, layer).
-
-    ``mean`` / ``p95`` / ``max`` per policy name; ``replan_rate`` per Lina variant: share
-    of (batch, layer) where phase 2 re-planned.
-    """
-
-    num_devices: int
-    mean: dict[str, float] = field(default_factory=dict)
-    p95: dict[str, float] = field(default_factory=dict)
-    max: dict[str, float] = field(default_factory=dict)
-    replan_rate: dict[str, float] = field(default_factory=dict)
-    samples: int = 0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-POLICIES = ("static", "eplb", "lina-phase1", "lina", "lina-expected-phase1", "lina-expected", "oracle")
-LINA_VARIANTS = {"lina": "topk", "lina-expected": "expected"}
-
-
-def placement_balance(
-    estimator: PopularityEstimator,
-    trace: RoutingTrace,
-    num_devices: int,
-    layers: list[int],
-    batch_tokens: int = 16,
-    max_experts_per_device: int = 4,
-    eplb_window: int = 8,
-    eplb_replan_every: int = 4,
-) -> BalanceReport:
-    """Replay ``trace`` and compare how evenly each policy spreads the real token-slots.
-
-    Policies: ``static`` (expert e on device e mod N), ``eplb`` (one
-    :class:`EPLBPlanner` per layer fed the real counts after each batch), ``lina-phase1``
-    (plan from the paper's estimated popularity, ``mode="topk"``, and keep it), ``lina``
-    (phase 1 + phase 2 re-plan on the real counts when the top-2k list is wrong), the same
-    two with ``mode="expected"`` popularity (``lina-expected*``, our variant), and
-    ``oracle`` (plan on the real counts).
-    """
-    experts = trace.in_order().expert_tensor()
-    k, num_experts = trace.top_k, trace.num_experts
-    static = static_placement(num_experts, num_devices)
-    planners = {j: EPLBPlanner(num_experts, num_devices, window=eplb_window, replan_every=eplb_replan_every) for j in layers}
-    values: dict[str, list[float]] = {p: [] for p in POLICIES}
-    replans = {name: 0 for name in LINA_VARIANTS}
-    for span in batches_of(experts.shape[0], batch_tokens):
-        batch = experts[span]
-        for j in layers:
-            counts = _slot_counts(batch[:, j], num_experts)
-            values["static"].append(imbalance(static, counts))
-            values["eplb"].append(imbalance(planners[j].placement, counts))
-            for name, mode in LINA_VARIANTS.items():
-                est_pop = estimator.popularity(j, batch[:, :j], top_k=k, mode=mode)
-                planned = lina_placement(est_pop, num_devices, max_experts_per_device)
-                final, replanned = replan_if_needed(planned, est_pop, counts, k, max_experts_per_device)
-                replans[name] += int(replanned)
-                values[f"{name}-phase1"].append(imbalance(planned, counts))
-                values[name].append(imbalance(final, counts))
-            values["oracle"].append(imbalance(lina_placement(counts, num_devices, max_experts_per_device), counts))
-            planners[j].observe(counts)
-            if isinstance(estimator, OnlinePathEstimator):
-                estimator.update(j, batch[:, :j], batch[:, j])
-    report = BalanceReport(num_devices=num_devices, samples=len(values["static"]))
-    for name, vals in values.items():
-        t = torch.tensor(vals, dtype=torch.float64)
-        report.mean[name] = float(t.mean())
-        report.p95[name] = float(torch.quantile(t, 0.95))
-        report.max[name] = float(t.max())
-    report.replan_rate = {name: n / max(report.samples, 1) for name, n in replans.items()}
-    return report

@@ -32,7 +32,7 @@ import torch
 
 from lina.errors import ConfigError
 from lina.infer.engine import replica_rows
-from lina.infer.policies import make_serving_policy
+from lina.infer.policies import SERVING_POLICIES, make_serving_policy
 from lina.infer.trace import RoutingTrace
 from lina.placement.estimators.base import PopularityEstimator
 from lina.placement.static import static_placement
@@ -42,7 +42,7 @@ from lina.sim.spec import ClusterSpec, ModelSpec
 from lina.sim.topology import Topology
 from lina.sim.train import transfer_time
 
-INFER_POLICIES = ("static", "eplb", "lina", "oracle")
+INFER_POLICIES = tuple(SERVING_POLICIES)  # every registered serving policy
 
 
 @dataclass(frozen=True)
