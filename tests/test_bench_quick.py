@@ -12,6 +12,7 @@ from conftest import run_lina
 needs_netns = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and tc for the emulated cluster")
 
 
+@pytest.mark.slow
 def test_bench_layer_quick(tmp_path):
     out = tmp_path / "layer.json"
     res = run_lina("bench", "layer", "--quick", "--json", str(out), timeout=120)
@@ -23,6 +24,7 @@ def test_bench_layer_quick(tmp_path):
 
 @needs_netns
 @pytest.mark.netns
+@pytest.mark.slow
 def test_bench_train_quick(tmp_path):
     out = tmp_path / "train.json"
     res = run_lina("bench", "train", "--quick", "--json", str(out), timeout=900)
@@ -45,6 +47,7 @@ def test_bench_train_quick(tmp_path):
 
 @needs_netns
 @pytest.mark.netns
+@pytest.mark.slow
 def test_bench_infer_quick(tmp_path):
     out = tmp_path / "infer.json"
     res = run_lina("bench", "infer", "--quick", "--json", str(out), timeout=900)

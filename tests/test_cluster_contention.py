@@ -13,6 +13,7 @@ from lina.cluster import contention, netns
 from lina.cluster.emulate import survey
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.netns,
     pytest.mark.skipif(
         os.geteuid() != 0 or bool(netns.probe_support().missing()) or shutil.which("tc") is None,

@@ -20,6 +20,7 @@ from lina.cluster.hostlaunch import run_on_cluster
 from lina.errors import LinaError
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.netns,
     pytest.mark.skipif(
         os.geteuid() != 0 or bool(netns.probe_support().missing()) or shutil.which("tc") is None,

@@ -19,6 +19,7 @@ from lina.cluster import netns
 from lina.cluster.emulate import EmulatedCluster, EmulateSpec, survey
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.netns,
     pytest.mark.skipif(
         os.geteuid() != 0 or bool(netns.probe_support().missing()) or shutil.which("tc") is None,

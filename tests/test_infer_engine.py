@@ -1,6 +1,7 @@
 """The inference engine over 4 Gloo ranks: every placement policy gives the outputs of the plain
 model (static placement, and one process), and devices that get no token still take part."""
 
+import pytest
 import torch
 
 from lina.config import ModelConfig
@@ -51,6 +52,7 @@ def _serve(rank, world, estimator):
     return out
 
 
+@pytest.mark.slow
 def test_every_policy_gives_the_plain_models_outputs():
     results = run_ranks(_serve, 4, _estimator(), timeout_s=120)
     for rank, res in enumerate(results):
@@ -78,6 +80,7 @@ def _skewed(rank, world):
     return stats.max_device_rows
 
 
+@pytest.mark.slow
 def test_devices_without_tokens_take_part():
     rows = run_ranks(_skewed, 4, timeout_s=60)
     assert all(r == 0 for r in rows[2]) and all(r == 0 for r in rows[3])

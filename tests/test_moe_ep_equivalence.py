@@ -7,6 +7,8 @@ from lina.moe.comm_context import ExpertComm
 from lina.moe.layer import MoELayer
 from lina.testing.multiproc import run_ranks
 
+pytestmark = pytest.mark.slow  # multi-process
+
 D, F, E, T = 16, 32, 8, 24
 ATOL = 1e-5  # same arithmetic per row; only matmul blocking over different row counts differs
 

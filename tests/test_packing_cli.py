@@ -5,6 +5,8 @@ written after the change rebuilds that packing and repeats the same losses."""
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import run_lina
 
 TOML = """
@@ -35,6 +37,7 @@ def test_bad_packing_is_rejected_before_workers_start():
     assert "packing" in res.stderr and "Fix:" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_packing_change_logs_checkpoints_and_resumes(tmp_path):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(TOML)

@@ -15,6 +15,7 @@ of summed in one matmul, so numbers differ by rounding: losses within 1e-5 relat
 moments within 1e-5 absolute. Resumed runs repeat C's losses exactly.
 """
 
+import pytest
 import torch
 
 from lina.comm.groups import build_group_set
@@ -24,6 +25,8 @@ from lina.moe.experts import PARAM_NAMES
 from lina.testing.multiproc import run_ranks
 from lina.train import checkpoint
 from lina.train.trainer import Trainer
+
+pytestmark = pytest.mark.slow  # multi-process
 
 STEPS = 8
 REL_TOL = 1e-5

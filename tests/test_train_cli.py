@@ -50,6 +50,7 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_and_writes_outputs(tmp_path, tiny_config):
     out = tmp_path / "run"
     trace = tmp_path / "trace"
@@ -75,6 +76,7 @@ def test_training_lowers_loss_and_writes_outputs(tmp_path, tiny_config):
     assert "validation loss" in res.stdout and "tokens/s" in res.stdout
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_loss_trajectory(tmp_path, tiny_config):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_lina("train", "--config", str(tiny_config), "--workers", "2", "--steps", "10", "--out", str(straight)).returncode == 0
@@ -104,6 +106,7 @@ def _running(pid: int) -> bool:
     return "zombie" not in state
 
 
+@pytest.mark.slow
 def test_killed_worker_stops_the_job(tmp_path, tiny_config):
     out = tmp_path / "run"
     proc = subprocess.Popen(lina_cmd("train", "--config", str(tiny_config), "--workers", "2", "--steps", "100000", "--out", str(out)),
