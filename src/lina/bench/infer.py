@@ -21,6 +21,7 @@ from lina.infer.policies import SERVING_POLICIES
 from lina.infer.trace import RoutingTrace, load_trace
 from lina.placement.estimators import PathEstimator
 from lina.placement.metrics import token_topk_hits
+from lina.extras import pyplot
 
 POLICIES = tuple(SERVING_POLICIES)  # every registered serving policy, interleaved in this order
 PAPER = {"p95_speedup_avg": 1.63, "estimator_accuracy_l3": (0.54, 0.60), "phase_cost_ms": 6.2, "phase2_noop_ms": 1.45}
@@ -161,10 +162,9 @@ def print_report(entries: list[dict]) -> None:
 
 
 def plot_cdf(entries: list[dict], raw: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
 
     fig, axes = plt.subplots(1, len(entries), figsize=(6 * len(entries), 4), squeeze=False)
     for ax, r in zip(axes[0], entries):

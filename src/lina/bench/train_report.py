@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lina.cluster.emulate import format_rate
+from lina.extras import pyplot
 
 PAPER_SPEEDUP_NO_PACKING = (1.36, 1.42)
 PAPER_SPEEDUP_WITH_PACKING = 1.57  # average over 2-16 experts
@@ -126,10 +127,9 @@ def _pct(x, signed: bool = False) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
 
     configs = result["configs"]
     policies = result["policies"]

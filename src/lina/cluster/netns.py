@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lina.errors import LinaError
+from lina.extras import install_hint, installed
 
 PROJECT_PREFIX = "lina-"
 NETNS_DIR = Path("/run/netns")
@@ -87,11 +88,13 @@ class Support:
         net_admin: CAP_NET_ADMIN and CAP_SYS_ADMIN are in the effective set (root has both).
         ip_binary: path of iproute2's ``ip`` (runs commands inside a namespace), or None.
         netns: the kernel has network namespaces (``/proc/self/ns/net`` exists).
+        pyroute2: the pyroute2 package is installed (the ``lina[cluster]`` extra).
     """
 
     net_admin: bool
     ip_binary: str | None
     netns: bool
+    pyroute2: bool = True
 
     def missing(self) -> list[str]:
         out = []
@@ -101,6 +104,8 @@ class Support:
             out.append("network namespace support in the kernel (CONFIG_NET_NS)")
         if self.ip_binary is None:
             out.append("the `ip` command from iproute2 (apt-get install iproute2)")
+        if not self.pyroute2:
+            out.append(f"the pyroute2 package ({install_hint('pyroute2')})")
         return out
 
 
@@ -122,6 +127,7 @@ def probe_support() -> Support:
         net_admin=admin,
         ip_binary=shutil.which("ip"),
         netns=os.path.exists("/proc/self/ns/net"),
+        pyroute2=installed("pyroute2"),
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from lina.errors import ConfigError, LinaError
 from lina.sim import scenarios
 from lina.policy import TRAIN_POLICIES
+from lina.extras import can_plot
 
 
 def register(subparsers) -> None:
@@ -125,16 +126,16 @@ def _run_one(args) -> int:
         path = _write_json(args.trace, to_chrome_trace(spans))
         print(f"wrote {path} (one process per policy)")
     if args.json:
-        from lina.sim.plots import plot_breakdown
-
         path = _write_json(args.json, run.to_dict())
-        png = plot_breakdown(run, Path(args.json).with_suffix(".png"))
-        print(f"wrote {path} and {png}")
+        print(f"wrote {path}")
+        if can_plot(Path(args.json).with_suffix(".png")):
+            from lina.sim.plots import plot_breakdown
+
+            print(f"wrote {plot_breakdown(run, Path(args.json).with_suffix('.png'))}")
     return 0
 
 
 def _sweep(args) -> int:
-    from lina.sim.plots import plot_sweep
     from lina.sim.runner import default_sweep_values, sweep
 
     if not args.out:
@@ -165,8 +166,11 @@ def _sweep(args) -> int:
         print(f"{v:>8g}{r.baseline.a2a_share:>8.1%}" + "".join(f"{r.results[p].speedup:>14.2f}x" for p in policies))
     stem = f"sweep-{args.sweep}-{sc.name}"
     path = _write_json(out / f"{stem}.json", {"scenario": sc.name, "axis": args.sweep, "values": values, "runs": [r.to_dict() for r in runs]})
-    png = plot_sweep(runs, args.sweep, values, out / f"{stem}.png", f"{sc.name}: speedup vs {label}")
-    print(f"wrote {path} and {png}")
+    print(f"wrote {path}")
+    if can_plot(out / f"{stem}.png"):
+        from lina.sim.plots import plot_sweep
+
+        print(f"wrote {plot_sweep(runs, args.sweep, values, out / f'{stem}.png', f'{sc.name}: speedup vs {label}')}")
     return 0
 
 

@@ -24,6 +24,7 @@ from lina.infer.trace import RoutingTrace
 from lina.placement.estimators import LogisticEstimator, OnlinePathEstimator, PathEstimator, PopularityEstimator
 from lina.infer.replay import placement_balance
 from lina.placement.evaluate import score_estimator
+from lina.extras import pyplot
 
 Progress = Callable[[str], None]
 
@@ -211,10 +212,9 @@ def analyze_trace(
 
 def write_plots(result: dict, out_dir: str | Path) -> list[Path]:
     """Draw skew per layer, affinity per layer, accuracy vs path length and placement balance as PNGs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(Path(out_dir) / '*.png')
+    if plt is None:
+        return []
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lina.obs.chrome_trace import write_chrome_trace
 from lina.obs.timeline import Span, intersection_length, load_rank_timelines, union_length
+from lina.extras import pyplot
 
 
 def load_run_spans(folder: Path) -> list[Span]:
@@ -71,10 +72,9 @@ def breakdown_table(spans: list[Span]) -> dict[str, dict[str, float]]:
 
 
 def plot_step(spans: list[Span], path: Path, step: int | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
 
     steps = sorted((s for s in spans if s.cat == "step"), key=lambda s: s.start_s)
     if not steps:
