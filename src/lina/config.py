@@ -18,8 +18,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from lina.cluster.emulate import EmulateSpec, parse_emulate
 from lina.errors import ConfigError
 from lina.policy import TRAIN_POLICIES, train_policy
+from lina.policy.packing import parse_packing, valid_experts_per_rank
 
 #: old name of a setting -> its name now (still accepted, with a note)
 RENAMED = {"schedule": "policy"}
@@ -152,8 +154,6 @@ class TrainConfig:
             raise ConfigError("workers", f"{self.workers} workers but the emulated cluster has {spec.hosts} hosts x {spec.workers_per_host} workers", f"use --workers {spec.world_size} or change --emulate")
 
     def _validate_packing(self) -> None:
-        from lina.train.packing import parse_packing, valid_experts_per_rank
-
         spec = parse_packing(self.effective_packing)
         _positive_int("packing_first_step", self.packing_first_step)
         _positive_int("packing_every", self.packing_every)
@@ -169,10 +169,8 @@ class TrainConfig:
             raise ConfigError("packing", f"{spec.experts_per_rank} experts per rank from the start contradicts ep_size={self.ep_size}",
                               f"drop --ep-size, or use --packing {self.model.experts // self.ep_size}, or switch later with N@STEP")
 
-    def emulate_spec(self):
-        """The emulated cluster to run on (:class:`lina.cluster.emulate.EmulateSpec`), or None."""
-        from lina.cluster.emulate import parse_emulate
-
+    def emulate_spec(self) -> EmulateSpec | None:
+        """The emulated cluster to run on, or None."""
         return parse_emulate(self.emulate)
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from lina.sim.compute import ComputeProfile
 from lina.sim.engine import Executor, Task
 from lina.sim.network import INTRA_SUFFIX, Transfer
 from lina.policy import TrainPolicy, train_policy
+from lina.policy.packing import REVERT_MARGIN
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec, resolve_ep
 from lina.sim.topology import Topology
 from lina.sim.train_step import StepBuilder, StepPlan, TransferCache
@@ -241,7 +242,6 @@ def _pack(plan, pol, topo, cache, tasks, events, memory_gb):
     far and settles (the replicated experts' gradients join the allreduce, which the paper's rule
     does not weigh).
     """
-    from lina.train.packing import REVERT_MARGIN
 
     trace = []
     step_s = max(t.end_s for t in tasks)
