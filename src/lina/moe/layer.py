@@ -55,6 +55,8 @@ class MoELayer(nn.Module):
         self.aux_loss = torch.zeros(())
         self.last_routing: Routing | None = None
         self.layer_index = 0
+        # device-time runs: replaces the gate's choices with a recorded trace's (lina.devicetime.routing)
+        self.routing_source = None
 
     def set_experts(self, experts: LocalExperts) -> None:
         """Swap in the local experts of a new layout (expert packing). The caller has already
@@ -69,6 +71,8 @@ class MoELayer(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         routing = self.router(tokens)
+        if self.routing_source is not None:
+            routing = self.routing_source.apply(self.layer_index, routing)
         self.aux_loss = routing.aux_loss
         self.last_routing = routing
         order, counts = permute_order(routing.expert_ids, routing.kept, self.num_experts)

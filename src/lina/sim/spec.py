@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from lina.errors import ConfigError
+from lina.devices import DEVICES, DeviceSpec  # noqa: F401  (re-exported: scenarios name devices here)
 
 FAIRNESS_MODES = ("collective", "flow")
 A2A_ALGORITHMS = ("pairwise", "hierarchical")
@@ -229,41 +230,6 @@ class ModelSpec:
             f"{self.name}: {self.layers}L d={self.d_model} ff={self.d_ff} E={self.experts} top-{self.top_k}, "
             f"{self.tokens} tokens/device, {self.total_params / 1e6:.0f}M params"
         )
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    """An accelerator: peak matmul rate, memory bandwidth, the fraction of both a kernel reaches."""
-
-    name: str
-    peak_tflops: float
-    mem_bw_gbs: float
-    efficiency: float = 0.4
-    mem_efficiency: float = 0.7
-    mem_gb: float = 80.0
-
-    def __post_init__(self):
-        _positive(self, "peak_tflops", "mem_bw_gbs", "efficiency", "mem_efficiency", "mem_gb")
-        for name in ("efficiency", "mem_efficiency"):
-            if getattr(self, name) > 1:
-                raise ConfigError(name, f"{getattr(self, name)} is above 1", "use a fraction in (0, 1]")
-
-    @property
-    def flops(self) -> float:
-        """Sustained FLOP/s of a large matmul."""
-        return self.peak_tflops * 1e12 * self.efficiency
-
-    @property
-    def mem_bytes_per_s(self) -> float:
-        return self.mem_bw_gbs * 1e9 * self.mem_efficiency
-
-
-DEVICES = {
-    "a100-40gb-tf32": DeviceSpec("a100-40gb-tf32", peak_tflops=156.0, mem_bw_gbs=1555.0, efficiency=0.25, mem_gb=40.0),
-    "a100-80gb-bf16": DeviceSpec("a100-80gb-bf16", peak_tflops=312.0, mem_bw_gbs=2039.0, efficiency=0.45, mem_gb=80.0),
-    "h100-sxm-bf16": DeviceSpec("h100-sxm-bf16", peak_tflops=989.0, mem_bw_gbs=3350.0, efficiency=0.4, mem_gb=80.0),
-    "h200-sxm-bf16": DeviceSpec("h200-sxm-bf16", peak_tflops=989.0, mem_bw_gbs=4800.0, efficiency=0.4, mem_gb=141.0),
-}
 
 
 @dataclass(frozen=True)
