@@ -19,6 +19,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from lina.cluster.emulate import EmulateSpec, parse_emulate
+from lina.devices import device_from
 from lina.errors import ConfigError
 from lina.policy import TRAIN_POLICIES, train_policy
 from lina.policy.packing import parse_packing, valid_experts_per_rank
@@ -99,6 +100,12 @@ class TrainConfig:
     packing_first_step: int = 10  # auto: first decision before this step
     packing_every: int = 4  # auto: re-checked every this many steps
     max_expert_memory_mb: float = 0.0  # device memory for expert training state; 0 = unlimited
+    # Compute (see lina.devicetime): "real" computes; a device name (a100, h100, ...) or a device
+    # description file makes every compute op take that device's time, times the dilation, which
+    # also divides the emulated links' rates. A device-time run routes by routing_trace.
+    compute: str = "real"
+    dilation: float = 1.0
+    routing_trace: str = ""
 
     @property
     def resolved_ep_size(self) -> int:
@@ -149,9 +156,31 @@ class TrainConfig:
         if self.timeout_s <= 0:
             raise ConfigError("timeout_s", f"{self.timeout_s} must be > 0", "use e.g. 120")
         self._validate_packing()
+        self._validate_compute()
         spec = self.emulate_spec()
         if spec is not None and spec.world_size != self.workers:
             raise ConfigError("workers", f"{self.workers} workers but the emulated cluster has {spec.hosts} hosts x {spec.workers_per_host} workers", f"use --workers {spec.world_size} or change --emulate")
+
+    @property
+    def device_time(self) -> bool:
+        """Compute ops take a described device's time instead of being computed."""
+        return self.compute != "real"
+
+    def _validate_compute(self) -> None:
+        if not self.dilation > 0:
+            raise ConfigError("dilation", f"{self.dilation} must be > 0", "use 1 (no dilation) or e.g. 100")
+        if not self.device_time:
+            if self.dilation != 1.0:
+                raise ConfigError("dilation", "time dilation needs a device-time compute mode",
+                                  "add --compute a100 (or another device), or drop --dilation")
+            return
+        device_from(self.compute)
+        if not self.routing_trace:
+            raise ConfigError("routing_trace", "a device-time run takes its routing from a recorded trace (its gate computes nothing)",
+                              "record one with lina infer --model DIR --record-trace FILE.npz, or pass the Mixtral trace "
+                              "(../shared/data/mixtral-8x7b-gsm8k-routing.jsonl) for 8 experts top-2")
+        if not Path(self.routing_trace).is_file():
+            raise ConfigError("routing_trace", f"file {self.routing_trace!r} does not exist", "pass an existing .npz or .jsonl routing trace")
 
     def _validate_packing(self) -> None:
         spec = parse_packing(self.effective_packing)
@@ -171,7 +200,7 @@ class TrainConfig:
 
     def emulate_spec(self) -> EmulateSpec | None:
         """The emulated cluster to run on, or None."""
-        return parse_emulate(self.emulate)
+        return parse_emulate(self.emulate, self.dilation)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

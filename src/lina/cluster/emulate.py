@@ -137,11 +137,12 @@ class EmulateSpec:
         return ",".join(parts)
 
 
-def parse_emulate(text: str) -> EmulateSpec | None:
+def parse_emulate(text: str, dilation: float = 1.0) -> EmulateSpec | None:
     """Parse ``"hosts=4,link=200mbit,delay=50us,workers_per_host=1"``; ``"none"`` -> None (plain loopback).
 
     Keys (all optional, defaults from :class:`EmulateSpec`): hosts, link, delay,
-    workers_per_host (or workers-per-host), queue, share.
+    workers_per_host (or workers-per-host), queue, share. With time ``dilation`` K the link is the
+    real cluster's: the emulated one runs at link / K and the delay is K times longer.
     """
     text = text.strip()
     if text.lower() in ("none", "off", ""):
@@ -164,9 +165,9 @@ def parse_emulate(text: str) -> EmulateSpec | None:
             except ValueError:
                 raise ConfigError(f"emulate.{key}", f"{value!r} is not a whole number", f"write e.g. {key}=4") from None
         elif key == "link":
-            values["link_bps"] = parse_rate(value)
+            values["link_bps"] = int(parse_rate(value) / dilation)
         elif key == "delay":
-            values["delay_us"] = parse_duration_us(value)
+            values["delay_us"] = parse_duration_us(value) * dilation
         elif key == "share":
             values["share"] = value.strip()
         else:

@@ -17,6 +17,7 @@ OPTION_FIELDS = {
     "capacity_factor": "model.capacity_factor", "emulate": "emulate", "lr": "lr",
     "pipeline_chunks": "pipeline_chunks", "credit": "credit", "packing": "packing", "packing_first_step": "packing_first_step",
     "packing_every": "packing_every", "max_expert_memory": "max_expert_memory_mb",
+    "compute": "compute", "dilation": "dilation", "routing_trace": "routing_trace",
 }
 
 
@@ -45,6 +46,12 @@ def register(subparsers) -> None:
     p.add_argument("--packing-every", type=int, help="auto packing: re-check every this many steps (default 4)")
     p.add_argument("--max-expert-memory", type=float, metavar="MB", help="device memory for expert weights, gradients and AdamW "
                    "state per rank; MoE layers beyond it keep their experts in host memory and bring each in when it computes (default 0: unlimited)")
+    p.add_argument("--compute", help="real (default: compute) or a device (a100, h100, h200, or a device .toml): every compute "
+                   "op then takes that device's time instead of being computed; needs --routing-trace")
+    p.add_argument("--dilation", type=float, help="time dilation K with --compute DEVICE: device times x K, emulated link "
+                   "rates / K (give the real cluster's link in --emulate) (default 1)")
+    p.add_argument("--routing-trace", metavar="FILE", help="routing of a device-time run: a .npz of lina infer --record-trace, "
+                   "or a vLLM routing .jsonl")
     p.add_argument("--corpus", help="text file or folder (default: the Python standard library's sources)")
     p.add_argument("--out", help="output folder (default runs/train)")
     p.add_argument("--trace", metavar="DIR", help="write the timeline: Chrome trace, breakdown, plot")
@@ -127,7 +134,10 @@ def print_summary(summary: dict, out: Path) -> None:
     total = split["compute"] + split["all_to_all"] + split["allreduce_exposed"]
     pct = {k: 100 * v / total if total else 0.0 for k, v in split.items()}
     print(f"\nsummary (policy {summary.get('policy', '?')})")
-    print(f"  loss (last 10 steps) {summary['final_loss']:.4f}   validation loss {summary['val_loss']:.4f}")
+    if summary["final_loss"] is None:
+        print("  loss: not computed (device-time compute: the arithmetic is not done)")
+    else:
+        print(f"  loss (last 10 steps) {summary['final_loss']:.4f}   validation loss {summary['val_loss']:.4f}")
     print(f"  tokens/s {summary['tokens_per_s']:.0f}   median step {summary['step_time_s_median'] * 1e3:.1f} ms   wall {summary['wall_s']:.1f} s")
     print(f"  time split: compute {pct['compute']:.1f}%  all-to-all {pct['all_to_all']:.1f}%  "
           f"allreduce exposed {pct['allreduce_exposed']:.1f}%  (allreduce in flight {split['allreduce_in_flight']:.2f} s)")

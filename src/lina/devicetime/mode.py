@@ -50,7 +50,8 @@ class DeviceTimeMode(TorchDispatchMode):
             clock is more than twice this ahead, and wakes this much before the device is done.
 
     Attributes:
-        device_s: device seconds charged so far (undilated); ops: ops charged; real_ops: ops run.
+        device_s: device seconds charged so far (undilated); ops: ops charged; real_ops: ops run;
+        host_gap_s: wall seconds the device idled because the host fell behind.
     """
 
     def __init__(self, device: DeviceSpec, dilation: float = 1.0, float_bytes: int = 2, lead_s: float = 0.02):
@@ -65,6 +66,8 @@ class DeviceTimeMode(TorchDispatchMode):
         self.device_s = 0.0
         self.ops = 0
         self.real_ops = 0
+        self.host_gap_s = 0.0  # device idle between two compute ops with no collective between them
+        self._after_collective = True
         _load_meta_kernels()
 
     # --- the device clock ----------------------------------------------------------------------
@@ -75,11 +78,20 @@ class DeviceTimeMode(TorchDispatchMode):
     def charge(self, seconds: float) -> None:
         """Queue ``seconds`` (undilated) of device work; sleep if the device is too far ahead."""
         now = time.perf_counter()
+        if now > self.device_free_s and not self._after_collective:
+            self.host_gap_s += now - self.device_free_s  # the host, not the device, set the pace here
+        self._after_collective = False
         self.device_free_s = max(self.device_free_s, now) + seconds * self.dilation
         self.device_s += seconds
         ahead = self.device_free_s - now
         if ahead > 2 * self.lead_s:  # keep a lead of queued work, as a GPU's launch queue does,
             time.sleep(ahead - self.lead_s)  # so the host's own overhead and late wake-ups hide behind it
+
+    def host_bound_share(self) -> float:
+        """Share of the dilated device time the device sat idle waiting for the host's dispatch
+        (not for a collective): above a few percent the dilation is too small for this machine."""
+        busy = self.device_s * self.dilation
+        return self.host_gap_s / busy if busy > 0 else 0.0
 
     def sync(self) -> None:
         """Wait until the emulated device has finished everything charged (a device synchronize)."""
@@ -97,6 +109,7 @@ class DeviceTimeMode(TorchDispatchMode):
         if func.namespace != "aten":  # collectives (c10d) and everything not a compute kernel
             self.sync()
             self.real_ops += 1
+            self._after_collective = True  # a wait for the network is not the host's overhead
             return func(*args, **kwargs)
         inputs = tensors_of((args, kwargs))
         if func.is_view or not any(t.is_floating_point() for t in inputs):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from lina.errors import ConfigError
+from lina.infer.trace import load_trace
 from lina.moe.router import Routing
 
 
@@ -32,6 +33,11 @@ class TraceRouting:
         self.num_experts = num_experts
         self.cursor: dict[int, int] = {}
         self.offset = offset
+
+    @classmethod
+    def from_file(cls, path: str, num_experts: int, offset: int = 0) -> "TraceRouting":
+        """From a trace file (``.npz`` of ``lina infer --record-trace``, or a Mixtral ``.jsonl``)."""
+        return cls.from_trace(load_trace(path), num_experts, offset)
 
     @classmethod
     def from_trace(cls, trace, num_experts: int, offset: int = 0) -> "TraceRouting":

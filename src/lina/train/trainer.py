@@ -8,6 +8,7 @@ loss; ``state_dict`` / ``load_state_dict`` feed checkpoints (they carry the layo
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ from lina.comm.gradsync import GradSync
 from lina.comm.policies import make_sync
 from lina.config import TrainConfig
 from lina.data.corpus import Corpus, sample_batch
+from lina.devices import device_from
+from lina.devicetime import DeviceTimeMode, TraceRouting
 from lina.errors import LinaError
 from lina.models.gpt import MoEGPT
 from lina.moe.comm_context import ExpertComm
@@ -81,6 +84,18 @@ class Trainer:
         self.chunk_mb = self._resolve_chunk_mb()
         self.policy: GradSync = self.make_policy(cfg.policy)
         self.place_experts()
+        self.device_mode = self._device_time_mode()
+
+    def _device_time_mode(self) -> DeviceTimeMode | None:
+        """In a device-time run (``cfg.compute`` names a device): the dispatch mode every step runs
+        under, and every MoE layer routes by the trace (each rank from its own place in it)."""
+        if not self.cfg.device_time:
+            return None
+        tokens = self.cfg.batch_size * self.cfg.model.seq_len
+        source = TraceRouting.from_file(self.cfg.routing_trace, self.cfg.model.experts, offset=self.groups.rank * tokens)
+        for layer in self.model.moe_layers():
+            layer.routing_source = source
+        return DeviceTimeMode(device_from(self.cfg.compute), self.cfg.dilation)
 
     def _resolve_chunk_mb(self) -> float:
         """A fixed ``chunk_mb``, or for ``auto`` the result of a start-up sweep on the DP group
@@ -197,21 +212,32 @@ class Trainer:
         tl = self.timeline
         start = tl.now()
         self.policy.begin_step()
-        with tl.span("forward", "compute", step=step):
-            loss, lm = self.model.loss(x, y)
-        with tl.span("backward", "compute", step=step):
-            loss.backward()
-        sync_start = tl.now()
-        self.policy.finish()
-        sync_end = tl.now()
-        tl.record("gradsync.finish", "sched", sync_start, sync_end, step=step)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        device = self.device_mode if self.device_mode is not None else contextlib.nullcontext()
+        with device:
+            with tl.span("forward", "compute", step=step):
+                loss, lm = self.model.loss(x, y)
+                self._sync_device()
+            with tl.span("backward", "compute", step=step):
+                loss.backward()
+                self._sync_device()
+            sync_start = tl.now()
+            self.policy.finish()
+            sync_end = tl.now()
+            tl.record("gradsync.finish", "sched", sync_start, sync_end, step=step)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._sync_device()
         end = tl.now()
         tl.record("step", "step", start, end, step=step, policy=self.policy.name)
         b = step_breakdown(tl.spans(since_s=start), Span("step", "step", start, end, tl.rank))
         self._drop_old_spans(start)
-        return StepResult(step, float(lm.detach()), end - start, b["a2a_total"], b["allreduce_in_flight"], b["allreduce_exposed"], self.experts_per_rank)
+        lm_value = float("nan") if self.device_mode is not None else float(lm.detach())  # uncomputed in device time
+        return StepResult(step, lm_value, end - start, b["a2a_total"], b["allreduce_in_flight"], b["allreduce_exposed"], self.experts_per_rank)
+
+    def _sync_device(self) -> None:
+        """Device time: wait for the emulated device, so a span ends when its compute does."""
+        if self.device_mode is not None:
+            self.device_mode.sync()
 
     def _drop_old_spans(self, step_start: float) -> None:
         """With ``bounded_timeline``: keep the spans of the last ``packing.every + 1`` steps (the
@@ -226,8 +252,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over ``eval_batches`` batches (every rank takes part)."""
+        """Mean validation loss over ``eval_batches`` batches (every rank takes part); NaN in a
+        device-time run, which computes no loss."""
         cfg = self.cfg
+        if self.device_mode is not None:
+            return float("nan")
         self.model.eval()
         losses = []
         for i in range(cfg.eval_batches):

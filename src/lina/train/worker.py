@@ -101,6 +101,9 @@ def _train(cfg: TrainConfig) -> dict | None:
               f"policy {cfg.policy}; {corpus.describe()}; steps {start_step}..{cfg.steps - 1}", flush=True)
         if cfg.max_expert_memory_mb > 0:
             _print_memory(trainer.expert_memory())
+        if cfg.device_time:
+            print(f"device-time compute: every compute op takes {cfg.compute}'s time x {cfg.dilation:g} instead of being "
+                  "computed, so no loss is computed or reported (numerics are proven in real-compute runs)", flush=True)
     results = []
     val_loss = None
     wall_start = time.perf_counter()
@@ -122,12 +125,13 @@ def _train(cfg: TrainConfig) -> dict | None:
                 "experts_per_rank": res.experts_per_rank,
             })
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                print(f"step {step:5d}/{cfg.steps}  loss {loss:.4f}  step {res.step_time_s * 1e3:7.1f} ms  "
+                shown = "-" if cfg.device_time else f"{loss:.4f}"
+                print(f"step {step:5d}/{cfg.steps}  loss {shown}  step {res.step_time_s * 1e3:7.1f} ms  "
                       f"a2a {res.a2a_time_s * 1e3:6.1f} ms  allreduce {res.allreduce_time_s * 1e3:6.1f} ms", flush=True)
         last = step == cfg.steps - 1
         if (step + 1) % cfg.eval_every == 0 or last:
             val_loss = trainer.evaluate()
-            if rank == 0:
+            if rank == 0 and not cfg.device_time:
                 print(f"step {step:5d}  validation loss {val_loss:.4f}", flush=True)
         if (step + 1) % cfg.checkpoint_every == 0 or last:
             checkpoint.save_rank(ckpt_root, step, rank, trainer.state_dict(step))
@@ -144,6 +148,8 @@ def _train(cfg: TrainConfig) -> dict | None:
                           "decisions": trainer.packing.history}
     summary["expert_memory"] = trainer.expert_memory()
     summary["policy"] = cfg.policy
+    if trainer.device_mode is not None:
+        summary["device_time"] = device_time_summary(trainer.device_mode)
     summary["backend"] = dist.get_backend()  # how many collectives of a rank run at once (lina sim --calibrate)
     summary["chunk_mb_resolved"] = trainer.chunk_mb  # what chunk_mb "auto" chose (lina sim --calibrate reads it)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -158,6 +164,23 @@ def _print_memory(mem: dict) -> None:
           f"brought in {mem['copies_in']} times so far ({mem['mb_in']:.1f} MB)", flush=True)
 
 
+#: a device-time run whose device idles more than this share waiting for the host is CPU bound
+HOST_BOUND_LIMIT = 0.05
+
+
+def device_time_summary(mode) -> dict:
+    """What a device-time run's device did, and whether this machine kept up with it."""
+    share = mode.host_bound_share()
+    out = {"device": mode.device.name, "dilation": mode.dilation, "device_s": mode.device_s,
+           "host_bound_share": share, "ops_charged": mode.ops}
+    if share > HOST_BOUND_LIMIT:
+        wanted = mode.dilation * (1 + share) / (1 - HOST_BOUND_LIMIT)
+        out["warning"] = (f"the device idled {share:.0%} of its time waiting for this machine's dispatch: step times "
+                          f"describe this CPU, not the device. Fix: --dilation {wanted:.0f} or more")
+        print(f"lina train: warning: {out['warning']}", flush=True)
+    return out
+
+
 def summarize(cfg: TrainConfig, results: list, val_loss: float | None, wall_s: float) -> dict:
     n = len(results)
     steps_time = sum(r.step_time_s for r in results)
@@ -167,8 +190,8 @@ def summarize(cfg: TrainConfig, results: list, val_loss: float | None, wall_s: f
     return {
         "config": cfg.to_dict(),
         "steps_run": n,
-        "final_loss": statistics.mean(r.loss for r in results[-10:]) if results else None,
-        "val_loss": val_loss,
+        "final_loss": statistics.mean(r.loss for r in results[-10:]) if results and not cfg.device_time else None,
+        "val_loss": None if cfg.device_time else val_loss,
         "tokens_per_s": tokens / steps_time if steps_time else None,
         "wall_s": wall_s,
         "step_time_s_median": statistics.median(r.step_time_s for r in results) if results else None,
