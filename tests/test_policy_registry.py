@@ -5,17 +5,21 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
+import torch
 from torch import nn
 
 from conftest import ROOT, lina_cmd
+from lina.comm.groups import build_groups
 from lina.comm.policies import make_sync
-from lina.config import TrainConfig
+from lina.config import ModelConfig, TrainConfig
+from lina.data.corpus import load_corpus
 from lina.errors import ConfigError
 from lina.obs.timeline import Timeline
 from lina.policy import BENCH_POLICIES, TRAIN_POLICIES, TrainPolicy, train_policy
+from lina.testing.multiproc import run_ranks
+from lina.train.trainer import Trainer
 
 TOY_MODULE = '''
 from lina.policy import TrainPolicy, register_train_policy
@@ -31,11 +35,18 @@ def test_every_benchmarked_policy_is_registered_and_trainable():
     for name in BENCH_POLICIES:
         assert train_policy(name).trainable, name
     assert train_policy("lina+packing").packing and not train_policy("lina").packing
-    assert not train_policy("lower-bound").trainable and not train_policy("lina-priority").trainable
+    assert not train_policy("lina-priority").trainable
+    bound = train_policy("lina/no-sync")  # a policy's measured lower bound: its allreduce off
+    assert bound.grad_sync == "none" and bound.a2a_split == "micro" and bound.trainable
     with pytest.raises(ConfigError, match="unknown training policy"):
         train_policy("fastest")
     with pytest.raises(ConfigError, match="priority"):
         TrainPolicy("bad", "micro", "microops", False, False, "micro-ops need the priority scheduler")
+
+
+def test_config_refuses_a_timing_only_policy():
+    with pytest.raises(ConfigError, match="timing only"):
+        TrainConfig(policy="lina/no-sync").validate()
 
 
 def test_config_packing_follows_the_policy_unless_set():
@@ -60,7 +71,7 @@ def test_sync_object_is_built_from_the_spec(name):
 def test_simulator_only_policy_cannot_train():
     model = nn.Linear(2, 2)
     with pytest.raises(ConfigError, match="simulator only"):
-        make_sync("lower-bound", model=model, dp_group=None, expert_dp_group=None, world_size=1, timeline=Timeline(0))
+        make_sync("lina-priority", model=model, dp_group=None, expert_dp_group=None, world_size=1, timeline=Timeline(0))
 
 
 @pytest.fixture
@@ -109,3 +120,28 @@ def test_own_policy_runs_in_bench_train(toy_env, tmp_path):
     assert cfg["policies"]["toy_policy:TOY"]["step_time_s_median"] > 0
 
 
+
+
+def _no_sync_step(rank, world):
+    torch.set_num_threads(1)
+    cfg = TrainConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32, experts=2, top_k=1),
+                      workers=world, batch_size=4, chunk_mb="0.01", corpus_max_mb=0.3, policy="lina")
+    trainer = Trainer(cfg, build_groups(world, 60.0), load_corpus("", 0.3))
+    for step, name in enumerate(("lina", "lina/no-sync")):
+        trainer.set_policy(name)
+        trainer.train_step(step)
+    trainer.policy.close()
+    step_of = {s.args["step"]: (s.start_s, s.end_s) for s in trainer.timeline.spans() if s.cat == "step"}
+    out = {}
+    for step, name in enumerate(("lina", "lina/no-sync")):
+        a, b = step_of[step]
+        inside = [s for s in trainer.timeline.spans() if a <= s.start_s <= b]
+        out[name] = (sum(1 for s in inside if s.cat == "allreduce"), sum(1 for s in inside if s.cat == "a2a"))
+    return out
+
+
+@pytest.mark.slow
+def test_a_policys_lower_bound_runs_its_all_to_alls_without_allreduce():
+    counts = run_ranks(_no_sync_step, 2, timeout_s=120)[0]
+    assert counts["lina"][0] > 0 and counts["lina/no-sync"][0] == 0
+    assert counts["lina/no-sync"][1] == counts["lina"][1] > 0

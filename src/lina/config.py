@@ -131,9 +131,13 @@ class TrainConfig:
             raise ConfigError("ep_size", f"{ep} does not divide workers={self.workers}", "choose an EP size that divides the worker count")
         if self.model.experts % ep:
             raise ConfigError("experts", f"{self.model.experts} experts cannot be sharded evenly over an expert-parallel group of {ep} workers", f"use a multiple of {ep} experts (e.g. --experts {ep * max(1, self.model.experts // ep)}) or change --workers")
-        if not train_policy(self.policy).trainable:
-            trainable = ", ".join(n for n, p in TRAIN_POLICIES.items() if p.trainable)
+        spec = train_policy(self.policy)
+        trainable = ", ".join(n for n, p in TRAIN_POLICIES.items() if p.trainable and p.grad_sync != "none")
+        if not spec.trainable:
             raise ConfigError("policy", f"{self.policy!r} exists in the simulator only", f"train with one of {trainable}")
+        if spec.grad_sync == "none":
+            raise ConfigError("policy", f"{self.policy!r} never synchronises gradients (timing only: a lower bound)",
+                              f"train with one of {trainable}; measure lower bounds with lina bench train")
         if not self.lr > 0:
             raise ConfigError("lr", f"{self.lr} must be > 0", "use e.g. 3e-3")
         if self.bucket_mb <= 0:

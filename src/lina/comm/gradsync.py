@@ -141,6 +141,17 @@ def _unflatten_into(flat: torch.Tensor, grads: list[torch.Tensor], divisor: int)
         offset += n
 
 
+class NoSync(GradSync):
+    """No gradient traffic at all (timing only: each rank steps on its own gradients, so ranks
+    drift apart). The measured lower bound of a policy is that policy with this sync: its
+    all-to-alls alone on the links, nothing to hide."""
+
+    name = "no-sync"
+
+    def finish(self) -> None:
+        return None
+
+
 class SequentialSync(GradSync):
     """Every allreduce after backward, one bucket at a time (no overlap with anything)."""
 

@@ -1,14 +1,15 @@
 """Build a rank's gradient sync from a training policy spec (:mod:`lina.policy`).
 
 The spec's ``grad_sync`` picks the mechanism (``after``: :class:`SequentialSync`, ``ddp``:
-:class:`BucketedAsyncSync`, ``microops``: :class:`LinaSync` and its priority scheduler) and its
+:class:`BucketedAsyncSync`, ``microops``: :class:`LinaSync` and its priority scheduler, ``none``:
+:class:`NoSync`, timing only) and its
 ``a2a_split`` whether the MoE layers pipeline their all-to-alls with the expert FFN; the built
 object carries the policy's name.
 """
 
 from __future__ import annotations
 
-from lina.comm.gradsync import BucketedAsyncSync, GradSync, SequentialSync
+from lina.comm.gradsync import BucketedAsyncSync, GradSync, NoSync, SequentialSync
 from lina.comm.lina_sync import LinaSync
 from lina.errors import ConfigError
 from lina.policy import TRAIN_POLICIES, TrainPolicy, train_policy
@@ -17,6 +18,7 @@ SYNC_CLASSES: dict[str, type[GradSync]] = {
     "after": SequentialSync,
     "ddp": BucketedAsyncSync,
     "microops": LinaSync,
+    "none": NoSync,
 }
 
 

@@ -7,8 +7,8 @@ A policy is four choices; nothing else anywhere depends on its name:
   ``TrainSpec.tutel_chunks``), ``micro`` (Lina's micro-ops, pipelined with the expert FFN);
 - ``grad_sync``: ``ddp`` (buckets allreduced as soon as ready, during backward), ``after`` (the
   same buckets once backward is over), ``microops`` (every gradient split into ``chunk_mb``
-  pieces, never mixing tensors, sent by the priority scheduler), ``none`` (no gradient traffic:
-  the simulator's lower bound);
+  pieces, never mixing tensors, sent by the priority scheduler), ``none`` (no gradient traffic,
+  timing only: the lower bound);
 - ``priority``: an allreduce may start only while no all-to-all runs or waits;
 - ``packing``: Lina's expert packing (the controller of ``--packing auto`` decides the layout
   unless the run fixes one).
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from lina.errors import ConfigError
 
 A2A_SPLITS = ("none", "tutel", "micro")
+NO_SYNC_SUFFIX = "/no-sync"
 GRAD_SYNCS = ("ddp", "after", "microops", "none")
 
 
@@ -68,8 +69,16 @@ class TrainPolicy:
     @property
     def trainable(self) -> bool:
         """The real trainer can run it: every combination except whole DDP buckets behind the
-        priority scheduler and no gradient sync at all (both exist in the simulator only)."""
-        return self.grad_sync != "none" and not (self.grad_sync in ("ddp", "after") and self.priority)
+        priority scheduler (the simulator's ``lina-priority`` ablation)."""
+        return not (self.grad_sync in ("ddp", "after") and self.priority)
+
+    def without_grad_sync(self) -> "TrainPolicy":
+        """This policy with its gradient allreduce switched off (``NAME/no-sync``): its measured
+        lower bound, the step with its all-to-alls alone on the links. Timing only."""
+        if self.grad_sync == "none":
+            return self
+        return TrainPolicy(f"{self.name}{NO_SYNC_SUFFIX}", self.a2a_split, "none", False, self.packing,
+                           f"{self.name} with its gradient allreduce off (timing only: its lower bound)")
 
 
 TRAIN_POLICIES: dict[str, TrainPolicy] = {}
@@ -94,7 +103,7 @@ for _p in (
     TrainPolicy("lina+packing", "micro", "microops", True, True, "lina plus expert packing chosen by the packing controller"),
     TrainPolicy("lina-priority", "none", "ddp", True, False, "ablation (simulator): priority only, whole DDP buckets"),
     TrainPolicy("lina-partition", "none", "microops", True, False, "ablation: priority and partitioning, no pipelining"),
-    TrainPolicy("lower-bound", "none", "none", False, False, "simulator: every all-to-all alone at full speed, allreduce hidden"),
+    TrainPolicy("lower-bound", "none", "none", False, False, "every all-to-all alone at full speed, no allreduce (timing only)"),
 ):
     register_train_policy(_p)
 
@@ -109,10 +118,13 @@ def train_policy(name: str | TrainPolicy) -> TrainPolicy:
         return name
     if name in TRAIN_POLICIES:
         return TRAIN_POLICIES[name]
+    if isinstance(name, str) and name.endswith(NO_SYNC_SUFFIX):
+        return register_train_policy(train_policy(name[: -len(NO_SYNC_SUFFIX)]).without_grad_sync(), replace=True)
     if isinstance(name, str) and ":" in name:
         return _import_policy(name)
     raise ConfigError("policy", f"unknown training policy {name!r}",
-                      f"use one of {', '.join(TRAIN_POLICIES)}, or module:NAME for a policy of your own")
+                      f"use one of {', '.join(TRAIN_POLICIES)}, NAME{NO_SYNC_SUFFIX} for a policy's lower bound, "
+                      "or module:NAME for a policy of your own")
 
 
 def _import_policy(path: str) -> TrainPolicy:
