@@ -1,0 +1,1 @@
+"""Peers: other frameworks' real implementations, run beside lina's policies in ``lina bench train``."""
