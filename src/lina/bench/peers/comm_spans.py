@@ -69,27 +69,32 @@ def _classify(method: str, args: tuple, kwargs: dict) -> str:
 
 
 def record_collectives(backend: Any, timeline: Timeline, phase: Phase, world_of: Callable[[Any], int]) -> None:
-    """Wrap ``backend``'s collective methods (in place) so every call records a span in ``timeline``.
+    """Send the spans of every collective called on ``backend`` to ``timeline`` from now on.
+
+    The first call wraps ``backend``'s collective methods in place (once); later calls only
+    re-point the wrappers, so several peers of one process can take turns on one backend.
 
     Args:
         backend: the object the peer calls its collectives on (DeepSpeed's ``TorchBackend``).
-        timeline: where the spans go (the peer's own timeline on this rank).
-        phase: read at each all-to-all call to tag it ``fwd`` or ``bwd``.
+        timeline: where the spans go.
+        phase: read at each call to tag it ``fwd``, ``bwd`` or ``step``.
         world_of: the size of a call's process group (``group`` argument, None for the world), to
             count the bytes an all-to-all sends to other ranks: input bytes x (P - 1) / P.
     """
+    backend._lina_spans = (timeline, phase, world_of)
     for method in A2A_METHODS + SYNC_METHODS:
         original = getattr(backend, method, None)
         if original is None or getattr(original, "_lina_recorded", False):
             continue
-        setattr(backend, method, _recorded(method, original, timeline, phase, world_of))
+        setattr(backend, method, _recorded(method, original, backend))
 
 
-def _recorded(method: str, original: Callable, timeline: Timeline, phase: Phase, world_of: Callable[[Any], int]) -> Callable:
+def _recorded(method: str, original: Callable, backend: Any) -> Callable:
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def call(*args, **kwargs):
+        timeline, phase, world_of = backend._lina_spans
         bound = signature.bind_partial(*args, **kwargs).arguments
         cat = _classify(method, args, kwargs)
         span_args: dict = {"op": method, "phase": phase.name}

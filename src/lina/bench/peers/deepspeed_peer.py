@@ -206,7 +206,8 @@ class DeepSpeedPeer:
         # another way (one machine, e.g. the tests' spawned ranks) gets its global rank there.
         os.environ.setdefault("LOCAL_RANK", str(self.rank))
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
-        record_collectives(deepspeed.comm.comm.cdb, self.timeline, self.phase, _group_size)
+        self._backend = deepspeed.comm.comm.cdb
+        record_collectives(self._backend, self.timeline, self.phase, _group_size)
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         model = build_model(deepspeed, cfg, self.rank, self.ep_size)
@@ -236,6 +237,7 @@ class DeepSpeedPeer:
         step = self.steps_done
         x, y = sample_batch(self.corpus.train, cfg.batch_size, cfg.model.seq_len, cfg.seed, step, self.rank)
         self.engine.train()
+        record_collectives(self._backend, tl, self.phase, _group_size)  # this peer's turn on the shared backend
         self._sync_window = []
         start = tl.now()
         self.phase.name = "fwd"
