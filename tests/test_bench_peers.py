@@ -51,7 +51,8 @@ def _train_peers(rank: int, world: int) -> dict:
             "losses": peer.losses,
             "initial_fc1": initial,
             "cats": sorted({(s.cat, s.args.get("phase", "")) for s in inside}),
-            "reductions_in_backward": sum(1 for s in inside if s.cat == "allreduce" and backward.start_s <= s.start_s < backward.end_s),
+            "reductions_in_backward": sum(1 for s in inside
+                                          if s.cat == "allreduce" and backward.start_s <= s.start_s < backward.end_s),
             "reductions_after_backward": sum(1 for s in inside if s.cat == "allreduce" and s.start_s >= backward.end_s),
             "gathers": sum(1 for s in inside if s.cat == "allreduce" and "all_gather" in s.name),
         }
@@ -93,7 +94,8 @@ class _FakeBackend:
     def all_reduce(self, tensor, op=None, group=None, async_op=False):
         return None
 
-    def all_to_all_single(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+    def all_to_all_single(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                          async_op=False):
         return None
 
     def all_gather_into_tensor(self, output_tensor, input_tensor, group=None, async_op=False):
@@ -111,7 +113,8 @@ def test_record_collectives_categories_and_bytes():
     phase.name = "step"
     backend.all_gather_into_tensor(torch.zeros(40), torch.zeros(10))
     spans = tl.spans()
-    assert [(s.cat, s.args["phase"]) for s in spans] == [("a2a", "fwd"), ("allreduce", "bwd"), ("sched", "bwd"), ("allreduce", "step")]
+    assert [(s.cat, s.args["phase"]) for s in spans] == [
+        ("a2a", "fwd"), ("allreduce", "bwd"), ("sched", "bwd"), ("allreduce", "step")]
     assert spans[0].args["bytes"] == 8 * 2 * 4 * 3 // 4  # sent to the 3 other ranks of 4
     assert spans[1].args["bytes"] == 400
 
@@ -120,3 +123,25 @@ def test_resolve_peers_rejects_unknown_and_accepts_none():
     assert resolve_peers("none") == ([], None)
     with pytest.raises(ConfigError, match="unknown peer"):
         resolve_peers("deepspeed-zero3")
+
+
+def test_without_deepspeed_default_runs_no_peers_and_says_why(monkeypatch):
+    import lina.bench.peers as peers
+
+    monkeypatch.setattr(peers, "deepspeed_import_problem", lambda: "ModuleNotFoundError: No module named 'deepspeed'")
+    names, note = peers.resolve_peers(None)
+    assert names == [] and "No module named 'deepspeed'" in note and "pip install 'lina[peers]'" in note
+    with pytest.raises(ConfigError, match="pip install 'lina\\[peers\\]'"):
+        peers.resolve_peers("deepspeed-zero0")
+
+
+def test_peer_names_the_extra_when_deepspeed_is_missing(monkeypatch):
+    import sys
+
+    from lina.bench.peers.deepspeed_peer import import_deepspeed
+    from lina.errors import LinaError
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # restored afterwards: import_deepspeed sets it
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # makes `import deepspeed` fail
+    with pytest.raises(LinaError, match="pip install 'lina\\[peers\\]'"):
+        import_deepspeed()

@@ -65,8 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delay", default="0us", help="one-way host-to-host delay (needs the netem qdisc)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peers", default=None,
-                   help=f"real frameworks run beside the policies, in the same processes, after them in every round: comma list of "
-                        f"{', '.join(PEER_NAMES)}, or none (default: all when the deepspeed package imports; pip install 'lina[peers]')")
+                   help=f"real frameworks run beside the policies, in the same processes, after them in every "
+                        f"round: comma list of {', '.join(PEER_NAMES)}, or none (default: all when the deepspeed "
+                        "package imports; pip install 'lina[peers]')")
 
 
 def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: int, out: Path, **over) -> dict:

@@ -58,7 +58,8 @@ def analyse(entry: dict, layout: str, link_bps: int, hosts: int, wph: int, skews
         out["packing"] = entry["packing"]
     peers = entry.get("peers", [])
     if peers:
-        out["speedup_vs_peers"] = {peer: {name: pols[peer]["step_time_s"] / p["step_time_s"] for name, p in pols.items()} for peer in peers}
+        out["speedup_vs_peers"] = {peer: {name: pols[peer]["step_time_s"] / p["step_time_s"] for name, p in pols.items()}
+                                   for peer in peers}
     if entry.get("loss_after_steps"):
         out["loss_after_steps"] = entry["loss_after_steps"]
     if ds:

@@ -108,7 +108,8 @@ def _recorded(method: str, original: Callable, backend: Any) -> Callable:
         work = original(*args, **kwargs)
         future = getattr(work, "get_future", None) if bound.get("async_op") else None
         if future is not None:
-            future().add_done_callback(lambda _f: timeline.record(name, cat, start, timeline.now(), thread="comm", **span_args))
+            future().add_done_callback(
+                lambda _f: timeline.record(name, cat, start, timeline.now(), thread="comm", **span_args))
         else:
             timeline.record(name, cat, start, timeline.now(), **span_args)
         return work

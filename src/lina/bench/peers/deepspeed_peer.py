@@ -138,7 +138,8 @@ def build_model(deepspeed, cfg: TrainConfig, rank: int, ep_size: int) -> PeerGPT
             continue
         lina_layer = block.ffn
         moe = deepspeed.moe.layer.MoE(
-            hidden_size=m.d_model, expert=ExpertFFN(m.d_model, m.d_ff), num_experts=m.experts, ep_size=ep_size, k=m.top_k,
+            hidden_size=m.d_model, expert=ExpertFFN(m.d_model, m.d_ff), num_experts=m.experts, ep_size=ep_size,
+            k=m.top_k,
             capacity_factor=m.capacity_factor if not m.dropless else 1.0,
             eval_capacity_factor=m.capacity_factor if not m.dropless else 1.0,
             min_capacity=1, noisy_gate_policy=None, drop_tokens=not m.dropless, use_rts=False,
@@ -211,7 +212,8 @@ class DeepSpeedPeer:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         model = build_model(deepspeed, cfg, self.rank, self.ep_size)
-        groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "parameters"})
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            {"params": list(model.parameters()), "name": "parameters"})
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         config = engine_config(self.settings, cfg.batch_size, self.world, bucket_elements)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -247,7 +249,8 @@ class DeepSpeedPeer:
         bwd_start = tl.now()
         self.engine.backward(loss)
         bwd_end = tl.now()
-        sync_start, sync_end = (self._sync_window[0], self._sync_window[-1]) if self._sync_window else (bwd_end, bwd_end)
+        window = self._sync_window or [bwd_end]
+        sync_start, sync_end = window[0], window[-1]
         tl.record("backward", "compute", bwd_start, sync_start, step=step)
         tl.record("gradsync.finish", "sched", sync_start, max(sync_end, bwd_end), step=step)
         self.phase.name = "step"
