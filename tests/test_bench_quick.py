@@ -53,7 +53,9 @@ def test_bench_train_quick(tmp_path):
         assert p["step_time_s_median"] > 0 and p["bwd_a2a_s_median"] > 0 and p["allreduce_s_median"] > 0
         assert cfg["speedup_vs_peers"][name]["lina"] > 0
         assert 0 < cfg["loss_after_steps"][name] < 10
-        assert (tmp_path / "runs" / f"flat-e4-{name}" / "summary.json").exists()
+        # spans for the report's skew; no summary.json, so simulator calibration leaves the peers out
+        assert (tmp_path / "runs" / f"flat-e4-{name}" / "timeline-rank0.jsonl").exists()
+        assert not (tmp_path / "runs" / f"flat-e4-{name}" / "summary.json").exists()
     assert cfg["loss_after_steps"]["steps"] == 3 and 0 < cfg["loss_after_steps"]["lina"] < 10
     assert "over real deepspeed-zero0" in res.stdout
 

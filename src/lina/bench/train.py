@@ -17,6 +17,9 @@ hidden: median(sequential step - sequential's post-backward allreduce).
 Per policy it also reports how busy expert compute is while all-to-all is in flight: the share of
 all-to-all time during which an expert-FFN span runs on the same rank (the paper's Table 3: 33-36%
 without packing, 79-86% with it).
+
+Peers (``--peers``, :mod:`lina.bench.peers`): the real DeepSpeed-MoE (ZeRO-0, ZeRO-2) trains its own
+copy of the model in the same workers, after lina's policies in every round, in the same table.
 """
 
 from __future__ import annotations

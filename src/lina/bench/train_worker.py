@@ -256,7 +256,9 @@ def _busy_share(rows: list[dict]) -> float | None:
 
 def _save_runs(out: Path, plan: dict, cfg: TrainConfig, experts: int, measured: dict, spans: list[Span], entry: dict, rank: int, world: int) -> None:
     """Per (expert count, policy): the spans of its measured steps and a summary, in the run-folder
-    format the simulator calibrates from (``lina sim --calibrate``)."""
+    format the simulator calibrates from (``lina sim --calibrate``). A peer's folder holds its
+    spans only: the simulator models lina's policies, not DeepSpeed's padded all-to-all, so
+    calibration (which takes every folder with a ``summary.json``) leaves peers out."""
     for policy, steps in measured.items():
         folder = out / "runs" / f"{plan['layout']}-e{experts}-{policy}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -266,7 +268,7 @@ def _save_runs(out: Path, plan: dict, cfg: TrainConfig, experts: int, measured: 
         for s in keep:
             tl.record(s.name, s.cat, s.start_s, s.end_s, thread=s.thread, **s.args)
         tl.save_jsonl(folder / f"timeline-rank{rank}.jsonl")
-        if rank == 0:
+        if rank == 0 and policy not in entry.get("peers", []):
             m = cfg.model
             summary = {
                 "config": {
