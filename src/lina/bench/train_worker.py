@@ -245,7 +245,7 @@ def _losses_at_equal_steps(lina_losses: dict[int, float], peers: list) -> dict:
     values = torch.tensor([lina_losses[n - 1]] + [peer.losses[n - 1] for peer in peers], dtype=torch.float64)
     dist.all_reduce(values)
     values /= dist.get_world_size()
-    return {"steps": n, "lina": float(values[0])} | {peer.name: float(v) for peer, v in zip(peers, values[1:])}
+    return {"steps": n, "lina": float(values[0])} | {peer.name: float(v) for peer, v in zip(peers, values[1:], strict=True)}
 
 
 def _busy_share(rows: list[dict]) -> float | None:

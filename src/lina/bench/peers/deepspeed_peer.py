@@ -158,7 +158,7 @@ def copy_lina_weights(lina_layer: MoELayer, moe: nn.Module, global_ids: list[int
     local slot i gets global expert ``global_ids[i]`` (``w1 [d, d_ff]`` is ``fc1.weight.T``)."""
     moe.deepspeed_moe.gate.wg.weight.copy_(lina_layer.router.gate.weight)
     src = lina_layer.experts
-    for slot, e in zip(moe.deepspeed_moe.experts.deepspeed_experts, global_ids):
+    for slot, e in zip(moe.deepspeed_moe.experts.deepspeed_experts, global_ids, strict=True):
         slot.fc1.weight.copy_(src.w1[e].t())
         slot.fc1.bias.copy_(src.b1[e])
         slot.fc2.weight.copy_(src.w2[e].t())
