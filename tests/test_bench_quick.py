@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from conftest import run_lina
+from lina.bench.peers import PEER_NAMES, deepspeed_import_problem
 
 needs_netns = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and tc for the emulated cluster")
 
@@ -43,6 +44,22 @@ def test_bench_train_quick(tmp_path):
         assert name in cfg["speedup_vs_deepspeed"]
     assert out.with_suffix(".png").exists()
     assert (tmp_path / "runs" / "flat-e4-lina" / "summary.json").exists()
+    problem = deepspeed_import_problem()
+    if problem is not None:  # without the package the default runs no peers and says why
+        assert data["peers"] == [] and "peers: none (deepspeed does not import" in res.stdout
+        return
+    # real DeepSpeed-MoE rows beside lina's, measured the same way, and their loss at equal steps
+    assert data["peers"] == list(PEER_NAMES) and data["policies"][-2:] == list(PEER_NAMES)
+    for name in PEER_NAMES:
+        p = cfg["policies"][name]
+        assert p["step_time_s_median"] > 0 and p["bwd_a2a_s_median"] > 0 and p["allreduce_s_median"] > 0
+        assert cfg["speedup_vs_peers"][name]["lina"] > 0
+        assert 0 < cfg["loss_after_steps"][name] < 10
+        # spans for the report's skew; no summary.json, so simulator calibration leaves the peers out
+        assert (tmp_path / "runs" / f"flat-e4-{name}" / "timeline-rank0.jsonl").exists()
+        assert not (tmp_path / "runs" / f"flat-e4-{name}" / "summary.json").exists()
+    assert cfg["loss_after_steps"]["steps"] == 3 and 0 < cfg["loss_after_steps"]["lina"] < 10
+    assert "over real deepspeed-zero0" in res.stdout
 
 
 @needs_netns
@@ -69,6 +86,7 @@ def test_bench_infer_quick(tmp_path):
     (["--experts", "four"], "experts"),
     (["--experts", "0"], "experts"),
     (["--batch-size", "0"], "batch-size"),
+    (["--peers", "deepspeed-zero3"], "peers"),
 ])
 def test_bench_train_rejects_bad_options_before_starting(args, field, tmp_path):
     res = run_lina("bench", "train", *args, "--json", str(tmp_path / "t.json"), timeout=60)

@@ -17,6 +17,9 @@ hidden: median(sequential step - sequential's post-backward allreduce).
 Per policy it also reports how busy expert compute is while all-to-all is in flight: the share of
 all-to-all time during which an expert-FFN span runs on the same rank (the paper's Table 3: 33-36%
 without packing, 79-86% with it).
+
+Peers (``--peers``, :mod:`lina.bench.peers`): the real DeepSpeed-MoE (ZeRO-0, ZeRO-2) trains its own
+copy of the model in the same workers, after lina's policies in every round, in the same table.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import json
 from pathlib import Path
 
+from lina.bench.peers import PEER_NAMES, resolve_peers
 from lina.bench.train_report import analyse, plot, print_report
 from lina.cluster.emulate import EmulateSpec, EmulatedCluster, format_rate, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
@@ -64,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--credit", type=int, default=1, help="lina: allreduce micro-ops in flight at once")
     p.add_argument("--delay", default="0us", help="one-way host-to-host delay (needs the netem qdisc)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peers", default=None,
+                   help=f"real frameworks run beside the policies, in the same processes, after them in every "
+                        f"round: comma list of {', '.join(PEER_NAMES)}, or none (default: all when the deepspeed "
+                        "package imports; pip install 'lina[peers]')")
 
 
 def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: int, out: Path, **over) -> dict:
@@ -73,6 +81,7 @@ def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: 
         "policies": policies, "model": BENCH_MODEL, "batch_size": args.batch_size, "chunk_mb": args.chunk_mb, "buckets": args.buckets,
         "pipeline_chunks": args.pipeline_chunks, "credit": args.credit, "seed": args.seed, "warmup": args.warmup, "rounds": args.rounds,
         "steps_per_round": args.steps_per_round, "settle": args.settle, "out": str(out), "packing_window": 2 if args.quick else PACKING_WINDOW,
+        "peers": getattr(args, "peer_list", []),
     }
     plan.update(over)
     return plan
@@ -94,7 +103,7 @@ def calibrate_link(args, layout: str, experts: int, out: Path, delay_us: float) 
     TARGET_SHARE (all-to-all time scales with 1 / rate, compute does not)."""
     rate = parse_rate("150mbit")
     for attempt in range(2):
-        plan = _plan(args, layout, [experts], ["deepspeed"], rate, out / "calibration", warmup=1, rounds=3, steps_per_round=1)
+        plan = _plan(args, layout, [experts], ["deepspeed"], rate, out / "calibration", warmup=1, rounds=3, steps_per_round=1, peers=[])
         res = _launch(plan, delay_us)[0]["policies"]["deepspeed"]
         share = res["a2a_s"] / res["step_time_s"]
         print(f"calibration ({layout}): link {format_rate(rate)} -> deepspeed all-to-all share {share * 100:.1f}%", flush=True)
@@ -157,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
     experts_of = _parse_experts(args.experts)
     policies = [p.strip() for p in args.policies.split(",")]
     _check_policies(policies)
+    args.peer_list, peer_note = resolve_peers(args.peers)
+    if peer_note:
+        print(peer_note, flush=True)
     json_path = Path(args.json)
     out = json_path.parent
     delay_us = parse_duration_us(args.delay)
@@ -168,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         if args.link == "auto":
             link_bps, _ = calibrate_link(args, layout, experts[0], out, delay_us)
         print(f"\n{layout}: {hosts} hosts x {wph} workers, link {format_rate(link_bps)}, delay {args.delay}; "
-              f"policies {', '.join(policies)} interleaved, {args.rounds} rounds x {args.steps_per_round} steps after {args.warmup} warm-up, "
+              f"policies {', '.join(policies + args.peer_list)} interleaved, {args.rounds} rounds x {args.steps_per_round} steps after {args.warmup} warm-up, "
               f"{args.settle} unmeasured after each move of the experts", flush=True)
         for entry in _launch(_plan(args, layout, experts, policies, link_bps, out), delay_us):
             configs.append(analyse(entry, layout, link_bps, hosts, wph, _skews(out, layout, entry)))
@@ -181,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
             "note": "regime of the first config; every config carries its own",
         },
         "model": BENCH_MODEL | {"batch_size": args.batch_size},
-        "policies": policies,
+        "policies": policies + args.peer_list,
+        "peers": args.peer_list,
         "configs": configs,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)

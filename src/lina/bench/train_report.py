@@ -57,6 +57,12 @@ def analyse(entry: dict, layout: str, link_bps: int, hosts: int, wph: int, skews
     }
     if entry.get("packing"):
         out["packing"] = entry["packing"]
+    peers = entry.get("peers", [])
+    if peers:
+        out["speedup_vs_peers"] = {peer: {name: pols[peer]["step_time_s"] / p["step_time_s"] for name, p in pols.items()}
+                                   for peer in peers}
+    if entry.get("loss_after_steps"):
+        out["loss_after_steps"] = entry["loss_after_steps"]
     if ds:
         out["speedup_vs_deepspeed"] = {name: ds["step_time_s"] / p["step_time_s"] for name, p in pols.items()}
     if ds and bound is not None:
@@ -91,20 +97,21 @@ def print_report(result: dict) -> None:
         reg = c["regime"]
         print(f"\n{c['layout']}, {c['experts']} experts ({c['experts_per_rank']}/rank), top-2 | link {reg['link']}, "
               f"{_regime_text(reg)}, chunk {c['chunk_mb']:g} MB")
-        print(f"  {'policy':13s} {'experts/rank':>12s} {'step ms':>9s} {'[min-max]':>17s} {'bwd a2a ms':>11s} {'allreduce ms':>13s} "
+        print(f"  {'policy':15s} {'experts/rank':>12s} {'step ms':>9s} {'[min-max]':>17s} {'bwd a2a ms':>11s} {'allreduce ms':>13s} "
               f"{'a2a share':>10s} {'busy in a2a':>12s} {'speedup':>8s}")
         for name, p in c["policies"].items():
             sp = c.get("speedup_vs_deepspeed", {}).get(name)
             sp_text = "n/a" if sp is None else f"{sp:.2f}x"
             busy = p.get("compute_busy_in_a2a")
             busy_text = "n/a (no a2a)" if busy is None else f"{busy * 100:.1f}%"
-            print(f"  {name:13s} {p.get('experts_per_rank', 0):12d} {p['step_time_s_median'] * 1e3:9.1f} {p['step_time_s_min'] * 1e3:8.1f}-{p['step_time_s_max'] * 1e3:<8.1f} "
+            print(f"  {name:15s} {p.get('experts_per_rank', 0):12d} {p['step_time_s_median'] * 1e3:9.1f} {p['step_time_s_min'] * 1e3:8.1f}-{p['step_time_s_max'] * 1e3:<8.1f} "
                   f"{p['bwd_a2a_s_median'] * 1e3:11.1f} {p['allreduce_s_median'] * 1e3:13.1f} {p['a2a_share'] * 100:9.1f}% {busy_text:>12s} {sp_text:>8s}")
         if c.get("packing"):
             pk = c["packing"]
             steps = "; ".join(f"{d['experts_per_rank']}->{d['new_experts_per_rank']}: {d['reason']}" for d in pk["decisions"])
             print(f"  packing chosen: {pk['experts_per_rank']} experts per rank (EP size {pk['ep_size']} of {pk['world']}), "
                   f"{pk['window_steps']} steps measured per decision: {steps}")
+        _print_peers(c)
         if c.get("lower_bound_s"):
             over = c["over_bound"].get("lina", float("nan"))
             print(f"  lower bound {c['lower_bound_s'] * 1e3:.1f} ms; lina: {over * 100:+.1f}% over it "
@@ -118,6 +125,17 @@ def print_report(result: dict) -> None:
           f"with packing {PAPER_SPEEDUP_WITH_PACKING}x on average; compute busy while all-to-all is in flight "
           + ", ".join(f"{k} {lo * 100:.0f}-{hi * 100:.0f}%" for k, (lo, hi) in PAPER_BUSY_IN_A2A.items())
           + " (ours: share of all-to-all time with an expert-FFN span running on the same rank)")
+
+
+def _print_peers(c: dict) -> None:
+    """Speedups over each real DeepSpeed configuration, and the loss at equal steps."""
+    for peer, speedups in c.get("speedup_vs_peers", {}).items():
+        others = ", ".join(f"{name} {sp:.2f}x" for name, sp in speedups.items() if name != peer)
+        print(f"  over real {peer}: {others}")
+    losses = c.get("loss_after_steps")
+    if losses:
+        text = ", ".join(f"{name} {value:.3f}" for name, value in losses.items() if name != "steps")
+        print(f"  LM loss after {losses['steps']} steps (same batches, mean over ranks): {text}")
 
 
 def _pct(x, signed: bool = False) -> str:

@@ -7,7 +7,11 @@ warm-up the packing controller (the one ``--packing auto`` uses) measures a few 
 and doubles experts per rank while an FFN micro-op is shorter than an all-to-all micro-op; its
 measured steps then run at the packing it chose, the other policies at one layout without packing (the model moves between
 layouts when the policy changes; the move and the settling steps after it, see
-:func:`round_schedule`, are outside the measured steps)."""
+:func:`round_schedule`, are outside the measured steps).
+
+Peers (``plan["peers"]``, :mod:`lina.bench.peers`: real DeepSpeed-MoE engines) train their own
+copy of the model in the same processes: after lina's warm-up they warm up, and in every round they
+run after lina's policies, ``steps_per_round`` measured steps each (A B C D E P1 P2 A B ...)."""
 
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
+from lina.bench.peers import start_peers
 from lina.comm.groups import build_group_set
 from lina.config import ModelConfig, TrainConfig
 from lina.data.corpus import load_corpus
@@ -84,10 +90,13 @@ def _run(plan: dict) -> None:
             dense = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if not getattr(p, "lina_expert", False))
             trainer.cfg.bucket_mb = dense / plan["buckets"] / 2**20
             trainer.set_policy(trainer.policy.name)
-        layout = {p: world for p in plan["policies"]}  # EP size each policy runs with
+        dense_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if not getattr(p, "lina_expert", False))
+        peers = start_peers(plan.get("peers", []), cfg, corpus, timeline, _peer_bucket_elements(plan, dense_bytes))
+        lina_losses = _track_losses(trainer)
+        layout = {p: world for p in plan["policies"] + [peer.name for peer in peers]}  # EP size each policy runs with
         search: dict = {}
         step = 0
-        measured: dict[str, list[Span]] = {p: [] for p in plan["policies"]}
+        measured: dict[str, list[Span]] = {p: [] for p in layout}
         for policy in plan["policies"]:  # warm-up, not measured
             _select(trainer, policy, layout[policy])
             for _ in range(plan["warmup"]):
@@ -98,7 +107,10 @@ def _run(plan: dict) -> None:
                 if rank == 0:
                     print(f"  experts {experts}: {policy} chose {experts // layout[policy]} experts per rank "
                           f"({len(search['decisions'])} decisions)", flush=True)
-        settled = {p: 0 for p in plan["policies"]}
+        for peer in peers:  # warm-up, not measured
+            for _ in range(plan["warmup"]):
+                peer.train_step()
+        settled = {p: 0 for p in layout}
         # the packing search of the warm-up may have just moved the experts (and back)
         moved = any(d.get("new_experts_per_rank") != d.get("experts_per_rank") for d in search.get("decisions", []))
         for r in range(plan["rounds"]):
@@ -112,12 +124,16 @@ def _run(plan: dict) -> None:
                     else:
                         settled[policy] += 1
                     step += 1
+            for peer in peers:  # after lina's policies, each peer for as many measured steps
+                for _ in range(plan["steps_per_round"]):
+                    measured[peer.name].append(peer.train_step())
             if rank == 0:
                 print(f"  experts {experts}: round {r + 1}/{plan['rounds']} done", flush=True)
         trainer.policy.close()
+        for peer in peers:
+            peer.close()
         spans = timeline.spans()
         per_policy = {p: [step_metrics(spans, st) for st in steps] for p, steps in measured.items()}
-        dense_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if not getattr(p, "lina_expert", False))
         entry = {
             "experts": experts,
             "chunk_mb": trainer.chunk_mb,
@@ -132,6 +148,9 @@ def _run(plan: dict) -> None:
                          for p, rows in per_policy.items()},
             "packing": search,
         }
+        if peers:
+            entry["peers"] = [peer.name for peer in peers]
+            entry["loss_after_steps"] = _losses_at_equal_steps(lina_losses, peers)
         results.append(entry)
         _save_runs(out, plan, cfg, experts, measured, spans, entry, rank, world)
         del trainer
@@ -191,6 +210,39 @@ def _search_packing(trainer: Trainer, step: int, window: int) -> tuple[int, dict
                 "window_steps": window, "decisions": controller.history}, step
 
 
+def _peer_bucket_elements(plan: dict, dense_bytes: int) -> int:
+    """Gradient bucket size, in fp32 elements, for peers that take one: the bucket count of lina's
+    bucketed policies (``buckets``), or their 25 MB buckets when ``buckets`` is 0."""
+    bucket_bytes = dense_bytes / plan["buckets"] if plan.get("buckets") else 25 * 2**20
+    return max(1, int(bucket_bytes // 4))
+
+
+def _track_losses(trainer: Trainer) -> dict[int, float]:
+    """Every lina step's LM loss on this rank, by step index (the comparison with the peers at
+    equal steps: lina's step k and a peer's step k train on the same batch)."""
+    losses: dict[int, float] = {}
+    inner = trainer.train_step
+
+    def train_step(step: int):
+        result = inner(step)
+        losses[step] = result.loss
+        return result
+
+    trainer.train_step = train_step
+    return losses
+
+
+def _losses_at_equal_steps(lina_losses: dict[int, float], peers: list) -> dict:
+    """LM loss after N steps, N = the steps every peer ran (warm-up included), mean over ranks:
+    lina's model at its step N - 1 (whichever policy ran it; all of lina's policies compute the
+    same numbers) and each peer's at its step N - 1, the same batch (collective)."""
+    n = min(peer.steps_done for peer in peers)
+    values = torch.tensor([lina_losses[n - 1]] + [peer.losses[n - 1] for peer in peers], dtype=torch.float64)
+    dist.all_reduce(values)
+    values /= dist.get_world_size()
+    return {"steps": n, "lina": float(values[0])} | {peer.name: float(v) for peer, v in zip(peers, values[1:], strict=True)}
+
+
 def _busy_share(rows: list[dict]) -> float | None:
     """Share of all-to-all time during which an expert FFN ran on the same rank (paper Table 3)."""
     a2a = sum(r["a2a_s"] for r in rows)
@@ -199,7 +251,9 @@ def _busy_share(rows: list[dict]) -> float | None:
 
 def _save_runs(out: Path, plan: dict, cfg: TrainConfig, experts: int, measured: dict, spans: list[Span], entry: dict, rank: int, world: int) -> None:
     """Per (expert count, policy): the spans of its measured steps and a summary, in the run-folder
-    format the simulator calibrates from (``lina sim --calibrate``)."""
+    format the simulator calibrates from (``lina sim --calibrate``). A peer's folder holds its
+    spans only: the simulator models lina's policies, not DeepSpeed's padded all-to-all, so
+    calibration (which takes every folder with a ``summary.json``) leaves peers out."""
     for policy, steps in measured.items():
         folder = out / "runs" / f"{plan['layout']}-e{experts}-{policy}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -209,7 +263,7 @@ def _save_runs(out: Path, plan: dict, cfg: TrainConfig, experts: int, measured: 
         for s in keep:
             tl.record(s.name, s.cat, s.start_s, s.end_s, thread=s.thread, **s.args)
         tl.save_jsonl(folder / f"timeline-rank{rank}.jsonl")
-        if rank == 0:
+        if rank == 0 and policy not in entry.get("peers", []):
             m = cfg.model
             summary = {
                 "config": {
