@@ -4,6 +4,9 @@ Breakdowns, Chrome traces, plots and the simulator's calibration all read these 
 Times are ``time.perf_counter()`` seconds (CLOCK_MONOTONIC on Linux, shared by every
 process on one machine, so spans of different ranks line up).
 
+What a span means is in its typed fields (``kind``, ``layer``, ``phase``, ``micro_op``, ``bytes``,
+``peer``: see :mod:`lina.obs.schema`); its name is a display label.
+
 Categories used across the project (``cat``):
   ``compute``    forward/backward compute of a layer or expert FFN
   ``a2a``        an all-to-all (dispatch or combine), possibly one micro-op of it
@@ -18,15 +21,28 @@ import contextlib
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+from lina.obs import schema
 
 CATEGORIES = ("compute", "a2a", "allreduce", "sched", "step", "idle", "other")
 
 
 @dataclass
 class Span:
+    """One timed operation of one rank.
+
+    Args:
+        name: display label (never parsed: the meaning is in the typed fields).
+        cat: category (:data:`CATEGORIES`).
+        kind, layer, phase, micro_op, bytes, peer: the typed fields of :mod:`lina.obs.schema`;
+            a span built without ``kind`` gets them from its name and args, as version 1 of the
+            schema wrote them (:func:`lina.obs.schema.classify_v1`).
+        args: extras (``step``, ``policy``, ...).
+    """
+
     name: str
     cat: str
     start_s: float
@@ -34,6 +50,16 @@ class Span:
     rank: int = 0
     thread: str = "main"
     args: dict = field(default_factory=dict)
+    kind: str | None = None
+    layer: int | None = None
+    phase: str | None = None
+    micro_op: int | None = None
+    bytes: float | None = None
+    peer: int | None = None
+
+    def __post_init__(self):
+        if self.kind is None:
+            schema.classify_v1(self)
 
     @property
     def dur_s(self) -> float:
@@ -69,16 +95,19 @@ class Timeline:
     def now() -> float:
         return time.perf_counter()
 
-    def record(self, name: str, cat: str, start_s: float, end_s: float, thread: str | None = None, **args) -> None:
-        """Keep one finished span."""
+    def record(self, name: str, cat: str, start_s: float, end_s: float, thread: str | None = None, *, kind: str | None = None,
+               layer: int | None = None, phase: str | None = None, micro_op: int | None = None, bytes: float | None = None,
+               peer: int | None = None, **args) -> None:
+        """Keep one finished span (typed fields as in :class:`Span`; other keywords go to ``args``)."""
         if not self.enabled:
             return
-        span = Span(name, cat, start_s, end_s, self.rank, thread or threading.current_thread().name, args)
+        span = Span(name, cat, start_s, end_s, self.rank, thread or threading.current_thread().name, args,
+                    kind, layer, phase, micro_op, bytes, peer)
         with self._lock:
             self._spans.append(span)
 
     @contextlib.contextmanager
-    def span(self, name: str, cat: str, thread: str | None = None, **args) -> Iterator[None]:
+    def span(self, name: str, cat: str, thread: str | None = None, **fields) -> Iterator[None]:
         """Time the body of a ``with`` block as one span."""
         if not self.enabled:
             yield
@@ -87,7 +116,7 @@ class Timeline:
         try:
             yield
         finally:
-            self.record(name, cat, start, time.perf_counter(), thread=thread, **args)
+            self.record(name, cat, start, time.perf_counter(), thread=thread, **fields)
 
     def spans(self, since_s: float | None = None) -> list[Span]:
         with self._lock:
@@ -122,13 +151,9 @@ class Timeline:
             _write_jsonl(fh, spans)
         self.spilled += len(spans)
 
-    def total(self, cat: str, since_s: float | None = None, name_prefix: str | None = None) -> float:
-        """Sum of span durations of one category (overlaps are counted twice)."""
-        return sum(
-            s.dur_s
-            for s in self.spans(since_s)
-            if s.cat == cat and (name_prefix is None or s.name.startswith(name_prefix))
-        )
+    def total(self, cat: str, since_s: float | None = None, kind: str | None = None) -> float:
+        """Sum of span durations of one category, of one ``kind`` when given (overlaps are counted twice)."""
+        return sum(s.dur_s for s in self.spans(since_s) if s.cat == cat and (kind is None or s.kind == kind))
 
     def save_jsonl(self, path: str | Path) -> None:
         with open(path, "w") as fh:
@@ -137,16 +162,26 @@ class Timeline:
 
 def _write_jsonl(fh, spans: list[Span]) -> None:
     for s in spans:
-        fh.write(json.dumps(asdict(s)) + "\n")
+        fh.write(json.dumps(schema.span_to_dict(s)) + "\n")
 
 
 def load_jsonl(path: str | Path) -> list[Span]:
-    """Read spans written by :meth:`Timeline.save_jsonl`."""
+    """Read spans written by :meth:`Timeline.save_jsonl` (this schema version or version 1).
+
+    Raises:
+        LinaError: a line is not JSON, not a span, or of a newer schema version.
+    """
+    from lina.errors import LinaError
+
     out = []
     with open(path) as fh:
-        for line in fh:
+        for number, line in enumerate(fh, 1):
             if line.strip():
-                out.append(Span(**json.loads(line)))
+                try:
+                    data = json.loads(line)
+                except ValueError as err:
+                    raise LinaError(f"{path}:{number}: not JSON ({err}); give a timeline written by lina") from None
+                out.append(schema.span_from_dict(data, f"{path}:{number}"))
     return out
 
 

@@ -25,6 +25,7 @@ from lina.moe.comm_context import ExpertComm
 from lina.obs.report import step_breakdown
 from lina.obs.timeline import Span, Timeline
 from lina.train.packing import PackingController, plan_residency, relayout_experts
+from lina.obs import schema
 
 
 @dataclass
@@ -133,7 +134,7 @@ class Trainer:
                             "a resumed run gets its checkpoint's layout from lina.train.worker")
         old, new = self.groups, self.group_set[ep_size]
         name = self.policy.name
-        with self.timeline.span("packing.repack", "sched", from_ep=old.ep_size, to_ep=new.ep_size):
+        with self.timeline.span("packing.repack", "sched", kind=schema.REPACK, from_ep=old.ep_size, to_ep=new.ep_size):
             self.policy.close()
             relayout_experts(self.model.moe_layers(), self.optimizer, old, new)
             self.groups = new
@@ -195,19 +196,19 @@ class Trainer:
         tl = self.timeline
         start = tl.now()
         self.policy.begin_step()
-        with tl.span("forward", "compute", step=step):
+        with tl.span("forward", "compute", kind=schema.FORWARD, phase="fwd", step=step):
             loss, lm = self.model.loss(x, y)
-        with tl.span("backward", "compute", step=step):
+        with tl.span("backward", "compute", kind=schema.BACKWARD, phase="bwd", step=step):
             loss.backward()
         sync_start = tl.now()
         self.policy.finish()
         sync_end = tl.now()
-        tl.record("gradsync.finish", "sched", sync_start, sync_end, step=step)
+        tl.record("gradsync.finish", "sched", sync_start, sync_end, kind=schema.SYNC_WAIT, step=step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         end = tl.now()
-        tl.record("step", "step", start, end, step=step, policy=self.policy.name)
-        b = step_breakdown(tl.spans(since_s=start), Span("step", "step", start, end, tl.rank))
+        tl.record("step", "step", start, end, kind=schema.STEP, step=step, policy=self.policy.name)
+        b = step_breakdown(tl.spans(since_s=start), Span("step", "step", start, end, tl.rank, kind=schema.STEP))
         self._drop_old_spans(start)
         return StepResult(step, float(lm.detach()), end - start, b["a2a_total"], b["allreduce_in_flight"], b["allreduce_exposed"], self.experts_per_rank)
 
