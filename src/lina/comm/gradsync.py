@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lina.obs.timeline import Timeline
 from lina.obs import schema
+from lina.obs.timeline import Timeline
 
 
 def is_expert(p: nn.Parameter) -> bool:

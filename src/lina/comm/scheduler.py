@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from lina.errors import ConfigError, LinaError
-from lina.obs.timeline import Timeline
 from lina.obs import schema
+from lina.obs.timeline import Timeline
 
 A2A = "a2a"
 ALLREDUCE = "allreduce"

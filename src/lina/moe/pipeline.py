@@ -12,10 +12,10 @@ import torch
 
 from lina.comm.partition import a2a_micro_rows, split_a2a
 from lina.moe.alltoall import AsyncAllToAll
-from lina.obs import schema
 from lina.moe.comm_context import ExpertComm
 from lina.moe.experts import LocalExperts
 from lina.moe.permute import inverse_permutation, source_to_expert_major
+from lina.obs import schema
 
 
 def micro_counts(recv_counts: torch.Tensor, m: int) -> list[torch.Tensor]:

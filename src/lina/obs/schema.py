@@ -162,6 +162,8 @@ def classify_v1(span: Span) -> None:
         layer = int(m.group(3)) if layer is None else layer
         if micro_op is None and m.group(4) is not None:
             micro_op = int(m.group(4))
+    if kind in PASSES and phase is None:
+        phase = "fwd" if kind == FORWARD else "bwd"
     if kind == HEAD and phase is None:
         phase = span.name.rpartition(".")[2] if span.name.endswith((".fwd", ".bwd")) else None
     span.kind, span.layer, span.phase, span.micro_op, span.bytes, span.peer = kind, layer, phase, micro_op, nbytes, peer

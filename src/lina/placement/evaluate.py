@@ -10,10 +10,10 @@ the real choices right after it was scored, as it would be while serving.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
+from lina.data.routing_trace import RoutingTrace
 from lina.errors import ConfigError
 from lina.placement.core import imbalance
 from lina.placement.eplb import EPLBPlanner
@@ -22,9 +22,6 @@ from lina.placement.estimators.online import OnlinePathEstimator
 from lina.placement.lina import lina_placement, replan_if_needed
 from lina.placement.metrics import token_topk_hits, topset_equal
 from lina.placement.static import static_placement
-
-if TYPE_CHECKING:
-    from lina.infer.trace import RoutingTrace
 
 
 @dataclass

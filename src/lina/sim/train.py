@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from lina.obs import schema
 from lina.obs.timeline import Timeline, union_length
+from lina.packing_rule import REVERT_MARGIN
 from lina.sim.collectives import all_to_all
 from lina.sim.compute import ComputeProfile
 from lina.sim.engine import Executor, Task
@@ -238,13 +239,11 @@ def _run(plan: StepPlan, pol: TrainPolicy, topo: Topology, cache: TransferCache)
 def _pack(plan, pol, topo, cache, tasks, events, memory_gb):
     """Double experts per GPU while :func:`packing_rule` says so, as the trainer's controller does.
 
-    Like the project's trainer (:mod:`lina.train.packing`), a doubling that makes the step slower
+    Like the project's trainer (:mod:`lina.train.packing`, :mod:`lina.packing_rule`), a doubling that makes the step slower
     by more than ``REVERT_MARGIN`` is undone: packing goes back to the fastest layout simulated so
     far and settles (the replicated experts' gradients join the allreduce, which the paper's rule
     does not weigh).
     """
-    from lina.train.packing import REVERT_MARGIN
-
     trace = []
     step_s = max(t.end_s for t in tasks)
     visited = [(step_s, plan, tasks)]

@@ -39,9 +39,9 @@ from lina.errors import ConfigError, LinaError
 from lina.moe.experts import PARAM_NAMES, LocalExperts
 from lina.obs import schema
 from lina.obs.timeline import Span, Timeline
+from lina.packing_rule import REVERT_MARGIN
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
-REVERT_MARGIN = 0.05  # a doubling that makes the mean step slower than this is undone
 
 
 # --- what the user asked for -------------------------------------------------------------------

@@ -22,10 +22,10 @@ from lina.data.corpus import Corpus, sample_batch
 from lina.errors import LinaError
 from lina.models.gpt import MoEGPT
 from lina.moe.comm_context import ExpertComm
+from lina.obs import schema
 from lina.obs.report import step_breakdown
 from lina.obs.timeline import Span, Timeline
 from lina.train.packing import PackingController, plan_residency, relayout_experts
-from lina.obs import schema
 
 
 @dataclass
