@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from lina.errors import LinaError
+from lina.obs.provenance import provenance
 
 if TYPE_CHECKING:
     from lina.obs.timeline import Span
@@ -78,40 +79,6 @@ def fields_of(span: Span) -> dict[str, Any]:
     """The typed fields of ``span`` as keywords of :meth:`lina.obs.timeline.Timeline.record`."""
     return {name: getattr(span, name) for name in FIELDS}
 
-
-
-def span_to_dict(span: Span) -> dict[str, Any]:
-    """One line of a timeline file: version, label, times, the typed fields that are set, args."""
-    out: dict[str, Any] = {"v": SCHEMA_VERSION, "name": span.name, "cat": span.cat, "start_s": span.start_s,
-                           "end_s": span.end_s, "rank": span.rank, "thread": span.thread}
-    for name in FIELDS:
-        value = getattr(span, name)
-        if value is not None:
-            out[name] = value
-    out["args"] = span.args
-    return out
-
-
-def span_from_dict(data: dict[str, Any], where: str = "timeline") -> Span:
-    """A span from one line of a timeline file of version 1 (no ``"v"``) or :data:`SCHEMA_VERSION`.
-
-    Raises:
-        LinaError: the line is of a newer version, or not a span.
-    """
-    from lina.obs.timeline import Span
-
-    data = dict(data)
-    version = data.pop("v", 1)
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise LinaError(f"{where}: span of schema version {version!r}, newer than this lina reads ({SCHEMA_VERSION}); "
-                        "upgrade lina to read it")
-    if version >= 2 and "kind" not in data:
-        data["kind"] = OTHER
-    try:
-        return Span(**data)
-    except TypeError as err:
-        raise LinaError(f"{where}: not a span of schema version {version} ({err}); give a timeline-rank*.jsonl file "
-                        "written by lina") from None
 
 
 # --- version 1: meaning from names -------------------------------------------------------------
@@ -256,8 +223,6 @@ def run_summary(setup: RunSetup, config: dict[str, Any], step_time_s_median: flo
     """The ``summary.json`` of a run folder: ``schema_version``, ``setup`` (:class:`RunSetup`),
     the producer's own ``config``, ``step_time_s_median``, ``backend``, ``chunk_mb_resolved``,
     ``provenance`` (versions, command line, commit) and ``extra``."""
-    from lina.obs.provenance import provenance
-
     return {"schema_version": SCHEMA_VERSION, "setup": setup.to_dict(), "config": config,
             "step_time_s_median": step_time_s_median, "backend": setup.backend, "chunk_mb_resolved": setup.chunk_mb,
             **extra, "provenance": provenance()}

@@ -23,8 +23,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
+from lina.errors import LinaError
 from lina.obs import schema
 
 CATEGORIES = ("compute", "a2a", "allreduce", "sched", "step", "idle", "other")
@@ -160,9 +161,41 @@ class Timeline:
             _write_jsonl(fh, self.spans())
 
 
+def span_to_dict(span: Span) -> dict[str, Any]:
+    """One line of a timeline file: version, label, times, the typed fields that are set, args."""
+    out: dict[str, Any] = {"v": schema.SCHEMA_VERSION, "name": span.name, "cat": span.cat, "start_s": span.start_s,
+                           "end_s": span.end_s, "rank": span.rank, "thread": span.thread}
+    for name in schema.FIELDS:
+        value = getattr(span, name)
+        if value is not None:
+            out[name] = value
+    out["args"] = span.args
+    return out
+
+
+def span_from_dict(data: dict[str, Any], where: str = "timeline") -> Span:
+    """A span from one line of a timeline file of version 1 (no ``"v"``) or :data:`schema.SCHEMA_VERSION`.
+
+    Raises:
+        LinaError: the line is of a newer version, or not a span.
+    """
+    data = dict(data)
+    version = data.pop("v", 1)
+    if not isinstance(version, int) or version > schema.SCHEMA_VERSION:
+        raise LinaError(f"{where}: span of schema version {version!r}, newer than this lina reads ({schema.SCHEMA_VERSION}); "
+                        "upgrade lina to read it")
+    if version >= 2 and "kind" not in data:
+        data["kind"] = schema.OTHER
+    try:
+        return Span(**data)
+    except TypeError as err:
+        raise LinaError(f"{where}: not a span of schema version {version} ({err}); give a timeline-rank*.jsonl file "
+                        "written by lina") from None
+
+
 def _write_jsonl(fh, spans: list[Span]) -> None:
     for s in spans:
-        fh.write(json.dumps(schema.span_to_dict(s)) + "\n")
+        fh.write(json.dumps(span_to_dict(s)) + "\n")
 
 
 def load_jsonl(path: str | Path) -> list[Span]:
@@ -171,8 +204,6 @@ def load_jsonl(path: str | Path) -> list[Span]:
     Raises:
         LinaError: a line is not JSON, not a span, or of a newer schema version.
     """
-    from lina.errors import LinaError
-
     out = []
     with open(path) as fh:
         for number, line in enumerate(fh, 1):
@@ -181,7 +212,7 @@ def load_jsonl(path: str | Path) -> list[Span]:
                     data = json.loads(line)
                 except ValueError as err:
                     raise LinaError(f"{path}:{number}: not JSON ({err}); give a timeline written by lina") from None
-                out.append(schema.span_from_dict(data, f"{path}:{number}"))
+                out.append(span_from_dict(data, f"{path}:{number}"))
     return out
 
 
