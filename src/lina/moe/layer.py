@@ -9,8 +9,8 @@ from torch import nn
 from lina.moe.alltoall import AllToAll, exchange_counts
 from lina.moe.comm_context import ExpertComm
 from lina.moe.experts import LocalExperts
-from lina.moe.pipeline import PipelinedExchange
 from lina.moe.permute import inverse_permutation, permute_order, source_to_expert_major, unpermute
+from lina.moe.pipeline import PipelinedExchange
 from lina.moe.router import Routing, TopKRouter
 from lina.obs import schema
 

@@ -64,8 +64,30 @@ PLAN_ESTIMATE = "plan_estimate"  # inference, Lina phase 1: the coordinator plan
 PLACEMENT = "placement"  # inference, Lina phase 2: this layer's placement from the real counts
 OTHER = "other"
 
-KINDS = (STEP, BATCH, FORWARD, BACKWARD, EXPERT, DENSE, HEAD, OPTIMIZER, DISPATCH, COMBINE, COUNTS, DISPATCH_HEADER,
-         ALLTOALL, ALLREDUCE, SYNC_WAIT, PARTITION, A2A_SLOT, HOLD, REPACK, PLAN_ESTIMATE, PLACEMENT, OTHER)
+KINDS = (
+    STEP,
+    BATCH,
+    FORWARD,
+    BACKWARD,
+    EXPERT,
+    DENSE,
+    HEAD,
+    OPTIMIZER,
+    DISPATCH,
+    COMBINE,
+    COUNTS,
+    DISPATCH_HEADER,
+    ALLTOALL,
+    ALLREDUCE,
+    SYNC_WAIT,
+    PARTITION,
+    A2A_SLOT,
+    HOLD,
+    REPACK,
+    PLAN_ESTIMATE,
+    PLACEMENT,
+    OTHER,
+)
 TOKEN_A2A = (DISPATCH, COMBINE)  # the all-to-alls that move tokens
 PASSES = (FORWARD, BACKWARD)
 PHASES = ("fwd", "bwd")
@@ -80,19 +102,43 @@ def fields_of(span: Span) -> dict[str, Any]:
     return {name: getattr(span, name) for name in FIELDS}
 
 
-
 # --- version 1: meaning from names -------------------------------------------------------------
 
 _V1_MOE = re.compile(r"^moe(\d+)\.(experts\.bwd|experts|dispatch-header|dispatch|combine|phase1|phase2)$")
-_V1_MOE_KIND = {"experts": EXPERT, "experts.bwd": EXPERT, "dispatch": DISPATCH, "combine": COMBINE,
-                "dispatch-header": DISPATCH_HEADER, "phase1": PLAN_ESTIMATE, "phase2": PLACEMENT}
+_V1_MOE_KIND = {
+    "experts": EXPERT,
+    "experts.bwd": EXPERT,
+    "dispatch": DISPATCH,
+    "combine": COMBINE,
+    "dispatch-header": DISPATCH_HEADER,
+    "phase1": PLAN_ESTIMATE,
+    "phase2": PLACEMENT,
+}
 _V1_SIM = re.compile(r"^(fwd|bwd)\.(\w+)\.L(\d+)(?:\.c(\d+))?$")
-_V1_NAMES = {("step", "step"): STEP, ("batch", "step"): BATCH, ("forward", "compute"): FORWARD,
-             ("backward", "compute"): BACKWARD, ("counts", "a2a"): COUNTS, ("gradsync.finish", "sched"): SYNC_WAIT,
-             ("partition", "sched"): PARTITION, ("hold", "sched"): HOLD, ("packing.repack", "sched"): REPACK,
-             ("optimizer", "compute"): OPTIMIZER, ("head.fwd", "compute"): HEAD, ("head.bwd", "compute"): HEAD}
-_V1_SIM_KINDS = {"dispatch": DISPATCH, "combine": COMBINE, "counts": COUNTS, "expert": EXPERT, "dense": DENSE,
-                 "ffn": DENSE, "head": HEAD, "optimizer": OPTIMIZER}
+_V1_NAMES = {
+    ("step", "step"): STEP,
+    ("batch", "step"): BATCH,
+    ("forward", "compute"): FORWARD,
+    ("backward", "compute"): BACKWARD,
+    ("counts", "a2a"): COUNTS,
+    ("gradsync.finish", "sched"): SYNC_WAIT,
+    ("partition", "sched"): PARTITION,
+    ("hold", "sched"): HOLD,
+    ("packing.repack", "sched"): REPACK,
+    ("optimizer", "compute"): OPTIMIZER,
+    ("head.fwd", "compute"): HEAD,
+    ("head.bwd", "compute"): HEAD,
+}
+_V1_SIM_KINDS = {
+    "dispatch": DISPATCH,
+    "combine": COMBINE,
+    "counts": COUNTS,
+    "expert": EXPERT,
+    "dense": DENSE,
+    "ffn": DENSE,
+    "head": HEAD,
+    "optimizer": OPTIMIZER,
+}
 
 
 def classify_v1(span: Span) -> None:
@@ -108,7 +154,12 @@ def classify_v1(span: Span) -> None:
         return value
 
     phase, direction, kind = take("phase", "phase"), args.pop("direction", None), args.pop("kind", None)
-    layer, micro_op, nbytes, peer = take("layer", "layer"), take("micro_op", "micro_op", "chunk"), take("bytes", "bytes"), take("peer", "peer")
+    layer, micro_op, nbytes, peer = (
+        take("layer", "layer"),
+        take("micro_op", "micro_op", "chunk"),
+        take("bytes", "bytes"),
+        take("peer", "peer"),
+    )
     if phase in (DISPATCH, COMBINE, COUNTS):  # the simulator's all-to-all tasks
         kind, phase = phase, direction
     elif phase not in PHASES:
@@ -208,24 +259,35 @@ class RunSetup:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "summary.json") -> RunSetup:
         """Raises:
-            LinaError: a field is unknown or a required one is missing."""
+        LinaError: a field is unknown or a required one is missing."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise LinaError(f"{where}: 'setup' has unknown field(s) {', '.join(unknown)}; was it written by a newer lina?")
+            raise LinaError(
+                f"{where}: 'setup' has unknown field(s) {', '.join(unknown)}; was it written by a newer lina?"
+            )
         try:
             return cls(**data)
         except TypeError as err:
             raise LinaError(f"{where}: 'setup' is incomplete ({err})") from None
 
 
-def run_summary(setup: RunSetup, config: dict[str, Any], step_time_s_median: float | None, **extra: Any) -> dict[str, Any]:
+def run_summary(
+    setup: RunSetup, config: dict[str, Any], step_time_s_median: float | None, **extra: Any
+) -> dict[str, Any]:
     """The ``summary.json`` of a run folder: ``schema_version``, ``setup`` (:class:`RunSetup`),
     the producer's own ``config``, ``step_time_s_median``, ``backend``, ``chunk_mb_resolved``,
     ``provenance`` (versions, command line, commit) and ``extra``."""
-    return {"schema_version": SCHEMA_VERSION, "setup": setup.to_dict(), "config": config,
-            "step_time_s_median": step_time_s_median, "backend": setup.backend, "chunk_mb_resolved": setup.chunk_mb,
-            **extra, "provenance": provenance()}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "setup": setup.to_dict(),
+        "config": config,
+        "step_time_s_median": step_time_s_median,
+        "backend": setup.backend,
+        "chunk_mb_resolved": setup.chunk_mb,
+        **extra,
+        "provenance": provenance(),
+    }
 
 
 def summary_version(summary: dict[str, Any], where: str = "summary.json") -> int:
@@ -236,6 +298,8 @@ def summary_version(summary: dict[str, Any], where: str = "summary.json") -> int
     """
     version = summary.get("schema_version", 1)
     if not isinstance(version, int) or version < 1 or version > SCHEMA_VERSION:
-        raise LinaError(f"{where}: schema_version {version!r}; this lina reads versions 1 to {SCHEMA_VERSION}: "
-                        "upgrade lina to read it")
+        raise LinaError(
+            f"{where}: schema_version {version!r}; this lina reads versions 1 to {SCHEMA_VERSION}: "
+            "upgrade lina to read it"
+        )
     return version

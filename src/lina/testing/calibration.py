@@ -61,29 +61,66 @@ def write_synthetic_run(
         scale = 1.0 + jitter * (2 * rng.random() - 1)
         for rank, tl in enumerate(timelines):
             for s in result.timeline(rank, 0.0, step).spans():
-                tl.record(s.name, s.cat, offset + s.start_s * scale, offset + s.end_s * scale, thread=s.thread, **recorded(rank, s))
+                tl.record(
+                    s.name,
+                    s.cat,
+                    offset + s.start_s * scale,
+                    offset + s.end_s * scale,
+                    thread=s.thread,
+                    **recorded(rank, s),
+                )
         step_times.append(result.step_s * scale)
         offset += result.step_s * scale + 1e-3
     for tl in timelines:
         tl.save_jsonl(path / f"timeline-rank{tl.rank}.jsonl")
-    setup = RunSetup(layers=model.layers, d_model=model.d_model, d_ff=model.d_ff, experts=model.experts, top_k=model.top_k,
-                     seq_len=model.seq_len, batch_size=model.batch_size, vocab=model.vocab, workers=cluster.gpus,
-                     hosts=cluster.hosts, workers_per_host=cluster.gpus_per_host, link_bps=cluster.link_gbps * 1e9,
-                     policy=policy, chunk_mb=train.chunk_mb, bucket_mb=train.bucket_mb,
-                     pipeline_chunks=train.lina_a2a_chunks or train.tutel_chunks, coalesce_small=train.coalesce_small,
-                     cpu_count=cpu_count or cluster.gpus,  # the simulator's devices do not share cores unless told
-                     a2a_in_flight=cluster.a2a_in_flight)
+    setup = RunSetup(
+        layers=model.layers,
+        d_model=model.d_model,
+        d_ff=model.d_ff,
+        experts=model.experts,
+        top_k=model.top_k,
+        seq_len=model.seq_len,
+        batch_size=model.batch_size,
+        vocab=model.vocab,
+        workers=cluster.gpus,
+        hosts=cluster.hosts,
+        workers_per_host=cluster.gpus_per_host,
+        link_bps=cluster.link_gbps * 1e9,
+        policy=policy,
+        chunk_mb=train.chunk_mb,
+        bucket_mb=train.bucket_mb,
+        pipeline_chunks=train.lina_a2a_chunks or train.tutel_chunks,
+        coalesce_small=train.coalesce_small,
+        cpu_count=cpu_count or cluster.gpus,  # the simulator's devices do not share cores unless told
+        a2a_in_flight=cluster.a2a_in_flight,
+    )
     config = {
-        "layers": model.layers, "d_model": model.d_model, "d_ff": model.d_ff, "experts": model.experts,
-        "top_k": model.top_k, "seq_len": model.seq_len, "batch_size": model.batch_size, "vocab": model.vocab,
-        "workers": cluster.gpus, "hosts": cluster.hosts, "workers_per_host": cluster.gpus_per_host,
-        "link_bps": cluster.link_gbps * 1e9, "policy": policy, "chunk_mb": train.chunk_mb, "bucket_mb": train.bucket_mb,
-        "pipeline_chunks": train.lina_a2a_chunks or train.tutel_chunks, "coalesce_small": train.coalesce_small,
+        "layers": model.layers,
+        "d_model": model.d_model,
+        "d_ff": model.d_ff,
+        "experts": model.experts,
+        "top_k": model.top_k,
+        "seq_len": model.seq_len,
+        "batch_size": model.batch_size,
+        "vocab": model.vocab,
+        "workers": cluster.gpus,
+        "hosts": cluster.hosts,
+        "workers_per_host": cluster.gpus_per_host,
+        "link_bps": cluster.link_gbps * 1e9,
+        "policy": policy,
+        "chunk_mb": train.chunk_mb,
+        "bucket_mb": train.bucket_mb,
+        "pipeline_chunks": train.lina_a2a_chunks or train.tutel_chunks,
+        "coalesce_small": train.coalesce_small,
         "cpu_count": cpu_count or cluster.gpus,  # the simulator's devices do not share cores unless told
         "a2a_in_flight": cluster.a2a_in_flight,
     }
-    summary = run_summary(setup, config, statistics.median(step_times[1:] if steps >= 3 else step_times),
-                          source="lina.testing.calibration.write_synthetic_run")
+    summary = run_summary(
+        setup,
+        config,
+        statistics.median(step_times[1:] if steps >= 3 else step_times),
+        source="lina.testing.calibration.write_synthetic_run",
+    )
     (path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not math.isfinite(summary["step_time_s_median"]):
         raise LinaError("synthetic run produced a non-finite step time")

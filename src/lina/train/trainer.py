@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from lina.comm.chunk_sweep import sweep_chunk_size
-from lina.comm.groups import ParallelGroups, build_group_set
 from lina.comm.gradsync import GradSync
+from lina.comm.groups import ParallelGroups, build_group_set
 from lina.comm.policies import make_policy
 from lina.config import TrainConfig
 from lina.data.corpus import Corpus, sample_batch

@@ -17,7 +17,6 @@ lookup.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

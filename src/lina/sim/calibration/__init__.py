@@ -26,7 +26,24 @@ from lina.sim.calibration.report import CalibrationReport, calibrate, report_tex
 from lina.sim.calibration.runs import RunRecord, find_runs, read_run
 
 __all__ = [
-    "CalibrationFit", "CalibrationReport", "GLOO_THREADS", "RunObs", "RunRecord", "StepObs", "calibrate", "find_runs",
-    "fit", "fit_core_exponent", "fit_loopback_to_steps", "fit_per_layer", "fit_slowdowns", "observe", "on_core_share",
-    "predict", "read_run", "report_text", "within_cores", "write_report",
+    "CalibrationFit",
+    "CalibrationReport",
+    "GLOO_THREADS",
+    "RunObs",
+    "RunRecord",
+    "StepObs",
+    "calibrate",
+    "find_runs",
+    "fit",
+    "fit_core_exponent",
+    "fit_loopback_to_steps",
+    "fit_per_layer",
+    "fit_slowdowns",
+    "observe",
+    "on_core_share",
+    "predict",
+    "read_run",
+    "report_text",
+    "within_cores",
+    "write_report",
 ]

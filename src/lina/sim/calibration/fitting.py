@@ -33,7 +33,9 @@ from lina.sim.compute import ComputeProfile
 from lina.sim.spec import ClusterSpec
 from lina.sim.train_step import StepPlan
 
-INTRA_FACTOR = 10.0  # intra-host link rate / host link rate when no loopback all-to-all was measured: above what the rank copy limit lets a rank send
+# intra-host link rate / host link rate when no loopback all-to-all was measured: above what the
+# rank copy limit lets a rank send
+INTRA_FACTOR = 10.0
 
 
 @dataclass
@@ -47,15 +49,23 @@ class CalibrationFit:
     a2a_samples: int
     allreduce_samples: int
     note: str = ""
-    core_copy_bytes_per_s: float | None = None  # all-to-all bytes a rank sends per second per whole core (None: no limit)
-    flow_copy_bytes_per_s: float | None = None  # bytes per second of one all-to-all flow to another host (None: no limit)
+    core_copy_bytes_per_s: float | None = (
+        None  # all-to-all bytes a rank sends per second per whole core (None: no limit)
+    )
+    flow_copy_bytes_per_s: float | None = (
+        None  # bytes per second of one all-to-all flow to another host (None: no limit)
+    )
     core_exponent: float = 1.0  # compute time ~ (cores per rank) ** -core_exponent
     core_exponent_no_a2a: float | None = None  # the same for steps without all-to-all (None: core_exponent)
     allreduce_slowdown_per_sharer: float = 0.0  # allreduce speed lost while computing, per other rank on the same core
-    loopback_bytes_per_s: float | None = None  # all-to-all bytes to ranks of the same host per second per whole core (None: not fitted)
+    loopback_bytes_per_s: float | None = (
+        None  # all-to-all bytes to ranks of the same host per second per whole core (None: not fitted)
+    )
     pair_flow_loss: float = 0.0  # host-link goodput lost per extra flow of one all-to-all between two hosts
     loopback_samples: int = 0
-    loopback_sampled_bytes_per_s: float | None = None  # what the uncontended loopback all-to-alls alone give (least squares)
+    loopback_sampled_bytes_per_s: float | None = (
+        None  # what the uncontended loopback all-to-alls alone give (least squares)
+    )
     loopback_step_runs: int = 0  # runs whose step times the loopback rate was fitted to (0: the samples' rate kept)
 
     def profile_for(self, run: RunRecord) -> ComputeProfile:
@@ -81,7 +91,9 @@ class CalibrationFit:
             hosts=run.hosts,
             gpus_per_host=run.workers_per_host,
             link_gbps=gbps,
-            nvlink_gbps=gbps * self.intra_factor if self.loopback_bytes_per_s is None else self.loopback_bytes_per_s * run.core_share * 8 / 1e9,
+            nvlink_gbps=gbps * self.intra_factor
+            if self.loopback_bytes_per_s is None
+            else self.loopback_bytes_per_s * run.core_share * 8 / 1e9,
             link_efficiency=min(1.0, self.link_efficiency),
             launch_s=self.a2a_latency_s,
             per_peer_s=0.0,
@@ -91,7 +103,6 @@ class CalibrationFit:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "profile": self.profile.to_dict()}
-
 
 
 def fit_per_layer(layers: np.ndarray, tokens: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
@@ -104,7 +115,9 @@ def fit_per_layer(layers: np.ndarray, tokens: np.ndarray, seconds: np.ndarray) -
     """
     per_layer = seconds / layers
     if len(np.unique(tokens)) > 1:
-        (per_token, fixed), *_ = np.linalg.lstsq(np.stack([tokens, np.ones_like(tokens)], axis=1), per_layer, rcond=None)
+        (per_token, fixed), *_ = np.linalg.lstsq(
+            np.stack([tokens, np.ones_like(tokens)], axis=1), per_layer, rcond=None
+        )
         if fixed >= 0 and per_token >= 0:
             return float(fixed), float(per_token)
     return 0.0, max(0.0, float(seconds.sum() / (layers * tokens).sum()))
@@ -120,8 +133,11 @@ def fit_slowdowns(runs: list[RunRecord], obs: list[RunObs]) -> tuple[float, floa
     """
     by_shape: dict[tuple, list[tuple[float, float, float]]] = {}
     for r, o in zip(runs, obs):
-        row = (o.compute_s, median([s.a2a_overlap_s for s in o.steps]),
-               median([s.allreduce_overlap_s for s in o.steps]))
+        row = (
+            o.compute_s,
+            median([s.a2a_overlap_s for s in o.steps]),
+            median([s.allreduce_overlap_s for s in o.steps]),
+        )
         by_shape.setdefault(shape_key(r), []).append(row)
     ys, xs = [], []
     for rows in by_shape.values():
@@ -152,6 +168,7 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
 
     def exponent_for(r: RunRecord) -> float:
         return exponent_of(r, exponent, exponent_no_a2a)
+
     # ranks drift apart between all-to-alls; the step runs at the pace of the last to arrive
     computed = sum(o.compute_s for o in obs)
     straggler = min(1.0, sum(o.sync_wait_s for o in obs) / computed) if computed > 0 else 0.0
@@ -197,7 +214,10 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
     )
     # allreduce: duration = launch + ring steps x hop + busiest-link bytes / (efficiency x rate)
     # ... and, beside compute, its bytes move slower
-    ar_samples, ar_weights = [], []  # per run, size and computed share (none, or in quarters): the median, weighted by how many ran
+    ar_samples, ar_weights = (
+        [],
+        [],
+    )  # per run, size and computed share (none, or in quarters): the median, weighted by how many ran
     for r, o in zip(runs, obs):
         line = r.link_bps / 8
         n = r.workers
@@ -229,8 +249,17 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
                 continue
             nbytes = mean_bytes * r.a2a_skew  # the busiest rank's: it ends the all-to-all
             if busiest_link_bytes(r, nbytes) > 0:
-                samples.append((busiest_link_bytes(r, nbytes) / line, nbytes, nbytes * (ep - g) / (ep - 1), nbytes / (ep - 1),
-                                r.core_share, dur, g * g))
+                samples.append(
+                    (
+                        busiest_link_bytes(r, nbytes) / line,
+                        nbytes,
+                        nbytes * (ep - g) / (ep - 1),
+                        nbytes / (ep - 1),
+                        r.core_share,
+                        dur,
+                        g * g,
+                    )
+                )
             else:
                 loopback.append((nbytes, r.core_share, dur))
     if not samples:
@@ -246,9 +275,26 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
     loopback_rate = fit_loopback(np.asarray(loopback), latency) if loopback else None
     if ar_launch is None:
         ar_launch, ar_hop = latency, 0.0
-    fitted = CalibrationFit(profile, efficiency, latency, ar_launch, ar_hop, INTRA_FACTOR, len(samples), int(sum(ar_weights)), note,
-                            core_copy, flow_copy, exponent, exponent_no_a2a, ar_slowdown, loopback_rate, pair_loss, len(loopback),
-                            loopback_rate)
+    fitted = CalibrationFit(
+        profile,
+        efficiency,
+        latency,
+        ar_launch,
+        ar_hop,
+        INTRA_FACTOR,
+        len(samples),
+        int(sum(ar_weights)),
+        note,
+        core_copy,
+        flow_copy,
+        exponent,
+        exponent_no_a2a,
+        ar_slowdown,
+        loopback_rate,
+        pair_loss,
+        len(loopback),
+        loopback_rate,
+    )
     return fit_loopback_to_steps(fitted, runs)
 
 
@@ -278,7 +324,7 @@ def fit_loopback_to_steps(fitted: CalibrationFit, runs: list[RunRecord]) -> Cali
 
     costs = {m: cost(m) for m in LOOPBACK_MULTIPLIERS}
     best = min(costs, key=costs.get)
-    for m in (best * 2 ** -0.25, best * 2 ** 0.25):
+    for m in (best * 2**-0.25, best * 2**0.25):
         costs[m] = cost(m)
     best = min(costs, key=costs.get)
     return replace(fitted, loopback_bytes_per_s=base * best, loopback_step_runs=len(local))

@@ -66,7 +66,9 @@ def fit_core_exponent(runs: list[RunRecord], obs: list[RunObs]) -> tuple[float, 
     tokens = sorted({r.model.tokens for r in runs})
 
     def varied(kind: bool) -> bool:
-        return any(len({r.core_share for r in runs if r.model.tokens == t and (ep_of(r) > 1) == kind}) > 1 for t in tokens)
+        return any(
+            len({r.core_share for r in runs if r.model.tokens == t and (ep_of(r) > 1) == kind}) > 1 for t in tokens
+        )
 
     kinds = [k for k in (True, False) if varied(k)]  # with all-to-alls, without
     if not kinds:
@@ -82,8 +84,6 @@ def fit_core_exponent(runs: list[RunRecord], obs: list[RunObs]) -> tuple[float, 
     coef, *_ = np.linalg.lstsq(np.asarray(xs), np.asarray(ys), rcond=None)
     value = {k: min(1.0, max(0.0, -float(c))) for k, c in zip(kinds, coef)}
     return value.get(True, 1.0), value.get(False)
-
-
 
 
 def host_model(fitted: CalibrationFit, run: RunRecord) -> CpuHostModel:
@@ -124,7 +124,9 @@ def within_cores(fitted: CalibrationFit, run: RunRecord, result: TrainResult, sp
     copies = 0.0
     ep, g = ep_of(run), group_ranks_per_host(run)
     if fitted.loopback_bytes_per_s and ep > 1 and g > 1:
-        sent = sum(t.args.get("bytes", 0.0) for t in result.tasks if t.cat == "a2a" and t.args.get("bytes", 0.0) >= 1024)
+        sent = sum(
+            t.args.get("bytes", 0.0) for t in result.tasks if t.cat == "a2a" and t.args.get("bytes", 0.0) >= 1024
+        )
         copies = 2 * sent * (g - 1) / (ep - 1) / fitted.loopback_bytes_per_s
     need = (work + copies) / run.core_share
     return speed if need <= elapsed else speed * elapsed / need
@@ -132,6 +134,14 @@ def within_cores(fitted: CalibrationFit, run: RunRecord, result: TrainResult, sp
 
 def on_core_share(profile: ComputeProfile, share: float) -> ComputeProfile:
     """``profile`` (costs on one whole core) for a rank that gets ``share`` of a core."""
-    costs = ("dense_fwd_s_per_token", "dense_bwd_s_per_token", "expert_fwd_s_per_token", "expert_bwd_s_per_token", "expert_min_s",
-             "head_fwd_s_per_token", "head_bwd_s_per_token", "optimizer_s_per_param")
+    costs = (
+        "dense_fwd_s_per_token",
+        "dense_bwd_s_per_token",
+        "expert_fwd_s_per_token",
+        "expert_bwd_s_per_token",
+        "expert_min_s",
+        "head_fwd_s_per_token",
+        "head_bwd_s_per_token",
+        "optimizer_s_per_param",
+    )
     return replace(profile, **{name: getattr(profile, name) / share for name in costs})

@@ -31,4 +31,15 @@ def busiest_link_bytes(run: RunRecord, sent: float) -> float:
 def shape_key(run: RunRecord) -> tuple:
     """Runs that differ only in policy share this key (and so the same compute work)."""
     m = run.model
-    return (run.hosts, run.workers_per_host, run.link_bps, m.layers, m.d_model, m.d_ff, m.experts, m.top_k, m.tokens, ep_of(run))
+    return (
+        run.hosts,
+        run.workers_per_host,
+        run.link_bps,
+        m.layers,
+        m.d_model,
+        m.d_ff,
+        m.experts,
+        m.top_k,
+        m.tokens,
+        ep_of(run),
+    )

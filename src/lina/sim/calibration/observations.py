@@ -27,8 +27,11 @@ def median(xs):
     return statistics.median(xs) if xs else 0.0
 
 
-def _instances(by_step: dict[int, list[list[Span]]], contended: set[int],
-               busy_by_step: dict[int, list[list[tuple[float, float]]]] | None = None) -> list[tuple[float, float, float]]:
+def _instances(
+    by_step: dict[int, list[list[Span]]],
+    contended: set[int],
+    busy_by_step: dict[int, list[list[tuple[float, float]]]] | None = None,
+) -> list[tuple[float, float, float]]:
     """(bytes the mean rank sends, last exit - last arrival, share of that time the mean rank
     computes) of every uncontended collective that every rank ran (steps whose ranks ran
     different numbers of them are left out). ``busy_by_step``: per step, per rank, its compute
@@ -86,8 +89,12 @@ def _clip(intervals: list[tuple[float, float]], window: Span) -> list[tuple[floa
     return [(a, b) for a, b in out if b > a]
 
 
-def _overlaps_in_pass(pass_span: Span, a2a: list[tuple[float, float]], allreduce: list[tuple[float, float]],
-                      experts: list[tuple[float, float]]) -> tuple[float, float]:
+def _overlaps_in_pass(
+    pass_span: Span,
+    a2a: list[tuple[float, float]],
+    allreduce: list[tuple[float, float]],
+    experts: list[tuple[float, float]],
+) -> tuple[float, float]:
     """(expert compute during an all-to-all, compute during an allreduce but no all-to-all) in a pass.
 
     Compute is taken to run whenever the pass is neither waiting on an all-to-all nor idle, and in
@@ -103,8 +110,12 @@ def _overlaps_in_pass(pass_span: Span, a2a: list[tuple[float, float]], allreduce
 class RunObs:
     steps: list[StepObs]
     a2a: list[tuple[float, float]]  # (bytes the mean rank sends, seconds across ranks), forward, uncontended
-    allreduce: list[tuple[float, float, float]]  # (bytes, seconds across ranks, share of it the ranks compute), not beside an a2a
-    sync_wait_s: float = 0.0  # per step: the last rank's arrivals at all-to-alls beyond the mean rank's compute before them
+    allreduce: list[
+        tuple[float, float, float]
+    ]  # (bytes, seconds across ranks, share of it the ranks compute), not beside an a2a
+    sync_wait_s: float = (
+        0.0  # per step: the last rank's arrivals at all-to-alls beyond the mean rank's compute before them
+    )
 
     @property
     def compute_s(self) -> float:
@@ -132,7 +143,9 @@ def observe(run: RunRecord, skip_first: bool = True) -> RunObs:
         if skip_first and len(windows) >= 3:
             windows = windows[1:]
         for k, w in enumerate(windows):
-            inside = [s for s in spans if s.cat != "step" and s.start_s >= w.start_s - 1e-9 and s.end_s <= w.end_s + 1e-9]
+            inside = [
+                s for s in spans if s.cat != "step" and s.start_s >= w.start_s - 1e-9 and s.end_s <= w.end_s + 1e-9
+            ]
             a2as = sorted((s for s in inside if s.cat == "a2a"), key=lambda s: s.start_s)
             ars = sorted((s for s in inside if s.cat == "allreduce"), key=lambda s: s.start_s)
             for s in a2as:
@@ -144,7 +157,9 @@ def observe(run: RunRecord, skip_first: bool = True) -> RunObs:
             a2a_by_step.setdefault(k, []).append([s for s in a2as if s.phase == "fwd" and s.bytes is not None])
             all_a2a_by_step.setdefault(k, []).append(a2as)
             ar_by_step.setdefault(k, []).append([s for s in ars if s.bytes is not None])
-            busy_by_step.setdefault(k, []).append([(s.start_s, s.end_s) for s in inside if s.cat == "compute" and s.kind in schema.PASSES])
+            busy_by_step.setdefault(k, []).append(
+                [(s.start_s, s.end_s) for s in inside if s.cat == "compute" and s.kind in schema.PASSES]
+            )
             fwd = next((s for s in inside if s.cat == "compute" and s.kind == schema.FORWARD), None)
             bwd = next((s for s in inside if s.cat == "compute" and s.kind == schema.BACKWARD), None)
             if fwd is None or bwd is None:
@@ -163,17 +178,19 @@ def observe(run: RunRecord, skip_first: bool = True) -> RunObs:
             ar_iv = [(s.start_s, s.end_s) for s in ars]
             ov_fwd = _overlaps_in_pass(fwd, a2a_iv, ar_iv, [(s.start_s, s.end_s) for s in e_fwd])
             ov_bwd = _overlaps_in_pass(bwd, a2a_iv, ar_iv, [(s.start_s, s.end_s) for s in e_bwd])
-            steps.append(StepObs(
-                fwd_dense_s=rest(fwd, e_fwd),
-                fwd_expert_s=sum(s.dur_s for s in e_fwd),
-                bwd_rest_s=rest(bwd, e_bwd),
-                bwd_expert_s=sum(s.dur_s for s in e_bwd) if e_bwd else None,
-                tail_s=w.end_s - done,
-                a2a_overlap_fwd_s=ov_fwd[0],
-                a2a_overlap_bwd_s=ov_bwd[0],
-                allreduce_overlap_fwd_s=ov_fwd[1],
-                allreduce_overlap_bwd_s=ov_bwd[1],
-            ))
+            steps.append(
+                StepObs(
+                    fwd_dense_s=rest(fwd, e_fwd),
+                    fwd_expert_s=sum(s.dur_s for s in e_fwd),
+                    bwd_rest_s=rest(bwd, e_bwd),
+                    bwd_expert_s=sum(s.dur_s for s in e_bwd) if e_bwd else None,
+                    tail_s=w.end_s - done,
+                    a2a_overlap_fwd_s=ov_fwd[0],
+                    a2a_overlap_bwd_s=ov_bwd[0],
+                    allreduce_overlap_fwd_s=ov_fwd[1],
+                    allreduce_overlap_bwd_s=ov_bwd[1],
+                )
+            )
     a2a = [(b, d) for b, d, _ in _instances(a2a_by_step, contended)]
     allreduce = _instances(ar_by_step, contended, busy_by_step)
     waits = []

@@ -19,7 +19,9 @@ class CalibrationReport:
     fit: CalibrationFit
     rows: list[dict]
     holdout_rows: list[dict] = field(default_factory=list)  # runs predicted but never fitted
-    config_rows: list[dict] = field(default_factory=list)  # the fitted runs per configuration and policy (see lina.sim.repeats)
+    config_rows: list[dict] = field(
+        default_factory=list
+    )  # the fitted runs per configuration and policy (see lina.sim.repeats)
 
     @property
     def median_abs_error(self) -> float:
@@ -35,17 +37,32 @@ class CalibrationReport:
 
     def to_dict(self) -> dict:
         """JSON-ready: the fit, every run's row, the error medians (and, from :func:`write_report`, provenance)."""
-        return {"fit": self.fit.to_dict(), "rows": self.rows, "median_abs_error": self.median_abs_error,
-                "holdout_rows": self.holdout_rows, "holdout_median_abs_error": self.holdout_median_abs_error,
-                "config_rows": self.config_rows, "config_median_abs_error": self.config_median_abs_error}
+        return {
+            "fit": self.fit.to_dict(),
+            "rows": self.rows,
+            "median_abs_error": self.median_abs_error,
+            "holdout_rows": self.holdout_rows,
+            "holdout_median_abs_error": self.holdout_median_abs_error,
+            "config_rows": self.config_rows,
+            "config_median_abs_error": self.config_median_abs_error,
+        }
 
 
 def _rows(fitted: CalibrationFit, runs: list[RunRecord]) -> list[dict]:
     rows = []
     for r in runs:
         pred = predict(fitted, r).step_s
-        rows.append({"run": str(r.path), "config": r.label, "policy": r.policy, "measured_s": r.measured_step_s,
-                     "predicted_s": pred, "error": (pred - r.measured_step_s) / r.measured_step_s, "a2a_skew": r.a2a_skew})
+        rows.append(
+            {
+                "run": str(r.path),
+                "config": r.label,
+                "policy": r.policy,
+                "measured_s": r.measured_step_s,
+                "predicted_s": pred,
+                "error": (pred - r.measured_step_s) / r.measured_step_s,
+                "a2a_skew": r.a2a_skew,
+            }
+        )
     return rows
 
 
@@ -80,20 +97,30 @@ def report_text(rep: CalibrationReport) -> str:
         f"{f'; the link loses {f.pair_flow_loss:.0%} of its goodput per extra flow between the same two hosts' if f.pair_flow_loss else ''} "
         f"({f.a2a_samples} uncontended forward all-to-alls, timed from the last rank's arrival); "
         f"{GLOO_THREADS} operations of a rank in flight at once (Gloo's threads), the earlier served first",
-        (f"  all-to-alls inside a host (loopback): a rank sends {_rate(f.loopback_bytes_per_s, 'per core it has')} "
-         + (f"(fitted to the step times of the {f.loopback_step_runs} runs with all-to-alls inside hosts; their "
-            f"{f.loopback_samples} uncontended loopback all-to-alls alone give {_rate(f.loopback_sampled_bytes_per_s, '')}, "
-            f"swayed by waits for a core; " if f.loopback_step_runs else f"({f.loopback_samples} uncontended ones; ")
-         + "the per-core limit above counts bytes to other hosts only); "
-         "they lose the allreduce's share of speed beside compute, and their copies take the compute's cores"
-         if f.loopback_bytes_per_s else
-         f"  intra-host rate {f.intra_factor:.1f}x the host link (assumed; inside a host the per-core limit binds first)"),
+        (
+            f"  all-to-alls inside a host (loopback): a rank sends {_rate(f.loopback_bytes_per_s, 'per core it has')} "
+            + (
+                f"(fitted to the step times of the {f.loopback_step_runs} runs with all-to-alls inside hosts; their "
+                f"{f.loopback_samples} uncontended loopback all-to-alls alone give {_rate(f.loopback_sampled_bytes_per_s, '')}, "
+                f"swayed by waits for a core; "
+                if f.loopback_step_runs
+                else f"({f.loopback_samples} uncontended ones; "
+            )
+            + "the per-core limit above counts bytes to other hosts only); "
+            "they lose the allreduce's share of speed beside compute, and their copies take the compute's cores"
+            if f.loopback_bytes_per_s
+            else f"  intra-host rate {f.intra_factor:.1f}x the host link (assumed; inside a host the per-core limit binds first)"
+        ),
         f"  compute per token on one whole core (a run's ranks share its machine's cores): dense fwd {p.dense_fwd_s_per_token * 1e6:.3f} us, bwd {p.dense_bwd_s_per_token * 1e6:.3f} us per layer; "
         f"{f'plus {p.layer_fwd_s * 1e3:.3f} ms fwd, {p.layer_bwd_s * 1e3:.3f} ms bwd per layer whatever the tokens; ' if p.layer_fwd_s or p.layer_bwd_s else ''}"
         f"expert fwd {p.expert_fwd_s_per_token * 1e6:.3f} us, bwd {p.expert_bwd_s_per_token * 1e6:.3f} us per routed token; "
         f"optimizer {p.optimizer_s_per_param * 1e9:.3f} ns per parameter",
         f"  compute time grows as (cores per rank) ** -{f.core_exponent:.2f} when ranks share cores"
-        + (f" (** -{f.core_exponent_no_a2a:.2f} in steps without all-to-all)" if f.core_exponent_no_a2a is not None else ""),
+        + (
+            f" (** -{f.core_exponent_no_a2a:.2f} in steps without all-to-all)"
+            if f.core_exponent_no_a2a is not None
+            else ""
+        ),
         f"  compute speed lost while an all-to-all is in flight {p.slowdown_in_a2a:.1%}, while an allreduce is {p.slowdown_in_allreduce:.1%} "
         f"(collectives share the compute's CPU cores); the last rank to reach an all-to-all computes {p.straggler:.1%} longer than the mean",
         *([f"  note: {f.note}"] if f.note else []),
@@ -102,22 +129,35 @@ def report_text(rep: CalibrationReport) -> str:
         f"  {'config':<52}{'policy':<12}{'skew':>6}{'measured ms':>12}{'predicted ms':>14}{'error':>9}",
     ]
     lines += _table(rep.rows)
-    lines.append(f"median |error|: {rep.median_abs_error:.1%} over {len(rep.rows)} runs; "
-                 f"{_within(rep.rows)} of {len(rep.rows)} within 10%")
+    lines.append(
+        f"median |error|: {rep.median_abs_error:.1%} over {len(rep.rows)} runs; "
+        f"{_within(rep.rows)} of {len(rep.rows)} within 10%"
+    )
     repeated = [r for r in rep.config_rows if r["runs"] > 1]
     if repeated:
-        lines += ["", f"per configuration and policy ({len(repeated)} measured more than once, each pooled: the median of all its runs' steps):",
-                  f"  {'config':<52}{'policy':<12}{'runs ms':>16}{'pooled ms':>11}{'predicted ms':>14}{'error':>9}"]
+        lines += [
+            "",
+            f"per configuration and policy ({len(repeated)} measured more than once, each pooled: the median of all its runs' steps):",
+            f"  {'config':<52}{'policy':<12}{'runs ms':>16}{'pooled ms':>11}{'predicted ms':>14}{'error':>9}",
+        ]
         for r in repeated:
             runs_ms = ", ".join(f"{m * 1e3:.0f}" for m in r["run_medians_s"])
-            lines.append(f"  {r['config'][:51]:<52}{r['policy']:<12}{runs_ms:>16}{r['measured_s'] * 1e3:>11.1f}"
-                         f"{r['predicted_s'] * 1e3:>14.1f}{r['error']:>+9.1%}")
-        lines.append(f"median |error| per configuration: {rep.config_median_abs_error:.1%} over {len(rep.config_rows)} configurations; "
-                     f"{_within(rep.config_rows)} of {len(rep.config_rows)} within 10%")
+            lines.append(
+                f"  {r['config'][:51]:<52}{r['policy']:<12}{runs_ms:>16}{r['measured_s'] * 1e3:>11.1f}"
+                f"{r['predicted_s'] * 1e3:>14.1f}{r['error']:>+9.1%}"
+            )
+        lines.append(
+            f"median |error| per configuration: {rep.config_median_abs_error:.1%} over {len(rep.config_rows)} configurations; "
+            f"{_within(rep.config_rows)} of {len(rep.config_rows)} within 10%"
+        )
     if rep.holdout_rows:
-        lines += ["", "held-out runs (predicted with the parameters above, never fitted to):"] + _table(rep.holdout_rows)
-        lines.append(f"held-out median |error|: {rep.holdout_median_abs_error:.1%} over {len(rep.holdout_rows)} runs; "
-                     f"{_within(rep.holdout_rows)} of {len(rep.holdout_rows)} within 10%")
+        lines += ["", "held-out runs (predicted with the parameters above, never fitted to):"] + _table(
+            rep.holdout_rows
+        )
+        lines.append(
+            f"held-out median |error|: {rep.holdout_median_abs_error:.1%} over {len(rep.holdout_rows)} runs; "
+            f"{_within(rep.holdout_rows)} of {len(rep.holdout_rows)} within 10%"
+        )
     return "\n".join(lines)
 
 
@@ -125,14 +165,19 @@ def _skew_line(rows: list[dict]) -> list[str]:
     skews = [r.get("a2a_skew", 1.0) for r in rows]
     if not skews or max(skews) <= 1.0:
         return []
-    return [f"  routing (an input, not fitted): each run's all-to-all skew (column 'skew': the busiest rank's bytes, or host's where the "
-            f"group's ranks share host links, over the mean rank's) is read from its timelines: {min(skews):.2f} to {max(skews):.2f}; "
-            "the simulated all-to-alls move the busiest's bytes"]
+    return [
+        f"  routing (an input, not fitted): each run's all-to-all skew (column 'skew': the busiest rank's bytes, or host's where the "
+        f"group's ranks share host links, over the mean rank's) is read from its timelines: {min(skews):.2f} to {max(skews):.2f}; "
+        "the simulated all-to-alls move the busiest's bytes"
+    ]
 
 
 def _table(rows: list[dict]) -> list[str]:
-    return [f"  {r['config'][:51]:<52}{r['policy']:<12}{r.get('a2a_skew', 1.0):>6.2f}{r['measured_s'] * 1e3:>12.1f}"
-            f"{r['predicted_s'] * 1e3:>14.1f}{r['error']:>+9.1%}" for r in rows]
+    return [
+        f"  {r['config'][:51]:<52}{r['policy']:<12}{r.get('a2a_skew', 1.0):>6.2f}{r['measured_s'] * 1e3:>12.1f}"
+        f"{r['predicted_s'] * 1e3:>14.1f}{r['error']:>+9.1%}"
+        for r in rows
+    ]
 
 
 def _within(rows: list[dict], bound: float = 0.10) -> int:
@@ -140,7 +185,11 @@ def _within(rows: list[dict], bound: float = 0.10) -> int:
 
 
 def write_report(rep: CalibrationReport, path: str | Path) -> Path:
-    """Write ``rep`` as JSON (with :func:`lina.obs.provenance.provenance`) and its plot beside it; returns the plot's path."""
+    """Write ``rep`` as JSON (with :func:`lina.obs.provenance.provenance`) and its plot beside it.
+
+    Returns:
+        The plot's path.
+    """
     import json
 
     from lina.obs.provenance import provenance

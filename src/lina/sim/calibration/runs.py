@@ -130,12 +130,34 @@ def setup_from_v1(summary: dict, path: Path) -> RunSetup:
     try:
         out["chunk_mb"] = float(chunk)
     except (TypeError, ValueError):
-        raise LinaError(f"{path}/summary.json: chunk_mb is {out['chunk_mb']!r} and the run does not say what it chose "
-                        "(no chunk_mb_resolved): re-run with a fixed --chunk-mb, or with this version of lina train") from None
-    ints = ("layers", "d_model", "d_ff", "experts", "top_k", "seq_len", "vocab", "moe_every", "batch_size", "workers",
-            "pipeline_chunks", "hosts", "workers_per_host", "ep_size", "cpu_count", "a2a_in_flight")
+        raise LinaError(
+            f"{path}/summary.json: chunk_mb is {out['chunk_mb']!r} and the run does not say what it chose "
+            "(no chunk_mb_resolved): re-run with a fixed --chunk-mb, or with this version of lina train"
+        ) from None
+    ints = (
+        "layers",
+        "d_model",
+        "d_ff",
+        "experts",
+        "top_k",
+        "seq_len",
+        "vocab",
+        "moe_every",
+        "batch_size",
+        "workers",
+        "pipeline_chunks",
+        "hosts",
+        "workers_per_host",
+        "ep_size",
+        "cpu_count",
+        "a2a_in_flight",
+    )
     out.update({k: int(out[k]) for k in ints if out[k]})
-    out["link_bps"], out["bucket_mb"], out["policy"] = float(out["link_bps"]), float(out["bucket_mb"]), str(out["policy"])
+    out["link_bps"], out["bucket_mb"], out["policy"] = (
+        float(out["link_bps"]),
+        float(out["bucket_mb"]),
+        str(out["policy"]),
+    )
     return RunSetup(**out)
 
 
@@ -157,7 +179,9 @@ def read_setup(path: Path) -> tuple[RunSetup, float]:
     if not isinstance(measured, (int, float)) or measured <= 0:
         raise LinaError(f"{where}: step_time_s_median is missing or not positive")
     if setup.link_bps is None or setup.hosts is None or setup.workers_per_host is None:
-        raise LinaError(f"{path}: ran on plain loopback (no emulated hosts and link recorded); there is no link to calibrate")
+        raise LinaError(
+            f"{path}: ran on plain loopback (no emulated hosts and link recorded); there is no link to calibrate"
+        )
     return setup, float(measured)
 
 
@@ -165,22 +189,54 @@ def read_run(path: str | Path) -> RunRecord:
     """Read one run folder (see the module docstring)."""
     path = Path(path)
     setup, measured = read_setup(path)
-    model = ModelSpec(name=path.name, layers=setup.layers, d_model=setup.d_model, d_ff=setup.d_ff, experts=setup.experts,
-                      top_k=setup.top_k, seq_len=setup.seq_len, batch_size=setup.batch_size, vocab=setup.vocab,
-                      moe_every=setup.moe_every, act_bytes=4, grad_bytes=4, param_bytes=4)
+    model = ModelSpec(
+        name=path.name,
+        layers=setup.layers,
+        d_model=setup.d_model,
+        d_ff=setup.d_ff,
+        experts=setup.experts,
+        top_k=setup.top_k,
+        seq_len=setup.seq_len,
+        batch_size=setup.batch_size,
+        vocab=setup.vocab,
+        moe_every=setup.moe_every,
+        act_bytes=4,
+        grad_bytes=4,
+        param_bytes=4,
+    )
     chunks = setup.pipeline_chunks
     spans = load_rank_timelines(path)
     if not spans:
         raise LinaError(f"{path}: no timeline-rank*.jsonl files")
     counts = any(s.cat == "a2a" and s.kind == schema.COUNTS for s in spans[min(spans)])
-    train = TrainSpec(chunk_mb=setup.chunk_mb, bucket_mb=setup.bucket_mb, tutel_chunks=chunks, lina_a2a_chunks=chunks,
-                      count_exchange=counts, coalesce_small=setup.coalesce_small)
+    train = TrainSpec(
+        chunk_mb=setup.chunk_mb,
+        bucket_mb=setup.bucket_mb,
+        tutel_chunks=chunks,
+        lina_a2a_chunks=chunks,
+        count_exchange=counts,
+        coalesce_small=setup.coalesce_small,
+    )
     hosts, wph = setup.hosts, setup.workers_per_host
     if hosts * wph != setup.workers:
         raise LinaError(f"{path}: {hosts} hosts x {wph} workers != {setup.workers} workers")
-    in_flight = setup.a2a_in_flight or (1 if setup.backend == "nccl" else GLOO_THREADS)  # NCCL: one stream; Gloo: its threads
-    run = RunRecord(path, hosts, wph, float(setup.link_bps), model, setup.policy, setup.ep_size or None, train, measured, spans,
-                    setup.cpu_count or None, in_flight)
+    in_flight = setup.a2a_in_flight or (
+        1 if setup.backend == "nccl" else GLOO_THREADS
+    )  # NCCL: one stream; Gloo: its threads
+    run = RunRecord(
+        path,
+        hosts,
+        wph,
+        float(setup.link_bps),
+        model,
+        setup.policy,
+        setup.ep_size or None,
+        train,
+        measured,
+        spans,
+        setup.cpu_count or None,
+        in_flight,
+    )
     # the busiest host's bytes when the group's all-to-alls share host links, else the busiest rank's
     g = group_ranks_per_host(run)
     skew = a2a_skew(spans, g if ep_of(run) > g else 1)
