@@ -217,12 +217,15 @@ def _save_runs(out: Path, plan: dict, cfg: TrainConfig, experts: int, measured: 
         tl.save_jsonl(folder / f"timeline-rank{rank}.jsonl")
         if rank == 0:
             m = cfg.model
-            setup = RunSetup(layers=m.n_layers, d_model=m.d_model, d_ff=m.d_ff, experts=experts, top_k=m.top_k, seq_len=m.seq_len,
-                             batch_size=cfg.batch_size, workers=world, policy=policy, chunk_mb=float(entry["chunk_mb"]),
-                             vocab=m.vocab_size, moe_every=m.moe_interval, hosts=plan["hosts"],
-                             workers_per_host=plan["workers_per_host"], link_bps=float(plan["link_bps"]), bucket_mb=float(cfg.bucket_mb),
-                             pipeline_chunks=cfg.pipeline_chunks, ep_size=experts // entry["policies"][policy]["experts_per_rank"],
-                             backend=dist.get_backend(), cpu_count=os.cpu_count())
+            setup = RunSetup(
+                layers=m.n_layers, d_model=m.d_model, d_ff=m.d_ff, experts=experts, top_k=m.top_k, seq_len=m.seq_len,
+                batch_size=cfg.batch_size, workers=world, policy=policy, chunk_mb=float(entry["chunk_mb"]),
+                vocab=m.vocab_size, moe_every=m.moe_interval, hosts=plan["hosts"],
+                workers_per_host=plan["workers_per_host"], link_bps=float(plan["link_bps"]), bucket_mb=float(cfg.bucket_mb),
+                pipeline_chunks=cfg.pipeline_chunks,
+                ep_size=experts // entry["policies"][policy]["experts_per_rank"], backend=dist.get_backend(),
+                cpu_count=os.cpu_count(),
+            )
             config = {
                 "layers": m.n_layers, "d_model": m.d_model, "d_ff": m.d_ff, "experts": experts, "top_k": m.top_k,
                 "seq_len": m.seq_len, "batch_size": cfg.batch_size, "vocab_size": m.vocab_size, "workers": world,

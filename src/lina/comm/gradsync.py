@@ -189,8 +189,9 @@ class BucketedAsyncSync(GradSync):
         work = dist.all_reduce(flat, group=self.dp_group, async_op=True)
         timeline = self.timeline
         work.get_future().add_done_callback(
-            lambda fut, start=start, i=i, nbytes=nbytes: timeline.record(f"bucket{i}", "allreduce", start, timeline.now(), thread="allreduce",
-                                                                      kind=schema.ALLREDUCE, bytes=nbytes)
+            lambda fut, start=start, i=i, nbytes=nbytes: timeline.record(
+                f"bucket{i}", "allreduce", start, timeline.now(), thread="allreduce", kind=schema.ALLREDUCE, bytes=nbytes
+            )
         )
         self._works.append((work, flat, i))
 

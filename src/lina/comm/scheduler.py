@@ -316,7 +316,8 @@ class CommScheduler:
             args["error"] = True
         # The all-to-all itself is timed by whoever runs it (cat "a2a"); here only the slot the
         # scheduler gave it, so that no span is counted twice.
-        self.timeline.record(f"a2a-slot:{op.name}", "sched", op.start_s, op.end_s, kind=schema.A2A_SLOT, bytes=op.nbytes, **args)
+        self.timeline.record(f"a2a-slot:{op.name}", "sched", op.start_s, op.end_s, kind=schema.A2A_SLOT, bytes=op.nbytes,
+                             **args)
 
     def hold(self) -> None:
         """Launch no new allreduce micro-op until the next all-to-all (entered after this
@@ -529,8 +530,8 @@ class CommScheduler:
             if self._error is None:
                 self._error = CommError(f"allreduce micro-op {op.name}[{op.index}] (#{op.seq}) failed: {err}")
                 self._error.__cause__ = err
-        self.timeline.record(op.name, ALLREDUCE, op.start_s, op.end_s, thread=self.config.name, kind=schema.ALLREDUCE, bytes=op.nbytes,
-                             **args)
+        self.timeline.record(op.name, ALLREDUCE, op.start_s, op.end_s, thread=self.config.name, kind=schema.ALLREDUCE,
+                             bytes=op.nbytes, **args)
         self._work_cv.notify()
         self._idle_cv.notify_all()
 

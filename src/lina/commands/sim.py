@@ -206,8 +206,8 @@ def _calibrate(roots: list[str], json_path: str | None, holdout: str | None) -> 
     """``lina sim --calibrate DIR [DIR ...] [--holdout DIR2] [--json FILE]``."""
     from lina.sim.calibration import calibrate, report_text, write_report
 
-    print(f"calibrating against the runs under {', '.join(roots)}" + (f"; holding out the runs under {holdout}" if holdout else ""),
-          flush=True)
+    held = f"; holding out the runs under {holdout}" if holdout else ""
+    print(f"calibrating against the runs under {', '.join(roots)}{held}", flush=True)
     rep = calibrate(roots, holdout)
     print(report_text(rep))
     if json_path:

@@ -136,7 +136,8 @@ class InferenceEngine:
         rows = h[order // k]
         in_splits = send_counts.sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
-        with tl.span(f"moe{layer}.dispatch", "a2a", kind=schema.DISPATCH, layer=layer, phase="fwd", bytes=rows.numel() * rows.element_size()):
+        nbytes = rows.numel() * rows.element_size()
+        with tl.span(f"moe{layer}.dispatch", "a2a", kind=schema.DISPATCH, layer=layer, phase="fwd", bytes=nbytes):
             received = self._a2a(rows, out_splits, in_splits)
         stats.max_device_rows.append(int(recv_counts.sum()))
         # Experts this device computes for this layer.
@@ -165,7 +166,8 @@ class InferenceEngine:
         else:
             splits_back = out_splits
         recv_back = [c + (plan_rows if src == COORDINATOR else 0) for src, c in enumerate(in_splits)]
-        with tl.span(f"moe{layer}.combine", "a2a", kind=schema.COMBINE, layer=layer, phase="fwd", bytes=back.numel() * back.element_size()):
+        nbytes = back.numel() * back.element_size()
+        with tl.span(f"moe{layer}.combine", "a2a", kind=schema.COMBINE, layer=layer, phase="fwd", bytes=nbytes):
             returned = self._a2a(back, recv_back, splits_back)
         if carries_plan:
             payload = returned[in_splits[COORDINATOR] : in_splits[COORDINATOR] + plan_rows].reshape(-1)

@@ -43,8 +43,8 @@ class AsyncAllToAll:
     ``start`` issues it; ``wait`` blocks until done and returns the received rows.
     """
 
-    def __init__(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], comm: ExpertComm, name: str, phase: str, index: int,
-                 kind: str = schema.ALLTOALL, layer: int | None = None):
+    def __init__(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], comm: ExpertComm, name: str,
+                 phase: str, index: int, kind: str = schema.ALLTOALL, layer: int | None = None):
         self.out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
         self.comm = comm
         nbytes = _row_bytes(x) * (sum(in_splits) - in_splits[comm.rank])
@@ -54,7 +54,8 @@ class AsyncAllToAll:
         timeline = comm.timeline
 
         def done(_fut, token=self._token):
-            timeline.record(name, "a2a", start, timeline.now(), kind=kind, layer=layer, phase=phase, bytes=nbytes, micro_op=index)
+            timeline.record(name, "a2a", start, timeline.now(), kind=kind, layer=layer, phase=phase, bytes=nbytes,
+                            micro_op=index)
             comm.a2a_end(token)
 
         self._work.get_future().add_done_callback(done)
@@ -79,7 +80,8 @@ class AllToAll(torch.autograd.Function):
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
         name, kind, layer = ctx.label
-        return all_to_all(grad, in_splits, out_splits, ctx.comm, name, "bwd", kind, layer), None, None, None, None, None, None
+        grad_x = all_to_all(grad, in_splits, out_splits, ctx.comm, name, "bwd", kind, layer)
+        return grad_x, None, None, None, None, None, None
 
 
 def exchange_counts(send_counts: torch.Tensor, comm: ExpertComm) -> torch.Tensor:

@@ -89,7 +89,8 @@ class MoELayer(nn.Module):
         comm = self.comm
         name = f"moe{self.layer_index}"
         if comm.group is None:
-            with comm.timeline.span(f"{name}.experts", "compute", kind=schema.EXPERT, layer=self.layer_index, phase="fwd"):
+            with comm.timeline.span(f"{name}.experts", "compute", kind=schema.EXPERT, layer=self.layer_index,
+                                    phase="fwd"):
                 return self.experts(rows, counts.tolist())
         recv_counts = exchange_counts(counts, comm)  # [P, E_l]
         in_splits = counts.view(comm.size, -1).sum(1).tolist()
@@ -98,7 +99,8 @@ class MoELayer(nn.Module):
             rows = _ExpertGradsOnce.apply(rows, step_experts, *self.experts.weights())
             return PipelinedExchange.apply(rows, in_splits, recv_counts, step_experts, comm, name, self.layer_index)
         out_splits = recv_counts.sum(1).tolist()
-        received = AllToAll.apply(rows, out_splits, in_splits, comm, f"{name}.dispatch", schema.DISPATCH, self.layer_index)
+        received = AllToAll.apply(rows, out_splits, in_splits, comm, f"{name}.dispatch", schema.DISPATCH,
+                                  self.layer_index)
         index = source_to_expert_major(recv_counts)
         grouped = received[index]
         with comm.timeline.span(f"{name}.experts", "compute", kind=schema.EXPERT, layer=self.layer_index, phase="fwd"):

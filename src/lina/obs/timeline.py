@@ -96,9 +96,9 @@ class Timeline:
     def now() -> float:
         return time.perf_counter()
 
-    def record(self, name: str, cat: str, start_s: float, end_s: float, thread: str | None = None, *, kind: str | None = None,
-               layer: int | None = None, phase: str | None = None, micro_op: int | None = None, bytes: float | None = None,
-               peer: int | None = None, **args) -> None:
+    def record(self, name: str, cat: str, start_s: float, end_s: float, thread: str | None = None, *,
+               kind: str | None = None, layer: int | None = None, phase: str | None = None, micro_op: int | None = None,
+               bytes: float | None = None, peer: int | None = None, **args) -> None:
         """Keep one finished span (typed fields as in :class:`Span`; other keywords go to ``args``)."""
         if not self.enabled:
             return
@@ -182,8 +182,8 @@ def span_from_dict(data: dict[str, Any], where: str = "timeline") -> Span:
     data = dict(data)
     version = data.pop("v", 1)
     if not isinstance(version, int) or version > schema.SCHEMA_VERSION:
-        raise LinaError(f"{where}: span of schema version {version!r}, newer than this lina reads ({schema.SCHEMA_VERSION}); "
-                        "upgrade lina to read it")
+        raise LinaError(f"{where}: span of schema version {version!r}, newer than this lina reads "
+                        f"({schema.SCHEMA_VERSION}); upgrade lina to read it")
     if version >= 2 and "kind" not in data:
         data["kind"] = schema.OTHER
     try:

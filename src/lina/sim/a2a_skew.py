@@ -27,7 +27,9 @@ MIN_BYTES = 1024  # smaller all-to-alls are the per-expert token counts, not tok
 
 def _key(span: Span) -> tuple[object, object] | None:
     """(layer, micro-op) of a forward dispatch or combine span, else ``None``."""
-    if span.cat != "a2a" or span.kind not in schema.TOKEN_A2A or span.phase != "fwd" or float(span.bytes or 0.0) < MIN_BYTES:
+    if span.cat != "a2a" or span.kind not in schema.TOKEN_A2A or span.phase != "fwd":
+        return None
+    if float(span.bytes or 0.0) < MIN_BYTES:
         return None
     return span.layer, span.micro_op
 

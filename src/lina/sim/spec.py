@@ -130,7 +130,8 @@ class ClusterSpec:
         if isinstance(self.host, dict):  # a [cluster.host] table
             object.__setattr__(self, "host", spec_from_dict(CpuHostModel, self.host, "cluster.host"))
         if self.host is not None and not isinstance(self.host, CpuHostModel):
-            raise ConfigError("host", f"{self.host!r} is not a CPU host model", "give a CpuHostModel, a [cluster.host] table, or None")
+            raise ConfigError("host", f"{self.host!r} is not a CPU host model",
+                              "give a CpuHostModel, a [cluster.host] table, or None")
         if self.link_efficiency > 1:
             raise ConfigError("link_efficiency", f"{self.link_efficiency} is above 1", "use a fraction in (0, 1]")
         if self.gpus_per_host % self.nics_per_host:

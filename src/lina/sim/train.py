@@ -111,12 +111,13 @@ class TrainResult:
         """
         tl = Timeline(rank)
         tl.record("step", "step", offset_s, offset_s + self.step_s, thread="main", kind=schema.STEP, step=step)
-        fwd_end = next(t.end_s for t in self.tasks if t.args.get("kind") == schema.HEAD and t.args.get("phase") == "fwd")
-        bwd_start = next(t.start_s for t in self.tasks if t.args.get("kind") == schema.HEAD and t.args.get("phase") == "bwd")
+        heads = {t.args.get("phase"): t for t in self.tasks if t.args.get("kind") == schema.HEAD}
+        fwd_end, bwd_start = heads["fwd"].end_s, heads["bwd"].start_s
         bwd_end = max(t.end_s for t in self.tasks if t.cat == "compute" and t.args.get("phase") == "bwd")
-        tl.record("forward", "compute", offset_s, offset_s + fwd_end, thread="main", kind=schema.FORWARD, phase="fwd", step=step)
-        tl.record("backward", "compute", offset_s + bwd_start, offset_s + bwd_end, thread="main", kind=schema.BACKWARD, phase="bwd",
+        tl.record("forward", "compute", offset_s, offset_s + fwd_end, thread="main", kind=schema.FORWARD, phase="fwd",
                   step=step)
+        tl.record("backward", "compute", offset_s + bwd_start, offset_s + bwd_end, thread="main", kind=schema.BACKWARD,
+                  phase="bwd", step=step)
         for task in self.tasks:
             tl.record(task.name, task.cat, offset_s + task.start_s, offset_s + task.end_s, thread=task.stream, **task.args)
         return tl
@@ -239,10 +240,10 @@ def _run(plan: StepPlan, pol: TrainPolicy, topo: Topology, cache: TransferCache)
 def _pack(plan, pol, topo, cache, tasks, events, memory_gb):
     """Double experts per GPU while :func:`packing_rule` says so, as the trainer's controller does.
 
-    Like the project's trainer (:mod:`lina.train.packing`, :mod:`lina.packing_rule`), a doubling that makes the step slower
-    by more than ``REVERT_MARGIN`` is undone: packing goes back to the fastest layout simulated so
-    far and settles (the replicated experts' gradients join the allreduce, which the paper's rule
-    does not weigh).
+    Like the project's trainer (:mod:`lina.train.packing`, :mod:`lina.packing_rule`), a doubling
+    that makes the step slower by more than ``REVERT_MARGIN`` is undone: packing goes back to the
+    fastest layout simulated so far and settles (the replicated experts' gradients join the
+    allreduce, which the paper's rule does not weigh).
     """
     trace = []
     step_s = max(t.end_s for t in tasks)

@@ -123,7 +123,8 @@ class StepBuilder:
         p, m = self.plan, self.plan.model
         prev = None
         for layer in range(m.layers):
-            prev = self.compute(f"fwd.dense.L{layer}", p.profile.dense_time(m.tokens), prev, layer=layer, kind="dense", phase="fwd")
+            prev = self.compute(f"fwd.dense.L{layer}", p.profile.dense_time(m.tokens), prev, layer=layer, kind="dense",
+                                phase="fwd")
             if m.is_moe(layer):
                 prev = self._moe(layer, prev, "fwd")
             else:
@@ -137,7 +138,8 @@ class StepBuilder:
             else:
                 ffn = p.profile.expert_time(m.tokens, backward=True)
                 prev = self.compute(f"bwd.ffn.L{layer}", ffn, prev, layer=layer, kind="dense", phase="bwd")
-            prev = self.compute(f"bwd.dense.L{layer}", p.profile.dense_time(m.tokens, backward=True), prev, layer=layer, kind="dense", phase="bwd")
+            prev = self.compute(f"bwd.dense.L{layer}", p.profile.dense_time(m.tokens, backward=True), prev, layer=layer,
+                                kind="dense", phase="bwd")
             for name, numel in reversed(m.dense_tensors(layer)):
                 self.grads.append((name, numel * m.grad_bytes, prev, "dp"))
         for name, numel in reversed(m.embedding_tensors()):
@@ -204,7 +206,8 @@ class StepBuilder:
             transfer = self.cache.allreduce(1, n, nbytes)
         else:
             transfer = self.cache.allreduce(p.ep, p.replicas, nbytes)
-        return self.add(Task(name, "allreduce", "allreduce", deps, transfer=transfer, args={"kind": "allreduce", "bytes": nbytes, "group": group, **args}))
+        args = {"kind": "allreduce", "bytes": nbytes, "group": group, **args}
+        return self.add(Task(name, "allreduce", "allreduce", deps, transfer=transfer, args=args))
 
     def _grad_sync(self, last_backward: int) -> list[int]:
         sync = self.policy.grad_sync
