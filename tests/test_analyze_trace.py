@@ -7,7 +7,7 @@ import pytest
 
 from lina.cli import main
 from lina.infer.analysis import accuracy_by_path_len, inter_layer_affinity, popularity_skew, trace_splits
-from lina.infer.trace import RoutingTrace, synthetic_trace
+from lina.data.routing_trace import RoutingTrace, synthetic_trace
 from lina.placement.estimators import PathEstimator
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lina.cluster.contention import link_bound_s, summarize
+from lina.bench.contention import link_bound_s, summarize
 from lina.cluster.emulate import EmulatedCluster, EmulateSpec, format_rate, parse_duration_us, parse_emulate, parse_rate
 from lina.cluster.hostlaunch import _root_cause_rank
 from lina.cluster.netns import Support, list_project_netns, new_prefix, require_support, run_prefix_of

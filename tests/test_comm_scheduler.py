@@ -79,7 +79,7 @@ def test_fifo_launch_with_credit_one(sched_net):
     spans = [s for s in tl.spans() if s.cat == "allreduce"]
     assert [s.name for s in sorted(spans, key=lambda s: s.start_s)] == ["g0", "g1", "g2", "g3"]
     assert [s.args["index"] for s in spans] == [0, 1, 2, 3]
-    assert all(s.args["bytes"] == 1024 and s.args["queue_wait_s"] >= 0 for s in spans)
+    assert all(s.bytes == 1024 and s.kind == "allreduce" and s.args["queue_wait_s"] >= 0 for s in spans)
     # credit 1: spans never overlap
     ordered = sorted(spans, key=lambda s: s.start_s)
     assert all(a.end_s <= b.start_s for a, b in zip(ordered, ordered[1:]))
@@ -144,7 +144,7 @@ def test_no_allreduce_launch_while_a2a_waits_or_runs(sched_net):
     net.finish("g1")
     sched.flush()
     a2a = [s for s in tl.spans() if s.name.startswith("a2a-slot:")]
-    assert len(a2a) == 1 and a2a[0].args["bytes"] == 4096
+    assert len(a2a) == 1 and a2a[0].bytes == 4096 and a2a[0].kind == "a2a_slot"
     launched_after = [s.start_s for s in tl.spans() if s.name in ("g0", "g1")]
     assert min(launched_after) >= a2a[0].end_s
 

@@ -14,7 +14,7 @@ from lina.data.corpus import load_corpus
 from lina.devices import DeviceSpec, device_from
 from lina.devicetime import DeviceTimeMode, TraceRouting, op_cost
 from lina.errors import ConfigError
-from lina.infer.trace import synthetic_trace
+from lina.data.routing_trace import synthetic_trace
 from lina.testing.multiproc import run_ranks
 from lina.train.trainer import Trainer
 

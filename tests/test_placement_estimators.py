@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lina.errors import ConfigError, LinaError
-from lina.infer.trace import RoutingTrace, synthetic_trace
+from lina.data.routing_trace import RoutingTrace, synthetic_trace
 from lina.placement.estimators import LogisticEstimator, OnlinePathEstimator, PathEstimator, load_estimator
 from lina.placement.estimators.logistic import WEIGHT_DECAY_GRID
 from lina.infer.replay import placement_balance

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from lina.cli import main
-from lina.sim.calibrate import write_synthetic_run
+from lina.testing.calibration import write_synthetic_run
 from lina.sim.compute import ComputeProfile
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec
 

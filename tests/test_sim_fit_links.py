@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lina.sim.fit_links import a2a_seconds, fit_a2a, fit_allreduce, fit_loopback
+from lina.sim.calibration.links import a2a_seconds, fit_a2a, fit_allreduce, fit_loopback
 
 
 def test_allreduce_fit_separates_launch_hop_and_efficiency():

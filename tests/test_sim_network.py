@@ -15,7 +15,7 @@ from lina.sim.collectives import (
 from lina.sim.infer import a2a_bottleneck_time
 from lina.sim.maxmin import max_min_rates
 from lina.sim.network import FlowNetwork, Transfer, make_phase
-from lina.sim.spec import ClusterSpec
+from lina.sim.spec import ClusterSpec, CpuHostModel
 from lina.sim.topology import FlowClass, Topology
 
 GB = 1e9
@@ -186,7 +186,8 @@ def test_flow_fairness_lets_many_flows_crowd_out_a_ring():
 
 
 # ------------------------------------------------------------------ symmetry reduction
-CALIBRATED = dict(rank_copy_gbps=3.0, flow_copy_gbps=2.0, copy_intra=False, pair_flow_loss=0.05)  # the emulated cluster's limits
+# the emulated cluster's limits
+CALIBRATED = {"host": CpuHostModel(rank_copy_gbps=3.0, flow_copy_gbps=2.0, copy_intra=False, pair_flow_loss=0.05)}
 
 
 @pytest.mark.parametrize("hosts,gpus,nics,ep,limits", [(2, 2, 1, 4, {}), (4, 2, 1, 4, {}), (4, 2, 2, 8, {}), (4, 4, 1, 2, {}),
@@ -234,7 +235,8 @@ def test_a_rank_copy_limit_bounds_what_each_gpu_sends():
     host takes 0.8 s, and so does 0.4 GB to the GPU next to it (10 GB/s); flows not marked as
     all-to-all traffic are not limited; two GPUs of one host each have their own limit, and then
     share the 1 GB/s link."""
-    topo = Topology(bare(hosts=2, gpus=2, nvlink_gbps=80.0, rank_copy_gbps=4.0), representative=False)
+    topo = Topology(bare(hosts=2, gpus=2, nvlink_gbps=80.0, host=CpuHostModel(rank_copy_gbps=4.0)),
+                    representative=False)
     assert topo.resource_name(topo.copy_base + 3) == "h1.gpu1.copy"
 
     def a2a(pairs, copy=True):
@@ -253,7 +255,8 @@ def test_a_flow_cap_bounds_each_flow_between_hosts_only():
     """1 GB/s links, each all-to-all flow between hosts capped at 0.25 GB/s: one 0.5 GB flow
     takes 2 s, two flows from one GPU to two hosts run side by side at their caps (2 s), a flow
     to the GPU next door is not capped (NVLink, 10 GB/s), nor is traffic not marked all-to-all."""
-    topo = Topology(bare(hosts=3, gpus=2, nvlink_gbps=80.0, flow_copy_gbps=2.0), representative=False)
+    topo = Topology(bare(hosts=3, gpus=2, nvlink_gbps=80.0, host=CpuHostModel(flow_copy_gbps=2.0)),
+                    representative=False)
 
     def a2a(pairs, copy=True):
         src, dst, size = zip(*pairs)
@@ -272,7 +275,8 @@ def test_loopback_flows_can_skip_the_copy_limit():
     """Without ``copy_intra``, a flow to the GPU next door is bound by the intra-host rate alone
     (0.4 GB at 10 GB/s: 0.04 s) while a flow to another host still pays the 0.5 GB/s copy limit,
     and a GPU sending both keeps its copy limit for the remote one only."""
-    topo = Topology(bare(hosts=2, gpus=2, nvlink_gbps=80.0, rank_copy_gbps=4.0, copy_intra=False), representative=False)
+    host = CpuHostModel(rank_copy_gbps=4.0, copy_intra=False)
+    topo = Topology(bare(hosts=2, gpus=2, nvlink_gbps=80.0, host=host), representative=False)
 
     def a2a(pairs):
         src, dst, size = zip(*pairs)
@@ -290,7 +294,8 @@ def test_flows_between_the_same_two_hosts_lose_goodput():
     two flows of one all-to-all between the same hosts (0.5 GB each) move at 0.9 GB/s together
     (1.11 s); two flows to two different hosts lose nothing; traffic not marked all-to-all pays
     nothing either."""
-    topo = Topology(bare(hosts=3, gpus=2, nvlink_gbps=80.0, pair_flow_loss=0.1), representative=False)
+    topo = Topology(bare(hosts=3, gpus=2, nvlink_gbps=80.0, host=CpuHostModel(pair_flow_loss=0.1)),
+                    representative=False)
 
     def a2a(pairs, copy=True):
         src, dst, size = zip(*pairs)
@@ -301,7 +306,7 @@ def test_flows_between_the_same_two_hosts_lose_goodput():
     assert run(topo.capacity, [a2a([(0, 2, 0.5 * GB), (0, 4, 0.5 * GB)])]) == pytest.approx([1.0])
     assert run(topo.capacity, [a2a([(0, 2, 0.5 * GB), (1, 3, 0.5 * GB)], copy=False)]) == pytest.approx([1.0])
     with pytest.raises(Exception, match="pair_flow_loss"):
-        bare(pair_flow_loss=1.0)
+        bare(host=CpuHostModel(pair_flow_loss=1.0))
 
 
 def test_loopback_flows_have_a_kind_of_their_own():

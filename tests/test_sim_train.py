@@ -10,7 +10,7 @@ from lina.errors import ConfigError
 from lina.obs.chrome_trace import to_chrome_trace
 from lina.sim import scenarios
 from lina.sim.compute import ComputeProfile
-from lina.sim.spec import ClusterSpec, DeviceSpec, ModelSpec, TrainSpec, resolve_ep
+from lina.sim.spec import ClusterSpec, CpuHostModel, DeviceSpec, ModelSpec, TrainSpec, resolve_ep
 from lina.sim.train import simulate_policies, simulate_step
 
 PROFILE = ComputeProfile(
@@ -76,7 +76,7 @@ def test_policies_order_and_lower_bound():
 def test_sequential_allreduces_only_after_backward():
     cluster, model = contended()
     r = simulate_step(cluster, model, PROFILE, TrainSpec(), "sequential")
-    last_bwd = max(t.end_s for t in r.tasks if t.cat == "compute" and t.args.get("direction") == "bwd")
+    last_bwd = max(t.end_s for t in r.tasks if t.cat == "compute" and t.args.get("phase") == "bwd")
     ars = [t for t in r.tasks if t.cat == "allreduce"]
     assert ars and min(t.start_s for t in ars) >= last_bwd - 1e-12
 
@@ -140,7 +140,8 @@ def test_timeline_export_has_the_trainer_spans():
     assert {"step", "forward", "backward", "optimizer"} <= names
     assert all(s.rank == 3 and s.start_s >= 10.0 for s in spans)
     a2a = [s for s in spans if s.cat == "a2a"]
-    assert a2a and all("bytes" in s.args and s.args["direction"] in ("fwd", "bwd") for s in a2a)
+    assert a2a and all(s.bytes is not None and s.phase in ("fwd", "bwd") for s in a2a)
+    assert {s.kind for s in a2a} == {"dispatch", "combine"}
     trace = to_chrome_trace(spans)
     assert len([e for e in trace["traceEvents"] if e["ph"] == "X"]) == len(spans)
 
@@ -187,7 +188,7 @@ def test_micro_ops_in_flight_together_and_the_next_layer_waits_for_all():
     model = ModelSpec("m", layers=2, d_model=64, d_ff=128, experts=2, top_k=2, seq_len=64, batch_size=8, vocab=100)
     train = TrainSpec(lina_a2a_chunks=2)
     for in_flight in (1, 2):
-        cluster = ClusterSpec(hosts=2, gpus_per_host=1, link_gbps=0.1, a2a_in_flight=in_flight)
+        cluster = ClusterSpec(hosts=2, gpus_per_host=1, link_gbps=0.1, host=CpuHostModel(a2a_in_flight=in_flight))
         res = simulate_step(cluster, model, PROFILE, train, "lina")
         by_name = {t.name: t for t in res.tasks}
         d0, d1 = by_name["fwd.dispatch.L0.c0"], by_name["fwd.dispatch.L0.c1"]
@@ -198,4 +199,4 @@ def test_micro_ops_in_flight_together_and_the_next_layer_waits_for_all():
         combines = [by_name[f"fwd.combine.L0.c{j}"] for j in range(2)]
         assert by_name["fwd.dense.L1"].start_s >= max(t.end_s for t in combines) - 1e-12
     with pytest.raises(ConfigError, match="a2a_in_flight"):
-        ClusterSpec(hosts=2, gpus_per_host=1, link_gbps=0.1, a2a_in_flight=0)
+        CpuHostModel(a2a_in_flight=0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lina.errors import ConfigError, LinaError
-from lina.infer.trace import RoutingTrace, load_trace, read_mixtral_jsonl, synthetic_trace
+from lina.data.routing_trace import RoutingTrace, load_trace, read_mixtral_jsonl, synthetic_trace
 
 MIXTRAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mixtral-8x7b-gsm8k-routing.jsonl"
 

@@ -17,8 +17,8 @@ from lina.bench.stats import percentile
 from lina.cluster.emulate import EmulateSpec, EmulatedCluster, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
 from lina.errors import LinaError
+from lina.data.routing_trace import RoutingTrace, load_trace
 from lina.infer.policies import SERVING_POLICIES
-from lina.infer.trace import RoutingTrace, load_trace
 from lina.placement.estimators import PathEstimator
 from lina.placement.metrics import token_topk_hits
 from lina.extras import pyplot

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from lina.infer.engine import InferenceEngine, LayerRouting
 from lina.infer.policies import make_serving_policy
 from lina.infer.store import ExpertStore
-from lina.infer.trace import RoutingTrace
+from lina.data.routing_trace import RoutingTrace
 from lina.placement.estimators import load_estimator
 from lina.train.worker import init_distributed
 

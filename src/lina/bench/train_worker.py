@@ -29,6 +29,7 @@ from lina.comm.groups import build_group_set
 from lina.config import ModelConfig, TrainConfig
 from lina.data.corpus import load_corpus
 from lina.obs.report import step_breakdown
+from lina.obs.schema import RunSetup, fields_of, run_summary
 from lina.obs.timeline import Span, Timeline
 from lina.policy import train_policy
 from lina.train.packing import PackingController, packing_ep_sizes, parse_packing
@@ -261,23 +262,30 @@ def _save_runs(out: Path, plan: dict, cfg: TrainConfig, experts: int, measured: 
         keep = [s for s in spans if any(a - 1e-6 <= s.start_s <= b for a, b in windows)]
         tl = Timeline(rank)
         for s in keep:
-            tl.record(s.name, s.cat, s.start_s, s.end_s, thread=s.thread, **s.args)
+            tl.record(s.name, s.cat, s.start_s, s.end_s, thread=s.thread, **fields_of(s), **s.args)
         tl.save_jsonl(folder / f"timeline-rank{rank}.jsonl")
         if rank == 0 and policy not in entry.get("peers", []):
             m = cfg.model
-            summary = {
-                "config": {
-                    "layers": m.n_layers, "d_model": m.d_model, "d_ff": m.d_ff, "experts": experts, "top_k": m.top_k,
-                    "seq_len": m.seq_len, "batch_size": cfg.batch_size, "vocab_size": m.vocab_size, "workers": world,
-                    "hosts": plan["hosts"], "workers_per_host": plan["workers_per_host"], "link_bps": plan["link_bps"],
-                    "policy": policy, "chunk_mb": entry["chunk_mb"], "pipeline_chunks": cfg.pipeline_chunks, "bucket_mb": cfg.bucket_mb,
-                    "experts_per_rank": entry["policies"][policy]["experts_per_rank"],
-                    "dense_grad_bytes": entry["dense_grad_bytes"],
-                    "cpu_count": os.cpu_count(),
-                    "backend": dist.get_backend(),
-                },
-                "step_time_s_median": entry["policies"][policy]["step_time_s"],
+            setup = RunSetup(
+                layers=m.n_layers, d_model=m.d_model, d_ff=m.d_ff, experts=experts, top_k=m.top_k, seq_len=m.seq_len,
+                batch_size=cfg.batch_size, workers=world, policy=policy, chunk_mb=float(entry["chunk_mb"]),
+                vocab=m.vocab_size, moe_every=m.moe_interval, hosts=plan["hosts"],
+                workers_per_host=plan["workers_per_host"], link_bps=float(plan["link_bps"]), bucket_mb=float(cfg.bucket_mb),
+                pipeline_chunks=cfg.pipeline_chunks,
+                ep_size=experts // entry["policies"][policy]["experts_per_rank"], backend=dist.get_backend(),
+                cpu_count=os.cpu_count(),
+            )
+            config = {
+                "layers": m.n_layers, "d_model": m.d_model, "d_ff": m.d_ff, "experts": experts, "top_k": m.top_k,
+                "seq_len": m.seq_len, "batch_size": cfg.batch_size, "vocab_size": m.vocab_size, "workers": world,
+                "hosts": plan["hosts"], "workers_per_host": plan["workers_per_host"], "link_bps": plan["link_bps"],
+                "policy": policy, "chunk_mb": entry["chunk_mb"], "pipeline_chunks": cfg.pipeline_chunks, "bucket_mb": cfg.bucket_mb,
+                "experts_per_rank": entry["policies"][policy]["experts_per_rank"],
+                "dense_grad_bytes": entry["dense_grad_bytes"],
+                "cpu_count": os.cpu_count(),
+                "backend": dist.get_backend(),
             }
+            summary = run_summary(setup, config, entry["policies"][policy]["step_time_s"])
             (folder / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

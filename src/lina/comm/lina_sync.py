@@ -19,6 +19,7 @@ from torch import nn
 from lina.comm.gradsync import GradSync, _grad, _unflatten_into
 from lina.comm.partition import partition
 from lina.comm.scheduler import CommScheduler, MicroOp, SchedulerConfig
+from lina.obs import schema
 
 
 class _SmallGroup:
@@ -83,7 +84,7 @@ class LinaSync(GradSync):
         if group is None:
             return
         name = self._names.get(id(p), "param")
-        with self.timeline.span("partition", "sched"):
+        with self.timeline.span("partition", "sched", kind=schema.PARTITION):
             chunks = partition(_grad(p), self.chunk_bytes)
         for k, chunk in enumerate(chunks):
             self.scheduler.submit_allreduce(
@@ -94,7 +95,7 @@ class LinaSync(GradSync):
     def _submit_group(self, g: _SmallGroup) -> None:
         if self.dp_group is None:
             return
-        with self.timeline.span("partition", "sched"):
+        with self.timeline.span("partition", "sched", kind=schema.PARTITION):
             g.buffer = torch.cat([_grad(p).reshape(-1) for p in g.params])
         buf = g.buffer
         self.scheduler.submit_allreduce(
@@ -122,7 +123,7 @@ class LinaSync(GradSync):
         self.scheduler.flush(self.timeout_s)
         for g in self._groups:
             if g.buffer is not None:
-                with self.timeline.span("partition", "sched"):
+                with self.timeline.span("partition", "sched", kind=schema.PARTITION):
                     _unflatten_into(g.buffer, [_grad(p) for p in g.params], 1)
         for p in self.dense_params + self.expert_params:
             _grad(p).div_(self.world_size)

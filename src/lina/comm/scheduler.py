@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from lina.errors import ConfigError, LinaError
+from lina.obs import schema
 from lina.obs.timeline import Timeline
 
 A2A = "a2a"
@@ -308,14 +309,15 @@ class CommScheduler:
             if self._held and op.seq > self._hold_seq:
                 self._held = False
             self._work_cv.notify()
-        args = {"bytes": op.nbytes, "index": op.index, "seq": op.seq, "queue_wait_s": op.start_s - op.submit_s}
+        args = {"index": op.index, "seq": op.seq, "queue_wait_s": op.start_s - op.submit_s}
         if op.drained is not None:
             args["drained"] = op.drained
         if failed:
             args["error"] = True
         # The all-to-all itself is timed by whoever runs it (cat "a2a"); here only the slot the
         # scheduler gave it, so that no span is counted twice.
-        self.timeline.record(f"a2a-slot:{op.name}", "sched", op.start_s, op.end_s, **args)
+        self.timeline.record(f"a2a-slot:{op.name}", "sched", op.start_s, op.end_s, kind=schema.A2A_SLOT, bytes=op.nbytes,
+                             **args)
 
     def hold(self) -> None:
         """Launch no new allreduce micro-op until the next all-to-all (entered after this
@@ -325,7 +327,7 @@ class CommScheduler:
             self._held = True
             self._hold_seq = seq = self._a2a_entered
             now = time.perf_counter()
-        self.timeline.record("hold", "sched", now, now, a2a_seq=seq)
+        self.timeline.record("hold", "sched", now, now, kind=schema.HOLD, a2a_seq=seq)
 
     def release(self) -> None:
         """Drop a pending :meth:`hold` (when the expected all-to-all will not come)."""
@@ -522,13 +524,14 @@ class CommScheduler:
         op.end_s = time.perf_counter()
         op.error = err
         self._done += 1
-        args = {"bytes": op.nbytes, "index": op.index, "seq": op.seq, "queue_wait_s": op.start_s - op.submit_s}
+        args = {"index": op.index, "seq": op.seq, "queue_wait_s": op.start_s - op.submit_s}
         if err is not None:
             args["error"] = True
             if self._error is None:
                 self._error = CommError(f"allreduce micro-op {op.name}[{op.index}] (#{op.seq}) failed: {err}")
                 self._error.__cause__ = err
-        self.timeline.record(op.name, ALLREDUCE, op.start_s, op.end_s, thread=self.config.name, **args)
+        self.timeline.record(op.name, ALLREDUCE, op.start_s, op.end_s, thread=self.config.name, kind=schema.ALLREDUCE,
+                             bytes=op.nbytes, **args)
         self._work_cv.notify()
         self._idle_cv.notify_all()
 

@@ -89,7 +89,7 @@ def _summary(result: dict) -> list[str]:
 
 def run_trace(args) -> int:
     from lina.infer.analysis import ESTIMATORS, analyze_trace, write_plots
-    from lina.infer.trace import load_trace
+    from lina.data.routing_trace import load_trace
 
     names = [n.strip() for n in args.estimators.split(",") if n.strip()]
     unknown = [n for n in names if n not in ESTIMATORS]

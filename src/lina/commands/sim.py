@@ -206,15 +206,27 @@ def run(args) -> int:
         torch.set_num_threads(threads)
 
 
+def _calibrate(roots: list[str], json_path: str | None, holdout: str | None) -> int:
+    """``lina sim --calibrate DIR [DIR ...] [--holdout DIR2] [--json FILE]``."""
+    from lina.sim.calibration import calibrate, report_text, write_report
+
+    held = f"; holding out the runs under {holdout}" if holdout else ""
+    print(f"calibrating against the runs under {', '.join(roots)}{held}", flush=True)
+    rep = calibrate(roots, holdout)
+    print(report_text(rep))
+    if json_path:
+        png = write_report(rep, json_path)
+        print(f"wrote {json_path} and {png}")
+    return 0
+
+
 def _dispatch(args) -> int:
     if args.holdout and not args.calibrate:
         raise ConfigError("--holdout", "needs --calibrate DIR (the runs to fit)", "add --calibrate DIR, or drop --holdout")
     if args.list:
         return _list()
     if args.calibrate:
-        from lina.sim.calibrate import run_command
-
-        return run_command(args.calibrate, args.json, args.holdout)
+        return _calibrate(args.calibrate, args.json, args.holdout)
     if args.bench:
         return _bench(args)
     if args.sweep:

@@ -1,5 +1,5 @@
 """Routing from a recorded trace for device-time runs: each MoE layer's token-to-expert choices
-are taken, in order, from a :class:`lina.infer.trace.RoutingTrace`, so all-to-all splits are as
+are taken, in order, from a :class:`lina.data.routing_trace.RoutingTrace`, so all-to-all splits are as
 uneven as real ones while the gate itself computes nothing meaningful."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from lina.errors import ConfigError
-from lina.infer.trace import load_trace
+from lina.data.routing_trace import load_trace
 from lina.moe.router import Routing
 
 
@@ -41,7 +41,7 @@ class TraceRouting:
 
     @classmethod
     def from_trace(cls, trace, num_experts: int, offset: int = 0) -> "TraceRouting":
-        """From a :class:`lina.infer.trace.RoutingTrace`."""
+        """From a :class:`lina.data.routing_trace.RoutingTrace`."""
         return cls(trace.in_order().expert_tensor(), num_experts, offset)
 
     def choices(self, layer: int, num_tokens: int, top_k: int) -> torch.Tensor:

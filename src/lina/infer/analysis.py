@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lina.errors import ConfigError
-from lina.infer.trace import RoutingTrace
+from lina.data.routing_trace import RoutingTrace
 from lina.placement.estimators import LogisticEstimator, OnlinePathEstimator, PathEstimator, PopularityEstimator
 from lina.infer.replay import placement_balance
 from lina.placement.evaluate import score_estimator

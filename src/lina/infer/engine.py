@@ -26,6 +26,7 @@ import torch.distributed as dist
 from lina.infer.policies import ServingPolicy, local_counts
 from lina.infer.store import ExpertStore, expert_ffn
 from lina.moe.permute import inverse_permutation, source_to_expert_major
+from lina.obs import schema
 from lina.obs.timeline import Timeline
 from lina.placement.core import Placement
 
@@ -120,10 +121,10 @@ class InferenceEngine:
         header[:, :e_count] = local_counts(ids, e_count)
         if carries_plan:
             header[COORDINATOR, e_count:] = estimate
-        with tl.span(f"moe{layer}.dispatch-header", "a2a", phase="fwd"):
+        with tl.span(f"moe{layer}.dispatch-header", "a2a", kind=schema.DISPATCH_HEADER, layer=layer, phase="fwd"):
             recv_header = self._a2a(header, [1] * n, [1] * n)
         counts_by_source = recv_header[:, :e_count]  # [sources, E]
-        with tl.span(f"moe{layer}.phase2", "sched"):
+        with tl.span(f"moe{layer}.phase2", "sched", kind=schema.PLACEMENT, layer=layer):
             placement = self.policy.placement(layer, counts_by_source.sum(0))  # lina: phase 2
         self.layer_counts.append(counts_by_source.sum(0))
         # Route every token-slot to a replica and order slots by (device, expert).
@@ -135,14 +136,15 @@ class InferenceEngine:
         rows = h[order // k]
         in_splits = send_counts.sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
-        with tl.span(f"moe{layer}.dispatch", "a2a", phase="fwd", bytes=rows.numel() * rows.element_size()):
+        nbytes = rows.numel() * rows.element_size()
+        with tl.span(f"moe{layer}.dispatch", "a2a", kind=schema.DISPATCH, layer=layer, phase="fwd", bytes=nbytes):
             received = self._a2a(rows, out_splits, in_splits)
         stats.max_device_rows.append(int(recv_counts.sum()))
         # Experts this device computes for this layer.
         index = source_to_expert_major(recv_counts)
         grouped = received[index]
         per_expert = recv_counts.sum(0).tolist()
-        with tl.span(f"moe{layer}.experts", "compute"):
+        with tl.span(f"moe{layer}.experts", "compute", kind=schema.EXPERT, layer=layer, phase="fwd"):
             weights_by_expert = self.store.load(layer, placement.device_experts(self.rank).tolist())
             outs = [expert_ffn(chunk, weights_by_expert[e]) for e, chunk in zip(range(e_count), torch.split(grouped, per_expert)) if chunk.shape[0]]
             computed = torch.cat(outs) if outs else grouped
@@ -150,7 +152,7 @@ class InferenceEngine:
         # Coordinator: plan the next layer while the combine is being assembled.
         plan_rows = self._plan_rows(d) if carries_plan else 0
         if carries_plan and self.rank == COORDINATOR:
-            with tl.span(f"moe{next_layer}.phase1", "sched"):
+            with tl.span(f"moe{next_layer}.phase1", "sched", kind=schema.PLAN_ESTIMATE, layer=next_layer):
                 est_sum = recv_header[:, e_count:].sum(0)
                 plan = self.policy.coordinate(next_layer, est_sum)
                 payload = torch.cat([plan.share.float().reshape(-1), est_sum.float()])
@@ -164,7 +166,8 @@ class InferenceEngine:
         else:
             splits_back = out_splits
         recv_back = [c + (plan_rows if src == COORDINATOR else 0) for src, c in enumerate(in_splits)]
-        with tl.span(f"moe{layer}.combine", "a2a", phase="fwd", bytes=back.numel() * back.element_size()):
+        nbytes = back.numel() * back.element_size()
+        with tl.span(f"moe{layer}.combine", "a2a", kind=schema.COMBINE, layer=layer, phase="fwd", bytes=nbytes):
             returned = self._a2a(back, recv_back, splits_back)
         if carries_plan:
             payload = returned[in_splits[COORDINATOR] : in_splits[COORDINATOR] + plan_rows].reshape(-1)
@@ -182,10 +185,9 @@ class InferenceEngine:
         """Batch figures, all read off this batch's spans on the one timeline."""
         stats.latency_s = end - start
         for layer in range(self.store.num_layers):
-            prefix = f"moe{layer}."
-            stats.layer_a2a_s.append(sum(s.dur_s for s in spans if s.cat == "a2a" and s.name.startswith(prefix)))
-            stats.phase2_s.append(sum(s.dur_s for s in spans if s.name == prefix + "phase2"))
-        stats.phase1_s = sum(s.dur_s for s in spans if s.name.endswith(".phase1"))
+            stats.layer_a2a_s.append(sum(s.dur_s for s in spans if s.cat == "a2a" and s.layer == layer))
+            stats.phase2_s.append(sum(s.dur_s for s in spans if s.kind == schema.PLACEMENT and s.layer == layer))
+        stats.phase1_s = sum(s.dur_s for s in spans if s.kind == schema.PLAN_ESTIMATE)
 
     # ------------------------------------------------------------------ a batch
     def run_batch(self, h: torch.Tensor, dense: Callable[[int, torch.Tensor], torch.Tensor], gate: Callable[[int, torch.Tensor], LayerRouting],
@@ -216,7 +218,7 @@ class InferenceEngine:
             self.policy.end_batch(torch.stack(self.layer_counts))
         self.store.forget()
         end = tl.now()
-        tl.record("batch", "step", start, end, policy=self.policy.name)
+        tl.record("batch", "step", start, end, kind=schema.BATCH, policy=self.policy.name)
         self._fill_stats(stats, tl.spans(since_s=start), start, end)
         if self._own_timeline:
             tl.clear()  # this batch's figures are read; nothing reads its spans again

@@ -1,5 +1,5 @@
 """Serve a trained :class:`lina.models.gpt.MoEGPT` with the inference engine, and record the
-routing it takes (a :class:`lina.infer.trace.RoutingTrace`)."""
+routing it takes (a :class:`lina.data.routing_trace.RoutingTrace`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from lina.config import ModelConfig
 from lina.errors import LinaError
 from lina.infer.engine import LayerRouting
 from lina.infer.store import ExpertStore
-from lina.infer.trace import RoutingTrace
+from lina.data.routing_trace import RoutingTrace
 from lina.models.gpt import MoEGPT
 
 

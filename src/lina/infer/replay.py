@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from lina.infer.policies import LinaPolicy, ServingContext, ServingPolicy, serving_policy
-from lina.infer.trace import RoutingTrace
+from lina.data.routing_trace import RoutingTrace
 from lina.placement.core import imbalance
 from lina.placement.estimators.base import PopularityEstimator
 from lina.placement.estimators.online import OnlinePathEstimator

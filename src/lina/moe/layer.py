@@ -9,9 +9,10 @@ from torch import nn
 from lina.moe.alltoall import AllToAll, exchange_counts
 from lina.moe.comm_context import ExpertComm
 from lina.moe.experts import LocalExperts
-from lina.moe.pipeline import PipelinedExchange
 from lina.moe.permute import inverse_permutation, permute_order, source_to_expert_major, unpermute
+from lina.moe.pipeline import PipelinedExchange
 from lina.moe.router import Routing, TopKRouter
+from lina.obs import schema
 
 
 class MoELayer(nn.Module):
@@ -92,22 +93,24 @@ class MoELayer(nn.Module):
         comm = self.comm
         name = f"moe{self.layer_index}"
         if comm.group is None:
-            with comm.timeline.span(f"{name}.experts", "compute"):
+            with comm.timeline.span(f"{name}.experts", "compute", kind=schema.EXPERT, layer=self.layer_index,
+                                    phase="fwd"):
                 return self.experts(rows, counts.tolist())
         recv_counts = exchange_counts(counts, comm)  # [P, E_l]
         in_splits = counts.view(comm.size, -1).sum(1).tolist()
         if comm.pipeline_chunks > 1:
             step_experts = _StepExperts(self.experts)
             rows = _ExpertGradsOnce.apply(rows, step_experts, *self.experts.weights())
-            return PipelinedExchange.apply(rows, in_splits, recv_counts, step_experts, comm, name)
+            return PipelinedExchange.apply(rows, in_splits, recv_counts, step_experts, comm, name, self.layer_index)
         out_splits = recv_counts.sum(1).tolist()
-        received = AllToAll.apply(rows, out_splits, in_splits, comm, f"{name}.dispatch")
+        received = AllToAll.apply(rows, out_splits, in_splits, comm, f"{name}.dispatch", schema.DISPATCH,
+                                  self.layer_index)
         index = source_to_expert_major(recv_counts)
         grouped = received[index]
-        with comm.timeline.span(f"{name}.experts", "compute"):
+        with comm.timeline.span(f"{name}.experts", "compute", kind=schema.EXPERT, layer=self.layer_index, phase="fwd"):
             computed = self.experts(grouped, recv_counts.sum(0).tolist())
         back = computed[inverse_permutation(index)]
-        return AllToAll.apply(back, in_splits, out_splits, comm, f"{name}.combine")
+        return AllToAll.apply(back, in_splits, out_splits, comm, f"{name}.combine", schema.COMBINE, self.layer_index)
 
 
 class _StepExperts:

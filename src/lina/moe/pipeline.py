@@ -15,6 +15,7 @@ from lina.moe.alltoall import AsyncAllToAll
 from lina.moe.comm_context import ExpertComm
 from lina.moe.experts import LocalExperts
 from lina.moe.permute import inverse_permutation, source_to_expert_major
+from lina.obs import schema
 
 
 def micro_counts(recv_counts: torch.Tensor, m: int) -> list[torch.Tensor]:
@@ -68,48 +69,54 @@ class PipelinedExchange(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, send_splits, recv_counts, experts: LocalExperts, comm: ExpertComm, name: str):
+    def forward(ctx, rows, send_splits, recv_counts, experts: LocalExperts, comm: ExpertComm, name: str,
+                layer: int | None = None):
         plan = _Plan(send_splits, recv_counts, comm.pipeline_chunks)
         tl = comm.timeline
         dispatches = [
-            AsyncAllToAll(rows[plan.send_rows[j]], plan.recv[j], plan.send[j], comm, f"{name}.dispatch", "fwd", j)
+            AsyncAllToAll(rows[plan.send_rows[j]], plan.recv[j], plan.send[j], comm, f"{name}.dispatch", "fwd", j,
+                          schema.DISPATCH, layer)
             for j in range(plan.m)
         ]
         inputs, outputs, combines = [], [], []
         for j in range(plan.m):
             received = dispatches[j].wait()
-            with tl.span(f"{name}.experts", "compute", micro_op=j), torch.enable_grad():
+            expert_span = tl.span(f"{name}.experts", "compute", kind=schema.EXPERT, layer=layer, phase="fwd", micro_op=j)
+            with expert_span, torch.enable_grad():
                 x = received[plan.to_expert_major[j]].detach().requires_grad_()
                 y = experts(x, plan.expert_counts[j])
             inputs.append(x)
             outputs.append(y)
-            combines.append(AsyncAllToAll(y.detach()[plan.to_source_major[j]], plan.send[j], plan.recv[j], comm, f"{name}.combine", "fwd", j))
+            combines.append(AsyncAllToAll(y.detach()[plan.to_source_major[j]], plan.send[j], plan.recv[j], comm, f"{name}.combine",
+                                          "fwd", j, schema.COMBINE, layer))
         out = rows.new_empty(rows.shape)
         for j in range(plan.m):
             out[plan.send_rows[j]] = combines[j].wait()
-        ctx.plan, ctx.inputs, ctx.outputs, ctx.comm, ctx.name = plan, inputs, outputs, comm, name
+        ctx.plan, ctx.inputs, ctx.outputs, ctx.comm, ctx.name, ctx.layer = plan, inputs, outputs, comm, name, layer
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        plan, comm, name = ctx.plan, ctx.comm, ctx.name
+        plan, comm, name, layer = ctx.plan, ctx.comm, ctx.name, ctx.layer
         tl = comm.timeline
         grad_out = grad_out.contiguous()
         combines = [
-            AsyncAllToAll(grad_out[plan.send_rows[j]], plan.recv[j], plan.send[j], comm, f"{name}.combine", "bwd", j)
+            AsyncAllToAll(grad_out[plan.send_rows[j]], plan.recv[j], plan.send[j], comm, f"{name}.combine", "bwd", j,
+                          schema.COMBINE, layer)
             for j in range(plan.m)
         ]
         dispatches = []
         for j in range(plan.m):
             grad_y = combines[j].wait()[plan.to_expert_major[j]]
             x, y = ctx.inputs[j], ctx.outputs[j]
-            with tl.span(f"{name}.experts.bwd", "compute", micro_op=j):
+            with tl.span(f"{name}.experts.bwd", "compute", kind=schema.EXPERT, layer=layer, phase="bwd", micro_op=j):
                 if y.requires_grad:
                     torch.autograd.backward(y, grad_y)
             grad_x = x.grad if x.grad is not None else torch.zeros_like(x)
-            dispatches.append(AsyncAllToAll(grad_x[plan.to_source_major[j]], plan.send[j], plan.recv[j], comm, f"{name}.dispatch", "bwd", j))
+            dispatches.append(AsyncAllToAll(grad_x[plan.to_source_major[j]], plan.send[j], plan.recv[j], comm, f"{name}.dispatch",
+                                            "bwd", j, schema.DISPATCH, layer))
         grad_rows = grad_out.new_empty(grad_out.shape)
         for j in range(plan.m):
             grad_rows[plan.send_rows[j]] = dispatches[j].wait()
         ctx.inputs = ctx.outputs = None
-        return grad_rows, None, None, None, None, None
+        return grad_rows, None, None, None, None, None, None

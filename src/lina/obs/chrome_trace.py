@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lina.obs.schema import fields_of
 from lina.obs.timeline import Span
 
 
 def to_chrome_trace(spans: list[Span]) -> dict:
-    """One process per rank, one track per (rank, thread); times in microseconds."""
+    """One process per rank, one track per (rank, thread); times in microseconds; an event's args
+    are the span's typed fields (:mod:`lina.obs.schema`) that are set, then its extras."""
     if not spans:
         return {"traceEvents": [], "displayTimeUnit": "ms"}
     t0 = min(s.start_s for s in spans)
@@ -29,7 +31,7 @@ def to_chrome_trace(spans: list[Span]) -> dict:
                 "tid": tids[key],
                 "ts": (s.start_s - t0) * 1e6,
                 "dur": max(s.dur_s, 0.0) * 1e6,
-                "args": s.args,
+                "args": {**{k: v for k, v in fields_of(s).items() if v is not None}, **s.args},
             }
         )
     for rank in sorted({s.rank for s in spans}):

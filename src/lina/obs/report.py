@@ -8,6 +8,7 @@ import json
 import statistics
 from pathlib import Path
 
+from lina.obs import schema
 from lina.obs.chrome_trace import write_chrome_trace
 from lina.obs.timeline import Span, intersection_length, load_rank_timelines, union_length
 from lina.extras import pyplot
@@ -19,8 +20,13 @@ def load_run_spans(folder: Path) -> list[Span]:
 
 
 def _is_expert_compute(s: Span) -> bool:
-    """An expert-FFN span (forward ``moeN.experts`` or backward ``moeN.experts.bwd``)."""
-    return s.cat == "compute" and ".experts" in s.name
+    """An expert-FFN span (forward or backward)."""
+    return s.cat == "compute" and s.kind == schema.EXPERT
+
+
+def _is_pass(s: Span) -> bool:
+    """The forward or backward pass of a step."""
+    return s.cat == "compute" and s.kind in schema.PASSES
 
 
 def step_breakdown(spans: list[Span], step_span: Span) -> dict[str, float]:
@@ -40,8 +46,8 @@ def step_breakdown(spans: list[Span], step_span: Span) -> dict[str, float]:
 
     a2a = clip(lambda s: s.cat == "a2a")
     experts = clip(_is_expert_compute)
-    passes = clip(lambda s: s.cat == "compute" and s.name in ("forward", "backward"))
-    waits = clip(lambda s: s.name == "gradsync.finish")
+    passes = clip(_is_pass)
+    waits = clip(lambda s: s.kind == schema.SYNC_WAIT)
     a2a_total = union_length(a2a)
     busy_in_a2a = intersection_length(a2a, experts)
     step = end - start
@@ -49,16 +55,16 @@ def step_breakdown(spans: list[Span], step_span: Span) -> dict[str, float]:
         "step": step,
         "compute": max(0.0, union_length(passes) - a2a_total + busy_in_a2a),
         "a2a_total": a2a_total,
-        "a2a_fwd": union_length(clip(lambda s: s.cat == "a2a" and s.args.get("phase") == "fwd")),
-        "a2a_bwd": union_length(clip(lambda s: s.cat == "a2a" and s.args.get("phase") == "bwd")),
+        "a2a_fwd": union_length(clip(lambda s: s.cat == "a2a" and s.phase == "fwd")),
+        "a2a_bwd": union_length(clip(lambda s: s.cat == "a2a" and s.phase == "bwd")),
         "a2a_exposed": a2a_total - busy_in_a2a,
         "compute_busy_in_a2a": busy_in_a2a,
         "allreduce_in_flight": union_length(clip(lambda s: s.cat == "allreduce")),
         "allreduce_exposed": union_length(waits),
         "expert_compute": union_length(experts),
-        "partition": sum(s.dur_s for s in mine if s.name == "partition"),
+        "partition": sum(s.dur_s for s in mine if s.kind == schema.PARTITION),
         "idle": max(0.0, step - union_length(passes + waits)),
-        "a2a_bytes": float(sum(s.args.get("bytes", 0) for s in mine if s.cat == "a2a")),
+        "a2a_bytes": float(sum(s.bytes or 0 for s in mine if s.cat == "a2a")),
     }
 
 
@@ -93,15 +99,17 @@ def plot_step(spans: list[Span], path: Path, step: int | None = None) -> None:
         for s in spans:
             if s.rank != rank or s.cat not in colors or s.end_s < start or s.start_s > end:
                 continue
-            if s.cat == "compute" and not s.name.endswith("experts") and s.name not in ("forward", "backward"):
+            expert_fwd = _is_expert_compute(s) and s.phase == "fwd"
+            if s.cat == "compute" and not expert_fwd and not _is_pass(s):
                 continue
-            if s.cat == "sched" and s.name != "gradsync.finish":  # scheduler bookkeeping is not drawn
+            if s.cat == "sched" and s.kind != schema.SYNC_WAIT:  # scheduler bookkeeping is not drawn
                 continue
             y = i + lanes[s.cat]
-            h = 0.2 if s.cat != "compute" or s.name.endswith("experts") else 0.35
-            if s.cat == "compute" and s.name.endswith("experts"):
+            h = 0.2 if s.cat != "compute" or expert_fwd else 0.35
+            if expert_fwd:
                 y, h = i + 0.55, 0.35
-            ax.broken_barh([((s.start_s - t0) * 1e3, (s.end_s - s.start_s) * 1e3)], (y, h), color=colors[s.cat], alpha=0.6 if s.name in ("forward", "backward") else 1.0)
+            ax.broken_barh([((s.start_s - t0) * 1e3, (s.end_s - s.start_s) * 1e3)], (y, h), color=colors[s.cat],
+                           alpha=0.6 if _is_pass(s) else 1.0)
     ax.set_yticks([i + 0.5 for i in range(len(ranks))], [f"rank {r}" for r in ranks])
     ax.set_xlabel("ms since step start")
     ax.set_title(f"step {chosen}: compute (blue), all-to-all (orange), allreduce (green), waiting for allreduce (red)")

@@ -4,6 +4,9 @@ Breakdowns, Chrome traces, plots and the simulator's calibration all read these 
 Times are ``time.perf_counter()`` seconds (CLOCK_MONOTONIC on Linux, shared by every
 process on one machine, so spans of different ranks line up).
 
+What a span means is in its typed fields (``kind``, ``layer``, ``phase``, ``micro_op``, ``bytes``,
+``peer``: see :mod:`lina.obs.schema`); its name is a display label.
+
 Categories used across the project (``cat``):
   ``compute``    forward/backward compute of a layer or expert FFN
   ``a2a``        an all-to-all (dispatch or combine), possibly one micro-op of it
@@ -18,15 +21,29 @@ import contextlib
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from lina.errors import LinaError
+from lina.obs import schema
 
 CATEGORIES = ("compute", "a2a", "allreduce", "sched", "step", "idle", "other")
 
 
 @dataclass
 class Span:
+    """One timed operation of one rank.
+
+    Args:
+        name: display label (never parsed: the meaning is in the typed fields).
+        cat: category (:data:`CATEGORIES`).
+        kind, layer, phase, micro_op, bytes, peer: the typed fields of :mod:`lina.obs.schema`;
+            a span built without ``kind`` gets them from its name and args, as version 1 of the
+            schema wrote them (:func:`lina.obs.schema.classify_v1`).
+        args: extras (``step``, ``policy``, ...).
+    """
+
     name: str
     cat: str
     start_s: float
@@ -34,6 +51,16 @@ class Span:
     rank: int = 0
     thread: str = "main"
     args: dict = field(default_factory=dict)
+    kind: str | None = None
+    layer: int | None = None
+    phase: str | None = None
+    micro_op: int | None = None
+    bytes: float | None = None
+    peer: int | None = None
+
+    def __post_init__(self):
+        if self.kind is None:
+            schema.classify_v1(self)
 
     @property
     def dur_s(self) -> float:
@@ -69,16 +96,19 @@ class Timeline:
     def now() -> float:
         return time.perf_counter()
 
-    def record(self, name: str, cat: str, start_s: float, end_s: float, thread: str | None = None, **args) -> None:
-        """Keep one finished span."""
+    def record(self, name: str, cat: str, start_s: float, end_s: float, thread: str | None = None, *,
+               kind: str | None = None, layer: int | None = None, phase: str | None = None, micro_op: int | None = None,
+               bytes: float | None = None, peer: int | None = None, **args) -> None:
+        """Keep one finished span (typed fields as in :class:`Span`; other keywords go to ``args``)."""
         if not self.enabled:
             return
-        span = Span(name, cat, start_s, end_s, self.rank, thread or threading.current_thread().name, args)
+        span = Span(name, cat, start_s, end_s, self.rank, thread or threading.current_thread().name, args,
+                    kind, layer, phase, micro_op, bytes, peer)
         with self._lock:
             self._spans.append(span)
 
     @contextlib.contextmanager
-    def span(self, name: str, cat: str, thread: str | None = None, **args) -> Iterator[None]:
+    def span(self, name: str, cat: str, thread: str | None = None, **fields) -> Iterator[None]:
         """Time the body of a ``with`` block as one span."""
         if not self.enabled:
             yield
@@ -87,7 +117,7 @@ class Timeline:
         try:
             yield
         finally:
-            self.record(name, cat, start, time.perf_counter(), thread=thread, **args)
+            self.record(name, cat, start, time.perf_counter(), thread=thread, **fields)
 
     def spans(self, since_s: float | None = None) -> list[Span]:
         with self._lock:
@@ -122,31 +152,67 @@ class Timeline:
             _write_jsonl(fh, spans)
         self.spilled += len(spans)
 
-    def total(self, cat: str, since_s: float | None = None, name_prefix: str | None = None) -> float:
-        """Sum of span durations of one category (overlaps are counted twice)."""
-        return sum(
-            s.dur_s
-            for s in self.spans(since_s)
-            if s.cat == cat and (name_prefix is None or s.name.startswith(name_prefix))
-        )
+    def total(self, cat: str, since_s: float | None = None, kind: str | None = None) -> float:
+        """Sum of span durations of one category, of one ``kind`` when given (overlaps are counted twice)."""
+        return sum(s.dur_s for s in self.spans(since_s) if s.cat == cat and (kind is None or s.kind == kind))
 
     def save_jsonl(self, path: str | Path) -> None:
         with open(path, "w") as fh:
             _write_jsonl(fh, self.spans())
 
 
+def span_to_dict(span: Span) -> dict[str, Any]:
+    """One line of a timeline file: version, label, times, the typed fields that are set, args."""
+    out: dict[str, Any] = {"v": schema.SCHEMA_VERSION, "name": span.name, "cat": span.cat, "start_s": span.start_s,
+                           "end_s": span.end_s, "rank": span.rank, "thread": span.thread}
+    for name in schema.FIELDS:
+        value = getattr(span, name)
+        if value is not None:
+            out[name] = value
+    out["args"] = span.args
+    return out
+
+
+def span_from_dict(data: dict[str, Any], where: str = "timeline") -> Span:
+    """A span from one line of a timeline file of version 1 (no ``"v"``) or :data:`schema.SCHEMA_VERSION`.
+
+    Raises:
+        LinaError: the line is of a newer version, or not a span.
+    """
+    data = dict(data)
+    version = data.pop("v", 1)
+    if not isinstance(version, int) or version > schema.SCHEMA_VERSION:
+        raise LinaError(f"{where}: span of schema version {version!r}, newer than this lina reads "
+                        f"({schema.SCHEMA_VERSION}); upgrade lina to read it")
+    if version >= 2 and "kind" not in data:
+        data["kind"] = schema.OTHER
+    try:
+        return Span(**data)
+    except TypeError as err:
+        raise LinaError(f"{where}: not a span of schema version {version} ({err}); give a timeline-rank*.jsonl file "
+                        "written by lina") from None
+
+
 def _write_jsonl(fh, spans: list[Span]) -> None:
     for s in spans:
-        fh.write(json.dumps(asdict(s)) + "\n")
+        fh.write(json.dumps(span_to_dict(s)) + "\n")
 
 
 def load_jsonl(path: str | Path) -> list[Span]:
-    """Read spans written by :meth:`Timeline.save_jsonl`."""
+    """Read spans written by :meth:`Timeline.save_jsonl` (this schema version or version 1).
+
+    Raises:
+        LinaError: a line is not JSON, not a span, or of a newer schema version.
+    """
     out = []
     with open(path) as fh:
-        for line in fh:
+        for number, line in enumerate(fh, 1):
             if line.strip():
-                out.append(Span(**json.loads(line)))
+                try:
+                    data = json.loads(line)
+                except ValueError as err:
+                    raise LinaError(f"{path}:{number}: not JSON ({err}); give a timeline written by lina") from None
+                out.append(span_from_dict(data, f"{path}:{number}"))
     return out
 
 

@@ -11,17 +11,14 @@ policies' balance on the same replay is :func:`lina.infer.replay.placement_balan
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from lina.data.routing_trace import RoutingTrace
 from lina.errors import ConfigError
 from lina.placement.estimators.base import PopularityEstimator
 from lina.placement.estimators.online import OnlinePathEstimator
 from lina.placement.metrics import token_topk_hits, topset_equal
-
-if TYPE_CHECKING:
-    from lina.infer.trace import RoutingTrace
 
 
 @dataclass

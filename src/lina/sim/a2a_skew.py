@@ -3,7 +3,7 @@
 With dropless routing every rank sends what its tokens chose and receives what its experts
 were chosen for, so the ranks of one all-to-all move different bytes and it ends when the
 busiest is done. The trainer's all-to-all spans record what a rank *sends* to the other ranks
-(``args["bytes"]``); a forward combine sends back the outputs of the tokens its dispatch
+(their ``bytes`` field); a forward combine sends back the outputs of the tokens its dispatch
 received, so a rank's combine bytes are what it received in the dispatch of the same layer and
 micro-op. The skew of a run is then
 
@@ -19,29 +19,19 @@ the busiest link rather than the busiest rank ends the all-to-all.
 
 from __future__ import annotations
 
+from lina.obs import schema
 from lina.obs.timeline import Span
 
 MIN_BYTES = 1024  # smaller all-to-alls are the per-expert token counts, not tokens
 
 
-def _phase_of(span: Span) -> str | None:
-    """``dispatch`` or ``combine`` for a token all-to-all span (the trainer's ``moe0.dispatch``
-    names or the simulator's ``phase`` argument), else ``None``."""
-    phase = span.args.get("phase")
-    if phase not in ("dispatch", "combine"):
-        phase = span.name.rpartition(".")[2]
-    return phase if phase in ("dispatch", "combine") else None
-
-
 def _key(span: Span) -> tuple[object, object] | None:
     """(layer, micro-op) of a forward dispatch or combine span, else ``None``."""
-    if span.cat != "a2a" or float(span.args.get("bytes", 0.0)) < MIN_BYTES or _phase_of(span) is None:
+    if span.cat != "a2a" or span.kind not in schema.TOKEN_A2A or span.phase != "fwd":
         return None
-    direction = span.args.get("direction", span.args.get("phase"))
-    if direction != "fwd":
+    if float(span.bytes or 0.0) < MIN_BYTES:
         return None
-    layer = span.args.get("layer", span.name.rpartition(".")[0])
-    return layer, span.args.get("micro_op", span.args.get("chunk"))
+    return span.layer, span.micro_op
 
 
 def _exchanges(spans: list[Span]) -> dict[tuple, tuple[float, float]]:
@@ -53,11 +43,10 @@ def _exchanges(spans: list[Span]) -> dict[tuple, tuple[float, float]]:
         key = _key(span)
         if key is None:
             continue
-        phase = _phase_of(span)
-        count_key = (*key, phase)
+        count_key = (*key, span.kind)
         n = seen.get(count_key, 0)
         seen[count_key] = n + 1
-        (sent if phase == "dispatch" else received)[(*key, n)] = float(span.args["bytes"])
+        (sent if span.kind == schema.DISPATCH else received)[(*key, n)] = float(span.bytes)
     return {k: (sent[k], received[k]) for k in sent if k in received}
 
 

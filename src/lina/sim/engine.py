@@ -36,7 +36,8 @@ class Task:
         deps: indices of tasks that must finish first.
         duration_s: compute time (compute tasks).
         transfer: what goes over the network (communication tasks).
-        args: extra facts for reports (layer, phase, bytes).
+        args: the span fields of :mod:`lina.obs.schema` (``kind``, ``layer``, ``phase``,
+            ``micro_op``, ``bytes``) and extras for reports (``group``, ``tensor``).
     """
 
     name: str

@@ -13,7 +13,7 @@ Per batch, every MoE layer, as the real engine (:mod:`lina.infer.engine`) runs i
 
 The placement policies ARE the real ones: :func:`lina.infer.policies.make_serving_policy`
 (``static``, ``eplb``, ``lina``, ``oracle``) on :mod:`lina.placement`, fed the batch's real
-counts and token paths from a :class:`lina.infer.trace.RoutingTrace`.
+counts and token paths from a :class:`lina.data.routing_trace.RoutingTrace`.
 
 All-to-all time: an inference all-to-all runs alone (no gradient traffic), so by default its
 time is its bottleneck: the most loaded NIC or NVLink port's bytes over its rate, plus the
@@ -32,8 +32,8 @@ import torch
 
 from lina.errors import ConfigError
 from lina.infer.engine import replica_rows
+from lina.data.routing_trace import RoutingTrace
 from lina.infer.policies import SERVING_POLICIES, make_serving_policy
-from lina.infer.trace import RoutingTrace
 from lina.placement.estimators.base import PopularityEstimator
 from lina.placement.static import static_placement
 from lina.sim.collectives import all_to_all_matrix

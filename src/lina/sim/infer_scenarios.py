@@ -103,7 +103,7 @@ def listing() -> list[tuple[str, str, str]]:
 
 def _traces(sc: InferScenario, routing: str | None):
     """(trace to replay, trace to fit the estimator on)."""
-    from lina.infer.trace import load_trace
+    from lina.data.routing_trace import load_trace
     from lina.sim.routing import drifting_trace
 
     n_tok = sc.gpus * sc.spec.tokens_per_device

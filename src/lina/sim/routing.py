@@ -2,7 +2,7 @@
 
 Lina's inference premise (LINA.md): popularity is skewed, differs per layer *and per batch*,
 and tokens that chose the same expert at layer i tend to choose the same expert at layer i+1.
-:func:`drifting_trace` produces exactly that, as a :class:`lina.infer.trace.RoutingTrace`
+:func:`drifting_trace` produces exactly that, as a :class:`lina.data.routing_trace.RoutingTrace`
 (the type the real inference engine and estimators use):
 
 - a fixed *successor map* per layer (a property of the model): with probability ``affinity``
@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from lina.errors import ConfigError
-from lina.infer.trace import RoutingTrace
+from lina.data.routing_trace import RoutingTrace
 
 
 def drifting_trace(

@@ -39,6 +39,59 @@ def _integer(obj, *names: str) -> None:
 
 
 @dataclass(frozen=True)
+class CpuHostModel:
+    """What a host's CPUs impose on collectives that run on them (Gloo over TCP, the emulated
+    cluster of :mod:`lina.cluster`); GPU clusters have none of it (``ClusterSpec.host`` is None).
+    Fitted by ``lina sim --calibrate`` (:mod:`lina.sim.calibration.host`).
+
+    Args:
+        rank_copy_gbps: the most all-to-all traffic one rank sends per second, to peers on any
+            host, whatever the links allow: each Gloo process moves every byte through TCP on
+            shared cores; ``None``: no such limit.
+        flow_copy_gbps: the most one all-to-all flow between hosts (one rank to one peer, in one
+            operation) moves per second: a TCP connection through the shaped link does not reach
+            the link rate with a burst of a megabyte or more (the ring allreduce's smaller
+            messages do); ``None``: no such limit.
+        copy_intra: intra-host all-to-all flows cross their rank's copy resource too (default);
+            ``False`` where loopback copies inside a host are bound by ``nvlink_gbps`` alone
+            (loopback moves gigabits a second where a TCP connection through the shaped link
+            moves a few hundred megabits).
+        pair_flow_loss: share of the host link's goodput lost per extra flow of one all-to-all
+            between the same two hosts (TCP connections sharing one shaped queue); 0: none.
+        a2a_in_flight: all-to-all operations one rank runs at once (Gloo serves asynchronous
+            operations with two threads per process group, so pipelined micro-ops overlap).
+        allreduce_launch_s: fixed cost of launching one allreduce when it differs from the other
+            collectives' ``launch_s`` (``None``: the same); a calibrated emulated cluster starts an
+            all-to-all slower than an allreduce.
+    """
+
+    rank_copy_gbps: float | None = None
+    flow_copy_gbps: float | None = None
+    copy_intra: bool = True
+    pair_flow_loss: float = 0.0
+    a2a_in_flight: int = 1
+    allreduce_launch_s: float | None = None
+
+    def __post_init__(self):
+        for name in ("rank_copy_gbps", "flow_copy_gbps"):
+            if getattr(self, name) is not None:
+                _positive(self, name)
+        _integer(self, "a2a_in_flight")
+        if self.allreduce_launch_s is not None:
+            _non_negative(self, "allreduce_launch_s")
+        if not 0.0 <= self.pair_flow_loss < 1.0:
+            raise ConfigError("pair_flow_loss", f"{self.pair_flow_loss} is outside [0, 1)", "use a share of the link, e.g. 0.05")
+
+    @property
+    def rank_copy_bytes_per_s(self) -> float | None:
+        return None if self.rank_copy_gbps is None else self.rank_copy_gbps * 1e9 / 8
+
+    @property
+    def flow_copy_bytes_per_s(self) -> float | None:
+        return None if self.flow_copy_gbps is None else self.flow_copy_gbps * 1e9 / 8
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     """Hosts of ``gpus_per_host`` GPUs; each host has ``nics_per_host`` NICs of ``link_gbps``.
 
@@ -51,30 +104,12 @@ class ClusterSpec:
         launch_s: fixed cost of launching one collective.
         per_peer_s: extra start-up cost of an all-to-all per peer a GPU sends to.
         hop_latency_s: latency of one step of a ring allreduce.
-        allreduce_launch_s: fixed cost of launching one allreduce when it differs from the other
-            collectives' ``launch_s`` (``None``: the same); a calibrated emulated cluster starts an
-            all-to-all slower than an allreduce.
-        rank_copy_gbps: the most all-to-all traffic one GPU (rank) sends per second, to peers on
-            any host, whatever the links allow: on the emulated cluster each Gloo process moves
-            every byte through TCP on shared cores (fitted by ``lina sim --calibrate``); ``None``:
-            no such limit (devices with copy engines).
-        flow_copy_gbps: the most one all-to-all flow between hosts (one rank to one peer, in one
-            operation) moves per second: on the emulated cluster a TCP connection through the
-            shaped link does not reach the link rate with a burst of a megabyte or more (the
-            ring allreduce's smaller messages do); ``None``: no such limit.
-        copy_intra: intra-host all-to-all flows cross their rank's copy resource too (default);
-            ``False`` where loopback copies inside a host are bound by ``nvlink_gbps`` alone (the
-            calibrated emulated cluster: loopback moves gigabits a second where a TCP connection
-            through the shaped link moves a few hundred megabits).
-        pair_flow_loss: share of the host link's goodput lost per extra flow of one all-to-all
-            between the same two hosts (TCP connections sharing one shaped queue; fitted by
-            ``lina sim --calibrate``); 0: none.
-        a2a_in_flight: all-to-all operations one rank runs at once: 1 on GPUs (one
-            communication stream); 2 on the emulated cluster (Gloo serves asynchronous
-            operations with two threads per process group), so pipelined micro-ops overlap.
         fairness: ``"collective"`` (default): concurrent collectives get equal weight on a NIC,
             whatever their number of flows (NCCL runs each collective on a fixed set of channels);
             ``"flow"``: plain max-min fairness among individual flows.
+        host: what the hosts' CPUs impose when the collectives run on them (the emulated
+            cluster of processes on one machine, :class:`CpuHostModel`); ``None`` (GPU clusters,
+            the paper's scenarios): no such terms. A TOML ``[cluster.host]`` table gives it.
     """
 
     hosts: int
@@ -87,25 +122,17 @@ class ClusterSpec:
     per_peer_s: float = 2e-6
     hop_latency_s: float = 5e-6
     fairness: str = "collective"
-    rank_copy_gbps: float | None = None
-    allreduce_launch_s: float | None = None
-    flow_copy_gbps: float | None = None
-    a2a_in_flight: int = 1
-    copy_intra: bool = True
-    pair_flow_loss: float = 0.0
+    host: CpuHostModel | None = None
 
     def __post_init__(self):
         _integer(self, "hosts", "gpus_per_host", "nics_per_host")
         _positive(self, "link_gbps", "nvlink_gbps", "link_efficiency")
-        for name in ("rank_copy_gbps", "flow_copy_gbps"):
-            if getattr(self, name) is not None:
-                _positive(self, name)
-        _integer(self, "a2a_in_flight")
         _non_negative(self, "launch_s", "per_peer_s", "hop_latency_s")
-        if self.allreduce_launch_s is not None:
-            _non_negative(self, "allreduce_launch_s")
-        if not 0.0 <= self.pair_flow_loss < 1.0:
-            raise ConfigError("pair_flow_loss", f"{self.pair_flow_loss} is outside [0, 1)", "use a share of the link, e.g. 0.05")
+        if isinstance(self.host, dict):  # a [cluster.host] table
+            object.__setattr__(self, "host", spec_from_dict(CpuHostModel, self.host, "cluster.host"))
+        if self.host is not None and not isinstance(self.host, CpuHostModel):
+            raise ConfigError("host", f"{self.host!r} is not a CPU host model",
+                              "give a CpuHostModel, a [cluster.host] table, or None")
         if self.link_efficiency > 1:
             raise ConfigError("link_efficiency", f"{self.link_efficiency} is above 1", "use a fraction in (0, 1]")
         if self.gpus_per_host % self.nics_per_host:
@@ -123,20 +150,19 @@ class ClusterSpec:
 
     @property
     def allreduce_start_s(self) -> float:
-        """What launching one allreduce costs (``allreduce_launch_s``, else ``launch_s``)."""
-        return self.launch_s if self.allreduce_launch_s is None else self.allreduce_launch_s
+        """What launching one allreduce costs (the host model's ``allreduce_launch_s``, else ``launch_s``)."""
+        if self.host is None or self.host.allreduce_launch_s is None:
+            return self.launch_s
+        return self.host.allreduce_launch_s
+
+    @property
+    def a2a_in_flight(self) -> int:
+        """All-to-all operations one rank runs at once: 1 on GPUs (one communication stream), else the host model's."""
+        return 1 if self.host is None else self.host.a2a_in_flight
 
     @property
     def nic_bytes_per_s(self) -> float:
         return self.link_gbps * 1e9 / 8 * self.link_efficiency
-
-    @property
-    def rank_copy_bytes_per_s(self) -> float | None:
-        return None if self.rank_copy_gbps is None else self.rank_copy_gbps * 1e9 / 8
-
-    @property
-    def flow_copy_bytes_per_s(self) -> float | None:
-        return None if self.flow_copy_gbps is None else self.flow_copy_gbps * 1e9 / 8
 
     @property
     def nvlink_bytes_per_s(self) -> float:
@@ -346,6 +372,7 @@ def spec_from_dict(cls, data: dict, section: str):
 
 __all__ = [
     "ClusterSpec",
+    "CpuHostModel",
     "ModelSpec",
     "DeviceSpec",
     "TrainSpec",

@@ -6,7 +6,8 @@ Resource layout per host (``stride = 2 * nics + 2 * gpus_per_host``)::
     [nic_out 0..n-1 | nic_in 0..n-1 | nvl_out 0..G-1 | nvl_in 0..G-1]
 
 A flow between two GPUs of one host crosses ``nvl_out[src]`` and ``nvl_in[dst]``; between
-hosts it crosses ``nic_out[nic(src)]`` and ``nic_in[nic(dst)]``. With ``rank_copy_gbps`` every
+hosts it crosses ``nic_out[nic(src)]`` and ``nic_in[nic(dst)]``. On a cluster with a CPU host model
+(``ClusterSpec.host``, :class:`~lina.sim.spec.CpuHostModel`), with ``rank_copy_gbps`` every
 GPU also has a *copy* resource (after all the strides) that the all-to-all flows it sends cross,
 wherever they go (only those to other hosts without ``copy_intra``): the process that moves the
 bytes when collectives run over TCP on CPUs. With ``flow_copy_gbps`` each all-to-all flow between
@@ -73,7 +74,8 @@ class Topology:
                 np.full(2 * self.gpus_per_host, cluster.nvlink_bytes_per_s),
             ]
         )
-        copy = cluster.rank_copy_bytes_per_s
+        host = cluster.host
+        copy = None if host is None else host.rank_copy_bytes_per_s
         self.copy_base = hosts_kept * self.stride  # GPU a of kept host h: copy_base + h * G + a (with rank_copy_gbps)
         self.capacity = np.tile(one_host, hosts_kept)
         self.is_nic = np.tile(np.arange(self.stride) < 2 * self.nics, hosts_kept)
@@ -119,9 +121,9 @@ class Topology:
             dst: ``[P]`` int receiving ranks (any host).
             size: ``[P]`` or scalar, bytes of each flow.
             copy: all-to-all traffic: the flows also cross their sending GPU's copy resource
-                (when the cluster has ``rank_copy_gbps``; flows inside a host only with
-                ``copy_intra``), each flow between hosts is capped at ``flow_copy_gbps`` when the
-                cluster has it, and flows between the same two hosts pay ``pair_flow_loss``.
+                (when the cluster's host model has ``rank_copy_gbps``; flows inside a host only
+                with ``copy_intra``), each flow between hosts is capped at ``flow_copy_gbps`` when
+                the host model has it, and flows between the same two hosts pay ``pair_flow_loss``.
 
         Returns:
             One :class:`FlowClass` per distinct (resources, size); self-sends and empty flows
@@ -139,7 +141,8 @@ class Topology:
         hd, b = np.divmod(dst, g)
         same = hs == hd
         cost = np.ones(src.shape)
-        loss = self.cluster.pair_flow_loss
+        host = self.cluster.host
+        loss = 0.0 if host is None else host.pair_flow_loss
         if copy and loss > 0 and (~same).any():  # flows of this operation between each pair of hosts
             _, pair, per_pair = np.unique(np.stack([hs, hd], axis=1), axis=0, return_inverse=True, return_counts=True)
             cost = np.where(same, 1.0, 1.0 / np.maximum(0.1, 1.0 - loss * (per_pair[pair.reshape(-1)] - 1)))
@@ -152,13 +155,13 @@ class Topology:
         nic_b = b * n // g
         r_out = np.where(same, hs * self.stride + 2 * n + a, hs * self.stride + nic_a)
         r_in = np.where(same, hd * self.stride + 2 * n + g + b, hd * self.stride + n + nic_b)
-        through_copy = copy and self.cluster.rank_copy_gbps is not None
+        through_copy = copy and host is not None and host.rank_copy_gbps is not None
         copy_res = self.copy_base + hs * g + a if through_copy else np.full(src.shape, -1)
-        if through_copy and not self.cluster.copy_intra:
+        if through_copy and not host.copy_intra:
             copy_res = np.where(same, -1, copy_res)
         keys = np.stack([r_out.astype(float), r_in.astype(float), size, copy_res.astype(float), same.astype(float), cost], axis=1)
         uniq, counts = np.unique(keys, axis=0, return_counts=True)
-        flow_cap = self.cluster.flow_copy_bytes_per_s if copy else None
+        flow_cap = host.flow_copy_bytes_per_s if copy and host is not None else None
         out = []
         for k, members in zip(uniq, counts):
             resources = (int(k[0]), int(k[1])) + ((int(k[3]),) if k[3] >= 0 else ())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from lina.obs import schema
 from lina.obs.timeline import Timeline, union_length
 from lina.sim.collectives import all_to_all
 from lina.sim.compute import ComputeProfile
@@ -109,12 +110,14 @@ class TrainResult:
         the last backward compute).
         """
         tl = Timeline(rank)
-        tl.record("step", "step", offset_s, offset_s + self.step_s, thread="main", step=step)
-        fwd_end = next(t.end_s for t in self.tasks if t.name == "head.fwd")
-        bwd_start = next(t.start_s for t in self.tasks if t.name == "head.bwd")
-        bwd_end = max(t.end_s for t in self.tasks if t.cat == "compute" and t.args.get("direction") == "bwd")
-        tl.record("forward", "compute", offset_s, offset_s + fwd_end, thread="main", step=step)
-        tl.record("backward", "compute", offset_s + bwd_start, offset_s + bwd_end, thread="main", step=step)
+        tl.record("step", "step", offset_s, offset_s + self.step_s, thread="main", kind=schema.STEP, step=step)
+        heads = {t.args.get("phase"): t for t in self.tasks if t.args.get("kind") == schema.HEAD}
+        fwd_end, bwd_start = heads["fwd"].end_s, heads["bwd"].start_s
+        bwd_end = max(t.end_s for t in self.tasks if t.cat == "compute" and t.args.get("phase") == "bwd")
+        tl.record("forward", "compute", offset_s, offset_s + fwd_end, thread="main", kind=schema.FORWARD, phase="fwd",
+                  step=step)
+        tl.record("backward", "compute", offset_s + bwd_start, offset_s + bwd_end, thread="main", kind=schema.BACKWARD,
+                  phase="bwd", step=step)
         for task in self.tasks:
             tl.record(task.name, task.cat, offset_s + task.start_s, offset_s + task.end_s, thread=task.stream, **task.args)
         return tl
@@ -140,7 +143,7 @@ def measure(policy: str, tasks: list[Task], plan: StepPlan, wall_s: float, event
     for direction in moe:
         layers: dict[int, list[float]] = {}
         for t in tasks:
-            if t.cat == "a2a" and t.args.get("direction") == direction:
+            if t.cat == "a2a" and t.args.get("phase") == direction:
                 span = layers.setdefault(t.args["layer"], [t.start_s, t.end_s])
                 span[0] = min(span[0], t.start_s)
                 span[1] = max(span[1], t.end_s)
@@ -150,8 +153,8 @@ def measure(policy: str, tasks: list[Task], plan: StepPlan, wall_s: float, event
         policy=policy,
         step_s=step,
         a2a_s=a2a_s,
-        fwd_a2a_s=union_length(_intervals(tasks, "a2a", direction="fwd")),
-        bwd_a2a_s=union_length(_intervals(tasks, "a2a", direction="bwd")),
+        fwd_a2a_s=union_length(_intervals(tasks, "a2a", phase="fwd")),
+        bwd_a2a_s=union_length(_intervals(tasks, "a2a", phase="bwd")),
         allreduce_s=union_length(_intervals(tasks, "allreduce")),
         compute_s=compute_s,
         exposed_comm_s=step - compute_s,
@@ -237,12 +240,11 @@ def _run(plan: StepPlan, pol: TrainPolicy, topo: Topology, cache: TransferCache)
 def _pack(plan, pol, topo, cache, tasks, events, memory_gb):
     """Double experts per GPU while :func:`packing_rule` says so, as the trainer's controller does.
 
-    Like the project's trainer (:mod:`lina.train.packing`), a doubling that makes the step slower
-    by more than ``REVERT_MARGIN`` is undone: packing goes back to the fastest layout simulated so
-    far and settles (the replicated experts' gradients join the allreduce, which the paper's rule
-    does not weigh).
+    Like the project's trainer (:mod:`lina.train.packing`, :mod:`lina.policy.packing`), a doubling
+    that makes the step slower by more than ``REVERT_MARGIN`` is undone: packing goes back to the
+    fastest layout simulated so far and settles (the replicated experts' gradients join the
+    allreduce, which the paper's rule does not weigh).
     """
-
     trace = []
     step_s = max(t.end_s for t in tasks)
     visited = [(step_s, plan, tasks)]

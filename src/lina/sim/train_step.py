@@ -123,21 +123,23 @@ class StepBuilder:
         p, m = self.plan, self.plan.model
         prev = None
         for layer in range(m.layers):
-            prev = self.compute(f"fwd.dense.L{layer}", p.profile.dense_time(m.tokens), prev, layer=layer, kind="dense", direction="fwd")
+            prev = self.compute(f"fwd.dense.L{layer}", p.profile.dense_time(m.tokens), prev, layer=layer, kind="dense",
+                                phase="fwd")
             if m.is_moe(layer):
                 prev = self._moe(layer, prev, "fwd")
             else:
                 ffn = p.profile.expert_time(m.tokens)
-                prev = self.compute(f"fwd.ffn.L{layer}", ffn, prev, layer=layer, kind="dense", direction="fwd")
-        prev = self.compute("head.fwd", p.profile.head_fwd_s_per_token * m.tokens, prev, kind="head", direction="fwd")
-        prev = self.compute("head.bwd", p.profile.head_bwd_s_per_token * m.tokens, prev, kind="head", direction="bwd")
+                prev = self.compute(f"fwd.ffn.L{layer}", ffn, prev, layer=layer, kind="dense", phase="fwd")
+        prev = self.compute("head.fwd", p.profile.head_fwd_s_per_token * m.tokens, prev, kind="head", phase="fwd")
+        prev = self.compute("head.bwd", p.profile.head_bwd_s_per_token * m.tokens, prev, kind="head", phase="bwd")
         for layer in reversed(range(m.layers)):
             if m.is_moe(layer):
                 prev = self._moe(layer, prev, "bwd")
             else:
                 ffn = p.profile.expert_time(m.tokens, backward=True)
-                prev = self.compute(f"bwd.ffn.L{layer}", ffn, prev, layer=layer, kind="dense", direction="bwd")
-            prev = self.compute(f"bwd.dense.L{layer}", p.profile.dense_time(m.tokens, backward=True), prev, layer=layer, kind="dense", direction="bwd")
+                prev = self.compute(f"bwd.ffn.L{layer}", ffn, prev, layer=layer, kind="dense", phase="bwd")
+            prev = self.compute(f"bwd.dense.L{layer}", p.profile.dense_time(m.tokens, backward=True), prev, layer=layer,
+                                kind="dense", phase="bwd")
             for name, numel in reversed(m.dense_tensors(layer)):
                 self.grads.append((name, numel * m.grad_bytes, prev, "dp"))
         for name, numel in reversed(m.embedding_tensors()):
@@ -159,7 +161,7 @@ class StepBuilder:
         first, second = ("combine", "dispatch") if backward else ("dispatch", "combine")
         if p.ep == 1:  # every expert is local (pure data parallelism): no all-to-all is issued
             ffn_all = self.compute(f"{direction}.expert.L{layer}", p.expert_time(backward), prev,
-                                   layer=layer, kind="expert", direction=direction, chunk=0)
+                                   layer=layer, kind="expert", phase=direction, micro_op=0)
             self._expert_grads(layer, backward, ffn_all)
             return ffn_all
         a2a = self.cache.a2a(p.ep, nbytes * p.train.a2a_skew)  # the busiest rank's bytes: it ends the exchange
@@ -167,20 +169,20 @@ class StepBuilder:
         if not backward and p.train.count_exchange:
             counts = 8.0 * m.experts
             prev = self.add(Task(f"fwd.counts.L{layer}", "a2a", "a2a", (prev,), transfer=self.cache.a2a(p.ep, counts),
-                                 args={"layer": layer, "phase": "counts", "direction": "fwd", "bytes": counts}))
+                                 args={"kind": "counts", "layer": layer, "phase": "fwd", "bytes": counts}))
         firsts = [
             self.add(Task(f"{direction}.{first}.L{layer}.c{j}", "a2a", "a2a", (prev,), transfer=a2a,
-                          args={"layer": layer, "phase": first, "direction": direction, "bytes": sent, "chunk": j}))
+                          args={"kind": first, "layer": layer, "phase": direction, "bytes": sent, "micro_op": j}))
             for j in range(chunks)
         ]
         ffns = [
             self.add(Task(f"{direction}.expert.L{layer}.c{j}", "compute", "compute", (firsts[j],), duration_s=ffn,
-                          args={"layer": layer, "kind": "expert", "direction": direction, "chunk": j}))
+                          args={"kind": "expert", "layer": layer, "phase": direction, "micro_op": j}))
             for j in range(chunks)
         ]
         seconds = [
             self.add(Task(f"{direction}.{second}.L{layer}.c{j}", "a2a", "a2a", (ffns[j],), transfer=a2a,
-                          args={"layer": layer, "phase": second, "direction": direction, "bytes": sent, "chunk": j}))
+                          args={"kind": second, "layer": layer, "phase": direction, "bytes": sent, "micro_op": j}))
             for j in range(chunks)
         ]
         self._expert_grads(layer, backward, ffns[-1])
@@ -204,7 +206,8 @@ class StepBuilder:
             transfer = self.cache.allreduce(1, n, nbytes)
         else:
             transfer = self.cache.allreduce(p.ep, p.replicas, nbytes)
-        return self.add(Task(name, "allreduce", "allreduce", deps, transfer=transfer, args={"bytes": nbytes, "group": group, **args}))
+        args = {"kind": "allreduce", "bytes": nbytes, "group": group, **args}
+        return self.add(Task(name, "allreduce", "allreduce", deps, transfer=transfer, args=args))
 
     def _grad_sync(self, last_backward: int) -> list[int]:
         sync = self.policy.grad_sync

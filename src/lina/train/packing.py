@@ -14,8 +14,8 @@ replicated over W / (EP size) ranks whose gradients join the low-priority allred
   ``N@S``   N experts per rank from step S on (a reproducible change, for experiments and tests).
 
 The controller reads the forward micro-ops of the last ``packing_every`` steps off the one
-timeline: all-to-all spans ``moe*.dispatch`` / ``moe*.combine`` with phase ``fwd`` and compute spans
-``moe*.experts``. Their durations are summed over all ranks (a 4-number allreduce) and rank 0's
+timeline: spans of kind ``dispatch`` / ``combine`` (all-to-all) and ``expert`` (FFN compute) with phase
+``fwd`` (:mod:`lina.obs.schema`). Their durations are summed over all ranks (a 4-number allreduce) and rank 0's
 decision on the mean per micro-op is broadcast, so every rank changes layout at the same step.
 It doubles only when the packed experts of one MoE layer fit ``max_expert_memory_mb`` (the layer
 that computes must be on the device; the others may be offloaded, see :func:`plan_residency`).
@@ -29,7 +29,6 @@ chain of doublings that each cost a little is undone as a whole) and settles the
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +37,7 @@ import torch.distributed as dist
 from lina.comm.groups import ParallelGroups
 from lina.errors import ConfigError, LinaError
 from lina.moe.experts import PARAM_NAMES, LocalExperts
+from lina.obs import schema
 from lina.obs.timeline import Span, Timeline
 from lina.policy.packing import (  # noqa: F401  (the packing grammar, re-exported for callers of this module)
     REVERT_MARGIN,
@@ -51,10 +51,6 @@ ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 # --- measuring and deciding --------------------------------------------------------------------
-
-_EXPERTS_FWD = re.compile(r"^moe\d+\.experts$")
-_A2A = re.compile(r"^moe\d+\.(dispatch|combine)$")
-
 
 @dataclass
 class MicroOpTimes:
@@ -81,14 +77,16 @@ class MicroOpTimes:
 
 
 def forward_micro_ops(spans: list[Span]) -> MicroOpTimes:
-    """Sum the forward expert-FFN micro-ops (``moe<i>.experts``, cat compute) and forward
-    all-to-all micro-ops (``moe<i>.dispatch|combine``, cat a2a, phase fwd) among ``spans``."""
+    """Sum the forward expert-FFN micro-ops (kind ``expert``) and forward token all-to-all
+    micro-ops (kind ``dispatch`` or ``combine``) among ``spans``."""
     out = MicroOpTimes()
     for s in spans:
-        if s.cat == "compute" and _EXPERTS_FWD.match(s.name):
+        if s.phase != "fwd":
+            continue
+        if s.cat == "compute" and s.kind == schema.EXPERT:
             out.ffn_s += s.dur_s
             out.ffn_ops += 1
-        elif s.cat == "a2a" and s.args.get("phase") == "fwd" and _A2A.match(s.name):
+        elif s.cat == "a2a" and s.kind in schema.TOKEN_A2A:
             out.a2a_s += s.dur_s
             out.a2a_ops += 1
     return out

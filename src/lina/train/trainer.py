@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from lina.comm.chunk_sweep import sweep_chunk_size
-from lina.comm.groups import ParallelGroups, build_group_set
 from lina.comm.gradsync import GradSync
+from lina.comm.groups import ParallelGroups, build_group_set
 from lina.comm.policies import make_sync
 from lina.config import TrainConfig
 from lina.data.corpus import Corpus, sample_batch
@@ -25,6 +25,7 @@ from lina.devicetime import DeviceTimeMode, TraceRouting
 from lina.errors import LinaError
 from lina.models.gpt import MoEGPT
 from lina.moe.comm_context import ExpertComm
+from lina.obs import schema
 from lina.obs.report import step_breakdown
 from lina.obs.timeline import Span, Timeline
 from lina.policy import train_policy
@@ -150,7 +151,7 @@ class Trainer:
                             "a resumed run gets its checkpoint's layout from lina.train.worker")
         old, new = self.groups, self.group_set[ep_size]
         name = self.policy.name
-        with self.timeline.span("packing.repack", "sched", from_ep=old.ep_size, to_ep=new.ep_size):
+        with self.timeline.span("packing.repack", "sched", kind=schema.REPACK, from_ep=old.ep_size, to_ep=new.ep_size):
             self.policy.close()
             relayout_experts(self.model.moe_layers(), self.optimizer, old, new)
             self.groups = new
@@ -214,22 +215,22 @@ class Trainer:
         self.policy.begin_step()
         device = self.device_mode if self.device_mode is not None else contextlib.nullcontext()
         with device:
-            with tl.span("forward", "compute", step=step):
+            with tl.span("forward", "compute", kind=schema.FORWARD, phase="fwd", step=step):
                 loss, lm = self.model.loss(x, y)
                 self._sync_device()
-            with tl.span("backward", "compute", step=step):
+            with tl.span("backward", "compute", kind=schema.BACKWARD, phase="bwd", step=step):
                 loss.backward()
                 self._sync_device()
             sync_start = tl.now()
             self.policy.finish()
             sync_end = tl.now()
-            tl.record("gradsync.finish", "sched", sync_start, sync_end, step=step)
+            tl.record("gradsync.finish", "sched", sync_start, sync_end, kind=schema.SYNC_WAIT, step=step)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self._sync_device()
         end = tl.now()
-        tl.record("step", "step", start, end, step=step, policy=self.policy.name)
-        b = step_breakdown(tl.spans(since_s=start), Span("step", "step", start, end, tl.rank))
+        tl.record("step", "step", start, end, kind=schema.STEP, step=step, policy=self.policy.name)
+        b = step_breakdown(tl.spans(since_s=start), Span("step", "step", start, end, tl.rank, kind=schema.STEP))
         self._drop_old_spans(start)
         lm_value = float("nan") if self.device_mode is not None else float(lm.detach())  # uncomputed in device time
         return StepResult(step, lm_value, end - start, b["a2a_total"], b["allreduce_in_flight"], b["allreduce_exposed"], self.experts_per_rank)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from lina.comm.groups import build_group_set
 from lina.config import TrainConfig
 from lina.data.corpus import load_corpus
+from lina.obs.schema import RunSetup, run_summary
 from lina.obs.timeline import Timeline
 from lina.train import checkpoint
 from lina.train.packing import PackingController
@@ -143,19 +144,34 @@ def _train(cfg: TrainConfig) -> dict | None:
     timeline.flush()  # the rest of the trace, when there is one
     if rank != 0:
         return None
-    summary = summarize(cfg, results, val_loss, wall)
-    summary["packing"] = {"mode": cfg.effective_packing, "experts_per_rank": trainer.experts_per_rank, "ep_size": trainer.groups.ep_size,
-                          "decisions": trainer.packing.history}
-    summary["expert_memory"] = trainer.expert_memory()
-    summary["policy"] = cfg.policy
+    measured = summarize(cfg, results, val_loss, wall)
+    measured["packing"] = {"mode": cfg.effective_packing, "experts_per_rank": trainer.experts_per_rank,
+                           "ep_size": trainer.groups.ep_size, "decisions": trainer.packing.history}
+    measured["expert_memory"] = trainer.expert_memory()
+    measured["policy"] = cfg.policy
     if trainer.device_mode is not None:
-        summary["device_time"] = device_time_summary(trainer.device_mode)
-    summary["backend"] = dist.get_backend()  # how many collectives of a rank run at once (lina sim --calibrate)
-    summary["chunk_mb_resolved"] = trainer.chunk_mb  # what chunk_mb "auto" chose (lina sim --calibrate reads it)
+        measured["device_time"] = device_time_summary(trainer.device_mode)
+    # the run schema's summary: what ran (the chunk size "auto" chose, backend, layout) and provenance
+    setup = run_setup(cfg, trainer, world)
+    summary = run_summary(setup, measured.pop("config"), measured.pop("step_time_s_median"), **measured)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if cfg.trace:
         (Path(cfg.trace) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def run_setup(cfg: TrainConfig, trainer: Trainer, world: int) -> RunSetup:
+    """What this run ran, in the run schema's spelling (:class:`lina.obs.schema.RunSetup`)."""
+    spec = cfg.emulate_spec()
+    m = cfg.model
+    return RunSetup(
+        layers=m.n_layers, d_model=m.d_model, d_ff=m.d_ff, experts=m.experts, top_k=m.top_k, seq_len=m.seq_len,
+        batch_size=cfg.batch_size, workers=world, policy=trainer.policy.name, chunk_mb=float(trainer.chunk_mb),
+        vocab=m.vocab_size, moe_every=m.moe_interval, hosts=spec.hosts if spec else None,
+        workers_per_host=spec.workers_per_host if spec else None, link_bps=float(spec.link_bps) if spec else None,
+        bucket_mb=float(cfg.bucket_mb), pipeline_chunks=cfg.pipeline_chunks, ep_size=trainer.groups.ep_size,
+        backend=dist.get_backend(), cpu_count=os.cpu_count(),
+    )
 
 
 def _print_memory(mem: dict) -> None:

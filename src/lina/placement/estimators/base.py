@@ -19,16 +19,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from lina.data.routing_trace import RoutingTrace
 from lina.errors import ConfigError, LinaError
 from lina.npz_io import read_npz, write_npz
-
-if TYPE_CHECKING:
-    from lina.infer.trace import RoutingTrace
 
 ESTIMATOR_FORMAT = "lina-estimator"
 _KINDS: dict[str, type[PopularityEstimator]] = {}

@@ -16,17 +16,12 @@ CPU; a few seconds for ~10^4 tokens.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
+from lina.data.routing_trace import RoutingTrace
 from lina.errors import ConfigError
 from lina.placement.estimators.base import PopularityEstimator, as_history
-
-if TYPE_CHECKING:
-    from lina.infer.trace import RoutingTrace
-
 
 WEIGHT_DECAY_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 

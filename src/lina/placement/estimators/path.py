@@ -17,16 +17,12 @@ lookup.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
+from lina.data.routing_trace import RoutingTrace
 from lina.errors import ConfigError
 from lina.placement.estimators.base import PopularityEstimator, as_history
-
-if TYPE_CHECKING:
-    from lina.infer.trace import RoutingTrace
 
 
 def encode_paths(cols: np.ndarray, num_experts: int) -> np.ndarray:

@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from lina.cluster import contention, netns
+from lina.bench import contention
+from lina.cluster import netns
 from lina.cluster.emulate import survey
 
 pytestmark = [

@@ -8,7 +8,7 @@ a CDF plot next to the JSON, beside the paper's figures (median > 1.83x, worst 4
 DeepSpeed-MoE, 16 A100, 100 Gb/s InfiniBand).
 
 The lead's ``lina bench`` wires ``add_arguments`` / ``run`` as its ``contention``
-sub-benchmark; ``python -m lina.cluster.contention`` runs it directly.
+sub-benchmark; ``python -m lina.bench.contention`` runs it directly.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         ]  # fmt: skip
         with EmulatedCluster(spec, alternative=None) as cluster:
             prefix = cluster.prefix
-            run_on_cluster(cluster, "lina.cluster.contention_worker", worker_args, 1, timeout_s=timeout)
+            run_on_cluster(cluster, "lina.bench.contention_worker", worker_args, 1, timeout_s=timeout)
             counters = cluster.link_counters()
         if not raw_path.exists():
             raise LinaError("the contention workers finished without writing their results")
@@ -227,7 +227,7 @@ def plot_cdf(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lina.cluster.contention",
+        prog="python -m lina.bench.contention",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -1,6 +1,6 @@
 """Worker of ``lina bench contention``: one all-to-all alone vs. with a concurrent allreduce.
 
-Run by torchrun on every emulated host (see :mod:`lina.cluster.contention`). Each rank:
+Run by torchrun on every emulated host (see :mod:`lina.bench.contention`). Each rank:
 
 1. joins the default Gloo group (used for the all-to-all and barriers) and a second Gloo
    group over the same ranks (used only for the allreduce), so the two collectives run on
@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lina.obs import schema
 from lina.obs.timeline import Timeline
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lina.cluster.contention_worker")
+    p = argparse.ArgumentParser(prog="python -m lina.bench.contention_worker")
     p.add_argument("--pairs", type=int, required=True)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--a2a-elems", type=int, required=True, help="float32 values each rank sends in one all-to-all")
@@ -59,11 +60,11 @@ def measure(args: argparse.Namespace, rank: int, world: int, ar_group) -> Timeli
             start = tl.now()
             dist.all_to_all_single(recv, send)
             end = tl.now()
-            tl.record("a2a", "a2a", start, end, mode=mode, pair=pair)
+            tl.record("a2a", "a2a", start, end, kind=schema.ALLTOALL, mode=mode, pair=pair)
             took[mode] = end - start
             if work is not None:
                 work.wait()
-                tl.record("allreduce", "allreduce", ar_start, tl.now(), pair=pair)
+                tl.record("allreduce", "allreduce", ar_start, tl.now(), kind=schema.ALLREDUCE, pair=pair)
         if rank == 0 and pair >= 0 and (pair % every == 0 or pair == args.pairs - 1):
             a, c = took["alone"], took["contended"]
             print(
@@ -74,12 +75,12 @@ def measure(args: argparse.Namespace, rank: int, world: int, ar_group) -> Timeli
     return tl
 
 
-def per_pair(tl: Timeline, name: str, mode: str | None, pairs: int) -> list[float]:
-    """Durations (s) of the measured spans ``name`` (of ``mode``), indexed by pair."""
+def per_pair(tl: Timeline, kind: str, mode: str | None, pairs: int) -> list[float]:
+    """Durations (s) of the measured spans of ``kind`` (of ``mode``), indexed by pair."""
     out = [float("nan")] * pairs
     for span in tl.spans():
         pair = span.args.get("pair", -1)
-        if span.name == name and 0 <= pair < pairs and (mode is None or span.args.get("mode") == mode):
+        if span.kind == kind and 0 <= pair < pairs and (mode is None or span.args.get("mode") == mode):
             out[pair] = span.dur_s
     return out
 
@@ -93,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.timeline_dir).mkdir(parents=True, exist_ok=True)
     tl.save_jsonl(Path(args.timeline_dir) / f"contention.rank{rank}.jsonl")
     mine = torch.tensor(
-        [per_pair(tl, "a2a", "alone", args.pairs), per_pair(tl, "a2a", "contended", args.pairs),
-         per_pair(tl, "allreduce", None, args.pairs)],
+        [per_pair(tl, schema.ALLTOALL, "alone", args.pairs), per_pair(tl, schema.ALLTOALL, "contended", args.pairs),
+         per_pair(tl, schema.ALLREDUCE, None, args.pairs)],
         dtype=torch.float64,
     )  # fmt: skip
     gathered = [torch.empty_like(mine) for _ in range(world)]

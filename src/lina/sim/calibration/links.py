@@ -88,8 +88,9 @@ def _fit_allreduce_at(samples: np.ndarray, weights: np.ndarray) -> tuple[float, 
     return best
 
 
-def a2a_seconds(samples: np.ndarray, latency: float, efficiency: float, core: np.ndarray, flow: np.ndarray,
-                loss: float = 0.0) -> np.ndarray:
+def a2a_seconds(
+    samples: np.ndarray, latency: float, efficiency: float, core: np.ndarray, flow: np.ndarray, loss: float = 0.0
+) -> np.ndarray:
     """Modelled durations, ``[len(core), len(flow), N]``, of ``samples`` (see :func:`fit_a2a`)."""
     x, sent, flow_bytes, share = samples[:, 0], samples[:, 1], samples[:, 2], samples[:, 3]
     pair_flows = samples[:, 5] if samples.shape[1] > 5 else np.ones(len(samples))
@@ -101,7 +102,9 @@ def a2a_seconds(samples: np.ndarray, latency: float, efficiency: float, core: np
     return latency + np.maximum(bound, (x / goodput)[None, None, :])
 
 
-def fit_a2a(samples: np.ndarray, small: list[float], efficiency: float) -> tuple[float, float | None, float | None, float, str]:
+def fit_a2a(
+    samples: np.ndarray, small: list[float], efficiency: float
+) -> tuple[float, float | None, float | None, float, str]:
     """(latency s, per-core rate, per-flow cap, goodput loss per extra flow, note) of all-to-alls
     on links of ``efficiency``.
 
@@ -119,8 +122,14 @@ def fit_a2a(samples: np.ndarray, small: list[float], efficiency: float) -> tuple
     def search(latency: float) -> tuple[float, float, float, float]:
         best = None
         for loss in losses:
-            err = np.stack([np.mean((a2a_seconds(samples, latency, efficiency, RATES[i:i + 1], RATES, loss)[0] - dur) ** 2, axis=1)
-                            for i in range(len(RATES))])  # [C, F], one core rate at a time to bound memory
+            err = np.stack(
+                [
+                    np.mean(
+                        (a2a_seconds(samples, latency, efficiency, RATES[i : i + 1], RATES, loss)[0] - dur) ** 2, axis=1
+                    )
+                    for i in range(len(RATES))
+                ]
+            )  # [C, F], one core rate at a time to bound memory
             tied = np.argwhere(err <= err.min() * (1 + 1e-9) + 1e-18)
             i, j = max(tied.tolist(), key=lambda ij: (ij[0], ij[1]))
             if best is None or err[i, j] < best[0] * (1 - 1e-9) - 1e-18:
