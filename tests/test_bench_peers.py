@@ -113,10 +113,11 @@ def test_record_collectives_categories_and_bytes():
     phase.name = "step"
     backend.all_gather_into_tensor(torch.zeros(40), torch.zeros(10))
     spans = tl.spans()
-    assert [(s.cat, s.args["phase"]) for s in spans] == [
-        ("a2a", "fwd"), ("allreduce", "bwd"), ("sched", "bwd"), ("allreduce", "step")]
-    assert spans[0].args["bytes"] == 8 * 2 * 4 * 3 // 4  # sent to the 3 other ranks of 4
-    assert spans[1].args["bytes"] == 400
+    assert [(s.cat, s.phase) for s in spans] == [
+        ("a2a", "fwd"), ("allreduce", "bwd"), ("sched", "bwd"), ("allreduce", None)]  # the optimizer step: no pass
+    assert [s.kind for s in spans[:2]] == ["alltoall", "allreduce"]
+    assert spans[0].bytes == 8 * 2 * 4 * 3 // 4  # sent to the 3 other ranks of 4
+    assert spans[1].bytes == 400
 
 
 def test_resolve_peers_rejects_unknown_and_accepts_none():

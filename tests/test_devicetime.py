@@ -110,7 +110,7 @@ def _a2a_bytes(rank, world, trace, device_time):
     for step in range(2):
         trainer.train_step(step)
     trainer.policy.close()
-    return [(s.name, s.args.get("phase"), s.args.get("bytes")) for s in trainer.timeline.spans() if s.cat == "a2a"]
+    return [(s.name, s.phase, s.bytes) for s in trainer.timeline.spans() if s.cat == "a2a"]
 
 
 @pytest.mark.slow

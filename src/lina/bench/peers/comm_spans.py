@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from lina.obs import schema
 from lina.obs.timeline import Timeline
 
 A2A_METHODS = ("all_to_all_single", "all_to_all")
@@ -57,6 +58,9 @@ def _input_bytes(method: str, args: tuple, kwargs: dict) -> int:
         return 0
     t = tensors[1] if method == "all_to_all_single" and len(tensors) > 1 else tensors[0]
     return t.numel() * t.element_size()
+
+
+_KINDS = {"a2a": schema.ALLTOALL, "allreduce": schema.ALLREDUCE, "sched": schema.OTHER}
 
 
 def _classify(method: str, args: tuple, kwargs: dict) -> str:
@@ -97,7 +101,7 @@ def _recorded(method: str, original: Callable, backend: Any) -> Callable:
         timeline, phase, world_of = backend._lina_spans
         bound = signature.bind_partial(*args, **kwargs).arguments
         cat = _classify(method, args, kwargs)
-        span_args: dict = {"op": method, "phase": phase.name}
+        span_args: dict = {"op": method, "kind": _KINDS[cat], "phase": phase.name if phase.name in schema.PHASES else None}
         nbytes = _input_bytes(method, args, kwargs)
         if cat == "a2a":
             world = max(1, world_of(bound.get("group")))

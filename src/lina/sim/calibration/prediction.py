@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from lina.sim.calibration.fitting import CalibrationFit
     from lina.sim.calibration.runs import RunRecord
 
-POLICY_OF_SCHEDULE = {"deepspeed": "deepspeed", "sequential": "sequential", "tutel": "tutel", "lina": "lina"}
 
 
 def predict(fitted: CalibrationFit, run: RunRecord) -> TrainResult:
@@ -29,7 +28,7 @@ def predict(fitted: CalibrationFit, run: RunRecord) -> TrainResult:
     The ranks share one machine's cores, so their compute cannot take more core-seconds than the
     machine has: see :func:`within_cores`.
     """
-    policy = train_policy(POLICY_OF_SCHEDULE.get(run.policy, run.policy))
+    policy = train_policy(run.policy)
     if policy.packing:  # the run records the packing its controller chose: simulate that layout
         policy = replace(policy, packing=False)
     train = replace(run.train, ep_size=ep_of(run))
