@@ -2,12 +2,16 @@
 computing), tensors keep their shapes, collectives move the bytes a real step moves, and more
 ranks on this machine do not slow any rank's compute."""
 
+import json
+import os
+import shutil
 import statistics
 import time
 
 import pytest
 import torch
 
+from conftest import run_lina
 from lina.comm.groups import build_groups
 from lina.config import ModelConfig, TrainConfig
 from lina.data.corpus import load_corpus
@@ -71,7 +75,9 @@ def test_trace_routing_takes_consecutive_tokens_per_layer_and_checks_experts():
     assert torch.equal(first, ids[3:7, 0])
     assert torch.equal(src.choices(0, 5, 2), ids[[7, 8, 9, 0, 1], 0])  # wraps around
     with pytest.raises(ConfigError, match="expert"):
-        TraceRouting(ids, num_experts=2)
+        TraceRouting(ids, num_experts=3)
+    folded = TraceRouting(ids, num_experts=2)  # 4 experts onto 2: e -> e mod 2
+    assert torch.equal(folded.choices(0, 10, 2), ids[:, 0] % 2)
 
 
 def test_config_needs_a_trace_and_a_device_for_dilation(tmp_path):
@@ -157,3 +163,20 @@ def test_a_host_slower_than_the_device_is_measured():
         for _ in range(20):
             a = torch.tanh(a)
     assert slow.host_bound_share() < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and tc for the emulated cluster")
+def test_bench_train_quick_in_device_time_with_a_measured_bound(tmp_path):
+    trace = _trace_file(str(tmp_path))
+    out = tmp_path / "train.json"
+    res = run_lina("bench", "train", "--quick", "--compute", "a100", "--dilation", "3000", "--routing-trace", trace,
+                   "--link", "100gbit", "--bounds", "lina", "--policies", "deepspeed,lina", "--json", str(out), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["regime"]["compute"] == "a100" and data["regime"]["emulated_link"] == "33333kbit"
+    cfg = data["configs"][0]
+    assert set(cfg["policies"]) == {"deepspeed", "lina", "lina/no-sync"} and cfg["policies"]["lina/no-sync"]["allreduce_s_median"] == 0
+    assert cfg["measured_bound_s"]["lina"] > 0 and 0 <= cfg["device_time"]["host_bound_share"]
+    assert "measured lower bound of lina" in res.stdout and "device time: the emulated a100" in res.stdout

@@ -160,7 +160,7 @@ class TrainConfig:
         if self.timeout_s <= 0:
             raise ConfigError("timeout_s", f"{self.timeout_s} must be > 0", "use e.g. 120")
         self._validate_packing()
-        self._validate_compute()
+        self.validate_compute()
         spec = self.emulate_spec()
         if spec is not None and spec.world_size != self.workers:
             raise ConfigError("workers", f"{self.workers} workers but the emulated cluster has {spec.hosts} hosts x {spec.workers_per_host} workers", f"use --workers {spec.world_size} or change --emulate")
@@ -170,7 +170,7 @@ class TrainConfig:
         """Compute ops take a described device's time instead of being computed."""
         return self.compute != "real"
 
-    def _validate_compute(self) -> None:
+    def validate_compute(self) -> None:
         if not self.dilation > 0:
             raise ConfigError("dilation", f"{self.dilation} must be > 0", "use 1 (no dilation) or e.g. 100")
         if not self.device_time:

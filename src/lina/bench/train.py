@@ -33,7 +33,9 @@ from lina.bench.train_report import analyse, plot, print_report
 from lina.cluster.emulate import EmulateSpec, EmulatedCluster, format_rate, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
 from lina.errors import ConfigError
+from lina.config import TrainConfig
 from lina.policy import BENCH_POLICIES, TRAIN_POLICIES, train_policy
+from lina.policy.training import NO_SYNC_SUFFIX
 from lina.obs.timeline import load_rank_timelines
 from lina.sim.a2a_skew import a2a_skew
 
@@ -68,6 +70,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--credit", type=int, default=1, help="lina: allreduce micro-ops in flight at once")
     p.add_argument("--delay", default="0us", help="one-way host-to-host delay (needs the netem qdisc)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compute", default="real", help="real (compute on this CPU) or a device (a100, h100, h200, a .toml): every "
+                   "compute op takes that device's time x --dilation instead of being computed; --link is then the real cluster's")
+    p.add_argument("--dilation", type=float, default=1.0, help="time dilation K with --compute DEVICE: device times x K, emulated "
+                   "link = --link / K")
+    p.add_argument("--routing-trace", default="", metavar="FILE", help="routing of a device-time run (.npz of lina infer "
+                   "--record-trace or a vLLM .jsonl; a trace of m x E experts routes to expert e mod E)")
+    p.add_argument("--bounds", default="", metavar="LIST", help="policies whose lower bound to measure: each also runs as "
+                   "POLICY/no-sync (its gradient allreduce off, timing only) in the same interleaving, e.g. --bounds lina")
     p.add_argument("--peers", default=None,
                    help=f"real frameworks run beside the policies, in the same processes, after them in every "
                         f"round: comma list of {', '.join(PEER_NAMES)}, or none (default: all when the deepspeed "
@@ -81,6 +91,7 @@ def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: 
         "policies": policies, "model": BENCH_MODEL, "batch_size": args.batch_size, "chunk_mb": args.chunk_mb, "buckets": args.buckets,
         "pipeline_chunks": args.pipeline_chunks, "credit": args.credit, "seed": args.seed, "warmup": args.warmup, "rounds": args.rounds,
         "steps_per_round": args.steps_per_round, "settle": args.settle, "out": str(out), "packing_window": 2 if args.quick else PACKING_WINDOW,
+        "compute": args.compute, "dilation": args.dilation, "routing_trace": args.routing_trace,
         "peers": getattr(args, "peer_list", []),
     }
     plan.update(over)
@@ -92,7 +103,10 @@ def _launch(plan: dict, delay_us: float) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"plan-{plan['layout']}.json"
     path.write_text(json.dumps(plan, indent=2))
-    spec = EmulateSpec(hosts=plan["hosts"], workers_per_host=plan["workers_per_host"], link_bps=plan["link_bps"], delay_us=delay_us)
+    # with time dilation K the links are the real cluster's / K (and delays K times longer)
+    dilation = plan.get("dilation", 1.0)
+    spec = EmulateSpec(hosts=plan["hosts"], workers_per_host=plan["workers_per_host"], link_bps=emulated_rate(plan["link_bps"], dilation),
+                       delay_us=delay_us * dilation)
     with EmulatedCluster(spec) as cluster:
         run_on_cluster(cluster, "lina.bench.train_worker", [str(path)], spec.workers_per_host, timeout_s=3000)
     return json.loads((out / f"results-{plan['layout']}.json").read_text())
@@ -138,6 +152,25 @@ def _parse_experts(text: str):
     return lambda workers: counts
 
 
+def emulated_rate(link_bps: int, dilation: float) -> int:
+    """The emulated link of a real one under time dilation: link / K, to the kbit/s."""
+    return int(link_bps / dilation) // 1000 * 1000
+
+
+def _check_compute(args) -> None:
+    """The compute mode, dilation and routing trace, checked before any cluster is built. The
+    DeepSpeed peers compute for real, so a device-time run leaves them out unless named."""
+    TrainConfig(compute=args.compute, dilation=args.dilation, routing_trace=args.routing_trace).validate_compute()
+    if args.compute == "real":
+        return
+    if args.peers is None:
+        args.peers = "none"
+        print("peers: none (the DeepSpeed peers compute for real; they cannot sit beside device-time policies)", flush=True)
+    elif args.peers.strip() != "none":
+        raise ConfigError("peers", "the DeepSpeed peers run real compute only, so they cannot sit beside device-time policies",
+                          "add --peers none with --compute DEVICE")
+
+
 def _check_policies(policies: list[str]) -> None:
     """Every name a registered training policy the trainer can run (ConfigError otherwise)."""
     trainable = ", ".join(n for n, p in TRAIN_POLICIES.items() if p.trainable)
@@ -166,6 +199,10 @@ def run(args: argparse.Namespace) -> int:
     experts_of = _parse_experts(args.experts)
     policies = [p.strip() for p in args.policies.split(",")]
     _check_policies(policies)
+    bounds = [b.strip() for b in args.bounds.split(",") if b.strip()]
+    _check_policies(bounds or ["lina"])
+    policies += [f"{b}{NO_SYNC_SUFFIX}" for b in bounds if f"{b}{NO_SYNC_SUFFIX}" not in policies]
+    _check_compute(args)
     args.peer_list, peer_note = resolve_peers(args.peers)
     if peer_note:
         print(peer_note, flush=True)
@@ -179,18 +216,25 @@ def run(args: argparse.Namespace) -> int:
         experts = experts_of(hosts * wph)
         if args.link == "auto":
             link_bps, _ = calibrate_link(args, layout, experts[0], out, delay_us)
-        print(f"\n{layout}: {hosts} hosts x {wph} workers, link {format_rate(link_bps)}, delay {args.delay}; "
+        emulated = "" if args.dilation == 1.0 else f" (emulated at {format_rate(emulated_rate(link_bps, args.dilation))})"
+        print(f"\n{layout}: {hosts} hosts x {wph} workers, link {format_rate(link_bps)}{emulated}, delay {args.delay}, "
+              f"compute {args.compute}{'' if args.compute == 'real' else f' x {args.dilation:g}'}; "
               f"policies {', '.join(policies + args.peer_list)} interleaved, {args.rounds} rounds x {args.steps_per_round} steps after {args.warmup} warm-up, "
               f"{args.settle} unmeasured after each move of the experts", flush=True)
         for entry in _launch(_plan(args, layout, experts, policies, link_bps, out), delay_us):
             configs.append(analyse(entry, layout, link_bps, hosts, wph, _skews(out, layout, entry)))
+            configs[-1]["regime"].update(compute=args.compute, dilation=args.dilation,
+                                         emulated_link=format_rate(emulated_rate(link_bps, args.dilation)))
     result = {
         "regime": {
             "link": format_rate(configs[0]["regime"]["link_bps"]),
             "a2a_share_deepspeed": configs[0]["regime"]["a2a_share_deepspeed"],
             "allreduce_to_a2a_bytes": configs[0]["regime"]["allreduce_to_a2a_bytes"],
             "delay": args.delay,
-            "note": "regime of the first config; every config carries its own",
+            "compute": args.compute,
+            "dilation": args.dilation,
+            "emulated_link": format_rate(emulated_rate(configs[0]["regime"]["link_bps"], args.dilation)),
+            "note": "regime of the first config; every config carries its own; links in real-cluster units",
         },
         "model": BENCH_MODEL | {"batch_size": args.batch_size},
         "policies": policies + args.peer_list,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from lina.cluster.emulate import format_rate
 from lina.extras import pyplot
+from lina.policy.training import NO_SYNC_SUFFIX
+from lina.devicetime.mode import HOST_BOUND_LIMIT
 
 PAPER_SPEEDUP_NO_PACKING = (1.36, 1.42)
 PAPER_SPEEDUP_WITH_PACKING = 1.57  # average over 2-16 experts
@@ -57,6 +59,8 @@ def analyse(entry: dict, layout: str, link_bps: int, hosts: int, wph: int, skews
     }
     if entry.get("packing"):
         out["packing"] = entry["packing"]
+    if entry.get("device_time"):
+        out["device_time"] = entry["device_time"]
     peers = entry.get("peers", [])
     if peers:
         out["speedup_vs_peers"] = {peer: {name: pols[peer]["step_time_s"] / p["step_time_s"] for name, p in pols.items()}
@@ -71,6 +75,14 @@ def analyse(entry: dict, layout: str, link_bps: int, hosts: int, wph: int, skews
             name: (ds["step_time_s"] - p["step_time_s"]) / room if room > 0 else None for name, p in pols.items() if name != "deepspeed"
         }
         out["over_bound"] = {name: p["step_time_s"] / bound - 1 for name, p in pols.items()}
+    measured = {name[: -len(NO_SYNC_SUFFIX)]: p["step_time_s"] for name, p in pols.items() if name.endswith(NO_SYNC_SUFFIX)}
+    if measured:  # the policy's own step with its allreduce off: its all-to-alls alone on the links
+        out["measured_bound_s"] = measured
+        out["over_measured_bound"] = {name: pols[name]["step_time_s"] / b - 1 for name, b in measured.items() if name in pols}
+        if ds:
+            out["headroom_captured_measured"] = {
+                name: (ds["step_time_s"] - pols[name]["step_time_s"]) / (ds["step_time_s"] - b) if ds["step_time_s"] > b else None
+                for name, b in measured.items() if name in pols}
     if seq:
         out["bwd_a2a_over_uncontended"] = {name: p["bwd_a2a_s"] / seq["bwd_a2a_s"] - 1 for name, p in pols.items() if seq["bwd_a2a_s"] > 0}
     return out
@@ -95,7 +107,9 @@ def print_report(result: dict) -> None:
     print("\nlina bench train: median step time per policy (interleaved, same run)")
     for c in result["configs"]:
         reg = c["regime"]
-        print(f"\n{c['layout']}, {c['experts']} experts ({c['experts_per_rank']}/rank), top-2 | link {reg['link']}, "
+        compute = reg.get("compute", "real")
+        mode = "real compute" if compute == "real" else f"{compute} time x {reg['dilation']:g} (emulated link {reg['emulated_link']})"
+        print(f"\n{c['layout']}, {c['experts']} experts ({c['experts_per_rank']}/rank), top-2 | link {reg['link']}, {mode}, "
               f"{_regime_text(reg)}, chunk {c['chunk_mb']:g} MB")
         print(f"  {'policy':15s} {'experts/rank':>12s} {'step ms':>9s} {'[min-max]':>17s} {'bwd a2a ms':>11s} {'allreduce ms':>13s} "
               f"{'a2a share':>10s} {'busy in a2a':>12s} {'speedup':>8s}")
@@ -112,6 +126,17 @@ def print_report(result: dict) -> None:
             print(f"  packing chosen: {pk['experts_per_rank']} experts per rank (EP size {pk['ep_size']} of {pk['world']}), "
                   f"{pk['window_steps']} steps measured per decision: {steps}")
         _print_peers(c)
+        dt = c.get("device_time")
+        if dt:
+            kept = "kept up" if dt["host_bound_share"] <= HOST_BOUND_LIMIT else "did NOT keep up: these times describe this CPU"
+            print(f"  device time: the emulated {dt['device']} idled {dt['host_bound_share']:.1%} of its time waiting for this "
+                  f"machine's dispatch at dilation {dt['dilation']:g} ({kept}; limit {HOST_BOUND_LIMIT:.0%})")
+        for name, bound in c.get("measured_bound_s", {}).items():
+            over = c["over_measured_bound"].get(name)
+            room = c.get("headroom_captured_measured", {}).get(name)
+            print(f"  measured lower bound of {name} ({name}{NO_SYNC_SUFFIX}: its allreduce off) {bound * 1e3:.1f} ms; "
+                  f"{name} {_pct(over, signed=True)} over it (target <= 10%), headroom over deepspeed captured {_pct(room)} "
+                  "(target >= 80%)")
         if c.get("lower_bound_s"):
             over = c["over_bound"].get("lina", float("nan"))
             print(f"  lower bound {c['lower_bound_s'] * 1e3:.1f} ms; lina: {over * 100:+.1f}% over it "

@@ -83,7 +83,8 @@ def _run(plan: dict) -> None:
         partitioned = any(train_policy(p).partitions_gradients for p in plan["policies"])
         cfg = TrainConfig(model=model, workers=world, batch_size=plan["batch_size"], policy="lina" if partitioned else "deepspeed",
                           chunk_mb=str(plan["chunk_mb"]), pipeline_chunks=plan["pipeline_chunks"], credit=plan.get("credit", 1), seed=plan["seed"],
-                          timeout_s=timeout_s)
+                          timeout_s=timeout_s, compute=plan.get("compute", "real"), dilation=plan.get("dilation", 1.0),
+                          routing_trace=plan.get("routing_trace", ""))
         cfg.validate()
         timeline = Timeline(rank)
         trainer = Trainer(cfg, group_set[world], corpus, timeline, group_set=group_set)
@@ -138,6 +139,9 @@ def _run(plan: dict) -> None:
         entry = {
             "experts": experts,
             "chunk_mb": trainer.chunk_mb,
+            "device_time": ({"device": trainer.device_mode.device.name, "dilation": trainer.device_mode.dilation,
+                             "host_bound_share": trainer.device_mode.host_bound_share()}
+                            if trainer.device_mode is not None else None),
             "chunk_sweep_s": getattr(getattr(trainer, "chunk_sweep", None), "seconds", None),
             "dense_grad_bytes": dense_bytes,
             "policies": {p: {k: _median(rows, k) for k in rows[0]} | {"step_time_s_min": min(r["step_time_s"] for r in rows),

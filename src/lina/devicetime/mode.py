@@ -27,6 +27,10 @@ from lina.devices import DeviceSpec
 from lina.devicetime.costs import op_cost, tensors_of
 
 
+#: a device-time run whose device idles more than this share of its time waiting for the host's
+#: dispatch is bound by this machine's CPU: its step times do not describe the device
+HOST_BOUND_LIMIT = 0.05
+
 #: ops whose every input and output has at most this many elements run for real (step counters,
 #: scalars the host reads back); their device time is nil
 TINY_NUMEL = 256

@@ -16,7 +16,8 @@ class TraceRouting:
 
     Args:
         expert_ids: LongTensor[T, L, k] of the trace (tokens in serving order).
-        num_experts: E of the model; the trace must have the same.
+        num_experts: E of the model; a trace of m x E experts is folded onto it (expert e -> e mod E),
+            which keeps its unevenness while merging experts.
         offset: first trace token this rank takes (ranks start apart so they route differently).
 
     MoE layer ``j`` of the model reads trace layer ``j mod L``; each call takes the next T tokens,
@@ -26,9 +27,12 @@ class TraceRouting:
     def __init__(self, expert_ids: torch.Tensor, num_experts: int, offset: int = 0):
         if expert_ids.dim() != 3:
             raise ConfigError("routing_trace", f"expert ids of shape {tuple(expert_ids.shape)}", "give a [tokens, layers, k] trace")
-        if int(expert_ids.max()) >= num_experts:
-            raise ConfigError("routing_trace", f"the trace routes to {int(expert_ids.max()) + 1}+ experts, the model has {num_experts}",
-                              "record the trace from a model with the same expert count")
+        trace_experts = int(expert_ids.max()) + 1
+        if trace_experts > num_experts:
+            if trace_experts % num_experts:
+                raise ConfigError("routing_trace", f"the trace routes to {trace_experts} experts, the model has {num_experts}",
+                                  "record the trace from a model with the same expert count (or a multiple of it)")
+            expert_ids = expert_ids % num_experts  # m x E experts folded onto E: expert e takes e mod E's tokens
         self.expert_ids = expert_ids.long()
         self.num_experts = num_experts
         self.cursor: dict[int, int] = {}

@@ -26,6 +26,7 @@ from lina.obs.timeline import Timeline
 from lina.train import checkpoint
 from lina.train.packing import PackingController
 from lina.train.trainer import Trainer
+from lina.devicetime.mode import HOST_BOUND_LIMIT
 
 
 def init_distributed(timeout_s: float, workers_on_machine: int | None = None) -> None:
@@ -178,10 +179,6 @@ def _print_memory(mem: dict) -> None:
     print(f"expert memory (budget {mem['budget_mb']:g} MB): {mem['resident_layers']} MoE layer(s) resident ({mem['resident_mb']:.2f} MB), "
           f"{mem['offloaded_layers']} offloaded to host ({mem['offloaded_experts']} experts, {mem['offloaded_mb']:.2f} MB); "
           f"brought in {mem['copies_in']} times so far ({mem['mb_in']:.1f} MB)", flush=True)
-
-
-#: a device-time run whose device idles more than this share waiting for the host is CPU bound
-HOST_BOUND_LIMIT = 0.05
 
 
 def device_time_summary(mode) -> dict:
