@@ -46,6 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--emulate", help="emulated cluster, e.g. hosts=4,link=200mbit (default none: loopback)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--verbose", action="store_true", help="forward the launchers' own log lines; a failed worker's traceback")
     p.set_defaults(func=run)
 
 
@@ -78,9 +79,9 @@ def run(args: argparse.Namespace) -> int:
     if under_torchrun():
         summary = worker.run(cfg.to_dict())
     elif spec is not None:
-        summary = run_emulated(cfg, spec)
+        summary = run_emulated(cfg, spec, verbose=args.verbose)
     else:
-        summary = launch_local(worker.run, (cfg.to_dict(),), cfg.workers)[0]
+        summary = launch_local(worker.run, (cfg.to_dict(),), cfg.workers, verbose=args.verbose)[0]
     if summary is not None:
         print_summary(summary, Path(cfg.out))
         if cfg.trace:
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_emulated(cfg: TrainConfig, spec) -> dict:
+def run_emulated(cfg: TrainConfig, spec, verbose: bool = False) -> dict:
     """Train on an emulated cluster: one torchrun agent per host namespace, links rate-limited."""
     from lina.cluster.emulate import EmulatedCluster
     from lina.cluster.hostlaunch import run_on_cluster
@@ -104,7 +105,7 @@ def run_emulated(cfg: TrainConfig, spec) -> dict:
     config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
     print(f"lina train: emulated cluster {spec} (each host's link {spec.link} up and down)", flush=True)
     with EmulatedCluster(spec) as cluster:
-        run_on_cluster(cluster, "lina.train.worker", [str(config_path)], spec.workers_per_host)
+        run_on_cluster(cluster, "lina.train.worker", [str(config_path)], spec.workers_per_host, verbose=verbose)
     return json.loads((out / "summary.json").read_text())
 
 

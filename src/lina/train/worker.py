@@ -183,4 +183,6 @@ def summarize(cfg: TrainConfig, results: list, val_loss: float | None, wall_s: f
 
 if __name__ == "__main__":
     # ``python -m lina.train.worker CONFIG.json``: how launchers of other hosts start a worker.
-    run(json.loads(Path(sys.argv[1]).read_text()))
+    from lina.cluster.failures import run_recorded
+
+    run_recorded(run, json.loads(Path(sys.argv[1]).read_text()))
