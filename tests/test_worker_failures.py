@@ -23,13 +23,14 @@ def test_both_error_file_layouts_are_read():
     assert parse_error_data(nested) == ("ConfigError: invalid workers: 3. Fix: use 2", "Traceback ...", 17)
     assert parse_error_data({"message": "plain", "timestamp": 5}) == ("plain", "", 5)
     assert parse_error_data("not a dict") == ("", "", 0)
+    assert parse_error_data({"message": "<NONE>"}) == ("", "", 0)
 
 
 def test_lina_errors_keep_their_exit_code_and_lose_their_class_name():
     config = WorkerFailure(1, "hostA", 1, "ConfigError: invalid workers: 3. Fix: use 2", "Traceback (most recent...)", 10)
     err = WorkerFailed(config)
     assert err.exit_code == 2
-    assert str(err).startswith("rank 1 on host hostA: invalid workers: 3. Fix: use 2")
+    assert str(err).startswith("rank 1 on host hostA failed (exit code 1): invalid workers: 3. Fix: use 2")
     assert "Traceback" not in str(err) and "ConfigError" not in str(err)
     assert "Traceback" in str(WorkerFailed(config, verbose=True))
     bug = WorkerFailed(WorkerFailure(0, "hostA", 1, "RuntimeError: boom"))
@@ -69,7 +70,7 @@ def test_a_raising_worker_is_reported_with_its_message_rank_and_code(kind, code)
         launch_local(fail_on_rank, (1, kind, "deliberate failure 42"), 2)
     assert time.monotonic() - started < 25, "the sleeping rank was not stopped"
     msg = str(info.value)
-    assert msg.startswith("rank 1 on host "), msg
+    assert re.match(r"rank 1 on host \S+ failed \(exit code 1\): ", msg), msg
     assert "deliberate failure 42" in msg and "Traceback" not in msg
     assert info.value.exit_code == code
     assert info.value.failure.rank == 1
@@ -86,7 +87,7 @@ def test_resume_error_of_a_worker_reaches_the_user_without_traceback(tmp_path, t
     res = run_lina("train", "--config", str(tiny_config), "--workers", "2", "--steps", "6", "--out", str(out), "--resume")
     assert res.returncode != 0
     assert "Traceback" not in res.stderr and "splitlines" not in res.stderr
-    assert re.search(r"rank \d on host \S+: ", res.stderr), res.stderr
+    assert re.search(r"rank \d on host \S+ failed \(exit code 1\): ", res.stderr), res.stderr
     assert "Fix:" in res.stderr
 
 

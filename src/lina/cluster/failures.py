@@ -84,6 +84,8 @@ def parse_error_data(data: Any) -> tuple[str, str, int]:
     if not isinstance(data, dict):
         return "", "", 0
     message = data.get("message", "")
+    if message in ("<NONE>", "<N/A>"):  # elastic's placeholders for "no error file"
+        return "", "", 0
     if isinstance(message, dict):
         extra = message.get("extraInfo", {}) if isinstance(message.get("extraInfo"), dict) else {}
         return str(message.get("message", "")), str(extra.get("py_callstack", "")), _int(extra.get("timestamp"))
@@ -123,12 +125,9 @@ class WorkerFailed(LinaError):
         self.others = list(others or [])
         cls = lina_error_class(failure.error_type)
         self.exit_code = cls.exit_code if cls is not None else 1
-        where = f"rank {failure.rank} on host {failure.host}"
-        if failure.message:
-            msg = f"{where}: {failure.text}"
-        else:
-            msg = f"{where} died ({failure.how}) without an error message"
-        msg += f" (worker {failure.how}); all workers were stopped"
+        where = f"rank {failure.rank} on host {failure.host} failed ({failure.how}"
+        msg = f"{where}): {failure.text}" if failure.message else f"{where}, no error message)"
+        msg += "; all workers were stopped"
         if self.others:
             msg += "; also failed: " + ", ".join(f"rank {f.rank} ({f.how})" for f in sorted(self.others, key=lambda f: f.rank))
         if verbose and failure.traceback:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from lina.config import SCHEDULES, TrainConfig, load_toml, merge
+from lina.errors import raise_all
 
 OPTION_FIELDS = {
     "workers": "workers", "steps": "steps", "experts": "model.experts", "top_k": "model.top_k",
@@ -51,7 +52,8 @@ def register(subparsers) -> None:
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults <- TOML file <- command-line options; validated (ConfigError on any problem)."""
+    """Defaults <- TOML file <- command-line options; validated (ConfigError on any problem, all
+    problems of the config at once)."""
     base = load_toml(args.config) if args.config else {}
     overrides = {field: getattr(args, opt) for opt, field in OPTION_FIELDS.items() if getattr(args, opt, None) is not None}
     if args.capacity_factor is not None:
@@ -65,8 +67,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         spec = parse_emulate(merged["emulate"])
         if spec is not None:
             merged["workers"] = spec.world_size
-    cfg = TrainConfig.from_dict(merged)
-    cfg.validate()
+    problems: list = []
+    cfg = TrainConfig.from_dict(merged, problems)
+    raise_all(problems + cfg.problems())
     return cfg
 
 
