@@ -106,6 +106,7 @@ class TrainConfig:
     trace: str = ""  # folder for the timeline (Chrome trace, breakdown, plot); "" = off
     emulate: str = "none"
     timeout_s: float = 120.0  # collective timeout: a dead peer ends the job after at most this
+    check_collectives: bool = False  # compare the ranks' per-group collective sequences after every step
     # Expert packing (see lina.train.packing): "off" (the layout of ep_size), "auto" (the controller
     # doubles experts per rank while FFN time per micro-op < all-to-all time per micro-op), "N" (N
     # experts per rank from the start) or "N@S" (N experts per rank from step S on).

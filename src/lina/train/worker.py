@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lina.comm.collective_check import CollectiveLog
 from lina.comm.groups import build_group_set
 from lina.config import TrainConfig
 from lina.data.corpus import load_corpus
@@ -62,12 +63,24 @@ def run(cfg_dict: dict) -> dict | None:
     cfg = TrainConfig.from_dict(cfg_dict)
     init_distributed(cfg.timeout_s, cfg.workers if cfg.emulate_spec() is not None else None)
     try:
-        return _train(cfg)
+        with CollectiveLog() as collectives:  # a failing collective names its group and op
+            return _train(cfg, collectives)
     finally:
         dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig) -> dict | None:
+def _watch(collectives: CollectiveLog, group_set: dict) -> None:
+    """Name every process group of every layout for the collective log (and check them all)."""
+    collectives.watch(None, "world")
+    for ep, groups in sorted(group_set.items(), reverse=True):
+        collectives.watch(groups.dp_group, "dp")
+        if groups.ep_group is not None:
+            collectives.watch(groups.ep_group, f"ep{ep}")
+        if groups.expert_dp_group is not None:
+            collectives.watch(groups.expert_dp_group, f"expert-dp{ep}")
+
+
+def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != cfg.workers:
         cfg.workers = world  # under torchrun the launcher decides the worker count
@@ -81,6 +94,9 @@ def _train(cfg: TrainConfig) -> dict | None:
     controller = PackingController.from_config(cfg, world)
     ep_sizes = controller.ep_sizes() + ([checkpoint.packing_ep_size(state, controller.initial_ep())] if state else [])
     group_set = build_group_set(ep_sizes, cfg.timeout_s)
+    _watch(collectives, group_set)
+    if cfg.check_collectives:
+        collectives.prepare_check()
     corpus = load_corpus(cfg.corpus, cfg.corpus_max_mb)
     # The trace streams to its file as the run goes (a long run's spans are not held in memory).
     trace_path = Path(cfg.trace) / f"timeline-rank{rank}.jsonl" if cfg.trace else None
@@ -134,6 +150,8 @@ def _train(cfg: TrainConfig) -> dict | None:
             dist.barrier()
             if rank == 0:
                 checkpoint.mark_latest(ckpt_root, step, world)
+        if cfg.check_collectives:
+            collectives.check_step(step)  # raises on every rank when the ranks' sequences differ
     wall = time.perf_counter() - wall_start
     trainer.policy.close()
     timeline.flush()  # the rest of the trace, when there is one
