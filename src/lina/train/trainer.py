@@ -18,7 +18,7 @@ from lina.comm.groups import ParallelGroups, build_group_set
 from lina.comm.gradsync import GradSync
 from lina.comm.policies import make_policy
 from lina.config import TrainConfig
-from lina.data.corpus import Corpus, sample_batch
+from lina.data.corpus import Corpus, sample_batch, sample_sequences
 from lina.errors import LinaError
 from lina.models.gpt import MoEGPT
 from lina.moe.comm_context import ExpertComm
@@ -188,7 +188,8 @@ class Trainer:
     def train_step(self, step: int) -> StepResult:
         cfg = self.cfg
         self._maybe_repack(step)
-        x, y = sample_batch(self.corpus.train, cfg.batch_size, cfg.model.seq_len, cfg.seed, step, self.groups.rank)
+        # this rank's share of the step's global batch (the same sequences on any worker count)
+        x, y = sample_sequences(self.corpus.train, cfg.model.seq_len, cfg.seed, step, self.groups.rank * cfg.batch_size, cfg.batch_size)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         self.model.train()
         self._seed_gate_noise(step)

@@ -25,6 +25,7 @@ from lina.data.corpus import load_corpus
 from lina.obs.timeline import Timeline
 from lina.train import checkpoint
 from lina.train.packing import PackingController
+from lina.train.resume import check_model, group_for_checkpoints, load_trainer, resume_layout, save_trainer
 from lina.train.trainer import Trainer
 
 
@@ -89,11 +90,15 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
     ckpt_root = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
     # Every layout the run may use is created now (new_group is collective), including the one a
-    # resumed checkpoint was written in.
-    state = checkpoint.load_rank(ckpt_root, rank) if cfg.resume else None
+    # resumed run starts in.
+    resume = checkpoint.resume_point(ckpt_root) if cfg.resume else None
+    if resume is not None:
+        check_model(cfg, resume[1], resume[0])
     controller = PackingController.from_config(cfg, world)
-    ep_sizes = controller.ep_sizes() + ([checkpoint.packing_ep_size(state, controller.initial_ep())] if state else [])
+    resume_ep = resume_layout(cfg, resume[1], world) if resume is not None else None
+    ep_sizes = controller.ep_sizes() + ([resume_ep] if resume_ep is not None else [])
     group_set = build_group_set(ep_sizes, cfg.timeout_s)
+    ckpt_group = group_for_checkpoints()
     _watch(collectives, group_set)
     if cfg.check_collectives:
         collectives.prepare_check()
@@ -103,9 +108,11 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
     timeline = Timeline(rank, enabled=True, spill_path=trace_path)
     trainer = Trainer(cfg, group_set[controller.initial_ep()], corpus, timeline, group_set=group_set, bounded_timeline=True)
     start_step = 0
-    if state is not None:
-        start_step = trainer.load_state_dict(state)
-        del state
+    if resume is not None:
+        start_step = load_trainer(resume[0], resume[1], trainer, resume_ep, ckpt_group)
+        if rank == 0:
+            print(f"resumed from {resume[0]} (written on {resume[1]['world_size']} workers, EP size {resume[1]['ep_size']}) "
+                  f"on {world} workers, EP size {trainer.groups.ep_size}", flush=True)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         if cfg.resume:
@@ -146,10 +153,7 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
             if rank == 0:
                 print(f"step {step:5d}  validation loss {val_loss:.4f}", flush=True)
         if (step + 1) % cfg.checkpoint_every == 0 or last:
-            checkpoint.save_rank(ckpt_root, step, rank, trainer.state_dict(step))
-            dist.barrier()
-            if rank == 0:
-                checkpoint.mark_latest(ckpt_root, step, world)
+            save_trainer(ckpt_root, step, trainer, ckpt_group)
         if cfg.check_collectives:
             collectives.check_step(step)  # raises on every rank when the ranks' sequences differ
     wall = time.perf_counter() - wall_start
