@@ -74,6 +74,14 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     problems: list = []
     cfg = TrainConfig.from_dict(merged, problems)
     raise_all(problems + cfg.problems())
+    from lina.cluster.launch import under_torchrun
+
+    if cfg.resume and not under_torchrun():  # under torchrun each worker checks it (the folder may be on its host only)
+        from lina.train import checkpoint
+        from lina.train.resume import check_model
+
+        folder, meta = checkpoint.resume_point(Path(cfg.out) / "checkpoints")
+        check_model(cfg, meta, folder)
     return cfg
 
 

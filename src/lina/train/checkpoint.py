@@ -19,19 +19,21 @@ through ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from lina.errors import ConfigError
+from lina.errors import ConfigError, LinaError
 
 FORMAT = "lina-dcp"
 VERSION = 1
@@ -144,9 +146,15 @@ def save(ckpt_root: Path, step: int, tensors: dict[str, torch.Tensor], meta: dic
         tmp.mkdir()
     _barrier(group)
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), process_group=group,
-             no_dist=not dist.is_initialized())
+    try:
+        with _single_process_quiet():
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), process_group=group,
+                     no_dist=not dist.is_initialized())
+    except CheckpointException as err:  # a BaseException: one rank's failure, reported on every rank
+        raise LinaError(f"writing checkpoint {tmp.name} failed: {_first_line(err)}; {ckpt_root / 'latest'} still points at "
+                        "the previous checkpoint. Fix: check free space and permissions of the --out folder") from None
     final = step_folder(ckpt_root, step)
     if _rank() == 0:
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -239,11 +247,20 @@ def load(folder: Path, tensors: dict[str, torch.Tensor], group=None) -> dict[str
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.load(tensors, storage_reader=_safe_reader(folder), process_group=group, no_dist=not dist.is_initialized())
+        with _single_process_quiet():
+            dcp.load(tensors, storage_reader=_safe_reader(folder), process_group=group, no_dist=not dist.is_initialized())
     except (CheckpointException, pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError, KeyError) as err:
         raise CheckpointError(folder, f"cannot be loaded: {_first_line(err)}",
                               "resume with the model settings of the run that wrote it, or " + _FRESH) from None
     return tensors
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it runs in one process even when asked to (export, tests); nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _first_line(err: BaseException) -> str:
