@@ -13,6 +13,7 @@ import torch
 
 from lina.bench.stats import summary
 from lina.errors import ConfigError, raise_all
+from lina.obs.provenance import provenance
 from lina.models.gpt import DenseFFN
 from lina.moe.layer import MoELayer
 from lina.moe.permute import permute_order
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         "routing_overhead_share_of_expert_time": overhead,
         "moe_vs_dense_same_active_flops": stats["moe"]["median"] / stats["dense"]["median"],
         "target_overhead_max": 0.25,
+        "provenance": provenance(),
     }
     print(f"MoE layer fwd+bwd, {n} tokens, d_model {d}, d_ff {f}, {e} experts, top-{k}, {out['shape']['threads']} threads ({args.repeats} interleaved repeats, median [min-max] ms)")
     for name in ("moe", "experts", "dense"):

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from lina.errors import ConfigError, LinaError
+from lina.obs.provenance import provenance
 
 
 def _int_list(text: str) -> list[int]:
@@ -136,7 +137,7 @@ def run_trace(args) -> int:
             print(f"wrote {path}")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=1))
+        json_path.write_text(json.dumps(result | {"provenance": provenance()}, indent=1))
         print(f"wrote {json_path}")
     if not args.out:
         print("(pass --out DIR for plots)")

@@ -98,12 +98,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         summary = launch_local(worker.run, (cfg.to_dict(),), cfg.workers, verbose=args.verbose)[0]
     if summary is not None:
+        _stamp(summary, [Path(cfg.out)] + ([Path(cfg.trace)] if cfg.trace else []))
         print_summary(summary, Path(cfg.out))
         if cfg.trace:
             from lina.obs.report import write_trace_report
 
             write_trace_report(Path(cfg.trace))
     return 0
+
+
+def _stamp(summary: dict, folders: list[Path]) -> None:
+    """Add ``"provenance"`` (of this command) to the run's summary and rewrite its summary.json files."""
+    from lina.obs.provenance import provenance
+
+    summary["provenance"] = provenance()
+    for folder in folders:
+        if (folder / "summary.json").exists():
+            (folder / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def run_emulated(cfg: TrainConfig, spec, verbose: bool = False) -> dict:
