@@ -28,6 +28,7 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 import torch
@@ -198,11 +199,12 @@ class CollectiveLog:
 
     # -- comparing ------------------------------------------------------------------------
 
-    def prepare_check(self) -> None:
+    def prepare_check(self, timeout_s: float = 120.0) -> None:
         """Create the group the checks talk on (a collective: every rank calls it once, at the
         same point, after the training groups exist)."""
         if self._check_group is None:
-            self._check_group = dist.new_group(list(range(dist.get_world_size())), backend="gloo")
+            world = list(range(dist.get_world_size()))
+            self._check_group = dist.new_group(world, backend="gloo", timeout=timedelta(seconds=timeout_s))
 
     def check_step(self, step: int) -> None:
         """Compare this step's sequences with every other rank's, then start the next step.

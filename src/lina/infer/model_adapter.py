@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from lina.config import ModelConfig
-from lina.errors import LinaError
+from lina.errors import ConfigError, LinaError
 from lina.infer.engine import LayerRouting
 from lina.infer.store import ExpertStore
 from lina.infer.trace import RoutingTrace
@@ -88,6 +88,6 @@ def load_trained_model(out_dir: str | Path) -> MoEGPT:
     if is_export(out):
         return load_exported(out)
     if not (out / "checkpoints").is_dir():
-        raise LinaError(f"{out} holds neither checkpoints/ nor an exported model. Fix: point --model at the --out folder of a "
-                        "`lina train` run or at a `lina export` folder")
+        raise ConfigError("model", f"{out} holds neither checkpoints/ nor an exported model",
+                          "point --model at the --out folder of a `lina train` run or at a `lina export` folder")
     return model_from_run(out)[0]

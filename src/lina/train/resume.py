@@ -12,6 +12,7 @@ and the experts are resharded by global id as they are read.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def load_trainer(folder: Path, meta: dict[str, Any], trainer, ep_size: int, grou
     return int(meta["step"]) + 1
 
 
-def group_for_checkpoints():
-    """A Gloo group over all ranks for DCP's coordination (CPU tensors on any backend); every rank
-    must create it at the same point."""
-    return dist.new_group(list(range(dist.get_world_size())), backend="gloo")
+def group_for_checkpoints(timeout_s: float):
+    """A Gloo group over all ranks for DCP's coordination (CPU tensors on any backend), with the
+    run's collective timeout; every rank must create it at the same point."""
+    return dist.new_group(list(range(dist.get_world_size())), backend="gloo", timeout=timedelta(seconds=timeout_s))

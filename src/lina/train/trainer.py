@@ -3,7 +3,8 @@
 Read top to bottom: ``Trainer.__init__`` builds the model and policy; ``train_step`` runs one step
 (first asking the packing controller which layout to run it with, see :mod:`lina.train.packing`)
 and returns its measurements; ``repack`` moves to another layout; ``evaluate`` computes validation
-loss; ``state_dict`` / ``load_state_dict`` feed checkpoints (they carry the layout).
+loss; ``state_dict`` / ``load_state_dict`` copy one rank's state in memory (same layout; the
+checkpoint files, which any layout reads, are written by :mod:`lina.train.resume`).
 """
 
 from __future__ import annotations

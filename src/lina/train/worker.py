@@ -98,10 +98,10 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
     resume_ep = resume_layout(cfg, resume[1], world) if resume is not None else None
     ep_sizes = controller.ep_sizes() + ([resume_ep] if resume_ep is not None else [])
     group_set = build_group_set(ep_sizes, cfg.timeout_s)
-    ckpt_group = group_for_checkpoints()
+    ckpt_group = group_for_checkpoints(cfg.timeout_s)
     _watch(collectives, group_set)
     if cfg.check_collectives:
-        collectives.prepare_check()
+        collectives.prepare_check(cfg.timeout_s)
     corpus = load_corpus(cfg.corpus, cfg.corpus_max_mb)
     # The trace streams to its file as the run goes (a long run's spans are not held in memory).
     trace_path = Path(cfg.trace) / f"timeline-rank{rank}.jsonl" if cfg.trace else None
