@@ -59,3 +59,20 @@ def test_resume_on_another_layout_follows_the_new_layouts_trajectory(tmp_path, c
     if "packing" not in case:  # the first run used the same global batch, so its steps agree too
         for step in range(4):
             assert abs(a[step] - b[step]) <= REL_TOL * abs(a[step]), (case, step, a[step], b[step])
+    if case.startswith("4 workers"):  # a multi-rank checkpoint exports to one single-process model
+        _export_matches_the_run(resumed, tmp_path / "export")
+
+
+def _export_matches_the_run(run: Path, folder: Path) -> None:
+    import torch
+
+    pytest.importorskip("safetensors")
+    from lina.train.export import load_exported, model_from_run
+
+    res = run_lina("export", "--model", str(run), "--out", str(folder))
+    assert res.returncode == 0, res.stderr
+    exported, (from_run, _) = load_exported(folder), model_from_run(run)
+    a, b = exported.state_dict(), from_run.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randint(0, 256, (2, 16))
+    assert torch.equal(exported(x), from_run(x))
