@@ -24,8 +24,8 @@ def test_hosts_file_names_every_host_in_both_address_forms():
                     reason="needs root, tc and ip to build the emulated cluster")
 @pytest.mark.timeout(300)
 def test_an_emulated_run_prints_no_launcher_noise(tmp_path, tiny_config):
-    res = run_lina("train", "--config", str(tiny_config), "--emulate", "hosts=2,workers_per_host=2,link=1gbit", "--steps", "2",
-                   "--out", str(tmp_path / "run"), "--verbose", timeout=280)
+    res = run_lina("train", "--config", str(tiny_config), "--emulate", "hosts=2,workers_per_host=2,link=1gbit",
+                   "--steps", "2", "--out", str(tmp_path / "run"), "--verbose", timeout=280)
     assert res.returncode == 0, res.stderr
     out = res.stdout + res.stderr
     assert "hostname of the client socket cannot be retrieved" not in out

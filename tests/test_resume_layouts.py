@@ -15,7 +15,7 @@ import pytest
 
 from conftest import TINY_TOML, run_lina
 
-REL_TOL = 1e-4
+REL_TOL = 1e-5
 STEPS = 8  # the first run stops after step 3 (its checkpoint), the second resumes at step 4
 
 
@@ -31,13 +31,13 @@ def _train(config: Path, out: Path, *args: str) -> str:
     return res.stdout
 
 
+W2, W4 = ["--workers", "2", "--batch-size", "4"], ["--workers", "4", "--batch-size", "2"]  # global batch 8 both
 CASES = {
     # name: (options of the first run, options of the resumed run = the new layout)
-    "4 workers from a 2-worker checkpoint": (["--workers", "2", "--batch-size", "4"], ["--workers", "4", "--batch-size", "2"]),
-    "2 workers from a 4-worker checkpoint": (["--workers", "4", "--batch-size", "2"], ["--workers", "2", "--batch-size", "4"]),
-    "EP 4 from EP 2": (["--workers", "4", "--batch-size", "2", "--ep-size", "2"], ["--workers", "4", "--batch-size", "2", "--ep-size", "4"]),
-    "EP 2 after a packing change": (["--workers", "2", "--batch-size", "4", "--packing", "2@2"],
-                                    ["--workers", "2", "--batch-size", "4", "--ep-size", "2"]),
+    "4 workers from a 2-worker checkpoint": (W2, W4),
+    "2 workers from a 4-worker checkpoint": (W4, W2),
+    "EP 4 from EP 2": (W4 + ["--ep-size", "2"], W4 + ["--ep-size", "4"]),
+    "EP 2 after a packing change": (W2 + ["--packing", "2@2"], W2 + ["--ep-size", "2"]),
 }
 
 

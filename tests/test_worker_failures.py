@@ -27,7 +27,7 @@ def test_both_error_file_layouts_are_read():
 
 
 def test_lina_errors_keep_their_exit_code_and_lose_their_class_name():
-    config = WorkerFailure(1, "hostA", 1, "ConfigError: invalid workers: 3. Fix: use 2", "Traceback (most recent...)", 10)
+    config = WorkerFailure(1, "hostA", 1, "ConfigError: invalid workers: 3. Fix: use 2", "Traceback (most...)", 10)
     err = WorkerFailed(config)
     assert err.exit_code == 2
     assert str(err).startswith("rank 1 on host hostA failed (exit code 1): invalid workers: 3. Fix: use 2")
@@ -49,6 +49,13 @@ def _descendants(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     kids = [int(p) for p in out]
     return kids + [d for k in kids for d in _descendants(k)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="ignore")
+    except OSError:
+        return ""
 
 
 def _running(pid: int) -> bool:
@@ -74,17 +81,20 @@ def test_a_raising_worker_is_reported_with_its_message_rank_and_code(kind, code)
     assert "deliberate failure 42" in msg and "Traceback" not in msg
     assert info.value.exit_code == code
     assert info.value.failure.rank == 1
-    assert not [p for p in _descendants(os.getpid()) if _running(p) and "spawn" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore")]
+    workers = [p for p in _descendants(os.getpid()) if "spawn" in _cmdline(p)]
+    assert not [p for p in workers if _running(p)], "a worker outlived the failure"
 
 
 @pytest.mark.slow
 def test_an_error_a_worker_raises_on_purpose_reaches_the_user_as_its_message(tmp_path, tiny_config):
     corpus = tmp_path / "short.txt"
     corpus.write_text("too short for one sequence")  # every worker's data loader refuses it
-    res = run_lina("train", "--config", str(tiny_config), "--workers", "2", "--corpus", str(corpus), "--out", str(tmp_path / "run"))
+    res = run_lina("train", "--config", str(tiny_config), "--workers", "2", "--corpus", str(corpus),
+                   "--out", str(tmp_path / "run"))
     assert res.returncode == 2, res.stderr  # a ConfigError keeps its exit code
     assert "Traceback" not in res.stderr and "splitlines" not in res.stderr
-    assert re.search(r"rank \d on host \S+ failed \(exit code 1\): invalid corpus: only \d+ tokens", res.stderr), res.stderr
+    found = re.search(r"rank \d on host \S+ failed \(exit code 1\): invalid corpus: only \d+ tokens", res.stderr)
+    assert found, res.stderr
     assert "Fix:" in res.stderr
 
 

@@ -49,8 +49,8 @@ class ModelConfig:
 
     def problems(self) -> list[ConfigError]:
         """Every problem of these settings (empty when they are valid)."""
-        checks = [lambda name=name: _positive_int(f"model.{name}", getattr(self, name))
-                  for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff", "experts", "moe_interval")]
+        sizes = ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff", "experts", "moe_interval")
+        checks = [lambda name=name: _positive_int(f"model.{name}", getattr(self, name)) for name in sizes]
         checks += [self._check_heads, self._check_top_k, self._check_capacity, self._check_noise]
         checks += [lambda name=name: self._check_weight(name) for name in ("balance_loss_weight", "z_loss_weight")]
         return collect(checks)
@@ -145,7 +145,8 @@ class TrainConfig:
 
     def _check_schedule(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise ConfigError("schedule", f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}{_did_you_mean(self.schedule, SCHEDULES)}")
+            hint = _did_you_mean(self.schedule, SCHEDULES)
+            raise ConfigError("schedule", f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}{hint}")
 
     def _check_numbers(self) -> None:
         problems = []
@@ -213,7 +214,8 @@ class TrainConfig:
         data = dict(data)
         model_data = data.pop("model", {})
         if not isinstance(model_data, dict):
-            found.append(ConfigError("model", f"{model_data!r} is not a table", "write the model settings under [model]"))
+            found.append(ConfigError("model", f"{model_data!r} is not a table",
+                                     "write the model settings under [model]"))
             model_data = {}
         model = _build(ModelConfig, model_data, "model.", found)
         cfg = _build(cls, {**data, "model": model}, "", found)
@@ -235,13 +237,15 @@ def _build(cls, data: dict[str, Any], prefix: str, problems: list[ConfigError]):
     for key, value in data.items():
         if key not in known:
             hint = _did_you_mean(key, known)
-            problems.append(ConfigError(f"{prefix}{key}", f"is not a known setting{hint}",
-                                        f"remove it{' or correct its name' if hint else ''}; known settings: {', '.join(sorted(known))}"))
+            fix = f"remove it{' or correct its name' if hint else ''}; known settings: {', '.join(sorted(known))}"
+            problems.append(ConfigError(f"{prefix}{key}", f"is not a known setting{hint}", fix))
             continue
         default = getattr(cls(), key) if key != "model" else None
         if default is not None and not isinstance(value, type(default)) and not (isinstance(default, float) and isinstance(value, int)):
             if not (isinstance(default, str) and isinstance(value, (int, float))):
-                problems.append(ConfigError(f"{prefix}{key}", f"{value!r} has type {type(value).__name__}, expected {type(default).__name__}", f"write {prefix}{key} as a {type(default).__name__}"))
+                want = type(default).__name__
+                problems.append(ConfigError(f"{prefix}{key}", f"{value!r} has type {type(value).__name__}, expected {want}",
+                                            f"write {prefix}{key} as a {want}"))
                 continue
             value = str(value)
         out[key] = float(value) if isinstance(default, float) and isinstance(value, int) else value

@@ -44,7 +44,8 @@ def read_npz(path: str | Path, what: str) -> tuple[dict, dict[str, np.ndarray]]:
     except KeyError:
         raise ConfigError(what, f"{path} has no 'meta' entry, so lina did not write it", fix) from None
     except ValueError as err:
-        problem = "holds pickled Python objects, which lina never loads" if "pickle" in str(err) else f"is unreadable ({err})"
+        pickled = "pickle" in str(err)
+        problem = "holds pickled Python objects, which lina never loads" if pickled else f"is unreadable ({err})"
         raise ConfigError(what, f"{path} {problem}", fix) from None
     except (OSError, EOFError, zipfile.BadZipFile) as err:
         raise ConfigError(what, f"{path} is damaged ({type(err).__name__}: {err})", fix) from None

@@ -45,7 +45,8 @@ def validate(args: argparse.Namespace) -> None:
     problems = [ConfigError(f"--{name.replace('_', '-')}", f"{getattr(args, name)} must be >= 1", "give 1 or more")
                 for name in ("tokens", "d_model", "d_ff", "experts", "top_k", "repeats") if getattr(args, name) < 1]
     if args.experts >= 1 and args.top_k > args.experts:
-        problems.append(ConfigError("--top-k", f"{args.top_k} exceeds --experts {args.experts}", f"use --top-k <= {args.experts}"))
+        problems.append(ConfigError("--top-k", f"{args.top_k} exceeds --experts {args.experts}",
+                                    f"use --top-k <= {args.experts}"))
     raise_all(problems)
 
 

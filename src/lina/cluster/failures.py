@@ -113,7 +113,8 @@ def lina_error_class(name: str) -> type[LinaError] | None:
 def root_cause(failures: list[WorkerFailure]) -> WorkerFailure:
     """The failure most likely to have started it: a worker that raised an error that is not a
     lost peer comes first, then one with a message, then the earliest, then the lowest rank."""
-    return min(failures, key=lambda f: (not f.message or f.lost_peer, not f.message, f.timestamp or float("inf"), f.rank))
+    return min(failures, key=lambda f: (not f.message or f.lost_peer, not f.message,
+                                        f.timestamp or float("inf"), f.rank))
 
 
 class WorkerFailed(LinaError):
@@ -129,7 +130,8 @@ class WorkerFailed(LinaError):
         msg = f"{where}): {failure.text}" if failure.message else f"{where}, no error message)"
         msg += "; all workers were stopped"
         if self.others:
-            msg += "; also failed: " + ", ".join(f"rank {f.rank} ({f.how})" for f in sorted(self.others, key=lambda f: f.rank))
+            others = sorted(self.others, key=lambda f: f.rank)
+            msg += "; also failed: " + ", ".join(f"rank {f.rank} ({f.how})" for f in others)
         if verbose and failure.traceback:
             msg += "\n" + failure.traceback.rstrip()
         elif cls is None and failure.message:

@@ -45,7 +45,9 @@ _LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "remote w
 _ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
 # Log lines of torch's launchers and c10d (glog style: "W1207 17:53:30.377000 ...", "[W1207 ...]"), and
 # the C++ stacks c10d prints when an agent's store goes away as the run ends.
-_LAUNCHER_LOG = re.compile(r"^(\[rank\d+\]:)?(\[?[WIE]\d{4} \d\d:\d\d:\d\d|Exception raised from |frame #\d+: |<omitting python frames>)")
+_LAUNCHER_LOG = re.compile(
+    r"^(\[rank\d+\]:)?(\[?[WIE]\d{4} \d\d:\d\d:\d\d|Exception raised from |frame #\d+: |<omitting python frames>)"
+)
 
 
 def free_port(cluster: EmulatedCluster, h: int = 0) -> int:
@@ -149,7 +151,8 @@ def run_on_cluster(
                 stream.write(f"[h{host.index}] host {names[host.index]} ({host.ip}, namespace {host.netns}): "
                              f"{nproc_per_host} worker(s), ranks {first}..{first + nproc_per_host - 1}\n")
                 stream.flush()
-                argv = agent_argv(cluster, host.index, module, module_args, nproc_per_host, port, str(log_dir / f"h{host.index}"))
+                argv = agent_argv(cluster, host.index, module, module_args, nproc_per_host, port,
+                                  str(log_dir / f"h{host.index}"))
                 proc = subprocess.Popen(
                     cluster.wrap(host.index, argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True,

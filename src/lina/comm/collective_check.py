@@ -114,8 +114,9 @@ class _NamedWork:
 
 def _failure_text(what: str, err: BaseException) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (f"{what} failed: {first}. Fix: a peer died, is much slower, or issued its collectives in another "
-            "order (rerun with --check-collectives to compare the ranks' sequences); raise timeout_s if it is only slow")
+    return (f"{what} failed: {first}. Fix: a peer died, is much slower, or issued its collectives in "
+            "another order (rerun with --check-collectives to compare the ranks' sequences); raise "
+            "timeout_s if it is only slow")
 
 
 class CollectiveLog:
@@ -218,7 +219,8 @@ class CollectiveLog:
             logs = dict(self._groups)
             table = torch.zeros(MAX_GROUPS, 3, dtype=torch.int64)
             if len(logs) > MAX_GROUPS:
-                raise LinaError(f"the collective check follows at most {MAX_GROUPS} process groups per rank, this rank has {len(logs)}")
+                raise LinaError(f"the collective check follows at most {MAX_GROUPS} process groups per rank, "
+                                f"this rank has {len(logs)}")
             for i, (key, log) in enumerate(sorted(logs.items())):
                 table[i, 0] = _int64(key)
                 table[i, 1] = int.from_bytes(log.digest.digest(), "little", signed=True)
@@ -292,6 +294,8 @@ def _first_difference(sequences: list[dict], step: int) -> str:
                 op, label, sig = ops[i]
                 return f"{op}{' ' + repr(label) if label else ''}{' [' + sig + ']' if sig else ''} on rank {rank}"
             return (f"ranks issued collectives in different orders in step {step} on group {first['name']}: "
-                    f"collective #{i} is {show(a, r0)} but {show(b, r1)}. Fix: every rank must issue the collectives of "
-                    "one process group in the same order (see lina.comm.scheduler); otherwise Gloo combines the wrong tensors and NCCL hangs")
-    return f"the collective sequences of step {step} differ between ranks, but the gathered sequences agree (a hash collision?)"
+                    f"collective #{i} is {show(a, r0)} but {show(b, r1)}. Fix: every rank must issue the "
+                    "collectives of one process group in the same order (see lina.comm.scheduler); otherwise "
+                    "Gloo combines the wrong tensors and NCCL hangs")
+    return (f"the collective sequences of step {step} differ between ranks, but the gathered sequences agree "
+            "(a hash collision?)")

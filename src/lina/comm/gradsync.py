@@ -113,7 +113,8 @@ class GradSync(abc.ABC):
         grads = [_grad(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         if group is not None:
-            with self.timeline.span(name, "allreduce", bytes=flat.numel() * flat.element_size()), collective_label(name):
+            nbytes = flat.numel() * flat.element_size()
+            with self.timeline.span(name, "allreduce", bytes=nbytes), collective_label(name):
                 dist.all_reduce(flat, group=group)
         _unflatten_into(flat, grads, self.world_size)
 

@@ -101,9 +101,10 @@ def run_trace(args) -> int:
     if min(args.devices) < 1:
         raise ConfigError("--devices", f"is {args.devices}", "give device counts >= 1")
     if min(args.path_lens) < 1 or args.balance_path_len < 1:
-        raise ConfigError("--path-lens", f"{args.path_lens} / --balance-path-len {args.balance_path_len}", "give path lengths >= 1")
-    fix = ("pass a routing trace: a .npz written by `lina infer --record-trace FILE.npz`, or a vLLM routing log (.jsonl) "
-           "such as ../shared/data/mixtral-8x7b-gsm8k-routing.jsonl")
+        raise ConfigError("--path-lens", f"{args.path_lens} / --balance-path-len {args.balance_path_len}",
+                          "give path lengths >= 1")
+    fix = ("pass a routing trace: a .npz written by `lina infer --record-trace FILE.npz`, or a vLLM routing log "
+           "(.jsonl) such as ../shared/data/mixtral-8x7b-gsm8k-routing.jsonl")
     if not args.file.is_file():
         raise ConfigError("FILE", f"{args.file} not found", fix)
     if args.file.suffix not in (".npz", ".jsonl"):

@@ -47,9 +47,11 @@ def register(subparsers) -> None:
     p.add_argument("--emulate", help="emulated cluster, e.g. hosts=4,link=200mbit (default none: loopback)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--check-collectives", action="store_true", help="after every step, compare the collectives each rank "
-                   "issued per process group (one tiny all-gather); stop naming the first difference")
-    p.add_argument("--verbose", action="store_true", help="forward the launchers' own log lines; a failed worker's traceback")
+    p.add_argument("--check-collectives", action="store_true",
+                   help="after every step, compare the collectives each rank issued per process group (one tiny "
+                   "all-gather); stop naming the first difference")
+    p.add_argument("--verbose", action="store_true",
+                   help="forward the launchers' own log lines; a failed worker's traceback")
     p.set_defaults(func=run)
 
 

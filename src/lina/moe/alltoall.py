@@ -48,7 +48,8 @@ class AsyncAllToAll:
         self._token = comm.a2a_begin(name, nbytes)
         start = comm.timeline.now()
         with collective_label(f"{name}.{phase}.{index}"):
-            self._work = dist.all_to_all_single(self.out, x.contiguous(), out_splits, in_splits, group=comm.group, async_op=True)
+            self._work = dist.all_to_all_single(self.out, x.contiguous(), out_splits, in_splits, group=comm.group,
+                                                async_op=True)
         timeline = comm.timeline
 
         def done(_fut, token=self._token):

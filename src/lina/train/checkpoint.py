@@ -48,7 +48,8 @@ class CheckpointError(ConfigError):
         super().__init__("checkpoint", f"{folder}: {problem}", fix)
 
 
-_FRESH = "start afresh without --resume (or with another --out), or point checkpoints/latest at an earlier step-* folder"
+_FRESH = ("start afresh without --resume (or with another --out), or point checkpoints/latest at an earlier "
+          "step-* folder")
 
 
 # --- where ----------------------------------------------------------------------------------
@@ -86,8 +87,8 @@ def read_meta(folder: Path) -> dict[str, Any]:
     path = folder / META
     if not path.exists():
         if any(folder.glob("rank-*.pt")):
-            raise CheckpointError(folder, "written by an earlier lina (one torch.save file per rank, tied to its worker "
-                                  "count); this lina resumes only from its own layout-free format",
+            raise CheckpointError(folder, "written by an earlier lina (one torch.save file per rank, tied to its "
+                                  "worker count); this lina resumes only from its own layout-free format",
                                   "finish that run with the lina version that started it, or " + _FRESH)
         raise CheckpointError(folder, f"has no {META}, so it is not a complete lina checkpoint", _FRESH)
     try:
@@ -110,7 +111,8 @@ def verify_files(folder: Path, meta: dict[str, Any]) -> None:
             raise CheckpointError(folder, f"{name} is missing", _FRESH)
         size = path.stat().st_size
         if size != want["bytes"]:
-            raise CheckpointError(folder, f"{name} has {size} bytes, {want['bytes']} were written (truncated or replaced)", _FRESH)
+            problem = f"{name} has {size} bytes, {want['bytes']} were written (truncated or replaced)"
+            raise CheckpointError(folder, problem, _FRESH)
         if _sha256(path) != want["sha256"]:
             raise CheckpointError(folder, f"{name} differs from what was written (its SHA-256 changed)", _FRESH)
 
@@ -153,12 +155,15 @@ def save(ckpt_root: Path, step: int, tensors: dict[str, torch.Tensor], meta: dic
             dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), process_group=group,
                      no_dist=not dist.is_initialized())
     except CheckpointException as err:  # a BaseException: one rank's failure, reported on every rank
-        raise LinaError(f"writing checkpoint {tmp.name} failed: {_first_line(err)}; {ckpt_root / 'latest'} still points at "
-                        "the previous checkpoint. Fix: check free space and permissions of the --out folder") from None
+        raise LinaError(f"writing checkpoint {tmp.name} failed: {_first_line(err)}; {ckpt_root / 'latest'} still "
+                        "points at the previous checkpoint. Fix: check free space and permissions of the --out "
+                        "folder") from None
     final = step_folder(ckpt_root, step)
     if _rank() == 0:
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_atomic(tmp / META, json.dumps({"format": FORMAT, "version": VERSION, "step": step, **meta, "files": files}, indent=1))
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
+                 if p.is_file()}
+        record = {"format": FORMAT, "version": VERSION, "step": step, **meta, "files": files}
+        _write_atomic(tmp / META, json.dumps(record, indent=1))
         if final.exists():  # the same step written again after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -191,8 +196,9 @@ def _fsync_dir(folder: Path) -> None:
 # --- reading --------------------------------------------------------------------------------
 
 _ALLOWED = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
-                                              "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
+                                              "ChunkStorageMetadata", "MetadataIndex", "StorageMeta",
+                                              "_MEM_FORMAT_ENCODING"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "pathlib": {"Path", "PosixPath", "PurePosixPath"},
@@ -248,7 +254,8 @@ def load(folder: Path, tensors: dict[str, torch.Tensor], group=None) -> dict[str
 
     try:
         with _single_process_quiet():
-            dcp.load(tensors, storage_reader=_safe_reader(folder), process_group=group, no_dist=not dist.is_initialized())
+            dcp.load(tensors, storage_reader=_safe_reader(folder), process_group=group,
+                     no_dist=not dist.is_initialized())
     except (CheckpointException, pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError, KeyError) as err:
         raise CheckpointError(folder, f"cannot be loaded: {_first_line(err)}",
                               "resume with the model settings of the run that wrote it, or " + _FRESH) from None

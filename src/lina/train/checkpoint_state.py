@@ -55,7 +55,8 @@ def flat_state(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) ->
         for i, e in enumerate(ids):
             out[f"experts/{li}/{e}/{pname}"] = p.detach()[i].to("cpu", copy=True)
             for key, value in state.items():
-                out[f"optim-experts/{li}/{e}/{pname}/{key}"] = (value if key == "step" else value[i]).detach().to("cpu", copy=True)
+                own = value if key == "step" else value[i]  # one step counter per stacked parameter
+                out[f"optim-experts/{li}/{e}/{pname}/{key}"] = own.detach().to("cpu", copy=True)
     out[f"rng/{rank}"] = torch.get_rng_state()
     return out
 

@@ -28,7 +28,8 @@ def _safetensors():
     try:
         import safetensors.torch as st
     except ModuleNotFoundError:
-        raise LinaError("writing or reading safetensors needs the safetensors package. Fix: pip install 'lina[export]'") from None
+        raise LinaError("writing or reading safetensors needs the safetensors package. "
+                        "Fix: pip install 'lina[export]'") from None
     return st
 
 
@@ -39,12 +40,14 @@ def model_from_run(run_dir: str | Path):
 
     run = Path(run_dir)
     if not (run / "checkpoints").is_dir():
-        raise ConfigError("model", f"{run} has no checkpoints/ folder", "point at the --out folder of a `lina train` run")
+        raise ConfigError("model", f"{run} has no checkpoints/ folder",
+                          "point at the --out folder of a `lina train` run")
     folder, meta = checkpoint.resume_point(run / "checkpoints")
     try:
         cfg = ModelConfig(**meta["model"])
     except TypeError as err:
-        raise checkpoint.CheckpointError(folder, f"its model settings do not fit this lina ({err})", "export with the lina version that trained it") from None
+        raise checkpoint.CheckpointError(folder, f"its model settings do not fit this lina ({err})",
+                                         "export with the lina version that trained it") from None
     model = MoEGPT(cfg)
     loaded = checkpoint.load(folder, template(model, False, None))
     apply_state(model, None, loaded, None)
@@ -81,12 +84,14 @@ def load_exported(folder: str | Path):
         config = json.loads((folder / "config.json").read_text())
         cfg = ModelConfig(**config["model"])
     except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError("model", f"{folder / 'config.json'} is not a lina export ({err})", "export again with `lina export`") from None
+        raise ConfigError("model", f"{folder / 'config.json'} is not a lina export ({err})",
+                          "export again with `lina export`") from None
     model = MoEGPT(cfg)
     try:
         model.load_state_dict(st.load_file(str(folder / "model.safetensors")))
     except (RuntimeError, OSError, ValueError) as err:
-        raise ConfigError("model", f"{folder / 'model.safetensors'} does not fit its config.json ({str(err).splitlines()[0]})",
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError("model", f"{folder / 'model.safetensors'} does not fit its config.json ({first})",
                           "export again with `lina export`") from None
     model.eval()
     return model

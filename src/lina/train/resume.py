@@ -33,8 +33,8 @@ def checkpoint_meta(trainer, step: int) -> dict[str, Any]:
         "experts_per_rank": trainer.experts_per_rank,
         "packing": {"mode": cfg.packing, "controller": trainer.packing.state_dict()},
         "model": cfg.model.__dict__.copy(),
-        "data": {"seed": cfg.seed, "batch_size": cfg.batch_size, "global_batch": cfg.batch_size * trainer.groups.world_size,
-                 "next_step": step + 1},
+        "data": {"seed": cfg.seed, "batch_size": cfg.batch_size, "next_step": step + 1,
+                 "global_batch": cfg.batch_size * trainer.groups.world_size},
     }
 
 
