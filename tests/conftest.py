@@ -25,6 +25,7 @@ eval_batches = 1
 checkpoint_every = 4
 log_every = 1
 corpus_max_mb = 0.5
+check_collectives = true
 [model]
 d_model = 32
 n_layers = 2

@@ -81,8 +81,9 @@ def test_cli_writes_json_and_plots(tmp_path, capsys):
 
 
 def test_cli_errors_exit_with_a_message(tmp_path, capsys):
-    assert main(["analyze", "trace", str(tmp_path / "nope.jsonl")]) == 1
-    assert "not found" in capsys.readouterr().err
+    assert main(["analyze", "trace", str(tmp_path / "nope.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "Fix:" in err
     trace = synthetic_trace(20, 2, 4, tokens_per_seq=10).save(tmp_path / "t.npz")
     assert main(["analyze", "trace", str(trace), "--estimators", "crystal-ball"]) == 2
     assert "--estimators" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from lina.data.corpus import load_corpus
 from lina.moe.experts import PARAM_NAMES
 from lina.testing.multiproc import run_ranks
 from lina.train import checkpoint
+from lina.train.resume import load_trainer, resume_layout, save_trainer
 from lina.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow  # multi-process
@@ -107,7 +108,7 @@ def _ranks(rank: int, world: int, ckpt_dir: str):
         if s == 3:
             memory["before"] = c.expert_memory()
         if s in (2, 5):  # state after steps 1 and 4
-            checkpoint.save_rank(root / f"s{s - 1}", s - 1, rank, c.state_dict(s - 1))
+            save_trainer(root / f"s{s - 1}", s - 1, c)
     out["C"] = _run(c, range(STEPS), save_c)
     memory["after"] = c.expert_memory()
     out["C_history"] = c.packing.history
@@ -115,8 +116,8 @@ def _ranks(rank: int, world: int, ckpt_dir: str):
 
     for name, saved in (("D", 1), ("E", 4)):
         t = Trainer(_cfg("2@3", MEMORY_MB), groups[4], corpus, group_set=groups)
-        state = torch.load(root / f"s{saved}" / f"step-{saved:07d}" / f"rank-{rank}.pt", weights_only=True)
-        start = t.load_state_dict(state)
+        folder, meta = checkpoint.resume_point(root / f"s{saved}")
+        start = load_trainer(folder, meta, t, resume_layout(t.cfg, meta, 4))
         out[name] = _run(t, range(start, STEPS))
         t.policy.close()
     out["snaps"] = {"A": snaps_a, "B": snaps_b}

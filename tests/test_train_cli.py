@@ -72,6 +72,7 @@ def test_training_lowers_loss_and_writes_outputs(tmp_path, tiny_config):
     assert summary["val_loss"] > 0 and summary["tokens_per_s"] > 0
     # what the simulator's calibration needs from a run: the backend and the chunk size in effect
     assert summary["backend"] == "gloo" and summary["chunk_mb_resolved"] > 0
+    assert summary["provenance"]["lina"] and summary["provenance"]["command"]
     assert (out / "checkpoints" / "latest").exists()
     assert "validation loss" in res.stdout and "tokens/s" in res.stdout
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from lina.cluster import netns
 from lina.cluster.emulate import EmulatedCluster, EmulateSpec, parse_duration_us, parse_rate
+from lina.obs.provenance import provenance
 from lina.cluster.hostlaunch import run_on_cluster
 from lina.errors import ConfigError, LinaError
 
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         timeline_dir=raw["timeline_dir"],
         plot=str(out_json.with_suffix(".png")),
     )
+    result["provenance"] = provenance()
     out_json.write_text(json.dumps(result, indent=1))
     plot_cdf(result, Path(result["plot"]))
     print_report(result)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lina.bench.stats import percentile
+from lina.obs.provenance import provenance
 from lina.cluster.emulate import EmulateSpec, EmulatedCluster, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
 from lina.errors import LinaError
@@ -209,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"runs": entries, "paper": PAPER}
     first = entries[0]
     result.update({k: first[k] for k in ("policies", "p95_speedup_vs_static", "estimator", "regime")})
+    result["provenance"] = provenance()
     json_path.write_text(json.dumps(result, indent=2))
     plot_cdf(entries, raw, json_path.with_suffix(".png"))
     print_report(entries)

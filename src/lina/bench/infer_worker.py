@@ -84,4 +84,6 @@ def _run(plan: dict) -> None:
 
 
 if __name__ == "__main__":
-    run(json.loads(Path(sys.argv[1]).read_text()))
+    from lina.cluster.failures import run_recorded
+
+    run_recorded(run, json.loads(Path(sys.argv[1]).read_text()))

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from lina.bench.stats import summary
+from lina.errors import ConfigError, raise_all
+from lina.obs.provenance import provenance
 from lina.models.gpt import DenseFFN
 from lina.moe.layer import MoELayer
 from lina.moe.permute import permute_order
@@ -38,7 +40,18 @@ def _time(fn, repeats: int) -> list[float]:
     return out
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Every problem of the options at once (ConfigError, exit 2), before any work."""
+    problems = [ConfigError(f"--{name.replace('_', '-')}", f"{getattr(args, name)} must be >= 1", "give 1 or more")
+                for name in ("tokens", "d_model", "d_ff", "experts", "top_k", "repeats") if getattr(args, name) < 1]
+    if args.experts >= 1 and args.top_k > args.experts:
+        problems.append(ConfigError("--top-k", f"{args.top_k} exceeds --experts {args.experts}",
+                                    f"use --top-k <= {args.experts}"))
+    raise_all(problems)
+
+
 def run(args: argparse.Namespace) -> int:
+    validate(args)
     if args.quick:
         args.tokens, args.repeats = min(args.tokens, 1024), min(args.repeats, 5)
     torch.manual_seed(0)
@@ -76,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         "routing_overhead_share_of_expert_time": overhead,
         "moe_vs_dense_same_active_flops": stats["moe"]["median"] / stats["dense"]["median"],
         "target_overhead_max": 0.25,
+        "provenance": provenance(),
     }
     print(f"MoE layer fwd+bwd, {n} tokens, d_model {d}, d_ff {f}, {e} experts, top-{k}, {out['shape']['threads']} threads ({args.repeats} interleaved repeats, median [min-max] ms)")
     for name in ("moe", "experts", "dense"):

@@ -242,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
         "configs": configs,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2))
+    from lina.obs.provenance import provenance
+    json_path.write_text(json.dumps(result | {"provenance": provenance()}, indent=2))
     plot(result, json_path.with_suffix(".png"))
     print_report(result)
     print(f"\nwrote {json_path}, {json_path.with_suffix('.png')}, run folders under {out / 'runs'}")

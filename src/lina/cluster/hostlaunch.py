@@ -8,8 +8,15 @@ Their output is forwarded line by line with a ``[hN]`` prefix.
 
 If an agent fails, the others are stopped (SIGTERM to each agent's process group, SIGKILL
 after a grace period) and every process still inside the host namespaces is killed, so no
-process outlives the call; then a :class:`LinaError` says which host (and global rank, when
-torchrun names it) failed first.
+process outlives the call; then the failed workers' elastic error files (each agent writes them
+under its ``--log-dir``, see :mod:`lina.cluster.failures`) name the worker that failed first, its
+own error line, rank and host (a :class:`~lina.cluster.failures.WorkerFailed`). Workers that
+leave no error file (a module not decorated with ``record``, a signal) are named from torchrun's
+printed output instead.
+
+Quiet by default: every host gets a name its peers resolve (:mod:`lina.cluster.hostnames`),
+``OMP_NUM_THREADS`` is set so torchrun prints no banner, one line per host says where it runs, and
+the launchers' own log lines are kept back (``verbose=True`` forwards everything).
 """
 
 from __future__ import annotations
@@ -17,20 +24,30 @@ from __future__ import annotations
 import collections
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
 from lina.cluster import netns as ns
 from lina.cluster.emulate import EmulatedCluster
+from lina.cluster.failures import WorkerFailure, raise_for, read_error_file
+from lina.cluster.hostnames import host_names
 from lina.errors import ConfigError, LinaError
 
 _LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Broken pipe")
 _ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
+# Log lines of torch's launchers and c10d (glog style: "W1207 17:53:30.377000 ...", "[W1207 ...]"), and
+# the C++ stacks c10d prints when an agent's store goes away as the run ends.
+_LAUNCHER_LOG = re.compile(
+    r"^(\[rank\d+\]:)?(\[?[WIE]\d{4} \d\d:\d\d:\d\d|Exception raised from |frame #\d+: |<omitting python frames>)"
+)
 
 
 def free_port(cluster: EmulatedCluster, h: int = 0) -> int:
@@ -45,8 +62,10 @@ def free_port(cluster: EmulatedCluster, h: int = 0) -> int:
         sock.close()
 
 
-def agent_argv(cluster: EmulatedCluster, h: int, module: str, module_args: list[str], nproc_per_host: int, port: int) -> list[str]:
-    """The torchrun command for host ``h`` (not yet wrapped into its namespace)."""
+def agent_argv(cluster: EmulatedCluster, h: int, module: str, module_args: list[str], nproc_per_host: int, port: int,
+               log_dir: str | None = None) -> list[str]:
+    """The torchrun command for host ``h`` (not yet wrapped into its namespace); with ``log_dir``
+    the agent keeps its workers' error files under it."""
     return [
         sys.executable, "-m", "torch.distributed.run",
         f"--nnodes={len(cluster.hosts)}",
@@ -55,6 +74,7 @@ def agent_argv(cluster: EmulatedCluster, h: int, module: str, module_args: list[
         f"--master-addr={cluster.master_addr}",
         f"--master-port={port}",
         "--max-restarts=0",
+        *([f"--log-dir={log_dir}"] if log_dir else []),
         "--module", module, *module_args,
     ]  # fmt: skip
 
@@ -66,14 +86,17 @@ class _Agent:
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=300))
     quiet: threading.Event = field(default_factory=threading.Event)
     reader: threading.Thread | None = None
+    verbose: bool = False
 
 
 def _forward(agent: _Agent, stream: TextIO, lock: threading.Lock) -> None:
     for raw in agent.proc.stdout:
         line = raw.decode(errors="replace").rstrip("\n")
         agent.tail.append(line)
-        if agent.quiet.is_set():
-            continue  # a stopped agent's dying words: kept for the error message, not printed
+        if not agent.verbose and (line.startswith("Traceback (most recent call last)") or "ChildFailedError" in line):
+            agent.quiet.set()  # the agent reports a failure: the error message says it once
+        if agent.quiet.is_set() or (not agent.verbose and _LAUNCHER_LOG.match(line)):
+            continue  # a stopped agent's dying words, launcher logs: kept for the error message, not printed
         with lock:
             stream.write(f"[h{agent.host}] {line}\n")
             stream.flush()
@@ -88,6 +111,7 @@ def run_on_cluster(
     *,
     grace_s: float = 10.0,
     stream: TextIO | None = None,
+    verbose: bool = False,
 ) -> int:
     """Run ``python -m module module_args`` as ``nproc_per_host`` workers on each emulated host.
 
@@ -99,10 +123,14 @@ def run_on_cluster(
         timeout_s: stop everything and raise after this long (None: no limit).
         grace_s: how long stopped agents get before SIGKILL.
         stream: where workers' output goes (sys.stdout when None).
+        verbose: forward the launchers' own log lines too, and add a failed worker's traceback
+            to the error.
     Returns:
         0 when every agent exited 0.
     Raises:
-        LinaError: an agent failed (names the first failing host / rank) or time ran out.
+        lina.cluster.failures.WorkerFailed: a worker failed with an error file (its own message,
+            rank and host; exit code 2 for a ConfigError).
+        LinaError: an agent failed without one (names the first failing host / rank) or time ran out.
     """
     if nproc_per_host < 1:
         raise ConfigError("nproc_per_host", f"{nproc_per_host}", "use 1 or more workers per host")
@@ -111,31 +139,58 @@ def run_on_cluster(
     port = free_port(cluster, 0)
     agents: list[_Agent] = []
     started = time.monotonic()
+    log_dir = Path(tempfile.mkdtemp(prefix="lina-agents-"))
     try:
-        for host in cluster.hosts:
-            env = cluster.host_env(host.index)
-            env["PYTHONUNBUFFERED"] = "1"
-            argv = cluster.wrap(host.index, agent_argv(cluster, host.index, module, module_args, nproc_per_host, port))
-            proc = subprocess.Popen(
-                argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
-            agent = _Agent(host.index, proc)
-            agent.reader = threading.Thread(target=_forward, args=(agent, stream, lock), daemon=True)
-            agent.reader.start()
-            agents.append(agent)
-        failed = _wait(agents, started, timeout_s)
-        if failed == "timeout":
-            raise LinaError(
-                f"{module} on {len(agents)} emulated hosts did not finish within {timeout_s:g}s; all workers were stopped"
-            )
-        if failed is not None:
-            failed = _settle_and_pick_origin(agents, failed)
-            _stop(agents, cluster, grace_s)
-            raise LinaError(_failure_message(failed, agents, nproc_per_host))
-        return 0
+        with host_names(cluster) as names:
+            for host in cluster.hosts:
+                env = cluster.host_env(host.index)
+                env["PYTHONUNBUFFERED"] = "1"
+                if nproc_per_host > 1:
+                    env.setdefault("OMP_NUM_THREADS", "1")  # what torchrun would set, without its banner
+                first = host.index * nproc_per_host
+                stream.write(f"[h{host.index}] host {names[host.index]} ({host.ip}, namespace {host.netns}): "
+                             f"{nproc_per_host} worker(s), ranks {first}..{first + nproc_per_host - 1}\n")
+                stream.flush()
+                argv = agent_argv(cluster, host.index, module, module_args, nproc_per_host, port,
+                                  str(log_dir / f"h{host.index}"))
+                proc = subprocess.Popen(
+                    cluster.wrap(host.index, argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True,
+                )  # fmt: skip
+                agent = _Agent(host.index, proc, verbose=verbose)
+                agent.reader = threading.Thread(target=_forward, args=(agent, stream, lock), daemon=True)
+                agent.reader.start()
+                agents.append(agent)
+            failed = _wait(agents, started, timeout_s)
+            if failed == "timeout":
+                raise LinaError(
+                    f"{module} on {len(agents)} emulated hosts did not finish within {timeout_s:g}s; all workers were stopped"
+                )
+            if failed is not None:
+                failed = _settle_and_pick_origin(agents, failed)
+                _stop(agents, cluster, grace_s)
+                recorded = error_file_failures(log_dir, nproc_per_host, names)
+                if not all(f.lost_peer for f in recorded):  # else the origin left no file (a signal)
+                    raise_for(recorded, verbose)
+                raise LinaError(_failure_message(failed, agents, nproc_per_host))
+            return 0
     finally:
         _stop(agents, cluster, grace_s)
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def error_file_failures(log_dir: Path, nproc_per_host: int, names: list[str] | None = None) -> list[WorkerFailure]:
+    """The failures recorded in the elastic error files under ``log_dir`` (the agent of host h
+    keeps them under ``h<h>/<run id>/attempt_<n>/<local rank>/error.json``)."""
+    out = []
+    for path in sorted(log_dir.glob("h*/**/error.json")):
+        h = int(path.relative_to(log_dir).parts[0][1:])
+        local_rank = int(path.parent.name)
+        message, callstack, stamp = read_error_file(path)
+        if message:
+            host = names[h] if names else f"h{h}"
+            out.append(WorkerFailure(h * nproc_per_host + local_rank, f"h{h} ({host})", 1, message, callstack, stamp))
+    return out
 
 
 def _wait(agents: list[_Agent], started: float, timeout_s: float | None) -> _Agent | str | None:

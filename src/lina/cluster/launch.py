@@ -14,7 +14,7 @@ from typing import Any, Callable
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from lina.errors import LinaError
+from lina.cluster.failures import WorkerFailure, parse_error_data, raise_for
 
 
 def under_torchrun() -> bool:
@@ -28,13 +28,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_local(fn: Callable[..., Any], args: tuple, workers: int, monitor_interval_s: float = 0.5) -> dict[int, Any]:
+def launch_local(fn: Callable[..., Any], args: tuple, workers: int, monitor_interval_s: float = 0.5,
+                 verbose: bool = False) -> dict[int, Any]:
     """Run ``fn(*args)`` on ``workers`` local processes; returns {rank: return value}.
 
+    Args:
+        verbose: add the failed worker's Python traceback to the error.
     Raises:
-        LinaError: naming the failed rank(s) and exit codes, once every worker has been stopped.
+        lina.cluster.failures.WorkerFailed: once every worker has been stopped; its message is the
+            failed worker's own error line (read from its elastic error file), rank and host, its
+            exit code that of the worker's LinaError (2 for a ConfigError), else 1.
     """
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -52,12 +58,13 @@ def launch_local(fn: Callable[..., Any], args: tuple, workers: int, monitor_inte
     try:
         return elastic_launch(config, fn)(*args)
     except ChildFailedError as err:
-        lines = []
+        host = socket.gethostname()
+        failures = []
         for rank, failure in sorted(err.failures.items()):
-            reason = failure.message if failure.message and failure.message != "<N/A>" else ""
-            signal_or_code = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {-failure.exitcode}"
-            lines.append(f"rank {rank} failed ({signal_or_code}){': ' + reason.splitlines()[-1] if reason else ''}")
-        raise LinaError("a worker failed and the job was stopped: " + "; ".join(lines)) from None
+            message, callstack, stamp = parse_error_data(failure.error_file_data)
+            failures.append(WorkerFailure(rank, host, failure.exitcode, message, callstack, stamp or failure.timestamp))
+        raise_for(failures, verbose)
+        raise
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)

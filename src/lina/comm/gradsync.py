@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lina.comm.collective_check import collective_label
 from lina.obs import schema
 from lina.obs.timeline import Timeline
 
@@ -113,7 +114,8 @@ class GradSync(abc.ABC):
         grads = [_grad(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         if group is not None:
-            with self.timeline.span(name, "allreduce", kind=schema.ALLREDUCE, bytes=flat.numel() * flat.element_size()):
+            nbytes = flat.numel() * flat.element_size()
+            with self.timeline.span(name, "allreduce", kind=schema.ALLREDUCE, bytes=nbytes), collective_label(name):
                 dist.all_reduce(flat, group=group)
         _unflatten_into(flat, grads, self.world_size)
 
@@ -197,7 +199,8 @@ class BucketedAsyncSync(GradSync):
             return
         nbytes = flat.numel() * flat.element_size()
         start = self.timeline.now()
-        work = dist.all_reduce(flat, group=self.dp_group, async_op=True)
+        with collective_label(f"bucket{i}"):
+            work = dist.all_reduce(flat, group=self.dp_group, async_op=True)
         timeline = self.timeline
         work.get_future().add_done_callback(
             lambda fut, start=start, i=i, nbytes=nbytes: timeline.record(

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lina.comm.collective_check import collective_label
 from lina.comm.gradsync import GradSync, _grad, _unflatten_into
 from lina.comm.partition import partition
 from lina.comm.scheduler import CommScheduler, MicroOp, SchedulerConfig
@@ -89,7 +90,7 @@ class LinaSync(GradSync):
         for k, chunk in enumerate(chunks):
             self.scheduler.submit_allreduce(
                 name, chunk.numel() * chunk.element_size(),
-                lambda c=chunk: dist.all_reduce(c, group=group, async_op=True), index=k,
+                lambda c=chunk, k=k: _all_reduce(c, group, f"{name}.{k}"), index=k,
             )
 
     def _submit_group(self, g: _SmallGroup) -> None:
@@ -100,7 +101,7 @@ class LinaSync(GradSync):
         buf = g.buffer
         self.scheduler.submit_allreduce(
             f"small{self._groups.index(g)}", buf.numel() * buf.element_size(),
-            lambda: dist.all_reduce(buf, group=self.dp_group, async_op=True),
+            lambda: _all_reduce(buf, self.dp_group, f"small{self._groups.index(g)}"),
         )
 
     def _submit_dense(self, p: nn.Parameter) -> None:
@@ -133,3 +134,9 @@ class LinaSync(GradSync):
             h.remove()
         self._handles = []
         self.scheduler.close()
+
+
+def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup, label: str):
+    """Start one allreduce micro-op, named for the collective check (lina.comm.collective_check)."""
+    with collective_label(label):
+        return dist.all_reduce(t, group=group, async_op=True)

@@ -7,7 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from lina.errors import ConfigError
+from lina.errors import ConfigError, LinaError
+from lina.obs.provenance import provenance
 
 
 def _int_list(text: str) -> list[int]:
@@ -99,8 +100,22 @@ def run_trace(args) -> int:
         raise ConfigError("--batch-tokens", f"is {args.batch_tokens}", "give 1 or more")
     if min(args.devices) < 1:
         raise ConfigError("--devices", f"is {args.devices}", "give device counts >= 1")
+    if min(args.path_lens) < 1 or args.balance_path_len < 1:
+        raise ConfigError("--path-lens", f"{args.path_lens} / --balance-path-len {args.balance_path_len}",
+                          "give path lengths >= 1")
+    fix = ("pass a routing trace: a .npz written by `lina infer --record-trace FILE.npz`, or a vLLM routing log "
+           "(.jsonl) such as ../shared/data/mixtral-8x7b-gsm8k-routing.jsonl")
+    if not args.file.is_file():
+        raise ConfigError("FILE", f"{args.file} not found", fix)
+    if args.file.suffix not in (".npz", ".jsonl"):
+        raise ConfigError("FILE", f"{args.file} has suffix {args.file.suffix!r}, neither .npz nor .jsonl", fix)
     start = time.perf_counter()
-    trace = load_trace(args.file)
+    try:
+        trace = load_trace(args.file)
+    except ConfigError:
+        raise
+    except LinaError as err:  # the file is there but is not a trace
+        raise ConfigError("FILE", str(err), fix) from None
     print(f"loaded {args.file}: {trace.num_tokens} tokens x {trace.num_layers} layers, {trace.num_experts} experts, top-{trace.top_k}", flush=True)
     if args.save_trace:
         print(f"wrote {trace.save(args.save_trace)}")
@@ -123,7 +138,7 @@ def run_trace(args) -> int:
             print(f"wrote {path}")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=1))
+        json_path.write_text(json.dumps(result | {"provenance": provenance()}, indent=1))
         print(f"wrote {json_path}")
     if not args.out:
         print("(pass --out DIR for plots)")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from lina.errors import ConfigError, LinaError
+from lina.obs.provenance import provenance
 from lina.sim import scenarios
 from lina.policy import TRAIN_POLICIES
 from lina.extras import can_plot
@@ -45,7 +46,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _write_json(path: str | Path, data) -> Path:
+def _write_json(path: str | Path, data, stamp: bool = True) -> Path:
+    """Write ``data`` as JSON; a result (a dict, ``stamp``) gets ``"provenance"``."""
+    if stamp and isinstance(data, dict):
+        data = {**data, "provenance": provenance()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=float) + "\n")
@@ -123,7 +127,7 @@ def _run_one(args) -> int:
         spans = []
         for rank, r in enumerate(run.results.values()):
             spans += r.timeline(rank=rank).spans()
-        path = _write_json(args.trace, to_chrome_trace(spans))
+        path = _write_json(args.trace, to_chrome_trace(spans), stamp=False)
         print(f"wrote {path} (one process per policy)")
     if args.json:
         path = _write_json(args.json, run.to_dict())

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lina.config import TrainConfig, load_toml, merge
+from lina.errors import raise_all
 from lina.policy import TRAIN_POLICIES
 
 OPTION_FIELDS = {
@@ -58,6 +59,11 @@ def register(subparsers) -> None:
     p.add_argument("--emulate", help="emulated cluster, e.g. hosts=4,link=200mbit (default none: loopback)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--check-collectives", action="store_true",
+                   help="after every step, compare the collectives each rank issued per process group (one tiny "
+                   "all-gather); stop naming the first difference")
+    p.add_argument("--verbose", action="store_true",
+                   help="forward the launchers' own log lines; a failed worker's traceback")
     p.set_defaults(func=run)
 
 
@@ -71,13 +77,16 @@ class _PolicyOption(argparse.Action):
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults <- TOML file <- command-line options; validated (ConfigError on any problem)."""
+    """Defaults <- TOML file <- command-line options; validated (ConfigError on any problem, all
+    problems of the config at once)."""
     base = load_toml(args.config) if args.config else {}
     overrides = {field: getattr(args, opt) for opt, field in OPTION_FIELDS.items() if getattr(args, opt, None) is not None}
     if args.capacity_factor is not None:
         overrides["model.dropless"] = False
     if args.resume:
         overrides["resume"] = True
+    if args.check_collectives:
+        overrides["check_collectives"] = True
     merged = merge(base, overrides)
     if args.workers is None and "workers" not in base and merged.get("emulate", "none") != "none":
         from lina.cluster.emulate import parse_emulate
@@ -85,8 +94,17 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         spec = parse_emulate(merged["emulate"])
         if spec is not None:
             merged["workers"] = spec.world_size
-    cfg = TrainConfig.from_dict(merged)
-    cfg.validate()
+    problems: list = []
+    cfg = TrainConfig.from_dict(merged, problems)
+    raise_all(problems + cfg.problems())
+    from lina.cluster.launch import under_torchrun
+
+    if cfg.resume and not under_torchrun():  # under torchrun each worker checks it (the folder may be on its host only)
+        from lina.train import checkpoint
+        from lina.train.resume import check_model
+
+        folder, meta = checkpoint.resume_point(Path(cfg.out) / "checkpoints")
+        check_model(cfg, meta, folder)
     return cfg
 
 
@@ -99,10 +117,11 @@ def run(args: argparse.Namespace) -> int:
     if under_torchrun():
         summary = worker.run(cfg.to_dict())
     elif spec is not None:
-        summary = run_emulated(cfg, spec)
+        summary = run_emulated(cfg, spec, verbose=args.verbose)
     else:
-        summary = launch_local(worker.run, (cfg.to_dict(),), cfg.workers)[0]
+        summary = launch_local(worker.run, (cfg.to_dict(),), cfg.workers, verbose=args.verbose)[0]
     if summary is not None:
+        _stamp(summary, [Path(cfg.out)] + ([Path(cfg.trace)] if cfg.trace else []))
         print_summary(summary, Path(cfg.out))
         if cfg.trace:
             from lina.obs.report import write_trace_report
@@ -111,7 +130,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_emulated(cfg: TrainConfig, spec) -> dict:
+def _stamp(summary: dict, folders: list[Path]) -> None:
+    """Add ``"provenance"`` (of this command) to the run's summary and rewrite its summary.json files."""
+    from lina.obs.provenance import provenance
+
+    summary["provenance"] = provenance()
+    for folder in folders:
+        if (folder / "summary.json").exists():
+            (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def run_emulated(cfg: TrainConfig, spec, verbose: bool = False) -> dict:
     """Train on an emulated cluster: one torchrun agent per host namespace, links rate-limited."""
     from lina.cluster.emulate import EmulatedCluster
     from lina.cluster.hostlaunch import run_on_cluster
@@ -125,7 +154,7 @@ def run_emulated(cfg: TrainConfig, spec) -> dict:
     config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
     print(f"lina train: emulated cluster {spec} (each host's link {spec.link} up and down)", flush=True)
     with EmulatedCluster(spec) as cluster:
-        run_on_cluster(cluster, "lina.train.worker", [str(config_path)], spec.workers_per_host)
+        run_on_cluster(cluster, "lina.train.worker", [str(config_path)], spec.workers_per_host, verbose=verbose)
     return json.loads((out / "summary.json").read_text())
 
 

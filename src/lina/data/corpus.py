@@ -101,3 +101,23 @@ def sample_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int,
     offsets = torch.arange(seq_len + 1)
     windows = tokens[starts[:, None] + offsets].long()
     return windows[:, :-1], windows[:, 1:]
+
+
+def sample_sequences(tokens: torch.Tensor, seq_len: int, seed: int, step: int, first: int,
+                     count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences ``first .. first + count - 1`` of step ``step``'s global batch: window i starts at
+    a pure function of (seed, step, i), so the global batch of a step is the same however it is
+    split over ranks (rank r of a run with B sequences per rank takes ``first = r * B``) and a
+    run resumed on another worker count with the same global batch sees the same data.
+
+    Returns:
+        (inputs LongTensor[count, S], targets LongTensor[count, S]) with targets shifted by one.
+    """
+    n = tokens.numel() - seq_len - 1
+    if n <= 0:
+        raise ConfigError("corpus", f"only {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}", "use a larger corpus or a smaller model.seq_len")
+    seeds = [((seed * 1_000_003 + step) * 1_000_033 + i) % 2**63 for i in range(first, first + count)]
+    starts = torch.tensor([int(torch.randint(0, n, (), generator=torch.Generator().manual_seed(s))) for s in seeds],
+                          dtype=torch.long)
+    windows = tokens[starts[:, None] + torch.arange(seq_len + 1)].long()
+    return windows[:, :-1], windows[:, 1:]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from lina.config import ModelConfig
-from lina.errors import LinaError
+from lina.errors import ConfigError, LinaError
 from lina.infer.engine import LayerRouting
 from lina.infer.store import ExpertStore
 from lina.data.routing_trace import RoutingTrace
@@ -80,28 +80,14 @@ def record_routing(model: MoEGPT, batches: list[torch.Tensor], source: str) -> R
 
 
 def load_trained_model(out_dir: str | Path) -> MoEGPT:
-    """Rebuild the full model from a ``lina train`` output folder: merges every rank's expert shard
-    of the latest checkpoint into one single-process model."""
-    import json
-
-    from lina.train import checkpoint
+    """Rebuild the full model, in one process: from a ``lina train`` output folder (its latest
+    checkpoint, every expert read by global id) or from a ``lina export`` folder."""
+    from lina.train.export import is_export, load_exported, model_from_run
 
     out = Path(out_dir)
-    summary_path = out / "summary.json"
-    if not summary_path.exists():
-        raise LinaError(f"{summary_path} not found. Fix: point --model at the --out folder of a finished `lina train` run")
-    cfg = ModelConfig(**json.loads(summary_path.read_text())["config"]["model"])
-    folder = checkpoint.latest_folder(out / "checkpoints")
-    if folder is None:
-        raise LinaError(f"no checkpoint under {out / 'checkpoints'}. Fix: train with `lina train --out {out}` first")
-    shards = [torch.load(p, weights_only=True, map_location="cpu")["model"] for p in sorted(folder.glob("rank-*.pt"), key=lambda p: int(p.stem.split("-")[1]))]
-    model = MoEGPT(cfg)
-    state = dict(shards[0])
-    for key in state:
-        if ".experts." in key:
-            parts = [s[key] for s in shards]
-            per_rank = parts[0].shape[0]
-            ep = cfg.experts // per_rank
-            state[key] = torch.cat(parts[:ep])  # ranks 0..ep-1 hold experts 0..E-1 in order
-    model.load_state_dict(state)
-    return model
+    if is_export(out):
+        return load_exported(out)
+    if not (out / "checkpoints").is_dir():
+        raise ConfigError("model", f"{out} holds neither checkpoints/ nor an exported model",
+                          "point --model at the --out folder of a `lina train` run or at a `lina export` folder")
+    return model_from_run(out)[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lina.comm.collective_check import collective_label
 from lina.moe.comm_context import ExpertComm
 from lina.obs import schema
 
@@ -29,7 +30,7 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], com
     nbytes = _row_bytes(x) * (sum(in_splits) - in_splits[comm.rank])
     token = comm.a2a_begin(name, nbytes)
     try:
-        with comm.timeline.span(name, "a2a", kind=kind, layer=layer, phase=phase, bytes=nbytes):
+        with comm.timeline.span(name, "a2a", kind=kind, layer=layer, phase=phase, bytes=nbytes), collective_label(f"{name}.{phase}"):
             dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=comm.group)
     finally:
         comm.a2a_end(token)
@@ -50,7 +51,9 @@ class AsyncAllToAll:
         nbytes = _row_bytes(x) * (sum(in_splits) - in_splits[comm.rank])
         self._token = comm.a2a_begin(name, nbytes)
         start = comm.timeline.now()
-        self._work = dist.all_to_all_single(self.out, x.contiguous(), out_splits, in_splits, group=comm.group, async_op=True)
+        with collective_label(f"{name}.{phase}.{index}"):
+            self._work = dist.all_to_all_single(self.out, x.contiguous(), out_splits, in_splits, group=comm.group,
+                                                async_op=True)
         timeline = comm.timeline
 
         def done(_fut, token=self._token):

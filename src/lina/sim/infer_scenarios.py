@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lina.errors import ConfigError, LinaError
+from lina.obs.provenance import provenance
 from lina.sim import paper
 from lina.sim.infer import INFER_POLICIES, InferResult, InferSpec, simulate_inference
 from lina.sim.scenarios import TESTBED_EFFICIENCY, TESTBED_LAYOUT
@@ -191,6 +192,7 @@ def run_command(args) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"scenario": sc.name, "gpus": sc.gpus, "policies": {k: v.to_dict() for k, v in res.items()}}, indent=2) + "\n")
+        result = {"scenario": sc.name, "gpus": sc.gpus, "policies": {k: v.to_dict() for k, v in res.items()}, "provenance": provenance()}
+        path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
     return 0

@@ -3,7 +3,8 @@
 Read top to bottom: ``Trainer.__init__`` builds the model and policy; ``train_step`` runs one step
 (first asking the packing controller which layout to run it with, see :mod:`lina.train.packing`)
 and returns its measurements; ``repack`` moves to another layout; ``evaluate`` computes validation
-loss; ``state_dict`` / ``load_state_dict`` feed checkpoints (they carry the layout).
+loss; ``state_dict`` / ``load_state_dict`` copy one rank's state in memory (same layout; the
+checkpoint files, which any layout reads, are written by :mod:`lina.train.resume`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from lina.comm.gradsync import GradSync
 from lina.comm.groups import ParallelGroups, build_group_set
 from lina.comm.policies import make_sync
 from lina.config import TrainConfig
-from lina.data.corpus import Corpus, sample_batch
+from lina.data.corpus import Corpus, sample_batch, sample_sequences
 from lina.devices import device_from
 from lina.devicetime import DeviceTimeMode, TraceRouting
 from lina.errors import LinaError
@@ -206,7 +207,8 @@ class Trainer:
     def train_step(self, step: int) -> StepResult:
         cfg = self.cfg
         self._maybe_repack(step)
-        x, y = sample_batch(self.corpus.train, cfg.batch_size, cfg.model.seq_len, cfg.seed, step, self.groups.rank)
+        # this rank's share of the step's global batch (the same sequences on any worker count)
+        x, y = sample_sequences(self.corpus.train, cfg.model.seq_len, cfg.seed, step, self.groups.rank * cfg.batch_size, cfg.batch_size)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         self.model.train()
         self._seed_gate_noise(step)

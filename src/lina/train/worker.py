@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lina.comm.collective_check import CollectiveLog
 from lina.comm.groups import build_group_set
 from lina.config import TrainConfig
 from lina.data.corpus import load_corpus
@@ -25,6 +26,7 @@ from lina.obs.schema import RunSetup, run_summary
 from lina.obs.timeline import Timeline
 from lina.train import checkpoint
 from lina.train.packing import PackingController
+from lina.train.resume import check_model, group_for_checkpoints, load_trainer, resume_layout, save_trainer
 from lina.train.trainer import Trainer
 from lina.devicetime.mode import HOST_BOUND_LIMIT
 
@@ -64,12 +66,24 @@ def run(cfg_dict: dict) -> dict | None:
     cfg = TrainConfig.from_dict(cfg_dict)
     init_distributed(cfg.timeout_s, cfg.workers if cfg.emulate_spec() is not None else None)
     try:
-        return _train(cfg)
+        with CollectiveLog() as collectives:  # a failing collective names its group and op
+            return _train(cfg, collectives)
     finally:
         dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig) -> dict | None:
+def _watch(collectives: CollectiveLog, group_set: dict) -> None:
+    """Name every process group of every layout for the collective log (and check them all)."""
+    collectives.watch(None, "world")
+    for ep, groups in sorted(group_set.items(), reverse=True):
+        collectives.watch(groups.dp_group, "dp")
+        if groups.ep_group is not None:
+            collectives.watch(groups.ep_group, f"ep{ep}")
+        if groups.expert_dp_group is not None:
+            collectives.watch(groups.expert_dp_group, f"expert-dp{ep}")
+
+
+def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != cfg.workers:
         cfg.workers = world  # under torchrun the launcher decides the worker count
@@ -78,20 +92,29 @@ def _train(cfg: TrainConfig) -> dict | None:
     ckpt_root = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
     # Every layout the run may use is created now (new_group is collective), including the one a
-    # resumed checkpoint was written in.
-    state = checkpoint.load_rank(ckpt_root, rank) if cfg.resume else None
+    # resumed run starts in.
+    resume = checkpoint.resume_point(ckpt_root) if cfg.resume else None
+    if resume is not None:
+        check_model(cfg, resume[1], resume[0])
     controller = PackingController.from_config(cfg, world)
-    ep_sizes = controller.ep_sizes() + ([checkpoint.packing_ep_size(state, controller.initial_ep())] if state else [])
+    resume_ep = resume_layout(cfg, resume[1], world) if resume is not None else None
+    ep_sizes = controller.ep_sizes() + ([resume_ep] if resume_ep is not None else [])
     group_set = build_group_set(ep_sizes, cfg.timeout_s)
+    ckpt_group = group_for_checkpoints(cfg.timeout_s)
+    _watch(collectives, group_set)
+    if cfg.check_collectives:
+        collectives.prepare_check(cfg.timeout_s)
     corpus = load_corpus(cfg.corpus, cfg.corpus_max_mb)
     # The trace streams to its file as the run goes (a long run's spans are not held in memory).
     trace_path = Path(cfg.trace) / f"timeline-rank{rank}.jsonl" if cfg.trace else None
     timeline = Timeline(rank, enabled=True, spill_path=trace_path)
     trainer = Trainer(cfg, group_set[controller.initial_ep()], corpus, timeline, group_set=group_set, bounded_timeline=True)
     start_step = 0
-    if state is not None:
-        start_step = trainer.load_state_dict(state)
-        del state
+    if resume is not None:
+        start_step = load_trainer(resume[0], resume[1], trainer, resume_ep, ckpt_group)
+        if rank == 0:
+            print(f"resumed from {resume[0]} (written on {resume[1]['world_size']} workers, EP size {resume[1]['ep_size']}) "
+                  f"on {world} workers, EP size {trainer.groups.ep_size}", flush=True)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         if cfg.resume:
@@ -136,10 +159,9 @@ def _train(cfg: TrainConfig) -> dict | None:
             if rank == 0 and not cfg.device_time:
                 print(f"step {step:5d}  validation loss {val_loss:.4f}", flush=True)
         if (step + 1) % cfg.checkpoint_every == 0 or last:
-            checkpoint.save_rank(ckpt_root, step, rank, trainer.state_dict(step))
-            dist.barrier()
-            if rank == 0:
-                checkpoint.mark_latest(ckpt_root, step, world)
+            save_trainer(ckpt_root, step, trainer, ckpt_group)
+        if cfg.check_collectives:
+            collectives.check_step(step)  # raises on every rank when the ranks' sequences differ
     wall = time.perf_counter() - wall_start
     trainer.policy.close()
     timeline.flush()  # the rest of the trace, when there is one
@@ -220,4 +242,6 @@ def summarize(cfg: TrainConfig, results: list, val_loss: float | None, wall_s: f
 
 if __name__ == "__main__":
     # ``python -m lina.train.worker CONFIG.json``: how launchers of other hosts start a worker.
-    run(json.loads(Path(sys.argv[1]).read_text()))
+    from lina.cluster.failures import run_recorded
+
+    run_recorded(run, json.loads(Path(sys.argv[1]).read_text()))
