@@ -97,7 +97,7 @@ def test_several_config_errors_keep_the_one_error_interface():
 
 def test_train_cli_prints_every_config_error_at_once(tmp_path, capsys):
     cfg = tmp_path / "bad.toml"
-    cfg.write_text('steps = 0\nschedul = "lina"\n[model]\nexpertz = 3\n')
+    cfg.write_text('steps = 0\npolcy = "lina"\n[model]\nexpertz = 3\n')
     assert main(["train", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "steps" in err and "did you mean 'schedule'" in err and "did you mean 'experts'" in err
+    assert "steps" in err and "did you mean 'policy'" in err and "did you mean 'experts'" in err

@@ -3,7 +3,7 @@
 import json
 
 from lina.cli import main
-from lina.infer.trace import synthetic_trace
+from lina.data.routing_trace import synthetic_trace
 
 KEYS = {"lina", "torch", "command", "git_commit", "cores", "time_utc"}
 

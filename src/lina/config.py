@@ -130,7 +130,17 @@ class TrainConfig:
     def resolved_ep_size(self) -> int:
         return self.ep_size or self.workers
 
-
+    @property
+    def effective_packing(self) -> str:
+        """The packing the run uses: ``packing`` when set, else ``auto`` for a policy that packs
+        experts (``lina+packing``), else ``off``."""
+        if self.packing != "off":
+            return self.packing
+        try:
+            packs = train_policy(self.policy).packing
+        except ConfigError:  # an unknown policy is reported by its own check
+            packs = False
+        return "auto" if packs else "off"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` (:class:`lina.errors.ConfigErrors` for several) for every problem."""
@@ -198,6 +208,11 @@ class TrainConfig:
         spec = self.emulate_spec()
         if spec is not None and spec.world_size != self.workers:
             raise ConfigError("workers", f"{self.workers} workers but the emulated cluster has {spec.hosts} hosts x {spec.workers_per_host} workers", f"use --workers {spec.world_size} or change --emulate")
+
+    @property
+    def device_time(self) -> bool:
+        """Compute ops take a described device's time instead of being computed."""
+        return self.compute != "real"
 
     def validate_compute(self) -> None:
         if not self.dilation > 0:
