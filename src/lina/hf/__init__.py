@@ -1,0 +1,1 @@
+"""Hugging Face interop: swap the MoE blocks of a transformers model for lina MoE layers."""

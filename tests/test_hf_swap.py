@@ -1,0 +1,52 @@
+"""A transformers MoE model with its sparse blocks swapped for lina layers (one process, every
+expert) gives the logits, input gradients and parameter gradients of the original."""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from hf_helpers import ATOL, FAMILIES, assert_grads_match, batch, hf_grads, lina_grads, loss_and_input_grad  # noqa: E402
+from lina.hf.errors import HFModelError  # noqa: E402
+from lina.hf.swap import expert_parallel  # noqa: E402
+from lina.hf.tiny import tiny_model  # noqa: E402
+from lina.moe.layer import MoELayer  # noqa: E402
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("grouped_mm", [False, True])
+def test_swapped_model_equals_hf(family, grouped_mm):
+    torch.manual_seed(0)
+    hf = tiny_model(family, seed=1)
+    swapped = copy.deepcopy(hf)
+    ep = expert_parallel(swapped, grouped_mm=grouped_mm)
+    assert len(ep.layers) >= 1 and all(isinstance(m, MoELayer) for m in ep.layers)
+    assert all(getattr(p, "lina_expert", False) for m in ep.layers for p in m.experts.parameters())
+    ids, labels = batch(3)
+    ref_logits, ref_loss, ref_dx = loss_and_input_grad(hf, ids, labels)
+    logits, loss, dx = loss_and_input_grad(swapped, ids, labels)
+    torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(dx, ref_dx, atol=ATOL, rtol=0)
+    assert_grads_match(lina_grads(swapped), hf_grads(hf))
+
+
+def test_olmoe_keeps_unnormalised_weights():
+    """OLMoE does not renormalise its top-k weights; a swap that did would differ by ~1e-3."""
+    hf = tiny_model("olmoe", seed=1)
+    swapped = copy.deepcopy(hf)
+    ep = expert_parallel(swapped)
+    assert ep.layers[0].router.spec.norm_topk_prob is False
+    ids, _ = batch(5)
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(ids).logits, hf(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(HFModelError, match="unsupported architecture 'llama'.*mixtral"):
+        expert_parallel(model)
