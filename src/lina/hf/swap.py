@@ -108,13 +108,12 @@ class ExpertParallel:
         losses = [m.aux_loss for m in self.layers]
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
-    def update_routing_bias(self) -> None:
+    def update_routing_bias(self) -> list[torch.Tensor]:
         """Apply every correction-bias router's balance update from the load of the steps since
-        the last call, summed over all ranks (no-op for routers without one)."""
+        the last call, summed over all ranks (no-op for routers without one). Returns the loads
+        used, FloatTensor[E] per such layer."""
         group = self.groups.dp_group if self.groups.world_size > 1 else None
-        for layer in self.layers:
-            if layer.router.spec.correction_bias:
-                layer.router.update_correction_bias(group)
+        return [layer.router.update_correction_bias(group) for layer in self.layers if layer.router.spec.correction_bias]
 
     def close(self) -> None:
         if self.policy is not None:
