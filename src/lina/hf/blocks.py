@@ -103,10 +103,11 @@ def state_from_block(block: nn.Module, family: Family, ids: list[int]) -> dict[s
     return {k: v.contiguous() for k, v in state.items()}
 
 
-def checkpoint_keys(family: Family, layer: int, num_experts: int) -> dict[str, list[str] | str]:
+def checkpoint_keys(family: Family, layer: int, num_experts: int, block_key: str | None = None) -> dict[str, list[str] | str]:
     """Checkpoint key(s) of each lina parameter of MoE block ``layer`` (per-expert layout):
-    ``experts.w1`` -> gate keys then up keys (E each), ``experts.w2`` -> down keys."""
-    p = f"model.layers.{layer}.{family.block_key}."
+    ``experts.w1`` -> gate keys then up keys (E each), ``experts.w2`` -> down keys.
+    ``block_key`` overrides the family's name of the block (fused checkpoints use ``mlp``)."""
+    p = f"model.layers.{layer}.{block_key or family.block_key}."
     gate, up, down = family.expert_keys
     keys: dict[str, list[str] | str] = {
         "router.gate.weight": p + "gate.weight",
@@ -133,14 +134,15 @@ def fused_keys(family: Family, layer: int) -> tuple[str, str]:
 def state_from_checkpoint(reader, family: Family, layer: int, num_experts: int, ids: list[int]) -> dict[str, torch.Tensor]:
     """The lina layer's state dict for experts ``ids`` of MoE block ``layer``, reading only those
     experts' tensors from ``reader`` (a :class:`lina.hf.checkpoint.CheckpointReader`)."""
-    keys = checkpoint_keys(family, layer, num_experts)
+    fused_gate_up, fused_down = fused_keys(family, layer)
+    fused = reader.has(fused_gate_up)
+    keys = checkpoint_keys(family, layer, num_experts, block_key="mlp" if fused else None)
     state = {}
     for name, key in keys.items():
         if name.startswith("experts."):
             continue
         state[name] = reader.get(key)
-    fused_gate_up, fused_down = fused_keys(family, layer)
-    if reader.has(fused_gate_up):
+    if fused:
         state["experts.w1"] = reader.get_rows(fused_gate_up, ids).transpose(1, 2).contiguous()
         state["experts.w2"] = reader.get_rows(fused_down, ids).transpose(1, 2).contiguous()
         return state
