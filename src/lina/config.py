@@ -41,6 +41,9 @@ class ModelConfig:
     balance_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
     gate_noise: float = 0.0
+    # A Hugging Face checkpoint folder to train instead of the built-in GPT (see lina.hf); its
+    # config.json fixes experts, top_k, widths, depth and vocabulary. "" = the built-in GPT.
+    hf_model: str = ""
 
     def validate(self) -> None:
         for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff", "experts", "moe_interval"):

@@ -17,6 +17,7 @@ from lina.hf.blocks import block_shape, checkpoint_tensors, new_layer, state_fro
 from lina.hf.errors import HFModelError, unsupported
 from lina.hf.families import FAMILIES, require_transformers
 from lina.hf.swap import ExpertParallel, make_comm, match_dtypes, resolve_groups, sparse_blocks
+from lina.moe.comm_context import ExpertComm
 from lina.moe.layer import MoELayer
 from lina.obs.timeline import Timeline
 
@@ -120,9 +121,11 @@ def check_family(config: dict) -> str:
 
 def load_pretrained(folder: str | Path, group: Any = None, policy: str | None = None, *, pipeline_chunks: int = 2,
                     balance_loss_weight: float = 0.0, bias_update_rate: float = 0.0, grouped_mm: bool = False,
-                    timeline: Timeline | None = None, **policy_kwargs) -> ExpertParallel:
+                    timeline: Timeline | None = None, comm: ExpertComm | None = None, **policy_kwargs) -> ExpertParallel:
     """Build the model of a checkpoint folder with lina MoE layers holding only this rank's
-    experts (other experts' tensors are never read). Arguments as :func:`lina.hf.swap.expert_parallel`.
+    experts (other experts' tensors are never read). Arguments as :func:`lina.hf.swap.expert_parallel`;
+    ``comm`` is an existing expert-parallel context for every MoE layer (a trainer's, whose hooks
+    call its own policy; its group must be ``group``'s EP group).
     Returns the :class:`~lina.hf.swap.ExpertParallel` handle; the model is ``handle.model``
     (eval mode, the checkpoint's dtypes)."""
     transformers = require_transformers()
@@ -142,10 +145,13 @@ def load_pretrained(folder: str | Path, group: Any = None, policy: str | None = 
     with torch.device("meta"):
         model = getattr(transformers, family.model_class)(config)
     ref: list = []
-    comm = make_comm(groups, ref, timeline)
+    layer_comm, own_comm = comm, comm is None
+    if own_comm:
+        comm = make_comm(groups, ref, timeline)
+        layer_comm = comm if groups.ep_group is not None else None
     layers, ids = [], []
     for index, (i, _block) in enumerate(sparse_blocks(model, family)):
-        layer = new_layer(shape, comm if groups.ep_group is not None else None, balance_loss_weight)
+        layer = new_layer(shape, layer_comm, balance_loss_weight)
         state = state_from_checkpoint(reader, family, i, shape.num_experts, layer.experts.global_ids)
         match_dtypes(layer, state["router.gate.weight"].dtype, state["experts.w1"].dtype)
         layer.load_state_dict(state)
@@ -155,8 +161,8 @@ def load_pretrained(folder: str | Path, group: Any = None, policy: str | None = 
         ids.append(i)
     _materialise(model, reader, config)
     model.eval()
-    if groups.ep_group is not None:
-        comm.pipeline_chunks = pipeline_chunks
+    if own_comm and groups.ep_group is not None:
+        comm.pipeline_chunks = pipeline_chunks  # a given comm keeps its owner's setting
     handle = ExpertParallel(model, family, groups, comm, layers, ids, pipeline_chunks)
     handle.keys_read = reader.keys_read
     ref.append(handle)

@@ -1,0 +1,76 @@
+"""``lina hf make-tiny``, ``lina train --hf-model`` and ``lina infer --hf-model``: tiny checkpoints
+are made locally, bad checkpoints and contradicting options exit with code 2 and a message
+naming the problem and the fix, before any worker starts."""
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from lina.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    assert main(["hf", "make-tiny", "--family", "mixtral", "--out", str(out)]) == 0
+    assert main(["hf", "make-tiny", "--family", "deepseek_v3", "--out", str(out), "--max-shard-size", "40KB"]) == 0
+    return out
+
+
+def _fails(argv, capsys, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    assert "Traceback" not in err
+
+
+def test_make_tiny_writes_loadable_folders(tiny):
+    assert (tiny / "mixtral" / "config.json").is_file() and (tiny / "mixtral" / "model.safetensors").is_file()
+    assert (tiny / "deepseek_v3" / "model.safetensors.index.json").is_file()
+
+
+def test_train_rejects_bad_checkpoints(tiny, tmp_path, capsys):
+    _fails(["train", "--hf-model", str(tmp_path / "missing")], capsys, "does not exist", "Fix:")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((tiny / "mixtral" / "config.json").read_text())
+    _fails(["train", "--hf-model", str(tmp_path / "empty")], capsys, "holds no safetensors weights", "Fix:")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text((tiny / "mixtral" / "config.json").read_text())
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"not a safetensors file")
+    _fails(["train", "--hf-model", str(tmp_path / "bad")], capsys, "corrupt safetensors", "Fix: re-save")
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "llama" / "model.safetensors").write_bytes((tiny / "mixtral" / "model.safetensors").read_bytes())
+    _fails(["train", "--hf-model", str(tmp_path / "llama")], capsys, "unsupported architecture 'llama'", "Fix:")
+
+
+def test_train_rejects_layouts_the_checkpoint_cannot_take(tiny, capsys):
+    _fails(["train", "--hf-model", str(tiny / "mixtral"), "--workers", "3"], capsys,
+           "8 experts cannot be sharded evenly over an expert-parallel group of 3", "Fix:")
+    _fails(["train", "--hf-model", str(tiny / "mixtral"), "--experts", "4"], capsys,
+           "contradicts the checkpoint's 8", "drop --experts")
+
+
+def test_infer_rejects_bad_input(tiny, capsys):
+    _fails(["infer", "--hf-model", str(tiny / "mixtral"), "--model", "x"], capsys, "exactly one of --model and --hf-model")
+    _fails(["infer", "--hf-model", str(tiny / "mixtral"), "--seq-len", "1000"], capsys, "checkpoint's positions")
+
+
+@pytest.mark.slow
+def test_train_then_infer_with_a_checkpoint(tiny, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n" * 400)
+    cfg = tmp_path / "small.toml"
+    cfg.write_text("eval_every = 2\ncheckpoint_every = 2\neval_batches = 1\nbatch_size = 2\n[model]\nseq_len = 32\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--hf-model", str(tiny / "deepseek_v3"), "--workers", "2", "--steps", "4",
+                 "--schedule", "lina", "--chunk-mb", "0.01", "--corpus", str(corpus), "--out", str(out)]) == 0
+    assert (out / "summary.json").is_file()
+    trace = tmp_path / "trace.npz"
+    assert main(["infer", "--hf-model", str(tiny / "deepseek_v3"), "--corpus", str(corpus), "--sequences", "8",
+                 "--seq-len", "32", "--record-trace", str(trace)]) == 0
+    from lina.infer.trace import load_trace
+
+    t = load_trace(trace)
+    assert (t.num_tokens, t.num_layers, t.top_k, t.num_experts) == (256, 2, 2, 8)
