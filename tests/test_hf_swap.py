@@ -71,3 +71,40 @@ def test_deepseek_correction_bias_moves_toward_balance(rate):
         assert imbalance[-1] == imbalance[0]
     else:
         assert all(max(step) < 2.0 for step in imbalance[-5:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it on one)")
+@pytest.mark.parametrize("grouped_mm", [False, True])
+def test_swapped_model_equals_hf_on_cuda(grouped_mm):
+    """The world-size-1 equivalence on a GPU, fp32 (no TF32), for Qwen3-MoE."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hf = tiny_model("qwen3_moe", seed=1).cuda()
+    swapped = copy.deepcopy(hf)
+    expert_parallel(swapped, grouped_mm=grouped_mm)
+    ids, labels = (t.cuda() for t in batch(3))
+    ref_logits, _, ref_dx = loss_and_input_grad(hf, ids, labels)
+    logits, _, dx = loss_and_input_grad(swapped, ids, labels)
+    torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(dx, ref_dx, atol=ATOL, rtol=0)
+    assert_grads_match(lina_grads(swapped), hf_grads(hf))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it on one)")
+def test_grouped_experts_equal_per_expert_in_bf16_on_cuda():
+    """Where CUDA runs grouped_mm (bf16), grouped SwiGLU experts equal per-expert ones within bf16
+    rounding (2e-2 relative to the output scale)."""
+    from lina.moe.experts import LocalExperts, grouped_mm_supported
+    from lina.moe.spec import ExpertSpec
+
+    dev = torch.device("cuda")
+    if not grouped_mm_supported(dev, torch.bfloat16):
+        pytest.skip("grouped_mm does not run on this GPU in bf16")
+    torch.manual_seed(0)
+    loop = LocalExperts(8, 64, 128, list(range(8)), spec=ExpertSpec("swiglu")).to(dev, torch.bfloat16)
+    grouped = copy.deepcopy(loop)
+    grouped.spec = ExpertSpec("swiglu", grouped_mm=True)
+    counts = [40, 0, 13, 7, 64, 1, 30, 5]
+    rows = torch.randn(sum(counts), 64, device=dev, dtype=torch.bfloat16)
+    a, b = loop(rows, counts).float(), grouped(rows, counts).float()
+    assert grouped.uses_grouped_mm(rows)
+    torch.testing.assert_close(b, a, atol=2e-2 * float(a.abs().max()), rtol=0)
