@@ -1,4 +1,5 @@
-"""A GPT-style decoder language model whose FFNs are (every ``moe_interval``-th) MoE layers."""
+"""A GPT-style decoder language model whose FFNs are (every ``moe_interval``-th, after the first
+``first_k_dense``) MoE layers."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class Block(nn.Module):
         if moe:
             self.ffn: nn.Module = MoELayer(
                 cfg.d_model, cfg.d_ff, cfg.experts, cfg.top_k, cfg.capacity_factor, cfg.dropless,
-                cfg.balance_loss_weight, cfg.z_loss_weight, cfg.gate_noise, comm,
+                cfg.balance_loss_weight, cfg.z_loss_weight, cfg.gate_noise, comm, spec=cfg.moe_spec(),
             )
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff)
@@ -71,7 +72,7 @@ class MoEGPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(
-            Block(cfg, moe=(i % cfg.moe_interval == cfg.moe_interval - 1), comm=comm) for i in range(cfg.n_layers)
+            Block(cfg, moe=cfg.is_moe(i), comm=comm) for i in range(cfg.n_layers)
         )
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
