@@ -40,7 +40,9 @@ def hf_grads(model) -> dict[str, torch.Tensor]:
         elif ".mlp.shared_expert_gate." in name:
             out[name.replace(".mlp.shared_expert_gate.", ".mlp.shared.gate.")] = g
         elif ".mlp.shared_expert." in name or ".mlp.shared_experts." in name:
-            out[name.replace(".mlp.shared_experts.", ".mlp.shared.").replace(".mlp.shared_expert.", ".mlp.shared.")] = g
+            out[
+                name.replace(".mlp.shared_experts.", ".mlp.shared.").replace(".mlp.shared_expert.", ".mlp.shared.")
+            ] = g
         else:
             out[name] = g
     return out
@@ -50,7 +52,9 @@ def lina_grads(model, global_ids_of=None) -> dict[str, torch.Tensor]:
     return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_grads_match(swapped: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], expert_ids: list[int] | None = None):
+def assert_grads_match(
+    swapped: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], expert_ids: list[int] | None = None
+):
     """Every swapped gradient equals the reference's (expert ones: the rows of ``expert_ids``)."""
     assert swapped, "no gradients"
     for name, g in swapped.items():

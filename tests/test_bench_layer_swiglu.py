@@ -12,8 +12,32 @@ from lina.moe.experts import grouped_mm_supported
 
 def test_bench_layer_swiglu_reports_grouped_and_per_expert(tmp_path, capsys):
     out = tmp_path / "layer.json"
-    assert main(["bench", "layer", "--quick", "--expert", "swiglu", "--tokens", "128", "--d-model", "32", "--d-ff", "32",
-                 "--experts", "8", "--top-k", "2", "--repeats", "2", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "layer",
+                "--quick",
+                "--expert",
+                "swiglu",
+                "--tokens",
+                "128",
+                "--d-model",
+                "32",
+                "--d-ff",
+                "32",
+                "--experts",
+                "8",
+                "--top-k",
+                "2",
+                "--repeats",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert data["shape"]["expert"] == "swiglu" and "provenance" in data
     assert data["median_ms"]["experts"] > 0 and data["median_ms"]["moe"] > 0

@@ -54,7 +54,9 @@ def test_engine_serves_swiglu_and_shared_experts(expert, shared):
     torch.manual_seed(0)
     model = MoEGPT(cfg).eval()
     served = ServedGPT(model)
-    engine = InferenceEngine(served.store, cfg.top_k, None, make_serving_policy("static", cfg.experts, 1, cfg.top_k, cfg.n_layers))
+    engine = InferenceEngine(
+        served.store, cfg.top_k, None, make_serving_policy("static", cfg.experts, 1, cfg.top_k, cfg.n_layers)
+    )
     x = _tokens(3)
     with torch.no_grad():
         h, _ = engine.run_batch(served.embed(x), served.dense, served.gate)

@@ -57,7 +57,9 @@ def test_fused_expert_checkpoint_reads_only_some_rows(tmp_path):
     model = tiny_model("mixtral", seed=4)
     (tmp_path / "fused").mkdir()
     model.config.save_pretrained(tmp_path / "fused")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "fused" / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "fused" / "model.safetensors")
+    )
     ids, _ = batch(9)
     with torch.no_grad():
         ref = model(ids).logits
@@ -67,8 +69,16 @@ def test_fused_expert_checkpoint_reads_only_some_rows(tmp_path):
 def test_unsupported_architecture(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(tmp_path)
     with pytest.raises(HFModelError, match="unsupported architecture 'llama'.*Fix: use a checkpoint of one of"):
         load_pretrained(tmp_path)
 

@@ -46,14 +46,24 @@ def test_train_rejects_bad_checkpoints(tiny, tmp_path, capsys):
 
 
 def test_train_rejects_layouts_the_checkpoint_cannot_take(tiny, capsys):
-    _fails(["train", "--hf-model", str(tiny / "mixtral"), "--workers", "3"], capsys,
-           "8 experts cannot be sharded evenly over an expert-parallel group of 3", "Fix:")
-    _fails(["train", "--hf-model", str(tiny / "mixtral"), "--experts", "4"], capsys,
-           "contradicts the checkpoint's 8", "drop --experts")
+    _fails(
+        ["train", "--hf-model", str(tiny / "mixtral"), "--workers", "3"],
+        capsys,
+        "8 experts cannot be sharded evenly over an expert-parallel group of 3",
+        "Fix:",
+    )
+    _fails(
+        ["train", "--hf-model", str(tiny / "mixtral"), "--experts", "4"],
+        capsys,
+        "contradicts the checkpoint's 8",
+        "drop --experts",
+    )
 
 
 def test_infer_rejects_bad_input(tiny, capsys):
-    _fails(["infer", "--hf-model", str(tiny / "mixtral"), "--model", "x"], capsys, "exactly one of --model and --hf-model")
+    _fails(
+        ["infer", "--hf-model", str(tiny / "mixtral"), "--model", "x"], capsys, "exactly one of --model and --hf-model"
+    )
     _fails(["infer", "--hf-model", str(tiny / "mixtral"), "--seq-len", "1000"], capsys, "checkpoint's positions")
 
 
@@ -64,12 +74,50 @@ def test_train_then_infer_with_a_checkpoint(tiny, tmp_path, capsys):
     cfg = tmp_path / "small.toml"
     cfg.write_text("eval_every = 2\ncheckpoint_every = 2\neval_batches = 1\nbatch_size = 2\n[model]\nseq_len = 32\n")
     out = tmp_path / "run"
-    assert main(["train", "--config", str(cfg), "--hf-model", str(tiny / "deepseek_v3"), "--workers", "2", "--steps", "4",
-                 "--schedule", "lina", "--chunk-mb", "0.01", "--corpus", str(corpus), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg),
+                "--hf-model",
+                str(tiny / "deepseek_v3"),
+                "--workers",
+                "2",
+                "--steps",
+                "4",
+                "--schedule",
+                "lina",
+                "--chunk-mb",
+                "0.01",
+                "--corpus",
+                str(corpus),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "summary.json").is_file()
     trace = tmp_path / "trace.npz"
-    assert main(["infer", "--hf-model", str(tiny / "deepseek_v3"), "--corpus", str(corpus), "--sequences", "8",
-                 "--seq-len", "32", "--record-trace", str(trace)]) == 0
+    assert (
+        main(
+            [
+                "infer",
+                "--hf-model",
+                str(tiny / "deepseek_v3"),
+                "--corpus",
+                str(corpus),
+                "--sequences",
+                "8",
+                "--seq-len",
+                "32",
+                "--record-trace",
+                str(trace),
+            ]
+        )
+        == 0
+    )
     from lina.infer.trace import load_trace
 
     t = load_trace(trace)
@@ -91,8 +139,19 @@ def test_hf_model_resume_and_packing_keep_the_trajectory(tiny, tmp_path):
     corpus.write_text("for i in range(10):\n    print(i * i)\n" * 400)
     cfg = tmp_path / "small.toml"
     cfg.write_text("eval_every = 3\ncheckpoint_every = 3\neval_batches = 1\nbatch_size = 2\n[model]\nseq_len = 32\n")
-    common = ["train", "--config", str(cfg), "--hf-model", str(tiny / "mixtral"), "--workers", "2", "--schedule", "tutel",
-              "--corpus", str(corpus)]
+    common = [
+        "train",
+        "--config",
+        str(cfg),
+        "--hf-model",
+        str(tiny / "mixtral"),
+        "--workers",
+        "2",
+        "--schedule",
+        "tutel",
+        "--corpus",
+        str(corpus),
+    ]
     straight, resumed, packed = tmp_path / "straight", tmp_path / "resumed", tmp_path / "packed"
     assert main(common + ["--steps", "6", "--out", str(straight)]) == 0
     assert main(common + ["--steps", "3", "--out", str(resumed)]) == 0

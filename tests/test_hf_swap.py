@@ -8,7 +8,15 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_helpers import ATOL, FAMILIES, assert_grads_match, batch, hf_grads, lina_grads, loss_and_input_grad  # noqa: E402
+from hf_helpers import (
+    ATOL,
+    FAMILIES,
+    assert_grads_match,
+    batch,
+    hf_grads,
+    lina_grads,
+    loss_and_input_grad,
+)  # noqa: E402
 from lina.hf.errors import HFModelError  # noqa: E402
 from lina.hf.swap import expert_parallel  # noqa: E402
 from lina.hf.tiny import tiny_model  # noqa: E402
@@ -46,8 +54,16 @@ def test_olmoe_keeps_unnormalised_weights():
 def test_unsupported_architecture_is_named():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(HFModelError, match="unsupported architecture 'llama'.*mixtral"):
         expert_parallel(model)
 

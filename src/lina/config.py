@@ -76,7 +76,8 @@ class ModelConfig:
             raise ConfigError("model.expert", f"unknown expert FFN {self.expert!r}", "use gelu or swiglu")
         for name in ("shared_expert_d_ff", "first_k_dense"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"model.{name}", f"{getattr(self, name)!r} must be an integer >= 0", "use 0 (off) or a positive integer")
+                raise ConfigError(f"model.{name}", f"{getattr(self, name)!r} must be an integer >= 0",
+                                  "use 0 (off) or a positive integer")
         if not any(self.is_moe(i) for i in range(self.n_layers)):
             raise ConfigError("model.first_k_dense", f"no MoE layer is left among {self.n_layers} layers",
                               f"use first_k_dense < {self.n_layers} or a smaller moe_interval")

@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--expert", choices=("gelu", "swiglu"), default="gelu", help="expert FFN; swiglu also times grouped_mm")
+    p.add_argument("--expert", choices=("gelu", "swiglu"), default="gelu",
+                   help="expert FFN; swiglu also times grouped_mm")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--repeats", type=int, default=20)
@@ -108,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         "grouped_mm": grouped,
     }
     if grouped:
-        out["routing_overhead_share_grouped"] = (stats["moe_grouped"]["median"] - stats["experts_grouped"]["median"]) / stats["experts_grouped"]["median"]
+        grouped_experts = stats["experts_grouped"]["median"]
+        out["routing_overhead_share_grouped"] = (stats["moe_grouped"]["median"] - grouped_experts) / grouped_experts
         out["experts_per_expert_over_grouped"] = stats["experts"]["median"] / stats["experts_grouped"]["median"]
     where = f"{device}, {args.dtype}" + (f", {out['shape']['threads']} threads" if device.type == "cpu" else "")
     print(f"MoE layer fwd+bwd, {n} tokens, d_model {d}, d_ff {f}, {e} {args.expert} experts, top-{k}, {where} "

@@ -12,8 +12,11 @@ FAMILY_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 def register(subparsers) -> None:
     p = subparsers.add_parser("hf", help="Hugging Face checkpoints: make tiny test checkpoints of each family")
     sub = p.add_subparsers(dest="hf_command", metavar="ACTION")
-    tiny = sub.add_parser("make-tiny", help="write tiny random checkpoints (config.json + model.safetensors)",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tiny = sub.add_parser(
+        "make-tiny",
+        help="write tiny random checkpoints (config.json + model.safetensors)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     tiny.add_argument("--family", choices=FAMILY_NAMES + ("all",), default="all")
     tiny.add_argument("--out", default="runs/hf-tiny", help="folder; each family goes to OUT/FAMILY")
     tiny.add_argument("--seed", type=int, default=0)

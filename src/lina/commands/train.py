@@ -46,9 +46,10 @@ def register(subparsers) -> None:
     p.add_argument("--emulate", help="emulated cluster, e.g. hosts=4,link=200mbit (default none: loopback)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--hf-model", metavar="DIR", help="fine-tune a Hugging Face checkpoint folder (config.json + safetensors; "
-                   "Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) instead of the built-in GPT; its config fixes "
-                   "experts, top-k and widths; needs pip install 'lina[hf]'")
+    p.add_argument("--hf-model", metavar="DIR",
+                   help="fine-tune a Hugging Face checkpoint folder (config.json + safetensors; Mixtral, Qwen2-MoE, "
+                   "Qwen3-MoE, OLMoE, DeepSeek-V3) instead of the built-in GPT; its config fixes experts, top-k and "
+                   "widths; needs pip install 'lina[hf]'")
     p.set_defaults(func=run)
 
 

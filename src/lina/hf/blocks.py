@@ -37,7 +37,9 @@ def block_shape(family: Family, config, grouped_mm: bool = False, bias_update_ra
     """Read the MoE block shape and gate convention of ``config`` (a transformers config)."""
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
-        raise HFModelError(f"hidden_act={act!r}: lina's SwiGLU experts use silu. Fix: use a checkpoint with hidden_act='silu'")
+        raise HFModelError(
+            f"hidden_act={act!r}: lina's SwiGLU experts use silu. Fix: use a checkpoint with hidden_act='silu'"
+        )
     num_experts = int(getattr(config, "num_experts", None) or config.num_local_experts)
     top_k = int(config.num_experts_per_tok)
     expert = ExpertSpec(activation="swiglu", grouped_mm=grouped_mm)
@@ -52,10 +54,15 @@ def block_shape(family: Family, config, grouped_mm: bool = False, bias_update_ra
     elif t == "olmoe":
         router, d_ff = RouterSpec(norm_topk_prob=bool(config.norm_topk_prob)), config.intermediate_size
     elif t == "deepseek_v3":
-        router = RouterSpec(score="sigmoid", norm_topk_prob=bool(config.norm_topk_prob), correction_bias=True,
-                            bias_update_rate=bias_update_rate, n_group=int(config.n_group or 1),
-                            topk_group=int(config.topk_group or 1),
-                            routed_scaling_factor=float(config.routed_scaling_factor))
+        router = RouterSpec(
+            score="sigmoid",
+            norm_topk_prob=bool(config.norm_topk_prob),
+            correction_bias=True,
+            bias_update_rate=bias_update_rate,
+            n_group=int(config.n_group or 1),
+            topk_group=int(config.topk_group or 1),
+            routed_scaling_factor=float(config.routed_scaling_factor),
+        )
         d_ff = config.moe_intermediate_size
         if config.n_shared_experts:
             shared = SharedExpertSpec(d_ff=config.moe_intermediate_size * config.n_shared_experts)
@@ -68,10 +75,21 @@ def new_layer(shape: BlockShape, comm: ExpertComm | None, balance_loss_weight: f
     """An empty (uninitialised experts, dropless) lina layer of ``shape`` holding this rank's experts."""
     ep = comm.size if comm is not None else 1
     if shape.num_experts % ep:
-        raise HFModelError(f"{shape.num_experts} experts cannot be split evenly over an expert-parallel group of {ep} ranks. "
-                           f"Fix: use an EP size that divides {shape.num_experts}")
-    return MoELayer(shape.d_model, shape.d_ff, shape.num_experts, shape.top_k, dropless=True,
-                    balance_loss_weight=balance_loss_weight, comm=comm, spec=shape.spec, init_experts=False)
+        raise HFModelError(
+            f"{shape.num_experts} experts cannot be split evenly over an expert-parallel group of {ep} ranks. "
+            f"Fix: use an EP size that divides {shape.num_experts}"
+        )
+    return MoELayer(
+        shape.d_model,
+        shape.d_ff,
+        shape.num_experts,
+        shape.top_k,
+        dropless=True,
+        balance_loss_weight=balance_loss_weight,
+        comm=comm,
+        spec=shape.spec,
+        init_experts=False,
+    )
 
 
 def _swiglu_w1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -83,13 +101,17 @@ def state_from_block(block: nn.Module, family: Family, ids: list[int]) -> dict[s
     """The lina layer's state dict for experts ``ids``, taken from a live transformers block."""
     experts = block.experts
     if not hasattr(experts, "gate_up_proj"):
-        raise HFModelError(f"{type(block).__name__} keeps its experts as {type(experts).__name__} without fused "
-                           "gate_up_proj / down_proj weights, a layout this transformers version does not have. "
-                           "Fix: install transformers>=5 (pip install 'lina[hf]')")
+        raise HFModelError(
+            f"{type(block).__name__} keeps its experts as {type(experts).__name__} without fused "
+            "gate_up_proj / down_proj weights, a layout this transformers version does not have. "
+            "Fix: install transformers>=5 (pip install 'lina[hf]')"
+        )
     idx = torch.tensor(ids, dtype=torch.long)
     state = {
         "router.gate.weight": block.gate.weight.detach(),
-        "experts.w1": experts.gate_up_proj.detach().index_select(0, idx.to(experts.gate_up_proj.device)).transpose(1, 2),
+        "experts.w1": experts.gate_up_proj.detach()
+        .index_select(0, idx.to(experts.gate_up_proj.device))
+        .transpose(1, 2),
         "experts.w2": experts.down_proj.detach().index_select(0, idx.to(experts.down_proj.device)).transpose(1, 2),
     }
     if hasattr(block.gate, "e_score_correction_bias"):
@@ -103,7 +125,9 @@ def state_from_block(block: nn.Module, family: Family, ids: list[int]) -> dict[s
     return {k: v.contiguous() for k, v in state.items()}
 
 
-def checkpoint_keys(family: Family, layer: int, num_experts: int, block_key: str | None = None) -> dict[str, list[str] | str]:
+def checkpoint_keys(
+    family: Family, layer: int, num_experts: int, block_key: str | None = None
+) -> dict[str, list[str] | str]:
     """Checkpoint key(s) of each lina parameter of MoE block ``layer`` (per-expert layout):
     ``experts.w1`` -> gate keys then up keys (E each), ``experts.w2`` -> down keys.
     ``block_key`` overrides the family's name of the block (fused checkpoints use ``mlp``)."""
@@ -131,7 +155,9 @@ def fused_keys(family: Family, layer: int) -> tuple[str, str]:
     return p + "gate_up_proj", p + "down_proj"
 
 
-def state_from_checkpoint(reader, family: Family, layer: int, num_experts: int, ids: list[int]) -> dict[str, torch.Tensor]:
+def state_from_checkpoint(
+    reader, family: Family, layer: int, num_experts: int, ids: list[int]
+) -> dict[str, torch.Tensor]:
     """The lina layer's state dict for experts ``ids`` of MoE block ``layer``, reading only those
     experts' tensors from ``reader`` (a :class:`lina.hf.checkpoint.CheckpointReader`)."""
     fused_gate_up, fused_down = fused_keys(family, layer)
@@ -152,7 +178,9 @@ def state_from_checkpoint(reader, family: Family, layer: int, num_experts: int, 
     return state
 
 
-def checkpoint_tensors(state: dict[str, torch.Tensor], family: Family, layer: int, num_experts: int) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(
+    state: dict[str, torch.Tensor], family: Family, layer: int, num_experts: int
+) -> dict[str, torch.Tensor]:
     """Inverse of :func:`state_from_checkpoint` for a layer state holding *every* expert
     (``experts.w1 [E, d, 2f]``, ``experts.w2 [E, f, d]``) -> checkpoint key -> tensor."""
     keys = checkpoint_keys(family, layer, num_experts)

@@ -37,25 +37,37 @@ class CheckpointReader:
         self.folder = Path(folder)
         self._error = SafetensorError
         if not self.folder.is_dir():
-            raise HFModelError(f"checkpoint folder {str(self.folder)!r} does not exist. "
-                               "Fix: pass a folder written by save_pretrained (config.json + safetensors)")
+            raise HFModelError(
+                f"checkpoint folder {str(self.folder)!r} does not exist. "
+                "Fix: pass a folder written by save_pretrained (config.json + safetensors)"
+            )
         if not (self.folder / "config.json").is_file():
             raise HFModelError(f"{self.folder} has no config.json. Fix: pass a folder written by save_pretrained")
         if (self.folder / INDEX).is_file():
             try:
                 weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
             except (ValueError, KeyError) as err:
-                raise HFModelError(f"{self.folder / INDEX} is not a valid safetensors index ({err}). "
-                                   "Fix: re-save the checkpoint with save_pretrained") from None
+                raise HFModelError(
+                    f"{self.folder / INDEX} is not a valid safetensors index ({err}). "
+                    "Fix: re-save the checkpoint with save_pretrained"
+                ) from None
             files = sorted(set(weight_map.values()))
         elif (self.folder / SINGLE).is_file():
             files, weight_map = [SINGLE], None
         else:
             bins = sorted(p.name for p in self.folder.glob("*.bin"))
-            hint = (f" (it holds PyTorch weights {', '.join(bins)}: load them with transformers and "
-                    "save_pretrained(folder, safe_serialization=True))") if bins else ""
-            raise HFModelError(f"{self.folder} holds no safetensors weights ({SINGLE} or {INDEX}){hint}. "
-                               "Fix: write the model with save_pretrained")
+            hint = (
+                (
+                    f" (it holds PyTorch weights {', '.join(bins)}: load them with transformers and "
+                    "save_pretrained(folder, safe_serialization=True))"
+                )
+                if bins
+                else ""
+            )
+            raise HFModelError(
+                f"{self.folder} holds no safetensors weights ({SINGLE} or {INDEX}){hint}. "
+                "Fix: write the model with save_pretrained"
+            )
         self._handles: dict[str, Any] = {}
         self._where: dict[str, str] = {}
         for name in files:
@@ -66,31 +78,38 @@ class CheckpointReader:
                 handle = safe_open(str(path), framework="pt")
                 keys = list(handle.keys())
             except (self._error, OSError, ValueError) as err:
-                raise HFModelError(f"corrupt safetensors file {path}: {err}. "
-                                   "Fix: re-save or re-copy the checkpoint") from None
+                raise HFModelError(
+                    f"corrupt safetensors file {path}: {err}. " "Fix: re-save or re-copy the checkpoint"
+                ) from None
             self._handles[name] = handle
             for key in keys:
                 self._where[key] = name
         if weight_map is not None:
             missing = [k for k in weight_map if k not in self._where]
             if missing:
-                raise HFModelError(f"{len(missing)} tensors of {INDEX} (e.g. {missing[0]!r}) are not in their files. "
-                                   "Fix: re-save the checkpoint")
+                raise HFModelError(
+                    f"{len(missing)} tensors of {INDEX} (e.g. {missing[0]!r}) are not in their files. "
+                    "Fix: re-save the checkpoint"
+                )
         self.keys_read: set[str] = set()
 
     def config(self) -> dict:
         try:
             return json.loads((self.folder / "config.json").read_text())
         except ValueError as err:
-            raise HFModelError(f"{self.folder / 'config.json'} is not valid JSON ({err}). Fix: re-save the checkpoint") from None
+            raise HFModelError(
+                f"{self.folder / 'config.json'} is not valid JSON ({err}). Fix: re-save the checkpoint"
+            ) from None
 
     def has(self, key: str) -> bool:
         return key in self._where
 
     def _handle(self, key: str):
         if key not in self._where:
-            raise HFModelError(f"tensor {key!r} is missing from {self.folder}. "
-                               "Fix: use a complete checkpoint of the architecture its config.json names")
+            raise HFModelError(
+                f"tensor {key!r} is missing from {self.folder}. "
+                "Fix: use a complete checkpoint of the architecture its config.json names"
+            )
         self.keys_read.add(key)
         return self._handles[self._where[key]]
 
@@ -98,8 +117,10 @@ class CheckpointReader:
         try:
             return self._handle(key).get_tensor(key)
         except (self._error, OSError, ValueError) as err:
-            raise HFModelError(f"corrupt safetensors data for {key!r} in {self.folder}: {err}. "
-                               "Fix: re-save or re-copy the checkpoint") from None
+            raise HFModelError(
+                f"corrupt safetensors data for {key!r} in {self.folder}: {err}. "
+                "Fix: re-save or re-copy the checkpoint"
+            ) from None
 
     def get_rows(self, key: str, ids: list[int]) -> torch.Tensor:
         """Rows ``ids`` of a tensor (e.g. some experts of a fused ``[E, ...]`` weight), reading only
@@ -108,8 +129,10 @@ class CheckpointReader:
             sl = self._handle(key).get_slice(key)
             return torch.stack([sl[i : i + 1][0] for i in ids])
         except (self._error, OSError, ValueError) as err:
-            raise HFModelError(f"corrupt safetensors data for {key!r} in {self.folder}: {err}. "
-                               "Fix: re-save or re-copy the checkpoint") from None
+            raise HFModelError(
+                f"corrupt safetensors data for {key!r} in {self.folder}: {err}. "
+                "Fix: re-save or re-copy the checkpoint"
+            ) from None
 
 
 def check_family(config: dict) -> str:
@@ -119,9 +142,19 @@ def check_family(config: dict) -> str:
     return model_type
 
 
-def load_pretrained(folder: str | Path, group: Any = None, policy: str | None = None, *, pipeline_chunks: int = 2,
-                    balance_loss_weight: float = 0.0, bias_update_rate: float = 0.0, grouped_mm: bool = False,
-                    timeline: Timeline | None = None, comm: ExpertComm | None = None, **policy_kwargs) -> ExpertParallel:
+def load_pretrained(
+    folder: str | Path,
+    group: Any = None,
+    policy: str | None = None,
+    *,
+    pipeline_chunks: int = 2,
+    balance_loss_weight: float = 0.0,
+    bias_update_rate: float = 0.0,
+    grouped_mm: bool = False,
+    timeline: Timeline | None = None,
+    comm: ExpertComm | None = None,
+    **policy_kwargs,
+) -> ExpertParallel:
     """Build the model of a checkpoint folder with lina MoE layers holding only this rank's
     experts (other experts' tensors are never read). Arguments as :func:`lina.hf.swap.expert_parallel`;
     ``comm`` is an existing expert-parallel context for every MoE layer (a trainer's, whose hooks
@@ -134,14 +167,18 @@ def load_pretrained(folder: str | Path, group: Any = None, policy: str | None = 
     try:
         config = transformers.AutoConfig.from_pretrained(str(reader.folder))
     except (ValueError, KeyError, OSError) as err:
-        raise HFModelError(f"transformers cannot read {reader.folder / 'config.json'} ({err}). "
-                           "Fix: re-save the checkpoint with this transformers version") from None
+        raise HFModelError(
+            f"transformers cannot read {reader.folder / 'config.json'} ({err}). "
+            "Fix: re-save the checkpoint with this transformers version"
+        ) from None
     family = FAMILIES[config.model_type]
     groups = resolve_groups(group)
     shape = block_shape(family, config, grouped_mm=grouped_mm, bias_update_rate=bias_update_rate)
     if shape.num_experts % groups.ep_size:
-        raise HFModelError(f"{shape.num_experts} experts cannot be split evenly over an expert-parallel group of "
-                           f"{groups.ep_size} ranks. Fix: use an EP size that divides {shape.num_experts}")
+        raise HFModelError(
+            f"{shape.num_experts} experts cannot be split evenly over an expert-parallel group of "
+            f"{groups.ep_size} ranks. Fix: use an EP size that divides {shape.num_experts}"
+        )
     with torch.device("meta"):
         model = getattr(transformers, family.model_class)(config)
     ref: list = []

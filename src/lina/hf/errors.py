@@ -14,5 +14,7 @@ class HFModelError(LinaError):
 def unsupported(model_type: str) -> HFModelError:
     from lina.hf.families import FAMILIES
 
-    return HFModelError(f"unsupported architecture {model_type!r}: lina swaps the MoE blocks of "
-                        f"{', '.join(sorted(FAMILIES))}. Fix: use a checkpoint of one of those families")
+    return HFModelError(
+        f"unsupported architecture {model_type!r}: lina swaps the MoE blocks of "
+        f"{', '.join(sorted(FAMILIES))}. Fix: use a checkpoint of one of those families"
+    )

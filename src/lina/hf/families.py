@@ -31,13 +31,27 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("mixtral", "MixtralConfig", "MixtralForCausalLM", "MixtralSparseMoeBlock",
-               block_key="block_sparse_moe", expert_keys=("w1", "w3", "w2")),
-        Family("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM", "Qwen2MoeSparseMoeBlock",
-               shared_key="shared_expert", shared_gate_key="shared_expert_gate"),
+        Family(
+            "mixtral",
+            "MixtralConfig",
+            "MixtralForCausalLM",
+            "MixtralSparseMoeBlock",
+            block_key="block_sparse_moe",
+            expert_keys=("w1", "w3", "w2"),
+        ),
+        Family(
+            "qwen2_moe",
+            "Qwen2MoeConfig",
+            "Qwen2MoeForCausalLM",
+            "Qwen2MoeSparseMoeBlock",
+            shared_key="shared_expert",
+            shared_gate_key="shared_expert_gate",
+        ),
         Family("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", "Qwen3MoeSparseMoeBlock"),
         Family("olmoe", "OlmoeConfig", "OlmoeForCausalLM", "OlmoeSparseMoeBlock"),
-        Family("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM", "DeepseekV3MoE", shared_key="shared_experts"),
+        Family(
+            "deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM", "DeepseekV3MoE", shared_key="shared_experts"
+        ),
     )
 }
 
@@ -59,6 +73,7 @@ def require_transformers():
     except ImportError:
         from lina.errors import LinaError
 
-        raise LinaError("Hugging Face support needs transformers and safetensors. "
-                        "Fix: pip install 'lina[hf]'") from None
+        raise LinaError(
+            "Hugging Face support needs transformers and safetensors. " "Fix: pip install 'lina[hf]'"
+        ) from None
     return transformers

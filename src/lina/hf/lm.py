@@ -32,11 +32,20 @@ def checkpoint_model_fields(folder: str | Path) -> dict[str, Any]:
     config = require_transformers().AutoConfig.from_pretrained(str(reader.folder))
     shape = block_shape(family, config)
     if config.vocab_size < BYTE_VOCAB:
-        raise HFModelError(f"{folder} has a vocabulary of {config.vocab_size} tokens; lina's corpus is byte tokens 0-255. "
-                           f"Fix: use a checkpoint with at least {BYTE_VOCAB} tokens")
-    return {"experts": shape.num_experts, "top_k": shape.top_k, "d_model": shape.d_model, "d_ff": shape.d_ff,
-            "n_layers": int(config.num_hidden_layers), "n_heads": int(config.num_attention_heads),
-            "vocab_size": int(config.vocab_size), "max_positions": int(config.max_position_embeddings)}
+        raise HFModelError(
+            f"{folder} has a vocabulary of {config.vocab_size} tokens; lina's corpus is byte tokens 0-255. "
+            f"Fix: use a checkpoint with at least {BYTE_VOCAB} tokens"
+        )
+    return {
+        "experts": shape.num_experts,
+        "top_k": shape.top_k,
+        "d_model": shape.d_model,
+        "d_ff": shape.d_ff,
+        "n_layers": int(config.num_hidden_layers),
+        "n_heads": int(config.num_attention_heads),
+        "vocab_size": int(config.vocab_size),
+        "max_positions": int(config.max_position_embeddings),
+    }
 
 
 class HFCausalLM(nn.Module):
@@ -91,4 +100,3 @@ def load_hf_for_inference(folder: str, seq_len: int) -> HFCausalLM:
     from lina.hf.checkpoint import load_pretrained
 
     return HFCausalLM(load_pretrained(folder), seq_len).eval()
-

@@ -46,11 +46,17 @@ def resolve_groups(group: Any) -> ParallelGroups:
     if isinstance(group, dist.ProcessGroup):
         world = dist.get_world_size()
         if dist.get_world_size(group) != world:
-            raise HFModelError("a single process group must span every rank (pure expert parallelism). "
-                               "Fix: for expert x data parallelism pass lina.comm.groups.build_groups(ep_size, timeout_s)")
-        return ParallelGroups(dist.get_rank(), world, world, group if world > 1 else None, group if world > 1 else None, None)
-    raise HFModelError(f"group {group!r} is neither None, a ParallelGroups nor a process group. "
-                       "Fix: pass lina.comm.groups.build_groups(ep_size, timeout_s)")
+            raise HFModelError(
+                "a single process group must span every rank (pure expert parallelism). "
+                "Fix: for expert x data parallelism pass lina.comm.groups.build_groups(ep_size, timeout_s)"
+            )
+        return ParallelGroups(
+            dist.get_rank(), world, world, group if world > 1 else None, group if world > 1 else None, None
+        )
+    raise HFModelError(
+        f"group {group!r} is neither None, a ParallelGroups nor a process group. "
+        "Fix: pass lina.comm.groups.build_groups(ep_size, timeout_s)"
+    )
 
 
 def sparse_blocks(model: nn.Module, family: Family) -> list[tuple[int, nn.Module]]:
@@ -70,24 +76,41 @@ class ExpertParallel:
         policy: the gradient-sync policy (None: no gradient sync, e.g. one process or inference).
     """
 
-    def __init__(self, model: nn.Module, family: Family, groups: ParallelGroups, comm: ExpertComm,
-                 layers: list[MoELayer], layer_ids: list[int], pipeline_chunks: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        family: Family,
+        groups: ParallelGroups,
+        comm: ExpertComm,
+        layers: list[MoELayer],
+        layer_ids: list[int],
+        pipeline_chunks: int,
+    ):
         self.model, self.family, self.groups, self.comm = model, family, groups, comm
         self.layers, self.layer_ids = layers, layer_ids
         self.pipeline_chunks = pipeline_chunks
         self.policy: GradSync | None = None
 
-    def set_policy(self, name: str, chunk_mb: float = 1.0, credit: int = 1, bucket_mb: float = 25.0,
-                   timeout_s: float = 120.0) -> GradSync:
+    def set_policy(
+        self, name: str, chunk_mb: float = 1.0, credit: int = 1, bucket_mb: float = 25.0, timeout_s: float = 120.0
+    ) -> GradSync:
         """Use the named gradient-sync policy (``sequential``, ``deepspeed``, ``tutel``, ``lina``);
         pipelined policies split every exchange into ``pipeline_chunks`` micro-ops."""
         if self.policy is not None:
             self.policy.close()
         g = self.groups
-        self.policy = make_policy(name, chunk_mb=chunk_mb, credit=credit, model=self.model,
-                                  dp_group=g.dp_group if g.world_size > 1 else None, expert_dp_group=g.expert_dp_group,
-                                  world_size=g.world_size, timeline=self.comm.timeline, bucket_mb=bucket_mb,
-                                  timeout_s=timeout_s)
+        self.policy = make_policy(
+            name,
+            chunk_mb=chunk_mb,
+            credit=credit,
+            model=self.model,
+            dp_group=g.dp_group if g.world_size > 1 else None,
+            expert_dp_group=g.expert_dp_group,
+            world_size=g.world_size,
+            timeline=self.comm.timeline,
+            bucket_mb=bucket_mb,
+            timeout_s=timeout_s,
+        )
         self.comm.pipeline_chunks = self.pipeline_chunks if self.policy.pipelined else 1
         return self.policy
 
@@ -101,7 +124,9 @@ class ExpertParallel:
         if self.policy is not None:
             self.policy.finish()
         elif self.groups.world_size > 1:
-            raise HFModelError("gradients are not synchronised without a policy. Fix: expert_parallel(..., policy='lina')")
+            raise HFModelError(
+                "gradients are not synchronised without a policy. Fix: expert_parallel(..., policy='lina')"
+            )
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE layers' router losses of the last forward (0 with the default weights)."""
@@ -113,7 +138,9 @@ class ExpertParallel:
         the last call, summed over all ranks (no-op for routers without one). Returns the loads
         used, FloatTensor[E] per such layer."""
         group = self.groups.dp_group if self.groups.world_size > 1 else None
-        return [layer.router.update_correction_bias(group) for layer in self.layers if layer.router.spec.correction_bias]
+        return [
+            layer.router.update_correction_bias(group) for layer in self.layers if layer.router.spec.correction_bias
+        ]
 
     def close(self) -> None:
         if self.policy is not None:
@@ -145,9 +172,18 @@ def match_dtypes(layer: MoELayer, router_dtype: torch.dtype, dtype: torch.dtype)
         layer.shared.to(dtype)
 
 
-def expert_parallel(model: nn.Module, group: Any = None, policy: str | None = None, *, pipeline_chunks: int = 2,
-                    balance_loss_weight: float = 0.0, bias_update_rate: float = 0.0, grouped_mm: bool = False,
-                    timeline: Timeline | None = None, **policy_kwargs) -> ExpertParallel:
+def expert_parallel(
+    model: nn.Module,
+    group: Any = None,
+    policy: str | None = None,
+    *,
+    pipeline_chunks: int = 2,
+    balance_loss_weight: float = 0.0,
+    bias_update_rate: float = 0.0,
+    grouped_mm: bool = False,
+    timeline: Timeline | None = None,
+    **policy_kwargs,
+) -> ExpertParallel:
     """Swap every sparse MoE block of ``model`` (a transformers causal LM of a supported family),
     in place, for a lina MoE layer holding this rank's experts, sliced from the block's weights.
 

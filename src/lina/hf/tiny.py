@@ -14,24 +14,65 @@ import torch
 from lina.hf.families import FAMILIES, require_transformers
 
 #: what every tiny config shares: 256-token byte vocabulary, width 32, 4 heads
-_COMMON = dict(vocab_size=256, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=128, tie_word_embeddings=False, rms_norm_eps=1e-6,
-               bos_token_id=None, eos_token_id=None, pad_token_id=None)
+_COMMON = dict(
+    vocab_size=256,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    rms_norm_eps=1e-6,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
 
 _TINY = {
     "mixtral": dict(intermediate_size=48, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2),
-    "qwen2_moe": dict(intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
-                      num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
-                      decoder_sparse_step=1, mlp_only_layers=[0]),
-    "qwen3_moe": dict(intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=2, num_experts=8,
-                      num_experts_per_tok=2, norm_topk_prob=True, head_dim=8, decoder_sparse_step=1),
-    "olmoe": dict(intermediate_size=24, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
-                  norm_topk_prob=False),
-    "deepseek_v3": dict(intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=3, n_routed_experts=8,
-                        num_experts_per_tok=2, n_shared_experts=1, n_group=4, topk_group=2,
-                        first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
-                        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-                        rope_interleave=True, num_key_value_heads=4),
+    "qwen2_moe": dict(
+        intermediate_size=64,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        num_hidden_layers=3,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[0],
+    ),
+    "qwen3_moe": dict(
+        intermediate_size=64,
+        moe_intermediate_size=24,
+        num_hidden_layers=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        head_dim=8,
+        decoder_sparse_step=1,
+    ),
+    "olmoe": dict(
+        intermediate_size=24, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False
+    ),
+    "deepseek_v3": dict(
+        intermediate_size=64,
+        moe_intermediate_size=24,
+        num_hidden_layers=3,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        rope_interleave=True,
+        num_key_value_heads=4,
+    ),
 }
 
 

@@ -26,7 +26,8 @@ class ServedGPT:
 
     def __init__(self, model: MoEGPT):
         if model.cfg.moe_interval != 1 or model.cfg.first_k_dense != 0:
-            raise LinaError("serving needs every FFN to be an MoE layer (model.moe_interval = 1, model.first_k_dense = 0)")
+            raise LinaError("serving needs every FFN to be an MoE layer "
+                            "(model.moe_interval = 1, model.first_k_dense = 0)")
         self.model = model.eval()
         moes = model.moe_layers()
         stack = lambda name: torch.stack([getattr(m.experts, name).detach() for m in moes])  # noqa: E731

@@ -155,7 +155,8 @@ class LocalExperts(nn.Module):
 
     GELU parameters (``w1 [E_l, d_model, d_ff]``, ``b1 [E_l, d_ff]``, ``w2 [E_l, d_ff, d_model]``,
     ``b2 [E_l, d_model]``); SwiGLU parameters (``w1 [E_l, d_model, 2 d_ff]``, gate columns then
-    up columns, ``w2 [E_l, d_ff, d_model]``). They are marked ``param.lina_expert = True`` so that data-parallel gradient
+    up columns, ``w2 [E_l, d_ff, d_model]``).
+    They are marked ``param.lina_expert = True`` so that data-parallel gradient
     sync of non-expert parameters skips them. ``global_ids`` are the experts' ids in the whole model.
     ``init=False`` leaves the weights uninitialised (they are about to be filled, e.g. by
     :meth:`from_tensors`) and draws nothing from the global RNG.
@@ -186,20 +187,23 @@ class LocalExperts(nn.Module):
             self.reset_parameters()
 
     @classmethod
-    def from_tensors(cls, global_ids: list[int], *weights: torch.Tensor, spec: ExpertSpec | None = None) -> "LocalExperts":
+    def from_tensors(cls, global_ids: list[int], *weights: torch.Tensor,
+                     spec: ExpertSpec | None = None) -> "LocalExperts":
         """Experts with the given weights, in :func:`param_names` order of ``spec.activation``
         (shapes as in the class docstring, E_l = len(global_ids))."""
         spec = spec or ExpertSpec()
         names = param_names(spec.activation)
         if len(weights) != len(names):
-            raise ValueError(f"{spec.activation} experts take {len(names)} tensors ({', '.join(names)}), got {len(weights)}")
+            raise ValueError(f"{spec.activation} experts take {len(names)} tensors ({', '.join(names)}), "
+                             f"got {len(weights)}")
         num_local, d_model = weights[0].shape[:2]
         d_ff = weights[-2 if spec.activation == "gelu" else -1].shape[1]
         experts = cls(num_local, d_model, d_ff, global_ids, init=False, spec=spec)
         with torch.no_grad():
             for name, t in zip(names, weights):
-                if getattr(experts, name).shape != t.shape:
-                    raise ValueError(f"expert weight {name}: shape {tuple(t.shape)}, expected {tuple(getattr(experts, name).shape)}")
+                expected = tuple(getattr(experts, name).shape)
+                if expected != tuple(t.shape):
+                    raise ValueError(f"expert weight {name}: shape {tuple(t.shape)}, expected {expected}")
                 getattr(experts, name).copy_(t)
         return experts
 

@@ -61,8 +61,8 @@ class MoELayer(nn.Module):
         self.top_k = top_k
         self.num_local = num_experts // ep
         first = self.comm.rank * self.num_local
-        self.router = TopKRouter(d_model, num_experts, top_k, capacity_factor, dropless, balance_loss_weight, z_loss_weight, gate_noise,
-                                 spec=self.spec.router)
+        self.router = TopKRouter(d_model, num_experts, top_k, capacity_factor, dropless, balance_loss_weight,
+                                 z_loss_weight, gate_noise, spec=self.spec.router)
         self.experts = LocalExperts(self.num_local, d_model, d_ff, list(range(first, first + self.num_local)),
                                     init=init_experts, spec=self.spec.expert)
         self.shared = SharedExperts(d_model, self.spec.shared) if self.spec.shared.d_ff > 0 else None

@@ -36,7 +36,8 @@ class Routing:
     probs: torch.Tensor
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int = 1) -> int:
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
+                    min_capacity: int = 1) -> int:
     """Token-slots one expert accepts from one rank's batch: max(min_capacity, ceil(cf * T * k / E))."""
     return max(min_capacity, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 

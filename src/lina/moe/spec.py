@@ -55,8 +55,10 @@ class RouterSpec:
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"topk_group={self.topk_group} must be between 1 and n_group={self.n_group}")
         if top_k > self.topk_group * (num_experts // self.n_group):
-            raise ValueError(f"top_k={top_k} exceeds the {self.topk_group * (num_experts // self.n_group)} experts "
-                             "of the chosen groups; raise topk_group or lower top_k")
+            raise ValueError(
+                f"top_k={top_k} exceeds the {self.topk_group * (num_experts // self.n_group)} experts "
+                "of the chosen groups; raise topk_group or lower top_k"
+            )
         if self.min_capacity < 1:
             raise ValueError(f"min_capacity={self.min_capacity} must be >= 1")
         if self.bias_update_rate < 0 or (self.bias_update_rate > 0 and not self.correction_bias):
