@@ -47,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = load_trained_model(args.model)
     corpus = load_corpus(args.corpus, 3.0)
+    if args.hf_model is not None:
+        from lina.hf.tokens import corpus_for
+
+        corpus = corpus_for(args.hf_model, corpus, fields["vocab_size"])
     batches, losses = [], []
     per_batch = 8
     for i in range((args.sequences + per_batch - 1) // per_batch):

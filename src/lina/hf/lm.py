@@ -31,10 +31,13 @@ def checkpoint_model_fields(folder: str | Path) -> dict[str, Any]:
 
     config = require_transformers().AutoConfig.from_pretrained(str(reader.folder))
     shape = block_shape(family, config)
-    if config.vocab_size < BYTE_VOCAB:
+    from lina.hf.tokens import has_tokenizer
+
+    if config.vocab_size < BYTE_VOCAB and not has_tokenizer(reader.folder):
         raise HFModelError(
-            f"{folder} has a vocabulary of {config.vocab_size} tokens; lina's corpus is byte tokens 0-255. "
-            f"Fix: use a checkpoint with at least {BYTE_VOCAB} tokens"
+            f"{folder} has a vocabulary of {config.vocab_size} tokens and no tokenizer, so lina's byte tokens "
+            f"0-255 do not fit. Fix: save the checkpoint's tokenizer into the folder, or use one with at least "
+            f"{BYTE_VOCAB} tokens"
         )
     return {
         "experts": shape.num_experts,

@@ -82,6 +82,10 @@ def _train(cfg: TrainConfig) -> dict | None:
     ep_sizes = controller.ep_sizes() + ([checkpoint.packing_ep_size(state, controller.initial_ep())] if state else [])
     group_set = build_group_set(ep_sizes, cfg.timeout_s)
     corpus = load_corpus(cfg.corpus, cfg.corpus_max_mb)
+    if cfg.model.hf_model:  # the checkpoint's own tokenizer, when its folder has one
+        from lina.hf.tokens import corpus_for
+
+        corpus = corpus_for(cfg.model.hf_model, corpus, cfg.model.vocab_size)
     # The trace streams to its file as the run goes (a long run's spans are not held in memory).
     trace_path = Path(cfg.trace) / f"timeline-rank{rank}.jsonl" if cfg.trace else None
     timeline = Timeline(rank, enabled=True, spill_path=trace_path)
