@@ -51,6 +51,13 @@ def test_olmoe_keeps_unnormalised_weights():
         torch.testing.assert_close(swapped(ids).logits, hf(ids).logits, atol=ATOL, rtol=0)
 
 
+def test_settings_lina_does_not_reproduce_are_refused():
+    with pytest.raises(HFModelError, match="router_jitter_noise=0.1.*Fix: set config.router_jitter_noise = 0"):
+        expert_parallel(tiny_model("mixtral", router_jitter_noise=0.1))
+    with pytest.raises(HFModelError, match="hidden_act='gelu'.*Fix"):
+        expert_parallel(tiny_model("olmoe", hidden_act="gelu"))
+
+
 def test_unsupported_architecture_is_named():
     from transformers import LlamaConfig, LlamaForCausalLM
 

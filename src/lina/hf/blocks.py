@@ -40,6 +40,11 @@ def block_shape(family: Family, config, grouped_mm: bool = False, bias_update_ra
         raise HFModelError(
             f"hidden_act={act!r}: lina's SwiGLU experts use silu. Fix: use a checkpoint with hidden_act='silu'"
         )
+    if getattr(config, "router_jitter_noise", 0.0):
+        raise HFModelError(
+            f"router_jitter_noise={config.router_jitter_noise}: lina's MoE layer has no input jitter, so training "
+            "would differ from the model's. Fix: set config.router_jitter_noise = 0 (its default)"
+        )
     num_experts = int(getattr(config, "num_experts", None) or config.num_local_experts)
     top_k = int(config.num_experts_per_tok)
     expert = ExpertSpec(activation="swiglu", grouped_mm=grouped_mm)
