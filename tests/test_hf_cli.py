@@ -160,3 +160,20 @@ def test_hf_model_resume_and_packing_keep_the_trajectory(tiny, tmp_path):
     a, b, c = _losses(straight), _losses(resumed), _losses(packed)
     assert sorted(b) == list(range(6)) and all(a[s] == b[s] for s in range(6)), (a, b)
     assert all(abs(a[s] - c[s]) <= 1e-4 * abs(a[s]) for s in range(6)), (a, c)
+    # each run exports its fine-tuned checkpoint, experts gathered from the layout it ended in (EP 2;
+    # after packing, every rank holding all experts): the same weights, and unlike the start's
+    import torch
+    from safetensors.torch import load_file
+
+    w_straight, w_resumed = (load_file(str(d / "hf-model" / "model.safetensors")) for d in (straight, resumed))
+    w_packed, w_start = (
+        load_file(str(d)) for d in (packed / "hf-model" / "model.safetensors", tiny / "mixtral" / "model.safetensors")
+    )
+    assert set(w_straight) == set(w_packed) == set(w_start)
+    for key in w_start:
+        assert torch.equal(w_straight[key], w_resumed[key]), key
+        torch.testing.assert_close(w_packed[key], w_straight[key], atol=1e-4, rtol=0)
+    assert not torch.equal(
+        w_straight["model.layers.1.block_sparse_moe.experts.7.w2.weight"],
+        w_start["model.layers.1.block_sparse_moe.experts.7.w2.weight"],
+    )

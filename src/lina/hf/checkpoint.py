@@ -236,9 +236,9 @@ def _materialise(model: nn.Module, reader: CheckpointReader, config) -> None:
 
 def gather_experts(layer: MoELayer, handle: ExpertParallel) -> dict[str, torch.Tensor]:
     """The layer's state dict with ``experts.w1`` / ``experts.w2`` of *every* expert, gathered over
-    the EP group (a collective of that group)."""
+    the layer's current EP group (a collective of that group; packing may have changed it)."""
     state = {k: v.detach() for k, v in layer.state_dict().items()}
-    group = handle.groups.ep_group
+    group = layer.comm.group
     if group is None:
         return state
     for name in ("experts.w1", "experts.w2"):
@@ -249,10 +249,13 @@ def gather_experts(layer: MoELayer, handle: ExpertParallel) -> dict[str, torch.T
     return state
 
 
-def save_pretrained(handle: ExpertParallel, folder: str | Path) -> Path | None:
+def save_pretrained(
+    handle: ExpertParallel, folder: str | Path, tokenizer_from: str | Path | None = None
+) -> Path | None:
     """Write the model as a transformers checkpoint folder (config.json + model.safetensors,
     per-expert keys as transformers saves them), experts gathered from their ranks. Every rank
-    calls it; global rank 0 writes. Returns the folder on the writing rank, else None."""
+    calls it; global rank 0 writes (and copies the tokenizer files of ``tokenizer_from``, when
+    given). Returns the folder on the writing rank, else None."""
     from safetensors.torch import save_file
 
     model, family = handle.model, handle.family
@@ -271,7 +274,21 @@ def save_pretrained(handle: ExpertParallel, folder: str | Path) -> Path | None:
         folder.mkdir(parents=True, exist_ok=True)
         model.config.save_pretrained(folder)
         save_file({k: v.cpu().contiguous() for k, v in out.items()}, str(folder / SINGLE), metadata={"format": "pt"})
+        if tokenizer_from is not None:
+            _copy_tokenizer(Path(tokenizer_from), folder)
         written = folder
     if handle.groups.world_size > 1:
         dist.barrier()
     return written
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy a checkpoint folder's tokenizer files (whatever the tokenizer saved beside its config)."""
+    import shutil
+
+    for p in src.iterdir():
+        if p.is_file() and (
+            p.name.startswith("tokenizer")
+            or p.name in ("special_tokens_map.json", "vocab.json", "merges.txt", "generation_config.json")
+        ):
+            shutil.copy2(p, dst / p.name)

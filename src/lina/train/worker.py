@@ -139,6 +139,11 @@ def _train(cfg: TrainConfig) -> dict | None:
             if rank == 0:
                 checkpoint.mark_latest(ckpt_root, step, world)
     wall = time.perf_counter() - wall_start
+    hf_out = None
+    if cfg.model.hf_model:  # the fine-tuned checkpoint, experts gathered (a collective)
+        from lina.hf.checkpoint import save_pretrained
+
+        hf_out = save_pretrained(trainer.model.handle, out / "hf-model", tokenizer_from=cfg.model.hf_model)
     trainer.policy.close()
     timeline.flush()  # the rest of the trace, when there is one
     if rank != 0:
@@ -149,6 +154,8 @@ def _train(cfg: TrainConfig) -> dict | None:
     summary["expert_memory"] = trainer.expert_memory()
     summary["backend"] = dist.get_backend()  # how many collectives of a rank run at once (lina sim --calibrate)
     summary["chunk_mb_resolved"] = trainer.chunk_mb  # what chunk_mb "auto" chose (lina sim --calibrate reads it)
+    if hf_out is not None:
+        summary["hf_model_out"] = str(hf_out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if cfg.trace:
         (Path(cfg.trace) / "summary.json").write_text(json.dumps(summary, indent=2))
