@@ -177,3 +177,22 @@ def test_hf_model_resume_and_packing_keep_the_trajectory(tiny, tmp_path):
         w_straight["model.layers.1.block_sparse_moe.experts.7.w2.weight"],
         w_start["model.layers.1.block_sparse_moe.experts.7.w2.weight"],
     )
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(
+    __import__("os").geteuid() != 0 or __import__("shutil").which("tc") is None,
+    reason="needs root and tc for the emulated cluster",
+)
+def test_bench_train_quick_with_a_checkpoint(tiny, tmp_path):
+    """``lina bench train --hf-model``: every policy runs the checkpoint's model on the emulated
+    cluster, with its 8 experts (the measured numbers are only checked for presence)."""
+    import json
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "train", "--quick", "--hf-model", str(tiny / "mixtral"), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["model"]["hf_model"].endswith("mixtral") and data["model"]["experts"] == 8
+    cfg = data["configs"][0]
+    for name in ("deepspeed", "sequential", "tutel", "lina"):
+        assert cfg["policies"][name]["step_time_s_median"] > 0

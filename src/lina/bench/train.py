@@ -63,13 +63,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--credit", type=int, default=1, help="lina: allreduce micro-ops in flight at once")
     p.add_argument("--delay", default="0us", help="one-way host-to-host delay (needs the netem qdisc)")
     p.add_argument("--seed", type=int, default=0)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--hf-model", metavar="DIR", help="benchmark a Hugging Face checkpoint folder instead of the built-in "
+                     "GPT (its config fixes experts and top-k; needs pip install 'lina[hf]')")
+    src.add_argument("--family", choices=("mixtral", "qwen3_moe", "deepseek_v3"),
+                     help="benchmark a random checkpoint of this family, scaled down (Mixtral 8 experts top-2; "
+                     "Qwen3-MoE 64 fine-grained experts top-8; DeepSeek-V3 32 experts top-4 with a shared expert)")
 
 
 def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: int, out: Path, **over) -> dict:
     hosts, wph = LAYOUTS[layout]
     plan = {
         "layout": layout, "hosts": hosts, "workers_per_host": wph, "link_bps": link_bps, "experts": experts,
-        "policies": policies, "model": BENCH_MODEL, "batch_size": args.batch_size, "chunk_mb": args.chunk_mb, "buckets": args.buckets,
+        "policies": policies, "model": getattr(args, "model_dict", BENCH_MODEL), "batch_size": args.batch_size, "chunk_mb": args.chunk_mb, "buckets": args.buckets,
         "pipeline_chunks": args.pipeline_chunks, "credit": args.credit, "seed": args.seed, "warmup": args.warmup, "rounds": args.rounds,
         "steps_per_round": args.steps_per_round, "settle": args.settle, "out": str(out), "packing_window": 2 if args.quick else PACKING_WINDOW,
     }
@@ -128,6 +134,24 @@ def _parse_experts(text: str):
     return lambda workers: counts
 
 
+def _checkpoint_model(args, out: Path):
+    """The model settings and expert count of ``--hf-model`` / ``--family`` (a family's scaled-down
+    checkpoint is written under OUT/families first)."""
+    from lina.hf.lm import checkpoint_model_fields
+
+    folder = args.hf_model
+    if args.family:
+        from lina.hf.tiny import make_bench_family
+
+        folder = make_bench_family(args.family, out / "families" / args.family, seed=args.seed)
+    fields = checkpoint_model_fields(folder)
+    if fields.pop("max_positions") < BENCH_MODEL["seq_len"]:
+        raise ConfigError("hf-model", f"{folder} has fewer than {BENCH_MODEL['seq_len']} positions",
+                          "use a checkpoint with max_position_embeddings >= 64")
+    model = {"seq_len": BENCH_MODEL["seq_len"], **fields, "hf_model": str(Path(folder).resolve())}
+    return model, lambda workers: [fields["experts"]]
+
+
 def run(args: argparse.Namespace) -> int:
     from lina.cluster.emulate import parse_duration_us
 
@@ -144,11 +168,13 @@ def run(args: argparse.Namespace) -> int:
     if bad or not layouts:
         raise ConfigError("layouts", f"unknown layout {', '.join(bad) or '(none given)'}", f"use a comma list of {', '.join(LAYOUTS)}")
     experts_of = _parse_experts(args.experts)
+    json_path = Path(args.json)
+    if getattr(args, "family", None) or getattr(args, "hf_model", None):
+        args.model_dict, experts_of = _checkpoint_model(args, json_path.parent)
     policies = [p.strip() for p in args.policies.split(",")]
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise ConfigError("policies", f"unknown {', '.join(unknown)}", f"use a comma list of {', '.join(POLICIES)}")
-    json_path = Path(args.json)
     out = json_path.parent
     delay_us = parse_duration_us(args.delay)
     configs = []
@@ -171,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
             "delay": args.delay,
             "note": "regime of the first config; every config carries its own",
         },
-        "model": BENCH_MODEL | {"batch_size": args.batch_size},
+        "model": getattr(args, "model_dict", BENCH_MODEL) | {"batch_size": args.batch_size},
         "policies": policies,
         "configs": configs,
     }
