@@ -64,8 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delay", default="0us", help="one-way host-to-host delay (needs the netem qdisc)")
     p.add_argument("--seed", type=int, default=0)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--hf-model", metavar="DIR", help="benchmark a Hugging Face checkpoint folder instead of the built-in "
-                     "GPT (its config fixes experts and top-k; needs pip install 'lina[hf]')")
+    src.add_argument("--hf-model", metavar="DIR",
+                     help="benchmark a Hugging Face checkpoint folder instead of the built-in GPT (its config fixes "
+                     "experts and top-k; needs pip install 'lina[hf]')")
     src.add_argument("--family", choices=("mixtral", "qwen3_moe", "deepseek_v3"),
                      help="benchmark a random checkpoint of this family, scaled down (Mixtral 8 experts top-2; "
                      "Qwen3-MoE 64 fine-grained experts top-8; DeepSeek-V3 32 experts top-4 with a shared expert)")
@@ -75,7 +76,8 @@ def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: 
     hosts, wph = LAYOUTS[layout]
     plan = {
         "layout": layout, "hosts": hosts, "workers_per_host": wph, "link_bps": link_bps, "experts": experts,
-        "policies": policies, "model": getattr(args, "model_dict", BENCH_MODEL), "batch_size": args.batch_size, "chunk_mb": args.chunk_mb, "buckets": args.buckets,
+        "policies": policies, "model": getattr(args, "model_dict", BENCH_MODEL),
+        "batch_size": args.batch_size, "chunk_mb": args.chunk_mb, "buckets": args.buckets,
         "pipeline_chunks": args.pipeline_chunks, "credit": args.credit, "seed": args.seed, "warmup": args.warmup, "rounds": args.rounds,
         "steps_per_round": args.steps_per_round, "settle": args.settle, "out": str(out), "packing_window": 2 if args.quick else PACKING_WINDOW,
     }
