@@ -98,14 +98,16 @@ def test_train_then_infer_with_a_checkpoint(tiny, tmp_path, capsys):
         )
         == 0
     )
-    assert (out / "summary.json").is_file()
+    assert (out / "summary.json").is_file() and (out / "hf-model" / "model.safetensors").is_file()
+    assert main(["infer", "--model", str(out)]) == 1
+    assert "Fix: lina infer --hf-model" in capsys.readouterr().err
     trace = tmp_path / "trace.npz"
     assert (
         main(
             [
                 "infer",
                 "--hf-model",
-                str(tiny / "deepseek_v3"),
+                str(out / "hf-model"),  # the fine-tuned export
                 "--corpus",
                 str(corpus),
                 "--sequences",

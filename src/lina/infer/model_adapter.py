@@ -99,6 +99,8 @@ def load_trained_model(out_dir: str | Path) -> MoEGPT:
     if not summary_path.exists():
         raise LinaError(f"{summary_path} not found. Fix: point --model at the --out folder of a finished `lina train` run")
     cfg = ModelConfig(**json.loads(summary_path.read_text())["config"]["model"])
+    if cfg.hf_model:
+        raise LinaError(f"{out} fine-tuned a Hugging Face checkpoint. Fix: lina infer --hf-model {out / 'hf-model'}")
     folder = checkpoint.latest_folder(out / "checkpoints")
     if folder is None:
         raise LinaError(f"no checkpoint under {out / 'checkpoints'}. Fix: train with `lina train --out {out}` first")
