@@ -261,14 +261,17 @@ class LocalExperts(nn.Module):
         if self.uses_grouped_mm(rows):
             return grouped_swiglu(rows, counts, *weights)
         outs = []
+        # One view per expert from a single unbind: its backward stacks the experts' gradients into
+        # one tensor, where indexing w[e] per expert would add E full-size zero-padded gradients.
+        per_expert = list(zip(*(w.unbind(0) for w in weights))) if not self.offloaded else None
         for e, chunk in enumerate(torch.split(rows, counts)):
             if not self.offloaded:
                 if self.spec.activation == "gelu":
-                    w1, b1, w2, b2 = weights
-                    h = F.gelu(torch.addmm(b1[e], chunk, w1[e]))
-                    outs.append(torch.addmm(b2[e], h, w2[e]))
+                    w1, b1, w2, b2 = per_expert[e]
+                    h = F.gelu(torch.addmm(b1, chunk, w1))
+                    outs.append(torch.addmm(b2, h, w2))
                 else:
-                    outs.append(_swiglu_ffn(chunk, *(w[e] for w in weights)))
+                    outs.append(_swiglu_ffn(chunk, *per_expert[e]))
             elif chunk.shape[0]:  # an offloaded expert without rows is not brought in
                 outs.append(_HostExpertFFN.apply(chunk, self._fn, self.offload_stats, *(w[e] for w in weights)))
         if not outs:
