@@ -47,6 +47,14 @@ class ModelConfig:
     balance_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
     gate_noise: float = 0.0
+    # A Hugging Face checkpoint folder to train instead of the built-in GPT (see lina.hf); its
+    # config.json fixes experts, top_k, widths, depth and vocabulary. "" = the built-in GPT.
+    hf_model: str = ""
+    # The built-in GPT's MoE parts (lina.moe.spec): expert FFN "gelu" or "swiglu"; a shared SwiGLU
+    # expert of this width beside the routed ones (0 = none); the first N FFNs dense.
+    expert: str = "gelu"
+    shared_expert_d_ff: int = 0
+    first_k_dense: int = 0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` (:class:`lina.errors.ConfigErrors` for several) for every problem."""
@@ -56,7 +64,7 @@ class ModelConfig:
         """Every problem of these settings (empty when they are valid)."""
         sizes = ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff", "experts", "moe_interval")
         checks = [lambda name=name: _positive_int(f"model.{name}", getattr(self, name)) for name in sizes]
-        checks += [self._check_heads, self._check_top_k, self._check_capacity, self._check_noise]
+        checks += [self._check_heads, self._check_top_k, self._check_capacity, self._check_noise, self._check_parts]
         checks += [lambda name=name: self._check_weight(name) for name in ("balance_loss_weight", "z_loss_weight")]
         return collect(checks)
 
@@ -81,6 +89,23 @@ class ModelConfig:
     def _check_weight(self, name: str) -> None:
         if getattr(self, name) < 0:
             raise ConfigError(f"model.{name}", "is negative", "use 0 to turn it off or a small positive weight")
+
+    def _check_parts(self) -> None:
+        if self.expert not in ("gelu", "swiglu"):
+            raise ConfigError("model.expert", f"unknown expert FFN {self.expert!r}", "use gelu or swiglu")
+        for name in ("shared_expert_d_ff", "first_k_dense"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"model.{name}", f"{getattr(self, name)!r} must be an integer >= 0",
+                                  "use 0 (off) or a positive integer")
+        if _is_positive_int(self.n_layers) and _is_positive_int(self.moe_interval) and \
+                not any(self.is_moe(i) for i in range(self.n_layers)):
+            raise ConfigError("model.first_k_dense", f"no MoE layer is left among {self.n_layers} layers",
+                              f"use first_k_dense < {self.n_layers} or a smaller moe_interval")
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether FFN ``layer`` (0-based) is an MoE layer: after the first ``first_k_dense``,
+        every ``moe_interval``-th one."""
+        return layer >= self.first_k_dense and layer % self.moe_interval == self.moe_interval - 1
 
 
 @dataclass

@@ -82,13 +82,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"real frameworks run beside the policies, in the same processes, after them in every "
                         f"round: comma list of {', '.join(PEER_NAMES)}, or none (default: all when the deepspeed "
                         "package imports; pip install 'lina[peers]')")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--hf-model", metavar="DIR",
+                     help="benchmark a Hugging Face checkpoint folder instead of the built-in GPT (its config fixes "
+                     "experts and top-k; needs pip install 'lina[hf]')")
+    src.add_argument("--family", choices=("mixtral", "qwen3_moe", "deepseek_v3"),
+                     help="benchmark a random checkpoint of this family, scaled down (Mixtral 8 experts top-2; "
+                     "Qwen3-MoE 64 fine-grained experts top-8; DeepSeek-V3 32 experts top-4 with a shared expert)")
 
 
 def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: int, out: Path, **over) -> dict:
     hosts, wph = LAYOUTS[layout]
     plan = {
         "layout": layout, "hosts": hosts, "workers_per_host": wph, "link_bps": link_bps, "experts": experts,
-        "policies": policies, "model": BENCH_MODEL, "batch_size": args.batch_size, "chunk_mb": args.chunk_mb, "buckets": args.buckets,
+        "policies": policies, "model": getattr(args, "model_dict", BENCH_MODEL),
+        "batch_size": args.batch_size, "chunk_mb": args.chunk_mb, "buckets": args.buckets,
         "pipeline_chunks": args.pipeline_chunks, "credit": args.credit, "seed": args.seed, "warmup": args.warmup, "rounds": args.rounds,
         "steps_per_round": args.steps_per_round, "settle": args.settle, "out": str(out), "packing_window": 2 if args.quick else PACKING_WINDOW,
         "compute": args.compute, "dilation": args.dilation, "routing_trace": args.routing_trace,
@@ -179,6 +187,22 @@ def _check_policies(policies: list[str]) -> None:
     for name in policies:
         if not train_policy(name).trainable:
             raise ConfigError("policies", f"{name!r} exists in the simulator only", f"use a comma list of {trainable}")
+def _checkpoint_model(args, out: Path):
+    """The model settings and expert count of ``--hf-model`` / ``--family`` (a family's scaled-down
+    checkpoint is written under OUT/families first)."""
+    from lina.hf.lm import checkpoint_model_fields
+
+    folder = args.hf_model
+    if args.family:
+        from lina.hf.tiny import make_bench_family
+
+        folder = make_bench_family(args.family, out / "families" / args.family, seed=args.seed)
+    fields = checkpoint_model_fields(folder)
+    if fields.pop("max_positions") < BENCH_MODEL["seq_len"]:
+        raise ConfigError("hf-model", f"{folder} has fewer than {BENCH_MODEL['seq_len']} positions",
+                          "use a checkpoint with max_position_embeddings >= 64")
+    model = {"seq_len": BENCH_MODEL["seq_len"], **fields, "hf_model": str(Path(folder).resolve())}
+    return model, lambda workers: [fields["experts"]]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -197,6 +221,9 @@ def run(args: argparse.Namespace) -> int:
     if bad or not layouts:
         raise ConfigError("layouts", f"unknown layout {', '.join(bad) or '(none given)'}", f"use a comma list of {', '.join(LAYOUTS)}")
     experts_of = _parse_experts(args.experts)
+    json_path = Path(args.json)
+    if getattr(args, "family", None) or getattr(args, "hf_model", None):
+        args.model_dict, experts_of = _checkpoint_model(args, json_path.parent)
     policies = [p.strip() for p in args.policies.split(",")]
     _check_policies(policies)
     bounds = [b.strip() for b in args.bounds.split(",") if b.strip()]
@@ -236,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
             "emulated_link": format_rate(emulated_rate(configs[0]["regime"]["link_bps"], args.dilation)),
             "note": "regime of the first config; every config carries its own; links in real-cluster units",
         },
-        "model": BENCH_MODEL | {"batch_size": args.batch_size},
+        "model": getattr(args, "model_dict", BENCH_MODEL) | {"batch_size": args.batch_size},
         "policies": policies + args.peer_list,
         "peers": args.peer_list,
         "configs": configs,

@@ -17,7 +17,7 @@ OPTION_FIELDS = {
     "ep_size": "ep_size", "corpus": "corpus", "chunk_mb": "chunk_mb", "trace": "trace",
     "capacity_factor": "model.capacity_factor", "emulate": "emulate", "lr": "lr",
     "pipeline_chunks": "pipeline_chunks", "credit": "credit", "packing": "packing", "packing_first_step": "packing_first_step",
-    "packing_every": "packing_every", "max_expert_memory": "max_expert_memory_mb",
+    "packing_every": "packing_every", "max_expert_memory": "max_expert_memory_mb", "hf_model": "model.hf_model",
     "compute": "compute", "dilation": "dilation", "routing_trace": "routing_trace",
 }
 
@@ -64,6 +64,10 @@ def register(subparsers) -> None:
                    "all-gather); stop naming the first difference")
     p.add_argument("--verbose", action="store_true",
                    help="forward the launchers' own log lines; a failed worker's traceback")
+    p.add_argument("--hf-model", metavar="DIR",
+                   help="fine-tune a Hugging Face checkpoint folder (config.json + safetensors; Mixtral, Qwen2-MoE, "
+                   "Qwen3-MoE, OLMoE, DeepSeek-V3) instead of the built-in GPT; its config fixes experts, top-k and "
+                   "widths; needs pip install 'lina[hf]'")
     p.set_defaults(func=run)
 
 
@@ -94,6 +98,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         spec = parse_emulate(merged["emulate"])
         if spec is not None:
             merged["workers"] = spec.world_size
+    if merged["model"].get("hf_model"):
+        merged = _with_checkpoint_shape(merged)
     problems: list = []
     cfg = TrainConfig.from_dict(merged, problems)
     raise_all(problems + cfg.problems())
@@ -106,6 +112,29 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         folder, meta = checkpoint.resume_point(Path(cfg.out) / "checkpoints")
         check_model(cfg, meta, folder)
     return cfg
+
+
+def _with_checkpoint_shape(merged: dict) -> dict:
+    """Take experts, top-k, widths, depth and vocabulary from the checkpoint's config.json (an
+    option that contradicts it is an error); the sequence length must fit its positions."""
+    from lina.config import ModelConfig
+    from lina.errors import ConfigError
+    from lina.hf.lm import checkpoint_model_fields
+
+    model = dict(merged["model"])
+    fields = checkpoint_model_fields(model["hf_model"])
+    max_positions = fields.pop("max_positions")
+    for key in ("experts", "top_k"):
+        if key in model and model[key] != fields[key]:
+            raise ConfigError(f"model.{key}", f"{model[key]} contradicts the checkpoint's {fields[key]}",
+                              f"drop --{key.replace('_', '-')}: --hf-model fixes it")
+    model.update(fields)
+    seq_len = model.get("seq_len", ModelConfig().seq_len)
+    if seq_len > max_positions:
+        raise ConfigError("model.seq_len", f"{seq_len} exceeds the checkpoint's {max_positions} positions",
+                          f"set seq_len <= {max_positions} in the [model] table")
+    model["hf_model"] = str(Path(model["hf_model"]).resolve())
+    return {**merged, "model": model}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,16 +20,21 @@ class ServedGPT:
     """The non-expert parts of a full (single-process) MoEGPT as the engine's ``dense`` and
     ``gate`` callables, and its experts as an :class:`ExpertStore`.
 
-    Every FFN must be an MoE layer (``moe_interval = 1``). Inputs are LongTensor[B, S] tokens.
+    Every FFN must be an MoE layer (``moe_interval = 1``, ``first_k_dense = 0``). GELU or SwiGLU
+    experts; a shared expert's output joins the residual in ``dense``. Inputs are LongTensor[B, S] tokens.
     """
 
     def __init__(self, model: MoEGPT):
-        if model.cfg.moe_interval != 1:
-            raise LinaError("serving needs every FFN to be an MoE layer (model.moe_interval = 1)")
+        if model.cfg.moe_interval != 1 or model.cfg.first_k_dense != 0:
+            raise LinaError("serving needs every FFN to be an MoE layer "
+                            "(model.moe_interval = 1, model.first_k_dense = 0)")
         self.model = model.eval()
         moes = model.moe_layers()
         stack = lambda name: torch.stack([getattr(m.experts, name).detach() for m in moes])  # noqa: E731
-        self.store = ExpertStore(stack("w1"), stack("b1"), stack("w2"), stack("b2"))
+        if model.cfg.expert == "swiglu":
+            self.store = ExpertStore(stack("w1"), None, stack("w2"), None)
+        else:
+            self.store = ExpertStore(stack("w1"), stack("b1"), stack("w2"), stack("b2"))
         self.shape: tuple[int, int] = (0, 0)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
@@ -42,7 +47,10 @@ class ServedGPT:
         block = self.model.blocks[layer]
         x = h.view(*self.shape, -1)
         x = x + block.attn(block.ln1(x))
-        return x.reshape(h.shape), block.ln2(x).reshape(h.shape)
+        moe_in = block.ln2(x)
+        if block.ffn.shared is not None:  # every token's shared expert joins the residual
+            x = x + block.ffn.shared(moe_in)
+        return x.reshape(h.shape), moe_in.reshape(h.shape)
 
     def gate(self, layer: int, moe_in: torch.Tensor) -> LayerRouting:
         routing = self.model.blocks[layer].ffn.router(moe_in)
@@ -87,6 +95,8 @@ def load_trained_model(out_dir: str | Path) -> MoEGPT:
     out = Path(out_dir)
     if is_export(out):
         return load_exported(out)
+    if (out / "hf-model").is_dir():
+        raise ConfigError("model", f"{out} fine-tuned a Hugging Face checkpoint", f"lina infer --hf-model {out / 'hf-model'}")
     if not (out / "checkpoints").is_dir():
         raise ConfigError("model", f"{out} holds neither checkpoints/ nor an exported model",
                           "point --model at the --out folder of a `lina train` run or at a `lina export` folder")

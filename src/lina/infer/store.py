@@ -13,11 +13,14 @@ class ExpertStore:
     """All experts of L MoE layers.
 
     Attributes:
-        w1: FloatTensor[L, E, d_model, d_ff]; b1: [L, E, d_ff]; w2: [L, E, d_ff, d_model]; b2: [L, E, d_model].
+        w1: FloatTensor[L, E, d_model, d_ff]; b1: [L, E, d_ff]; w2: [L, E, d_ff, d_model]; b2: [L, E, d_model]
+            (GELU experts), or w1: [L, E, d_model, 2 d_ff] (gate then up) and w2 with b1 = b2 = None
+            (SwiGLU experts).
     """
 
-    def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor):
+    def __init__(self, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None):
         self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2
+        self.tensors = tuple(t for t in (w1, b1, w2, b2) if t is not None)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-load")
         self._loaded: dict[tuple[int, tuple[int, ...]], Future] = {}
 
@@ -41,8 +44,8 @@ class ExpertStore:
 
     def _gather(self, layer: int, experts: tuple[int, ...]) -> dict[int, tuple[torch.Tensor, ...]]:
         idx = torch.tensor(experts, dtype=torch.long)
-        w1, b1, w2, b2 = (t[layer].index_select(0, idx) for t in (self.w1, self.b1, self.w2, self.b2))
-        return {e: (w1[i], b1[i], w2[i], b2[i]) for i, e in enumerate(experts)}
+        picked = [t[layer].index_select(0, idx) for t in self.tensors]
+        return {e: tuple(t[i] for t in picked) for i, e in enumerate(experts)}
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Start loading the weights of ``experts`` of ``layer`` in the background."""
@@ -65,6 +68,10 @@ class ExpertStore:
 
 
 def expert_ffn(rows: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """One expert on its rows: [n, d] -> [n, d]."""
+    """One expert on its rows: [n, d] -> [n, d]; GELU for (w1, b1, w2, b2), SwiGLU for (w1, w2)."""
+    if len(weights) == 2:
+        w1, w2 = weights
+        gate, up = (rows @ w1).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ w2
     w1, b1, w2, b2 = weights
     return torch.addmm(b2, F.gelu(torch.addmm(b1, rows, w1)), w2)

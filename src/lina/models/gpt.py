@@ -1,4 +1,5 @@
-"""A GPT-style decoder language model whose FFNs are (every ``moe_interval``-th) MoE layers."""
+"""A GPT-style decoder language model whose FFNs are (every ``moe_interval``-th, after the first
+``first_k_dense``) MoE layers."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ from torch import nn
 from lina.config import ModelConfig
 from lina.moe.comm_context import ExpertComm
 from lina.moe.layer import MoELayer
+from lina.moe.spec import ExpertSpec, MoESpec, SharedExpertSpec
+
+
+def moe_spec(cfg: ModelConfig) -> MoESpec:
+    """The MoE parts of the built-in GPT's settings (the default: lina's own layer)."""
+    return MoESpec(expert=ExpertSpec(cfg.expert), shared=SharedExpertSpec(d_ff=cfg.shared_expert_d_ff))
 
 
 class CausalSelfAttention(nn.Module):
@@ -48,7 +55,7 @@ class Block(nn.Module):
         if moe:
             self.ffn: nn.Module = MoELayer(
                 cfg.d_model, cfg.d_ff, cfg.experts, cfg.top_k, cfg.capacity_factor, cfg.dropless,
-                cfg.balance_loss_weight, cfg.z_loss_weight, cfg.gate_noise, comm,
+                cfg.balance_loss_weight, cfg.z_loss_weight, cfg.gate_noise, comm, spec=moe_spec(cfg),
             )
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff)
@@ -71,7 +78,7 @@ class MoEGPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(
-            Block(cfg, moe=(i % cfg.moe_interval == cfg.moe_interval - 1), comm=comm) for i in range(cfg.n_layers)
+            Block(cfg, moe=cfg.is_moe(i), comm=comm) for i in range(cfg.n_layers)
         )
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

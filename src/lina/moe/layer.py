@@ -1,5 +1,6 @@
 """MoELayer = router + dispatcher (permute, all-to-all dispatch, experts, all-to-all combine,
-unpermute) + local experts. Works in one process and over any expert-parallel group."""
+unpermute) + local experts (+ shared experts). Works in one process and over any expert-parallel
+group."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from lina.moe.experts import LocalExperts
 from lina.moe.permute import inverse_permutation, permute_order, source_to_expert_major, unpermute
 from lina.moe.pipeline import PipelinedExchange
 from lina.moe.router import Routing, TopKRouter
+from lina.moe.shared import SharedExperts
+from lina.moe.spec import MoESpec
 from lina.obs import schema
 
 
@@ -24,6 +27,10 @@ class MoELayer(nn.Module):
         top_k, capacity_factor, dropless, balance_loss_weight, z_loss_weight, gate_noise: see
             :class:`lina.moe.router.TopKRouter`.
         comm: expert-parallel context; None means one process holding every expert.
+        spec: router options, expert FFN kind and shared experts (:class:`lina.moe.spec.MoESpec`;
+            the default is lina's own layer).
+        init_experts: False leaves the local experts' weights uninitialised (about to be filled
+            from a checkpoint) and draws nothing from the global RNG for them.
 
     ``forward(x: [..., d_model]) -> [..., d_model]``; the router's auxiliary loss of the last call
     is in ``self.aux_loss`` and its decision in ``self.last_routing``.
@@ -41,8 +48,12 @@ class MoELayer(nn.Module):
         z_loss_weight: float = 0.0,
         gate_noise: float = 0.0,
         comm: ExpertComm | None = None,
+        spec: MoESpec | None = None,
+        init_experts: bool = True,
     ):
         super().__init__()
+        self.spec = spec or MoESpec()
+        self.spec.validate(num_experts, top_k)
         self.comm = comm or ExpertComm()
         ep = self.comm.size
         if num_experts % ep:
@@ -51,8 +62,11 @@ class MoELayer(nn.Module):
         self.top_k = top_k
         self.num_local = num_experts // ep
         first = self.comm.rank * self.num_local
-        self.router = TopKRouter(d_model, num_experts, top_k, capacity_factor, dropless, balance_loss_weight, z_loss_weight, gate_noise)
-        self.experts = LocalExperts(self.num_local, d_model, d_ff, list(range(first, first + self.num_local)))
+        self.router = TopKRouter(d_model, num_experts, top_k, capacity_factor, dropless, balance_loss_weight,
+                                 z_loss_weight, gate_noise, spec=self.spec.router)
+        self.experts = LocalExperts(self.num_local, d_model, d_ff, list(range(first, first + self.num_local)),
+                                    init=init_experts, spec=self.spec.expert)
+        self.shared = SharedExperts(d_model, self.spec.shared) if self.spec.shared.d_ff > 0 else None
         self.aux_loss = torch.zeros(())
         self.last_routing: Routing | None = None
         self.layer_index = 0
@@ -80,6 +94,8 @@ class MoELayer(nn.Module):
         rows = tokens[order // self.top_k]
         out_rows = self._exchange(rows, counts)
         out = unpermute(out_rows, order, routing.weights, tokens.shape[0], self.top_k)
+        if self.shared is not None:
+            out = out + self.shared(tokens)
         if out.requires_grad and self.comm.group is not None:
             out.register_hook(self._backward_reaches_moe)
         return out.reshape(shape)

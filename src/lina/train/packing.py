@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from lina.comm.groups import ParallelGroups
 from lina.errors import ConfigError, LinaError
-from lina.moe.experts import PARAM_NAMES, LocalExperts
+from lina.moe.experts import LocalExperts
 from lina.obs import schema
 from lina.obs.timeline import Span, Timeline
 from lina.policy.packing import (  # noqa: F401  (the packing grammar, re-exported for callers of this module)
@@ -280,7 +280,7 @@ def _payload(layers, optimizer: torch.optim.Optimizer, local: int, with_state: b
     (``with_state``) AdamW's exp_avg, exp_avg_sq and step. -> FloatTensor[K]."""
     parts = []
     for layer in layers:
-        for name in PARAM_NAMES:
+        for name in layer.experts.param_names:
             p = getattr(layer.experts, name)
             parts.append(p.detach()[local].reshape(-1))
             if with_state:
@@ -303,7 +303,7 @@ def _unpack(rows: torch.Tensor, layers, with_state: bool) -> list[dict[str, tupl
     out = []
     for layer in layers:
         entry = {}
-        for name in PARAM_NAMES:
+        for name in layer.experts.param_names:
             shape = getattr(layer.experts, name).shape[1:]
             weights = take(shape.numel()).reshape(-1, *shape).clone()
             state = {}
@@ -343,8 +343,8 @@ def relayout_experts(layers, optimizer: torch.optim.Optimizer, old: ParallelGrou
     peers = range(old.ep_group_start, old.ep_group_start + old.ep_size)
     send_ids = [[e for s, e in sources[q] if s == rank] for q in peers]
     rows = [_payload(layers, optimizer, old_ids.index(e), with_state) for ids in send_ids for e in ids]
-    width = sum(getattr(layer.experts, n)[0].numel() for layer in layers for n in PARAM_NAMES)
-    width = width * 3 + len(layers) * len(PARAM_NAMES) if with_state else width
+    width = sum(getattr(layer.experts, n)[0].numel() for layer in layers for n in layer.experts.param_names)
+    width = width * 3 + sum(len(layer.experts.param_names) for layer in layers) if with_state else width
     device = old_params[0].device
     send = torch.stack(rows) if rows else torch.empty(0, width, device=device)
     recv_ids = [[e for s, e in sources[rank] if s == q] for q in peers]
@@ -359,10 +359,11 @@ def relayout_experts(layers, optimizer: torch.optim.Optimizer, old: ParallelGrou
     new_params, new_states = [], []
     for layer, entry in zip(layers, unpacked):
         layer.comm.group = new.ep_group
-        fresh = LocalExperts.from_tensors(new_ids, *(entry[n][0] for n in PARAM_NAMES)).to(device)
+        names = layer.experts.param_names
+        fresh = LocalExperts.from_tensors(new_ids, *(entry[n][0] for n in names), spec=layer.experts.spec).to(device)
         layer.set_experts(fresh)
-        new_params += [getattr(fresh, n) for n in PARAM_NAMES]
-        new_states += [entry[n][1] for n in PARAM_NAMES]
+        new_params += [getattr(fresh, n) for n in names]
+        new_states += [entry[n][1] for n in names]
     _swap_optimizer_params(optimizer, old_params, new_params, new_states)
 
 

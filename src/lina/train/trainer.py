@@ -81,7 +81,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same on every rank: identical non-expert parameters
         # CUDA when the process group is NCCL (one GPU per local rank), else the CPU.
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.model = MoEGPT(cfg.model, self.comm if groups.world_size > 1 else None).to(self.device)
+        if cfg.model.hf_model:
+            from lina.hf.lm import hf_train_model
+
+            self.model = hf_train_model(cfg.model.hf_model, self.groups, self.comm, cfg.model.seq_len).to(self.device)
+        else:
+            self.model = MoEGPT(cfg.model, self.comm if groups.world_size > 1 else None).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.chunk_mb = self._resolve_chunk_mb()
         self.policy: GradSync = self.make_policy(cfg.policy)

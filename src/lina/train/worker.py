@@ -105,6 +105,10 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
     if cfg.check_collectives:
         collectives.prepare_check(cfg.timeout_s)
     corpus = load_corpus(cfg.corpus, cfg.corpus_max_mb)
+    if cfg.model.hf_model:  # the checkpoint's own tokenizer, when its folder has one
+        from lina.hf.tokens import corpus_for
+
+        corpus = corpus_for(cfg.model.hf_model, corpus, cfg.model.vocab_size)
     # The trace streams to its file as the run goes (a long run's spans are not held in memory).
     trace_path = Path(cfg.trace) / f"timeline-rank{rank}.jsonl" if cfg.trace else None
     timeline = Timeline(rank, enabled=True, spill_path=trace_path)
@@ -163,6 +167,11 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
         if cfg.check_collectives:
             collectives.check_step(step)  # raises on every rank when the ranks' sequences differ
     wall = time.perf_counter() - wall_start
+    hf_out = None
+    if cfg.model.hf_model:  # the fine-tuned checkpoint, experts gathered (a collective)
+        from lina.hf.checkpoint import save_pretrained
+
+        hf_out = save_pretrained(trainer.model.handle, out / "hf-model", tokenizer_from=cfg.model.hf_model)
     trainer.policy.close()
     timeline.flush()  # the rest of the trace, when there is one
     if rank != 0:
@@ -176,6 +185,8 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
         measured["device_time"] = device_time_summary(trainer.device_mode)
     # the run schema's summary: what ran (the chunk size "auto" chose, backend, layout) and provenance
     setup = run_setup(cfg, trainer, world)
+    if hf_out is not None:
+        measured["hf_model_out"] = str(hf_out)
     summary = run_summary(setup, measured.pop("config"), measured.pop("step_time_s_median"), **measured)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if cfg.trace:
