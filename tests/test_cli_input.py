@@ -77,13 +77,13 @@ def test_unknown_option_prints_the_subcommands_usage(argv, usage, capsys):
 def test_config_problems_are_all_reported_with_suggestions():
     problems: list[ConfigError] = []
     cfg = TrainConfig.from_dict({"stpes": 3, "schedule": "lina", "batch_size": "x", "workers": 0,
-                                 "model": {"expertz": 4, "top_k": 9}}, problems)
+                                 "model": {"n_layer": 4, "top_k": 9}}, problems)
     problems += cfg.problems()
     fields = {p.field for p in problems}
-    assert {"stpes", "batch_size", "workers", "model.expertz", "model.top_k"} <= fields
+    assert {"stpes", "batch_size", "workers", "model.n_layer", "model.top_k"} <= fields
     by_field = {p.field: p for p in problems}
     assert "did you mean 'steps'" in by_field["stpes"].problem
-    assert "did you mean 'experts'" in by_field["model.expertz"].problem
+    assert "did you mean 'n_layers'" in by_field["model.n_layer"].problem
 
 
 def test_several_config_errors_keep_the_one_error_interface():
@@ -97,7 +97,7 @@ def test_several_config_errors_keep_the_one_error_interface():
 
 def test_train_cli_prints_every_config_error_at_once(tmp_path, capsys):
     cfg = tmp_path / "bad.toml"
-    cfg.write_text('steps = 0\npolcy = "lina"\n[model]\nexpertz = 3\n')
+    cfg.write_text('steps = 0\npolcy = "lina"\n[model]\nn_layer = 3\n')
     assert main(["train", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "steps" in err and "did you mean 'policy'" in err and "did you mean 'experts'" in err
+    assert "steps" in err and "did you mean 'policy'" in err and "did you mean 'n_layers'" in err

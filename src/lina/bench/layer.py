@@ -139,9 +139,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"  grouped_mm does not run on {device} with {args.dtype}: experts computed per expert only")
     print(f"  MoE / dense FFN of the same active FLOPs = {out['moe_vs_dense_same_active_flops']:.2f}x")
     if args.json:
-        from lina.obs.provenance import provenance
-
-        out["provenance"] = provenance()
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
