@@ -40,9 +40,7 @@ def hf_grads(model) -> dict[str, torch.Tensor]:
         elif ".mlp.shared_expert_gate." in name:
             out[name.replace(".mlp.shared_expert_gate.", ".mlp.shared.gate.")] = g
         elif ".mlp.shared_expert." in name or ".mlp.shared_experts." in name:
-            out[
-                name.replace(".mlp.shared_experts.", ".mlp.shared.").replace(".mlp.shared_expert.", ".mlp.shared.")
-            ] = g
+            out[name.replace(".mlp.shared_experts.", ".mlp.shared.").replace(".mlp.shared_expert.", ".mlp.shared.")] = g
         else:
             out[name] = g
     return out

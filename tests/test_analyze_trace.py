@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from lina.cli import main
-from lina.infer.analysis import accuracy_by_path_len, inter_layer_affinity, popularity_skew, trace_splits
 from lina.data.routing_trace import RoutingTrace, synthetic_trace
+from lina.infer.analysis import accuracy_by_path_len, inter_layer_affinity, popularity_skew, trace_splits
 from lina.placement.estimators import PathEstimator
 
 
@@ -60,8 +60,19 @@ def test_cli_writes_json_and_plots(tmp_path, capsys):
     out = tmp_path / "report"
     code = main(
         [
-            "analyze", "trace", str(trace), "--out", str(out), "--path-lens", "1,2", "--devices", "2",
-            "--batch-tokens", "20", "--estimators", "path,online-path",
+            "analyze",
+            "trace",
+            str(trace),
+            "--out",
+            str(out),
+            "--path-lens",
+            "1,2",
+            "--devices",
+            "2",
+            "--batch-tokens",
+            "20",
+            "--estimators",
+            "path,online-path",
         ]
     )
     assert code == 0

@@ -33,7 +33,11 @@ def _package(path: Path) -> str:
 def _imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and (node.module == "lina" or node.module.startswith("lina.")):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and (node.module == "lina" or node.module.startswith("lina."))
+        ):
             parts = node.module.split(".")
             found.add(parts[1] if len(parts) > 1 else "lina")
         elif isinstance(node, ast.Import):

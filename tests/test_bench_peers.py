@@ -51,8 +51,9 @@ def _train_peers(rank: int, world: int) -> dict:
             "losses": peer.losses,
             "initial_fc1": initial,
             "cats": sorted({(s.cat, s.args.get("phase", "")) for s in inside}),
-            "reductions_in_backward": sum(1 for s in inside
-                                          if s.cat == "allreduce" and backward.start_s <= s.start_s < backward.end_s),
+            "reductions_in_backward": sum(
+                1 for s in inside if s.cat == "allreduce" and backward.start_s <= s.start_s < backward.end_s
+            ),
             "reductions_after_backward": sum(1 for s in inside if s.cat == "allreduce" and s.start_s >= backward.end_s),
             "gathers": sum(1 for s in inside if s.cat == "allreduce" and "all_gather" in s.name),
         }
@@ -94,8 +95,9 @@ class _FakeBackend:
     def all_reduce(self, tensor, op=None, group=None, async_op=False):
         return None
 
-    def all_to_all_single(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None,
-                          async_op=False):
+    def all_to_all_single(
+        self, output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False
+    ):
         return None
 
     def all_gather_into_tensor(self, output_tensor, input_tensor, group=None, async_op=False):
@@ -114,7 +116,11 @@ def test_record_collectives_categories_and_bytes():
     backend.all_gather_into_tensor(torch.zeros(40), torch.zeros(10))
     spans = tl.spans()
     assert [(s.cat, s.phase) for s in spans] == [
-        ("a2a", "fwd"), ("allreduce", "bwd"), ("sched", "bwd"), ("allreduce", None)]  # the optimizer step: no pass
+        ("a2a", "fwd"),
+        ("allreduce", "bwd"),
+        ("sched", "bwd"),
+        ("allreduce", None),
+    ]  # the optimizer step: no pass
     assert [s.kind for s in spans[:2]] == ["alltoall", "allreduce"]
     assert spans[0].bytes == 8 * 2 * 4 * 3 // 4  # sent to the 3 other ranks of 4
     assert spans[1].bytes == 400

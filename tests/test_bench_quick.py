@@ -10,7 +10,9 @@ import pytest
 from conftest import run_lina
 from lina.bench.peers import PEER_NAMES, deepspeed_import_problem
 
-needs_netns = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and tc for the emulated cluster")
+needs_netns = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and tc for the emulated cluster"
+)
 
 
 @pytest.mark.slow
@@ -81,13 +83,16 @@ def test_bench_infer_quick(tmp_path):
     assert [r["trace"] for r in data["runs"]][0] == "own-model"
 
 
-@pytest.mark.parametrize("args, field", [
-    (["--layouts", "ring"], "layouts"),
-    (["--experts", "four"], "experts"),
-    (["--experts", "0"], "experts"),
-    (["--batch-size", "0"], "batch-size"),
-    (["--peers", "deepspeed-zero3"], "peers"),
-])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--layouts", "ring"], "layouts"),
+        (["--experts", "four"], "experts"),
+        (["--experts", "0"], "experts"),
+        (["--batch-size", "0"], "batch-size"),
+        (["--peers", "deepspeed-zero3"], "peers"),
+    ],
+)
 def test_bench_train_rejects_bad_options_before_starting(args, field, tmp_path):
     res = run_lina("bench", "train", *args, "--json", str(tmp_path / "t.json"), timeout=60)
     assert res.returncode == 2

@@ -111,8 +111,11 @@ def test_a_truncated_file_is_named_and_nothing_is_loaded(tmp_path):
 def _rehash(folder: Path) -> None:
     """Make meta.json agree with the files, as an attacker who rewrites both would."""
     meta = json.loads((folder / "meta.json").read_text())
-    meta["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": checkpoint._sha256(p)}
-                     for p in folder.iterdir() if p.name != "meta.json"}
+    meta["files"] = {
+        p.name: {"bytes": p.stat().st_size, "sha256": checkpoint._sha256(p)}
+        for p in folder.iterdir()
+        if p.name != "meta.json"
+    }
     (folder / "meta.json").write_text(json.dumps(meta))
 
 

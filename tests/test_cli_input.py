@@ -61,11 +61,14 @@ def test_analyze_trace_missing_file_says_what_to_pass(tmp_path, capsys):
     assert "not found" in err and "--record-trace" in err
 
 
-@pytest.mark.parametrize("argv,usage", [
-    (["train", "--no-such-option"], "usage: lina train"),
-    (["bench", "layer", "--no-such-option"], "usage: lina bench layer"),
-    (["analyze", "trace", "x.npz", "--no-such-option"], "usage: lina analyze trace"),
-])
+@pytest.mark.parametrize(
+    "argv,usage",
+    [
+        (["train", "--no-such-option"], "usage: lina train"),
+        (["bench", "layer", "--no-such-option"], "usage: lina bench layer"),
+        (["analyze", "trace", "x.npz", "--no-such-option"], "usage: lina analyze trace"),
+    ],
+)
 def test_unknown_option_prints_the_subcommands_usage(argv, usage, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -76,8 +79,9 @@ def test_unknown_option_prints_the_subcommands_usage(argv, usage, capsys):
 
 def test_config_problems_are_all_reported_with_suggestions():
     problems: list[ConfigError] = []
-    cfg = TrainConfig.from_dict({"stpes": 3, "schedule": "lina", "batch_size": "x", "workers": 0,
-                                 "model": {"n_layer": 4, "top_k": 9}}, problems)
+    cfg = TrainConfig.from_dict(
+        {"stpes": 3, "schedule": "lina", "batch_size": "x", "workers": 0, "model": {"n_layer": 4, "top_k": 9}}, problems
+    )
     problems += cfg.problems()
     fields = {p.field for p in problems}
     assert {"stpes", "batch_size", "workers", "model.n_layer", "model.top_k"} <= fields

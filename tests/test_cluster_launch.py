@@ -123,8 +123,9 @@ OWNER = textwrap.dedent(
 @pytest.mark.timeout(90)
 def test_sigterm_to_the_launcher_leaves_no_worker_and_no_cluster(worker_module):
     module, out = worker_module
-    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(out)], stdout=subprocess.PIPE, text=True,
-                             stderr=subprocess.DEVNULL)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(out)], stdout=subprocess.PIPE, text=True, stderr=subprocess.DEVNULL
+    )
     prefix = owner.stdout.readline().strip()
     deadline = time.monotonic() + 60
     while len(list(out.glob("rank*.json"))) < 2 and time.monotonic() < deadline:

@@ -18,14 +18,17 @@ def test_parse_emulate_full_and_none():
     assert parse_emulate(str(spec)) == spec
     assert parse_emulate("none") is None
     assert parse_emulate(" None ") is None
-    assert parse_emulate("hosts=2,workers-per-host=3,queue=5ms") == EmulateSpec(hosts=2, workers_per_host=3, queue_ms=5.0)
+    assert parse_emulate("hosts=2,workers-per-host=3,queue=5ms") == EmulateSpec(
+        hosts=2, workers_per_host=3, queue_ms=5.0
+    )
     fifo = parse_emulate("link=1gbit,share=fifo")
     assert fifo.share == "fifo" and parse_emulate(str(fifo)) == fifo
     assert EmulateSpec().share == "peer" and "share" not in str(EmulateSpec())
 
 
 @pytest.mark.parametrize(
-    "text,bps", [("500kbit", 500_000), ("200mbit", 200_000_000), ("1gbit", 10**9), ("1.5gbit", 1_500_000_000), ("64000bit", 64000)]
+    "text,bps",
+    [("500kbit", 500_000), ("200mbit", 200_000_000), ("1gbit", 10**9), ("1.5gbit", 1_500_000_000), ("64000bit", 64000)],
 )
 def test_rates(text, bps):
     assert parse_rate(text) == bps

@@ -2,14 +2,17 @@
 stopped with the first difference named, instead of hanging or summing the wrong tensors; a
 collective that fails names its op and group."""
 
-from pathlib import Path
-
 import pytest
 
 from lina.testing.multiproc import run_ranks
 
-TINY = dict(steps=2, batch_size=2, eval_batches=1, corpus_max_mb=0.1,
-            model=dict(d_model=16, n_layers=1, n_heads=2, d_ff=32, seq_len=16))
+TINY = dict(
+    steps=2,
+    batch_size=2,
+    eval_batches=1,
+    corpus_max_mb=0.1,
+    model=dict(d_model=16, n_layers=1, n_heads=2, d_ff=32, seq_len=16),
+)
 
 
 def _train_two_steps(rank: int, world: int, corpus: str, policy: str, check: bool) -> str:

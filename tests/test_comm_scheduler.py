@@ -342,9 +342,11 @@ def test_scheduler_cpu_overhead_per_micro_op_is_small():
             sched.flush()
             s = sched.stats()
         per_op = s.own_cpu_per_op_s
-        print(f"scheduler own CPU per micro-op ({label} completion, in-process): {per_op * 1e6:.1f} us "
-              f"(thread {s.thread_cpu_s * 1e3:.1f} ms, launches {s.launch_cpu_s * 1e3:.1f} ms, "
-              f"callbacks {s.callback_cpu_s * 1e3:.1f} ms over {s.allreduce_done} ops)")
+        print(
+            f"scheduler own CPU per micro-op ({label} completion, in-process): {per_op * 1e6:.1f} us "
+            f"(thread {s.thread_cpu_s * 1e3:.1f} ms, launches {s.launch_cpu_s * 1e3:.1f} ms, "
+            f"callbacks {s.callback_cpu_s * 1e3:.1f} ms over {s.allreduce_done} ops)"
+        )
         assert s.allreduce_done == n
         assert 0 < per_op < 1e-3
 

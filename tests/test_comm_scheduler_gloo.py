@@ -34,7 +34,10 @@ def _init(rank: int, world: int, init_file: str):
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # keep the job on 127.0.0.1
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=30),
     )
     return dist, dist.new_group(list(range(world)))  # allreduce group; all-to-all uses WORLD
@@ -84,15 +87,19 @@ def _interleave_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
                 name, g = grads[arg]
                 for k, chunk in enumerate(partition(g, CHUNK_BYTES)):
                     sched.submit_allreduce(
-                        name, chunk.numel() * 4,
-                        lambda c=chunk: dist.all_reduce(c, group=ar_group, async_op=True), index=k,
+                        name,
+                        chunk.numel() * 4,
+                        lambda c=chunk: dist.all_reduce(c, group=ar_group, async_op=True),
+                        index=k,
                     )
             elif kind == "a2a":
                 send = torch.arange(world * 2000, dtype=torch.float32) + 1e5 * rank + arg
                 recv = torch.empty_like(send)
                 with sched.a2a(f"a2a{arg}", send.numel() * 4):
                     dist.all_to_all_single(recv, send)
-                want = torch.cat([torch.arange(2000, dtype=torch.float32) + 2000 * rank + 1e5 * p + arg for p in range(world)])
+                want = torch.cat(
+                    [torch.arange(2000, dtype=torch.float32) + 2000 * rank + 1e5 * p + arg for p in range(world)]
+                )
                 a2a_ok = a2a_ok and torch.equal(recv, want)
             elif kind == "hold":
                 sched.hold()
@@ -102,17 +109,21 @@ def _interleave_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
         stats = sched.stats()
     result = torch.cat([g.reshape(-1) for _, g in grads])
     tl.save_jsonl(Path(out_dir) / f"spans{rank}.jsonl")
-    (Path(out_dir) / f"result{rank}.json").write_text(json.dumps({
-        "bit_identical": bool(torch.equal(result, reference)),
-        "a2a_ok": bool(a2a_ok),
-        "n_chunks": sum(len(partition(g, CHUNK_BYTES)) for _, g in grads),
-        "done": stats.allreduce_done,
-        "max_in_flight": stats.max_in_flight,
-        "own_cpu_per_op_s": stats.own_cpu_per_op_s,
-        "thread_cpu_s": stats.thread_cpu_s,
-        "launch_cpu_s": stats.launch_cpu_s,
-        "callback_cpu_s": stats.callback_cpu_s,
-    }))
+    (Path(out_dir) / f"result{rank}.json").write_text(
+        json.dumps(
+            {
+                "bit_identical": bool(torch.equal(result, reference)),
+                "a2a_ok": bool(a2a_ok),
+                "n_chunks": sum(len(partition(g, CHUNK_BYTES)) for _, g in grads),
+                "done": stats.allreduce_done,
+                "max_in_flight": stats.max_in_flight,
+                "own_cpu_per_op_s": stats.own_cpu_per_op_s,
+                "thread_cpu_s": stats.thread_cpu_s,
+                "launch_cpu_s": stats.launch_cpu_s,
+                "callback_cpu_s": stats.callback_cpu_s,
+            }
+        )
+    )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -135,7 +146,9 @@ def _peer_dies_worker(rank: int, world: int, init_file: str, out_dir: str, stall
                 time.sleep(4.0)
             os._exit(3)
         for k, c in enumerate(chunks[3:]):
-            sched.submit_allreduce("w", 16384, lambda c=c: dist.all_reduce(c, group=ar_group, async_op=True), index=3 + k)
+            sched.submit_allreduce(
+                "w", 16384, lambda c=c: dist.all_reduce(c, group=ar_group, async_op=True), index=3 + k
+            )
         t0 = time.perf_counter()
         outcome = "returned"
         try:
@@ -145,8 +158,9 @@ def _peer_dies_worker(rank: int, world: int, init_file: str, out_dir: str, stall
         except CommError as err:
             outcome = f"error: {err}"
         elapsed = time.perf_counter() - t0
-        (Path(out_dir) / "rank0.json").write_text(json.dumps({"outcome": outcome, "elapsed_s": elapsed,
-                                                              "first_ok": bool(chunks[0][0] == 2)}))
+        (Path(out_dir) / "rank0.json").write_text(
+            json.dumps({"outcome": outcome, "elapsed_s": elapsed, "first_ok": bool(chunks[0][0] == 2)})
+        )
     os._exit(0)  # the group is broken; skip a teardown that would wait for the dead peer
 
 
@@ -228,8 +242,11 @@ def test_no_allreduce_launch_after_hold_until_next_a2a_completes(interleaved):
 def test_credit_window_respected(interleaved):
     results, spans = interleaved
     for r, rank_spans in enumerate(spans):
-        edges = sorted([(s.start_s, 1) for s in rank_spans if s.cat == "allreduce"]
-                       + [(s.end_s, -1) for s in rank_spans if s.cat == "allreduce"], key=lambda e: (e[0], e[1]))
+        edges = sorted(
+            [(s.start_s, 1) for s in rank_spans if s.cat == "allreduce"]
+            + [(s.end_s, -1) for s in rank_spans if s.cat == "allreduce"],
+            key=lambda e: (e[0], e[1]),
+        )
         level = peak = 0
         for _, d in edges:
             level += d
@@ -251,9 +268,11 @@ def test_fifo_launch_order_same_on_every_rank(interleaved):
 def test_scheduler_cpu_overhead_with_gloo(interleaved):
     results, _ = interleaved
     for r, res in enumerate(results):
-        print(f"rank {r}: scheduler own CPU {res['own_cpu_per_op_s'] * 1e6:.1f} us per micro-op over {res['done']} ops "
-              f"(thread {res['thread_cpu_s'] * 1e3:.1f} ms incl. launches {res['launch_cpu_s'] * 1e3:.1f} ms; "
-              f"callbacks {res['callback_cpu_s'] * 1e3:.1f} ms)")
+        print(
+            f"rank {r}: scheduler own CPU {res['own_cpu_per_op_s'] * 1e6:.1f} us per micro-op over {res['done']} ops "
+            f"(thread {res['thread_cpu_s'] * 1e3:.1f} ms incl. launches {res['launch_cpu_s'] * 1e3:.1f} ms; "
+            f"callbacks {res['callback_cpu_s'] * 1e3:.1f} ms)"
+        )
         assert 0 < res["own_cpu_per_op_s"] < 1e-3
 
 
@@ -268,5 +287,7 @@ def test_flush_raises_when_peer_stops(tmp_path, stall):
         assert res["outcome"] == "timeout" and 1.4 <= res["elapsed_s"] < 5.0
     else:
         assert res["outcome"].startswith("error") and res["elapsed_s"] < 10.0
-    print(f"peer {'stalls' if stall else 'exits'}: flush -> {res['outcome'][:90]} after {res['elapsed_s']:.2f} s "
-          f"(job {time.perf_counter() - t0:.1f} s)")
+    print(
+        f"peer {'stalls' if stall else 'exits'}: flush -> {res['outcome'][:90]} after {res['elapsed_s']:.2f} s "
+        f"(job {time.perf_counter() - t0:.1f} s)"
+    )

@@ -15,10 +15,10 @@ from conftest import run_lina
 from lina.comm.groups import build_groups
 from lina.config import ModelConfig, TrainConfig
 from lina.data.corpus import load_corpus
+from lina.data.routing_trace import synthetic_trace
 from lina.devices import DeviceSpec, device_from
 from lina.devicetime import DeviceTimeMode, TraceRouting, op_cost
 from lina.errors import ConfigError
-from lina.data.routing_trace import synthetic_trace
 from lina.testing.multiproc import run_ranks
 from lina.train.trainer import Trainer
 
@@ -98,16 +98,25 @@ def _trace_file(tmp: str) -> str:
 
 
 def _cfg(**over) -> TrainConfig:
-    base = dict(model=ModelConfig(d_model=64, n_layers=2, n_heads=2, d_ff=256, seq_len=32, experts=4, top_k=2),
-                batch_size=8, chunk_mb="1", corpus_max_mb=0.3, policy="deepspeed")
+    base = dict(
+        model=ModelConfig(d_model=64, n_layers=2, n_heads=2, d_ff=256, seq_len=32, experts=4, top_k=2),
+        batch_size=8,
+        chunk_mb="1",
+        corpus_max_mb=0.3,
+        policy="deepspeed",
+    )
     return TrainConfig(**{**base, **over})
 
 
 def _a2a_bytes(rank, world, trace, device_time):
     """Per all-to-all span: (name, phase, bytes) of two steps, real or device time, same routing."""
     torch.set_num_threads(1)
-    cfg = _cfg(workers=world, compute="a100" if device_time else "real", dilation=50.0 if device_time else 1.0,
-               routing_trace=trace)
+    cfg = _cfg(
+        workers=world,
+        compute="a100" if device_time else "real",
+        dilation=50.0 if device_time else 1.0,
+        routing_trace=trace,
+    )
     trainer = Trainer(cfg, build_groups(world, 60.0), load_corpus("", 0.3))
     if not device_time:  # the same routing source a device-time trainer installs
         source = TraceRouting.from_file(trace, 4, offset=rank * cfg.batch_size * cfg.model.seq_len)
@@ -167,16 +176,39 @@ def test_a_host_slower_than_the_device_is_measured():
 
 @pytest.mark.slow
 @pytest.mark.netns
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and tc for the emulated cluster")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and tc for the emulated cluster"
+)
 def test_bench_train_quick_in_device_time_with_a_measured_bound(tmp_path):
     trace = _trace_file(str(tmp_path))
     out = tmp_path / "train.json"
-    res = run_lina("bench", "train", "--quick", "--compute", "a100", "--dilation", "3000", "--routing-trace", trace,
-                   "--link", "100gbit", "--bounds", "lina", "--policies", "deepspeed,lina", "--json", str(out), timeout=900)
+    res = run_lina(
+        "bench",
+        "train",
+        "--quick",
+        "--compute",
+        "a100",
+        "--dilation",
+        "3000",
+        "--routing-trace",
+        trace,
+        "--link",
+        "100gbit",
+        "--bounds",
+        "lina",
+        "--policies",
+        "deepspeed,lina",
+        "--json",
+        str(out),
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["regime"]["compute"] == "a100" and data["regime"]["emulated_link"] == "33333kbit"
     cfg = data["configs"][0]
-    assert set(cfg["policies"]) == {"deepspeed", "lina", "lina/no-sync"} and cfg["policies"]["lina/no-sync"]["allreduce_s_median"] == 0
+    assert (
+        set(cfg["policies"]) == {"deepspeed", "lina", "lina/no-sync"}
+        and cfg["policies"]["lina/no-sync"]["allreduce_s_median"] == 0
+    )
     assert cfg["measured_bound_s"]["lina"] > 0 and 0 <= cfg["device_time"]["host_bound_share"]
     assert "measured lower bound of lina" in res.stdout and "device time: the emulated a100" in res.stdout

@@ -78,14 +78,20 @@ def test_bad_prompt_files_name_the_line_and_the_fix(tmp_path, text, message):
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     config = folder / "tiny.toml"
-    config.write_text("steps = 2\nbatch_size = 2\neval_every = 2\neval_batches = 1\ncheckpoint_every = 2\ncorpus_max_mb = 0.3\n"
-                      "[model]\nd_model = 32\nn_layers = 3\nn_heads = 2\nd_ff = 64\nseq_len = 64\n")
+    config.write_text(
+        "steps = 2\nbatch_size = 2\neval_every = 2\neval_batches = 1\ncheckpoint_every = 2\ncorpus_max_mb = 0.3\n"
+        "[model]\nd_model = 32\nn_layers = 3\nn_heads = 2\nd_ff = 64\nseq_len = 64\n"
+    )
     res = run_lina("train", "--config", str(config), "--workers", "2", "--out", str(folder / "run"), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     prompts = folder / "prompts.jsonl"
     # three requests on four workers: one worker serves none; requests end at different lengths
-    prompts.write_text("".join(json.dumps({"id": f"r{i}", "prompt": p, "max_new_tokens": n}) + "\n"
-                               for i, (p, n) in enumerate(zip(PROMPTS[:3], (10, 3, 6)))))
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": f"r{i}", "prompt": p, "max_new_tokens": n}) + "\n"
+            for i, (p, n) in enumerate(zip(PROMPTS[:3], (10, 3, 6)))
+        )
+    )
     return folder / "run", prompts
 
 
@@ -94,8 +100,20 @@ def trained(tmp_path_factory):
 def test_four_workers_equal_the_plain_model(trained, tmp_path, placement):
     model_dir, prompts = trained
     out = tmp_path / "out.jsonl"
-    res = run_lina("generate", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out), "--workers", "4",
-                   "--placement", placement, timeout=300)
+    res = run_lina(
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--workers",
+        "4",
+        "--placement",
+        placement,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     model = load_trained_model(model_dir)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -111,8 +129,20 @@ def test_bad_input_exits_2_before_workers_start(trained, tmp_path):
     model_dir, prompts = trained
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\nnot json\n')
-    res = run_lina("generate", "--model", str(model_dir), "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl"), timeout=120)
+    res = run_lina(
+        "generate", "--model", str(model_dir), "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl"), timeout=120
+    )
     assert res.returncode == 2 and "bad.jsonl:2" in res.stderr and "Traceback" not in res.stderr
-    res = run_lina("generate", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
-                   "--placement", "best", timeout=120)
+    res = run_lina(
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        "--placement",
+        "best",
+        timeout=120,
+    )
     assert res.returncode == 2 and "placement" in res.stderr

@@ -57,9 +57,7 @@ def test_fused_expert_checkpoint_reads_only_some_rows(tmp_path):
     model = tiny_model("mixtral", seed=4)
     (tmp_path / "fused").mkdir()
     model.config.save_pretrained(tmp_path / "fused")
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "fused" / "model.safetensors")
-    )
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "fused" / "model.safetensors"))
     ids, _ = batch(9)
     with torch.no_grad():
         ref = model(ids).logits

@@ -61,9 +61,7 @@ def test_swapped_models_over_four_ranks_match_one_process():
         for mode, (ep, _) in MODES.items():
             for r in range(WORLD):
                 res = results[r][family, mode]
-                torch.testing.assert_close(
-                    res["logits"], ref[r][0], atol=ATOL, rtol=0, msg=f"{family} {mode} rank {r}"
-                )
+                torch.testing.assert_close(res["logits"], ref[r][0], atol=ATOL, rtol=0, msg=f"{family} {mode} rank {r}")
                 torch.testing.assert_close(res["dx"], ref[r][2], atol=ATOL, rtol=0, msg=f"{family} {mode} rank {r}")
                 per_rank = 8 // ep
                 assert res["experts"] == list(range((r % ep) * per_rank, (r % ep + 1) * per_rank))

@@ -38,7 +38,9 @@ def _serve(rank, world, estimator):
     served = ServedGPT(model)
     out = {}
     for name in ("static", "eplb", "lina", "oracle"):
-        policy = make_serving_policy(name, CFG.experts, world, CFG.top_k, CFG.n_layers, estimator=estimator, eplb_replan_every=1)
+        policy = make_serving_policy(
+            name, CFG.experts, world, CFG.top_k, CFG.n_layers, estimator=estimator, eplb_replan_every=1
+        )
         engine = InferenceEngine(served.store, CFG.top_k, dist.group.WORLD, policy)
         logits = []
         with torch.no_grad():
@@ -97,7 +99,9 @@ def test_replica_rows_match_route():
         e, n = 8, 4
         load = torch.rand(e, generator=gen) ** 3 * 100
         placement = lina_placement(load, n)
-        ids = [torch.randint(0, e, (int(torch.randint(0, 40, (1,), generator=gen)), 2), generator=gen) for _ in range(n)]
+        ids = [
+            torch.randint(0, e, (int(torch.randint(0, 40, (1,), generator=gen)), 2), generator=gen) for _ in range(n)
+        ]
         counts = torch.stack([torch.bincount(i.reshape(-1), minlength=e).double() for i in ids])
         expected = replica_rows(counts, placement)
         for s, i in enumerate(ids):

@@ -7,8 +7,7 @@ import pytest
 
 from lina.bench.train_report import analyse, plot, print_report
 from lina.bench.train_worker import _busy_share, step_metrics
-from lina.obs.timeline import intersection_length
-from lina.obs.timeline import Timeline
+from lina.obs.timeline import Timeline, intersection_length
 
 
 def test_intersection_length():
@@ -35,19 +34,49 @@ def test_compute_busy_during_all_to_all():
 
 
 def _policy(step_s, a2a_s, busy, per_rank):
-    return {"step_time_s": step_s, "step_time_s_min": step_s, "step_time_s_max": step_s, "bwd_a2a_s": a2a_s / 2,
-            "allreduce_s": 0.1, "sync_wait_s": 0.05, "a2a_s": a2a_s, "partition_s": 0.0, "a2a_bytes": 1e6, "steps": 2,
-            "experts_per_rank": per_rank, "compute_busy_in_a2a": busy}
+    return {
+        "step_time_s": step_s,
+        "step_time_s_min": step_s,
+        "step_time_s_max": step_s,
+        "bwd_a2a_s": a2a_s / 2,
+        "allreduce_s": 0.1,
+        "sync_wait_s": 0.05,
+        "a2a_s": a2a_s,
+        "partition_s": 0.0,
+        "a2a_bytes": 1e6,
+        "steps": 2,
+        "experts_per_rank": per_rank,
+        "compute_busy_in_a2a": busy,
+    }
 
 
 def test_report_carries_packing_and_busy_share(tmp_path, capsys):
     entry = {
-        "experts": 8, "chunk_mb": 1.0, "chunk_sweep_s": None, "dense_grad_bytes": 1e6,
-        "policies": {"deepspeed": _policy(1.0, 0.4, 0.0, 2), "sequential": _policy(1.1, 0.35, 0.0, 2),
-                     "lina": _policy(0.8, 0.3, 0.35, 2), "lina+packing": _policy(0.6, 0.1, 0.8, 4)},
-        "packing": {"experts_per_rank": 4, "ep_size": 2, "world": 4, "window_steps": 2,
-                    "decisions": [{"step": 6, "experts_per_rank": 2, "new_experts_per_rank": 4, "reason": "FFN 1 ms vs all-to-all 3 ms per micro-op: pack"},
-                                  {"step": 8, "experts_per_rank": 4, "new_experts_per_rank": 4, "reason": "no bubble, keep"}]},
+        "experts": 8,
+        "chunk_mb": 1.0,
+        "chunk_sweep_s": None,
+        "dense_grad_bytes": 1e6,
+        "policies": {
+            "deepspeed": _policy(1.0, 0.4, 0.0, 2),
+            "sequential": _policy(1.1, 0.35, 0.0, 2),
+            "lina": _policy(0.8, 0.3, 0.35, 2),
+            "lina+packing": _policy(0.6, 0.1, 0.8, 4),
+        },
+        "packing": {
+            "experts_per_rank": 4,
+            "ep_size": 2,
+            "world": 4,
+            "window_steps": 2,
+            "decisions": [
+                {
+                    "step": 6,
+                    "experts_per_rank": 2,
+                    "new_experts_per_rank": 4,
+                    "reason": "FFN 1 ms vs all-to-all 3 ms per micro-op: pack",
+                },
+                {"step": 8, "experts_per_rank": 4, "new_experts_per_rank": 4, "reason": "no bubble, keep"},
+            ],
+        },
     }
     config = analyse(entry, "hierarchical", 100_000_000, 2, 2, skews={"deepspeed": 1.4, "lina": 1.3})
     assert config["policies"]["lina"]["a2a_skew"] == 1.3 and config["policies"]["sequential"]["a2a_skew"] is None
@@ -85,8 +114,14 @@ def test_round_schedule_settles_only_after_the_experts_move():
 
 def test_report_without_the_deepspeed_baseline(tmp_path, capsys):
     entry = {
-        "experts": 4, "chunk_mb": 0.25, "chunk_sweep_s": None, "dense_grad_bytes": 1e6,
-        "policies": {"lina": _policy(0.8, 0.3, 0.35, 1), "lina+packing": _policy(0.6, 0.0, None, 4) | {"settle_steps": 6}},
+        "experts": 4,
+        "chunk_mb": 0.25,
+        "chunk_sweep_s": None,
+        "dense_grad_bytes": 1e6,
+        "policies": {
+            "lina": _policy(0.8, 0.3, 0.35, 1),
+            "lina+packing": _policy(0.6, 0.0, None, 4) | {"settle_steps": 6},
+        },
     }
     config = analyse(entry, "flat", 400_000_000, 4, 1)
     assert config["regime"]["a2a_share_deepspeed"] is None and "speedup_vs_deepspeed" not in config

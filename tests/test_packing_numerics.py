@@ -37,8 +37,14 @@ ATOL = 1e-5
 def _cfg(packing: str = "off", memory_mb: float = 0.0) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32, experts=4, top_k=2),
-        workers=4, batch_size=4, policy="lina", chunk_mb="0.05", pipeline_chunks=2, corpus_max_mb=0.3,
-        packing=packing, max_expert_memory_mb=memory_mb,
+        workers=4,
+        batch_size=4,
+        policy="lina",
+        chunk_mb="0.05",
+        pipeline_chunks=2,
+        corpus_max_mb=0.3,
+        packing=packing,
+        max_expert_memory_mb=memory_mb,
     )
 
 
@@ -95,6 +101,7 @@ def _ranks(rank: int, world: int, ckpt_dir: str):
         if s in (3, 6):
             b.repack({3: 2, 6: 1}[s])
             snaps_b[s] = snapshot(b)
+
     out["B"] = _run(b, range(STEPS), repack_b)
     snaps_b["end"] = snapshot(b)
     out["B_layout"] = (b.groups.ep_size, b.model.moe_layers()[0].experts.global_ids)
@@ -109,6 +116,7 @@ def _ranks(rank: int, world: int, ckpt_dir: str):
             memory["before"] = c.expert_memory()
         if s in (2, 5):  # state after steps 1 and 4
             save_trainer(root / f"s{s - 1}", s - 1, c)
+
     out["C"] = _run(c, range(STEPS), save_c)
     memory["after"] = c.expert_memory()
     out["C_history"] = c.packing.history
@@ -157,7 +165,9 @@ def test_packing_changes_nothing_but_the_layout(tmp_path):
         snap_a, snap_b = _merge(results, "A", when), _merge(results, "B", when)
         assert set(snap_a) == set(snap_b)
         for key in snap_a:
-            torch.testing.assert_close(snap_b[key], snap_a[key], atol=ATOL, rtol=0, msg=lambda m, key=key: f"{when} {key}: {m}")
+            torch.testing.assert_close(
+                snap_b[key], snap_a[key], atol=ATOL, rtol=0, msg=lambda m, key=key: f"{when} {key}: {m}"
+            )
     assert r0["B_layout"] == (1, [0, 1, 2, 3])
     assert results[3]["B_layout"] == (1, [0, 1, 2, 3])
 

@@ -8,8 +8,18 @@ from lina.errors import ConfigError
 from lina.moe.experts import local_expert_ids
 from lina.obs.timeline import Timeline
 from lina.train.packing import (
-    PackingController, PackingSpec, decide, expert_sources, forward_micro_ops, got_slower, measure_window, packing_ep_sizes,
-    parse_packing, plan_residency, spans_of_steps, valid_experts_per_rank,
+    PackingController,
+    PackingSpec,
+    decide,
+    expert_sources,
+    forward_micro_ops,
+    got_slower,
+    measure_window,
+    packing_ep_sizes,
+    parse_packing,
+    plan_residency,
+    spans_of_steps,
+    valid_experts_per_rank,
 )
 
 
@@ -154,7 +164,9 @@ def test_controller_fixed_modes():
     assert fresh.history == c.history
 
 
-@pytest.mark.parametrize("world,experts,old,new", [(4, 4, 4, 2), (4, 4, 2, 1), (4, 4, 1, 4), (8, 16, 8, 2), (4, 8, 2, 4)])
+@pytest.mark.parametrize(
+    "world,experts,old,new", [(4, 4, 4, 2), (4, 4, 2, 1), (4, 4, 1, 4), (8, 16, 8, 2), (4, 8, 2, 4)]
+)
 def test_move_plan_gets_every_new_expert_from_a_holder_in_the_old_ep_group(world, experts, old, new):
     sources = expert_sources(world, experts, old, new)
     for r in range(world):

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from lina.errors import ConfigError, LinaError
 from lina.data.routing_trace import RoutingTrace, synthetic_trace
+from lina.errors import ConfigError, LinaError
+from lina.infer.replay import placement_balance
 from lina.placement.estimators import LogisticEstimator, OnlinePathEstimator, PathEstimator, load_estimator
 from lina.placement.estimators.logistic import WEIGHT_DECAY_GRID
-from lina.infer.replay import placement_balance
 from lina.placement.evaluate import score_estimator
 from lina.placement.metrics import token_topk_hits
 

@@ -40,7 +40,10 @@ def test_lina_placement_properties(seed):
     ids = torch.multinomial(load + 1.0, 200, replacement=True).reshape(100, 2)
     dev = p.route(ids)
     assert p.holds[ids.reshape(-1), dev.reshape(-1)].all()
-    assert max_device_load(oracle_placement(load, devices), load) <= max_device_load(static_placement(experts, devices), load) + 1e-9
+    assert (
+        max_device_load(oracle_placement(load, devices), load)
+        <= max_device_load(static_placement(experts, devices), load) + 1e-9
+    )
 
 
 def test_hot_expert_is_replicated_and_cold_ones_are_packed():

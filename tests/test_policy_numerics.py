@@ -22,7 +22,12 @@ REL_TOL = 1e-4
 def _cfg(policy: str) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32, experts=4, top_k=2),
-        workers=4, batch_size=4, policy=policy, chunk_mb="0.01", pipeline_chunks=2, corpus_max_mb=0.3,
+        workers=4,
+        batch_size=4,
+        policy=policy,
+        chunk_mb="0.01",
+        pipeline_chunks=2,
+        corpus_max_mb=0.3,
     )
 
 

@@ -21,14 +21,14 @@ from lina.policy import BENCH_POLICIES, TRAIN_POLICIES, TrainPolicy, train_polic
 from lina.testing.multiproc import run_ranks
 from lina.train.trainer import Trainer
 
-TOY_MODULE = '''
+TOY_MODULE = """
 from lina.policy import TrainPolicy, register_train_policy
 
 TOY = register_train_policy(TrainPolicy(
     "toy-pipelined-after", a2a_split="tutel", grad_sync="after", priority=False, packing=False,
     description="toy: all-to-all pipelined with the FFN, every allreduce after backward",
 ))
-'''
+"""
 
 
 def test_every_benchmarked_policy_is_registered_and_trainable():
@@ -84,8 +84,13 @@ def toy_env(tmp_path):
 
 def test_own_policy_runs_in_the_simulator(toy_env, tmp_path):
     out = tmp_path / "sim.json"
-    res = subprocess.run(lina_cmd("sim", "--scenario", "testbed-txl-e4", "--policies", "deepspeed,toy_policy:TOY",
-                                  "--json", str(out)), capture_output=True, text=True, env=toy_env, timeout=300)
+    res = subprocess.run(
+        lina_cmd("sim", "--scenario", "testbed-txl-e4", "--policies", "deepspeed,toy_policy:TOY", "--json", str(out)),
+        capture_output=True,
+        text=True,
+        env=toy_env,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     text = out.read_text()
     assert "toy-pipelined-after" in text or "toy_policy:TOY" in text
@@ -98,9 +103,25 @@ def test_own_policy_trains_with_the_same_losses_as_sequential(toy_env, tmp_path,
     losses = {}
     for policy in ("sequential", "toy_policy:TOY"):
         out = tmp_path / policy.replace(":", "-")
-        res = subprocess.run(lina_cmd("train", "--config", str(tiny_config), "--workers", "2", "--steps", "6",
-                                      "--policy", policy, "--out", str(out)),
-                             capture_output=True, text=True, env=toy_env, timeout=300)
+        res = subprocess.run(
+            lina_cmd(
+                "train",
+                "--config",
+                str(tiny_config),
+                "--workers",
+                "2",
+                "--steps",
+                "6",
+                "--policy",
+                policy,
+                "--out",
+                str(out),
+            ),
+            capture_output=True,
+            text=True,
+            env=toy_env,
+            timeout=300,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         assert f"summary (policy {policy})" in res.stdout
         losses[policy] = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
@@ -110,22 +131,33 @@ def test_own_policy_trains_with_the_same_losses_as_sequential(toy_env, tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.netns
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and tc for the emulated cluster")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and tc for the emulated cluster"
+)
 def test_own_policy_runs_in_bench_train(toy_env, tmp_path):
     out = tmp_path / "train.json"
-    res = subprocess.run(lina_cmd("bench", "train", "--quick", "--policies", "deepspeed,sequential,toy_policy:TOY",
-                                  "--json", str(out)), capture_output=True, text=True, env=toy_env, timeout=900)
+    res = subprocess.run(
+        lina_cmd("bench", "train", "--quick", "--policies", "deepspeed,sequential,toy_policy:TOY", "--json", str(out)),
+        capture_output=True,
+        text=True,
+        env=toy_env,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     cfg = json.loads(out.read_text())["configs"][0]
     assert cfg["policies"]["toy_policy:TOY"]["step_time_s_median"] > 0
 
 
-
-
 def _no_sync_step(rank, world):
     torch.set_num_threads(1)
-    cfg = TrainConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32, experts=2, top_k=1),
-                      workers=world, batch_size=4, chunk_mb="0.01", corpus_max_mb=0.3, policy="lina")
+    cfg = TrainConfig(
+        model=ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32, experts=2, top_k=1),
+        workers=world,
+        batch_size=4,
+        chunk_mb="0.01",
+        corpus_max_mb=0.3,
+        policy="lina",
+    )
     trainer = Trainer(cfg, build_groups(world, 60.0), load_corpus("", 0.3))
     for step, name in enumerate(("lina", "lina/no-sync")):
         trainer.set_policy(name)

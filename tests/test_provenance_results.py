@@ -16,16 +16,50 @@ def _provenance(path) -> dict:
 
 def test_bench_layer_json_has_provenance(tmp_path):
     out = tmp_path / "layer.json"
-    assert main(["bench", "layer", "--quick", "--tokens", "64", "--d-model", "16", "--d-ff", "32", "--repeats", "1",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "layer",
+                "--quick",
+                "--tokens",
+                "64",
+                "--d-model",
+                "16",
+                "--d-ff",
+                "32",
+                "--repeats",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert _provenance(out)["cores"] >= 1
 
 
 def test_analyze_json_has_provenance(tmp_path):
     trace = synthetic_trace(200, 3, 4, tokens_per_seq=20).save(tmp_path / "t.npz")
     out = tmp_path / "analysis.json"
-    assert main(["analyze", "trace", str(trace), "--json", str(out), "--estimators", "path", "--path-lens", "1,2",
-                 "--devices", "2"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "trace",
+                str(trace),
+                "--json",
+                str(out),
+                "--estimators",
+                "path",
+                "--path-lens",
+                "1,2",
+                "--devices",
+                "2",
+            ]
+        )
+        == 0
+    )
     _provenance(out)
 
 

@@ -20,15 +20,27 @@ def test_hosts_file_names_every_host_in_both_address_forms():
 
 @pytest.mark.slow
 @pytest.mark.netns
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None or shutil.which("ip") is None,
-                    reason="needs root, tc and ip to build the emulated cluster")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("tc") is None or shutil.which("ip") is None,
+    reason="needs root, tc and ip to build the emulated cluster",
+)
 @pytest.mark.timeout(300)
 def test_an_emulated_run_prints_no_launcher_noise(tmp_path, tiny_config):
-    res = run_lina("train", "--config", str(tiny_config), "--emulate", "hosts=2,workers_per_host=2,link=1gbit",
-                   "--steps", "2", "--out", str(tmp_path / "run"), "--verbose", timeout=280)
+    res = run_lina(
+        "train",
+        "--config",
+        str(tiny_config),
+        "--emulate",
+        "hosts=2,workers_per_host=2,link=1gbit",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+        "--verbose",
+        timeout=280,
+    )
     assert res.returncode == 0, res.stderr
     out = res.stdout + res.stderr
     assert "hostname of the client socket cannot be retrieved" not in out
     assert "OMP_NUM_THREADS" not in out
     assert len(re.findall(r"^\[h\d\] host lina-[0-9a-f]{6}-h\d \(", res.stdout, re.M)) == 2
-

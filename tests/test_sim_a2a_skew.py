@@ -18,9 +18,15 @@ def trainer_spans(rank: int, sent: list[float], received: list[float]) -> list[S
     spans, t = [], 0.0
     for layer, (out, back) in enumerate(zip(sent, received)):
         spans.append(Span("counts", "a2a", t, t + 0.001, rank, "main", {"phase": "fwd", "bytes": 96}))
-        spans.append(Span(f"moe{layer}.dispatch", "a2a", t + 0.01, t + 0.02, rank, "main", {"phase": "fwd", "bytes": out}))
-        spans.append(Span(f"moe{layer}.combine", "a2a", t + 0.03, t + 0.04, rank, "main", {"phase": "fwd", "bytes": back}))
-        spans.append(Span(f"moe{layer}.combine", "a2a", t + 0.05, t + 0.06, rank, "main", {"phase": "bwd", "bytes": 10 * out}))
+        spans.append(
+            Span(f"moe{layer}.dispatch", "a2a", t + 0.01, t + 0.02, rank, "main", {"phase": "fwd", "bytes": out})
+        )
+        spans.append(
+            Span(f"moe{layer}.combine", "a2a", t + 0.03, t + 0.04, rank, "main", {"phase": "fwd", "bytes": back})
+        )
+        spans.append(
+            Span(f"moe{layer}.combine", "a2a", t + 0.05, t + 0.06, rank, "main", {"phase": "bwd", "bytes": 10 * out})
+        )
         t += 0.1
     return spans
 
@@ -45,7 +51,9 @@ def test_uniform_or_missing_exchanges_give_one():
 
 def _step(skew: float, gbps: float = 0.1) -> float:
     cluster = ClusterSpec(hosts=4, gpus_per_host=1, link_gbps=gbps, launch_s=0.0, per_peer_s=0.0)
-    model = ModelSpec("tiny", layers=2, d_model=128, d_ff=256, experts=4, top_k=1, seq_len=64, batch_size=4, vocab=64, act_bytes=4)
+    model = ModelSpec(
+        "tiny", layers=2, d_model=128, d_ff=256, experts=4, top_k=1, seq_len=64, batch_size=4, vocab=64, act_bytes=4
+    )
     profile = ComputeProfile(1e-9, 1e-9, 1e-9, 1e-9, 1e-12)
     return simulate_step(cluster, model, profile, TrainSpec(a2a_skew=skew), "deepspeed")
 

@@ -9,9 +9,9 @@ import pytest
 
 from lina.errors import ConfigError, LinaError
 from lina.sim.calibration import calibrate, find_runs, read_run
-from lina.testing.calibration import write_synthetic_run
 from lina.sim.compute import ComputeProfile
 from lina.sim.spec import ClusterSpec, CpuHostModel, ModelSpec, TrainSpec
+from lina.testing.calibration import write_synthetic_run
 
 TRUTH = ComputeProfile(
     dense_fwd_s_per_token=2e-6,
@@ -28,11 +28,41 @@ HOP = 2e-4
 def make_runs(root):
     runs = [(0.2, "deepspeed", 8), (0.1, "deepspeed", 4), (0.2, "lina", 8), (0.4, "sequential", 8), (0.1, "tutel", 8)]
     for i, (gbps, policy, batch) in enumerate(runs):
-        cluster = ClusterSpec(hosts=2, gpus_per_host=2, link_gbps=gbps, link_efficiency=EFFICIENCY, launch_s=LAUNCH, per_peer_s=0, hop_latency_s=HOP)
-        model = ModelSpec("tiny", layers=4, d_model=128, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=batch, vocab=256,
-                          act_bytes=4, grad_bytes=4, param_bytes=4)
+        cluster = ClusterSpec(
+            hosts=2,
+            gpus_per_host=2,
+            link_gbps=gbps,
+            link_efficiency=EFFICIENCY,
+            launch_s=LAUNCH,
+            per_peer_s=0,
+            hop_latency_s=HOP,
+        )
+        model = ModelSpec(
+            "tiny",
+            layers=4,
+            d_model=128,
+            d_ff=512,
+            experts=4,
+            top_k=2,
+            seq_len=128,
+            batch_size=batch,
+            vocab=256,
+            act_bytes=4,
+            grad_bytes=4,
+            param_bytes=4,
+        )
         # one micro-op per tensor: many small uncontended allreduces pin the fitted latency
-        write_synthetic_run(root / f"run{i}", cluster, model, TRUTH, TrainSpec(lina_a2a_chunks=2, coalesce_small=False), policy, steps=4, jitter=0.02, seed=i)
+        write_synthetic_run(
+            root / f"run{i}",
+            cluster,
+            model,
+            TRUTH,
+            TrainSpec(lina_a2a_chunks=2, coalesce_small=False),
+            policy,
+            steps=4,
+            jitter=0.02,
+            seed=i,
+        )
     return len(runs)
 
 
@@ -47,7 +77,13 @@ def test_fit_recovers_known_parameters_and_predicts_within_10_percent(tmp_path):
     # one ring size (4 ranks): launch and per-step latency add up to what one allreduce costs
     assert f.allreduce_launch_s + 2 * 3 * f.allreduce_hop_s == pytest.approx(LAUNCH + 2 * 3 * HOP, rel=0.1)
     p = f.profile
-    for name in ("dense_fwd_s_per_token", "dense_bwd_s_per_token", "expert_fwd_s_per_token", "expert_bwd_s_per_token", "optimizer_s_per_param"):
+    for name in (
+        "dense_fwd_s_per_token",
+        "dense_bwd_s_per_token",
+        "expert_fwd_s_per_token",
+        "expert_bwd_s_per_token",
+        "optimizer_s_per_param",
+    ):
         assert getattr(p, name) == pytest.approx(getattr(TRUTH, name), rel=0.05), name
     assert len(rep.rows) == n
     for row in rep.rows:
@@ -62,10 +98,24 @@ def test_reads_the_trainer_config_form(tmp_path):
     flat = summary["config"]
     summary = {"step_time_s_median": summary["step_time_s_median"]}  # a summary of schema version 1: a config only
     summary["config"] = {
-        "model": {"n_layers": flat["layers"], "d_model": flat["d_model"], "d_ff": flat["d_ff"], "experts": flat["experts"],
-                  "top_k": flat["top_k"], "seq_len": flat["seq_len"], "vocab_size": flat["vocab"], "moe_interval": 1},
-        "workers": flat["workers"], "batch_size": flat["batch_size"], "schedule": "deepspeed", "chunk_mb": "auto",
-        "bucket_mb": 25.0, "pipeline_chunks": 2, "ep_size": 0, "emulate": "hosts=2,link=200mbit,workers_per_host=2",
+        "model": {
+            "n_layers": flat["layers"],
+            "d_model": flat["d_model"],
+            "d_ff": flat["d_ff"],
+            "experts": flat["experts"],
+            "top_k": flat["top_k"],
+            "seq_len": flat["seq_len"],
+            "vocab_size": flat["vocab"],
+            "moe_interval": 1,
+        },
+        "workers": flat["workers"],
+        "batch_size": flat["batch_size"],
+        "schedule": "deepspeed",
+        "chunk_mb": "auto",
+        "bucket_mb": 25.0,
+        "pipeline_chunks": 2,
+        "ep_size": 0,
+        "emulate": "hosts=2,link=200mbit,workers_per_host=2",
     }
     summary["packing"] = {"ep_size": 4}
     (run / "summary.json").write_text(json.dumps(summary))
@@ -97,11 +147,40 @@ def test_fit_recovers_the_compute_slowdown_under_collectives(tmp_path):
     """Collectives that share the compute's cores slow it: policies of one shape that overlap more
     compute longer, and the fit separates that from the work itself."""
     truth = ComputeProfile(**{**TRUTH.to_dict(), "slowdown_in_a2a": 0.3, "slowdown_in_allreduce": 0.15})
-    cluster = ClusterSpec(hosts=2, gpus_per_host=2, link_gbps=0.2, link_efficiency=EFFICIENCY, launch_s=LAUNCH, per_peer_s=0, hop_latency_s=HOP)
-    model = ModelSpec("tiny", layers=4, d_model=128, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=8, vocab=256,
-                      act_bytes=4, grad_bytes=4, param_bytes=4)
+    cluster = ClusterSpec(
+        hosts=2,
+        gpus_per_host=2,
+        link_gbps=0.2,
+        link_efficiency=EFFICIENCY,
+        launch_s=LAUNCH,
+        per_peer_s=0,
+        hop_latency_s=HOP,
+    )
+    model = ModelSpec(
+        "tiny",
+        layers=4,
+        d_model=128,
+        d_ff=512,
+        experts=4,
+        top_k=2,
+        seq_len=128,
+        batch_size=8,
+        vocab=256,
+        act_bytes=4,
+        grad_bytes=4,
+        param_bytes=4,
+    )
     for i, policy in enumerate(("deepspeed", "sequential", "tutel", "lina")):
-        write_synthetic_run(tmp_path / policy, cluster, model, truth, TrainSpec(lina_a2a_chunks=2, coalesce_small=False), policy, steps=4, seed=i)
+        write_synthetic_run(
+            tmp_path / policy,
+            cluster,
+            model,
+            truth,
+            TrainSpec(lina_a2a_chunks=2, coalesce_small=False),
+            policy,
+            steps=4,
+            seed=i,
+        )
     rep = calibrate(tmp_path)
     p = rep.fit.profile
     assert p.slowdown_in_a2a == pytest.approx(0.3, abs=0.05)
@@ -117,15 +196,42 @@ def test_fit_finds_a_rank_copy_limit_across_layouts(tmp_path):
     pin it down; a link-only fit could not match both (the flat layout puts fewer bytes on each
     host link but each rank sends as many)."""
     rank_gbps = 0.06  # below a rank's share of a 0.1 Gb/s link in the flat layout
-    model = ModelSpec("tiny", layers=4, d_model=128, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=8, vocab=256,
-                      act_bytes=4, grad_bytes=4, param_bytes=4)
+    model = ModelSpec(
+        "tiny",
+        layers=4,
+        d_model=128,
+        d_ff=512,
+        experts=4,
+        top_k=2,
+        seq_len=128,
+        batch_size=8,
+        vocab=256,
+        act_bytes=4,
+        grad_bytes=4,
+        param_bytes=4,
+    )
     for hosts, per_host in ((4, 1), (2, 2)):
-        cluster = ClusterSpec(hosts=hosts, gpus_per_host=per_host, link_gbps=0.1, launch_s=LAUNCH, per_peer_s=0, hop_latency_s=HOP,
-                              host=CpuHostModel(rank_copy_gbps=rank_gbps))
+        cluster = ClusterSpec(
+            hosts=hosts,
+            gpus_per_host=per_host,
+            link_gbps=0.1,
+            launch_s=LAUNCH,
+            per_peer_s=0,
+            hop_latency_s=HOP,
+            host=CpuHostModel(rank_copy_gbps=rank_gbps),
+        )
         for i, policy in enumerate(("deepspeed", "sequential")):
             # with the trainer's count exchange: its tiny all-to-alls pin the latency
-            write_synthetic_run(tmp_path / f"{hosts}x{per_host}-{policy}", cluster, model, TRUTH,
-                                TrainSpec(coalesce_small=False, count_exchange=True), policy, steps=4, seed=i)
+            write_synthetic_run(
+                tmp_path / f"{hosts}x{per_host}-{policy}",
+                cluster,
+                model,
+                TRUTH,
+                TrainSpec(coalesce_small=False, count_exchange=True),
+                policy,
+                steps=4,
+                seed=i,
+            )
     rep = calibrate(tmp_path)
     assert rep.fit.core_copy_bytes_per_s * 8 / 1e9 == pytest.approx(rank_gbps, rel=0.1)  # one core per rank
     for row in rep.rows:
@@ -145,13 +251,41 @@ def test_fixed_per_layer_cost_is_found_across_token_counts(tmp_path):
     assert fixed == 0.0 and per_token == pytest.approx(2e-3 / 2048 + 8e-6)
 
     truth = ComputeProfile(**{**TRUTH.to_dict(), "layer_fwd_s": 1e-3, "layer_bwd_s": 2e-3})
-    cluster = ClusterSpec(hosts=2, gpus_per_host=2, link_gbps=0.2, link_efficiency=EFFICIENCY, launch_s=LAUNCH, per_peer_s=0, hop_latency_s=HOP)
+    cluster = ClusterSpec(
+        hosts=2,
+        gpus_per_host=2,
+        link_gbps=0.2,
+        link_efficiency=EFFICIENCY,
+        launch_s=LAUNCH,
+        per_peer_s=0,
+        hop_latency_s=HOP,
+    )
     for batch in (2, 16):
-        model = ModelSpec("tiny", layers=4, d_model=128, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=batch, vocab=256,
-                          act_bytes=4, grad_bytes=4, param_bytes=4)
+        model = ModelSpec(
+            "tiny",
+            layers=4,
+            d_model=128,
+            d_ff=512,
+            experts=4,
+            top_k=2,
+            seq_len=128,
+            batch_size=batch,
+            vocab=256,
+            act_bytes=4,
+            grad_bytes=4,
+            param_bytes=4,
+        )
         for i, policy in enumerate(("deepspeed", "sequential")):
-            write_synthetic_run(tmp_path / f"b{batch}-{policy}", cluster, model, truth, TrainSpec(coalesce_small=False, count_exchange=True),
-                                policy, steps=4, seed=i)
+            write_synthetic_run(
+                tmp_path / f"b{batch}-{policy}",
+                cluster,
+                model,
+                truth,
+                TrainSpec(coalesce_small=False, count_exchange=True),
+                policy,
+                steps=4,
+                seed=i,
+            )
     rep = calibrate(tmp_path)
     p = rep.fit.profile
     assert p.layer_fwd_s == pytest.approx(1e-3, rel=0.1) and p.layer_bwd_s == pytest.approx(2e-3, rel=0.1)
@@ -165,12 +299,41 @@ def test_fit_finds_allreduces_slowed_beside_compute_on_shared_cores(tmp_path):
     micro-ops run beside the backward pass, the sequential policy's after it: the fit tells the
     slowdown from the link."""
     truth = ComputeProfile(**{**TRUTH.to_dict(), "allreduce_slowdown_in_compute": 0.3})
-    cluster = ClusterSpec(hosts=2, gpus_per_host=2, link_gbps=0.2, link_efficiency=EFFICIENCY, launch_s=LAUNCH, per_peer_s=0, hop_latency_s=HOP)
-    model = ModelSpec("tiny", layers=4, d_model=128, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=8, vocab=256,
-                      act_bytes=4, grad_bytes=4, param_bytes=4)
+    cluster = ClusterSpec(
+        hosts=2,
+        gpus_per_host=2,
+        link_gbps=0.2,
+        link_efficiency=EFFICIENCY,
+        launch_s=LAUNCH,
+        per_peer_s=0,
+        hop_latency_s=HOP,
+    )
+    model = ModelSpec(
+        "tiny",
+        layers=4,
+        d_model=128,
+        d_ff=512,
+        experts=4,
+        top_k=2,
+        seq_len=128,
+        batch_size=8,
+        vocab=256,
+        act_bytes=4,
+        grad_bytes=4,
+        param_bytes=4,
+    )
     for i, policy in enumerate(("lina", "sequential", "deepspeed")):
-        write_synthetic_run(tmp_path / policy, cluster, model, truth, TrainSpec(lina_a2a_chunks=2, coalesce_small=False, count_exchange=True),
-                            policy, steps=4, seed=i, cpu_count=2)
+        write_synthetic_run(
+            tmp_path / policy,
+            cluster,
+            model,
+            truth,
+            TrainSpec(lina_a2a_chunks=2, coalesce_small=False, count_exchange=True),
+            policy,
+            steps=4,
+            seed=i,
+            cpu_count=2,
+        )
     rep = calibrate(tmp_path)
     assert rep.fit.allreduce_slowdown_per_sharer == pytest.approx(0.3, abs=0.05)
     assert rep.fit.link_efficiency == pytest.approx(EFFICIENCY, rel=0.05)
@@ -186,12 +349,17 @@ def test_core_sharing_exponents_with_and_without_all_to_all():
     from lina.sim.calibration import fit_core_exponent
 
     def run(share, ep, tokens=2048):
-        return SimpleNamespace(model=SimpleNamespace(tokens=tokens, layers=4, experts=4), core_share=share, ep_size=ep, workers=4)
+        return SimpleNamespace(
+            model=SimpleNamespace(tokens=tokens, layers=4, experts=4), core_share=share, ep_size=ep, workers=4
+        )
 
     runs = [run(1.0, 2), run(0.5, 4), run(1.0, 1), run(0.5, 1), run(1.0, 2, 256), run(0.5, 4, 256)]
     base = {2048: 50e-6, 256: 80e-6}  # seconds per token and layer on a whole core
     exps = {True: 0.5, False: 1.0}
-    obs = [SimpleNamespace(compute_s=base[r.model.tokens] * r.core_share ** -exps[r.ep_size > 1] * 4 * r.model.tokens) for r in runs]
+    obs = [
+        SimpleNamespace(compute_s=base[r.model.tokens] * r.core_share ** -exps[r.ep_size > 1] * 4 * r.model.tokens)
+        for r in runs
+    ]
     with_a2a, without = fit_core_exponent(runs, obs)
     assert (with_a2a, without) == pytest.approx((0.5, 1.0))
     # no run without all-to-all: none for that kind
@@ -212,9 +380,11 @@ def test_compute_within_the_machine_cores():
     from lina.sim.engine import Task
 
     def result(end):
-        tasks = [Task("f", "compute", "compute", duration_s=0.4, args={"phase": "fwd"}),
-                 Task("b", "compute", "compute", duration_s=0.4, args={"phase": "bwd"}),
-                 Task("a", "a2a", "a2a", args={"bytes": 1e6, "phase": "fwd"})]
+        tasks = [
+            Task("f", "compute", "compute", duration_s=0.4, args={"phase": "fwd"}),
+            Task("b", "compute", "compute", duration_s=0.4, args={"phase": "bwd"}),
+            Task("a", "a2a", "a2a", args={"bytes": 1e6, "phase": "fwd"}),
+        ]
         for t, (start, stop) in zip(tasks, [(0.0, 0.4), (end - 0.4, end), (0.4, 0.5)]):
             t.start_s, t.end_s = start, stop
         return SimpleNamespace(tasks=tasks)
@@ -236,9 +406,11 @@ def test_loopback_rate_is_fitted_to_the_step_times(monkeypatch):
     from lina.sim.calibration import fitting as cal
 
     def run(per_host, measured):
-        return SimpleNamespace(ep_size=4, workers=4, workers_per_host=per_host, model=SimpleNamespace(experts=4), measured_step_s=measured)
+        return SimpleNamespace(
+            ep_size=4, workers=4, workers_per_host=per_host, model=SimpleNamespace(experts=4), measured_step_s=measured
+        )
 
-    true_rate = 4e8 * 2 ** 1.5  # on the grid: 2.83x the sampled 400 MB/s
+    true_rate = 4e8 * 2**1.5  # on the grid: 2.83x the sampled 400 MB/s
     # a step costs 1 s plus 1 GB of loopback copies at the rate: the measured runs ran at the true rate
     monkeypatch.setattr(cal, "predict", lambda f, r: SimpleNamespace(step_s=1.0 + 1e9 / f.loopback_bytes_per_s))
     local = [run(2, 1.0 + 1e9 / true_rate) for _ in range(3)]
@@ -259,13 +431,42 @@ def test_fit_follows_each_runs_routing_skew(tmp_path):
 
     from lina.sim.calibration import fit, predict
 
-    cluster = ClusterSpec(hosts=4, gpus_per_host=1, link_gbps=0.2, link_efficiency=EFFICIENCY, launch_s=LAUNCH, per_peer_s=0,
-                          hop_latency_s=HOP)
-    model = ModelSpec("tiny", layers=4, d_model=128, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=8, vocab=256,
-                      act_bytes=4, grad_bytes=4, param_bytes=4)
-    for i, (skew, policy) in enumerate([(1.0, "deepspeed"), (1.6, "deepspeed"), (1.0, "sequential"), (1.6, "sequential"), (1.3, "lina")]):
-        write_synthetic_run(tmp_path / f"{policy}-{skew}", cluster, model, TRUTH,
-                            TrainSpec(lina_a2a_chunks=2, coalesce_small=False, count_exchange=True, a2a_skew=skew), policy, steps=4, seed=i)
+    cluster = ClusterSpec(
+        hosts=4,
+        gpus_per_host=1,
+        link_gbps=0.2,
+        link_efficiency=EFFICIENCY,
+        launch_s=LAUNCH,
+        per_peer_s=0,
+        hop_latency_s=HOP,
+    )
+    model = ModelSpec(
+        "tiny",
+        layers=4,
+        d_model=128,
+        d_ff=512,
+        experts=4,
+        top_k=2,
+        seq_len=128,
+        batch_size=8,
+        vocab=256,
+        act_bytes=4,
+        grad_bytes=4,
+        param_bytes=4,
+    )
+    for i, (skew, policy) in enumerate(
+        [(1.0, "deepspeed"), (1.6, "deepspeed"), (1.0, "sequential"), (1.6, "sequential"), (1.3, "lina")]
+    ):
+        write_synthetic_run(
+            tmp_path / f"{policy}-{skew}",
+            cluster,
+            model,
+            TRUTH,
+            TrainSpec(lina_a2a_chunks=2, coalesce_small=False, count_exchange=True, a2a_skew=skew),
+            policy,
+            steps=4,
+            seed=i,
+        )
     runs = find_runs(tmp_path)
     assert sorted(round(r.a2a_skew, 6) for r in runs) == [1.0, 1.0, 1.3, 1.6, 1.6]
     fitted = fit(runs)

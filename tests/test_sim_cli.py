@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from lina.cli import main
-from lina.testing.calibration import write_synthetic_run
 from lina.sim.compute import ComputeProfile
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec
+from lina.testing.calibration import write_synthetic_run
 
 
 def test_list_prints_name_gpus_description(capsys):
@@ -67,7 +67,7 @@ allreduce_algorithm = "hierarchical"
     assert main(["sim", "--config", str(cfg), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["gpus"] == 32
     bad = tmp_path / "bad.toml"
-    bad.write_text('[cluster]\nhosts = 2\ngpus_per_host = 1\nlink_gbps = 10\nwarp = 9\n[model]\nlayers = 1\n')
+    bad.write_text("[cluster]\nhosts = 2\ngpus_per_host = 1\nlink_gbps = 10\nwarp = 9\n[model]\nlayers = 1\n")
     assert main(["sim", "--config", str(bad)]) == 2
     assert "warp" in capsys.readouterr().err
     # uneven routing: the all-to-alls move the busiest rank's bytes, so they take longer
@@ -87,17 +87,37 @@ def test_unknown_scenario_is_a_config_error(capsys):
 
 
 def test_link_sweep_writes_json_and_png(tmp_path, capsys):
-    assert main(["sim", "--sweep", "link", "--scenario", "testbed-gpt2-e8", "--values", "50,200", "--out", str(tmp_path),
-                 "--policies", "deepspeed,lina"]) == 0
+    assert (
+        main(
+            [
+                "sim",
+                "--sweep",
+                "link",
+                "--scenario",
+                "testbed-gpt2-e8",
+                "--values",
+                "50,200",
+                "--out",
+                str(tmp_path),
+                "--policies",
+                "deepspeed,lina",
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "sweep-link-testbed-gpt2-e8.json").read_text())
     assert data["values"] == [50.0, 200.0] and len(data["runs"]) == 2
     assert (tmp_path / "sweep-link-testbed-gpt2-e8.png").stat().st_size > 1000
-    assert main(["sim", "--sweep", "gpus", "--scenario", "testbed-gpt2-e16", "--values", "6", "--out", str(tmp_path)]) == 2
+    assert (
+        main(["sim", "--sweep", "gpus", "--scenario", "testbed-gpt2-e16", "--values", "6", "--out", str(tmp_path)]) == 2
+    )
 
 
 def test_calibrate_command(tmp_path, capsys):
     prof = ComputeProfile(2e-6, 4e-6, 3e-6, 6e-6, optimizer_s_per_param=1e-9)
-    model = ModelSpec("tiny", layers=2, d_model=128, d_ff=256, experts=4, top_k=2, seq_len=64, batch_size=4, vocab=128, act_bytes=4)
+    model = ModelSpec(
+        "tiny", layers=2, d_model=128, d_ff=256, experts=4, top_k=2, seq_len=64, batch_size=4, vocab=128, act_bytes=4
+    )
     for i, gbps in enumerate((0.1, 0.3)):
         cluster = ClusterSpec(hosts=2, gpus_per_host=2, link_gbps=gbps, launch_s=5e-4, per_peer_s=0)
         write_synthetic_run(tmp_path / f"r{i}", cluster, model, prof, TrainSpec(), "deepspeed", steps=3)
@@ -111,12 +131,17 @@ def test_calibrate_command(tmp_path, capsys):
 def test_calibrate_with_held_out_runs(tmp_path, capsys):
     """Runs under --holdout are predicted with the fit of the others and reported apart."""
     prof = ComputeProfile(2e-6, 4e-6, 3e-6, 6e-6, optimizer_s_per_param=1e-9)
-    model = ModelSpec("tiny", layers=2, d_model=128, d_ff=256, experts=4, top_k=2, seq_len=64, batch_size=4, vocab=128, act_bytes=4)
+    model = ModelSpec(
+        "tiny", layers=2, d_model=128, d_ff=256, experts=4, top_k=2, seq_len=64, batch_size=4, vocab=128, act_bytes=4
+    )
     for folder, gbps in (("fit/a", 0.1), ("fit/b", 0.3), ("held/c", 0.2)):
         cluster = ClusterSpec(hosts=2, gpus_per_host=2, link_gbps=gbps, launch_s=5e-4, per_peer_s=0)
         write_synthetic_run(tmp_path / folder, cluster, model, prof, TrainSpec(), "deepspeed", steps=3)
     out = tmp_path / "cal.json"
-    assert main(["sim", "--calibrate", str(tmp_path / "fit"), "--holdout", str(tmp_path / "held"), "--json", str(out)]) == 0
+    assert (
+        main(["sim", "--calibrate", str(tmp_path / "fit"), "--holdout", str(tmp_path / "held"), "--json", str(out)])
+        == 0
+    )
     assert "held-out median |error|" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert len(data["rows"]) == 2 and len(data["holdout_rows"]) == 1

@@ -65,7 +65,9 @@ def test_a2a_fit_recovers_a_per_core_rate_and_a_flow_cap():
         rows += [(2 * sent * 2 / 3 / 20e6, sent, sent / 3, 1.0)]  # 2x2 on slow links: the link binds
     x = np.asarray(rows)
     truth = a2a_seconds(np.column_stack([x, np.zeros(len(x))]), latency, eff, np.array([core]), np.array([flow]))[0, 0]
-    samples = np.column_stack([np.repeat(x, 20, axis=0), np.repeat(truth, 20) * rng.uniform(0.98, 1.02, size=20 * len(x))])
+    samples = np.column_stack(
+        [np.repeat(x, 20, axis=0), np.repeat(truth, 20) * rng.uniform(0.98, 1.02, size=20 * len(x))]
+    )
     lat, core_fit, flow_fit, loss, note = fit_a2a(samples, [latency] * 10, eff)
     assert lat == pytest.approx(latency)
     assert core_fit == pytest.approx(core, rel=0.05) and flow_fit == pytest.approx(flow, rel=0.05) and not note

@@ -18,7 +18,11 @@ from lina.sim.topology import Topology
 from lina.sim.train import transfer_time
 
 PROFILE = ComputeProfile(
-    dense_fwd_s_per_token=1e-7, dense_bwd_s_per_token=2e-7, expert_fwd_s_per_token=2e-7, expert_bwd_s_per_token=4e-7, expert_min_s=1e-5
+    dense_fwd_s_per_token=1e-7,
+    dense_bwd_s_per_token=2e-7,
+    expert_fwd_s_per_token=2e-7,
+    expert_bwd_s_per_token=4e-7,
+    expert_min_s=1e-5,
 )
 
 
@@ -90,7 +94,15 @@ def test_inference_policies_run_and_oracle_balances_best():
 def test_exact_network_gives_close_latencies():
     cluster, model, spec, replay, est = small_case()
     fast = simulate_inference(cluster, model, PROFILE, spec, replay, est, policies=("static",))
-    exact = simulate_inference(cluster, model, PROFILE, InferSpec(**{**spec.__dict__, "exact_network": True}), replay, est, policies=("static",))
+    exact = simulate_inference(
+        cluster,
+        model,
+        PROFILE,
+        InferSpec(**{**spec.__dict__, "exact_network": True}),
+        replay,
+        est,
+        policies=("static",),
+    )
     assert exact["static"].median_s == pytest.approx(fast["static"].median_s, rel=0.05)
 
 

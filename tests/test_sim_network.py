@@ -23,7 +23,9 @@ GB = 1e9
 
 def bare(hosts=2, gpus=1, link_gbps=8.0, **kw) -> ClusterSpec:
     """No latencies, so times are bytes / rates exactly. 8 Gb/s = 1 GB/s."""
-    return ClusterSpec(hosts=hosts, gpus_per_host=gpus, link_gbps=link_gbps, launch_s=0, per_peer_s=0, hop_latency_s=0, **kw)
+    return ClusterSpec(
+        hosts=hosts, gpus_per_host=gpus, link_gbps=link_gbps, launch_s=0, per_peer_s=0, hop_latency_s=0, **kw
+    )
 
 
 def drain(net: FlowNetwork) -> dict[int, float]:
@@ -190,8 +192,17 @@ def test_flow_fairness_lets_many_flows_crowd_out_a_ring():
 CALIBRATED = {"host": CpuHostModel(rank_copy_gbps=3.0, flow_copy_gbps=2.0, copy_intra=False, pair_flow_loss=0.05)}
 
 
-@pytest.mark.parametrize("hosts,gpus,nics,ep,limits", [(2, 2, 1, 4, {}), (4, 2, 1, 4, {}), (4, 2, 2, 8, {}), (4, 4, 1, 2, {}),
-                                                       (2, 2, 1, 4, CALIBRATED), (4, 2, 1, 8, CALIBRATED)])
+@pytest.mark.parametrize(
+    "hosts,gpus,nics,ep,limits",
+    [
+        (2, 2, 1, 4, {}),
+        (4, 2, 1, 4, {}),
+        (4, 2, 2, 8, {}),
+        (4, 4, 1, 2, {}),
+        (2, 2, 1, 4, CALIBRATED),
+        (4, 2, 1, 8, CALIBRATED),
+    ],
+)
 def test_representative_host_equals_full_simulation(hosts, gpus, nics, ep, limits):
     c = ClusterSpec(hosts=hosts, gpus_per_host=gpus, link_gbps=8.0, nics_per_host=nics, nvlink_gbps=40.0, **limits)
     times = []
@@ -227,7 +238,12 @@ def test_compute_slows_while_a_transfer_is_in_flight():
     assert tasks[1].end_s == pytest.approx(0.4)
     assert tasks[0].end_s == pytest.approx(1.2)
     with pytest.raises(ValueError, match="compute rate"):
-        Executor([Task("w", "compute", "compute", duration_s=1.0)], FlowNetwork(topo.capacity), {"compute": 1}, compute_rate=lambda ex: 0.0).run()
+        Executor(
+            [Task("w", "compute", "compute", duration_s=1.0)],
+            FlowNetwork(topo.capacity),
+            {"compute": 1},
+            compute_rate=lambda ex: 0.0,
+        ).run()
 
 
 def test_a_rank_copy_limit_bounds_what_each_gpu_sends():
@@ -235,13 +251,17 @@ def test_a_rank_copy_limit_bounds_what_each_gpu_sends():
     host takes 0.8 s, and so does 0.4 GB to the GPU next to it (10 GB/s); flows not marked as
     all-to-all traffic are not limited; two GPUs of one host each have their own limit, and then
     share the 1 GB/s link."""
-    topo = Topology(bare(hosts=2, gpus=2, nvlink_gbps=80.0, host=CpuHostModel(rank_copy_gbps=4.0)),
-                    representative=False)
+    topo = Topology(
+        bare(hosts=2, gpus=2, nvlink_gbps=80.0, host=CpuHostModel(rank_copy_gbps=4.0)), representative=False
+    )
     assert topo.resource_name(topo.copy_base + 3) == "h1.gpu1.copy"
 
     def a2a(pairs, copy=True):
         src, dst, size = zip(*pairs)
-        return Transfer("a2a", (make_phase(topo.classes(np.array(src), np.array(dst), np.array(size), copy=copy), 0.0, topo.n_resources),))
+        return Transfer(
+            "a2a",
+            (make_phase(topo.classes(np.array(src), np.array(dst), np.array(size), copy=copy), 0.0, topo.n_resources),),
+        )
 
     assert run(topo.capacity, [a2a([(0, 2, 0.4 * GB)])]) == pytest.approx([0.8])
     assert run(topo.capacity, [a2a([(0, 1, 0.4 * GB)])]) == pytest.approx([0.8])
@@ -255,12 +275,16 @@ def test_a_flow_cap_bounds_each_flow_between_hosts_only():
     """1 GB/s links, each all-to-all flow between hosts capped at 0.25 GB/s: one 0.5 GB flow
     takes 2 s, two flows from one GPU to two hosts run side by side at their caps (2 s), a flow
     to the GPU next door is not capped (NVLink, 10 GB/s), nor is traffic not marked all-to-all."""
-    topo = Topology(bare(hosts=3, gpus=2, nvlink_gbps=80.0, host=CpuHostModel(flow_copy_gbps=2.0)),
-                    representative=False)
+    topo = Topology(
+        bare(hosts=3, gpus=2, nvlink_gbps=80.0, host=CpuHostModel(flow_copy_gbps=2.0)), representative=False
+    )
 
     def a2a(pairs, copy=True):
         src, dst, size = zip(*pairs)
-        return Transfer("a2a", (make_phase(topo.classes(np.array(src), np.array(dst), np.array(size), copy=copy), 0.0, topo.n_resources),))
+        return Transfer(
+            "a2a",
+            (make_phase(topo.classes(np.array(src), np.array(dst), np.array(size), copy=copy), 0.0, topo.n_resources),),
+        )
 
     assert run(topo.capacity, [a2a([(0, 2, 0.5 * GB)])]) == pytest.approx([2.0])
     assert run(topo.capacity, [a2a([(0, 2, 0.5 * GB), (0, 4, 0.5 * GB)])]) == pytest.approx([2.0])
@@ -280,7 +304,10 @@ def test_loopback_flows_can_skip_the_copy_limit():
 
     def a2a(pairs):
         src, dst, size = zip(*pairs)
-        return Transfer("a2a", (make_phase(topo.classes(np.array(src), np.array(dst), np.array(size), copy=True), 0.0, topo.n_resources),))
+        return Transfer(
+            "a2a",
+            (make_phase(topo.classes(np.array(src), np.array(dst), np.array(size), copy=True), 0.0, topo.n_resources),),
+        )
 
     assert run(topo.capacity, [a2a([(0, 1, 0.4 * GB)])]) == pytest.approx([0.04])
     assert run(topo.capacity, [a2a([(0, 2, 0.4 * GB)])]) == pytest.approx([0.8])
@@ -294,12 +321,16 @@ def test_flows_between_the_same_two_hosts_lose_goodput():
     two flows of one all-to-all between the same hosts (0.5 GB each) move at 0.9 GB/s together
     (1.11 s); two flows to two different hosts lose nothing; traffic not marked all-to-all pays
     nothing either."""
-    topo = Topology(bare(hosts=3, gpus=2, nvlink_gbps=80.0, host=CpuHostModel(pair_flow_loss=0.1)),
-                    representative=False)
+    topo = Topology(
+        bare(hosts=3, gpus=2, nvlink_gbps=80.0, host=CpuHostModel(pair_flow_loss=0.1)), representative=False
+    )
 
     def a2a(pairs, copy=True):
         src, dst, size = zip(*pairs)
-        return Transfer("a2a", (make_phase(topo.classes(np.array(src), np.array(dst), np.array(size), copy=copy), 0.0, topo.n_resources),))
+        return Transfer(
+            "a2a",
+            (make_phase(topo.classes(np.array(src), np.array(dst), np.array(size), copy=copy), 0.0, topo.n_resources),),
+        )
 
     assert run(topo.capacity, [a2a([(0, 2, GB)])]) == pytest.approx([1.0])
     assert run(topo.capacity, [a2a([(0, 2, 0.5 * GB), (1, 3, 0.5 * GB)])]) == pytest.approx([1.0 / 0.9])
@@ -325,8 +356,12 @@ def test_loopback_flows_have_a_kind_of_their_own():
     # without a speed of their own, flows inside a host move at their transfer's kind's speed
     net = FlowNetwork(topo.capacity)
     net.set_speed("allreduce", 0.5)
-    inside = net.start(Transfer("in", (make_phase(topo.classes(np.array([0]), np.array([1]), np.array([0.4 * GB])), 0.0, topo.n_resources),)),
-                       kind="allreduce")
+    inside = net.start(
+        Transfer(
+            "in", (make_phase(topo.classes(np.array([0]), np.array([1]), np.array([0.4 * GB])), 0.0, topo.n_resources),)
+        ),
+        kind="allreduce",
+    )
     assert drain(net)[inside] == pytest.approx(0.08)
 
 
@@ -365,7 +400,14 @@ def test_a_kind_of_transfer_can_be_slowed():
     with pytest.raises(ValueError, match="speed"):
         net.set_speed("allreduce", 0.0)
 
-    tasks = [Task("c", "compute", "compute", duration_s=1.0), Task("ar", "allreduce", "allreduce", transfer=flows(topo, [(0, 1, GB)]))]
-    Executor(tasks, topo.network(), {"compute": 1, "allreduce": 1},
-             comm_speed=lambda ex: {"allreduce": 0.5 if ex.stream_busy("compute") else 1.0}).run()
+    tasks = [
+        Task("c", "compute", "compute", duration_s=1.0),
+        Task("ar", "allreduce", "allreduce", transfer=flows(topo, [(0, 1, GB)])),
+    ]
+    Executor(
+        tasks,
+        topo.network(),
+        {"compute": 1, "allreduce": 1},
+        comm_speed=lambda ex: {"allreduce": 0.5 if ex.stream_busy("compute") else 1.0},
+    ).run()
     assert tasks[1].end_s == pytest.approx(1.5)

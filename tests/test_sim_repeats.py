@@ -19,7 +19,11 @@ def test_runs_of_one_configuration_pool_their_steps():
     shape under another policy stays apart; a run without step spans counts with its median."""
     rows = [row("a", 2.0, 2.7), row("a", 4.5, 3.9), row("a", 2.0, 2.0, policy="deepspeed"), row("b", 1.0, 1.1)]
     out = pooled_rows(rows, [[1.0, 2.0, 3.0], [4.0, 5.0], [2.0], []])
-    assert [(r["config"], r["policy"], r["runs"]) for r in out] == [("a", "lina", 2), ("a", "deepspeed", 1), ("b", "lina", 1)]
+    assert [(r["config"], r["policy"], r["runs"]) for r in out] == [
+        ("a", "lina", 2),
+        ("a", "deepspeed", 1),
+        ("b", "lina", 1),
+    ]
     first = out[0]
     assert first["run_medians_s"] == [2.0, 4.5]
     assert (first["measured_s"], first["predicted_s"]) == pytest.approx((3.0, 3.3))
@@ -30,7 +34,13 @@ def test_runs_of_one_configuration_pool_their_steps():
 
 
 def test_step_times_are_rank_zero_step_spans():
-    spans = {0: [SimpleNamespace(cat="step", dur_s=1.5), SimpleNamespace(cat="compute", dur_s=0.2), SimpleNamespace(cat="step", dur_s=1.7)],
-             1: [SimpleNamespace(cat="step", dur_s=9.0)]}
+    spans = {
+        0: [
+            SimpleNamespace(cat="step", dur_s=1.5),
+            SimpleNamespace(cat="compute", dur_s=0.2),
+            SimpleNamespace(cat="step", dur_s=1.7),
+        ],
+        1: [SimpleNamespace(cat="step", dur_s=9.0)],
+    }
     assert step_times(spans) == [1.5, 1.7]
     assert step_times({}) == []

@@ -25,7 +25,18 @@ PROFILE = ComputeProfile(
 def contended():
     """Few tokens, wide dense layers: gradients comparable to the all-to-alls (contention matters)."""
     cluster = ClusterSpec(hosts=4, gpus_per_host=1, link_gbps=10.0)
-    model = ModelSpec("wide", layers=8, d_model=1024, d_ff=2048, experts=4, top_k=2, seq_len=256, batch_size=8, vocab=1000, act_bytes=4)
+    model = ModelSpec(
+        "wide",
+        layers=8,
+        d_model=1024,
+        d_ff=2048,
+        experts=4,
+        top_k=2,
+        seq_len=256,
+        batch_size=8,
+        vocab=1000,
+        act_bytes=4,
+    )
     return cluster, model
 
 
@@ -56,7 +67,13 @@ def test_specs_validate_with_field_names():
 def test_policies_order_and_lower_bound():
     cluster, model = contended()
     # 1 MB micro-ops: short enough that one in flight when an all-to-all starts barely matters
-    res = simulate_policies(cluster, model, PROFILE, TrainSpec(chunk_mb=1.0), ["deepspeed", "sequential", "lina", "lina-priority", "lower-bound"])
+    res = simulate_policies(
+        cluster,
+        model,
+        PROFILE,
+        TrainSpec(chunk_mb=1.0),
+        ["deepspeed", "sequential", "lina", "lina-priority", "lower-bound"],
+    )
     lb = res["lower-bound"].step_s
     # the lower bound is that of the synchronous schedule (lina's pipelining may beat it)
     for name in ("deepspeed", "sequential", "lina-priority"):
@@ -99,7 +116,9 @@ def test_deepspeed_buckets_respect_the_cap():
     cluster, model = contended()
     r = simulate_step(cluster, model, PROFILE, TrainSpec(bucket_mb=5.0), "deepspeed")
     sizes = [t.args["bytes"] for t in r.tasks if t.cat == "allreduce"]
-    tensors = [n for i in range(model.layers) for _, n in model.dense_tensors(i)] + [n for _, n in model.embedding_tensors()]
+    tensors = [n for i in range(model.layers) for _, n in model.dense_tensors(i)] + [
+        n for _, n in model.embedding_tensors()
+    ]
     assert sum(sizes) == pytest.approx(sum(tensors) * model.grad_bytes)
     # a bucket closes once it reaches the cap: it exceeds it by less than one tensor
     assert all(s < 5e6 + max(tensors) * model.grad_bytes for s in sizes)
@@ -108,7 +127,9 @@ def test_deepspeed_buckets_respect_the_cap():
 
 def test_packing_doubles_while_ffn_is_shorter_than_a2a():
     cluster = ClusterSpec(hosts=4, gpus_per_host=2, link_gbps=5.0, nvlink_gbps=2400)
-    model = ModelSpec("pack", layers=4, d_model=512, d_ff=1024, experts=8, top_k=2, seq_len=512, batch_size=8, vocab=1000, act_bytes=4)
+    model = ModelSpec(
+        "pack", layers=4, d_model=512, d_ff=1024, experts=8, top_k=2, seq_len=512, batch_size=8, vocab=1000, act_bytes=4
+    )
     r = simulate_step(cluster, model, PROFILE, TrainSpec(), "lina+packing")
     assert r.pack >= 2 and r.ep == 8 // r.pack
     first = r.pack_trace[0]
@@ -125,7 +146,9 @@ def test_packing_doubles_while_ffn_is_shorter_than_a2a():
 
 def test_representative_and_full_steps_agree():
     cluster = ClusterSpec(hosts=2, gpus_per_host=2, link_gbps=10.0)
-    model = ModelSpec("tiny", layers=2, d_model=256, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=4, vocab=500, act_bytes=4)
+    model = ModelSpec(
+        "tiny", layers=2, d_model=256, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=4, vocab=500, act_bytes=4
+    )
     for policy in ("deepspeed", "lina"):
         rep = simulate_step(cluster, model, PROFILE, TrainSpec(chunk_mb=0.5), policy, representative=True)
         full = simulate_step(cluster, model, PROFILE, TrainSpec(chunk_mb=0.5), policy, representative=False)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lina.errors import ConfigError, LinaError
 from lina.data.routing_trace import RoutingTrace, load_trace, read_mixtral_jsonl, synthetic_trace
+from lina.errors import ConfigError, LinaError
 
 MIXTRAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mixtral-8x7b-gsm8k-routing.jsonl"
 
@@ -134,8 +134,12 @@ def test_jsonl_reader_keeps_complete_tokens_in_order(tmp_path):
     recs = []
     for pid, tok in [(1, 0), (0, 1), (0, 0)]:
         for layer in range(3):
-            recs.append({"problem_id": pid, "token_idx": tok, "layer": layer, "experts": [layer, 3], "gating_probs": [0.7, 0.3]})
-    recs.append({"problem_id": 0, "token_idx": 2, "layer": 0, "experts": [1, 2], "gating_probs": [0.6, 0.4]})  # incomplete
+            recs.append(
+                {"problem_id": pid, "token_idx": tok, "layer": layer, "experts": [layer, 3], "gating_probs": [0.7, 0.3]}
+            )
+    recs.append(
+        {"problem_id": 0, "token_idx": 2, "layer": 0, "experts": [1, 2], "gating_probs": [0.6, 0.4]}
+    )  # incomplete
     tr = read_mixtral_jsonl(_write_jsonl(tmp_path / "r.jsonl", recs))
     assert tr.num_tokens == 3 and tr.num_layers == 3 and tr.top_k == 2 and tr.num_experts == 4
     assert list(zip(tr.seq_id.tolist(), tr.token_idx.tolist())) == [(0, 0), (0, 1), (1, 0)]

@@ -34,7 +34,12 @@ def test_unknown_policy_in_config_file(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('policy = "fastest"\n')
     res = run_lina("train", "--config", str(cfg), timeout=60)
-    assert res.returncode == 2 and "policy" in res.stderr and "lina+packing" in res.stderr and "Traceback" not in res.stderr
+    assert (
+        res.returncode == 2
+        and "policy" in res.stderr
+        and "lina+packing" in res.stderr
+        and "Traceback" not in res.stderr
+    )
     cfg.write_text('schedule = "fastest"\n')  # the old name of the setting: accepted, with a note
     res = run_lina("train", "--config", str(cfg), timeout=60)
     assert res.returncode == 2 and "now called 'policy'" in res.stderr and "'fastest'" in res.stderr
@@ -54,11 +59,27 @@ def _losses(out: Path) -> dict[int, float]:
 def test_training_lowers_loss_and_writes_outputs(tmp_path, tiny_config):
     out = tmp_path / "run"
     trace = tmp_path / "trace"
-    res = run_lina("train", "--config", str(tiny_config), "--workers", "2", "--steps", "30", "--out", str(out), "--trace", str(trace))
+    res = run_lina(
+        "train",
+        "--config",
+        str(tiny_config),
+        "--workers",
+        "2",
+        "--steps",
+        "30",
+        "--out",
+        str(out),
+        "--trace",
+        str(trace),
+    )
     assert res.returncode == 0, res.stderr
     # the trace streams to its file while the trainer keeps only recent spans: still every step
     for rank in (0, 1):
-        steps = [r["args"]["step"] for r in map(json.loads, (trace / f"timeline-rank{rank}.jsonl").read_text().splitlines()) if r["cat"] == "step"]
+        steps = [
+            r["args"]["step"]
+            for r in map(json.loads, (trace / f"timeline-rank{rank}.jsonl").read_text().splitlines())
+            if r["cat"] == "step"
+        ]
         assert steps == list(range(30))
     assert (trace / "trace.json").exists() and (trace / "timeline.png").exists()
     losses = _losses(out)
@@ -80,10 +101,17 @@ def test_training_lowers_loss_and_writes_outputs(tmp_path, tiny_config):
 @pytest.mark.slow
 def test_resume_continues_the_same_loss_trajectory(tmp_path, tiny_config):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_lina("train", "--config", str(tiny_config), "--workers", "2", "--steps", "10", "--out", str(straight)).returncode == 0
+    assert (
+        run_lina(
+            "train", "--config", str(tiny_config), "--workers", "2", "--steps", "10", "--out", str(straight)
+        ).returncode
+        == 0
+    )
     first = run_lina("train", "--config", str(tiny_config), "--workers", "2", "--steps", "6", "--out", str(resumed))
     assert first.returncode == 0, first.stderr
-    second = run_lina("train", "--config", str(tiny_config), "--workers", "2", "--steps", "10", "--out", str(resumed), "--resume")
+    second = run_lina(
+        "train", "--config", str(tiny_config), "--workers", "2", "--steps", "10", "--out", str(resumed), "--resume"
+    )
     assert second.returncode == 0, second.stderr
     a, b = _losses(straight), _losses(resumed)
     assert sorted(b) == list(range(10))
@@ -110,8 +138,12 @@ def _running(pid: int) -> bool:
 @pytest.mark.slow
 def test_killed_worker_stops_the_job(tmp_path, tiny_config):
     out = tmp_path / "run"
-    proc = subprocess.Popen(lina_cmd("train", "--config", str(tiny_config), "--workers", "2", "--steps", "100000", "--out", str(out)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        lina_cmd("train", "--config", str(tiny_config), "--workers", "2", "--steps", "100000", "--out", str(out)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.5)

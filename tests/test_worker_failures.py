@@ -1,7 +1,6 @@
 """A worker's own error reaches the user: message, rank, host and exit code, no traceback, and
 nothing is left running (local launcher and emulated cluster)."""
 
-import json
 import os
 import re
 import shutil
@@ -13,13 +12,16 @@ from pathlib import Path
 import pytest
 
 from conftest import lina_cmd, run_lina
-from lina.cluster import failures
 from lina.cluster.failures import WorkerFailed, WorkerFailure, parse_error_data, root_cause
 
 
 def test_both_error_file_layouts_are_read():
-    nested = {"message": {"message": "ConfigError: invalid workers: 3. Fix: use 2",
-                          "extraInfo": {"py_callstack": "Traceback ...", "timestamp": "17"}}}
+    nested = {
+        "message": {
+            "message": "ConfigError: invalid workers: 3. Fix: use 2",
+            "extraInfo": {"py_callstack": "Traceback ...", "timestamp": "17"},
+        }
+    }
     assert parse_error_data(nested) == ("ConfigError: invalid workers: 3. Fix: use 2", "Traceback ...", 17)
     assert parse_error_data({"message": "plain", "timestamp": 5}) == ("plain", "", 5)
     assert parse_error_data("not a dict") == ("", "", 0)
@@ -89,8 +91,9 @@ def test_a_raising_worker_is_reported_with_its_message_rank_and_code(kind, code)
 def test_an_error_a_worker_raises_on_purpose_reaches_the_user_as_its_message(tmp_path, tiny_config):
     corpus = tmp_path / "short.txt"
     corpus.write_text("too short for one sequence")  # every worker's data loader refuses it
-    res = run_lina("train", "--config", str(tiny_config), "--workers", "2", "--corpus", str(corpus),
-                   "--out", str(tmp_path / "run"))
+    res = run_lina(
+        "train", "--config", str(tiny_config), "--workers", "2", "--corpus", str(corpus), "--out", str(tmp_path / "run")
+    )
     assert res.returncode == 2, res.stderr  # a ConfigError keeps its exit code
     assert "Traceback" not in res.stderr and "splitlines" not in res.stderr
     found = re.search(r"rank \d on host \S+ failed \(exit code 1\): invalid corpus: only \d+ tokens", res.stderr)
@@ -112,9 +115,22 @@ def test_sigint_during_an_emulated_run_leaves_nothing(tmp_path, tiny_config):
     from lina.cluster import netns
 
     out = tmp_path / "run"
-    proc = subprocess.Popen(lina_cmd("train", "--config", str(tiny_config), "--emulate", "hosts=2,link=1gbit",
-                                     "--steps", "100000", "--out", str(out)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        lina_cmd(
+            "train",
+            "--config",
+            str(tiny_config),
+            "--emulate",
+            "hosts=2,link=1gbit",
+            "--steps",
+            "100000",
+            "--out",
+            str(out),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     namespaces: list[str] = []
     deadline = time.time() + 150
     while time.time() < deadline:

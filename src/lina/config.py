@@ -70,21 +70,37 @@ class ModelConfig:
 
     def _check_heads(self) -> None:
         if _is_positive_int(self.d_model) and _is_positive_int(self.n_heads) and self.d_model % self.n_heads:
-            raise ConfigError("model.d_model", f"{self.d_model} is not divisible by n_heads={self.n_heads}", "choose d_model as a multiple of n_heads")
+            raise ConfigError(
+                "model.d_model",
+                f"{self.d_model} is not divisible by n_heads={self.n_heads}",
+                "choose d_model as a multiple of n_heads",
+            )
 
     def _check_top_k(self) -> None:
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ConfigError("model.top_k", f"{self.top_k!r} must be a positive integer", "use --top-k 1 or 2")
         if _is_positive_int(self.experts) and self.top_k > self.experts:
-            raise ConfigError("model.top_k", f"top-k {self.top_k} exceeds the number of experts {self.experts}", f"use --top-k <= {self.experts} or more --experts")
+            raise ConfigError(
+                "model.top_k",
+                f"top-k {self.top_k} exceeds the number of experts {self.experts}",
+                f"use --top-k <= {self.experts} or more --experts",
+            )
 
     def _check_capacity(self) -> None:
         if not self.dropless and not self.capacity_factor > 0:
-            raise ConfigError("model.capacity_factor", f"{self.capacity_factor} must be > 0 when routing is not dropless", "set capacity_factor to e.g. 1.25, or dropless = true")
+            raise ConfigError(
+                "model.capacity_factor",
+                f"{self.capacity_factor} must be > 0 when routing is not dropless",
+                "set capacity_factor to e.g. 1.25, or dropless = true",
+            )
 
     def _check_noise(self) -> None:
         if self.gate_noise < 0:
-            raise ConfigError("model.gate_noise", f"{self.gate_noise} is negative", "use 0 (off) or a small positive value such as 0.01")
+            raise ConfigError(
+                "model.gate_noise",
+                f"{self.gate_noise} is negative",
+                "use 0 (off) or a small positive value such as 0.01",
+            )
 
     def _check_weight(self, name: str) -> None:
         if getattr(self, name) < 0:
@@ -95,12 +111,21 @@ class ModelConfig:
             raise ConfigError("model.expert", f"unknown expert FFN {self.expert!r}", "use gelu or swiglu")
         for name in ("shared_expert_d_ff", "first_k_dense"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"model.{name}", f"{getattr(self, name)!r} must be an integer >= 0",
-                                  "use 0 (off) or a positive integer")
-        if _is_positive_int(self.n_layers) and _is_positive_int(self.moe_interval) and \
-                not any(self.is_moe(i) for i in range(self.n_layers)):
-            raise ConfigError("model.first_k_dense", f"no MoE layer is left among {self.n_layers} layers",
-                              f"use first_k_dense < {self.n_layers} or a smaller moe_interval")
+                raise ConfigError(
+                    f"model.{name}",
+                    f"{getattr(self, name)!r} must be an integer >= 0",
+                    "use 0 (off) or a positive integer",
+                )
+        if (
+            _is_positive_int(self.n_layers)
+            and _is_positive_int(self.moe_interval)
+            and not any(self.is_moe(i) for i in range(self.n_layers))
+        ):
+            raise ConfigError(
+                "model.first_k_dense",
+                f"no MoE layer is left among {self.n_layers} layers",
+                f"use first_k_dense < {self.n_layers} or a smaller moe_interval",
+            )
 
     def is_moe(self, layer: int) -> bool:
         """Whether FFN ``layer`` (0-based) is an MoE layer: after the first ``first_k_dense``,
@@ -173,23 +198,54 @@ class TrainConfig:
 
     def problems(self) -> list[ConfigError]:
         """Every problem of these settings, the model's included (empty when they are valid)."""
-        checks = [lambda name=name: _positive_int(name, getattr(self, name))
-                  for name in ("workers", "steps", "batch_size", "pipeline_chunks", "credit",
-                               "eval_every", "eval_batches", "checkpoint_every", "log_every")]
-        checks += [self._check_layout, self._check_policy, self._check_numbers, self._check_chunk_mb,
-                   self._check_corpus, self._validate_packing, self.validate_compute, self._check_emulate]
+        checks = [
+            lambda name=name: _positive_int(name, getattr(self, name))
+            for name in (
+                "workers",
+                "steps",
+                "batch_size",
+                "pipeline_chunks",
+                "credit",
+                "eval_every",
+                "eval_batches",
+                "checkpoint_every",
+                "log_every",
+            )
+        ]
+        checks += [
+            self._check_layout,
+            self._check_policy,
+            self._check_numbers,
+            self._check_chunk_mb,
+            self._check_corpus,
+            self._validate_packing,
+            self.validate_compute,
+            self._check_emulate,
+        ]
         return self.model.problems() + collect(checks)
 
     def _check_layout(self) -> None:
         if not isinstance(self.ep_size, int) or self.ep_size < 0:
-            raise ConfigError("ep_size", f"{self.ep_size!r} must be 0 (all workers) or a positive integer", "use 0 or a divisor of workers")
+            raise ConfigError(
+                "ep_size",
+                f"{self.ep_size!r} must be 0 (all workers) or a positive integer",
+                "use 0 or a divisor of workers",
+            )
         if not _is_positive_int(self.workers) or not _is_positive_int(self.model.experts):
             return  # reported on their own
         ep = self.resolved_ep_size
         if self.workers % ep:
-            raise ConfigError("ep_size", f"{ep} does not divide workers={self.workers}", "choose an EP size that divides the worker count")
+            raise ConfigError(
+                "ep_size",
+                f"{ep} does not divide workers={self.workers}",
+                "choose an EP size that divides the worker count",
+            )
         if self.model.experts % ep:
-            raise ConfigError("experts", f"{self.model.experts} experts cannot be sharded evenly over an expert-parallel group of {ep} workers", f"use a multiple of {ep} experts (e.g. --experts {ep * max(1, self.model.experts // ep)}) or change --workers")
+            raise ConfigError(
+                "experts",
+                f"{self.model.experts} experts cannot be sharded evenly over an expert-parallel group of {ep} workers",
+                f"use a multiple of {ep} experts (e.g. --experts {ep * max(1, self.model.experts // ep)}) or change --workers",
+            )
 
     def _check_policy(self) -> None:
         trainable = ", ".join(n for n, p in TRAIN_POLICIES.items() if p.trainable and p.grad_sync != "none")
@@ -199,10 +255,15 @@ class TrainConfig:
             hint = _did_you_mean(self.policy, TRAIN_POLICIES)
             raise ConfigError(err.field, err.problem + hint, err.fix) from None
         if not spec.trainable:
-            raise ConfigError("policy", f"{self.policy!r} exists in the simulator only", f"train with one of {trainable}")
+            raise ConfigError(
+                "policy", f"{self.policy!r} exists in the simulator only", f"train with one of {trainable}"
+            )
         if spec.grad_sync == "none":
-            raise ConfigError("policy", f"{self.policy!r} never synchronises gradients (timing only: a lower bound)",
-                              f"train with one of {trainable}; measure lower bounds with lina bench train")
+            raise ConfigError(
+                "policy",
+                f"{self.policy!r} never synchronises gradients (timing only: a lower bound)",
+                f"train with one of {trainable}; measure lower bounds with lina bench train",
+            )
 
     def _check_numbers(self) -> None:
         problems = []
@@ -223,16 +284,28 @@ class TrainConfig:
             except ValueError:
                 value = -1.0
             if not value > 0:
-                raise ConfigError("chunk_mb", f"{self.chunk_mb!r} is neither 'auto' nor a positive number", "use --chunk-mb auto or e.g. --chunk-mb 1")
+                raise ConfigError(
+                    "chunk_mb",
+                    f"{self.chunk_mb!r} is neither 'auto' nor a positive number",
+                    "use --chunk-mb auto or e.g. --chunk-mb 1",
+                )
 
     def _check_corpus(self) -> None:
         if self.corpus and not Path(self.corpus).exists():
-            raise ConfigError("corpus", f"path {self.corpus!r} does not exist", "pass an existing text file or folder, or leave --corpus empty for the built-in Python-source corpus")
+            raise ConfigError(
+                "corpus",
+                f"path {self.corpus!r} does not exist",
+                "pass an existing text file or folder, or leave --corpus empty for the built-in Python-source corpus",
+            )
 
     def _check_emulate(self) -> None:
         spec = self.emulate_spec()
         if spec is not None and spec.world_size != self.workers:
-            raise ConfigError("workers", f"{self.workers} workers but the emulated cluster has {spec.hosts} hosts x {spec.workers_per_host} workers", f"use --workers {spec.world_size} or change --emulate")
+            raise ConfigError(
+                "workers",
+                f"{self.workers} workers but the emulated cluster has {spec.hosts} hosts x {spec.workers_per_host} workers",
+                f"use --workers {spec.world_size} or change --emulate",
+            )
 
     @property
     def device_time(self) -> bool:
@@ -244,32 +317,52 @@ class TrainConfig:
             raise ConfigError("dilation", f"{self.dilation} must be > 0", "use 1 (no dilation) or e.g. 100")
         if not self.device_time:
             if self.dilation != 1.0:
-                raise ConfigError("dilation", "time dilation needs a device-time compute mode",
-                                  "add --compute a100 (or another device), or drop --dilation")
+                raise ConfigError(
+                    "dilation",
+                    "time dilation needs a device-time compute mode",
+                    "add --compute a100 (or another device), or drop --dilation",
+                )
             return
         device_from(self.compute)
         if not self.routing_trace:
-            raise ConfigError("routing_trace", "a device-time run takes its routing from a recorded trace (its gate computes nothing)",
-                              "record one with lina infer --model DIR --record-trace FILE.npz, or pass the Mixtral trace "
-                              "(../shared/data/mixtral-8x7b-gsm8k-routing.jsonl) for 8 experts top-2")
+            raise ConfigError(
+                "routing_trace",
+                "a device-time run takes its routing from a recorded trace (its gate computes nothing)",
+                "record one with lina infer --model DIR --record-trace FILE.npz, or pass the Mixtral trace "
+                "(../shared/data/mixtral-8x7b-gsm8k-routing.jsonl) for 8 experts top-2",
+            )
         if not Path(self.routing_trace).is_file():
-            raise ConfigError("routing_trace", f"file {self.routing_trace!r} does not exist", "pass an existing .npz or .jsonl routing trace")
+            raise ConfigError(
+                "routing_trace",
+                f"file {self.routing_trace!r} does not exist",
+                "pass an existing .npz or .jsonl routing trace",
+            )
 
     def _validate_packing(self) -> None:
         spec = parse_packing(self.effective_packing)
         _positive_int("packing_first_step", self.packing_first_step)
         _positive_int("packing_every", self.packing_every)
         if self.max_expert_memory_mb < 0:
-            raise ConfigError("max_expert_memory_mb", f"{self.max_expert_memory_mb} is negative", "use 0 (unlimited) or a budget in MB")
+            raise ConfigError(
+                "max_expert_memory_mb",
+                f"{self.max_expert_memory_mb} is negative",
+                "use 0 (unlimited) or a budget in MB",
+            )
         if spec.mode != "fixed" or not _is_positive_int(self.workers) or not _is_positive_int(self.model.experts):
             return
         valid = valid_experts_per_rank(self.model.experts, self.workers)
         if spec.experts_per_rank not in valid:
-            raise ConfigError("packing", f"{spec.experts_per_rank} experts per rank is not a layout of {self.model.experts} experts on {self.workers} workers",
-                              f"use one of {', '.join(map(str, valid))} (experts per rank; the EP group size becomes experts / N)")
+            raise ConfigError(
+                "packing",
+                f"{spec.experts_per_rank} experts per rank is not a layout of {self.model.experts} experts on {self.workers} workers",
+                f"use one of {', '.join(map(str, valid))} (experts per rank; the EP group size becomes experts / N)",
+            )
         if spec.at_step == 0 and self.ep_size and self.model.experts // spec.experts_per_rank != self.ep_size:
-            raise ConfigError("packing", f"{spec.experts_per_rank} experts per rank from the start contradicts ep_size={self.ep_size}",
-                              f"drop --ep-size, or use --packing {self.model.experts // self.ep_size}, or switch later with N@STEP")
+            raise ConfigError(
+                "packing",
+                f"{spec.experts_per_rank} experts per rank from the start contradicts ep_size={self.ep_size}",
+                f"drop --ep-size, or use --packing {self.model.experts // self.ep_size}, or switch later with N@STEP",
+            )
 
     def emulate_spec(self) -> EmulateSpec | None:
         """The emulated cluster to run on, or None (links given in real-cluster units, divided by
@@ -288,8 +381,9 @@ class TrainConfig:
         data = renamed_settings(dict(data))
         model_data = data.pop("model", {})
         if not isinstance(model_data, dict):
-            found.append(ConfigError("model", f"{model_data!r} is not a table",
-                                     "write the model settings under [model]"))
+            found.append(
+                ConfigError("model", f"{model_data!r} is not a table", "write the model settings under [model]")
+            )
             model_data = {}
         model = _build(ModelConfig, model_data, "model.", found)
         cfg = _build(cls, {**data, "model": model}, "", found)
@@ -328,11 +422,20 @@ def _build(cls, data: dict[str, Any], prefix: str, problems: list[ConfigError]):
             problems.append(ConfigError(f"{prefix}{key}", f"is not a known setting{hint}", fix))
             continue
         default = getattr(cls(), key) if key != "model" else None
-        if default is not None and not isinstance(value, type(default)) and not (isinstance(default, float) and isinstance(value, int)):
+        if (
+            default is not None
+            and not isinstance(value, type(default))
+            and not (isinstance(default, float) and isinstance(value, int))
+        ):
             if not (isinstance(default, str) and isinstance(value, (int, float))):
                 want = type(default).__name__
-                problems.append(ConfigError(f"{prefix}{key}", f"{value!r} has type {type(value).__name__}, expected {want}",
-                                            f"write {prefix}{key} as a {want}"))
+                problems.append(
+                    ConfigError(
+                        f"{prefix}{key}",
+                        f"{value!r} has type {type(value).__name__}, expected {want}",
+                        f"write {prefix}{key} as a {want}",
+                    )
+                )
                 continue
             value = str(value)
         out[key] = float(value) if isinstance(default, float) and isinstance(value, int) else value
@@ -381,7 +484,7 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         if key == "model":
             out["model"].update(value)
         elif key.startswith("model."):
-            out["model"][key[len("model."):]] = value
+            out["model"][key[len("model.") :]] = value
         else:
             out[key] = value
     return out

@@ -73,8 +73,11 @@ def device_from(text: str) -> DeviceSpec:
     path = Path(text)
     known = ", ".join([*ALIASES, *DEVICES])
     if not path.is_file():
-        raise ConfigError("compute", f"{text!r} is neither a known device nor a device description file",
-                          f"use one of {known}, or a .toml file with name, peak_tflops and mem_bw_gbs")
+        raise ConfigError(
+            "compute",
+            f"{text!r} is neither a known device nor a device description file",
+            f"use one of {known}, or a .toml file with name, peak_tflops and mem_bw_gbs",
+        )
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
@@ -83,7 +86,9 @@ def device_from(text: str) -> DeviceSpec:
     allowed = {f.name for f in fields(DeviceSpec)}
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise ConfigError("compute", f"{path}: unknown key(s) {', '.join(unknown)}", f"use only {', '.join(sorted(allowed))}")
+        raise ConfigError(
+            "compute", f"{path}: unknown key(s) {', '.join(unknown)}", f"use only {', '.join(sorted(allowed))}"
+        )
     try:
         return DeviceSpec(**{"name": path.stem, **data})
     except TypeError as err:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lina.errors import ConfigError, LinaError
+from lina.errors import ConfigError
 
 
 def write_npz(path: str | Path, meta: dict, arrays: dict[str, np.ndarray], what: str) -> Path:

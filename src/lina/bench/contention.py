@@ -22,9 +22,9 @@ from pathlib import Path
 
 from lina.cluster import netns
 from lina.cluster.emulate import EmulatedCluster, EmulateSpec, parse_duration_us, parse_rate
-from lina.obs.provenance import provenance
 from lina.cluster.hostlaunch import run_on_cluster
 from lina.errors import ConfigError, LinaError
+from lina.obs.provenance import provenance
 
 PAPER = {
     "median_slowdown_at_least": 1.83,
@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_PAIRS} pairs instead of {FULL_PAIRS}")
     parser.add_argument("--pairs", type=int, default=None, help="measured alone/contended pairs (overrides --quick)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured pairs first")
-    parser.add_argument("--json", default="runs/bench/contention.json", help="result JSON; the CDF plot goes next to it")
+    parser.add_argument(
+        "--json", default="runs/bench/contention.json", help="result JSON; the CDF plot goes next to it"
+    )
     parser.add_argument("--link", default="200mbit", help="each host's link rate, each way (kbit/mbit/gbit)")
     parser.add_argument("--queue", default="100ms", help="link queue depth, in time at the link rate")
     parser.add_argument(
@@ -57,7 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--allreduce-elems", type=int, default=DEFAULT_ALLREDUCE_ELEMS,
         help="float32 values in the concurrent allreduce; the default is 4 MiB",
     )  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds; None: derived from sizes and link rate")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="give up after this many seconds; None: derived from sizes and link rate",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,7 +149,13 @@ def _stats(values: list[float]) -> dict:
     xs = sorted(v for v in values if not math.isnan(v))
     if not xs:
         raise LinaError("no measurements came back from the contention workers")
-    return {"median": _quantile(xs, 0.5), "p95": _quantile(xs, 0.95), "min": xs[0], "max": xs[-1], "mean": sum(xs) / len(xs)}
+    return {
+        "median": _quantile(xs, 0.5),
+        "p95": _quantile(xs, 0.95),
+        "min": xs[0],
+        "max": xs[-1],
+        "mean": sum(xs) / len(xs),
+    }
 
 
 def _quantile(sorted_xs: list[float], q: float) -> float:
@@ -183,17 +196,33 @@ def summarize(alone: list[list[float]], contended: list[list[float]], allreduce:
 def print_report(result: dict) -> None:
     a, c, s = result["alone_s"], result["contended_s"], result["slowdown"]
     ms = lambda x: f"{x * 1e3:.1f} ms"  # noqa: E731
-    print(f"regime: {result['hosts']} hosts, link {result['link']} each way (tc, {result['share']} sharing, queue"
-          f" {result['queue_ms']:g} ms), Gloo over TCP")
-    print(f"  all-to-all alone:          median {ms(a['median'])}  p95 {ms(a['p95'])}  min {ms(a['min'])}  max {ms(a['max'])}"
-          f"  (link-rate bound {ms(result['a2a_link_bound_s'])})")
-    print(f"  all-to-all with allreduce: median {ms(c['median'])}  p95 {ms(c['p95'])}  min {ms(c['min'])}  max {ms(c['max'])}")
-    print(f"  slowdown per pair (ours):  median {s['median']:.2f}x  p95 {s['p95']:.2f}x  max {s['max']:.2f}x"
-          f"  (min {s['min']:.2f}x; ratio of medians {result['ratio_of_medians']:.2f}x, {len(result['samples']['slowdown'])} pairs)")
-    print(f"  link queue drops over the run: {result['link_drops']} of {result['link_packets']} packets"
-          + ("  (drops stall TCP for a retransmission timeout; a deeper --queue avoids them)" if result["link_drops"] else ""))
-    print(f"  slowdown (paper, Fig. 3):  median > {PAPER['median_slowdown_at_least']:.2f}x  max {PAPER['max_slowdown']:.2f}x"
-          f"  ({PAPER['setting']})")
+    print(
+        f"regime: {result['hosts']} hosts, link {result['link']} each way (tc, {result['share']} sharing, queue"
+        f" {result['queue_ms']:g} ms), Gloo over TCP"
+    )
+    print(
+        f"  all-to-all alone:          median {ms(a['median'])}  p95 {ms(a['p95'])}  min {ms(a['min'])}  max {ms(a['max'])}"
+        f"  (link-rate bound {ms(result['a2a_link_bound_s'])})"
+    )
+    print(
+        f"  all-to-all with allreduce: median {ms(c['median'])}  p95 {ms(c['p95'])}  min {ms(c['min'])}  max {ms(c['max'])}"
+    )
+    print(
+        f"  slowdown per pair (ours):  median {s['median']:.2f}x  p95 {s['p95']:.2f}x  max {s['max']:.2f}x"
+        f"  (min {s['min']:.2f}x; ratio of medians {result['ratio_of_medians']:.2f}x, {len(result['samples']['slowdown'])} pairs)"
+    )
+    print(
+        f"  link queue drops over the run: {result['link_drops']} of {result['link_packets']} packets"
+        + (
+            "  (drops stall TCP for a retransmission timeout; a deeper --queue avoids them)"
+            if result["link_drops"]
+            else ""
+        )
+    )
+    print(
+        f"  slowdown (paper, Fig. 3):  median > {PAPER['median_slowdown_at_least']:.2f}x  max {PAPER['max_slowdown']:.2f}x"
+        f"  ({PAPER['setting']})"
+    )
 
 
 def plot_cdf(result: dict, path: Path) -> None:
@@ -220,7 +249,9 @@ def plot_cdf(result: dict, path: Path) -> None:
     ax2.axvline(result["a2a_link_bound_s"] * 1e3, color="grey", ls="--", label="link-rate bound")
     ax2.set_xlabel("all-to-all time (ms), slowest rank")
     ax2.set_ylabel("CDF")
-    ax2.set_title(f"all-to-all {result['a2a_bytes_per_rank'] / 2**20:.2f} MiB/rank, allreduce {result['allreduce_bytes'] / 2**20:.1f} MiB")
+    ax2.set_title(
+        f"all-to-all {result['a2a_bytes_per_rank'] / 2**20:.2f} MiB/rank, allreduce {result['allreduce_bytes'] / 2**20:.1f} MiB"
+    )
     ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

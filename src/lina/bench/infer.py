@@ -14,15 +14,15 @@ import numpy as np
 import torch
 
 from lina.bench.stats import percentile
-from lina.obs.provenance import provenance
-from lina.cluster.emulate import EmulateSpec, EmulatedCluster, parse_rate
+from lina.cluster.emulate import EmulatedCluster, EmulateSpec, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
-from lina.errors import LinaError
 from lina.data.routing_trace import RoutingTrace, load_trace
+from lina.errors import LinaError
+from lina.extras import pyplot
 from lina.infer.policies import SERVING_POLICIES
+from lina.obs.provenance import provenance
 from lina.placement.estimators import PathEstimator
 from lina.placement.metrics import token_topk_hits
-from lina.extras import pyplot
 
 POLICIES = tuple(SERVING_POLICIES)  # every registered serving policy, interleaved in this order
 PAPER = {"p95_speedup_avg": 1.63, "estimator_accuracy_l3": (0.54, 0.60), "phase_cost_ms": 6.2, "phase2_noop_ms": 1.45}
@@ -33,8 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small model, few batches, 8 layers (for tests)")
     p.add_argument("--json", metavar="FILE", default="runs/bench-infer/bench-infer.json")
     p.add_argument("--trace", metavar="FILE", help="serve only this trace (.npz or Mixtral .jsonl)")
-    p.add_argument("--mixtral-trace", metavar="FILE", default=str(DEFAULT_MIXTRAL), help="the real Mixtral routing trace")
-    p.add_argument("--model", metavar="DIR", help="a `lina train --out` folder to record trace (a) from (default: train one now)")
+    p.add_argument(
+        "--mixtral-trace", metavar="FILE", default=str(DEFAULT_MIXTRAL), help="the real Mixtral routing trace"
+    )
+    p.add_argument(
+        "--model", metavar="DIR", help="a `lina train --out` folder to record trace (a) from (default: train one now)"
+    )
     p.add_argument("--link", default="100mbit", help="each host's link rate")
     p.add_argument("--hosts", type=int, default=4)
     p.add_argument("--workers-per-host", type=int, default=2)
@@ -58,9 +62,17 @@ def train_model_trace(out: Path, quick: bool) -> RoutingTrace:
     from lina.train import worker
 
     run_dir = out / "model"
-    cfg = TrainConfig(model=ModelConfig(d_model=128, n_layers=8, n_heads=4, d_ff=256, seq_len=128, experts=8, top_k=2),
-                      workers=2, steps=20 if quick else 150, batch_size=8, eval_every=1000, checkpoint_every=1000, log_every=25,
-                      out=str(run_dir), corpus_max_mb=1.0)
+    cfg = TrainConfig(
+        model=ModelConfig(d_model=128, n_layers=8, n_heads=4, d_ff=256, seq_len=128, experts=8, top_k=2),
+        workers=2,
+        steps=20 if quick else 150,
+        batch_size=8,
+        eval_every=1000,
+        checkpoint_every=1000,
+        log_every=25,
+        out=str(run_dir),
+        corpus_max_mb=1.0,
+    )
     cfg.validate()
     print(f"training the routing model ({cfg.steps} steps, 8 experts, 8 layers) into {run_dir}", flush=True)
     launch_local(worker.run, (cfg.to_dict(),), cfg.workers)
@@ -73,7 +85,10 @@ def train_model_trace(out: Path, quick: bool) -> RoutingTrace:
 def estimator_accuracy(est: PathEstimator, held: RoutingTrace) -> float:
     """Share of (token, layer >= 1) whose estimated top-k experts equal the real ones."""
     ex = held.expert_tensor()
-    hits = [token_topk_hits(est.predict(layer, ex[:, max(0, layer - est.path_len):layer, 0]), ex[:, layer]) for layer in range(1, held.num_layers)]
+    hits = [
+        token_topk_hits(est.predict(layer, ex[:, max(0, layer - est.path_len) : layer, 0]), ex[:, layer])
+        for layer in range(1, held.num_layers)
+    ]
     return float(torch.cat(hits).float().mean())
 
 
@@ -88,9 +103,16 @@ def _latency_stats(result: dict, policies: list[str]) -> dict:
     for name in policies:
         lat = [b["latency_s"] * 1e3 for b in result[name]["batches"]]
         layer = [x * 1e3 for b in result[name]["batches"] for x in b["layer_a2a_s"]]
-        out[name] = {"p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95), "p99_ms": percentile(lat, 99),
-                     "min_ms": min(lat), "max_ms": max(lat), "layer_a2a_p95_ms": percentile(layer, 95),
-                     "layer_a2a_p50_ms": percentile(layer, 50), "batches": len(lat)}
+        out[name] = {
+            "p50_ms": percentile(lat, 50),
+            "p95_ms": percentile(lat, 95),
+            "p99_ms": percentile(lat, 99),
+            "min_ms": min(lat),
+            "max_ms": max(lat),
+            "layer_a2a_p95_ms": percentile(layer, 95),
+            "layer_a2a_p50_ms": percentile(layer, 50),
+            "batches": len(lat),
+        }
         rows = result[name]["device_rows_by_rank"]  # [rank][batch][layer]
         per = np.array(rows, dtype=float)  # ranks x batches x layers
         out[name]["busiest_over_mean"] = float(np.median(per.max(0) / np.maximum(per.mean(0), 1e-9)))
@@ -100,7 +122,9 @@ def _latency_stats(result: dict, policies: list[str]) -> dict:
 def serve_trace(args, name: str, trace: RoutingTrace, out: Path) -> dict:
     world = args.hosts * args.workers_per_host
     if trace.num_experts != world:
-        raise LinaError(f"trace {name} has {trace.num_experts} experts but the cluster has {world} workers; the benchmark places one expert per worker. Fix: --hosts/--workers-per-host")
+        raise LinaError(
+            f"trace {name} has {trace.num_experts} experts but the cluster has {world} workers; the benchmark places one expert per worker. Fix: --hosts/--workers-per-host"
+        )
     by = "seq" if len(np.unique(trace.seq_id)) >= 4 else "position"
     fit, held = trace.split(0.7, by=by)
     est = PathEstimator(path_len=args.path_len).fit(fit)
@@ -109,16 +133,33 @@ def serve_trace(args, name: str, trace: RoutingTrace, out: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     held_path, est_path = held.save(folder / "held-out.npz"), est.save(folder / "estimator.npz")
     layers = min(args.layers, trace.num_layers)
-    plan = {"trace": str(held_path), "estimator": str(est_path), "layers": layers, "d_model": args.d_model, "d_ff": args.d_ff,
-            "tokens_per_rank": args.tokens_per_rank, "batches": args.batches, "warmup": args.warmup, "policies": list(POLICIES),
-            "eplb_replan_every": args.eplb_replan_every, "seed": args.seed, "result": str(folder / "result.json"), "world": world}
+    plan = {
+        "trace": str(held_path),
+        "estimator": str(est_path),
+        "layers": layers,
+        "d_model": args.d_model,
+        "d_ff": args.d_ff,
+        "tokens_per_rank": args.tokens_per_rank,
+        "batches": args.batches,
+        "warmup": args.warmup,
+        "policies": list(POLICIES),
+        "eplb_replan_every": args.eplb_replan_every,
+        "seed": args.seed,
+        "result": str(folder / "result.json"),
+        "world": world,
+    }
     (folder / "plan.json").write_text(json.dumps(plan, indent=2))
     spec = EmulateSpec(hosts=args.hosts, workers_per_host=args.workers_per_host, link_bps=parse_rate(args.link))
-    print(f"\n{name}: {trace.num_tokens} tokens ({held.num_tokens} held out, split by {by}), {layers} layers, {trace.num_experts} experts, "
-          f"top-{trace.top_k}; estimator l={args.path_len} top-{trace.top_k} accuracy {accuracy * 100:.1f}% on held-out; "
-          f"serving on {spec.hosts} hosts x {spec.workers_per_host} workers, link {spec.link}", flush=True)
+    print(
+        f"\n{name}: {trace.num_tokens} tokens ({held.num_tokens} held out, split by {by}), {layers} layers, {trace.num_experts} experts, "
+        f"top-{trace.top_k}; estimator l={args.path_len} top-{trace.top_k} accuracy {accuracy * 100:.1f}% on held-out; "
+        f"serving on {spec.hosts} hosts x {spec.workers_per_host} workers, link {spec.link}",
+        flush=True,
+    )
     with EmulatedCluster(spec) as cluster:
-        run_on_cluster(cluster, "lina.bench.infer_worker", [str(folder / "plan.json")], spec.workers_per_host, timeout_s=3000)
+        run_on_cluster(
+            cluster, "lina.bench.infer_worker", [str(folder / "plan.json")], spec.workers_per_host, timeout_s=3000
+        )
     result = json.loads((folder / "result.json").read_text())
     stats = _latency_stats(result, list(POLICIES))
     lina_stats = result["lina_policy_stats"] or {"checked": 0, "replans": 0}
@@ -133,33 +174,57 @@ def serve_trace(args, name: str, trace: RoutingTrace, out: Path) -> dict:
         "p95_speedup_vs_static": {p: st / s["p95_ms"] for p, s in stats.items()},
         "p50_speedup_vs_static": {p: stats["static"]["p50_ms"] / s["p50_ms"] for p, s in stats.items()},
         "oracle_gain_captured_p95": (st - li) / (st - ora) if st > ora else None,
-        "estimator": {"top2_accuracy": accuracy, "path_len": args.path_len, "replan_rate": lina_stats["replans"] / max(1, lina_stats["checked"]),
-                      "split": by},
-        "scheduling_cost_ms": {"phase1_per_layer_median": float(np.median(phase1)) if phase1 else None,
-                               "phase2_per_layer_median": float(np.median(phase2)) if phase2 else None},
-        "regime": {"link": spec.link, "skew": trace_skew(held, layers), "busiest_over_mean_static": stats["static"]["busiest_over_mean"],
-                   "batch_tokens": args.tokens_per_rank * spec.world_size, "layers": layers, "d_model": args.d_model},
+        "estimator": {
+            "top2_accuracy": accuracy,
+            "path_len": args.path_len,
+            "replan_rate": lina_stats["replans"] / max(1, lina_stats["checked"]),
+            "split": by,
+        },
+        "scheduling_cost_ms": {
+            "phase1_per_layer_median": float(np.median(phase1)) if phase1 else None,
+            "phase2_per_layer_median": float(np.median(phase2)) if phase2 else None,
+        },
+        "regime": {
+            "link": spec.link,
+            "skew": trace_skew(held, layers),
+            "busiest_over_mean_static": stats["static"]["busiest_over_mean"],
+            "batch_tokens": args.tokens_per_rank * spec.world_size,
+            "layers": layers,
+            "d_model": args.d_model,
+        },
     }
 
 
 def print_report(entries: list[dict]) -> None:
     for r in entries:
         reg = r["regime"]
-        print(f"\n{r['trace']} | link {reg['link']}, skew (max/min expert, median layer) {reg['skew']:.2f}, busiest device / mean under static "
-              f"{reg['busiest_over_mean_static']:.2f}, {reg['batch_tokens']} tokens per batch, {reg['layers']} layers")
-        print(f"  {'policy':8s} {'p50 ms':>9s} {'p95 ms':>9s} {'p99 ms':>9s} {'layer a2a p95':>14s} {'busiest/mean':>13s} {'p95 vs static':>14s}")
+        print(
+            f"\n{r['trace']} | link {reg['link']}, skew (max/min expert, median layer) {reg['skew']:.2f}, busiest device / mean under static "
+            f"{reg['busiest_over_mean_static']:.2f}, {reg['batch_tokens']} tokens per batch, {reg['layers']} layers"
+        )
+        print(
+            f"  {'policy':8s} {'p50 ms':>9s} {'p95 ms':>9s} {'p99 ms':>9s} {'layer a2a p95':>14s} {'busiest/mean':>13s} {'p95 vs static':>14s}"
+        )
         for name, s in r["policies"].items():
-            print(f"  {name:8s} {s['p50_ms']:9.1f} {s['p95_ms']:9.1f} {s['p99_ms']:9.1f} {s['layer_a2a_p95_ms']:14.1f} {s['busiest_over_mean']:13.2f} "
-                  f"{r['p95_speedup_vs_static'][name]:13.2f}x")
+            print(
+                f"  {name:8s} {s['p50_ms']:9.1f} {s['p95_ms']:9.1f} {s['p99_ms']:9.1f} {s['layer_a2a_p95_ms']:14.1f} {s['busiest_over_mean']:13.2f} "
+                f"{r['p95_speedup_vs_static'][name]:13.2f}x"
+            )
         cap = r["oracle_gain_captured_p95"]
         est = r["estimator"]
         cost = r["scheduling_cost_ms"]
-        print(f"  lina captures {cap * 100 if cap is not None else float('nan'):.0f}% of the oracle's p95 gain over static (target >= 70%); "
-              f"estimator top-2 accuracy {est['top2_accuracy'] * 100:.1f}% at l={est['path_len']} (paper 54-60%), "
-              f"re-plan rate {est['replan_rate'] * 100:.0f}% (paper 23-32%)")
-        print(f"  scheduling cost per layer: phase 1 {cost['phase1_per_layer_median']:.2f} ms, phase 2 {cost['phase2_per_layer_median']:.2f} ms "
-              f"(paper: about {PAPER['phase_cost_ms']} ms per phase, {PAPER['phase2_noop_ms']} ms when phase 2 finds nothing to do)")
-    print(f"\npaper: lina p95 {PAPER['p95_speedup_avg']}x better than DeepSpeed (static) on average, at 4-5.5x expert skew")
+        print(
+            f"  lina captures {cap * 100 if cap is not None else float('nan'):.0f}% of the oracle's p95 gain over static (target >= 70%); "
+            f"estimator top-2 accuracy {est['top2_accuracy'] * 100:.1f}% at l={est['path_len']} (paper 54-60%), "
+            f"re-plan rate {est['replan_rate'] * 100:.0f}% (paper 23-32%)"
+        )
+        print(
+            f"  scheduling cost per layer: phase 1 {cost['phase1_per_layer_median']:.2f} ms, phase 2 {cost['phase2_per_layer_median']:.2f} ms "
+            f"(paper: about {PAPER['phase_cost_ms']} ms per phase, {PAPER['phase2_noop_ms']} ms when phase 2 finds nothing to do)"
+        )
+    print(
+        f"\npaper: lina p95 {PAPER['p95_speedup_avg']}x better than DeepSpeed (static) on average, at 4-5.5x expert skew"
+    )
 
 
 def plot_cdf(entries: list[dict], raw: dict[str, dict], path: Path) -> None:

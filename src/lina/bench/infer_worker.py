@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lina.data.routing_trace import RoutingTrace
 from lina.infer.engine import InferenceEngine, LayerRouting
 from lina.infer.policies import make_serving_policy
 from lina.infer.store import ExpertStore
-from lina.data.routing_trace import RoutingTrace
 from lina.placement.estimators import load_estimator
 from lina.train.worker import init_distributed
 
@@ -41,14 +41,24 @@ def _run(plan: dict) -> None:
     trace = RoutingTrace.load(plan["trace"])
     layers = min(plan["layers"], trace.num_layers)
     experts = trace.expert_tensor()[:, :layers]  # [T, L, k]
-    probs = torch.from_numpy(trace.gate_probs[:, :layers]).float() if trace.gate_probs is not None else torch.full(experts.shape, 1.0 / trace.top_k)
+    probs = (
+        torch.from_numpy(trace.gate_probs[:, :layers]).float()
+        if trace.gate_probs is not None
+        else torch.full(experts.shape, 1.0 / trace.top_k)
+    )
     estimator = load_estimator(plan["estimator"])
     store = ExpertStore.random(layers, trace.num_experts, plan["d_model"], plan["d_ff"], seed=plan["seed"])
     d, k, e = plan["d_model"], trace.top_k, trace.num_experts
     gen = torch.Generator().manual_seed(plan["seed"] + rank)
     engines = {
-        name: InferenceEngine(store, k, dist.group.WORLD, make_serving_policy(name, e, world, k, layers, estimator=estimator,
-                                                                            eplb_replan_every=plan["eplb_replan_every"]))
+        name: InferenceEngine(
+            store,
+            k,
+            dist.group.WORLD,
+            make_serving_policy(
+                name, e, world, k, layers, estimator=estimator, eplb_replan_every=plan["eplb_replan_every"]
+            ),
+        )
         for name in plan["policies"]
     }
     rows: dict[str, list[dict]] = {name: [] for name in plan["policies"]}
@@ -57,7 +67,9 @@ def _run(plan: dict) -> None:
         table = batch_tokens(trace.num_tokens, world, plan["tokens_per_rank"], b, plan["seed"])
         mine = torch.from_numpy(table[rank]).long()
         everyone = torch.from_numpy(table.reshape(-1)).long()
-        free_counts = torch.stack([torch.bincount(experts[everyone, layer].reshape(-1), minlength=e).double() for layer in range(layers)])
+        free_counts = torch.stack(
+            [torch.bincount(experts[everyone, layer].reshape(-1), minlength=e).double() for layer in range(layers)]
+        )
         ids, weights = experts[mine], probs[mine]
         gate = lambda layer, h: LayerRouting(ids[:, layer], weights[:, layer])  # noqa: E731
         dense = lambda layer, h: (h, h)  # noqa: E731
@@ -67,16 +79,28 @@ def _run(plan: dict) -> None:
             with torch.no_grad():
                 _, stats = engine.run_batch(h0, dense, gate, free_counts)
             if b >= plan["warmup"]:
-                rows[name].append({"latency_s": stats.latency_s, "layer_a2a_s": stats.layer_a2a_s, "phase1_s": stats.phase1_s,
-                                   "phase2_s": stats.phase2_s, "device_rows": stats.max_device_rows})
+                rows[name].append(
+                    {
+                        "latency_s": stats.latency_s,
+                        "layer_a2a_s": stats.layer_a2a_s,
+                        "phase1_s": stats.phase1_s,
+                        "phase2_s": stats.phase2_s,
+                        "device_rows": stats.max_device_rows,
+                    }
+                )
         if rank == 0 and (b + 1) % max(1, total // 5) == 0:
             print(f"  batch {b + 1}/{total}", flush=True)
     # The busiest device sets each layer's time: gather every rank's received rows.
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
-        out = {name: {"batches": rows[name], "device_rows_by_rank": [g[name] and [r["device_rows"] for r in g[name]] for g in gathered]}
-               for name in plan["policies"]}
+        out = {
+            name: {
+                "batches": rows[name],
+                "device_rows_by_rank": [g[name] and [r["device_rows"] for r in g[name]] for g in gathered],
+            }
+            for name in plan["policies"]
+        }
         out["lina_policy_stats"] = engines["lina"].policy.stats if "lina" in engines else None
         Path(plan["result"]).write_text(json.dumps(out))
     for engine in engines.values():

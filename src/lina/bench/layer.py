@@ -15,13 +15,13 @@ import torch
 
 from lina.bench.stats import summary
 from lina.errors import ConfigError, raise_all
-from lina.obs.provenance import provenance
 from lina.models.gpt import DenseFFN
 from lina.moe.experts import grouped_mm_supported
 from lina.moe.layer import MoELayer
 from lina.moe.permute import permute_order
 from lina.moe.shared import SharedExperts
 from lina.moe.spec import ExpertSpec, MoESpec, SharedExpertSpec
+from lina.obs.provenance import provenance
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,8 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--expert", choices=("gelu", "swiglu"), default="gelu",
-                   help="expert FFN; swiglu also times grouped_mm")
+    p.add_argument(
+        "--expert", choices=("gelu", "swiglu"), default="gelu", help="expert FFN; swiglu also times grouped_mm"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--repeats", type=int, default=20)
@@ -53,11 +54,15 @@ def _time(fn, repeats: int, sync=lambda: None) -> list[float]:
 
 def validate(args: argparse.Namespace) -> None:
     """Every problem of the options at once (ConfigError, exit 2), before any work."""
-    problems = [ConfigError(f"--{name.replace('_', '-')}", f"{getattr(args, name)} must be >= 1", "give 1 or more")
-                for name in ("tokens", "d_model", "d_ff", "experts", "top_k", "repeats") if getattr(args, name) < 1]
+    problems = [
+        ConfigError(f"--{name.replace('_', '-')}", f"{getattr(args, name)} must be >= 1", "give 1 or more")
+        for name in ("tokens", "d_model", "d_ff", "experts", "top_k", "repeats")
+        if getattr(args, name) < 1
+    ]
     if args.experts >= 1 and args.top_k > args.experts:
-        problems.append(ConfigError("--top-k", f"{args.top_k} exceeds --experts {args.experts}",
-                                    f"use --top-k <= {args.experts}"))
+        problems.append(
+            ConfigError("--top-k", f"{args.top_k} exceeds --experts {args.experts}", f"use --top-k <= {args.experts}")
+        )
     raise_all(problems)
 
 
@@ -110,8 +115,17 @@ def run(args: argparse.Namespace) -> int:
     stats = {name: summary(v) for name, v in results.items()}
     overhead = (stats["moe"]["median"] - stats["experts"]["median"]) / stats["experts"]["median"]
     out = {
-        "shape": {"tokens": n, "d_model": d, "d_ff": f, "experts": e, "top_k": k, "threads": torch.get_num_threads(),
-                  "expert": args.expert, "device": str(device), "dtype": args.dtype},
+        "shape": {
+            "tokens": n,
+            "d_model": d,
+            "d_ff": f,
+            "experts": e,
+            "top_k": k,
+            "threads": torch.get_num_threads(),
+            "expert": args.expert,
+            "device": str(device),
+            "dtype": args.dtype,
+        },
         "median_ms": {name: s["median"] * 1e3 for name, s in stats.items()},
         "min_ms": {name: s["min"] * 1e3 for name, s in stats.items()},
         "max_ms": {name: s["max"] * 1e3 for name, s in stats.items()},
@@ -126,15 +140,19 @@ def run(args: argparse.Namespace) -> int:
         out["routing_overhead_share_grouped"] = (stats["moe_grouped"]["median"] - grouped_experts) / grouped_experts
         out["experts_per_expert_over_grouped"] = stats["experts"]["median"] / stats["experts_grouped"]["median"]
     where = f"{device}, {args.dtype}" + (f", {out['shape']['threads']} threads" if device.type == "cpu" else "")
-    print(f"MoE layer fwd+bwd, {n} tokens, d_model {d}, d_ff {f}, {e} {args.expert} experts, top-{k}, {where} "
-          f"({args.repeats} interleaved repeats, median [min-max] ms)")
+    print(
+        f"MoE layer fwd+bwd, {n} tokens, d_model {d}, d_ff {f}, {e} {args.expert} experts, top-{k}, {where} "
+        f"({args.repeats} interleaved repeats, median [min-max] ms)"
+    )
     for name in steps:
         s = stats[name]
         print(f"  {name:16s} {s['median'] * 1e3:8.2f}  [{s['min'] * 1e3:.2f}-{s['max'] * 1e3:.2f}]")
     print(f"  routing overhead (gate + permute + unpermute) = {overhead * 100:.1f}% of expert time (target <= 25%)")
     if grouped:
-        print(f"  grouped experts: per-expert / grouped = {out['experts_per_expert_over_grouped']:.2f}x; "
-              f"routing overhead with grouped experts = {out['routing_overhead_share_grouped'] * 100:.1f}%")
+        print(
+            f"  grouped experts: per-expert / grouped = {out['experts_per_expert_over_grouped']:.2f}x; "
+            f"routing overhead with grouped experts = {out['routing_overhead_share_grouped'] * 100:.1f}%"
+        )
     elif swiglu:
         print(f"  grouped_mm does not run on {device} with {args.dtype}: experts computed per expert only")
     print(f"  MoE / dense FFN of the same active FLOPs = {out['moe_vs_dense_same_active_flops']:.2f}x")

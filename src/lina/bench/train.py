@@ -30,13 +30,13 @@ from pathlib import Path
 
 from lina.bench.peers import PEER_NAMES, resolve_peers
 from lina.bench.train_report import analyse, plot, print_report
-from lina.cluster.emulate import EmulateSpec, EmulatedCluster, format_rate, parse_rate
+from lina.cluster.emulate import EmulatedCluster, EmulateSpec, format_rate, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
-from lina.errors import ConfigError
 from lina.config import TrainConfig
+from lina.errors import ConfigError
+from lina.obs.timeline import load_rank_timelines
 from lina.policy import BENCH_POLICIES, TRAIN_POLICIES, train_policy
 from lina.policy.training import NO_SYNC_SUFFIX
-from lina.obs.timeline import load_rank_timelines
 from lina.sim.a2a_skew import a2a_skew
 
 LAYOUTS = {"pair": (2, 1), "flat": (4, 1), "hierarchical": (2, 2)}
@@ -47,59 +47,132 @@ BENCH_MODEL = {"d_model": 256, "n_layers": 4, "n_heads": 4, "d_ff": 512, "seq_le
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="flat layout, 4 experts, 2 rounds (about a minute; for tests)")
-    p.add_argument("--json", metavar="FILE", default="runs/bench-train/bench-train.json", help="results; the PNG and run folders go beside it")
-    p.add_argument("--link", default="400mbit",
-                   help="each host's link rate, or 'auto': calibrate it so deepspeed's all-to-all share lands in the paper's 30-45%% "
-                        "(about 4gbit here, where the all-to-all is bound by the shared cores more than by the link)")
-    p.add_argument("--layouts", default="pair,flat,hierarchical", help="comma list of pair (2x1), flat (4x1), hierarchical (2x2)")
-    p.add_argument("--experts", default="workers", help="'workers' (one expert per rank, as in the paper) or a comma list of expert counts")
-    p.add_argument("--policies", default=",".join(BENCH_POLICIES),
-                   help="comma list of training policies (lina.policy; module:NAME for one of your own), interleaved in this order")
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        default="runs/bench-train/bench-train.json",
+        help="results; the PNG and run folders go beside it",
+    )
+    p.add_argument(
+        "--link",
+        default="400mbit",
+        help="each host's link rate, or 'auto': calibrate it so deepspeed's all-to-all share lands in the paper's 30-45%% "
+        "(about 4gbit here, where the all-to-all is bound by the shared cores more than by the link)",
+    )
+    p.add_argument(
+        "--layouts", default="pair,flat,hierarchical", help="comma list of pair (2x1), flat (4x1), hierarchical (2x2)"
+    )
+    p.add_argument(
+        "--experts",
+        default="workers",
+        help="'workers' (one expert per rank, as in the paper) or a comma list of expert counts",
+    )
+    p.add_argument(
+        "--policies",
+        default=",".join(BENCH_POLICIES),
+        help="comma list of training policies (lina.policy; module:NAME for one of your own), interleaved in this order",
+    )
     p.add_argument("--rounds", type=int, default=5, help="interleaving rounds after warm-up")
     p.add_argument("--steps-per-round", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per policy")
-    p.add_argument("--settle", type=int, default=6,
-                   help="unmeasured steps after each switch that moves the experts to another layout (into and out of lina+packing's "
-                        "packing): the first steps after a move run up to 20%% faster than the steady state here (--quick: 1)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="sequences per rank per step (default 32: 2048 tokens per rank, so that, as in real MoE training, a step moves more all-to-all bytes than its experts have gradient bytes; --quick: 4)")
+    p.add_argument(
+        "--settle",
+        type=int,
+        default=6,
+        help="unmeasured steps after each switch that moves the experts to another layout (into and out of lina+packing's "
+        "packing): the first steps after a move run up to 20%% faster than the steady state here (--quick: 1)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences per rank per step (default 32: 2048 tokens per rank, so that, as in real MoE training, a step moves more all-to-all bytes than its experts have gradient bytes; --quick: 4)",
+    )
     p.add_argument("--chunk-mb", default="auto")
-    p.add_argument("--buckets", type=int, default=16, help="DDP buckets per step for deepspeed/tutel: the bucket size is the model's "
-                   "non-expert gradient bytes / this (the paper's 100M+ models fill about 16 buckets of 25 MB); 0: 25 MB buckets")
+    p.add_argument(
+        "--buckets",
+        type=int,
+        default=16,
+        help="DDP buckets per step for deepspeed/tutel: the bucket size is the model's "
+        "non-expert gradient bytes / this (the paper's 100M+ models fill about 16 buckets of 25 MB); 0: 25 MB buckets",
+    )
     p.add_argument("--pipeline-chunks", type=int, default=2)
     p.add_argument("--credit", type=int, default=1, help="lina: allreduce micro-ops in flight at once")
     p.add_argument("--delay", default="0us", help="one-way host-to-host delay (needs the netem qdisc)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compute", default="real", help="real (compute on this CPU) or a device (a100, h100, h200, a .toml): every "
-                   "compute op takes that device's time x --dilation instead of being computed; --link is then the real cluster's")
-    p.add_argument("--dilation", type=float, default=1.0, help="time dilation K with --compute DEVICE: device times x K, emulated "
-                   "link = --link / K")
-    p.add_argument("--routing-trace", default="", metavar="FILE", help="routing of a device-time run (.npz of lina infer "
-                   "--record-trace or a vLLM .jsonl; a trace of m x E experts routes to expert e mod E)")
-    p.add_argument("--bounds", default="", metavar="LIST", help="policies whose lower bound to measure: each also runs as "
-                   "POLICY/no-sync (its gradient allreduce off, timing only) in the same interleaving, e.g. --bounds lina")
-    p.add_argument("--peers", default=None,
-                   help=f"real frameworks run beside the policies, in the same processes, after them in every "
-                        f"round: comma list of {', '.join(PEER_NAMES)}, or none (default: all when the deepspeed "
-                        "package imports; pip install 'lina[peers]')")
+    p.add_argument(
+        "--compute",
+        default="real",
+        help="real (compute on this CPU) or a device (a100, h100, h200, a .toml): every "
+        "compute op takes that device's time x --dilation instead of being computed; --link is then the real cluster's",
+    )
+    p.add_argument(
+        "--dilation",
+        type=float,
+        default=1.0,
+        help="time dilation K with --compute DEVICE: device times x K, emulated link = --link / K",
+    )
+    p.add_argument(
+        "--routing-trace",
+        default="",
+        metavar="FILE",
+        help="routing of a device-time run (.npz of lina infer "
+        "--record-trace or a vLLM .jsonl; a trace of m x E experts routes to expert e mod E)",
+    )
+    p.add_argument(
+        "--bounds",
+        default="",
+        metavar="LIST",
+        help="policies whose lower bound to measure: each also runs as "
+        "POLICY/no-sync (its gradient allreduce off, timing only) in the same interleaving, e.g. --bounds lina",
+    )
+    p.add_argument(
+        "--peers",
+        default=None,
+        help=f"real frameworks run beside the policies, in the same processes, after them in every "
+        f"round: comma list of {', '.join(PEER_NAMES)}, or none (default: all when the deepspeed "
+        "package imports; pip install 'lina[peers]')",
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--hf-model", metavar="DIR",
-                     help="benchmark a Hugging Face checkpoint folder instead of the built-in GPT (its config fixes "
-                     "experts and top-k; needs pip install 'lina[hf]')")
-    src.add_argument("--family", choices=("mixtral", "qwen3_moe", "deepseek_v3"),
-                     help="benchmark a random checkpoint of this family, scaled down (Mixtral 8 experts top-2; "
-                     "Qwen3-MoE 64 fine-grained experts top-8; DeepSeek-V3 32 experts top-4 with a shared expert)")
+    src.add_argument(
+        "--hf-model",
+        metavar="DIR",
+        help="benchmark a Hugging Face checkpoint folder instead of the built-in GPT (its config fixes "
+        "experts and top-k; needs pip install 'lina[hf]')",
+    )
+    src.add_argument(
+        "--family",
+        choices=("mixtral", "qwen3_moe", "deepseek_v3"),
+        help="benchmark a random checkpoint of this family, scaled down (Mixtral 8 experts top-2; "
+        "Qwen3-MoE 64 fine-grained experts top-8; DeepSeek-V3 32 experts top-4 with a shared expert)",
+    )
 
 
 def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: int, out: Path, **over) -> dict:
     hosts, wph = LAYOUTS[layout]
     plan = {
-        "layout": layout, "hosts": hosts, "workers_per_host": wph, "link_bps": link_bps, "experts": experts,
-        "policies": policies, "model": getattr(args, "model_dict", BENCH_MODEL),
-        "batch_size": args.batch_size, "chunk_mb": args.chunk_mb, "buckets": args.buckets,
-        "pipeline_chunks": args.pipeline_chunks, "credit": args.credit, "seed": args.seed, "warmup": args.warmup, "rounds": args.rounds,
-        "steps_per_round": args.steps_per_round, "settle": args.settle, "out": str(out), "packing_window": 2 if args.quick else PACKING_WINDOW,
-        "compute": args.compute, "dilation": args.dilation, "routing_trace": args.routing_trace,
+        "layout": layout,
+        "hosts": hosts,
+        "workers_per_host": wph,
+        "link_bps": link_bps,
+        "experts": experts,
+        "policies": policies,
+        "model": getattr(args, "model_dict", BENCH_MODEL),
+        "batch_size": args.batch_size,
+        "chunk_mb": args.chunk_mb,
+        "buckets": args.buckets,
+        "pipeline_chunks": args.pipeline_chunks,
+        "credit": args.credit,
+        "seed": args.seed,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps_per_round,
+        "settle": args.settle,
+        "out": str(out),
+        "packing_window": 2 if args.quick else PACKING_WINDOW,
+        "compute": args.compute,
+        "dilation": args.dilation,
+        "routing_trace": args.routing_trace,
         "peers": getattr(args, "peer_list", []),
     }
     plan.update(over)
@@ -113,8 +186,12 @@ def _launch(plan: dict, delay_us: float) -> list[dict]:
     path.write_text(json.dumps(plan, indent=2))
     # with time dilation K the links are the real cluster's / K (and delays K times longer)
     dilation = plan.get("dilation", 1.0)
-    spec = EmulateSpec(hosts=plan["hosts"], workers_per_host=plan["workers_per_host"], link_bps=emulated_rate(plan["link_bps"], dilation),
-                       delay_us=delay_us * dilation)
+    spec = EmulateSpec(
+        hosts=plan["hosts"],
+        workers_per_host=plan["workers_per_host"],
+        link_bps=emulated_rate(plan["link_bps"], dilation),
+        delay_us=delay_us * dilation,
+    )
     with EmulatedCluster(spec) as cluster:
         run_on_cluster(cluster, "lina.bench.train_worker", [str(path)], spec.workers_per_host, timeout_s=3000)
     return json.loads((out / f"results-{plan['layout']}.json").read_text())
@@ -124,11 +201,25 @@ def calibrate_link(args, layout: str, experts: int, out: Path, delay_us: float) 
     """Measure deepspeed at a first rate and rescale the rate so its all-to-all share lands near
     TARGET_SHARE (all-to-all time scales with 1 / rate, compute does not)."""
     rate = parse_rate("150mbit")
-    for attempt in range(2):
-        plan = _plan(args, layout, [experts], ["deepspeed"], rate, out / "calibration", warmup=1, rounds=3, steps_per_round=1, peers=[])
+    for _attempt in range(2):
+        plan = _plan(
+            args,
+            layout,
+            [experts],
+            ["deepspeed"],
+            rate,
+            out / "calibration",
+            warmup=1,
+            rounds=3,
+            steps_per_round=1,
+            peers=[],
+        )
         res = _launch(plan, delay_us)[0]["policies"]["deepspeed"]
         share = res["a2a_s"] / res["step_time_s"]
-        print(f"calibration ({layout}): link {format_rate(rate)} -> deepspeed all-to-all share {share * 100:.1f}%", flush=True)
+        print(
+            f"calibration ({layout}): link {format_rate(rate)} -> deepspeed all-to-all share {share * 100:.1f}%",
+            flush=True,
+        )
         if 0.30 <= share <= 0.45:
             break
         compute = res["step_time_s"] - res["a2a_s"]
@@ -156,7 +247,11 @@ def _parse_experts(text: str):
     except ValueError:
         counts = []
     if not counts or min(counts) < 1:
-        raise ConfigError("experts", f"{text!r} is not 'workers' or a comma list of positive counts", "use e.g. --experts workers or --experts 4,8,16")
+        raise ConfigError(
+            "experts",
+            f"{text!r} is not 'workers' or a comma list of positive counts",
+            "use e.g. --experts workers or --experts 4,8,16",
+        )
     return lambda workers: counts
 
 
@@ -173,10 +268,16 @@ def _check_compute(args) -> None:
         return
     if args.peers is None:
         args.peers = "none"
-        print("peers: none (the DeepSpeed peers compute for real; they cannot sit beside device-time policies)", flush=True)
+        print(
+            "peers: none (the DeepSpeed peers compute for real; they cannot sit beside device-time policies)",
+            flush=True,
+        )
     elif args.peers.strip() != "none":
-        raise ConfigError("peers", "the DeepSpeed peers run real compute only, so they cannot sit beside device-time policies",
-                          "add --peers none with --compute DEVICE")
+        raise ConfigError(
+            "peers",
+            "the DeepSpeed peers run real compute only, so they cannot sit beside device-time policies",
+            "add --peers none with --compute DEVICE",
+        )
 
 
 def _check_policies(policies: list[str]) -> None:
@@ -187,6 +288,8 @@ def _check_policies(policies: list[str]) -> None:
     for name in policies:
         if not train_policy(name).trainable:
             raise ConfigError("policies", f"{name!r} exists in the simulator only", f"use a comma list of {trainable}")
+
+
 def _checkpoint_model(args, out: Path):
     """The model settings and expert count of ``--hf-model`` / ``--family`` (a family's scaled-down
     checkpoint is written under OUT/families first)."""
@@ -199,8 +302,11 @@ def _checkpoint_model(args, out: Path):
         folder = make_bench_family(args.family, out / "families" / args.family, seed=args.seed)
     fields = checkpoint_model_fields(folder)
     if fields.pop("max_positions") < BENCH_MODEL["seq_len"]:
-        raise ConfigError("hf-model", f"{folder} has fewer than {BENCH_MODEL['seq_len']} positions",
-                          "use a checkpoint with max_position_embeddings >= 64")
+        raise ConfigError(
+            "hf-model",
+            f"{folder} has fewer than {BENCH_MODEL['seq_len']} positions",
+            "use a checkpoint with max_position_embeddings >= 64",
+        )
     model = {"seq_len": BENCH_MODEL["seq_len"], **fields, "hf_model": str(Path(folder).resolve())}
     return model, lambda workers: [fields["experts"]]
 
@@ -209,7 +315,14 @@ def run(args: argparse.Namespace) -> int:
     from lina.cluster.emulate import parse_duration_us
 
     if args.quick:
-        args.layouts, args.experts, args.rounds, args.steps_per_round, args.warmup, args.settle = "flat", "4", 2, 1, 1, 1
+        args.layouts, args.experts, args.rounds, args.steps_per_round, args.warmup, args.settle = (
+            "flat",
+            "4",
+            2,
+            1,
+            1,
+            1,
+        )
     if args.batch_size is None:
         args.batch_size = 4 if args.quick else 32
     if args.settle < 0:
@@ -219,7 +332,9 @@ def run(args: argparse.Namespace) -> int:
     layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
     bad = [name for name in layouts if name not in LAYOUTS]
     if bad or not layouts:
-        raise ConfigError("layouts", f"unknown layout {', '.join(bad) or '(none given)'}", f"use a comma list of {', '.join(LAYOUTS)}")
+        raise ConfigError(
+            "layouts", f"unknown layout {', '.join(bad) or '(none given)'}", f"use a comma list of {', '.join(LAYOUTS)}"
+        )
     experts_of = _parse_experts(args.experts)
     json_path = Path(args.json)
     if getattr(args, "family", None) or getattr(args, "hf_model", None):
@@ -243,15 +358,23 @@ def run(args: argparse.Namespace) -> int:
         experts = experts_of(hosts * wph)
         if args.link == "auto":
             link_bps, _ = calibrate_link(args, layout, experts[0], out, delay_us)
-        emulated = "" if args.dilation == 1.0 else f" (emulated at {format_rate(emulated_rate(link_bps, args.dilation))})"
-        print(f"\n{layout}: {hosts} hosts x {wph} workers, link {format_rate(link_bps)}{emulated}, delay {args.delay}, "
-              f"compute {args.compute}{'' if args.compute == 'real' else f' x {args.dilation:g}'}; "
-              f"policies {', '.join(policies + args.peer_list)} interleaved, {args.rounds} rounds x {args.steps_per_round} steps after {args.warmup} warm-up, "
-              f"{args.settle} unmeasured after each move of the experts", flush=True)
+        emulated = (
+            "" if args.dilation == 1.0 else f" (emulated at {format_rate(emulated_rate(link_bps, args.dilation))})"
+        )
+        print(
+            f"\n{layout}: {hosts} hosts x {wph} workers, link {format_rate(link_bps)}{emulated}, delay {args.delay}, "
+            f"compute {args.compute}{'' if args.compute == 'real' else f' x {args.dilation:g}'}; "
+            f"policies {', '.join(policies + args.peer_list)} interleaved, {args.rounds} rounds x {args.steps_per_round} steps after {args.warmup} warm-up, "
+            f"{args.settle} unmeasured after each move of the experts",
+            flush=True,
+        )
         for entry in _launch(_plan(args, layout, experts, policies, link_bps, out), delay_us):
             configs.append(analyse(entry, layout, link_bps, hosts, wph, _skews(out, layout, entry)))
-            configs[-1]["regime"].update(compute=args.compute, dilation=args.dilation,
-                                         emulated_link=format_rate(emulated_rate(link_bps, args.dilation)))
+            configs[-1]["regime"].update(
+                compute=args.compute,
+                dilation=args.dilation,
+                emulated_link=format_rate(emulated_rate(link_bps, args.dilation)),
+            )
     result = {
         "regime": {
             "link": format_rate(configs[0]["regime"]["link_bps"]),
@@ -270,6 +393,7 @@ def run(args: argparse.Namespace) -> int:
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
     from lina.obs.provenance import provenance
+
     json_path.write_text(json.dumps(result | {"provenance": provenance()}, indent=2))
     plot(result, json_path.with_suffix(".png"))
     print_report(result)

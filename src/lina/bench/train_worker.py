@@ -37,7 +37,6 @@ from lina.train.trainer import Trainer
 from lina.train.worker import init_distributed
 
 
-
 def step_metrics(spans: list[Span], step: Span) -> dict[str, float]:
     """The benchmark's measurements of one step of one rank: :func:`lina.obs.report.step_breakdown`
     under the benchmark's JSON names."""
@@ -81,18 +80,32 @@ def _run(plan: dict) -> None:
         # built with a policy that never packs (the benchmark runs the packing search itself, below);
         # one that partitions gradients when any benchmarked policy does, so chunk_mb 'auto' is swept
         partitioned = any(train_policy(p).partitions_gradients for p in plan["policies"])
-        cfg = TrainConfig(model=model, workers=world, batch_size=plan["batch_size"], policy="lina" if partitioned else "deepspeed",
-                          chunk_mb=str(plan["chunk_mb"]), pipeline_chunks=plan["pipeline_chunks"], credit=plan.get("credit", 1), seed=plan["seed"],
-                          timeout_s=timeout_s, compute=plan.get("compute", "real"), dilation=plan.get("dilation", 1.0),
-                          routing_trace=plan.get("routing_trace", ""))
+        cfg = TrainConfig(
+            model=model,
+            workers=world,
+            batch_size=plan["batch_size"],
+            policy="lina" if partitioned else "deepspeed",
+            chunk_mb=str(plan["chunk_mb"]),
+            pipeline_chunks=plan["pipeline_chunks"],
+            credit=plan.get("credit", 1),
+            seed=plan["seed"],
+            timeout_s=timeout_s,
+            compute=plan.get("compute", "real"),
+            dilation=plan.get("dilation", 1.0),
+            routing_trace=plan.get("routing_trace", ""),
+        )
         cfg.validate()
         timeline = Timeline(rank)
         trainer = Trainer(cfg, group_set[world], corpus, timeline, group_set=group_set)
         if plan.get("buckets"):  # DDP buckets scaled to the model: the same bucket count as a big model
-            dense = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if not getattr(p, "lina_expert", False))
+            dense = sum(
+                p.numel() * p.element_size() for p in trainer.model.parameters() if not getattr(p, "lina_expert", False)
+            )
             trainer.cfg.bucket_mb = dense / plan["buckets"] / 2**20
             trainer.set_policy(trainer.policy.name)
-        dense_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if not getattr(p, "lina_expert", False))
+        dense_bytes = sum(
+            p.numel() * p.element_size() for p in trainer.model.parameters() if not getattr(p, "lina_expert", False)
+        )
         peers = start_peers(plan.get("peers", []), cfg, corpus, timeline, _peer_bucket_elements(plan, dense_bytes))
         lina_losses = _track_losses(trainer)
         layout = {p: world for p in plan["policies"] + [peer.name for peer in peers]}  # EP size each policy runs with
@@ -107,8 +120,11 @@ def _run(plan: dict) -> None:
             if train_policy(policy).packing:
                 layout[policy], search, step = _search_packing(trainer, step, plan["packing_window"])
                 if rank == 0:
-                    print(f"  experts {experts}: {policy} chose {experts // layout[policy]} experts per rank "
-                          f"({len(search['decisions'])} decisions)", flush=True)
+                    print(
+                        f"  experts {experts}: {policy} chose {experts // layout[policy]} experts per rank "
+                        f"({len(search['decisions'])} decisions)",
+                        flush=True,
+                    )
         for peer in peers:  # warm-up, not measured
             for _ in range(plan["warmup"]):
                 peer.train_step()
@@ -116,8 +132,14 @@ def _run(plan: dict) -> None:
         # the packing search of the warm-up may have just moved the experts (and back)
         moved = any(d.get("new_experts_per_rank") != d.get("experts_per_rank") for d in search.get("decisions", []))
         for r in range(plan["rounds"]):
-            for policy, steps in round_schedule(plan["policies"], layout, trainer.groups.ep_size, plan["steps_per_round"], plan.get("settle", 0),
-                                                moved=moved and r == 0):
+            for policy, steps in round_schedule(
+                plan["policies"],
+                layout,
+                trainer.groups.ep_size,
+                plan["steps_per_round"],
+                plan.get("settle", 0),
+                moved=moved and r == 0,
+            ):
                 _select(trainer, policy, layout[policy])
                 for is_measured in steps:
                     trainer.train_step(step)
@@ -139,18 +161,29 @@ def _run(plan: dict) -> None:
         entry = {
             "experts": experts,
             "chunk_mb": trainer.chunk_mb,
-            "device_time": ({"device": trainer.device_mode.device.name, "dilation": trainer.device_mode.dilation,
-                             "host_bound_share": trainer.device_mode.host_bound_share()}
-                            if trainer.device_mode is not None else None),
+            "device_time": (
+                {
+                    "device": trainer.device_mode.device.name,
+                    "dilation": trainer.device_mode.dilation,
+                    "host_bound_share": trainer.device_mode.host_bound_share(),
+                }
+                if trainer.device_mode is not None
+                else None
+            ),
             "chunk_sweep_s": getattr(getattr(trainer, "chunk_sweep", None), "seconds", None),
             "dense_grad_bytes": dense_bytes,
-            "policies": {p: {k: _median(rows, k) for k in rows[0]} | {"step_time_s_min": min(r["step_time_s"] for r in rows),
-                                                                        "step_time_s_max": max(r["step_time_s"] for r in rows),
-                                                                        "steps": len(rows),
-                                                                        "experts_per_rank": experts // layout[p],
-                                                                        "settle_steps": settled[p],
-                                                                        "compute_busy_in_a2a": _busy_share(rows)}
-                         for p, rows in per_policy.items()},
+            "policies": {
+                p: {k: _median(rows, k) for k in rows[0]}
+                | {
+                    "step_time_s_min": min(r["step_time_s"] for r in rows),
+                    "step_time_s_max": max(r["step_time_s"] for r in rows),
+                    "steps": len(rows),
+                    "experts_per_rank": experts // layout[p],
+                    "settle_steps": settled[p],
+                    "compute_busy_in_a2a": _busy_share(rows),
+                }
+                for p, rows in per_policy.items()
+            },
             "packing": search,
         }
         if peers:
@@ -163,8 +196,9 @@ def _run(plan: dict) -> None:
         (out / f"results-{plan['layout']}.json").write_text(json.dumps(results, indent=2))
 
 
-def round_schedule(policies: list[str], layout: dict[str, int], ep_size: int, steps_per_round: int, settle: int,
-                   moved: bool = False) -> list[tuple[str, list[bool]]]:
+def round_schedule(
+    policies: list[str], layout: dict[str, int], ep_size: int, steps_per_round: int, settle: int, moved: bool = False
+) -> list[tuple[str, list[bool]]]:
     """One interleaving round: for each policy in turn, its steps (True: measured, False: an
     unmeasured settling step).
 
@@ -197,8 +231,9 @@ def _search_packing(trainer: Trainer, step: int, window: int) -> tuple[int, dict
     slower. Returns (EP size, what it measured and
     decided, next step)."""
     world = trainer.groups.world_size
-    controller = PackingController(parse_packing("auto"), trainer.cfg.model.experts, trainer.groups.ep_size,
-                                   first_step=step + window, every=window)
+    controller = PackingController(
+        parse_packing("auto"), trainer.cfg.model.experts, trainer.groups.ep_size, first_step=step + window, every=window
+    )
     while True:
         for _ in range(window):
             trainer.train_step(step)
@@ -211,8 +246,17 @@ def _search_packing(trainer: Trainer, step: int, window: int) -> tuple[int, dict
         if controller.settled:  # a doubling was undone
             break
     ep = trainer.groups.ep_size
-    return ep, {"experts_per_rank": trainer.cfg.model.experts // ep, "ep_size": ep, "world": world,
-                "window_steps": window, "decisions": controller.history}, step
+    return (
+        ep,
+        {
+            "experts_per_rank": trainer.cfg.model.experts // ep,
+            "ep_size": ep,
+            "world": world,
+            "window_steps": window,
+            "decisions": controller.history,
+        },
+        step,
+    )
 
 
 def _peer_bucket_elements(plan: dict, dense_bytes: int) -> int:
@@ -245,7 +289,9 @@ def _losses_at_equal_steps(lina_losses: dict[int, float], peers: list) -> dict:
     values = torch.tensor([lina_losses[n - 1]] + [peer.losses[n - 1] for peer in peers], dtype=torch.float64)
     dist.all_reduce(values)
     values /= dist.get_world_size()
-    return {"steps": n, "lina": float(values[0])} | {peer.name: float(v) for peer, v in zip(peers, values[1:], strict=True)}
+    return {"steps": n, "lina": float(values[0])} | {
+        peer.name: float(v) for peer, v in zip(peers, values[1:], strict=True)
+    }
 
 
 def _busy_share(rows: list[dict]) -> float | None:
@@ -254,7 +300,17 @@ def _busy_share(rows: list[dict]) -> float | None:
     return sum(r["compute_busy_in_a2a_s"] for r in rows) / a2a if a2a > 0 else None
 
 
-def _save_runs(out: Path, plan: dict, cfg: TrainConfig, experts: int, measured: dict, spans: list[Span], entry: dict, rank: int, world: int) -> None:
+def _save_runs(
+    out: Path,
+    plan: dict,
+    cfg: TrainConfig,
+    experts: int,
+    measured: dict,
+    spans: list[Span],
+    entry: dict,
+    rank: int,
+    world: int,
+) -> None:
     """Per (expert count, policy): the spans of its measured steps and a summary, in the run-folder
     format the simulator calibrates from (``lina sim --calibrate``). A peer's folder holds its
     spans only: the simulator models lina's policies, not DeepSpeed's padded all-to-all, so
@@ -271,19 +327,44 @@ def _save_runs(out: Path, plan: dict, cfg: TrainConfig, experts: int, measured: 
         if rank == 0 and policy not in entry.get("peers", []):
             m = cfg.model
             setup = RunSetup(
-                layers=m.n_layers, d_model=m.d_model, d_ff=m.d_ff, experts=experts, top_k=m.top_k, seq_len=m.seq_len,
-                batch_size=cfg.batch_size, workers=world, policy=policy, chunk_mb=float(entry["chunk_mb"]),
-                vocab=m.vocab_size, moe_every=m.moe_interval, hosts=plan["hosts"],
-                workers_per_host=plan["workers_per_host"], link_bps=float(plan["link_bps"]), bucket_mb=float(cfg.bucket_mb),
+                layers=m.n_layers,
+                d_model=m.d_model,
+                d_ff=m.d_ff,
+                experts=experts,
+                top_k=m.top_k,
+                seq_len=m.seq_len,
+                batch_size=cfg.batch_size,
+                workers=world,
+                policy=policy,
+                chunk_mb=float(entry["chunk_mb"]),
+                vocab=m.vocab_size,
+                moe_every=m.moe_interval,
+                hosts=plan["hosts"],
+                workers_per_host=plan["workers_per_host"],
+                link_bps=float(plan["link_bps"]),
+                bucket_mb=float(cfg.bucket_mb),
                 pipeline_chunks=cfg.pipeline_chunks,
-                ep_size=experts // entry["policies"][policy]["experts_per_rank"], backend=dist.get_backend(),
+                ep_size=experts // entry["policies"][policy]["experts_per_rank"],
+                backend=dist.get_backend(),
                 cpu_count=os.cpu_count(),
             )
             config = {
-                "layers": m.n_layers, "d_model": m.d_model, "d_ff": m.d_ff, "experts": experts, "top_k": m.top_k,
-                "seq_len": m.seq_len, "batch_size": cfg.batch_size, "vocab_size": m.vocab_size, "workers": world,
-                "hosts": plan["hosts"], "workers_per_host": plan["workers_per_host"], "link_bps": plan["link_bps"],
-                "policy": policy, "chunk_mb": entry["chunk_mb"], "pipeline_chunks": cfg.pipeline_chunks, "bucket_mb": cfg.bucket_mb,
+                "layers": m.n_layers,
+                "d_model": m.d_model,
+                "d_ff": m.d_ff,
+                "experts": experts,
+                "top_k": m.top_k,
+                "seq_len": m.seq_len,
+                "batch_size": cfg.batch_size,
+                "vocab_size": m.vocab_size,
+                "workers": world,
+                "hosts": plan["hosts"],
+                "workers_per_host": plan["workers_per_host"],
+                "link_bps": plan["link_bps"],
+                "policy": policy,
+                "chunk_mb": entry["chunk_mb"],
+                "pipeline_chunks": cfg.pipeline_chunks,
+                "bucket_mb": cfg.bucket_mb,
                 "experts_per_rank": entry["policies"][policy]["experts_per_rank"],
                 "dense_grad_bytes": entry["dense_grad_bytes"],
                 "cpu_count": os.cpu_count(),

@@ -109,9 +109,13 @@ class EmulateSpec:
         if self.delay_us < 0 or self.delay_us > 10_000_000:
             raise ConfigError("emulate.delay", f"{self.delay_us}us", "use a delay between 0 and 10s")
         if 0 < self.delay_us < 2:
-            raise ConfigError("emulate.delay", f"{self.delay_us}us is below netem's resolution", "use 0 or at least 2us")
+            raise ConfigError(
+                "emulate.delay", f"{self.delay_us}us is below netem's resolution", "use 0 or at least 2us"
+            )
         if not isinstance(self.workers_per_host, int) or self.workers_per_host < 1:
-            raise ConfigError("emulate.workers_per_host", f"{self.workers_per_host!r}", "use 1 or more workers per host")
+            raise ConfigError(
+                "emulate.workers_per_host", f"{self.workers_per_host!r}", "use 1 or more workers per host"
+            )
         if not 1 <= self.queue_ms <= 10_000:
             raise ConfigError("emulate.queue", f"{self.queue_ms}ms", "use a queue between 1ms and 10s")
         if self.share not in netns.SHARES:
@@ -155,8 +159,10 @@ def parse_emulate(text: str, dilation: float = 1.0) -> EmulateSpec | None:
         key = key.strip().replace("-", "_")
         if not sep or key not in _KEYS:
             raise ConfigError(
-                "emulate", f"{item.strip()!r} is not a key=value pair I know",
-                "write e.g. hosts=4,link=200mbit,delay=50us,workers_per_host=1 (keys: " + ", ".join(_KEYS)
+                "emulate",
+                f"{item.strip()!r} is not a key=value pair I know",
+                "write e.g. hosts=4,link=200mbit,delay=50us,workers_per_host=1 (keys: "
+                + ", ".join(_KEYS)
                 + "), or none",
             )
         if key in ("hosts", "workers_per_host"):

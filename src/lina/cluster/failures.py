@@ -23,8 +23,16 @@ from typing import Any, Callable
 from lina.errors import LinaError
 
 # Errors of a worker that only lost a peer which failed first (Gloo, NCCL, c10d store).
-LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Broken pipe",
-             "ECONNRESET", "Socket Timeout", "failed to recv", "Connection refused")
+LOST_PEER = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker crashing",
+    "Broken pipe",
+    "ECONNRESET",
+    "Socket Timeout",
+    "failed to recv",
+    "Connection refused",
+)
 
 
 @dataclass
@@ -113,8 +121,9 @@ def lina_error_class(name: str) -> type[LinaError] | None:
 def root_cause(failures: list[WorkerFailure]) -> WorkerFailure:
     """The failure most likely to have started it: a worker that raised an error that is not a
     lost peer comes first, then one with a message, then the earliest, then the lowest rank."""
-    return min(failures, key=lambda f: (not f.message or f.lost_peer, not f.message,
-                                        f.timestamp or float("inf"), f.rank))
+    return min(
+        failures, key=lambda f: (not f.message or f.lost_peer, not f.message, f.timestamp or float("inf"), f.rank)
+    )
 
 
 class WorkerFailed(LinaError):

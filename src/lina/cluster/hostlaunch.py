@@ -62,8 +62,15 @@ def free_port(cluster: EmulatedCluster, h: int = 0) -> int:
         sock.close()
 
 
-def agent_argv(cluster: EmulatedCluster, h: int, module: str, module_args: list[str], nproc_per_host: int, port: int,
-               log_dir: str | None = None) -> list[str]:
+def agent_argv(
+    cluster: EmulatedCluster,
+    h: int,
+    module: str,
+    module_args: list[str],
+    nproc_per_host: int,
+    port: int,
+    log_dir: str | None = None,
+) -> list[str]:
     """The torchrun command for host ``h`` (not yet wrapped into its namespace); with ``log_dir``
     the agent keeps its workers' error files under it."""
     return [
@@ -148,11 +155,14 @@ def run_on_cluster(
                 if nproc_per_host > 1:
                     env.setdefault("OMP_NUM_THREADS", "1")  # what torchrun would set, without its banner
                 first = host.index * nproc_per_host
-                stream.write(f"[h{host.index}] host {names[host.index]} ({host.ip}, namespace {host.netns}): "
-                             f"{nproc_per_host} worker(s), ranks {first}..{first + nproc_per_host - 1}\n")
+                stream.write(
+                    f"[h{host.index}] host {names[host.index]} ({host.ip}, namespace {host.netns}): "
+                    f"{nproc_per_host} worker(s), ranks {first}..{first + nproc_per_host - 1}\n"
+                )
                 stream.flush()
-                argv = agent_argv(cluster, host.index, module, module_args, nproc_per_host, port,
-                                  str(log_dir / f"h{host.index}"))
+                argv = agent_argv(
+                    cluster, host.index, module, module_args, nproc_per_host, port, str(log_dir / f"h{host.index}")
+                )
                 proc = subprocess.Popen(
                     cluster.wrap(host.index, argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True,
@@ -260,7 +270,9 @@ def _failure_message(failed: _Agent, agents: list[_Agent], nproc_per_host: int) 
     ranks = f"rank {first}" if first == last else f"ranks {first}..{last}"
     lines = list(failed.tail)
     root_rank = _root_cause_rank(lines)
-    rank_note = "" if root_rank is None else f", first failed worker: global rank {root_rank[0]} (local rank {root_rank[1]})"
+    rank_note = (
+        "" if root_rank is None else f", first failed worker: global rank {root_rank[0]} (local rank {root_rank[1]})"
+    )
     others = ", ".join(
         f"h{a.host}={a.proc.returncode}" for a in agents if a is not failed and a.proc.returncode not in (None, 0)
     )

@@ -28,8 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_local(fn: Callable[..., Any], args: tuple, workers: int, monitor_interval_s: float = 0.5,
-                 verbose: bool = False) -> dict[int, Any]:
+def launch_local(
+    fn: Callable[..., Any], args: tuple, workers: int, monitor_interval_s: float = 0.5, verbose: bool = False
+) -> dict[int, Any]:
     """Run ``fn(*args)`` on ``workers`` local processes; returns {rank: return value}.
 
     Args:

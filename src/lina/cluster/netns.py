@@ -302,8 +302,14 @@ def shape_egress(
             else:
                 _shape_per_peer(ipr, idx, rate_bps, delay_us, queue_ms, peers, match)
         except NetlinkError as err:
-            what = "netem (CONFIG_NET_SCH_NETEM), needed for delay" if delay_us else (
-                "tbf (CONFIG_NET_SCH_TBF)" if peers is None else "htb and u32 (CONFIG_NET_SCH_HTB, CONFIG_NET_CLS_U32)"
+            what = (
+                "netem (CONFIG_NET_SCH_NETEM), needed for delay"
+                if delay_us
+                else (
+                    "tbf (CONFIG_NET_SCH_TBF)"
+                    if peers is None
+                    else "htb and u32 (CONFIG_NET_SCH_HTB, CONFIG_NET_CLS_U32)"
+                )
             )
             raise LinaError(
                 f"this kernel refused a traffic-control setting on {ifname} (netlink error {err.code}:"
@@ -321,7 +327,9 @@ def _shape_fifo(ipr, idx: int, rate_bps: int, delay_us: int, queue_ms: float) ->
         ipr.tc("add", "tbf", idx, handle="1:", **tbf)
 
 
-def _shape_per_peer(ipr, idx: int, rate_bps: int, delay_us: int, queue_ms: float, peers: dict[int, str], match: str) -> None:
+def _shape_per_peer(
+    ipr, idx: int, rate_bps: int, delay_us: int, queue_ms: float, peers: dict[int, str], match: str
+) -> None:
     rate = int(rate_bps // 8)  # bytes/s, as pyroute2 takes it
     burst = htb_burst_bytes(rate_bps)
     limit = max(64, int(rate * queue_ms / 1e3 / 1514))  # packets per leaf queue
@@ -379,7 +387,9 @@ def read_egress_counters(ns: str, ifname: str) -> dict[str, int]:
                 continue
             stats = qdisc.get_attr("TCA_STATS2")
             queue, basic = stats.get_attr("TCA_STATS_QUEUE"), stats.get_attr("TCA_STATS_BASIC")
-            out.update(bytes=basic["bytes"], packets=basic["packets"], drops=queue["drops"], overlimits=queue["overlimits"])
+            out.update(
+                bytes=basic["bytes"], packets=basic["packets"], drops=queue["drops"], overlimits=queue["overlimits"]
+            )
     return out
 
 

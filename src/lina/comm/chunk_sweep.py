@@ -29,8 +29,13 @@ class SweepResult:
         return f"chunk sweep ({rows}) -> {self.chosen_mb:g} MB"
 
 
-def sweep_chunk_size(group: dist.ProcessGroup, total_bytes: int, repeats: int = 2, tolerance: float = 0.10,
-                     candidates_mb: tuple[float, ...] = CANDIDATES_MB) -> SweepResult:
+def sweep_chunk_size(
+    group: dist.ProcessGroup,
+    total_bytes: int,
+    repeats: int = 2,
+    tolerance: float = 0.10,
+    candidates_mb: tuple[float, ...] = CANDIDATES_MB,
+) -> SweepResult:
     """Time candidate micro-op sizes on ``group`` (a collective: every rank of the group calls it)."""
     total_bytes = max(total_bytes, 4)
     usable = [mb for mb in candidates_mb if mb * 1024 * 1024 <= total_bytes] or [candidates_mb[0]]

@@ -37,8 +37,17 @@ import torch.distributed as dist
 from lina.errors import LinaError
 
 MAX_GROUPS = 32  # process groups one rank can be a member of and have checked
-WRAPPED = ("all_reduce", "all_to_all_single", "all_to_all", "broadcast", "all_gather", "all_gather_into_tensor",
-           "reduce_scatter_tensor", "reduce", "barrier")
+WRAPPED = (
+    "all_reduce",
+    "all_to_all_single",
+    "all_to_all",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "reduce",
+    "barrier",
+)
 
 _label = threading.local()
 
@@ -89,8 +98,17 @@ def _signature(op: str, args: tuple, kwargs: dict) -> str:
 def _group_of(op: str, args: tuple, kwargs: dict):
     if "group" in kwargs:
         return kwargs["group"]
-    positions = {"all_reduce": 2, "all_to_all_single": 4, "all_to_all": 2, "broadcast": 2, "all_gather": 2,
-                 "all_gather_into_tensor": 2, "reduce_scatter_tensor": 3, "reduce": 3, "barrier": 0}
+    positions = {
+        "all_reduce": 2,
+        "all_to_all_single": 4,
+        "all_to_all": 2,
+        "broadcast": 2,
+        "all_gather": 2,
+        "all_gather_into_tensor": 2,
+        "reduce_scatter_tensor": 3,
+        "reduce": 3,
+        "barrier": 0,
+    }
     i = positions.get(op)
     return args[i] if i is not None and len(args) > i else None
 
@@ -114,9 +132,11 @@ class _NamedWork:
 
 def _failure_text(what: str, err: BaseException) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (f"{what} failed: {first}. Fix: a peer died, is much slower, or issued its collectives in "
-            "another order (rerun with --check-collectives to compare the ranks' sequences); raise "
-            "timeout_s if it is only slow")
+    return (
+        f"{what} failed: {first}. Fix: a peer died, is much slower, or issued its collectives in "
+        "another order (rerun with --check-collectives to compare the ranks' sequences); raise "
+        "timeout_s if it is only slow"
+    )
 
 
 class CollectiveLog:
@@ -219,8 +239,10 @@ class CollectiveLog:
             logs = dict(self._groups)
             table = torch.zeros(MAX_GROUPS, 3, dtype=torch.int64)
             if len(logs) > MAX_GROUPS:
-                raise LinaError(f"the collective check follows at most {MAX_GROUPS} process groups per rank, "
-                                f"this rank has {len(logs)}")
+                raise LinaError(
+                    f"the collective check follows at most {MAX_GROUPS} process groups per rank, "
+                    f"this rank has {len(logs)}"
+                )
             for i, (key, log) in enumerate(sorted(logs.items())):
                 table[i, 0] = _int64(key)
                 table[i, 1] = int.from_bytes(log.digest.digest(), "little", signed=True)
@@ -288,14 +310,20 @@ def _first_difference(sequences: list[dict], step: int) -> str:
             if a == b:
                 continue
             i = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
+
             def show(ops: list, rank: int) -> str:
                 if i >= len(ops):
                     return f"nothing (rank {rank} issued only {len(ops)})"
                 op, label, sig = ops[i]
                 return f"{op}{' ' + repr(label) if label else ''}{' [' + sig + ']' if sig else ''} on rank {rank}"
-            return (f"ranks issued collectives in different orders in step {step} on group {first['name']}: "
-                    f"collective #{i} is {show(a, r0)} but {show(b, r1)}. Fix: every rank must issue the "
-                    "collectives of one process group in the same order (see lina.comm.scheduler); otherwise "
-                    "Gloo combines the wrong tensors and NCCL hangs")
-    return (f"the collective sequences of step {step} differ between ranks, but the gathered sequences agree "
-            "(a hash collision?)")
+
+            return (
+                f"ranks issued collectives in different orders in step {step} on group {first['name']}: "
+                f"collective #{i} is {show(a, r0)} but {show(b, r1)}. Fix: every rank must issue the "
+                "collectives of one process group in the same order (see lina.comm.scheduler); otherwise "
+                "Gloo combines the wrong tensors and NCCL hangs"
+            )
+    return (
+        f"the collective sequences of step {step} differ between ranks, but the gathered sequences agree "
+        "(a hash collision?)"
+    )

@@ -75,7 +75,9 @@ class GradSync(abc.ABC):
     ):
         self.model = model
         self.dp_group = dp_group
-        self.expert_dp_group = expert_dp_group if expert_dp_group is not None and dist.get_world_size(expert_dp_group) > 1 else None
+        self.expert_dp_group = (
+            expert_dp_group if expert_dp_group is not None and dist.get_world_size(expert_dp_group) > 1 else None
+        )
         self.world_size = world_size
         self.timeline = timeline
         self.bucket_bytes = int(bucket_mb * 1024 * 1024)
@@ -204,7 +206,13 @@ class BucketedAsyncSync(GradSync):
         timeline = self.timeline
         work.get_future().add_done_callback(
             lambda fut, start=start, i=i, nbytes=nbytes: timeline.record(
-                f"bucket{i}", "allreduce", start, timeline.now(), thread="allreduce", kind=schema.ALLREDUCE, bytes=nbytes
+                f"bucket{i}",
+                "allreduce",
+                start,
+                timeline.now(),
+                thread="allreduce",
+                kind=schema.ALLREDUCE,
+                bytes=nbytes,
             )
         )
         self._works.append((work, flat, i))
@@ -225,4 +233,3 @@ class BucketedAsyncSync(GradSync):
         for h in self._handles:
             h.remove()
         self._handles = []
-

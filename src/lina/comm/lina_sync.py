@@ -40,16 +40,29 @@ class LinaSync(GradSync):
     name = "lina"
     pipelined = True
 
-    def __init__(self, *args, chunk_mb: float = 1.0, credit: int = 1, flush_credit: int = 4,
-                 coalesce_small: bool = True, small_fraction: float = 0.25, **kwargs):
+    def __init__(
+        self,
+        *args,
+        chunk_mb: float = 1.0,
+        credit: int = 1,
+        flush_credit: int = 4,
+        coalesce_small: bool = True,
+        small_fraction: float = 0.25,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.chunk_bytes = max(1, int(chunk_mb * 1024 * 1024))
-        self.scheduler = CommScheduler(self.timeline, SchedulerConfig(credit=credit, flush_credit=flush_credit, timeout_s=self.timeout_s, name="lina-sched"))
+        self.scheduler = CommScheduler(
+            self.timeline,
+            SchedulerConfig(credit=credit, flush_credit=flush_credit, timeout_s=self.timeout_s, name="lina-sched"),
+        )
         self._names = {id(p): n for n, p in self.model.named_parameters()}
         self._groups: list[_SmallGroup] = []
         self._group_of: dict[int, _SmallGroup] = {}
         if coalesce_small:
-            self._build_groups([p for p in self.dense_params if p.numel() * p.element_size() < small_fraction * self.chunk_bytes])
+            self._build_groups(
+                [p for p in self.dense_params if p.numel() * p.element_size() < small_fraction * self.chunk_bytes]
+            )
         self._handles = [p.register_post_accumulate_grad_hook(self._submit_dense) for p in self.dense_params]
         if self.expert_dp_group is not None:
             self._handles += [p.register_post_accumulate_grad_hook(self._submit_expert) for p in self.expert_params]
@@ -89,8 +102,10 @@ class LinaSync(GradSync):
             chunks = partition(_grad(p), self.chunk_bytes)
         for k, chunk in enumerate(chunks):
             self.scheduler.submit_allreduce(
-                name, chunk.numel() * chunk.element_size(),
-                lambda c=chunk, k=k: _all_reduce(c, group, f"{name}.{k}"), index=k,
+                name,
+                chunk.numel() * chunk.element_size(),
+                lambda c=chunk, k=k: _all_reduce(c, group, f"{name}.{k}"),
+                index=k,
             )
 
     def _submit_group(self, g: _SmallGroup) -> None:
@@ -100,7 +115,8 @@ class LinaSync(GradSync):
             g.buffer = torch.cat([_grad(p).reshape(-1) for p in g.params])
         buf = g.buffer
         self.scheduler.submit_allreduce(
-            f"small{self._groups.index(g)}", buf.numel() * buf.element_size(),
+            f"small{self._groups.index(g)}",
+            buf.numel() * buf.element_size(),
             lambda: _all_reduce(buf, self.dp_group, f"small{self._groups.index(g)}"),
         )
 

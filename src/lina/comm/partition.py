@@ -32,7 +32,9 @@ def chunk_numel(element_size: int, chunk_bytes: int) -> int:
         ConfigError: ``chunk_bytes`` is smaller than one element.
     """
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
-        raise ConfigError("chunk_bytes", f"{chunk_bytes!r} is not an integer", "give the chunk size in bytes, e.g. 30 * 2**20")
+        raise ConfigError(
+            "chunk_bytes", f"{chunk_bytes!r} is not an integer", "give the chunk size in bytes, e.g. 30 * 2**20"
+        )
     if chunk_bytes < element_size:
         raise ConfigError(
             "chunk_bytes",

@@ -28,11 +28,13 @@ def make_sync(policy: str | TrainPolicy, chunk_mb: float = 1.0, credit: int = 1,
     policies only."""
     spec = train_policy(policy)
     if not spec.trainable:
-        raise ConfigError("policy", f"{spec.name!r} exists in the simulator only ({spec.description})",
-                          "train with one of " + ", ".join(n for n, p in TRAIN_POLICIES.items() if p.trainable))
+        raise ConfigError(
+            "policy",
+            f"{spec.name!r} exists in the simulator only ({spec.description})",
+            "train with one of " + ", ".join(n for n, p in TRAIN_POLICIES.items() if p.trainable),
+        )
     cls = SYNC_CLASSES[spec.grad_sync]
     sync = cls(chunk_mb=chunk_mb, credit=credit, **kwargs) if spec.partitions_gradients else cls(**kwargs)
     sync.name = spec.name
     sync.pipelined = spec.pipelined
     return sync
-

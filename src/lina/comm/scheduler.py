@@ -95,9 +95,17 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.credit, bool) or not isinstance(self.credit, int) or self.credit < 1:
-            raise ConfigError("credit", f"{self.credit!r} is not a positive integer", "allow at least 1 allreduce micro-op in flight (Lina: 1)")
+            raise ConfigError(
+                "credit",
+                f"{self.credit!r} is not a positive integer",
+                "allow at least 1 allreduce micro-op in flight (Lina: 1)",
+            )
         if not isinstance(self.flush_credit, int) or self.flush_credit < 0:
-            raise ConfigError("flush_credit", f"{self.flush_credit!r} is not a non-negative integer", "use 0 (same as credit) or a count >= credit")
+            raise ConfigError(
+                "flush_credit",
+                f"{self.flush_credit!r} is not a non-negative integer",
+                "use 0 (same as credit) or a count >= credit",
+            )
         self.flush_credit = max(self.flush_credit, self.credit)
         if not isinstance(self.drain, bool):
             raise ConfigError("drain", f"{self.drain!r} is not a bool", "use true or false")
@@ -316,8 +324,9 @@ class CommScheduler:
             args["error"] = True
         # The all-to-all itself is timed by whoever runs it (cat "a2a"); here only the slot the
         # scheduler gave it, so that no span is counted twice.
-        self.timeline.record(f"a2a-slot:{op.name}", "sched", op.start_s, op.end_s, kind=schema.A2A_SLOT, bytes=op.nbytes,
-                             **args)
+        self.timeline.record(
+            f"a2a-slot:{op.name}", "sched", op.start_s, op.end_s, kind=schema.A2A_SLOT, bytes=op.nbytes, **args
+        )
 
     def hold(self) -> None:
         """Launch no new allreduce micro-op until the next all-to-all (entered after this
@@ -530,8 +539,16 @@ class CommScheduler:
             if self._error is None:
                 self._error = CommError(f"allreduce micro-op {op.name}[{op.index}] (#{op.seq}) failed: {err}")
                 self._error.__cause__ = err
-        self.timeline.record(op.name, ALLREDUCE, op.start_s, op.end_s, thread=self.config.name, kind=schema.ALLREDUCE,
-                             bytes=op.nbytes, **args)
+        self.timeline.record(
+            op.name,
+            ALLREDUCE,
+            op.start_s,
+            op.end_s,
+            thread=self.config.name,
+            kind=schema.ALLREDUCE,
+            bytes=op.nbytes,
+            **args,
+        )
         self._work_cv.notify()
         self._idle_cv.notify_all()
 

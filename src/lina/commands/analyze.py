@@ -39,12 +39,25 @@ def register(subparsers) -> None:
         ),
     )
     trace.add_argument("file", type=Path, help="routing trace (.npz) or vLLM routing log (.jsonl)")
-    trace.add_argument("--json", type=Path, default=None, help="write the results as JSON here (default: DIR/analysis.json with --out)")
+    trace.add_argument(
+        "--json", type=Path, default=None, help="write the results as JSON here (default: DIR/analysis.json with --out)"
+    )
     trace.add_argument("--out", type=Path, default=None, help="directory for the PNG plots and analysis.json")
-    trace.add_argument("--path-lens", type=_int_list, default=[1, 2, 3, 4, 5, 6], help="path lengths to compare (default 1,2,3,4,5,6)")
-    trace.add_argument("--batch-tokens", type=int, default=16, help="tokens per served batch in the replay (default 16)")
-    trace.add_argument("--devices", type=_int_list, default=[4, 8], help="device counts for the placement replay (default 4,8)")
-    trace.add_argument("--balance-path-len", type=int, default=3, help="path length of the estimators in the placement replay (default 3)")
+    trace.add_argument(
+        "--path-lens", type=_int_list, default=[1, 2, 3, 4, 5, 6], help="path lengths to compare (default 1,2,3,4,5,6)"
+    )
+    trace.add_argument(
+        "--batch-tokens", type=int, default=16, help="tokens per served batch in the replay (default 16)"
+    )
+    trace.add_argument(
+        "--devices", type=_int_list, default=[4, 8], help="device counts for the placement replay (default 4,8)"
+    )
+    trace.add_argument(
+        "--balance-path-len",
+        type=int,
+        default=3,
+        help="path length of the estimators in the placement replay (default 3)",
+    )
     trace.add_argument(
         "--estimators",
         default="path,path-smoothed,online-path,logistic",
@@ -62,7 +75,11 @@ def _summary(result: dict) -> list[str]:
         f"trace: {t['source']}: {t['tokens']} tokens, {t['sequences']} sequences, {t['layers']} layers, "
         f"{t['experts']} experts, top-{t['top_k']}",
         f"skew: median layer most/least top-1 picks {skew['median_max_min_ratio']}, mean CV {skew['mean_cv']:.3f}"
-        + (f" ({skew['layers_with_unpicked_expert']} layers have an expert never picked top-1)" if skew["layers_with_unpicked_expert"] else ""),
+        + (
+            f" ({skew['layers_with_unpicked_expert']} layers have an expert never picked top-1)"
+            if skew["layers_with_unpicked_expert"]
+            else ""
+        ),
         f"affinity: tokens sharing an expert share its top-1 next expert {aff['mean_top1']:.1%} "
         f"(top-2 {aff['mean_top2']:.1%}); popularity alone explains {aff['mean_baseline_top1']:.1%} / {aff['mean_baseline_top2']:.1%} "
         f"(paper: 41.94% / 54.59%)",
@@ -84,13 +101,15 @@ def _summary(result: dict) -> list[str]:
     for key, rep in result.get("balance", {}).items():
         cells = "  ".join(f"{p} {rep['mean'][p]:.3f}/{rep['p95'][p]:.3f}" for p in rep["mean"])
         replan = ", ".join(f"{n} {r:.0%}" for n, r in rep["replan_rate"].items())
-        lines.append(f"balance {key} (busiest/mean, mean/p95 over {rep['samples']} batch-layers): {cells}; re-plan: {replan}")
+        lines.append(
+            f"balance {key} (busiest/mean, mean/p95 over {rep['samples']} batch-layers): {cells}; re-plan: {replan}"
+        )
     return lines
 
 
 def run_trace(args) -> int:
-    from lina.infer.analysis import ESTIMATORS, analyze_trace, write_plots
     from lina.data.routing_trace import load_trace
+    from lina.infer.analysis import ESTIMATORS, analyze_trace, write_plots
 
     names = [n.strip() for n in args.estimators.split(",") if n.strip()]
     unknown = [n for n in names if n not in ESTIMATORS]
@@ -101,10 +120,13 @@ def run_trace(args) -> int:
     if min(args.devices) < 1:
         raise ConfigError("--devices", f"is {args.devices}", "give device counts >= 1")
     if min(args.path_lens) < 1 or args.balance_path_len < 1:
-        raise ConfigError("--path-lens", f"{args.path_lens} / --balance-path-len {args.balance_path_len}",
-                          "give path lengths >= 1")
-    fix = ("pass a routing trace: a .npz written by `lina infer --record-trace FILE.npz`, or a vLLM routing log "
-           "(.jsonl) such as ../shared/data/mixtral-8x7b-gsm8k-routing.jsonl")
+        raise ConfigError(
+            "--path-lens", f"{args.path_lens} / --balance-path-len {args.balance_path_len}", "give path lengths >= 1"
+        )
+    fix = (
+        "pass a routing trace: a .npz written by `lina infer --record-trace FILE.npz`, or a vLLM routing log "
+        "(.jsonl) such as ../shared/data/mixtral-8x7b-gsm8k-routing.jsonl"
+    )
     if not args.file.is_file():
         raise ConfigError("FILE", f"{args.file} not found", fix)
     if args.file.suffix not in (".npz", ".jsonl"):
@@ -116,7 +138,10 @@ def run_trace(args) -> int:
         raise
     except LinaError as err:  # the file is there but is not a trace
         raise ConfigError("FILE", str(err), fix) from None
-    print(f"loaded {args.file}: {trace.num_tokens} tokens x {trace.num_layers} layers, {trace.num_experts} experts, top-{trace.top_k}", flush=True)
+    print(
+        f"loaded {args.file}: {trace.num_tokens} tokens x {trace.num_layers} layers, {trace.num_experts} experts, top-{trace.top_k}",
+        flush=True,
+    )
     if args.save_trace:
         print(f"wrote {trace.save(args.save_trace)}")
     result = analyze_trace(

@@ -8,7 +8,10 @@ import importlib
 BENCHMARKS = {
     "layer": ("lina.bench.layer", "one MoE layer against a dense FFN of the same active FLOPs"),
     "contention": ("lina.bench.contention", "all-to-all slowdown under a concurrent allreduce (emulated hosts)"),
-    "train": ("lina.bench.train", "training step time of deepspeed / sequential / tutel / lina on the emulated cluster"),
+    "train": (
+        "lina.bench.train",
+        "training step time of deepspeed / sequential / tutel / lina on the emulated cluster",
+    ),
     "infer": ("lina.bench.infer", "inference latency of static / eplb / lina / oracle placement"),
 }
 

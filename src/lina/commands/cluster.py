@@ -1,10 +1,10 @@
 """``lina cluster up | status | down``: keep an emulated multi-host cluster up, inspect it, remove it.
 
-    lina cluster up --hosts 4 --workers-per-host 1 --link 200mbit [--delay 50us]
-    lina cluster status
-    lina cluster down              # clusters left up by `lina cluster up`
-    lina cluster down --all        # ... and stale ones from killed runs (lina-* namespaces)
-    lina cluster down lina-3fa9c1  # one cluster by its prefix
+lina cluster up --hosts 4 --workers-per-host 1 --link 200mbit [--delay 50us]
+lina cluster status
+lina cluster down              # clusters left up by `lina cluster up`
+lina cluster down --all        # ... and stale ones from killed runs (lina-* namespaces)
+lina cluster down lina-3fa9c1  # one cluster by its prefix
 """
 
 from __future__ import annotations
@@ -34,11 +34,17 @@ def register(subparsers) -> None:
     up = sub.add_parser("up", help="build a cluster and leave it up")
     up.add_argument("--hosts", type=int, default=4, help="number of emulated hosts (default 4)")
     up.add_argument("--workers-per-host", type=int, default=1, help="workers each host will run (default 1)")
-    up.add_argument("--link", default="200mbit", help="each host's link rate, each way: kbit/mbit/gbit (default 200mbit)")
+    up.add_argument(
+        "--link", default="200mbit", help="each host's link rate, each way: kbit/mbit/gbit (default 200mbit)"
+    )
     up.add_argument("--delay", default="0", help="one-way host-to-host latency, e.g. 50us (default 0; needs netem)")
     up.add_argument("--queue", default="100ms", help="link queue depth in time at the link rate (default 100ms)")
-    up.add_argument("--share", default="peer", choices=("peer", "fifo"),
-                    help="link sharing: round-robin between peer hosts, or one FIFO like a switch port (default peer)")
+    up.add_argument(
+        "--share",
+        default="peer",
+        choices=("peer", "fifo"),
+        help="link sharing: round-robin between peer hosts, or one FIFO like a switch port (default peer)",
+    )
     up.set_defaults(func=run_up)
     status = sub.add_parser("status", help="list emulated clusters on this machine")
     status.set_defaults(func=run_status)
@@ -90,8 +96,10 @@ def run_status(args: argparse.Namespace) -> int:
             present = host["netns"] in rec.namespaces
             rate = _shaped_rate(host["netns"], host["ifname"]) if present else None
             shaped = f"shaped to {rate / 1e6:g}mbit" if rate else "no shaping found"
-            print(f"  host {host['index']}: {host['netns']}  {host['ip']}  {host['ifname']}  "
-                  f"{'present' if present else 'missing'}, {shaped if present else ''}".rstrip(", "))
+            print(
+                f"  host {host['index']}: {host['netns']}  {host['ip']}  {host['ifname']}  "
+                f"{'present' if present else 'missing'}, {shaped if present else ''}".rstrip(", ")
+            )
     stale = sum(r.kind == "stale" for r in records)
     if stale:
         print(f"{stale} stale cluster(s): remove with `lina cluster down --all`")

@@ -7,8 +7,11 @@ import json
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="write a trained model as one folder: model.safetensors + config.json",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser(
+        "export",
+        help="write a trained model as one folder: model.safetensors + config.json",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", default="runs/train", metavar="RUN_DIR", help="the --out folder of a `lina train` run")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write model.safetensors and config.json into")
     p.set_defaults(func=run)

@@ -12,18 +12,38 @@ from lina.obs.provenance import provenance
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate text from a trained model: batched prefill, then decode with a KV cache, "
-                              "every MoE layer expert-parallel over the workers")
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text from a trained model: batched prefill, then decode with a KV cache, "
+        "every MoE layer expert-parallel over the workers",
+    )
     p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of a `lina train` run")
-    p.add_argument("--prompts", required=True, metavar="FILE.jsonl", help='one {"prompt": ..., "id": ..., "max_new_tokens": ...} per line')
-    p.add_argument("--out", required=True, metavar="FILE.jsonl", help="one line per request: id, prompt, text, tokens, timings; "
-                   "the summary goes to FILE.summary.json")
-    p.add_argument("--workers", type=int, default=2, help="worker processes; each serves every N-th request (default 2)")
-    p.add_argument("--placement", default="static", choices=list(SERVING_POLICIES), help="expert placement policy (default static)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="per request unless its line says otherwise (default 32)")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        metavar="FILE.jsonl",
+        help='one {"prompt": ..., "id": ..., "max_new_tokens": ...} per line',
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE.jsonl",
+        help="one line per request: id, prompt, text, tokens, timings; the summary goes to FILE.summary.json",
+    )
+    p.add_argument(
+        "--workers", type=int, default=2, help="worker processes; each serves every N-th request (default 2)"
+    )
+    p.add_argument(
+        "--placement", default="static", choices=list(SERVING_POLICIES), help="expert placement policy (default static)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=32, help="per request unless its line says otherwise (default 32)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above: seeded sampling")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=300.0, help="collective timeout in seconds: a dead worker ends the job")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="collective timeout in seconds: a dead worker ends the job"
+    )
     p.set_defaults(func=run)
 
 
@@ -40,10 +60,15 @@ def validate(args: argparse.Namespace):
         raise ConfigError("temperature", f"{args.temperature} is negative", "use 0 (greedy) or a positive temperature")
     model = load_trained_model(args.model)
     if model.cfg.moe_interval != 1:
-        raise ConfigError("model", "serving needs every FFN to be an MoE layer (moe_interval 1)", "train with moe_interval = 1")
+        raise ConfigError(
+            "model", "serving needs every FFN to be an MoE layer (moe_interval 1)", "train with moe_interval = 1"
+        )
     if model.cfg.experts % args.workers and args.placement == "static":
-        raise ConfigError("workers", f"{model.cfg.experts} experts cannot be spread evenly over {args.workers} workers by static placement",
-                          "use a worker count that divides the experts, or another --placement")
+        raise ConfigError(
+            "workers",
+            f"{model.cfg.experts} experts cannot be spread evenly over {args.workers} workers by static placement",
+            "use a worker count that divides the experts, or another --placement",
+        )
     return read_requests(args.prompts, args.max_new_tokens, model.cfg.seq_len)
 
 
@@ -52,10 +77,20 @@ def run(args: argparse.Namespace) -> int:
     from lina.serve import worker
 
     requests = validate(args)
-    plan = {"model": str(Path(args.model).resolve()), "prompts": str(Path(args.prompts).resolve()), "max_new_tokens": args.max_new_tokens,
-            "placement": args.placement, "temperature": args.temperature, "seed": args.seed, "timeout_s": args.timeout}
-    print(f"lina generate: {len(requests)} request(s) on {args.workers} worker(s), placement {args.placement}, "
-          f"{'greedy' if args.temperature == 0 else f'sampling at temperature {args.temperature:g}'}", flush=True)
+    plan = {
+        "model": str(Path(args.model).resolve()),
+        "prompts": str(Path(args.prompts).resolve()),
+        "max_new_tokens": args.max_new_tokens,
+        "placement": args.placement,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "timeout_s": args.timeout,
+    }
+    print(
+        f"lina generate: {len(requests)} request(s) on {args.workers} worker(s), placement {args.placement}, "
+        f"{'greedy' if args.temperature == 0 else f'sampling at temperature {args.temperature:g}'}",
+        flush=True,
+    )
     result = launch_local(worker.run, (plan,), args.workers)[0]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -67,8 +102,10 @@ def run(args: argparse.Namespace) -> int:
     summary_path.write_text(json.dumps(summary, indent=2))
     lat = summary["token_latency_s"]
     ms = lambda v: "-" if v is None else f"{v * 1e3:.1f} ms"  # noqa: E731
-    print(f"generated {summary['generated_tokens']} tokens for {summary['requests']} request(s) in {summary['wall_s']:.1f} s "
-          f"({summary['tokens_per_s']:.1f} tokens/s); time to first token p50 {ms(summary['ttft_s_p50'])}; "
-          f"per-token latency p50 {ms(lat['p50'])}, p95 {ms(lat['p95'])}, p99 {ms(lat['p99'])}")
+    print(
+        f"generated {summary['generated_tokens']} tokens for {summary['requests']} request(s) in {summary['wall_s']:.1f} s "
+        f"({summary['tokens_per_s']:.1f} tokens/s); time to first token p50 {ms(summary['ttft_s_p50'])}; "
+        f"per-token latency p50 {ms(lat['p50'])}, p95 {ms(lat['p95'])}, p99 {ms(lat['p99'])}"
+    )
     print(f"wrote {out} and {summary_path}")
     return 0

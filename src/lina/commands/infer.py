@@ -9,15 +9,24 @@ from lina.errors import ConfigError
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("infer", help="run a trained model on held-out text; record the routing trace",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser(
+        "infer",
+        help="run a trained model on held-out text; record the routing trace",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", metavar="DIR", help="the --out folder of a `lina train` run")
-    p.add_argument("--hf-model", metavar="DIR",
-                   help="a Hugging Face checkpoint folder (config.json + safetensors) instead; "
-                   "needs pip install 'lina[hf]'")
+    p.add_argument(
+        "--hf-model",
+        metavar="DIR",
+        help="a Hugging Face checkpoint folder (config.json + safetensors) instead; needs pip install 'lina[hf]'",
+    )
     p.add_argument("--seq-len", type=int, default=64, help="sequence length of --hf-model runs")
     p.add_argument("--record-trace", metavar="FILE.npz", help="write every token's experts at every layer here")
-    p.add_argument("--corpus", default="", help="text file or folder to read held-out text from (default: the stdlib sources' validation split)")
+    p.add_argument(
+        "--corpus",
+        default="",
+        help="text file or folder to read held-out text from (default: the stdlib sources' validation split)",
+    )
     p.add_argument("--sequences", type=int, default=48, help="held-out sequences to run")
     p.add_argument("--seed", type=int, default=1234)
     p.set_defaults(func=run)
@@ -33,16 +42,22 @@ def run(args: argparse.Namespace) -> int:
     if args.sequences < 1:
         raise ConfigError("sequences", f"{args.sequences}", "run at least 1 sequence")
     if (args.model is None) == (args.hf_model is None):
-        raise ConfigError("model", "give exactly one of --model and --hf-model",
-                          "pass --model DIR (a lina train run) or --hf-model DIR")
+        raise ConfigError(
+            "model",
+            "give exactly one of --model and --hf-model",
+            "pass --model DIR (a lina train run) or --hf-model DIR",
+        )
     if args.hf_model is not None:
         from lina.hf.lm import checkpoint_model_fields, load_hf_for_inference
 
         fields = checkpoint_model_fields(args.hf_model)
         if not 1 <= args.seq_len <= fields["max_positions"]:
             limit = fields["max_positions"]
-            raise ConfigError("seq_len", f"{args.seq_len} is outside 1..{limit} (the checkpoint's positions)",
-                              f"use --seq-len <= {limit}")
+            raise ConfigError(
+                "seq_len",
+                f"{args.seq_len} is outside 1..{limit} (the checkpoint's positions)",
+                f"use --seq-len <= {limit}",
+            )
         model = load_hf_for_inference(args.hf_model, args.seq_len)
     else:
         model = load_trained_model(args.model)

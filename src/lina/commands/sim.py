@@ -1,11 +1,11 @@
 """``lina sim``: what Lina gives on a cluster you cannot run here, by simulation.
 
-    lina sim --list
-    lina sim --scenario NAME [--json FILE] [--policies a,b,..]
-    lina sim --config FILE.toml [--json FILE]
-    lina sim --sweep gpus|link --scenario NAME --out DIR
-    lina sim --calibrate DIR [DIR ...] [--holdout DIR2] [--json FILE]
-    lina sim --bench
+lina sim --list
+lina sim --scenario NAME [--json FILE] [--policies a,b,..]
+lina sim --config FILE.toml [--json FILE]
+lina sim --sweep gpus|link --scenario NAME --out DIR
+lina sim --calibrate DIR [DIR ...] [--holdout DIR2] [--json FILE]
+lina sim --bench
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from lina.errors import ConfigError, LinaError
-from lina.obs.provenance import provenance
-from lina.sim import scenarios
-from lina.policy import TRAIN_POLICIES
 from lina.extras import can_plot
+from lina.obs.provenance import provenance
+from lina.policy import TRAIN_POLICIES
+from lina.sim import scenarios
 
 
 def register(subparsers) -> None:
@@ -31,12 +31,19 @@ def register(subparsers) -> None:
     )
     what = p.add_mutually_exclusive_group()
     what.add_argument("--list", action="store_true", help="list built-in scenarios (name, GPUs, description)")
-    what.add_argument("--calibrate", metavar="DIR", nargs="+", help="fit compute/link parameters to the emulated-cluster runs in DIR(s) and predict them")
+    what.add_argument(
+        "--calibrate",
+        metavar="DIR",
+        nargs="+",
+        help="fit compute/link parameters to the emulated-cluster runs in DIR(s) and predict them",
+    )
     what.add_argument("--bench", action="store_true", help="time the simulator on the 1024-GPU, 64-layer scenario")
     p.add_argument("--scenario", metavar="NAME", help="built-in scenario or suite (see --list)")
     p.add_argument("--config", metavar="FILE", help="scenario from a TOML file")
     p.add_argument("--policies", metavar="LIST", help=f"comma-separated policies (known: {', '.join(TRAIN_POLICIES)})")
-    p.add_argument("--holdout", metavar="DIR", help="with --calibrate: also predict the runs in DIR, which the fit never sees")
+    p.add_argument(
+        "--holdout", metavar="DIR", help="with --calibrate: also predict the runs in DIR, which the fit never sees"
+    )
     p.add_argument("--json", metavar="FILE", help="write results as JSON (and a PNG beside it)")
     p.add_argument("--sweep", choices=("gpus", "link"), help="vary GPU count or link rate; needs --out")
     p.add_argument("--values", metavar="LIST", help="comma-separated sweep values (GPUs, or Gb/s)")
@@ -100,9 +107,15 @@ def _run_suite(args) -> int:
         print(train_table(r))
         print()
     rows = testbed_summary(runs)
-    infer_rows = infer_scenarios.testbed_inference_rows(progress=lambda line: print(line, flush=True), routing=args.routing)
+    infer_rows = infer_scenarios.testbed_inference_rows(
+        progress=lambda line: print(line, flush=True), routing=args.routing
+    )
     rows += infer_rows
-    print(summary_table(rows, f"{suite.name}: simulated (ours) beside the paper's reported numbers (the paper's, labelled)"))
+    print(
+        summary_table(
+            rows, f"{suite.name}: simulated (ours) beside the paper's reported numbers (the paper's, labelled)"
+        )
+    )
     if args.json:
         path = _write_json(args.json, {"suite": suite.name, "summary": rows, "runs": [r.to_dict() for r in runs]})
         print(f"wrote {path}")
@@ -151,14 +164,18 @@ def _sweep(args) -> int:
         try:
             values = [float(v) for v in args.values.split(",")]
         except ValueError as err:
-            raise ConfigError("--values", f"{args.values!r} is not a list of numbers", "write e.g. --values 16,64,256") from err
+            raise ConfigError(
+                "--values", f"{args.values!r} is not a list of numbers", "write e.g. --values 16,64,256"
+            ) from err
     else:
         values = default_sweep_values(sc, args.sweep)
     if args.sweep == "gpus":
         g = sc.cluster.gpus_per_host
         bad = [v for v in values if v < g or int(v) % g]
         if bad:
-            raise ConfigError("--values", f"{bad[0]:g} GPUs is not a whole number of {g}-GPU hosts", f"use multiples of {g}")
+            raise ConfigError(
+                "--values", f"{bad[0]:g} GPUs is not a whole number of {g}-GPU hosts", f"use multiples of {g}"
+            )
     runs = sweep(sc, args.sweep, values, progress=lambda line: print(line, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +186,10 @@ def _sweep(args) -> int:
     for v, r in zip(values, runs):
         print(f"{v:>8g}{r.baseline.a2a_share:>8.1%}" + "".join(f"{r.results[p].speedup:>14.2f}x" for p in policies))
     stem = f"sweep-{args.sweep}-{sc.name}"
-    path = _write_json(out / f"{stem}.json", {"scenario": sc.name, "axis": args.sweep, "values": values, "runs": [r.to_dict() for r in runs]})
+    path = _write_json(
+        out / f"{stem}.json",
+        {"scenario": sc.name, "axis": args.sweep, "values": values, "runs": [r.to_dict() for r in runs]},
+    )
     print(f"wrote {path}")
     if can_plot(out / f"{stem}.png"):
         from lina.sim.plots import plot_sweep
@@ -187,14 +207,21 @@ def _bench(args) -> int:
     rows = []
     for policy in sc.policies:
         started = time.perf_counter()
-        r = simulate_step(sc.cluster, sc.model, profile, sc.train, policy, memory_gb=sc.device.mem_gb if sc.device else None)
+        r = simulate_step(
+            sc.cluster, sc.model, profile, sc.train, policy, memory_gb=sc.device.mem_gb if sc.device else None
+        )
         wall = time.perf_counter() - started
         rows.append({"policy": policy, "wall_s": wall, "events": r.events, "simulated_step_s": r.step_s})
-        print(f"  {policy:<14} one step simulated in {wall:6.2f} s wall ({r.events} events); simulated step {r.step_s * 1e3:.1f} ms", flush=True)
+        print(
+            f"  {policy:<14} one step simulated in {wall:6.2f} s wall ({r.events} events); simulated step {r.step_s * 1e3:.1f} ms",
+            flush=True,
+        )
     worst = max(r["wall_s"] for r in rows)
     print(f"slowest policy: {worst:.2f} s wall per simulated step (target < 10 s)")
     if args.json:
-        print(f"wrote {_write_json(args.json, {'scenario': sc.name, 'gpus': sc.gpus, 'layers': sc.model.layers, 'rows': rows})}")
+        print(
+            f"wrote {_write_json(args.json, {'scenario': sc.name, 'gpus': sc.gpus, 'layers': sc.model.layers, 'rows': rows})}"
+        )
     return 0 if worst < 10 else 1
 
 
@@ -226,7 +253,9 @@ def _calibrate(roots: list[str], json_path: str | None, holdout: str | None) -> 
 
 def _dispatch(args) -> int:
     if args.holdout and not args.calibrate:
-        raise ConfigError("--holdout", "needs --calibrate DIR (the runs to fit)", "add --calibrate DIR, or drop --holdout")
+        raise ConfigError(
+            "--holdout", "needs --calibrate DIR (the runs to fit)", "add --calibrate DIR, or drop --holdout"
+        )
     if args.list:
         return _list()
     if args.calibrate:
@@ -238,5 +267,7 @@ def _dispatch(args) -> int:
     if args.scenario in scenarios.SUITES:
         return _run_suite(args)
     if not args.scenario and not args.config:
-        raise LinaError("say what to simulate: --list, --scenario NAME, --config FILE.toml, --sweep, --calibrate DIR or --bench")
+        raise LinaError(
+            "say what to simulate: --list, --scenario NAME, --config FILE.toml, --sweep, --calibrate DIR or --bench"
+        )
     return _run_one(args)

@@ -12,62 +12,112 @@ from lina.errors import raise_all
 from lina.policy import TRAIN_POLICIES
 
 OPTION_FIELDS = {
-    "workers": "workers", "steps": "steps", "experts": "model.experts", "top_k": "model.top_k",
-    "policy": "policy", "out": "out", "seed": "seed", "batch_size": "batch_size",
-    "ep_size": "ep_size", "corpus": "corpus", "chunk_mb": "chunk_mb", "trace": "trace",
-    "capacity_factor": "model.capacity_factor", "emulate": "emulate", "lr": "lr",
-    "pipeline_chunks": "pipeline_chunks", "credit": "credit", "packing": "packing", "packing_first_step": "packing_first_step",
-    "packing_every": "packing_every", "max_expert_memory": "max_expert_memory_mb", "hf_model": "model.hf_model",
-    "compute": "compute", "dilation": "dilation", "routing_trace": "routing_trace",
+    "workers": "workers",
+    "steps": "steps",
+    "experts": "model.experts",
+    "top_k": "model.top_k",
+    "policy": "policy",
+    "out": "out",
+    "seed": "seed",
+    "batch_size": "batch_size",
+    "ep_size": "ep_size",
+    "corpus": "corpus",
+    "chunk_mb": "chunk_mb",
+    "trace": "trace",
+    "capacity_factor": "model.capacity_factor",
+    "emulate": "emulate",
+    "lr": "lr",
+    "pipeline_chunks": "pipeline_chunks",
+    "credit": "credit",
+    "packing": "packing",
+    "packing_first_step": "packing_first_step",
+    "packing_every": "packing_every",
+    "max_expert_memory": "max_expert_memory_mb",
+    "hf_model": "model.hf_model",
+    "compute": "compute",
+    "dilation": "dilation",
+    "routing_trace": "routing_trace",
 }
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train the MoE GPT (spawns local workers; also runs under torchrun)")
     p.add_argument("--config", metavar="FILE.toml", help="settings file; options given here override it")
-    p.add_argument("--workers", type=int, help="local worker processes (default 4; under torchrun: its --nproc-per-node)")
+    p.add_argument(
+        "--workers", type=int, help="local worker processes (default 4; under torchrun: its --nproc-per-node)"
+    )
     p.add_argument("--steps", type=int, help="training steps (default 200)")
     p.add_argument("--experts", type=int, help="experts per MoE layer (default 4)")
     p.add_argument("--top-k", type=int, help="experts per token (default 2)")
     p.add_argument("--capacity-factor", type=float, help="expert capacity factor; implies capacity-limited routing")
     trainable = ", ".join(n for n, pol in TRAIN_POLICIES.items() if pol.trainable)
-    p.add_argument("--policy", "--schedule", dest="policy", action=_PolicyOption,
-                   help=f"training policy: {trainable}, or module:NAME for one of your own (default lina; "
-                        "--schedule is its old name)")
+    p.add_argument(
+        "--policy",
+        "--schedule",
+        dest="policy",
+        action=_PolicyOption,
+        help=f"training policy: {trainable}, or module:NAME for one of your own (default lina; "
+        "--schedule is its old name)",
+    )
     p.add_argument("--ep-size", type=int, help="expert-parallel group size (default: all workers)")
     p.add_argument("--batch-size", type=int, help="sequences per worker per step (default 8)")
     p.add_argument("--lr", type=float, help="learning rate (default 3e-3)")
     p.add_argument("--chunk-mb", help="lina allreduce micro-op size in MB, or 'auto'")
     p.add_argument("--pipeline-chunks", type=int, help="all-to-all micro-ops per MoE layer for tutel/lina")
     p.add_argument("--credit", type=int, help="lina: allreduce micro-ops in flight at once (default 1)")
-    p.add_argument("--packing", help="expert packing: off (the --ep-size layout), auto (double experts per rank while an FFN "
-                   "micro-op is shorter than an all-to-all micro-op), N (N experts per rank, EP size = experts / N) or N@STEP "
-                   "(switch to N experts per rank at STEP) (default off)")
+    p.add_argument(
+        "--packing",
+        help="expert packing: off (the --ep-size layout), auto (double experts per rank while an FFN "
+        "micro-op is shorter than an all-to-all micro-op), N (N experts per rank, EP size = experts / N) or N@STEP "
+        "(switch to N experts per rank at STEP) (default off)",
+    )
     p.add_argument("--packing-first-step", type=int, help="auto packing: first decision before this step (default 10)")
     p.add_argument("--packing-every", type=int, help="auto packing: re-check every this many steps (default 4)")
-    p.add_argument("--max-expert-memory", type=float, metavar="MB", help="device memory for expert weights, gradients and AdamW "
-                   "state per rank; MoE layers beyond it keep their experts in host memory and bring each in when it computes (default 0: unlimited)")
-    p.add_argument("--compute", help="real (default: compute) or a device (a100, h100, h200, or a device .toml): every compute "
-                   "op then takes that device's time instead of being computed; needs --routing-trace")
-    p.add_argument("--dilation", type=float, help="time dilation K with --compute DEVICE: device times x K, emulated link "
-                   "rates / K (give the real cluster's link in --emulate) (default 1)")
-    p.add_argument("--routing-trace", metavar="FILE", help="routing of a device-time run: a .npz of lina infer --record-trace, "
-                   "or a vLLM routing .jsonl")
+    p.add_argument(
+        "--max-expert-memory",
+        type=float,
+        metavar="MB",
+        help="device memory for expert weights, gradients and AdamW "
+        "state per rank; MoE layers beyond it keep their experts in host memory and bring each in when it computes (default 0: unlimited)",
+    )
+    p.add_argument(
+        "--compute",
+        help="real (default: compute) or a device (a100, h100, h200, or a device .toml): every compute "
+        "op then takes that device's time instead of being computed; needs --routing-trace",
+    )
+    p.add_argument(
+        "--dilation",
+        type=float,
+        help="time dilation K with --compute DEVICE: device times x K, emulated link "
+        "rates / K (give the real cluster's link in --emulate) (default 1)",
+    )
+    p.add_argument(
+        "--routing-trace",
+        metavar="FILE",
+        help="routing of a device-time run: a .npz of lina infer --record-trace, or a vLLM routing .jsonl",
+    )
     p.add_argument("--corpus", help="text file or folder (default: the Python standard library's sources)")
     p.add_argument("--out", help="output folder (default runs/train)")
     p.add_argument("--trace", metavar="DIR", help="write the timeline: Chrome trace, breakdown, plot")
     p.add_argument("--emulate", help="emulated cluster, e.g. hosts=4,link=200mbit (default none: loopback)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--check-collectives", action="store_true",
-                   help="after every step, compare the collectives each rank issued per process group (one tiny "
-                   "all-gather); stop naming the first difference")
-    p.add_argument("--verbose", action="store_true",
-                   help="forward the launchers' own log lines; a failed worker's traceback")
-    p.add_argument("--hf-model", metavar="DIR",
-                   help="fine-tune a Hugging Face checkpoint folder (config.json + safetensors; Mixtral, Qwen2-MoE, "
-                   "Qwen3-MoE, OLMoE, DeepSeek-V3) instead of the built-in GPT; its config fixes experts, top-k and "
-                   "widths; needs pip install 'lina[hf]'")
+    p.add_argument(
+        "--check-collectives",
+        action="store_true",
+        help="after every step, compare the collectives each rank issued per process group (one tiny "
+        "all-gather); stop naming the first difference",
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="forward the launchers' own log lines; a failed worker's traceback"
+    )
+    p.add_argument(
+        "--hf-model",
+        metavar="DIR",
+        help="fine-tune a Hugging Face checkpoint folder (config.json + safetensors; Mixtral, Qwen2-MoE, "
+        "Qwen3-MoE, OLMoE, DeepSeek-V3) instead of the built-in GPT; its config fixes experts, top-k and "
+        "widths; needs pip install 'lina[hf]'",
+    )
     p.set_defaults(func=run)
 
 
@@ -84,7 +134,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults <- TOML file <- command-line options; validated (ConfigError on any problem, all
     problems of the config at once)."""
     base = load_toml(args.config) if args.config else {}
-    overrides = {field: getattr(args, opt) for opt, field in OPTION_FIELDS.items() if getattr(args, opt, None) is not None}
+    overrides = {
+        field: getattr(args, opt) for opt, field in OPTION_FIELDS.items() if getattr(args, opt, None) is not None
+    }
     if args.capacity_factor is not None:
         overrides["model.dropless"] = False
     if args.resume:
@@ -126,13 +178,19 @@ def _with_checkpoint_shape(merged: dict) -> dict:
     max_positions = fields.pop("max_positions")
     for key in ("experts", "top_k"):
         if key in model and model[key] != fields[key]:
-            raise ConfigError(f"model.{key}", f"{model[key]} contradicts the checkpoint's {fields[key]}",
-                              f"drop --{key.replace('_', '-')}: --hf-model fixes it")
+            raise ConfigError(
+                f"model.{key}",
+                f"{model[key]} contradicts the checkpoint's {fields[key]}",
+                f"drop --{key.replace('_', '-')}: --hf-model fixes it",
+            )
     model.update(fields)
     seq_len = model.get("seq_len", ModelConfig().seq_len)
     if seq_len > max_positions:
-        raise ConfigError("model.seq_len", f"{seq_len} exceeds the checkpoint's {max_positions} positions",
-                          f"set seq_len <= {max_positions} in the [model] table")
+        raise ConfigError(
+            "model.seq_len",
+            f"{seq_len} exceeds the checkpoint's {max_positions} positions",
+            f"set seq_len <= {max_positions} in the [model] table",
+        )
     model["hf_model"] = str(Path(model["hf_model"]).resolve())
     return {**merged, "model": model}
 
@@ -196,17 +254,25 @@ def print_summary(summary: dict, out: Path) -> None:
         print("  loss: not computed (device-time compute: the arithmetic is not done)")
     else:
         print(f"  loss (last 10 steps) {summary['final_loss']:.4f}   validation loss {summary['val_loss']:.4f}")
-    print(f"  tokens/s {summary['tokens_per_s']:.0f}   median step {summary['step_time_s_median'] * 1e3:.1f} ms   wall {summary['wall_s']:.1f} s")
-    print(f"  time split: compute {pct['compute']:.1f}%  all-to-all {pct['all_to_all']:.1f}%  "
-          f"allreduce exposed {pct['allreduce_exposed']:.1f}%  (allreduce in flight {split['allreduce_in_flight']:.2f} s)")
+    print(
+        f"  tokens/s {summary['tokens_per_s']:.0f}   median step {summary['step_time_s_median'] * 1e3:.1f} ms   wall {summary['wall_s']:.1f} s"
+    )
+    print(
+        f"  time split: compute {pct['compute']:.1f}%  all-to-all {pct['all_to_all']:.1f}%  "
+        f"allreduce exposed {pct['allreduce_exposed']:.1f}%  (allreduce in flight {split['allreduce_in_flight']:.2f} s)"
+    )
     packing = summary.get("packing")
     if packing:
         changes = [d for d in packing["decisions"] if d["new_experts_per_rank"] != d["experts_per_rank"]]
-        print(f"  packing {packing['mode']}: {packing['experts_per_rank']} experts per rank (EP size {packing['ep_size']}) at the end, "
-              f"{len(changes)} change(s), {len(packing['decisions'])} decision(s)")
+        print(
+            f"  packing {packing['mode']}: {packing['experts_per_rank']} experts per rank (EP size {packing['ep_size']}) at the end, "
+            f"{len(changes)} change(s), {len(packing['decisions'])} decision(s)"
+        )
     mem = summary.get("expert_memory")
     if mem and mem["budget_mb"] > 0:
-        print(f"  expert memory budget {mem['budget_mb']:g} MB: {mem['offloaded_experts']} experts offloaded to host "
-              f"({mem['offloaded_mb']:.2f} MB), brought in {mem['copies_in']} times ({mem['mb_in']:.1f} MB) on rank 0")
+        print(
+            f"  expert memory budget {mem['budget_mb']:g} MB: {mem['offloaded_experts']} experts offloaded to host "
+            f"({mem['offloaded_mb']:.2f} MB), brought in {mem['copies_in']} times ({mem['mb_in']:.1f} MB) on rank 0"
+        )
     print(f"  wrote {out / 'metrics.jsonl'}, {out / 'summary.json'}, {out / 'checkpoints'}")
     print(json.dumps({k: summary[k] for k in ("final_loss", "val_loss", "tokens_per_s")}))

@@ -61,7 +61,11 @@ def load_corpus(path: str = "", max_mb: float = 3.0) -> Corpus:
         raise ConfigError("corpus", f"path {str(root)!r} does not exist", "pass an existing text file or folder")
     files = _list_files(root, default)
     if not files:
-        raise ConfigError("corpus", f"no text files ({', '.join(TEXT_SUFFIXES)}) under {root}", "pass a folder with text files or a single text file")
+        raise ConfigError(
+            "corpus",
+            f"no text files ({', '.join(TEXT_SUFFIXES)}) under {root}",
+            "pass a folder with text files or a single text file",
+        )
     budget = int(max_mb * 1e6)
     train_parts: list[bytes] = []
     val_parts: list[bytes] = []
@@ -86,7 +90,9 @@ def load_corpus(path: str = "", max_mb: float = 3.0) -> Corpus:
     return Corpus(train, val, source, len(files))
 
 
-def sample_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(
+    tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, step: int, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of the token stream, a pure function of (seed, step, rank) so that a resumed
     run sees the same data.
 
@@ -95,7 +101,11 @@ def sample_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int,
     """
     n = tokens.numel() - seq_len - 1
     if n <= 0:
-        raise ConfigError("corpus", f"only {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}", "use a larger corpus or a smaller model.seq_len")
+        raise ConfigError(
+            "corpus",
+            f"only {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}",
+            "use a larger corpus or a smaller model.seq_len",
+        )
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 997 + rank)
     starts = torch.randint(0, n, (batch_size,), generator=gen)
     offsets = torch.arange(seq_len + 1)
@@ -103,8 +113,9 @@ def sample_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int,
     return windows[:, :-1], windows[:, 1:]
 
 
-def sample_sequences(tokens: torch.Tensor, seq_len: int, seed: int, step: int, first: int,
-                     count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_sequences(
+    tokens: torch.Tensor, seq_len: int, seed: int, step: int, first: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences ``first .. first + count - 1`` of step ``step``'s global batch: window i starts at
     a pure function of (seed, step, i), so the global batch of a step is the same however it is
     split over ranks (rank r of a run with B sequences per rank takes ``first = r * B``) and a
@@ -115,9 +126,14 @@ def sample_sequences(tokens: torch.Tensor, seq_len: int, seed: int, step: int, f
     """
     n = tokens.numel() - seq_len - 1
     if n <= 0:
-        raise ConfigError("corpus", f"only {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}", "use a larger corpus or a smaller model.seq_len")
+        raise ConfigError(
+            "corpus",
+            f"only {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}",
+            "use a larger corpus or a smaller model.seq_len",
+        )
     seeds = [((seed * 1_000_003 + step) * 1_000_033 + i) % 2**63 for i in range(first, first + count)]
-    starts = torch.tensor([int(torch.randint(0, n, (), generator=torch.Generator().manual_seed(s))) for s in seeds],
-                          dtype=torch.long)
+    starts = torch.tensor(
+        [int(torch.randint(0, n, (), generator=torch.Generator().manual_seed(s))) for s in seeds], dtype=torch.long
+    )
     windows = tokens[starts[:, None] + torch.arange(seq_len + 1)].long()
     return windows[:, :-1], windows[:, 1:]

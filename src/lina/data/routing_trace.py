@@ -73,11 +73,15 @@ class RoutingTrace:
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_experts, (int, np.integer)) or not 1 <= int(self.num_experts) <= 32767:
-            raise ConfigError("num_experts", f"got {self.num_experts!r}", "give the number of experts per layer, 1..32767")
+            raise ConfigError(
+                "num_experts", f"got {self.num_experts!r}", "give the number of experts per layer, 1..32767"
+            )
         self.num_experts = int(self.num_experts)
         self.experts = _as_numpy(self.experts, np.int16)
         if self.experts.ndim != 3:
-            raise ConfigError("experts", f"has shape {tuple(self.experts.shape)}", "give a [T, L, k] array of expert ids")
+            raise ConfigError(
+                "experts", f"has shape {tuple(self.experts.shape)}", "give a [T, L, k] array of expert ids"
+            )
         t, _, k = self.experts.shape
         if not isinstance(self.top_k, (int, np.integer)) or int(self.top_k) != k:
             raise ConfigError("top_k", f"is {self.top_k!r} but experts has k={k}", "set top_k to experts.shape[2]")
@@ -91,7 +95,9 @@ class RoutingTrace:
         if k > 1 and t:
             srt = np.sort(self.experts, axis=2)
             if (srt[..., 1:] == srt[..., :-1]).any():
-                raise ConfigError("experts", "a token picks the same expert twice in one layer", "record distinct top-k experts")
+                raise ConfigError(
+                    "experts", "a token picks the same expert twice in one layer", "record distinct top-k experts"
+                )
         self.seq_id = _as_numpy(self.seq_id, np.int32)
         self.token_idx = _as_numpy(self.token_idx, np.int32)
         for name in ("seq_id", "token_idx"):
@@ -171,7 +177,9 @@ class RoutingTrace:
         if by == "seq":
             seqs = np.unique(ordered.seq_id)
             if len(seqs) < 2:
-                raise ConfigError("by", f"'seq' needs at least 2 sequences, the trace has {len(seqs)}", "use by='position'")
+                raise ConfigError(
+                    "by", f"'seq' needs at least 2 sequences, the trace has {len(seqs)}", "use by='position'"
+                )
             n_fit = min(max(int(round(frac * len(seqs))), 1), len(seqs) - 1)
             mask = np.isin(ordered.seq_id, seqs[:n_fit])
         elif by == "position":
@@ -187,7 +195,13 @@ class RoutingTrace:
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
         """Write the trace as a compressed ``.npz`` (no pickle). Returns the path written."""
-        meta = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "num_experts": self.num_experts, "top_k": self.top_k, "source": self.source}
+        meta = {
+            "format": TRACE_FORMAT,
+            "version": TRACE_VERSION,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "source": self.source,
+        }
         arrays = {"experts": self.experts, "seq_id": self.seq_id, "token_idx": self.token_idx}
         if self.gate_probs is not None:
             arrays["gate_probs"] = self.gate_probs
@@ -279,7 +293,9 @@ def load_trace(path: str | Path) -> RoutingTrace:
         return RoutingTrace.load(path)
     if path.suffix == ".jsonl":
         return read_mixtral_jsonl(path)
-    raise ConfigError("trace", f"{path} has suffix {path.suffix!r}", "give a .npz routing trace or a .jsonl vLLM routing log")
+    raise ConfigError(
+        "trace", f"{path} has suffix {path.suffix!r}", "give a .npz routing trace or a .jsonl vLLM routing log"
+    )
 
 
 def synthetic_trace(

@@ -26,7 +26,6 @@ from torch.utils._pytree import tree_map
 from lina.devices import DeviceSpec
 from lina.devicetime.costs import op_cost, tensors_of
 
-
 #: a device-time run whose device idles more than this share of its time waiting for the host's
 #: dispatch is bound by this machine's CPU: its step times do not describe the device
 HOST_BOUND_LIMIT = 0.05

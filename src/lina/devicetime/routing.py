@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from lina.errors import ConfigError
 from lina.data.routing_trace import load_trace
+from lina.errors import ConfigError
 from lina.moe.router import Routing
 
 
@@ -26,12 +26,17 @@ class TraceRouting:
 
     def __init__(self, expert_ids: torch.Tensor, num_experts: int, offset: int = 0):
         if expert_ids.dim() != 3:
-            raise ConfigError("routing_trace", f"expert ids of shape {tuple(expert_ids.shape)}", "give a [tokens, layers, k] trace")
+            raise ConfigError(
+                "routing_trace", f"expert ids of shape {tuple(expert_ids.shape)}", "give a [tokens, layers, k] trace"
+            )
         trace_experts = int(expert_ids.max()) + 1
         if trace_experts > num_experts:
             if trace_experts % num_experts:
-                raise ConfigError("routing_trace", f"the trace routes to {trace_experts} experts, the model has {num_experts}",
-                                  "record the trace from a model with the same expert count (or a multiple of it)")
+                raise ConfigError(
+                    "routing_trace",
+                    f"the trace routes to {trace_experts} experts, the model has {num_experts}",
+                    "record the trace from a model with the same expert count (or a multiple of it)",
+                )
             expert_ids = expert_ids % num_experts  # m x E experts folded onto E: expert e takes e mod E's tokens
         self.expert_ids = expert_ids.long()
         self.num_experts = num_experts
@@ -52,7 +57,11 @@ class TraceRouting:
         """LongTensor[num_tokens, top_k]: the next tokens' experts at ``layer``."""
         total, layers, k = self.expert_ids.shape
         if top_k > k:
-            raise ConfigError("routing_trace", f"the trace has top-{k} choices, the model takes top-{top_k}", "record the trace at the model's top-k")
+            raise ConfigError(
+                "routing_trace",
+                f"the trace has top-{k} choices, the model takes top-{top_k}",
+                "record the trace at the model's top-k",
+            )
         start = self.cursor.get(layer, self.offset)
         index = (torch.arange(num_tokens) + start) % total
         self.cursor[layer] = (start + num_tokens) % total

@@ -79,7 +79,7 @@ class CheckpointReader:
                 keys = list(handle.keys())
             except (self._error, OSError, ValueError) as err:
                 raise HFModelError(
-                    f"corrupt safetensors file {path}: {err}. " "Fix: re-save or re-copy the checkpoint"
+                    f"corrupt safetensors file {path}: {err}. Fix: re-save or re-copy the checkpoint"
                 ) from None
             self._handles[name] = handle
             for key in keys:
@@ -118,8 +118,7 @@ class CheckpointReader:
             return self._handle(key).get_tensor(key)
         except (self._error, OSError, ValueError) as err:
             raise HFModelError(
-                f"corrupt safetensors data for {key!r} in {self.folder}: {err}. "
-                "Fix: re-save or re-copy the checkpoint"
+                f"corrupt safetensors data for {key!r} in {self.folder}: {err}. Fix: re-save or re-copy the checkpoint"
             ) from None
 
     def get_rows(self, key: str, ids: list[int]) -> torch.Tensor:
@@ -130,8 +129,7 @@ class CheckpointReader:
             return torch.stack([sl[i : i + 1][0] for i in ids])
         except (self._error, OSError, ValueError) as err:
             raise HFModelError(
-                f"corrupt safetensors data for {key!r} in {self.folder}: {err}. "
-                "Fix: re-save or re-copy the checkpoint"
+                f"corrupt safetensors data for {key!r} in {self.folder}: {err}. Fix: re-save or re-copy the checkpoint"
             ) from None
 
 

@@ -74,6 +74,6 @@ def require_transformers():
         from lina.errors import LinaError
 
         raise LinaError(
-            "Hugging Face support needs transformers and safetensors. " "Fix: pip install 'lina[hf]'"
+            "Hugging Face support needs transformers and safetensors. Fix: pip install 'lina[hf]'"
         ) from None
     return transformers

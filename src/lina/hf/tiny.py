@@ -78,14 +78,35 @@ _TINY = {
 
 #: scaled-down shapes of each family for ``lina bench train --family`` (width 256, 4 layers)
 BENCH_SHAPES = {
-    "mixtral": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_local_experts=8,
-                    num_experts_per_tok=2),
-    "qwen3_moe": dict(hidden_size=256, moe_intermediate_size=128, intermediate_size=512, num_hidden_layers=4,
-                      num_experts=64, num_experts_per_tok=8, head_dim=64),
-    "deepseek_v3": dict(hidden_size=256, moe_intermediate_size=128, intermediate_size=512, num_hidden_layers=4,
-                        n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1,
-                        first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=32,
-                        qk_nope_head_dim=32, v_head_dim=64),
+    "mixtral": dict(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=2
+    ),
+    "qwen3_moe": dict(
+        hidden_size=256,
+        moe_intermediate_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_experts=64,
+        num_experts_per_tok=8,
+        head_dim=64,
+    ),
+    "deepseek_v3": dict(
+        hidden_size=256,
+        moe_intermediate_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        n_routed_experts=32,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        q_lora_rank=64,
+        kv_lora_rank=64,
+        qk_rope_head_dim=32,
+        qk_nope_head_dim=32,
+        v_head_dim=64,
+    ),
 }
 
 

@@ -19,12 +19,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lina.errors import ConfigError
 from lina.data.routing_trace import RoutingTrace
-from lina.placement.estimators import LogisticEstimator, OnlinePathEstimator, PathEstimator, PopularityEstimator
-from lina.infer.replay import placement_balance
-from lina.placement.evaluate import score_estimator
+from lina.errors import ConfigError
 from lina.extras import pyplot
+from lina.infer.replay import placement_balance
+from lina.placement.estimators import LogisticEstimator, OnlinePathEstimator, PathEstimator, PopularityEstimator
+from lina.placement.evaluate import score_estimator
 
 Progress = Callable[[str], None]
 
@@ -51,7 +51,9 @@ def popularity_skew(trace: RoutingTrace) -> dict:
     medians / means.
     """
     top1 = trace.top1()
-    counts = torch.stack([torch.bincount(top1[:, j], minlength=trace.num_experts) for j in range(trace.num_layers)]).double()
+    counts = torch.stack(
+        [torch.bincount(top1[:, j], minlength=trace.num_experts) for j in range(trace.num_layers)]
+    ).double()
     slots = trace.slot_counts()
 
     def ratio(c: torch.Tensor) -> list[float]:
@@ -206,13 +208,17 @@ def analyze_trace(
             rep = placement_balance(est, test, n_dev, layers, batch_tokens).as_dict()
             out["balance"][f"{name}/N={n_dev}"] = rep
             replan = ", ".join(f"{n} {r:.2f}" for n, r in rep["replan_rate"].items())
-            say("    mean busiest/mean load: " + "  ".join(f"{p} {v:.3f}" for p, v in rep["mean"].items()) + f"  (re-plan: {replan})")
+            say(
+                "    mean busiest/mean load: "
+                + "  ".join(f"{p} {v:.3f}" for p, v in rep["mean"].items())
+                + f"  (re-plan: {replan})"
+            )
     return out
 
 
 def write_plots(result: dict, out_dir: str | Path) -> list[Path]:
     """Draw skew per layer, affinity per layer, accuracy vs path length and placement balance as PNGs."""
-    plt = pyplot(Path(out_dir) / '*.png')
+    plt = pyplot(Path(out_dir) / "*.png")
     if plt is None:
         return []
 

@@ -48,7 +48,9 @@ class BatchStats:
     latency_s: float = 0.0
     layer_a2a_s: list[float] = field(default_factory=list)  # dispatch + combine per MoE layer
     phase1_s: float = 0.0  # coordinator planning time (rank 0)
-    phase2_s: list[float] = field(default_factory=list)  # per layer: the placement decision (lina: top-2k check, re-plan)
+    phase2_s: list[float] = field(
+        default_factory=list
+    )  # per layer: the placement decision (lina: top-2k check, re-plan)
     max_device_rows: list[int] = field(default_factory=list)
 
 
@@ -81,7 +83,14 @@ class InferenceEngine:
             batch's spans once its figures are read (a long serving run stays flat in memory).
     """
 
-    def __init__(self, store: ExpertStore, top_k: int, group: dist.ProcessGroup | None, policy: ServingPolicy, timeline: Timeline | None = None):
+    def __init__(
+        self,
+        store: ExpertStore,
+        top_k: int,
+        group: dist.ProcessGroup | None,
+        policy: ServingPolicy,
+        timeline: Timeline | None = None,
+    ):
         self.store = store
         self.top_k = top_k
         self.group = group
@@ -105,7 +114,9 @@ class InferenceEngine:
         return math.ceil((self.num_experts * self.world + self.num_experts) / d)
 
     # ------------------------------------------------------------------ one MoE layer
-    def moe_layer(self, layer: int, h: torch.Tensor, routing: LayerRouting, history: torch.Tensor, stats: BatchStats) -> torch.Tensor:
+    def moe_layer(
+        self, layer: int, h: torch.Tensor, routing: LayerRouting, history: torch.Tensor, stats: BatchStats
+    ) -> torch.Tensor:
         """h: FloatTensor[T, d] -> FloatTensor[T, d], the weighted sum of the token's experts."""
         tl, e_count, n, k = self.timeline, self.num_experts, self.world, self.top_k
         ids, weights = routing.expert_ids, routing.weights
@@ -113,7 +124,11 @@ class InferenceEngine:
         # Phase 1 for the next layer: this device's estimate, sent to the coordinator.
         next_layer = layer + 1
         paths = torch.cat([history, ids[:, :1]], dim=1)  # top-1 experts through this layer
-        estimate = self.policy.local_estimate(next_layer, paths) if self.policy.uses_phase1 and next_layer < self.store.num_layers else None
+        estimate = (
+            self.policy.local_estimate(next_layer, paths)
+            if self.policy.uses_phase1 and next_layer < self.store.num_layers
+            else None
+        )
         carries_plan = estimate is not None
         # Dispatch header: every device's local counts to every device (+ the estimate to the
         # coordinator). From it each device knows the global counts and what it will receive.
@@ -146,7 +161,11 @@ class InferenceEngine:
         per_expert = recv_counts.sum(0).tolist()
         with tl.span(f"moe{layer}.experts", "compute", kind=schema.EXPERT, layer=layer, phase="fwd"):
             weights_by_expert = self.store.load(layer, placement.device_experts(self.rank).tolist())
-            outs = [expert_ffn(chunk, weights_by_expert[e]) for e, chunk in zip(range(e_count), torch.split(grouped, per_expert)) if chunk.shape[0]]
+            outs = [
+                expert_ffn(chunk, weights_by_expert[e])
+                for e, chunk in zip(range(e_count), torch.split(grouped, per_expert))
+                if chunk.shape[0]
+            ]
             computed = torch.cat(outs) if outs else grouped
         back = computed[inverse_permutation(index)]
         # Coordinator: plan the next layer while the combine is being assembled.
@@ -190,8 +209,13 @@ class InferenceEngine:
         stats.phase1_s = sum(s.dur_s for s in spans if s.kind == schema.PLAN_ESTIMATE)
 
     # ------------------------------------------------------------------ a batch
-    def run_batch(self, h: torch.Tensor, dense: Callable[[int, torch.Tensor], torch.Tensor], gate: Callable[[int, torch.Tensor], LayerRouting],
-                  free_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, BatchStats]:
+    def run_batch(
+        self,
+        h: torch.Tensor,
+        dense: Callable[[int, torch.Tensor], torch.Tensor],
+        gate: Callable[[int, torch.Tensor], LayerRouting],
+        free_counts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, BatchStats]:
         """Run all layers.
 
         Args:

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lina.config import ModelConfig
+from lina.data.routing_trace import RoutingTrace
 from lina.errors import ConfigError, LinaError
 from lina.infer.engine import LayerRouting
 from lina.infer.store import ExpertStore
-from lina.data.routing_trace import RoutingTrace
 from lina.models.gpt import MoEGPT
 
 
@@ -26,8 +25,9 @@ class ServedGPT:
 
     def __init__(self, model: MoEGPT):
         if model.cfg.moe_interval != 1 or model.cfg.first_k_dense != 0:
-            raise LinaError("serving needs every FFN to be an MoE layer "
-                            "(model.moe_interval = 1, model.first_k_dense = 0)")
+            raise LinaError(
+                "serving needs every FFN to be an MoE layer (model.moe_interval = 1, model.first_k_dense = 0)"
+            )
         self.model = model.eval()
         moes = model.moe_layers()
         stack = lambda name: torch.stack([getattr(m.experts, name).detach() for m in moes])  # noqa: E731
@@ -96,8 +96,13 @@ def load_trained_model(out_dir: str | Path) -> MoEGPT:
     if is_export(out):
         return load_exported(out)
     if (out / "hf-model").is_dir():
-        raise ConfigError("model", f"{out} fine-tuned a Hugging Face checkpoint", f"lina infer --hf-model {out / 'hf-model'}")
+        raise ConfigError(
+            "model", f"{out} fine-tuned a Hugging Face checkpoint", f"lina infer --hf-model {out / 'hf-model'}"
+        )
     if not (out / "checkpoints").is_dir():
-        raise ConfigError("model", f"{out} holds neither checkpoints/ nor an exported model",
-                          "point --model at the --out folder of a `lina train` run or at a `lina export` folder")
+        raise ConfigError(
+            "model",
+            f"{out} holds neither checkpoints/ nor an exported model",
+            "point --model at the --out folder of a `lina train` run or at a `lina export` folder",
+        )
     return model_from_run(out)[0]

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 
 from lina.errors import ConfigError
+from lina.placement.core import Placement
 from lina.placement.eplb import EPLBPlanner
 from lina.placement.estimators.base import PopularityEstimator
 from lina.placement.lina import lina_placement, oracle_placement, replan_if_needed
-from lina.placement.core import Placement
 from lina.placement.static import static_placement
 
 
@@ -132,8 +132,11 @@ class OraclePolicy(ServingPolicy):
 
     def begin_batch(self, free_counts):
         super().begin_batch(free_counts)
-        self._plans = ([oracle_placement(c, self.num_devices, self.max_experts_per_device) for c in free_counts]
-                       if free_counts is not None else None)
+        self._plans = (
+            [oracle_placement(c, self.num_devices, self.max_experts_per_device) for c in free_counts]
+            if free_counts is not None
+            else None
+        )
 
     def placement(self, layer, counts):
         if self._plans is not None:
@@ -147,12 +150,20 @@ class EPLBPolicy(ServingPolicy):
 
     def __init__(self, *args, num_layers: int, window: int = 32, replan_every: int = 4):
         super().__init__(*args)
-        self.planners = [EPLBPlanner(self.num_experts, self.num_devices, window, replan_every) for _ in range(num_layers)]
+        self.planners = [
+            EPLBPlanner(self.num_experts, self.num_devices, window, replan_every) for _ in range(num_layers)
+        ]
 
     @classmethod
     def create(cls, ctx):
-        return cls(ctx.num_experts, ctx.num_devices, ctx.top_k, num_layers=ctx.num_layers, window=ctx.eplb_window,
-                   replan_every=ctx.eplb_replan_every)
+        return cls(
+            ctx.num_experts,
+            ctx.num_devices,
+            ctx.top_k,
+            num_layers=ctx.num_layers,
+            window=ctx.eplb_window,
+            replan_every=ctx.eplb_replan_every,
+        )
 
     def placement(self, layer, counts):
         return self.planners[layer].placement
@@ -166,8 +177,9 @@ class LinaPolicy(ServingPolicy):
     name = "lina"
     uses_phase1 = True
 
-    def __init__(self, *args, estimator: PopularityEstimator, popularity_mode: str = "expected",
-                 max_experts_per_device: int = 4):
+    def __init__(
+        self, *args, estimator: PopularityEstimator, popularity_mode: str = "expected", max_experts_per_device: int = 4
+    ):
         super().__init__(*args)
         self.estimator = estimator
         self.popularity_mode = popularity_mode
@@ -178,10 +190,19 @@ class LinaPolicy(ServingPolicy):
     @classmethod
     def create(cls, ctx):
         if ctx.estimator is None:
-            raise ConfigError("estimator", "the lina policy needs a fitted popularity estimator",
-                              "fit one from a routing trace (lina analyze trace) and pass it")
-        return cls(ctx.num_experts, ctx.num_devices, ctx.top_k, estimator=ctx.estimator, popularity_mode=ctx.popularity_mode,
-                   max_experts_per_device=ctx.max_experts_per_device)
+            raise ConfigError(
+                "estimator",
+                "the lina policy needs a fitted popularity estimator",
+                "fit one from a routing trace (lina analyze trace) and pass it",
+            )
+        return cls(
+            ctx.num_experts,
+            ctx.num_devices,
+            ctx.top_k,
+            estimator=ctx.estimator,
+            popularity_mode=ctx.popularity_mode,
+            max_experts_per_device=ctx.max_experts_per_device,
+        )
 
     def begin_batch(self, free_counts):
         super().begin_batch(free_counts)
@@ -190,7 +211,7 @@ class LinaPolicy(ServingPolicy):
     def local_estimate(self, layer, history):
         if layer >= self.estimator.num_layers or history.shape[1] == 0:
             return None
-        h = history[:, -self.estimator.path_len:] if hasattr(self.estimator, "path_len") else history
+        h = history[:, -self.estimator.path_len :] if hasattr(self.estimator, "path_len") else history
         # Expected token-slots per expert (every expert gets its probability mass), not the paper's
         # top-k mass only: with top-k mass, tail experts are estimated at 0 and packed four to a
         # device, which overloads that device when they do get tokens.
@@ -235,12 +256,23 @@ def serving_policy(name: str, ctx: ServingContext) -> ServingPolicy:
     try:
         cls = SERVING_POLICIES[name]
     except KeyError:
-        raise ConfigError("policy", f"unknown serving policy {name!r}", f"use one of {', '.join(SERVING_POLICIES)}") from None
+        raise ConfigError(
+            "policy", f"unknown serving policy {name!r}", f"use one of {', '.join(SERVING_POLICIES)}"
+        ) from None
     return cls.create(ctx)
 
 
-def make_serving_policy(name: str, num_experts: int, num_devices: int, top_k: int, num_layers: int,
-                        estimator: PopularityEstimator | None = None, eplb_replan_every: int = 4) -> ServingPolicy:
+def make_serving_policy(
+    name: str,
+    num_experts: int,
+    num_devices: int,
+    top_k: int,
+    num_layers: int,
+    estimator: PopularityEstimator | None = None,
+    eplb_replan_every: int = 4,
+) -> ServingPolicy:
     """:func:`serving_policy` with the context spelled out."""
-    return serving_policy(name, ServingContext(num_experts, num_devices, top_k, num_layers, estimator,
-                                               eplb_replan_every=eplb_replan_every))
+    return serving_policy(
+        name,
+        ServingContext(num_experts, num_devices, top_k, num_layers, estimator, eplb_replan_every=eplb_replan_every),
+    )

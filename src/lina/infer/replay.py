@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from lina.infer.policies import LinaPolicy, ServingContext, ServingPolicy, serving_policy
 from lina.data.routing_trace import RoutingTrace
+from lina.infer.policies import LinaPolicy, ServingContext, ServingPolicy, serving_policy
 from lina.placement.core import imbalance
 from lina.placement.estimators.base import PopularityEstimator
 from lina.placement.estimators.online import OnlinePathEstimator
@@ -80,8 +80,16 @@ def placement_balance(
     """
     experts = trace.in_order().expert_tensor()  # [T, L, k]
     k, num_experts, num_layers = trace.top_k, trace.num_experts, experts.shape[1]
-    base = ServingContext(num_experts, num_devices, k, num_layers, estimator, eplb_window=eplb_window,
-                          eplb_replan_every=eplb_replan_every, max_experts_per_device=max_experts_per_device)
+    base = ServingContext(
+        num_experts,
+        num_devices,
+        k,
+        num_layers,
+        estimator,
+        eplb_window=eplb_window,
+        eplb_replan_every=eplb_replan_every,
+        max_experts_per_device=max_experts_per_device,
+    )
     policies: dict[str, ServingPolicy] = {name: serving_policy(name, base) for name in ("static", "eplb", "oracle")}
     for name, mode in LINA_VARIANTS.items():
         policies[name] = LinaPolicy.create(replace(base, popularity_mode=mode))
@@ -111,4 +119,3 @@ def placement_balance(
         report.max[name] = float(t.max())
     report.replan_rate = {name: policies[name].stats["replans"] / max(report.samples, 1) for name in LINA_VARIANTS}
     return report
-

@@ -54,8 +54,17 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         if moe:
             self.ffn: nn.Module = MoELayer(
-                cfg.d_model, cfg.d_ff, cfg.experts, cfg.top_k, cfg.capacity_factor, cfg.dropless,
-                cfg.balance_loss_weight, cfg.z_loss_weight, cfg.gate_noise, comm, spec=moe_spec(cfg),
+                cfg.d_model,
+                cfg.d_ff,
+                cfg.experts,
+                cfg.top_k,
+                cfg.capacity_factor,
+                cfg.dropless,
+                cfg.balance_loss_weight,
+                cfg.z_loss_weight,
+                cfg.gate_noise,
+                comm,
+                spec=moe_spec(cfg),
             )
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff)
@@ -77,9 +86,7 @@ class MoEGPT(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
-        self.blocks = nn.ModuleList(
-            Block(cfg, moe=cfg.is_moe(i), comm=comm) for i in range(cfg.n_layers)
-        )
+        self.blocks = nn.ModuleList(Block(cfg, moe=cfg.is_moe(i), comm=comm) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init)

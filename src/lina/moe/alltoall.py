@@ -15,8 +15,16 @@ def _row_bytes(x: torch.Tensor) -> int:
     return x.element_size() * (x[0].numel() if x.shape[0] else int(torch.tensor(x.shape[1:]).prod()))
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], comm: ExpertComm, name: str, phase: str,
-               kind: str = schema.ALLTOALL, layer: int | None = None) -> torch.Tensor:
+def all_to_all(
+    x: torch.Tensor,
+    out_splits: list[int],
+    in_splits: list[int],
+    comm: ExpertComm,
+    name: str,
+    phase: str,
+    kind: str = schema.ALLTOALL,
+    layer: int | None = None,
+) -> torch.Tensor:
     """Synchronous ``all_to_all_single`` of the rows of ``x`` (no autograd).
 
     Args:
@@ -30,7 +38,10 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], com
     nbytes = _row_bytes(x) * (sum(in_splits) - in_splits[comm.rank])
     token = comm.a2a_begin(name, nbytes)
     try:
-        with comm.timeline.span(name, "a2a", kind=kind, layer=layer, phase=phase, bytes=nbytes), collective_label(f"{name}.{phase}"):
+        with (
+            comm.timeline.span(name, "a2a", kind=kind, layer=layer, phase=phase, bytes=nbytes),
+            collective_label(f"{name}.{phase}"),
+        ):
             dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=comm.group)
     finally:
         comm.a2a_end(token)
@@ -44,21 +55,33 @@ class AsyncAllToAll:
     ``start`` issues it; ``wait`` blocks until done and returns the received rows.
     """
 
-    def __init__(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], comm: ExpertComm, name: str,
-                 phase: str, index: int, kind: str = schema.ALLTOALL, layer: int | None = None):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        out_splits: list[int],
+        in_splits: list[int],
+        comm: ExpertComm,
+        name: str,
+        phase: str,
+        index: int,
+        kind: str = schema.ALLTOALL,
+        layer: int | None = None,
+    ):
         self.out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
         self.comm = comm
         nbytes = _row_bytes(x) * (sum(in_splits) - in_splits[comm.rank])
         self._token = comm.a2a_begin(name, nbytes)
         start = comm.timeline.now()
         with collective_label(f"{name}.{phase}.{index}"):
-            self._work = dist.all_to_all_single(self.out, x.contiguous(), out_splits, in_splits, group=comm.group,
-                                                async_op=True)
+            self._work = dist.all_to_all_single(
+                self.out, x.contiguous(), out_splits, in_splits, group=comm.group, async_op=True
+            )
         timeline = comm.timeline
 
         def done(_fut, token=self._token):
-            timeline.record(name, "a2a", start, timeline.now(), kind=kind, layer=layer, phase=phase, bytes=nbytes,
-                            micro_op=index)
+            timeline.record(
+                name, "a2a", start, timeline.now(), kind=kind, layer=layer, phase=phase, bytes=nbytes, micro_op=index
+            )
             comm.a2a_end(token)
 
         self._work.get_future().add_done_callback(done)
@@ -96,6 +119,13 @@ def exchange_counts(send_counts: torch.Tensor, comm: ExpertComm) -> torch.Tensor
     Returns:
         LongTensor[P, E_l]: rows this rank receives from each source rank for each local expert.
     """
-    recv = all_to_all(send_counts.view(-1, 1), [send_counts.numel() // comm.size] * comm.size,
-                      [send_counts.numel() // comm.size] * comm.size, comm, "counts", "fwd", schema.COUNTS)
+    recv = all_to_all(
+        send_counts.view(-1, 1),
+        [send_counts.numel() // comm.size] * comm.size,
+        [send_counts.numel() // comm.size] * comm.size,
+        comm,
+        "counts",
+        "fwd",
+        schema.COUNTS,
+    )
     return recv.view(comm.size, -1)

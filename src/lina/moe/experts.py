@@ -162,8 +162,15 @@ class LocalExperts(nn.Module):
     :meth:`from_tensors`) and draws nothing from the global RNG.
     """
 
-    def __init__(self, num_local: int, d_model: int, d_ff: int, global_ids: list[int], init: bool = True,
-                 spec: ExpertSpec | None = None):
+    def __init__(
+        self,
+        num_local: int,
+        d_model: int,
+        d_ff: int,
+        global_ids: list[int],
+        init: bool = True,
+        spec: ExpertSpec | None = None,
+    ):
         super().__init__()
         self.spec = spec or ExpertSpec()
         self.spec.validate()
@@ -187,15 +194,17 @@ class LocalExperts(nn.Module):
             self.reset_parameters()
 
     @classmethod
-    def from_tensors(cls, global_ids: list[int], *weights: torch.Tensor,
-                     spec: ExpertSpec | None = None) -> "LocalExperts":
+    def from_tensors(
+        cls, global_ids: list[int], *weights: torch.Tensor, spec: ExpertSpec | None = None
+    ) -> "LocalExperts":
         """Experts with the given weights, in :func:`param_names` order of ``spec.activation``
         (shapes as in the class docstring, E_l = len(global_ids))."""
         spec = spec or ExpertSpec()
         names = param_names(spec.activation)
         if len(weights) != len(names):
-            raise ValueError(f"{spec.activation} experts take {len(names)} tensors ({', '.join(names)}), "
-                             f"got {len(weights)}")
+            raise ValueError(
+                f"{spec.activation} experts take {len(names)} tensors ({', '.join(names)}), got {len(weights)}"
+            )
         num_local, d_model = weights[0].shape[:2]
         d_ff = weights[-2 if spec.activation == "gelu" else -1].shape[1]
         experts = cls(num_local, d_model, d_ff, global_ids, init=False, spec=spec)
@@ -250,8 +259,13 @@ class LocalExperts(nn.Module):
 
     def uses_grouped_mm(self, rows: torch.Tensor) -> bool:
         """Whether :meth:`forward` computes ``rows`` with grouped matrix multiplies."""
-        return (self.spec.grouped_mm and self.spec.activation == "swiglu" and not self.offloaded and rows.shape[0] > 0
-                and grouped_mm_supported(rows.device, rows.dtype))
+        return (
+            self.spec.grouped_mm
+            and self.spec.activation == "swiglu"
+            and not self.offloaded
+            and rows.shape[0] > 0
+            and grouped_mm_supported(rows.device, rows.dtype)
+        )
 
     def forward(self, rows: torch.Tensor, counts: list[int], weights: list[torch.Tensor] | None = None) -> torch.Tensor:
         """rows: FloatTensor[S, d_model] grouped by local expert; counts: rows per local expert

@@ -62,10 +62,25 @@ class MoELayer(nn.Module):
         self.top_k = top_k
         self.num_local = num_experts // ep
         first = self.comm.rank * self.num_local
-        self.router = TopKRouter(d_model, num_experts, top_k, capacity_factor, dropless, balance_loss_weight,
-                                 z_loss_weight, gate_noise, spec=self.spec.router)
-        self.experts = LocalExperts(self.num_local, d_model, d_ff, list(range(first, first + self.num_local)),
-                                    init=init_experts, spec=self.spec.expert)
+        self.router = TopKRouter(
+            d_model,
+            num_experts,
+            top_k,
+            capacity_factor,
+            dropless,
+            balance_loss_weight,
+            z_loss_weight,
+            gate_noise,
+            spec=self.spec.router,
+        )
+        self.experts = LocalExperts(
+            self.num_local,
+            d_model,
+            d_ff,
+            list(range(first, first + self.num_local)),
+            init=init_experts,
+            spec=self.spec.expert,
+        )
         self.shared = SharedExperts(d_model, self.spec.shared) if self.spec.shared.d_ff > 0 else None
         self.aux_loss = torch.zeros(())
         self.last_routing: Routing | None = None
@@ -78,7 +93,9 @@ class MoELayer(nn.Module):
         pointed ``self.comm`` at the new EP group; ``experts`` must hold E / (EP size) experts,
         those of this rank's position in its group."""
         if experts.num_local * self.comm.size != self.num_experts:
-            raise ValueError(f"{experts.num_local} local experts x EP size {self.comm.size} != {self.num_experts} experts")
+            raise ValueError(
+                f"{experts.num_local} local experts x EP size {self.comm.size} != {self.num_experts} experts"
+            )
         self.experts = experts
         self.num_local = experts.num_local
 
@@ -109,8 +126,9 @@ class MoELayer(nn.Module):
         comm = self.comm
         name = f"moe{self.layer_index}"
         if comm.group is None:
-            with comm.timeline.span(f"{name}.experts", "compute", kind=schema.EXPERT, layer=self.layer_index,
-                                    phase="fwd"):
+            with comm.timeline.span(
+                f"{name}.experts", "compute", kind=schema.EXPERT, layer=self.layer_index, phase="fwd"
+            ):
                 return self.experts(rows, counts.tolist())
         recv_counts = exchange_counts(counts, comm)  # [P, E_l]
         in_splits = counts.view(comm.size, -1).sum(1).tolist()
@@ -119,8 +137,9 @@ class MoELayer(nn.Module):
             rows = _ExpertGradsOnce.apply(rows, step_experts, *self.experts.weights())
             return PipelinedExchange.apply(rows, in_splits, recv_counts, step_experts, comm, name, self.layer_index)
         out_splits = recv_counts.sum(1).tolist()
-        received = AllToAll.apply(rows, out_splits, in_splits, comm, f"{name}.dispatch", schema.DISPATCH,
-                                  self.layer_index)
+        received = AllToAll.apply(
+            rows, out_splits, in_splits, comm, f"{name}.dispatch", schema.DISPATCH, self.layer_index
+        )
         index = source_to_expert_major(recv_counts)
         grouped = received[index]
         with comm.timeline.span(f"{name}.experts", "compute", kind=schema.EXPERT, layer=self.layer_index, phase="fwd"):

@@ -49,7 +49,9 @@ def inverse_permutation(index: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-def unpermute(rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+def unpermute(
+    rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_tokens: int, top_k: int
+) -> torch.Tensor:
     """Weight expert outputs by their gate scores and add them back onto their tokens.
 
     Args:

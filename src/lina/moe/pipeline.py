@@ -69,26 +69,56 @@ class PipelinedExchange(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, send_splits, recv_counts, experts: LocalExperts, comm: ExpertComm, name: str,
-                layer: int | None = None):
+    def forward(
+        ctx,
+        rows,
+        send_splits,
+        recv_counts,
+        experts: LocalExperts,
+        comm: ExpertComm,
+        name: str,
+        layer: int | None = None,
+    ):
         plan = _Plan(send_splits, recv_counts, comm.pipeline_chunks)
         tl = comm.timeline
         dispatches = [
-            AsyncAllToAll(rows[plan.send_rows[j]], plan.recv[j], plan.send[j], comm, f"{name}.dispatch", "fwd", j,
-                          schema.DISPATCH, layer)
+            AsyncAllToAll(
+                rows[plan.send_rows[j]],
+                plan.recv[j],
+                plan.send[j],
+                comm,
+                f"{name}.dispatch",
+                "fwd",
+                j,
+                schema.DISPATCH,
+                layer,
+            )
             for j in range(plan.m)
         ]
         inputs, outputs, combines = [], [], []
         for j in range(plan.m):
             received = dispatches[j].wait()
-            expert_span = tl.span(f"{name}.experts", "compute", kind=schema.EXPERT, layer=layer, phase="fwd", micro_op=j)
+            expert_span = tl.span(
+                f"{name}.experts", "compute", kind=schema.EXPERT, layer=layer, phase="fwd", micro_op=j
+            )
             with expert_span, torch.enable_grad():
                 x = received[plan.to_expert_major[j]].detach().requires_grad_()
                 y = experts(x, plan.expert_counts[j])
             inputs.append(x)
             outputs.append(y)
-            combines.append(AsyncAllToAll(y.detach()[plan.to_source_major[j]], plan.send[j], plan.recv[j], comm, f"{name}.combine",
-                                          "fwd", j, schema.COMBINE, layer))
+            combines.append(
+                AsyncAllToAll(
+                    y.detach()[plan.to_source_major[j]],
+                    plan.send[j],
+                    plan.recv[j],
+                    comm,
+                    f"{name}.combine",
+                    "fwd",
+                    j,
+                    schema.COMBINE,
+                    layer,
+                )
+            )
         out = rows.new_empty(rows.shape)
         for j in range(plan.m):
             out[plan.send_rows[j]] = combines[j].wait()
@@ -101,8 +131,17 @@ class PipelinedExchange(torch.autograd.Function):
         tl = comm.timeline
         grad_out = grad_out.contiguous()
         combines = [
-            AsyncAllToAll(grad_out[plan.send_rows[j]], plan.recv[j], plan.send[j], comm, f"{name}.combine", "bwd", j,
-                          schema.COMBINE, layer)
+            AsyncAllToAll(
+                grad_out[plan.send_rows[j]],
+                plan.recv[j],
+                plan.send[j],
+                comm,
+                f"{name}.combine",
+                "bwd",
+                j,
+                schema.COMBINE,
+                layer,
+            )
             for j in range(plan.m)
         ]
         dispatches = []
@@ -113,8 +152,19 @@ class PipelinedExchange(torch.autograd.Function):
                 if y.requires_grad:
                     torch.autograd.backward(y, grad_y)
             grad_x = x.grad if x.grad is not None else torch.zeros_like(x)
-            dispatches.append(AsyncAllToAll(grad_x[plan.to_source_major[j]], plan.send[j], plan.recv[j], comm, f"{name}.dispatch",
-                                            "bwd", j, schema.DISPATCH, layer))
+            dispatches.append(
+                AsyncAllToAll(
+                    grad_x[plan.to_source_major[j]],
+                    plan.send[j],
+                    plan.recv[j],
+                    comm,
+                    f"{name}.dispatch",
+                    "bwd",
+                    j,
+                    schema.DISPATCH,
+                    layer,
+                )
+            )
         grad_rows = grad_out.new_empty(grad_out.shape)
         for j in range(plan.m):
             grad_rows[plan.send_rows[j]] = dispatches[j].wait()

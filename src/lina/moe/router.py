@@ -36,8 +36,9 @@ class Routing:
     probs: torch.Tensor
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
-                    min_capacity: int = 1) -> int:
+def expert_capacity(
+    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int = 1
+) -> int:
     """Token-slots one expert accepts from one rank's batch: max(min_capacity, ceil(cf * T * k / E))."""
     return max(min_capacity, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
@@ -185,6 +186,8 @@ def balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
     """GShard/Switch load-balancing loss: E * sum_e f_e * P_e, where f_e is the share of token-slots
     routed to e and P_e the mean gate probability of e. probs: [T, E]; expert_ids: [T, k]."""
     counts = torch.zeros(num_experts, device=probs.device, dtype=probs.dtype)
-    counts.scatter_add_(0, expert_ids.reshape(-1), torch.ones(expert_ids.numel(), device=probs.device, dtype=probs.dtype))
+    counts.scatter_add_(
+        0, expert_ids.reshape(-1), torch.ones(expert_ids.numel(), device=probs.device, dtype=probs.dtype)
+    )
     f = counts / expert_ids.numel()
     return num_experts * (f * probs.mean(0)).sum()

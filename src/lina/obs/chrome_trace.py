@@ -21,7 +21,9 @@ def to_chrome_trace(spans: list[Span]) -> dict:
         key = (s.rank, s.thread)
         if key not in tids:
             tids[key] = len(tids)
-            events.append({"ph": "M", "name": "thread_name", "pid": s.rank, "tid": tids[key], "args": {"name": s.thread}})
+            events.append(
+                {"ph": "M", "name": "thread_name", "pid": s.rank, "tid": tids[key], "args": {"name": s.thread}}
+            )
         events.append(
             {
                 "ph": "X",

@@ -8,10 +8,10 @@ import json
 import statistics
 from pathlib import Path
 
+from lina.extras import pyplot
 from lina.obs import schema
 from lina.obs.chrome_trace import write_chrome_trace
 from lina.obs.timeline import Span, intersection_length, load_rank_timelines, union_length
-from lina.extras import pyplot
 
 
 def load_run_spans(folder: Path) -> list[Span]:
@@ -108,8 +108,12 @@ def plot_step(spans: list[Span], path: Path, step: int | None = None) -> None:
             h = 0.2 if s.cat != "compute" or expert_fwd else 0.35
             if expert_fwd:
                 y, h = i + 0.55, 0.35
-            ax.broken_barh([((s.start_s - t0) * 1e3, (s.end_s - s.start_s) * 1e3)], (y, h), color=colors[s.cat],
-                           alpha=0.6 if _is_pass(s) else 1.0)
+            ax.broken_barh(
+                [((s.start_s - t0) * 1e3, (s.end_s - s.start_s) * 1e3)],
+                (y, h),
+                color=colors[s.cat],
+                alpha=0.6 if _is_pass(s) else 1.0,
+            )
     ax.set_yticks([i + 0.5 for i in range(len(ranks))], [f"rank {r}" for r in ranks])
     ax.set_xlabel("ms since step start")
     ax.set_title(f"step {chosen}: compute (blue), all-to-all (orange), allreduce (green), waiting for allreduce (red)")
@@ -126,7 +130,15 @@ def write_trace_report(folder: Path) -> dict:
     (folder / "breakdown.json").write_text(json.dumps(table, indent=2))
     plot_step(spans, folder / "timeline.png")
     print(f"\ntimeline breakdown (median per step, ms) -> {folder}/trace.json (open in Perfetto), timeline.png")
-    cols = ["step", "compute", "a2a_total", "a2a_exposed", "allreduce_in_flight", "allreduce_exposed", "idle"]  # of step_breakdown
+    cols = [
+        "step",
+        "compute",
+        "a2a_total",
+        "a2a_exposed",
+        "allreduce_in_flight",
+        "allreduce_exposed",
+        "idle",
+    ]  # of step_breakdown
     print("  " + "policy".ljust(12) + "".join(c.rjust(20) for c in cols))
     for pol, row in table.items():
         print("  " + pol.ljust(12) + "".join(f"{row[c] * 1e3:20.1f}" for c in cols))

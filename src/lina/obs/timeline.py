@@ -96,14 +96,40 @@ class Timeline:
     def now() -> float:
         return time.perf_counter()
 
-    def record(self, name: str, cat: str, start_s: float, end_s: float, thread: str | None = None, *,
-               kind: str | None = None, layer: int | None = None, phase: str | None = None, micro_op: int | None = None,
-               bytes: float | None = None, peer: int | None = None, **args) -> None:
+    def record(
+        self,
+        name: str,
+        cat: str,
+        start_s: float,
+        end_s: float,
+        thread: str | None = None,
+        *,
+        kind: str | None = None,
+        layer: int | None = None,
+        phase: str | None = None,
+        micro_op: int | None = None,
+        bytes: float | None = None,
+        peer: int | None = None,
+        **args,
+    ) -> None:
         """Keep one finished span (typed fields as in :class:`Span`; other keywords go to ``args``)."""
         if not self.enabled:
             return
-        span = Span(name, cat, start_s, end_s, self.rank, thread or threading.current_thread().name, args,
-                    kind, layer, phase, micro_op, bytes, peer)
+        span = Span(
+            name,
+            cat,
+            start_s,
+            end_s,
+            self.rank,
+            thread or threading.current_thread().name,
+            args,
+            kind,
+            layer,
+            phase,
+            micro_op,
+            bytes,
+            peer,
+        )
         with self._lock:
             self._spans.append(span)
 
@@ -163,8 +189,15 @@ class Timeline:
 
 def span_to_dict(span: Span) -> dict[str, Any]:
     """One line of a timeline file: version, label, times, the typed fields that are set, args."""
-    out: dict[str, Any] = {"v": schema.SCHEMA_VERSION, "name": span.name, "cat": span.cat, "start_s": span.start_s,
-                           "end_s": span.end_s, "rank": span.rank, "thread": span.thread}
+    out: dict[str, Any] = {
+        "v": schema.SCHEMA_VERSION,
+        "name": span.name,
+        "cat": span.cat,
+        "start_s": span.start_s,
+        "end_s": span.end_s,
+        "rank": span.rank,
+        "thread": span.thread,
+    }
     for name in schema.FIELDS:
         value = getattr(span, name)
         if value is not None:
@@ -182,15 +215,18 @@ def span_from_dict(data: dict[str, Any], where: str = "timeline") -> Span:
     data = dict(data)
     version = data.pop("v", 1)
     if not isinstance(version, int) or version > schema.SCHEMA_VERSION:
-        raise LinaError(f"{where}: span of schema version {version!r}, newer than this lina reads "
-                        f"({schema.SCHEMA_VERSION}); upgrade lina to read it")
+        raise LinaError(
+            f"{where}: span of schema version {version!r}, newer than this lina reads "
+            f"({schema.SCHEMA_VERSION}); upgrade lina to read it"
+        )
     if version >= 2 and "kind" not in data:
         data["kind"] = schema.OTHER
     try:
         return Span(**data)
     except TypeError as err:
-        raise LinaError(f"{where}: not a span of schema version {version} ({err}); give a timeline-rank*.jsonl file "
-                        "written by lina") from None
+        raise LinaError(
+            f"{where}: not a span of schema version {version} ({err}); give a timeline-rank*.jsonl file written by lina"
+        ) from None
 
 
 def _write_jsonl(fh, spans: list[Span]) -> None:
@@ -219,7 +255,10 @@ def load_jsonl(path: str | Path) -> list[Span]:
 def load_rank_timelines(folder: str | Path) -> dict[int, list[Span]]:
     """Every rank's spans of a run folder (``timeline-rank{R}.jsonl`` files): rank -> spans; empty
     when the folder has none."""
-    return {int(f.stem.removeprefix("timeline-rank")): load_jsonl(f) for f in sorted(Path(folder).glob("timeline-rank*.jsonl"))}
+    return {
+        int(f.stem.removeprefix("timeline-rank")): load_jsonl(f)
+        for f in sorted(Path(folder).glob("timeline-rank*.jsonl"))
+    }
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:

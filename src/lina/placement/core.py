@@ -41,14 +41,18 @@ class Placement:
         share = torch.as_tensor(self.share, dtype=torch.float64)
         if share.shape != (self.num_experts, self.num_devices):
             raise ConfigError(
-                "share", f"has shape {tuple(share.shape)}", f"give an [E, N] = [{self.num_experts}, {self.num_devices}] matrix"
+                "share",
+                f"has shape {tuple(share.shape)}",
+                f"give an [E, N] = [{self.num_experts}, {self.num_devices}] matrix",
             )
         if not torch.isfinite(share).all() or (share < 0).any():
             raise ConfigError("share", "has negative or non-finite entries", "give fractions in [0, 1]")
         rows = share.sum(dim=1)
         if (rows - 1.0).abs().max() > _ROW_SUM_TOL:
             bad = int((rows - 1.0).abs().argmax())
-            raise ConfigError("share", f"row of expert {bad} sums to {float(rows[bad]):.6f}", "make each expert's shares sum to 1")
+            raise ConfigError(
+                "share", f"row of expert {bad} sums to {float(rows[bad]):.6f}", "make each expert's shares sum to 1"
+            )
         self.share = share / rows[:, None]
 
     # ------------------------------------------------------------------ structure
@@ -94,7 +98,9 @@ class Placement:
         if flat.numel() == 0:
             return torch.zeros_like(expert_ids, dtype=torch.long)
         if flat.min() < 0 or flat.max() >= self.num_experts:
-            raise ConfigError("expert_ids", f"holds ids outside [0, {self.num_experts})", "route ids of this layer's experts")
+            raise ConfigError(
+                "expert_ids", f"holds ids outside [0, {self.num_experts})", "route ids of this layer's experts"
+            )
         counts = torch.bincount(flat, minlength=self.num_experts)
         order = torch.argsort(flat, stable=True)
         starts = torch.cumsum(counts, 0) - counts
@@ -110,11 +116,17 @@ class Placement:
         """Expected token-slots per device: ``counts[E] @ share[E, N] -> Tensor[N]`` (float64)."""
         counts = torch.as_tensor(counts, dtype=torch.float64)
         if counts.shape != (self.num_experts,):
-            raise ConfigError("counts", f"has shape {tuple(counts.shape)}", f"give token-slots per expert, shape ({self.num_experts},)")
+            raise ConfigError(
+                "counts",
+                f"has shape {tuple(counts.shape)}",
+                f"give token-slots per expert, shape ({self.num_experts},)",
+            )
         return counts @ self.share
 
     @classmethod
-    def from_assignment(cls, num_experts: int, num_devices: int, assignment: list[list[tuple[int, float]]]) -> Placement:
+    def from_assignment(
+        cls, num_experts: int, num_devices: int, assignment: list[list[tuple[int, float]]]
+    ) -> Placement:
         """Build from ``assignment[n] = [(expert, share), ...]`` per device."""
         share = torch.zeros(num_experts, num_devices, dtype=torch.float64)
         for device, items in enumerate(assignment):

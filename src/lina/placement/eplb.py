@@ -48,7 +48,9 @@ def eplb_placement(load: torch.Tensor, num_devices: int, slots_per_device: int |
         raise ConfigError("num_devices", f"is {num_devices}", "give at least 1 device")
     if slots * num_devices < num_experts:
         raise ConfigError(
-            "slots_per_device", f"{slots} x {num_devices} devices < {num_experts} experts", f"give at least {math.ceil(num_experts / num_devices)}"
+            "slots_per_device",
+            f"{slots} x {num_devices} devices < {num_experts} experts",
+            f"give at least {math.ceil(num_experts / num_devices)}",
         )
     if not torch.isfinite(load).all() or (load < 0).any():
         raise ConfigError("load", "has negative or non-finite entries", "give token-slots per expert, >= 0")
@@ -58,7 +60,8 @@ def eplb_placement(load: torch.Tensor, num_devices: int, slots_per_device: int |
         best = max(range(num_experts), key=lambda e: (loads[e] / replicas[e], -e))
         replicas[best] += 1
     items = sorted(
-        ((loads[e] / replicas[e], e) for e in range(num_experts) for _ in range(replicas[e])), key=lambda it: (-it[0], it[1])
+        ((loads[e] / replicas[e], e) for e in range(num_experts) for _ in range(replicas[e])),
+        key=lambda it: (-it[0], it[1]),
     )
     device_load = [0.0] * num_devices
     used = [0] * num_devices

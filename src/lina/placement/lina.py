@@ -117,7 +117,11 @@ def _plan(
         fit = None
         if packing == "ffd":
             fit = next(
-                (n for n in cold_range if len(assign[n]) < cap and device_load[n] + loads[expert] <= capacity * (1 + 1e-9)),
+                (
+                    n
+                    for n in cold_range
+                    if len(assign[n]) < cap and device_load[n] + loads[expert] <= capacity * (1 + 1e-9)
+                ),
                 None,
             )
         if fit is None:

@@ -53,8 +53,11 @@ class TrainPolicy:
         if self.grad_sync not in GRAD_SYNCS:
             raise ConfigError("grad_sync", f"unknown {self.grad_sync!r}", f"use one of {', '.join(GRAD_SYNCS)}")
         if self.grad_sync == "microops" and not self.priority:
-            raise ConfigError("priority", f"policy {self.name!r} partitions gradients into micro-ops without priority",
-                              "micro-ops go through the priority scheduler: set priority=True")
+            raise ConfigError(
+                "priority",
+                f"policy {self.name!r} partitions gradients into micro-ops without priority",
+                "micro-ops go through the priority scheduler: set priority=True",
+            )
 
     @property
     def pipelined(self) -> bool:
@@ -77,8 +80,14 @@ class TrainPolicy:
         lower bound, the step with its all-to-alls alone on the links. Timing only."""
         if self.grad_sync == "none":
             return self
-        return TrainPolicy(f"{self.name}{NO_SYNC_SUFFIX}", self.a2a_split, "none", False, self.packing,
-                           f"{self.name} with its gradient allreduce off (timing only: its lower bound)")
+        return TrainPolicy(
+            f"{self.name}{NO_SYNC_SUFFIX}",
+            self.a2a_split,
+            "none",
+            False,
+            self.packing,
+            f"{self.name} with its gradient allreduce off (timing only: its lower bound)",
+        )
 
 
 TRAIN_POLICIES: dict[str, TrainPolicy] = {}
@@ -88,22 +97,41 @@ def register_train_policy(policy: TrainPolicy, replace: bool = False) -> TrainPo
     """Add ``policy`` to the registry under its name and return it (``replace`` allows
     re-registering a name, e.g. when a module is imported twice)."""
     if not isinstance(policy, TrainPolicy):
-        raise ConfigError("policy", f"{policy!r} is not a TrainPolicy", "register an instance of lina.policy.TrainPolicy")
+        raise ConfigError(
+            "policy", f"{policy!r} is not a TrainPolicy", "register an instance of lina.policy.TrainPolicy"
+        )
     if policy.name in TRAIN_POLICIES and not replace and TRAIN_POLICIES[policy.name] != policy:
-        raise ConfigError("policy", f"a different policy is already registered as {policy.name!r}", "choose another name")
+        raise ConfigError(
+            "policy", f"a different policy is already registered as {policy.name!r}", "choose another name"
+        )
     TRAIN_POLICIES[policy.name] = policy
     return policy
 
 
 for _p in (
-    TrainPolicy("deepspeed", "none", "ddp", False, False, "synchronous all-to-all; DDP buckets allreduced during backward"),
+    TrainPolicy(
+        "deepspeed", "none", "ddp", False, False, "synchronous all-to-all; DDP buckets allreduced during backward"
+    ),
     TrainPolicy("sequential", "none", "after", False, False, "synchronous all-to-all; every allreduce after backward"),
     TrainPolicy("tutel", "tutel", "ddp", False, False, "all-to-all split to overlap the expert FFN; DDP buckets"),
-    TrainPolicy("lina", "micro", "microops", True, False, "gradient micro-ops behind every all-to-all; all-to-all/FFN pipelining"),
-    TrainPolicy("lina+packing", "micro", "microops", True, True, "lina plus expert packing chosen by the packing controller"),
+    TrainPolicy(
+        "lina",
+        "micro",
+        "microops",
+        True,
+        False,
+        "gradient micro-ops behind every all-to-all; all-to-all/FFN pipelining",
+    ),
+    TrainPolicy(
+        "lina+packing", "micro", "microops", True, True, "lina plus expert packing chosen by the packing controller"
+    ),
     TrainPolicy("lina-priority", "none", "ddp", True, False, "ablation (simulator): priority only, whole DDP buckets"),
-    TrainPolicy("lina-partition", "none", "microops", True, False, "ablation: priority and partitioning, no pipelining"),
-    TrainPolicy("lower-bound", "none", "none", False, False, "every all-to-all alone at full speed, no allreduce (timing only)"),
+    TrainPolicy(
+        "lina-partition", "none", "microops", True, False, "ablation: priority and partitioning, no pipelining"
+    ),
+    TrainPolicy(
+        "lower-bound", "none", "none", False, False, "every all-to-all alone at full speed, no allreduce (timing only)"
+    ),
 ):
     register_train_policy(_p)
 
@@ -122,9 +150,12 @@ def train_policy(name: str | TrainPolicy) -> TrainPolicy:
         return register_train_policy(train_policy(name[: -len(NO_SYNC_SUFFIX)]).without_grad_sync(), replace=True)
     if isinstance(name, str) and ":" in name:
         return _import_policy(name)
-    raise ConfigError("policy", f"unknown training policy {name!r}",
-                      f"use one of {', '.join(TRAIN_POLICIES)}, NAME{NO_SYNC_SUFFIX} for a policy's lower bound, "
-                      "or module:NAME for a policy of your own")
+    raise ConfigError(
+        "policy",
+        f"unknown training policy {name!r}",
+        f"use one of {', '.join(TRAIN_POLICIES)}, NAME{NO_SYNC_SUFFIX} for a policy's lower bound, "
+        "or module:NAME for a policy of your own",
+    )
 
 
 def _import_policy(path: str) -> TrainPolicy:
@@ -132,10 +163,15 @@ def _import_policy(path: str) -> TrainPolicy:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ConfigError("policy", f"cannot import {module_name!r} for policy {path!r} ({err})",
-                          "put the module on PYTHONPATH or install its package") from None
+        raise ConfigError(
+            "policy",
+            f"cannot import {module_name!r} for policy {path!r} ({err})",
+            "put the module on PYTHONPATH or install its package",
+        ) from None
     spec = getattr(module, attr, None)
     if not isinstance(spec, TrainPolicy):
-        raise ConfigError("policy", f"{path!r} is not a TrainPolicy", f"define {attr} = TrainPolicy(...) in {module_name}")
+        raise ConfigError(
+            "policy", f"{path!r} is not a TrainPolicy", f"define {attr} = TrainPolicy(...) in {module_name}"
+        )
     register_train_policy(spec, replace=True)
     return spec

@@ -51,7 +51,9 @@ class CachedGPT(ServedGPT):
         block = self.model.blocks[layer]
         if h.shape[0] == 0:
             return h, h
-        attn = torch.cat([self._attend(layer, block.attn, block.ln1(h[s.start : s.start + s.length]), s) for s in self.segments])
+        attn = torch.cat(
+            [self._attend(layer, block.attn, block.ln1(h[s.start : s.start + s.length]), s) for s in self.segments]
+        )
         x = h + attn
         return x, block.ln2(x)
 

@@ -35,8 +35,14 @@ class Generation:
     index: int = 0
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "prompt": self.prompt, "text": self.text, "tokens": self.tokens,
-                "ttft_s": self.ttft_s, "token_latencies_s": self.token_latencies_s}
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "text": self.text,
+            "tokens": self.tokens,
+            "ttft_s": self.ttft_s,
+            "token_latencies_s": self.token_latencies_s,
+        }
 
 
 @dataclass
@@ -55,8 +61,14 @@ def _any_left(active: int, group: dist.ProcessGroup | None) -> bool:
 
 
 @torch.no_grad()
-def generate(served: CachedGPT, engine: InferenceEngine, requests: list[Request], temperature: float = 0.0,
-             seed: int = 0, progress=None) -> tuple[list[Generation], ServeStats]:
+def generate(
+    served: CachedGPT,
+    engine: InferenceEngine,
+    requests: list[Request],
+    temperature: float = 0.0,
+    seed: int = 0,
+    progress=None,
+) -> tuple[list[Generation], ServeStats]:
     """Serve this rank's ``requests`` to the end (a collective over the engine's group: every rank
     calls it, with its own share, possibly none).
 

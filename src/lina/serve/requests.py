@@ -38,7 +38,9 @@ def read_requests(path: str | Path, max_new_tokens: int, context: int) -> list[R
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError("prompts", f"file {str(p)!r} does not exist", "pass a .jsonl file with one {\"prompt\": ...} per line")
+        raise ConfigError(
+            "prompts", f"file {str(p)!r} does not exist", 'pass a .jsonl file with one {"prompt": ...} per line'
+        )
     out: list[Request] = []
     for number, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
@@ -47,16 +49,23 @@ def read_requests(path: str | Path, max_new_tokens: int, context: int) -> list[R
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ConfigError("prompts", f"{where} is not JSON ({err.msg})", 'write one object per line, e.g. {"prompt": "def f("}') from None
+            raise ConfigError(
+                "prompts", f"{where} is not JSON ({err.msg})", 'write one object per line, e.g. {"prompt": "def f("}'
+            ) from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
-            raise ConfigError("prompts", f"{where} has no non-empty \"prompt\" string", 'write e.g. {"id": "a", "prompt": "def f("}')
+            raise ConfigError(
+                "prompts", f'{where} has no non-empty "prompt" string', 'write e.g. {"id": "a", "prompt": "def f("}'
+            )
         new = row.get("max_new_tokens", max_new_tokens)
         if not isinstance(new, int) or isinstance(new, bool) or new < 1:
             raise ConfigError("prompts", f"{where}: max_new_tokens {new!r} must be an integer >= 1", "give 1 or more")
         tokens = encode(row["prompt"])
         if len(tokens) + new > context:
-            raise ConfigError("prompts", f"{where}: prompt of {len(tokens)} tokens + {new} new exceeds the model's context of {context}",
-                              f"shorten the prompt or ask for at most {max(context - len(tokens), 0)} new tokens")
+            raise ConfigError(
+                "prompts",
+                f"{where}: prompt of {len(tokens)} tokens + {new} new exceeds the model's context of {context}",
+                f"shorten the prompt or ask for at most {max(context - len(tokens), 0)} new tokens",
+            )
         out.append(Request(str(row.get("id", number)), row["prompt"], tokens, new, len(out)))
     if not out:
         raise ConfigError("prompts", f"{p} holds no prompt", 'write one {"prompt": ...} object per line')

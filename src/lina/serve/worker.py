@@ -49,14 +49,23 @@ def _serve(plan: dict) -> dict | None:
 
     def progress(step: int, active: int) -> None:
         if rank == 0 and (step == 1 or step % 10 == 0):
-            print(f"step {step}: {'prefill done' if step == 1 else 'decoding'}, rank 0 has {active} request(s) left", flush=True)
+            print(
+                f"step {step}: {'prefill done' if step == 1 else 'decoding'}, rank 0 has {active} request(s) left",
+                flush=True,
+            )
 
     start = time.perf_counter()
     generations, stats = generate(served, engine, mine, plan["temperature"], plan["seed"], progress)
     wall = time.perf_counter() - start
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, {"generations": [g.to_dict() | {"index": g.index} for g in generations],
-                                      "steps": stats.steps, "step_latencies_s": stats.step_latencies_s})
+    dist.all_gather_object(
+        gathered,
+        {
+            "generations": [g.to_dict() | {"index": g.index} for g in generations],
+            "steps": stats.steps,
+            "step_latencies_s": stats.step_latencies_s,
+        },
+    )
     if rank != 0:
         return None
     rows = sorted((g for part in gathered for g in part["generations"]), key=lambda g: g["index"])
@@ -75,8 +84,12 @@ def summarize(rows: list[dict], wall_s: float, plan: dict, world: int) -> dict:
     latencies = [x for r in rows for x in r["token_latencies_s"]]
     tokens = sum(len(r["tokens"]) for r in rows)
     return {
-        "requests": len(rows), "workers": world, "placement": plan["placement"], "generated_tokens": tokens,
-        "wall_s": wall_s, "tokens_per_s": tokens / wall_s if wall_s > 0 else None,
+        "requests": len(rows),
+        "workers": world,
+        "placement": plan["placement"],
+        "generated_tokens": tokens,
+        "wall_s": wall_s,
+        "tokens_per_s": tokens / wall_s if wall_s > 0 else None,
         "ttft_s_p50": statistics.median(r["ttft_s"] for r in rows),
         "token_latency_s": {"p50": _pct(latencies, 0.5), "p95": _pct(latencies, 0.95), "p99": _pct(latencies, 0.99)},
     }

@@ -19,9 +19,9 @@ Pieces, each in its own module:
   ``lina sim`` (:mod:`lina.commands.sim`) runs them.
 """
 
+from lina.policy import TRAIN_POLICIES, TrainPolicy
 from lina.sim.compute import ComputeProfile
 from lina.sim.infer import InferSpec, simulate_inference
-from lina.policy import TRAIN_POLICIES, TrainPolicy
 from lina.sim.scenario import Scenario, load_toml
 from lina.sim.spec import ClusterSpec, CpuHostModel, DeviceSpec, ModelSpec, TrainSpec
 from lina.sim.train import TrainResult, simulate_policies, simulate_step

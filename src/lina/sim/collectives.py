@@ -41,7 +41,9 @@ def _group_members(sources: np.ndarray, group_size: int) -> tuple[np.ndarray, np
     return src, dst
 
 
-def all_to_all(topo: Topology, group_size: int, bytes_per_rank: float, algorithm: str = "pairwise", name: str = "a2a") -> Transfer:
+def all_to_all(
+    topo: Topology, group_size: int, bytes_per_rank: float, algorithm: str = "pairwise", name: str = "a2a"
+) -> Transfer:
     """Uniform all-to-all in contiguous groups of ``group_size`` ranks.
 
     Each rank sends ``bytes_per_rank`` in total, ``bytes_per_rank / group_size`` to every group
@@ -92,7 +94,9 @@ def all_to_all_matrix(topo: Topology, traffic: np.ndarray, name: str = "a2a") ->
     return Transfer(name, (_phase(topo, classes, c.launch_s + c.per_peer_s * peers),), float(traffic.sum(axis=1).max()))
 
 
-def ring_successors(sources: np.ndarray, stride: int, ring_size: int, gpus_per_host: int, channel: int, channels: int) -> np.ndarray:
+def ring_successors(
+    sources: np.ndarray, stride: int, ring_size: int, gpus_per_host: int, channel: int, channels: int
+) -> np.ndarray:
     """Next rank of each source in ring ``channel`` of its group ``{i, i + stride, ...}``.
 
     Members of a group that share a host are visited consecutively; channel ``c`` rotates the
@@ -143,7 +147,9 @@ def ring_allreduce(
     channels = channels or c.nics_per_host
     sources = topo.sources()
     srcs = np.concatenate([sources] * channels)
-    dsts = np.concatenate([ring_successors(sources, stride, ring_size, c.gpus_per_host, ch, channels) for ch in range(channels)])
+    dsts = np.concatenate(
+        [ring_successors(sources, stride, ring_size, c.gpus_per_host, ch, channels) for ch in range(channels)]
+    )
     steps = 2 * (ring_size - 1)
     if stepwise:
         classes = topo.classes(srcs, dsts, nbytes / ring_size / channels)
@@ -154,7 +160,9 @@ def ring_allreduce(
     return Transfer(name, (_phase(topo, classes, c.allreduce_start_s + steps * c.hop_latency_s),), nbytes)
 
 
-def hierarchical_allreduce(topo: Topology, stride: int, ring_size: int, nbytes: float, name: str = "allreduce") -> Transfer:
+def hierarchical_allreduce(
+    topo: Topology, stride: int, ring_size: int, nbytes: float, name: str = "allreduce"
+) -> Transfer:
     """Two-level allreduce: reduce-scatter inside hosts, ring across hosts, all-gather inside.
 
     The ``b`` group members of a host reduce-scatter over NVLink (fluid: ``(b-1)/b * S`` per
@@ -189,14 +197,18 @@ def hierarchical_allreduce(topo: Topology, stride: int, ring_size: int, nbytes: 
     return Transfer(name, phases, nbytes)
 
 
-def allreduce(topo: Topology, stride: int, ring_size: int, nbytes: float, algorithm: str = "ring", name: str = "allreduce") -> Transfer:
+def allreduce(
+    topo: Topology, stride: int, ring_size: int, nbytes: float, algorithm: str = "ring", name: str = "allreduce"
+) -> Transfer:
     """Allreduce by ``algorithm`` (``ring`` or ``hierarchical``)."""
     if algorithm == "hierarchical":
         return hierarchical_allreduce(topo, stride, ring_size, nbytes, name)
     return ring_allreduce(topo, stride, ring_size, nbytes, name=name)
 
 
-def ring_allreduce_time(nbytes: float, ring_size: int, bandwidth: float, hop_latency_s: float = 0.0, launch_s: float = 0.0) -> float:
+def ring_allreduce_time(
+    nbytes: float, ring_size: int, bandwidth: float, hop_latency_s: float = 0.0, launch_s: float = 0.0
+) -> float:
     """Closed form of an uncontended ring allreduce: ``launch + 2(M-1) (hop + S / (M B))``."""
     if ring_size <= 1:
         return 0.0

@@ -54,9 +54,13 @@ class ComputeProfile:
             value = getattr(self, f.name)
             if "slowdown" in f.name:
                 if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                    raise ConfigError(f.name, f"must be a share in [0, 1), got {value!r}", "give the share of speed lost, e.g. 0.2")
+                    raise ConfigError(
+                        f.name, f"must be a share in [0, 1), got {value!r}", "give the share of speed lost, e.g. 0.2"
+                    )
             elif not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f.name, f"must be a time of 0 s or more, got {value!r}", "give seconds as a number >= 0")
+                raise ConfigError(
+                    f.name, f"must be a time of 0 s or more, got {value!r}", "give seconds as a number >= 0"
+                )
 
     def compute_rate(self, a2a_in_flight: bool, allreduce_in_flight: bool) -> float:
         """Compute speed of the step's slowest device (1 = full, lockstep) while the named
@@ -102,12 +106,16 @@ class ComputeProfile:
         for key in ("dense_fwd_s", "dense_bwd_s", "head_fwd_s", "head_bwd_s"):
             if key in data:
                 if not tokens:
-                    raise ConfigError("tokens", f"{key} is per layer but no token count is given", "add tokens = <tokens per device>")
+                    raise ConfigError(
+                        "tokens", f"{key} is per layer but no token count is given", "add tokens = <tokens per device>"
+                    )
                 data[key + "_per_token"] = data.pop(key) / tokens
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"profile.{unknown[0]}", "is not a known cost", f"use some of: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"profile.{unknown[0]}", "is not a known cost", f"use some of: {', '.join(sorted(known))}"
+            )
         try:
             return cls(**data)
         except TypeError as err:

@@ -82,9 +82,16 @@ class Executor:
             all at full speed).
     """
 
-    def __init__(self, tasks: list[Task], network: FlowNetwork, streams: dict[str, int], gate: Gate = _always,
-                 compute_rate: Rate = _full_speed, first_come: tuple[str, ...] = (),
-                 comm_speed: Callable[["Executor"], dict[str, float]] | None = None):
+    def __init__(
+        self,
+        tasks: list[Task],
+        network: FlowNetwork,
+        streams: dict[str, int],
+        gate: Gate = _always,
+        compute_rate: Rate = _full_speed,
+        first_come: tuple[str, ...] = (),
+        comm_speed: Callable[["Executor"], dict[str, float]] | None = None,
+    ):
         self.tasks = tasks
         self.net = network
         self.gate = gate
@@ -177,5 +184,5 @@ class Executor:
                     if task.transfer is None:
                         self._computing[idx] = task.duration_s
                     else:
-                        weight = LATER_WEIGHT ** earlier if stream in self.first_come else 1.0
+                        weight = LATER_WEIGHT**earlier if stream in self.first_come else 1.0
                         self._transfer_task[self.net.start(task.transfer, weight, kind=task.cat)] = idx

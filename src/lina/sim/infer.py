@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lina.data.routing_trace import RoutingTrace
 from lina.errors import ConfigError
 from lina.infer.engine import replica_rows
-from lina.data.routing_trace import RoutingTrace
 from lina.infer.policies import SERVING_POLICIES, make_serving_policy
 from lina.placement.estimators.base import PopularityEstimator
 from lina.placement.static import static_placement
@@ -236,12 +236,16 @@ def simulate_inference(
             "use fewer batches or tokens per device, or a longer trace",
         )
     resident = spec.resident if spec.resident is not None else resident_fits(model, memory_gb)
-    costs = _Costs(cluster, model, profile, spec, resident, Topology(cluster, representative=False) if spec.exact_network else None)
+    costs = _Costs(
+        cluster, model, profile, spec, resident, Topology(cluster, representative=False) if spec.exact_network else None
+    )
     experts_all = trace.experts.astype(np.int64)
     results = {}
     for name in policies:
         started = time.perf_counter()
-        policy = make_serving_policy(name, model.experts, n, model.top_k, model.moe_layers, estimator, spec.eplb_replan_every)
+        policy = make_serving_policy(
+            name, model.experts, n, model.top_k, model.moe_layers, estimator, spec.eplb_replan_every
+        )
         res = InferResult(name, [], [], [])
         for b in range(spec.warmup_batches + spec.batches):
             ids = experts_all[b * per_batch : (b + 1) * per_batch]

@@ -59,7 +59,9 @@ def testbed_infer(model_key: str, experts: int) -> InferScenario:
     hosts, gpus = TESTBED_LAYOUT[experts]
     kw = _INFER_MODELS[model_key]
     spec = InferSpec(tokens_per_device=2048)
-    model = ModelSpec(experts=experts, top_k=1, batch_size=spec.tokens_per_device // kw["seq_len"], act_bytes=4, param_bytes=4, **kw)
+    model = ModelSpec(
+        experts=experts, top_k=1, batch_size=spec.tokens_per_device // kw["seq_len"], act_bytes=4, param_bytes=4, **kw
+    )
     return InferScenario(
         name=f"infer-testbed-{model_key}-e{experts}",
         description=f"paper testbed inference: {kw['name']} top-1, {experts} experts on {hosts}x{gpus} A100, drifting skewed routing",
@@ -72,7 +74,17 @@ def testbed_infer(model_key: str, experts: int) -> InferScenario:
 
 
 def mixtral() -> InferScenario:
-    model = ModelSpec(name="mixtral-8x7b", layers=32, d_model=4096, d_ff=14336, experts=8, top_k=2, seq_len=1, batch_size=2, vocab=32000)
+    model = ModelSpec(
+        name="mixtral-8x7b",
+        layers=32,
+        d_model=4096,
+        d_ff=14336,
+        experts=8,
+        top_k=2,
+        seq_len=1,
+        batch_size=2,
+        vocab=32000,
+    )
     return InferScenario(
         name="infer-mixtral-gsm8k",
         description="real Mixtral-8x7B GSM8K routing (../shared/data), 8 experts on 2x4 H200, 100 Gb/s; small decode check",
@@ -84,7 +96,9 @@ def mixtral() -> InferScenario:
     )
 
 
-INFER_BUILTIN = {f"infer-testbed-{m}-e{e}": (lambda m=m, e=e: testbed_infer(m, e)) for m in _INFER_MODELS for e in (4, 8, 16)}
+INFER_BUILTIN = {
+    f"infer-testbed-{m}-e{e}": (lambda m=m, e=e: testbed_infer(m, e)) for m in _INFER_MODELS for e in (4, 8, 16)
+}
 INFER_BUILTIN["infer-mixtral-gsm8k"] = mixtral
 
 
@@ -110,14 +124,22 @@ def _traces(sc: InferScenario, routing: str | None):
     n_tok = sc.gpus * sc.spec.tokens_per_device
     if sc.trace_kind == "drifting" and routing is None:
         batches = sc.spec.warmup_batches + sc.spec.batches
-        common = dict(num_layers=sc.model.moe_layers, num_experts=sc.model.experts, top_k=sc.model.top_k,
-                      affinity=AFFINITY, concentration=CONCENTRATION, model_seed=sc.seed)
+        common = dict(
+            num_layers=sc.model.moe_layers,
+            num_experts=sc.model.experts,
+            top_k=sc.model.top_k,
+            affinity=AFFINITY,
+            concentration=CONCENTRATION,
+            model_seed=sc.seed,
+        )
         replay = drifting_trace(batches, n_tok, batch_seed=1000 + sc.seed, **common)
         fit = drifting_trace(batches, n_tok, batch_seed=2000 + sc.seed, **common)
         return replay, fit
     path = Path(routing) if routing else default_data_dir() / MIXTRAL_FILE
     if not path.is_file():
-        raise LinaError(f"routing trace {path} not found (the Mixtral GSM8K routing lives in ../shared/data beside the checkout; pass --routing FILE)")
+        raise LinaError(
+            f"routing trace {path} not found (the Mixtral GSM8K routing lives in ../shared/data beside the checkout; pass --routing FILE)"
+        )
     trace = load_trace(path)
     fit, replay = trace.split(0.5, by="seq")
     return replay, fit
@@ -137,8 +159,12 @@ def run_inference(sc: InferScenario, routing: str | None = None, progress=None) 
     if fits < spec.warmup_batches + spec.batches:
         if fits < 2:
             raise ConfigError("tokens_per_device", f"the trace holds {fits} batch(es)", "use fewer tokens per device")
-        spec = replace(spec, warmup_batches=min(spec.warmup_batches, fits // 4), batches=fits - min(spec.warmup_batches, fits // 4))
-    return simulate_inference(sc.cluster, model, _profile(sc, model), spec, replay, estimator, sc.policies, sc.device.mem_gb, progress)
+        spec = replace(
+            spec, warmup_batches=min(spec.warmup_batches, fits // 4), batches=fits - min(spec.warmup_batches, fits // 4)
+        )
+    return simulate_inference(
+        sc.cluster, model, _profile(sc, model), spec, replay, estimator, sc.policies, sc.device.mem_gb, progress
+    )
 
 
 def _profile(sc: InferScenario, model: ModelSpec):
@@ -157,7 +183,9 @@ def infer_table(sc: InferScenario, results: dict[str, InferResult]) -> str:
         sm = f"{r.speedup_median:.2f}x" if r.speedup_median else "-"
         sp = f"{r.speedup_p95:.2f}x" if r.speedup_p95 else "-"
         rp = f"{r.replans}/{r.checked}" if r.checked else "-"
-        lines.append(f"  {name:<9}{r.median_s * 1e3:>11.2f}{r.p95_s * 1e3:>9.2f}{sm:>10}{sp:>8}{r.a2a_p95_s * 1e3:>14.2f}ms{rp:>10}")
+        lines.append(
+            f"  {name:<9}{r.median_s * 1e3:>11.2f}{r.p95_s * 1e3:>9.2f}{sm:>10}{sp:>8}{r.a2a_p95_s * 1e3:>14.2f}ms{rp:>10}"
+        )
     return "\n".join(lines)
 
 
@@ -175,8 +203,16 @@ def testbed_inference_rows(progress=print, routing: str | None = None) -> list[d
         p95.append(res["lina"].speedup_p95)
     lo, hi = paper.INFER_MEDIAN_SPEEDUP_RANGE
     return [
-        {"metric": "inference: lina median latency vs static (mean)", "ours": f"{statistics.fmean(med):.2f}x", "paper": f"{paper.INFER_MEDIAN_SPEEDUP_AVG:.2f}x ({lo:.2f}-{hi:.2f}x)"},
-        {"metric": "inference: lina p95 latency vs static (mean)", "ours": f"{statistics.fmean(p95):.2f}x", "paper": f"{paper.INFER_P95_SPEEDUP_AVG:.2f}x"},
+        {
+            "metric": "inference: lina median latency vs static (mean)",
+            "ours": f"{statistics.fmean(med):.2f}x",
+            "paper": f"{paper.INFER_MEDIAN_SPEEDUP_AVG:.2f}x ({lo:.2f}-{hi:.2f}x)",
+        },
+        {
+            "metric": "inference: lina p95 latency vs static (mean)",
+            "ours": f"{statistics.fmean(p95):.2f}x",
+            "paper": f"{paper.INFER_P95_SPEEDUP_AVG:.2f}x",
+        },
     ]
 
 
@@ -186,13 +222,24 @@ def run_command(args) -> int:
 
     sc = get(args.scenario)
     print(f"simulating {sc.name} ({sc.gpus} GPUs), policies: {', '.join(sc.policies)}", flush=True)
-    res = run_inference(sc, getattr(args, "routing", None), progress=lambda r: print(f"  {r.policy:<7} {len(r.latencies_s)} batches simulated in {r.sim_wall_s:.2f} s", flush=True))
+    res = run_inference(
+        sc,
+        getattr(args, "routing", None),
+        progress=lambda r: print(
+            f"  {r.policy:<7} {len(r.latencies_s)} batches simulated in {r.sim_wall_s:.2f} s", flush=True
+        ),
+    )
     print()
     print(infer_table(sc, res))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        result = {"scenario": sc.name, "gpus": sc.gpus, "policies": {k: v.to_dict() for k, v in res.items()}, "provenance": provenance()}
+        result = {
+            "scenario": sc.name,
+            "gpus": sc.gpus,
+            "policies": {k: v.to_dict() for k, v in res.items()},
+            "provenance": provenance(),
+        }
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
     return 0

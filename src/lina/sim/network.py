@@ -18,7 +18,6 @@ import numpy as np
 from lina.sim.maxmin import max_min_rates
 from lina.sim.topology import FlowClass
 
-
 INTRA_SUFFIX = "-intra"  # kind of a transfer's flows inside one host: ``"a2a-intra"`` for :meth:`FlowNetwork.set_speed`
 
 
@@ -43,7 +42,9 @@ class Phase:
     intra: np.ndarray
 
 
-def make_phase(classes: list[FlowClass] | tuple[FlowClass, ...], latency_s: float, n_resources: int, weight: float = 1.0) -> Phase:
+def make_phase(
+    classes: list[FlowClass] | tuple[FlowClass, ...], latency_s: float, n_resources: int, weight: float = 1.0
+) -> Phase:
     """A :class:`Phase` with its usage matrix filled in."""
     usage = np.zeros((len(classes), n_resources))
     for i, fc in enumerate(classes):
@@ -229,7 +230,9 @@ class FlowNetwork:
             return
         usage, capacity, caps = self._usage, self.capacity, self._cap
         if self._speed and any(v != 1.0 for v in self._speed.values()):
-            speed = np.array([self._speed.get(k, self._speed.get(k.removesuffix(INTRA_SUFFIX), 1.0)) for k in self._kind])
+            speed = np.array(
+                [self._speed.get(k, self._speed.get(k.removesuffix(INTRA_SUFFIX), 1.0)) for k in self._kind]
+            )
             slowed = speed < 1.0
             with np.errstate(divide="ignore"):  # a member's rate with its resources to its class alone
                 alone = np.where(usage[slowed] > 0, capacity[None, :] / usage[slowed], np.inf).min(axis=1)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -31,7 +31,9 @@ def plot_sweep(runs: list[ScenarioRun], axis: str, values: list[float], path: st
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    ax2.plot(values, [r.baseline.a2a_share * 100 for r in runs], marker="s", color="tab:red", label="deepspeed a2a share")
+    ax2.plot(
+        values, [r.baseline.a2a_share * 100 for r in runs], marker="s", color="tab:red", label="deepspeed a2a share"
+    )
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel(AXIS_LABEL[axis])
     ax2.set_ylabel("all-to-all share of deepspeed step (%)")
@@ -72,13 +74,17 @@ NICE_TICKS = (1, 2, 3, 5, 7)  # mantissas of the labelled ticks on a log axis
 
 def _plain_log_ticks(axis, low: float, high: float) -> None:
     """Label a log axis with plain numbers (300, 500, 1000, ...) instead of powers of ten."""
-    ticks = [m * 10 ** e for e in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1) for m in NICE_TICKS]
+    ticks = [
+        m * 10**e for e in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1) for m in NICE_TICKS
+    ]
     axis.set_major_locator(FixedLocator([t for t in ticks if low <= t <= high]))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(NullFormatter())
 
 
-def plot_calibration(rows: list[dict], holdout_rows: list[dict], path: str | Path, config_rows: list[dict] | None = None) -> Path:
+def plot_calibration(
+    rows: list[dict], holdout_rows: list[dict], path: str | Path, config_rows: list[dict] | None = None
+) -> Path:
     """Predicted against measured step time of every calibration row (held-out rows apart), on log
     axes with the diagonal and a 10% band, and beside it each row's error against its measured
     step; configurations measured more than once (``config_rows`` with ``runs`` > 1) get a line
@@ -100,8 +106,14 @@ def plot_calibration(rows: list[dict], holdout_rows: list[dict], path: str | Pat
             err.scatter(measured, [r["error"] * 100 for r in group], marker=marker, s=22, label=label)
     repeated = [r for r in config_rows or [] if r["runs"] > 1]
     for i, r in enumerate(repeated):
-        ax.hlines(r["predicted_s"] * 1e3, min(r["run_medians_s"]) * 1e3, max(r["run_medians_s"]) * 1e3, color="tab:green", lw=1.2,
-                  label="runs of one configuration" if i == 0 else None)
+        ax.hlines(
+            r["predicted_s"] * 1e3,
+            min(r["run_medians_s"]) * 1e3,
+            max(r["run_medians_s"]) * 1e3,
+            color="tab:green",
+            lw=1.2,
+            label="runs of one configuration" if i == 0 else None,
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(low, top)

@@ -41,7 +41,15 @@ def pooled_rows(rows: list[dict], steps: list[list[float]]) -> list[dict]:
         pooled = [t for row, times in members for t in (times or [row["measured_s"]])]
         measured = statistics.median(pooled)
         predicted = statistics.median(row["predicted_s"] for row, _ in members)
-        out.append({"config": config, "policy": policy, "runs": len(members),
-                    "run_medians_s": [row["measured_s"] for row, _ in members],
-                    "measured_s": measured, "predicted_s": predicted, "error": (predicted - measured) / measured})
+        out.append(
+            {
+                "config": config,
+                "policy": policy,
+                "runs": len(members),
+                "run_medians_s": [row["measured_s"] for row, _ in members],
+                "measured_s": measured,
+                "predicted_s": predicted,
+                "error": (predicted - measured) / measured,
+            }
+        )
     return out

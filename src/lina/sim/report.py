@@ -52,7 +52,13 @@ def testbed_summary(runs: list[ScenarioRun]) -> list[dict]:
 
     rows = []
     shares = [r.baseline.a2a_share for r in runs if r.baseline]
-    rows.append({"metric": "deepspeed all-to-all share of step (mean)", "ours": f"{_mean(shares):.1%}", "paper": f"{paper.A2A_SHARE_AVG:.1%}"})
+    rows.append(
+        {
+            "metric": "deepspeed all-to-all share of step (mean)",
+            "ours": f"{_mean(shares):.1%}",
+            "paper": f"{paper.A2A_SHARE_AVG:.1%}",
+        }
+    )
     by_e: dict[int, list[ScenarioRun]] = {}
     for r in runs:
         by_e.setdefault(r.scenario.model.experts, []).append(r)
@@ -62,15 +68,37 @@ def testbed_summary(runs: list[ScenarioRun]) -> list[dict]:
         rows.append({"metric": f"  a2a share, {e} experts", "ours": f"{s:.1%}", "paper": f"{ref:.1%}" if ref else "-"})
     packed = [x for x in (speed(r, "lina+packing") for r in runs) if x is not None]
     if packed:
-        rows.append({"metric": "lina+packing speedup vs deepspeed (mean)", "ours": f"{_mean(packed):.2f}x", "paper": f"{paper.SPEEDUP_AVG:.2f}x"})
-        rows.append({"metric": "lina+packing speedup (max)", "ours": f"{max(packed):.2f}x", "paper": f"{paper.SPEEDUP_MAX:.2f}x"})
+        rows.append(
+            {
+                "metric": "lina+packing speedup vs deepspeed (mean)",
+                "ours": f"{_mean(packed):.2f}x",
+                "paper": f"{paper.SPEEDUP_AVG:.2f}x",
+            }
+        )
+        rows.append(
+            {
+                "metric": "lina+packing speedup (max)",
+                "ours": f"{max(packed):.2f}x",
+                "paper": f"{paper.SPEEDUP_MAX:.2f}x",
+            }
+        )
         for e in sorted(by_e):
             xs = [x for x in (speed(r, "lina+packing") for r in by_e[e]) if x is not None]
             ref = paper.SPEEDUP_BY_EXPERTS.get(e)
-            rows.append({"metric": f"  lina+packing, {e} experts (mean)", "ours": f"{_mean(xs):.2f}x", "paper": f"{ref:.2f}x" if ref else "-"})
+            rows.append(
+                {
+                    "metric": f"  lina+packing, {e} experts (mean)",
+                    "ours": f"{_mean(xs):.2f}x",
+                    "paper": f"{ref:.2f}x" if ref else "-",
+                }
+            )
     for policy, label, ref in (
         ("lina", "lina without packing (range)", "{:.2f}-{:.2f}x".format(*paper.PRIORITY_PARTITION_RANGE)),
-        ("lina-partition", "priority + partitioning, no pipelining (range)", "{:.2f}-{:.2f}x".format(*paper.PRIORITY_PARTITION_RANGE)),
+        (
+            "lina-partition",
+            "priority + partitioning, no pipelining (range)",
+            "{:.2f}-{:.2f}x".format(*paper.PRIORITY_PARTITION_RANGE),
+        ),
         ("lina-priority", "priority only (mean)", f"{paper.PRIORITY_ONLY_AVG:.2f}x"),
         ("tutel", "tutel (mean)", "close to deepspeed"),
     ):
@@ -87,11 +115,28 @@ def testbed_summary(runs: list[ScenarioRun]) -> list[dict]:
         ]
         ref = paper.BWD_A2A_SPEEDUP_BY_EXPERTS.get(e)
         if xs:
-            rows.append({"metric": f"backward a2a time deepspeed/lina+packing, {e} experts", "ours": f"{_mean(xs):.2f}x", "paper": f"{ref:.2f}x" if ref else "-"})
-    for policy, ref in (("lina", paper.COMPUTE_BUSY_IN_A2A_NO_PACKING), ("lina+packing", paper.COMPUTE_BUSY_IN_A2A_PACKING)):
-        xs = [r.results[policy].compute_busy_in_a2a for r in runs if policy in r.results and r.results[policy].a2a_s > 0]
+            rows.append(
+                {
+                    "metric": f"backward a2a time deepspeed/lina+packing, {e} experts",
+                    "ours": f"{_mean(xs):.2f}x",
+                    "paper": f"{ref:.2f}x" if ref else "-",
+                }
+            )
+    for policy, ref in (
+        ("lina", paper.COMPUTE_BUSY_IN_A2A_NO_PACKING),
+        ("lina+packing", paper.COMPUTE_BUSY_IN_A2A_PACKING),
+    ):
+        xs = [
+            r.results[policy].compute_busy_in_a2a for r in runs if policy in r.results and r.results[policy].a2a_s > 0
+        ]
         if xs:
-            rows.append({"metric": f"compute busy while a2a in flight, {policy}", "ours": f"{_mean(xs):.0%}", "paper": f"{ref[0]:.0%}-{ref[1]:.0%}"})
+            rows.append(
+                {
+                    "metric": f"compute busy while a2a in flight, {policy}",
+                    "ours": f"{_mean(xs):.0%}",
+                    "paper": f"{ref[0]:.0%}-{ref[1]:.0%}",
+                }
+            )
     return rows
 
 

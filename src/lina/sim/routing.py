@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lina.errors import ConfigError
 from lina.data.routing_trace import RoutingTrace
+from lina.errors import ConfigError
 
 
 def drifting_trace(

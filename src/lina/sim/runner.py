@@ -54,7 +54,9 @@ def run_scenario(scenario: Scenario, progress: Progress = _quiet) -> ScenarioRun
             f"(simulated in {r.sim_wall_s:.2f} s, {r.events} events)"
         )
 
-    results = simulate_policies(scenario.cluster, scenario.model, profile, scenario.train, scenario.policies, memory_gb=memory, progress=report)
+    results = simulate_policies(
+        scenario.cluster, scenario.model, profile, scenario.train, scenario.policies, memory_gb=memory, progress=report
+    )
     lower = simulate_step(scenario.cluster, scenario.model, profile, scenario.train, "lower-bound", memory_gb=memory)
     return ScenarioRun(scenario, results, lower)
 

@@ -30,13 +30,14 @@ Scenarios are built in (:mod:`lina.sim.scenarios`) or read from TOML (:func:`loa
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import tomllib
+
 from lina.errors import ConfigError
-from lina.sim.compute import ComputeProfile
 from lina.policy import BENCH_POLICIES, train_policy
+from lina.sim.compute import ComputeProfile
 from lina.sim.spec import DEVICES, ClusterSpec, DeviceSpec, ModelSpec, TrainSpec, spec_from_dict
 
 
@@ -61,7 +62,11 @@ class Scenario:
 
     def __post_init__(self):
         if self.device is None and self.profile is None:
-            raise ConfigError("device", "neither a device nor a measured profile is given", "add device = \"<name>\" or a [profile] table")
+            raise ConfigError(
+                "device",
+                "neither a device nor a measured profile is given",
+                'add device = "<name>" or a [profile] table',
+            )
         for p in self.policies:
             train_policy(p)
 
@@ -92,11 +97,15 @@ class Scenario:
 def _device(value) -> DeviceSpec:
     if isinstance(value, str):
         if value not in DEVICES:
-            raise ConfigError("device", f"unknown device {value!r}", f"use one of {', '.join(DEVICES)} or a [device] table")
+            raise ConfigError(
+                "device", f"unknown device {value!r}", f"use one of {', '.join(DEVICES)} or a [device] table"
+            )
         return DEVICES[value]
     if isinstance(value, dict):
         return spec_from_dict(DeviceSpec, value, "device")
-    raise ConfigError("device", f"expected a name or a table, got {type(value).__name__}", "write device = \"h100-sxm-bf16\"")
+    raise ConfigError(
+        "device", f"expected a name or a table, got {type(value).__name__}", 'write device = "h100-sxm-bf16"'
+    )
 
 
 def scenario_from_dict(data: dict, default_name: str = "config") -> Scenario:

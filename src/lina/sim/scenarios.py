@@ -26,14 +26,18 @@ TESTBED_LAYOUT = {2: (2, 1), 4: (4, 1), 8: (4, 2), 16: (4, 4)}
 _TESTBED_MODELS = {
     "txl": dict(name="transformer-xl-24l", layers=24, d_model=512, d_ff=2048, seq_len=512, batch_size=16, vocab=204),
     "gpt2": dict(name="gpt2-12l", layers=12, d_model=768, d_ff=3072, seq_len=1024, batch_size=8, vocab=50257),
-    "bert2gpt2": dict(name="bert2gpt2-12l", layers=12, d_model=768, d_ff=3072, seq_len=512, batch_size=16, vocab=30522 + 50257),
+    "bert2gpt2": dict(
+        name="bert2gpt2-12l", layers=12, d_model=768, d_ff=3072, seq_len=512, batch_size=16, vocab=30522 + 50257
+    ),
 }
 
 
 def testbed(model_key: str, experts: int) -> Scenario:
     """The paper's testbed with ``experts`` GPUs (2, 4, 8, 16) and one of its three models."""
     if experts not in TESTBED_LAYOUT:
-        raise ConfigError("experts", f"the testbed runs 2, 4, 8 or 16 experts, not {experts}", "pick one of 2, 4, 8, 16")
+        raise ConfigError(
+            "experts", f"the testbed runs 2, 4, 8 or 16 experts, not {experts}", "pick one of 2, 4, 8, 16"
+        )
     hosts, gpus = TESTBED_LAYOUT[experts]
     kw = _TESTBED_MODELS[model_key]
     model = ModelSpec(experts=experts, top_k=2, act_bytes=4, grad_bytes=4, param_bytes=4, **kw)
@@ -48,7 +52,9 @@ def testbed(model_key: str, experts: int) -> Scenario:
     )
 
 
-def _large(name: str, description: str, hosts: int, layers: int, experts: int, link_gbps: float = 400.0, nics: int = 8) -> Scenario:
+def _large(
+    name: str, description: str, hosts: int, layers: int, experts: int, link_gbps: float = 400.0, nics: int = 8
+) -> Scenario:
     """H100 nodes of 8 GPUs; a MoE-GPT of d=2048, ff=8192, top-2, 8192 tokens per GPU, bf16.
 
     Gradients use the hierarchical allreduce (reduce-scatter in the node, rings across nodes on
@@ -96,7 +102,7 @@ class Suite:
 BUILTIN = {}
 for _key in _TESTBED_MODELS:
     for _e in TESTBED_LAYOUT:
-        BUILTIN[f"testbed-{_key}-e{_e}"] = (lambda k=_key, e=_e: testbed(k, e))
+        BUILTIN[f"testbed-{_key}-e{_e}"] = lambda k=_key, e=_e: testbed(k, e)
 BUILTIN["dgx-64x8-400g"] = lambda: _large(
     "dgx-64x8-400g", "64 nodes x 8 H100, 8x400 Gb/s NICs per node, 32L MoE-GPT d=2048, 64 experts", 64, 32, 64
 )

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from lina.errors import ConfigError
 from lina.devices import DEVICES, DeviceSpec  # noqa: F401  (re-exported: scenarios name devices here)
+from lina.errors import ConfigError
 
 FAIRNESS_MODES = ("collective", "flow")
 A2A_ALGORITHMS = ("pairwise", "hierarchical")
@@ -80,7 +80,9 @@ class CpuHostModel:
         if self.allreduce_launch_s is not None:
             _non_negative(self, "allreduce_launch_s")
         if not 0.0 <= self.pair_flow_loss < 1.0:
-            raise ConfigError("pair_flow_loss", f"{self.pair_flow_loss} is outside [0, 1)", "use a share of the link, e.g. 0.05")
+            raise ConfigError(
+                "pair_flow_loss", f"{self.pair_flow_loss} is outside [0, 1)", "use a share of the link, e.g. 0.05"
+            )
 
     @property
     def rank_copy_bytes_per_s(self) -> float | None:
@@ -131,8 +133,9 @@ class ClusterSpec:
         if isinstance(self.host, dict):  # a [cluster.host] table
             object.__setattr__(self, "host", spec_from_dict(CpuHostModel, self.host, "cluster.host"))
         if self.host is not None and not isinstance(self.host, CpuHostModel):
-            raise ConfigError("host", f"{self.host!r} is not a CPU host model",
-                              "give a CpuHostModel, a [cluster.host] table, or None")
+            raise ConfigError(
+                "host", f"{self.host!r} is not a CPU host model", "give a CpuHostModel, a [cluster.host] table, or None"
+            )
         if self.link_efficiency > 1:
             raise ConfigError("link_efficiency", f"{self.link_efficiency} is above 1", "use a fraction in (0, 1]")
         if self.gpus_per_host % self.nics_per_host:
@@ -243,7 +246,11 @@ class ModelSpec:
         return out
 
     def embedding_tensors(self) -> list[tuple[str, int]]:
-        return [("embed.tok", self.vocab * self.d_model), ("embed.pos", self.seq_len * self.d_model), ("ln_f", 2 * self.d_model)]
+        return [
+            ("embed.tok", self.vocab * self.d_model),
+            ("embed.pos", self.seq_len * self.d_model),
+            ("ln_f", 2 * self.d_model),
+        ]
 
     @property
     def total_params(self) -> int:
@@ -309,13 +316,21 @@ class TrainSpec:
     def __post_init__(self):
         _positive(self, "chunk_mb", "bucket_mb")
         if not self.a2a_skew >= 1.0:
-            raise ConfigError("a2a_skew", f"{self.a2a_skew!r} is below 1", "give the busiest rank's all-to-all bytes over the mean rank's (1.0: uniform)")
+            raise ConfigError(
+                "a2a_skew",
+                f"{self.a2a_skew!r} is below 1",
+                "give the busiest rank's all-to-all bytes over the mean rank's (1.0: uniform)",
+            )
         _integer(self, "tutel_chunks", "credit_window")
         if self.a2a_algorithm not in A2A_ALGORITHMS:
-            raise ConfigError("a2a_algorithm", f"unknown {self.a2a_algorithm!r}", f"use one of {', '.join(A2A_ALGORITHMS)}")
+            raise ConfigError(
+                "a2a_algorithm", f"unknown {self.a2a_algorithm!r}", f"use one of {', '.join(A2A_ALGORITHMS)}"
+            )
         if self.allreduce_algorithm not in ALLREDUCE_ALGORITHMS:
             raise ConfigError(
-                "allreduce_algorithm", f"unknown {self.allreduce_algorithm!r}", f"use one of {', '.join(ALLREDUCE_ALGORITHMS)}"
+                "allreduce_algorithm",
+                f"unknown {self.allreduce_algorithm!r}",
+                f"use one of {', '.join(ALLREDUCE_ALGORITHMS)}",
             )
         _positive(self, "state_bytes_per_param", "memory_fraction")
         if self.lina_a2a_chunks is not None:
@@ -363,7 +378,9 @@ def spec_from_dict(cls, data: dict, section: str):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"[{section}] {unknown[0]}", "is not a known setting", f"use some of: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"[{section}] {unknown[0]}", "is not a known setting", f"use some of: {', '.join(sorted(known))}"
+        )
     try:
         return cls(**data)
     except TypeError as err:

@@ -113,7 +113,9 @@ class Topology:
         count = self.gpus_per_host if self.representative else self.cluster.gpus
         return np.arange(count)
 
-    def classes(self, src: np.ndarray, dst: np.ndarray, size: np.ndarray | float, copy: bool = False) -> list[FlowClass]:
+    def classes(
+        self, src: np.ndarray, dst: np.ndarray, size: np.ndarray | float, copy: bool = False
+    ) -> list[FlowClass]:
         """Fold point-to-point flows into classes.
 
         Args:
@@ -159,7 +161,9 @@ class Topology:
         copy_res = self.copy_base + hs * g + a if through_copy else np.full(src.shape, -1)
         if through_copy and not host.copy_intra:
             copy_res = np.where(same, -1, copy_res)
-        keys = np.stack([r_out.astype(float), r_in.astype(float), size, copy_res.astype(float), same.astype(float), cost], axis=1)
+        keys = np.stack(
+            [r_out.astype(float), r_in.astype(float), size, copy_res.astype(float), same.astype(float), cost], axis=1
+        )
         uniq, counts = np.unique(keys, axis=0, return_counts=True)
         flow_cap = host.flow_copy_bytes_per_s if copy and host is not None else None
         out = []

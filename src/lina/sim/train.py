@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 from lina.obs import schema
 from lina.obs.timeline import Timeline, union_length
+from lina.policy import TrainPolicy, train_policy
+from lina.policy.packing import REVERT_MARGIN
 from lina.sim.collectives import all_to_all
 from lina.sim.compute import ComputeProfile
 from lina.sim.engine import Executor, Task
 from lina.sim.network import INTRA_SUFFIX, Transfer
-from lina.policy import TrainPolicy, train_policy
-from lina.policy.packing import REVERT_MARGIN
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec, resolve_ep
 from lina.sim.topology import Topology
 from lina.sim.train_step import StepBuilder, StepPlan, TransferCache
@@ -114,21 +114,35 @@ class TrainResult:
         heads = {t.args.get("phase"): t for t in self.tasks if t.args.get("kind") == schema.HEAD}
         fwd_end, bwd_start = heads["fwd"].end_s, heads["bwd"].start_s
         bwd_end = max(t.end_s for t in self.tasks if t.cat == "compute" and t.args.get("phase") == "bwd")
-        tl.record("forward", "compute", offset_s, offset_s + fwd_end, thread="main", kind=schema.FORWARD, phase="fwd",
-                  step=step)
-        tl.record("backward", "compute", offset_s + bwd_start, offset_s + bwd_end, thread="main", kind=schema.BACKWARD,
-                  phase="bwd", step=step)
+        tl.record(
+            "forward",
+            "compute",
+            offset_s,
+            offset_s + fwd_end,
+            thread="main",
+            kind=schema.FORWARD,
+            phase="fwd",
+            step=step,
+        )
+        tl.record(
+            "backward",
+            "compute",
+            offset_s + bwd_start,
+            offset_s + bwd_end,
+            thread="main",
+            kind=schema.BACKWARD,
+            phase="bwd",
+            step=step,
+        )
         for task in self.tasks:
-            tl.record(task.name, task.cat, offset_s + task.start_s, offset_s + task.end_s, thread=task.stream, **task.args)
+            tl.record(
+                task.name, task.cat, offset_s + task.start_s, offset_s + task.end_s, thread=task.stream, **task.args
+            )
         return tl
 
 
 def _intervals(tasks: list[Task], cat: str, **match) -> list[tuple[float, float]]:
-    return [
-        (t.start_s, t.end_s)
-        for t in tasks
-        if t.cat == cat and all(t.args.get(k) == v for k, v in match.items())
-    ]
+    return [(t.start_s, t.end_s) for t in tasks if t.cat == cat and all(t.args.get(k) == v for k, v in match.items())]
 
 
 def measure(policy: str, tasks: list[Task], plan: StepPlan, wall_s: float, events: int) -> TrainResult:
@@ -217,6 +231,7 @@ def _comm_speed(profile: ComputeProfile):
     def speeds(ex: Executor) -> dict[str, float]:
         busy = ex.stream_busy("compute")
         return {"allreduce": 1.0 - slow_ar if busy else 1.0, "a2a" + INTRA_SUFFIX: 1.0 - slow_loop if busy else 1.0}
+
     return speeds
 
 
@@ -260,7 +275,9 @@ def _pack(plan, pol, topo, cache, tasks, events, memory_gb):
         events += trial_events
         if trial_s > step_s * (1 + REVERT_MARGIN):
             step_s, plan, tasks = min(visited, key=lambda v: v[0])
-            decision["stop"] = f"reverted: x{trial.pack} made the step {trial_s / decision['step_s'] - 1:.0%} slower; back to x{plan.pack}, the fastest"
+            decision["stop"] = (
+                f"reverted: x{trial.pack} made the step {trial_s / decision['step_s'] - 1:.0%} slower; back to x{plan.pack}, the fastest"
+            )
             break
         plan, tasks, step_s = trial, trial_tasks, trial_s
         visited.append((step_s, plan, tasks))

@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from lina.policy import TrainPolicy
 from lina.sim.collectives import all_to_all, allreduce
 from lina.sim.compute import ComputeProfile
 from lina.sim.engine import Task
 from lina.sim.network import Transfer
-from lina.policy import TrainPolicy
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec
 from lina.sim.topology import Topology
 
@@ -123,8 +123,9 @@ class StepBuilder:
         p, m = self.plan, self.plan.model
         prev = None
         for layer in range(m.layers):
-            prev = self.compute(f"fwd.dense.L{layer}", p.profile.dense_time(m.tokens), prev, layer=layer, kind="dense",
-                                phase="fwd")
+            prev = self.compute(
+                f"fwd.dense.L{layer}", p.profile.dense_time(m.tokens), prev, layer=layer, kind="dense", phase="fwd"
+            )
             if m.is_moe(layer):
                 prev = self._moe(layer, prev, "fwd")
             else:
@@ -138,15 +139,23 @@ class StepBuilder:
             else:
                 ffn = p.profile.expert_time(m.tokens, backward=True)
                 prev = self.compute(f"bwd.ffn.L{layer}", ffn, prev, layer=layer, kind="dense", phase="bwd")
-            prev = self.compute(f"bwd.dense.L{layer}", p.profile.dense_time(m.tokens, backward=True), prev, layer=layer,
-                                kind="dense", phase="bwd")
+            prev = self.compute(
+                f"bwd.dense.L{layer}",
+                p.profile.dense_time(m.tokens, backward=True),
+                prev,
+                layer=layer,
+                kind="dense",
+                phase="bwd",
+            )
             for name, numel in reversed(m.dense_tensors(layer)):
                 self.grads.append((name, numel * m.grad_bytes, prev, "dp"))
         for name, numel in reversed(m.embedding_tensors()):
             self.grads.append((name, numel * m.grad_bytes, prev, "dp"))
         syncs = self._grad_sync(last_backward=prev)
         optimizer = p.profile.optimizer_s_per_param * p.local_params()
-        self.add(Task("optimizer", "compute", "compute", (prev, *syncs), duration_s=optimizer, args={"kind": "optimizer"}))
+        self.add(
+            Task("optimizer", "compute", "compute", (prev, *syncs), duration_s=optimizer, args={"kind": "optimizer"})
+        )
         return self.tasks
 
     # ------------------------------------------------------------------ MoE layer
@@ -160,29 +169,68 @@ class StepBuilder:
         ffn = p.expert_time(backward) / chunks
         first, second = ("combine", "dispatch") if backward else ("dispatch", "combine")
         if p.ep == 1:  # every expert is local (pure data parallelism): no all-to-all is issued
-            ffn_all = self.compute(f"{direction}.expert.L{layer}", p.expert_time(backward), prev,
-                                   layer=layer, kind="expert", phase=direction, micro_op=0)
+            ffn_all = self.compute(
+                f"{direction}.expert.L{layer}",
+                p.expert_time(backward),
+                prev,
+                layer=layer,
+                kind="expert",
+                phase=direction,
+                micro_op=0,
+            )
             self._expert_grads(layer, backward, ffn_all)
             return ffn_all
         a2a = self.cache.a2a(p.ep, nbytes * p.train.a2a_skew)  # the busiest rank's bytes: it ends the exchange
         sent = nbytes * (p.ep - 1) / p.ep  # the mean rank's, to other ranks, as the trainer's spans record it
         if not backward and p.train.count_exchange:
             counts = 8.0 * m.experts
-            prev = self.add(Task(f"fwd.counts.L{layer}", "a2a", "a2a", (prev,), transfer=self.cache.a2a(p.ep, counts),
-                                 args={"kind": "counts", "layer": layer, "phase": "fwd", "bytes": counts}))
+            prev = self.add(
+                Task(
+                    f"fwd.counts.L{layer}",
+                    "a2a",
+                    "a2a",
+                    (prev,),
+                    transfer=self.cache.a2a(p.ep, counts),
+                    args={"kind": "counts", "layer": layer, "phase": "fwd", "bytes": counts},
+                )
+            )
         firsts = [
-            self.add(Task(f"{direction}.{first}.L{layer}.c{j}", "a2a", "a2a", (prev,), transfer=a2a,
-                          args={"kind": first, "layer": layer, "phase": direction, "bytes": sent, "micro_op": j}))
+            self.add(
+                Task(
+                    f"{direction}.{first}.L{layer}.c{j}",
+                    "a2a",
+                    "a2a",
+                    (prev,),
+                    transfer=a2a,
+                    args={"kind": first, "layer": layer, "phase": direction, "bytes": sent, "micro_op": j},
+                )
+            )
             for j in range(chunks)
         ]
         ffns = [
-            self.add(Task(f"{direction}.expert.L{layer}.c{j}", "compute", "compute", (firsts[j],), duration_s=ffn,
-                          args={"kind": "expert", "layer": layer, "phase": direction, "micro_op": j}))
+            self.add(
+                Task(
+                    f"{direction}.expert.L{layer}.c{j}",
+                    "compute",
+                    "compute",
+                    (firsts[j],),
+                    duration_s=ffn,
+                    args={"kind": "expert", "layer": layer, "phase": direction, "micro_op": j},
+                )
+            )
             for j in range(chunks)
         ]
         seconds = [
-            self.add(Task(f"{direction}.{second}.L{layer}.c{j}", "a2a", "a2a", (ffns[j],), transfer=a2a,
-                          args={"kind": second, "layer": layer, "phase": direction, "bytes": sent, "micro_op": j}))
+            self.add(
+                Task(
+                    f"{direction}.{second}.L{layer}.c{j}",
+                    "a2a",
+                    "a2a",
+                    (ffns[j],),
+                    transfer=a2a,
+                    args={"kind": second, "layer": layer, "phase": direction, "bytes": sent, "micro_op": j},
+                )
+            )
             for j in range(chunks)
         ]
         self._expert_grads(layer, backward, ffns[-1])
@@ -220,7 +268,15 @@ class StepBuilder:
 
             def flush_small() -> None:
                 if small:
-                    out.append(self._allreduce(f"allreduce.small{len(out)}", sum(b for b, _ in small), (small[-1][1],), "dp", tensor="small"))
+                    out.append(
+                        self._allreduce(
+                            f"allreduce.small{len(out)}",
+                            sum(b for b, _ in small),
+                            (small[-1][1],),
+                            "dp",
+                            tensor="small",
+                        )
+                    )
                     small.clear()
 
             for name, nbytes, ready, group in self.grads:

@@ -25,7 +25,9 @@ from lina.errors import LinaError
 
 def _entry(rank: int, world: int, init_file: str, out_dir: str, fn: Callable, args: tuple, timeout_s: float) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+    )
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -39,12 +41,16 @@ def _entry(rank: int, world: int, init_file: str, out_dir: str, fn: Callable, ar
 def run_ranks(fn: Callable, world: int, *args: Any, timeout_s: float = 60.0) -> list[Any]:
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        ctx = mp.start_processes(_entry, args=(world, init_file, tmp, fn, args, timeout_s), nprocs=world, join=False, start_method="spawn")
+        ctx = mp.start_processes(
+            _entry, args=(world, init_file, tmp, fn, args, timeout_s), nprocs=world, join=False, start_method="spawn"
+        )
         try:
             deadline = time.monotonic() + timeout_s * 2
             while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
                 if time.monotonic() >= deadline:
-                    raise LinaError(f"ranks did not finish within {timeout_s * 2:g} s (a collective hangs?); all were stopped")
+                    raise LinaError(
+                        f"ranks did not finish within {timeout_s * 2:g} s (a collective hangs?); all were stopped"
+                    )
         except mp.ProcessRaisedException as err:
             errs = sorted(Path(tmp).glob("rank*.err"))
             detail = errs[0].read_text() if errs else str(err)

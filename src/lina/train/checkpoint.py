@@ -48,11 +48,13 @@ class CheckpointError(ConfigError):
         super().__init__("checkpoint", f"{folder}: {problem}", fix)
 
 
-_FRESH = ("start afresh without --resume (or with another --out), or point checkpoints/latest at an earlier "
-          "step-* folder")
+_FRESH = (
+    "start afresh without --resume (or with another --out), or point checkpoints/latest at an earlier step-* folder"
+)
 
 
 # --- where ----------------------------------------------------------------------------------
+
 
 def step_folder(ckpt_root: Path, step: int) -> Path:
     return ckpt_root / f"step-{step:07d}"
@@ -76,8 +78,11 @@ def resume_point(ckpt_root: Path) -> tuple[Path, dict[str, Any]]:
     """
     folder = latest_folder(ckpt_root)
     if folder is None:
-        raise CheckpointError(ckpt_root, "no checkpoint (no 'latest' pointing at a step-* folder)",
-                              "run without --resume first, or point --out at the earlier run's folder")
+        raise CheckpointError(
+            ckpt_root,
+            "no checkpoint (no 'latest' pointing at a step-* folder)",
+            "run without --resume first, or point --out at the earlier run's folder",
+        )
     meta = read_meta(folder)
     verify_files(folder, meta)
     return folder, meta
@@ -87,9 +92,12 @@ def read_meta(folder: Path) -> dict[str, Any]:
     path = folder / META
     if not path.exists():
         if any(folder.glob("rank-*.pt")):
-            raise CheckpointError(folder, "written by an earlier lina (one torch.save file per rank, tied to its "
-                                  "worker count); this lina resumes only from its own layout-free format",
-                                  "finish that run with the lina version that started it, or " + _FRESH)
+            raise CheckpointError(
+                folder,
+                "written by an earlier lina (one torch.save file per rank, tied to its "
+                "worker count); this lina resumes only from its own layout-free format",
+                "finish that run with the lina version that started it, or " + _FRESH,
+            )
         raise CheckpointError(folder, f"has no {META}, so it is not a complete lina checkpoint", _FRESH)
     try:
         meta = json.loads(path.read_text())
@@ -98,8 +106,11 @@ def read_meta(folder: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(folder, f"{META} does not describe a {FORMAT} checkpoint", _FRESH)
     if int(meta.get("version", 0)) > VERSION:
-        raise CheckpointError(folder, f"format version {meta['version']} is newer than this lina reads ({VERSION})",
-                              "resume with the lina version that wrote it")
+        raise CheckpointError(
+            folder,
+            f"format version {meta['version']} is newer than this lina reads ({VERSION})",
+            "resume with the lina version that wrote it",
+        )
     return meta
 
 
@@ -127,6 +138,7 @@ def _sha256(path: Path) -> str:
 
 # --- writing --------------------------------------------------------------------------------
 
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -152,16 +164,23 @@ def save(ckpt_root: Path, step: int, tensors: dict[str, torch.Tensor], meta: dic
 
     try:
         with _single_process_quiet():
-            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), process_group=group,
-                     no_dist=not dist.is_initialized())
+            dcp.save(
+                tensors,
+                storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
+                process_group=group,
+                no_dist=not dist.is_initialized(),
+            )
     except CheckpointException as err:  # a BaseException: one rank's failure, reported on every rank
-        raise LinaError(f"writing checkpoint {tmp.name} failed: {_first_line(err)}; {ckpt_root / 'latest'} still "
-                        "points at the previous checkpoint. Fix: check free space and permissions of the --out "
-                        "folder") from None
+        raise LinaError(
+            f"writing checkpoint {tmp.name} failed: {_first_line(err)}; {ckpt_root / 'latest'} still "
+            "points at the previous checkpoint. Fix: check free space and permissions of the --out "
+            "folder"
+        ) from None
     final = step_folder(ckpt_root, step)
     if _rank() == 0:
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
-                 if p.is_file()}
+        files = {
+            p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()
+        }
         record = {"format": FORMAT, "version": VERSION, "step": step, **meta, "files": files}
         _write_atomic(tmp / META, json.dumps(record, indent=1))
         if final.exists():  # the same step written again after a resume
@@ -196,9 +215,15 @@ def _fsync_dir(folder: Path) -> None:
 # --- reading --------------------------------------------------------------------------------
 
 _ALLOWED = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
-                                              "ChunkStorageMetadata", "MetadataIndex", "StorageMeta",
-                                              "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "TensorProperties",
+        "ChunkStorageMetadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "pathlib": {"Path", "PosixPath", "PurePosixPath"},
@@ -254,11 +279,15 @@ def load(folder: Path, tensors: dict[str, torch.Tensor], group=None) -> dict[str
 
     try:
         with _single_process_quiet():
-            dcp.load(tensors, storage_reader=_safe_reader(folder), process_group=group,
-                     no_dist=not dist.is_initialized())
+            dcp.load(
+                tensors, storage_reader=_safe_reader(folder), process_group=group, no_dist=not dist.is_initialized()
+            )
     except (CheckpointException, pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError, KeyError) as err:
-        raise CheckpointError(folder, f"cannot be loaded: {_first_line(err)}",
-                              "resume with the model settings of the run that wrote it, or " + _FRESH) from None
+        raise CheckpointError(
+            folder,
+            f"cannot be loaded: {_first_line(err)}",
+            "resume with the model settings of the run that wrote it, or " + _FRESH,
+        ) from None
     return tensors
 
 
@@ -277,4 +306,3 @@ def _first_line(err: BaseException) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     shown = [line for line in lines if "Error" in line or "Missing" in line or "refused" in line][:2] or lines[:1]
     return " ".join(s.strip() for s in shown)[:400]
-

@@ -98,8 +98,9 @@ def _empty_state(key: str, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, loaded: dict[str, torch.Tensor],
-                rng_key: str | None) -> None:
+def apply_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, loaded: dict[str, torch.Tensor], rng_key: str | None
+) -> None:
     """Copy a loaded :func:`template` into the model's parameters and buffers, AdamW's state
     (created when absent; skipped without an optimizer) and the CPU random state (when
     ``rng_key`` is given)."""
@@ -115,10 +116,14 @@ def apply_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, loade
         if optimizer is not None and f"optim-experts/{li}/{ids[0]}/{pname}/step" in loaded:
             steps = {float(loaded[f"optim-experts/{li}/{e}/{pname}/step"]) for e in ids}
             if len(steps) > 1:
-                raise LinaError(f"experts {ids} of MoE layer {li} were saved at different AdamW steps {sorted(steps)}; "
-                                "they cannot share one parameter")
-            state = {k: torch.stack([loaded[f"optim-experts/{li}/{e}/{pname}/{k}"] for e in ids]).to(p.device)
-                     for k in ("exp_avg", "exp_avg_sq")}
+                raise LinaError(
+                    f"experts {ids} of MoE layer {li} were saved at different AdamW steps {sorted(steps)}; "
+                    "they cannot share one parameter"
+                )
+            state = {
+                k: torch.stack([loaded[f"optim-experts/{li}/{e}/{pname}/{k}"] for e in ids]).to(p.device)
+                for k in ("exp_avg", "exp_avg_sq")
+            }
             state["step"] = loaded[f"optim-experts/{li}/{ids[0]}/{pname}/step"].clone()
             optimizer.state[p] = state
     if rng_key is not None:

@@ -14,8 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lina.config import ModelConfig
 from lina.errors import ConfigError, LinaError
 from lina.train import checkpoint
@@ -28,8 +26,9 @@ def _safetensors():
     try:
         import safetensors.torch as st
     except ModuleNotFoundError:
-        raise LinaError("writing or reading safetensors needs the safetensors package. "
-                        "Fix: pip install 'lina[export]'") from None
+        raise LinaError(
+            "writing or reading safetensors needs the safetensors package. Fix: pip install 'lina[export]'"
+        ) from None
     return st
 
 
@@ -40,14 +39,16 @@ def model_from_run(run_dir: str | Path):
 
     run = Path(run_dir)
     if not (run / "checkpoints").is_dir():
-        raise ConfigError("model", f"{run} has no checkpoints/ folder",
-                          "point at the --out folder of a `lina train` run")
+        raise ConfigError(
+            "model", f"{run} has no checkpoints/ folder", "point at the --out folder of a `lina train` run"
+        )
     folder, meta = checkpoint.resume_point(run / "checkpoints")
     try:
         cfg = ModelConfig(**meta["model"])
     except TypeError as err:
-        raise checkpoint.CheckpointError(folder, f"its model settings do not fit this lina ({err})",
-                                         "export with the lina version that trained it") from None
+        raise checkpoint.CheckpointError(
+            folder, f"its model settings do not fit this lina ({err})", "export with the lina version that trained it"
+        ) from None
     model = MoEGPT(cfg)
     loaded = checkpoint.load(folder, template(model, False, None))
     apply_state(model, None, loaded, None)
@@ -65,8 +66,18 @@ def export_model(run_dir: str | Path, out_dir: str | Path, provenance: dict[str,
     weights = out / "model.safetensors"
     st.save_file(tensors, str(weights), metadata={"format": EXPORT_FORMAT})
     config = out / "config.json"
-    config.write_text(json.dumps({"format": EXPORT_FORMAT, "model": model.cfg.__dict__, "source": str(folder.resolve()),
-                                  "step": checkpoint.read_meta(folder)["step"], "provenance": provenance}, indent=1))
+    config.write_text(
+        json.dumps(
+            {
+                "format": EXPORT_FORMAT,
+                "model": model.cfg.__dict__,
+                "source": str(folder.resolve()),
+                "step": checkpoint.read_meta(folder)["step"],
+                "provenance": provenance,
+            },
+            indent=1,
+        )
+    )
     return [weights, config]
 
 
@@ -84,14 +95,18 @@ def load_exported(folder: str | Path):
         config = json.loads((folder / "config.json").read_text())
         cfg = ModelConfig(**config["model"])
     except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError("model", f"{folder / 'config.json'} is not a lina export ({err})",
-                          "export again with `lina export`") from None
+        raise ConfigError(
+            "model", f"{folder / 'config.json'} is not a lina export ({err})", "export again with `lina export`"
+        ) from None
     model = MoEGPT(cfg)
     try:
         model.load_state_dict(st.load_file(str(folder / "model.safetensors")))
     except (RuntimeError, OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError("model", f"{folder / 'model.safetensors'} does not fit its config.json ({first})",
-                          "export again with `lina export`") from None
+        raise ConfigError(
+            "model",
+            f"{folder / 'model.safetensors'} does not fit its config.json ({first})",
+            "export again with `lina export`",
+        ) from None
     model.eval()
     return model

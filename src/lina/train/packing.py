@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from lina.comm.groups import ParallelGroups
-from lina.errors import ConfigError, LinaError
+from lina.errors import LinaError
 from lina.moe.experts import LocalExperts
 from lina.obs import schema
 from lina.obs.timeline import Span, Timeline
@@ -51,6 +51,7 @@ ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 # --- measuring and deciding --------------------------------------------------------------------
+
 
 @dataclass
 class MicroOpTimes:
@@ -112,7 +113,9 @@ class Decision:
     reason: str
 
 
-def decide(experts_per_rank: int, ffn_per_op_s: float | None, a2a_per_op_s: float | None, can_double: bool, fits: bool) -> Decision:
+def decide(
+    experts_per_rank: int, ffn_per_op_s: float | None, a2a_per_op_s: float | None, can_double: bool, fits: bool
+) -> Decision:
     """Lina's rule: double the experts per rank while one FFN micro-op is shorter than one
     all-to-all micro-op, a smaller EP group exists, and the packed experts fit in memory."""
     keep = experts_per_rank
@@ -124,7 +127,9 @@ def decide(experts_per_rank: int, ffn_per_op_s: float | None, a2a_per_op_s: floa
     if not can_double:
         return Decision(keep, f"{ratio}, but no smaller EP group exists")
     if not fits:
-        return Decision(keep, f"{ratio}, but {2 * experts_per_rank} packed experts of one layer exceed max_expert_memory_mb")
+        return Decision(
+            keep, f"{ratio}, but {2 * experts_per_rank} packed experts of one layer exceed max_expert_memory_mb"
+        )
     return Decision(2 * experts_per_rank, f"{ratio}: pack")
 
 
@@ -172,8 +177,14 @@ class PackingController:
 
     @classmethod
     def from_config(cls, cfg, world: int) -> "PackingController":
-        return cls(parse_packing(cfg.effective_packing), cfg.model.experts, cfg.ep_size or world, cfg.packing_first_step,
-                   cfg.packing_every, int(cfg.max_expert_memory_mb * 1024 * 1024))
+        return cls(
+            parse_packing(cfg.effective_packing),
+            cfg.model.experts,
+            cfg.ep_size or world,
+            cfg.packing_first_step,
+            cfg.packing_every,
+            int(cfg.max_expert_memory_mb * 1024 * 1024),
+        )
 
     def ep_sizes(self) -> list[int]:
         return packing_ep_sizes(self.spec, self.experts, self.base_ep)
@@ -198,8 +209,14 @@ class PackingController:
         if self.spec.mode == "fixed" and step >= self.spec.at_step:
             target = self.experts // self.spec.experts_per_rank
             if target != current_ep:
-                self.history.append({"step": step, "experts_per_rank": per_rank, "new_experts_per_rank": self.spec.experts_per_rank,
-                                     "reason": f"fixed: {self.spec.experts_per_rank} experts per rank from step {self.spec.at_step}"})
+                self.history.append(
+                    {
+                        "step": step,
+                        "experts_per_rank": per_rank,
+                        "new_experts_per_rank": self.spec.experts_per_rank,
+                        "reason": f"fixed: {self.spec.experts_per_rank} experts per rank from step {self.spec.at_step}",
+                    }
+                )
             return target
         if not self.due(step):
             return current_ep
@@ -211,8 +228,11 @@ class PackingController:
             decision = Decision(per_rank, "settled (an earlier doubling made steps slower)")
         elif pending and got_slower(pending["step_before_s"], times.step_mean_s):
             best = min(self.step_s_by_packing, key=self.step_s_by_packing.get)
-            decision = Decision(best, f"steps got slower after packing ({times.step_mean_s * 1e3:.1f} ms vs "
-                                f"{pending['step_before_s'] * 1e3:.1f} ms): back to {best}, the fastest measured, and settle")
+            decision = Decision(
+                best,
+                f"steps got slower after packing ({times.step_mean_s * 1e3:.1f} ms vs "
+                f"{pending['step_before_s'] * 1e3:.1f} ms): back to {best}, the fastest measured, and settle",
+            )
         else:
             fits = self.budget_bytes <= 0 or 2 * layer_training_bytes <= self.budget_bytes
             decision = decide(per_rank, times.ffn_per_op_s, times.a2a_per_op_s, current_ep % 2 == 0, fits)
@@ -221,18 +241,28 @@ class PackingController:
             self.pending = {"from_ep": current_ep, "step_before_s": times.step_mean_s}
         elif agreed < per_rank:
             self.settled = True
-        self.history.append({
-            "step": step, "experts_per_rank": per_rank, "new_experts_per_rank": agreed, "reason": decision.reason,
-            "ffn_per_op_ms": None if times.ffn_per_op_s is None else times.ffn_per_op_s * 1e3,
-            "a2a_per_op_ms": None if times.a2a_per_op_s is None else times.a2a_per_op_s * 1e3,
-            "step_ms": None if times.step_mean_s is None else times.step_mean_s * 1e3,
-            "ffn_ops": times.ffn_ops, "a2a_ops": times.a2a_ops,
-        })
+        self.history.append(
+            {
+                "step": step,
+                "experts_per_rank": per_rank,
+                "new_experts_per_rank": agreed,
+                "reason": decision.reason,
+                "ffn_per_op_ms": None if times.ffn_per_op_s is None else times.ffn_per_op_s * 1e3,
+                "a2a_per_op_ms": None if times.a2a_per_op_s is None else times.a2a_per_op_s * 1e3,
+                "step_ms": None if times.step_mean_s is None else times.step_mean_s * 1e3,
+                "ffn_ops": times.ffn_ops,
+                "a2a_ops": times.a2a_ops,
+            }
+        )
         return self.experts // agreed
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "pending": self.pending, "settled": self.settled,
-                "step_s_by_packing": {str(k): v for k, v in self.step_s_by_packing.items()}}
+        return {
+            "history": list(self.history),
+            "pending": self.pending,
+            "settled": self.settled,
+            "step_s_by_packing": {str(k): v for k, v in self.step_s_by_packing.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state.get("history", []))
@@ -258,6 +288,7 @@ def _from_rank0(value: int) -> int:
 
 
 # --- moving experts to a new layout ------------------------------------------------------------
+
 
 def expert_sources(world: int, experts: int, old_ep: int, new_ep: int) -> list[list[tuple[int, int]]]:
     """Where each rank gets its experts of the new layout from.
@@ -311,7 +342,9 @@ def _unpack(rows: torch.Tensor, layers, with_state: bool) -> list[dict[str, tupl
                 state = {m: take(shape.numel()).reshape(-1, *shape).clone() for m in ADAM_MOMENTS}
                 steps = take(1).reshape(-1)
                 if not bool((steps == steps[0]).all()):
-                    raise LinaError(f"expert packing: experts of {name} arrive with different AdamW steps {steps.tolist()}; they cannot share one parameter")
+                    raise LinaError(
+                        f"expert packing: experts of {name} arrive with different AdamW steps {steps.tolist()}; they cannot share one parameter"
+                    )
                 state["step"] = steps[0].clone().to(torch.float32)
             entry[name] = (weights, state)
         out.append(entry)
@@ -338,7 +371,9 @@ def relayout_experts(layers, optimizer: torch.optim.Optimizer, old: ParallelGrou
     old_params = [p for layer in layers for p in layer.experts.parameters()]
     has_state = [len(optimizer.state.get(p, {})) > 0 for p in old_params]
     if any(has_state) and not all(has_state):
-        raise LinaError("expert packing: only some expert parameters have optimizer state; move between steps, after optimizer.step()")
+        raise LinaError(
+            "expert packing: only some expert parameters have optimizer state; move between steps, after optimizer.step()"
+        )
     with_state = all(has_state)
     peers = range(old.ep_group_start, old.ep_group_start + old.ep_size)
     send_ids = [[e for s, e in sources[q] if s == rank] for q in peers]

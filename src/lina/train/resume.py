@@ -33,8 +33,12 @@ def checkpoint_meta(trainer, step: int) -> dict[str, Any]:
         "experts_per_rank": trainer.experts_per_rank,
         "packing": {"mode": cfg.packing, "controller": trainer.packing.state_dict()},
         "model": cfg.model.__dict__.copy(),
-        "data": {"seed": cfg.seed, "batch_size": cfg.batch_size, "next_step": step + 1,
-                 "global_batch": cfg.batch_size * trainer.groups.world_size},
+        "data": {
+            "seed": cfg.seed,
+            "batch_size": cfg.batch_size,
+            "next_step": step + 1,
+            "global_batch": cfg.batch_size * trainer.groups.world_size,
+        },
     }
 
 
@@ -48,8 +52,13 @@ def resume_layout(cfg: TrainConfig, meta: dict[str, Any], world: int) -> int:
     """The EP size a resumed run starts with (see the module docstring)."""
     controller = PackingController.from_config(cfg, world)
     saved_ep = int(meta["ep_size"])
-    keeps = (int(meta["world_size"]) == world and not cfg.ep_size and controller.spec.mode in ("off", "auto")
-             and world % saved_ep == 0 and cfg.model.experts % saved_ep == 0)
+    keeps = (
+        int(meta["world_size"]) == world
+        and not cfg.ep_size
+        and controller.spec.mode in ("off", "auto")
+        and world % saved_ep == 0
+        and cfg.model.experts % saved_ep == 0
+    )
     return saved_ep if keeps else controller.initial_ep()
 
 
@@ -58,8 +67,11 @@ def check_model(cfg: TrainConfig, meta: dict[str, Any], folder: Path) -> None:
     saved = meta.get("model", {})
     diffs = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.model.__dict__.items() if k in saved and saved[k] != v]
     if diffs:
-        raise checkpoint.CheckpointError(folder, "was written for another model: " + ", ".join(diffs),
-                                         "resume with the model settings of the run that wrote it")
+        raise checkpoint.CheckpointError(
+            folder,
+            "was written for another model: " + ", ".join(diffs),
+            "resume with the model settings of the run that wrote it",
+        )
 
 
 def load_trainer(folder: Path, meta: dict[str, Any], trainer, ep_size: int, group=None) -> int:

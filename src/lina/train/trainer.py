@@ -58,8 +58,15 @@ class Trainer:
             every span (benchmarks read them all at the end).
     """
 
-    def __init__(self, cfg: TrainConfig, groups: ParallelGroups, corpus: Corpus, timeline: Timeline | None = None,
-                 group_set: dict[int, ParallelGroups] | None = None, bounded_timeline: bool = False):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        groups: ParallelGroups,
+        corpus: Corpus,
+        timeline: Timeline | None = None,
+        group_set: dict[int, ParallelGroups] | None = None,
+        bounded_timeline: bool = False,
+    ):
         self.cfg = cfg
         self._kept_step_starts: list[float] | None = [] if bounded_timeline else None
         self.corpus = corpus
@@ -80,7 +87,9 @@ class Trainer:
         )
         torch.manual_seed(cfg.seed)  # same on every rank: identical non-expert parameters
         # CUDA when the process group is NCCL (one GPU per local rank), else the CPU.
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
         if cfg.model.hf_model:
             from lina.hf.lm import hf_train_model
 
@@ -99,7 +108,9 @@ class Trainer:
         if not self.cfg.device_time:
             return None
         tokens = self.cfg.batch_size * self.cfg.model.seq_len
-        source = TraceRouting.from_file(self.cfg.routing_trace, self.cfg.model.experts, offset=self.groups.rank * tokens)
+        source = TraceRouting.from_file(
+            self.cfg.routing_trace, self.cfg.model.experts, offset=self.groups.rank * tokens
+        )
         for layer in self.model.moe_layers():
             layer.routing_source = source
         return DeviceTimeMode(device_from(self.cfg.compute), self.cfg.dilation)
@@ -111,7 +122,9 @@ class Trainer:
             return float(self.cfg.chunk_mb)
         if self.groups.world_size == 1 or not train_policy(self.cfg.policy).partitions_gradients:
             return 1.0
-        dense_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if not getattr(p, "lina_expert", False))
+        dense_bytes = sum(
+            p.numel() * p.element_size() for p in self.model.parameters() if not getattr(p, "lina_expert", False)
+        )
         result = sweep_chunk_size(self.groups.dp_group, dense_bytes)
         self.chunk_sweep = result
         if self.groups.rank == 0:
@@ -152,9 +165,11 @@ class Trainer:
         if ep_size == self.groups.ep_size:
             return
         if ep_size not in self.group_set:
-            raise LinaError(f"no process groups for EP size {ep_size} (created at start-up: {sorted(self.group_set)}). "
-                            "Fix: pass every layout the run may use in group_set (lina.comm.groups.build_group_set); "
-                            "a resumed run gets its checkpoint's layout from lina.train.worker")
+            raise LinaError(
+                f"no process groups for EP size {ep_size} (created at start-up: {sorted(self.group_set)}). "
+                "Fix: pass every layout the run may use in group_set (lina.comm.groups.build_group_set); "
+                "a resumed run gets its checkpoint's layout from lina.train.worker"
+            )
         old, new = self.groups, self.group_set[ep_size]
         name = self.policy.name
         with self.timeline.span("packing.repack", "sched", kind=schema.REPACK, from_ep=old.ep_size, to_ep=new.ep_size):
@@ -207,13 +222,17 @@ class Trainer:
     def _seed_gate_noise(self, step: int) -> None:
         if self.cfg.model.gate_noise > 0:
             for i, layer in enumerate(self.model.moe_layers()):
-                layer.router.noise_generator = torch.Generator().manual_seed(hash((self.cfg.seed, step, self.groups.rank, i)) % (2**62))
+                layer.router.noise_generator = torch.Generator().manual_seed(
+                    hash((self.cfg.seed, step, self.groups.rank, i)) % (2**62)
+                )
 
     def train_step(self, step: int) -> StepResult:
         cfg = self.cfg
         self._maybe_repack(step)
         # this rank's share of the step's global batch (the same sequences on any worker count)
-        x, y = sample_sequences(self.corpus.train, cfg.model.seq_len, cfg.seed, step, self.groups.rank * cfg.batch_size, cfg.batch_size)
+        x, y = sample_sequences(
+            self.corpus.train, cfg.model.seq_len, cfg.seed, step, self.groups.rank * cfg.batch_size, cfg.batch_size
+        )
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         self.model.train()
         self._seed_gate_noise(step)
@@ -240,7 +259,15 @@ class Trainer:
         b = step_breakdown(tl.spans(since_s=start), Span("step", "step", start, end, tl.rank, kind=schema.STEP))
         self._drop_old_spans(start)
         lm_value = float("nan") if self.device_mode is not None else float(lm.detach())  # uncomputed in device time
-        return StepResult(step, lm_value, end - start, b["a2a_total"], b["allreduce_in_flight"], b["allreduce_exposed"], self.experts_per_rank)
+        return StepResult(
+            step,
+            lm_value,
+            end - start,
+            b["a2a_total"],
+            b["allreduce_in_flight"],
+            b["allreduce_exposed"],
+            self.experts_per_rank,
+        )
 
     def _sync_device(self) -> None:
         """Device time: wait for the emulated device, so a span ends when its compute does."""
@@ -268,7 +295,9 @@ class Trainer:
         self.model.eval()
         losses = []
         for i in range(cfg.eval_batches):
-            x, y = sample_batch(self.corpus.val, cfg.batch_size, cfg.model.seq_len, cfg.seed + 7919, i, self.groups.rank)
+            x, y = sample_batch(
+                self.corpus.val, cfg.batch_size, cfg.model.seq_len, cfg.seed + 7919, i, self.groups.rank
+            )
             losses.append(float(self.model.loss(x.to(self.device), y.to(self.device))[1]))
         value = torch.tensor(sum(losses) / len(losses), device=self.device)
         if self.groups.world_size > 1:
@@ -290,8 +319,11 @@ class Trainer:
             "world_size": self.groups.world_size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "packing": {"ep_size": self.groups.ep_size, "experts_per_rank": self.experts_per_rank,
-                        "controller": self.packing.state_dict()},
+            "packing": {
+                "ep_size": self.groups.ep_size,
+                "experts_per_rank": self.experts_per_rank,
+                "controller": self.packing.state_dict(),
+            },
         }
 
     def load_state_dict(self, state: dict) -> int:

@@ -22,13 +22,13 @@ from lina.comm.collective_check import CollectiveLog
 from lina.comm.groups import build_group_set
 from lina.config import TrainConfig
 from lina.data.corpus import load_corpus
+from lina.devicetime.mode import HOST_BOUND_LIMIT
 from lina.obs.schema import RunSetup, run_summary
 from lina.obs.timeline import Timeline
 from lina.train import checkpoint
 from lina.train.packing import PackingController
 from lina.train.resume import check_model, group_for_checkpoints, load_trainer, resume_layout, save_trainer
 from lina.train.trainer import Trainer
-from lina.devicetime.mode import HOST_BOUND_LIMIT
 
 
 def init_distributed(timeout_s: float, workers_on_machine: int | None = None) -> None:
@@ -112,27 +112,38 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
     # The trace streams to its file as the run goes (a long run's spans are not held in memory).
     trace_path = Path(cfg.trace) / f"timeline-rank{rank}.jsonl" if cfg.trace else None
     timeline = Timeline(rank, enabled=True, spill_path=trace_path)
-    trainer = Trainer(cfg, group_set[controller.initial_ep()], corpus, timeline, group_set=group_set, bounded_timeline=True)
+    trainer = Trainer(
+        cfg, group_set[controller.initial_ep()], corpus, timeline, group_set=group_set, bounded_timeline=True
+    )
     start_step = 0
     if resume is not None:
         start_step = load_trainer(resume[0], resume[1], trainer, resume_ep, ckpt_group)
         if rank == 0:
-            print(f"resumed from {resume[0]} (written on {resume[1]['world_size']} workers, EP size {resume[1]['ep_size']}) "
-                  f"on {world} workers, EP size {trainer.groups.ep_size}", flush=True)
+            print(
+                f"resumed from {resume[0]} (written on {resume[1]['world_size']} workers, EP size {resume[1]['ep_size']}) "
+                f"on {world} workers, EP size {trainer.groups.ep_size}",
+                flush=True,
+            )
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         if cfg.resume:
             _truncate_metrics(metrics_path, start_step)
         else:
             metrics_path.unlink(missing_ok=True)
-        print(f"lina train: {world} workers, EP size {trainer.groups.ep_size} ({trainer.experts_per_rank} experts per rank, "
-              f"packing {cfg.effective_packing}), {cfg.model.experts} experts top-{cfg.model.top_k}, "
-              f"policy {cfg.policy}; {corpus.describe()}; steps {start_step}..{cfg.steps - 1}", flush=True)
+        print(
+            f"lina train: {world} workers, EP size {trainer.groups.ep_size} ({trainer.experts_per_rank} experts per rank, "
+            f"packing {cfg.effective_packing}), {cfg.model.experts} experts top-{cfg.model.top_k}, "
+            f"policy {cfg.policy}; {corpus.describe()}; steps {start_step}..{cfg.steps - 1}",
+            flush=True,
+        )
         if cfg.max_expert_memory_mb > 0:
             _print_memory(trainer.expert_memory())
         if cfg.device_time:
-            print(f"device-time compute: every compute op takes {cfg.compute}'s time x {cfg.dilation:g} instead of being "
-                  "computed, so no loss is computed or reported (numerics are proven in real-compute runs)", flush=True)
+            print(
+                f"device-time compute: every compute op takes {cfg.compute}'s time x {cfg.dilation:g} instead of being "
+                "computed, so no loss is computed or reported (numerics are proven in real-compute runs)",
+                flush=True,
+            )
     results = []
     val_loss = None
     wall_start = time.perf_counter()
@@ -145,18 +156,32 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
             for d in trainer.packing.history[decisions:]:
                 if d["reason"].startswith("settled"):
                     continue
-                print(f"packing before step {d['step']}: {d['experts_per_rank']} -> {d['new_experts_per_rank']} experts per rank ({d['reason']})", flush=True)
+                print(
+                    f"packing before step {d['step']}: {d['experts_per_rank']} -> {d['new_experts_per_rank']} experts per rank ({d['reason']})",
+                    flush=True,
+                )
                 if d["new_experts_per_rank"] != d["experts_per_rank"] and cfg.max_expert_memory_mb > 0:
                     _print_memory(trainer.expert_memory())
-            _append_metrics(metrics_path, {
-                "step": step, "loss": loss, "step_time_s": res.step_time_s, "a2a_time_s": res.a2a_time_s,
-                "allreduce_time_s": res.allreduce_time_s, "sync_wait_s": res.sync_wait_s, "policy": cfg.policy,
-                "experts_per_rank": res.experts_per_rank,
-            })
+            _append_metrics(
+                metrics_path,
+                {
+                    "step": step,
+                    "loss": loss,
+                    "step_time_s": res.step_time_s,
+                    "a2a_time_s": res.a2a_time_s,
+                    "allreduce_time_s": res.allreduce_time_s,
+                    "sync_wait_s": res.sync_wait_s,
+                    "policy": cfg.policy,
+                    "experts_per_rank": res.experts_per_rank,
+                },
+            )
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 shown = "-" if cfg.device_time else f"{loss:.4f}"
-                print(f"step {step:5d}/{cfg.steps}  loss {shown}  step {res.step_time_s * 1e3:7.1f} ms  "
-                      f"a2a {res.a2a_time_s * 1e3:6.1f} ms  allreduce {res.allreduce_time_s * 1e3:6.1f} ms", flush=True)
+                print(
+                    f"step {step:5d}/{cfg.steps}  loss {shown}  step {res.step_time_s * 1e3:7.1f} ms  "
+                    f"a2a {res.a2a_time_s * 1e3:6.1f} ms  allreduce {res.allreduce_time_s * 1e3:6.1f} ms",
+                    flush=True,
+                )
         last = step == cfg.steps - 1
         if (step + 1) % cfg.eval_every == 0 or last:
             val_loss = trainer.evaluate()
@@ -177,8 +202,12 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
     if rank != 0:
         return None
     measured = summarize(cfg, results, val_loss, wall)
-    measured["packing"] = {"mode": cfg.effective_packing, "experts_per_rank": trainer.experts_per_rank,
-                           "ep_size": trainer.groups.ep_size, "decisions": trainer.packing.history}
+    measured["packing"] = {
+        "mode": cfg.effective_packing,
+        "experts_per_rank": trainer.experts_per_rank,
+        "ep_size": trainer.groups.ep_size,
+        "decisions": trainer.packing.history,
+    }
     measured["expert_memory"] = trainer.expert_memory()
     measured["policy"] = cfg.policy
     if trainer.device_mode is not None:
@@ -199,30 +228,54 @@ def run_setup(cfg: TrainConfig, trainer: Trainer, world: int) -> RunSetup:
     spec = cfg.emulate_spec()
     m = cfg.model
     return RunSetup(
-        layers=m.n_layers, d_model=m.d_model, d_ff=m.d_ff, experts=m.experts, top_k=m.top_k, seq_len=m.seq_len,
-        batch_size=cfg.batch_size, workers=world, policy=trainer.policy.name, chunk_mb=float(trainer.chunk_mb),
-        vocab=m.vocab_size, moe_every=m.moe_interval, hosts=spec.hosts if spec else None,
-        workers_per_host=spec.workers_per_host if spec else None, link_bps=float(spec.link_bps) if spec else None,
-        bucket_mb=float(cfg.bucket_mb), pipeline_chunks=cfg.pipeline_chunks, ep_size=trainer.groups.ep_size,
-        backend=dist.get_backend(), cpu_count=os.cpu_count(),
+        layers=m.n_layers,
+        d_model=m.d_model,
+        d_ff=m.d_ff,
+        experts=m.experts,
+        top_k=m.top_k,
+        seq_len=m.seq_len,
+        batch_size=cfg.batch_size,
+        workers=world,
+        policy=trainer.policy.name,
+        chunk_mb=float(trainer.chunk_mb),
+        vocab=m.vocab_size,
+        moe_every=m.moe_interval,
+        hosts=spec.hosts if spec else None,
+        workers_per_host=spec.workers_per_host if spec else None,
+        link_bps=float(spec.link_bps) if spec else None,
+        bucket_mb=float(cfg.bucket_mb),
+        pipeline_chunks=cfg.pipeline_chunks,
+        ep_size=trainer.groups.ep_size,
+        backend=dist.get_backend(),
+        cpu_count=os.cpu_count(),
     )
 
 
 def _print_memory(mem: dict) -> None:
-    print(f"expert memory (budget {mem['budget_mb']:g} MB): {mem['resident_layers']} MoE layer(s) resident ({mem['resident_mb']:.2f} MB), "
-          f"{mem['offloaded_layers']} offloaded to host ({mem['offloaded_experts']} experts, {mem['offloaded_mb']:.2f} MB); "
-          f"brought in {mem['copies_in']} times so far ({mem['mb_in']:.1f} MB)", flush=True)
+    print(
+        f"expert memory (budget {mem['budget_mb']:g} MB): {mem['resident_layers']} MoE layer(s) resident ({mem['resident_mb']:.2f} MB), "
+        f"{mem['offloaded_layers']} offloaded to host ({mem['offloaded_experts']} experts, {mem['offloaded_mb']:.2f} MB); "
+        f"brought in {mem['copies_in']} times so far ({mem['mb_in']:.1f} MB)",
+        flush=True,
+    )
 
 
 def device_time_summary(mode) -> dict:
     """What a device-time run's device did, and whether this machine kept up with it."""
     share = mode.host_bound_share()
-    out = {"device": mode.device.name, "dilation": mode.dilation, "device_s": mode.device_s,
-           "host_bound_share": share, "ops_charged": mode.ops}
+    out = {
+        "device": mode.device.name,
+        "dilation": mode.dilation,
+        "device_s": mode.device_s,
+        "host_bound_share": share,
+        "ops_charged": mode.ops,
+    }
     if share > HOST_BOUND_LIMIT:
         wanted = mode.dilation * (1 + share) / (1 - HOST_BOUND_LIMIT)
-        out["warning"] = (f"the device idled {share:.0%} of its time waiting for this machine's dispatch: step times "
-                          f"describe this CPU, not the device. Fix: --dilation {wanted:.0f} or more")
+        out["warning"] = (
+            f"the device idled {share:.0%} of its time waiting for this machine's dispatch: step times "
+            f"describe this CPU, not the device. Fix: --dilation {wanted:.0f} or more"
+        )
         print(f"lina train: warning: {out['warning']}", flush=True)
     return out
 

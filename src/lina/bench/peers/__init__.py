@@ -25,8 +25,9 @@ def deepspeed_import_problem() -> str | None:
     GPU is present, as the workers import it), else why not (its last line of error)."""
     code = "import torch, os\nif not torch.cuda.is_available(): os.environ['DS_ACCELERATOR'] = 'cpu'\nimport deepspeed"
     try:
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                             env=dict(os.environ))
+        res = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=dict(os.environ)
+        )
     except subprocess.TimeoutExpired:
         return "importing deepspeed took more than 300 s"
     if res.returncode == 0:
@@ -46,21 +47,27 @@ def resolve_peers(text: str | None) -> tuple[list[str], str | None]:
         problem = deepspeed_import_problem()
         if problem is None:
             return list(PEER_NAMES), None
-        return [], (f"peers: none (deepspeed does not import: {problem}; "
-                    "pip install 'lina[peers]' to add the real DeepSpeed-MoE rows)")
+        return [], (
+            f"peers: none (deepspeed does not import: {problem}; "
+            "pip install 'lina[peers]' to add the real DeepSpeed-MoE rows)"
+        )
     names = [n.strip() for n in text.split(",") if n.strip()]
     if names == ["none"] or not names:
         return [], None
     unknown = [n for n in names if n not in PEER_NAMES]
     if unknown:
-        raise ConfigError("peers", f"unknown peer {', '.join(unknown)}",
-                          f"use a comma list of {', '.join(PEER_NAMES)}, or none")
+        raise ConfigError(
+            "peers", f"unknown peer {', '.join(unknown)}", f"use a comma list of {', '.join(PEER_NAMES)}, or none"
+        )
     if len(set(names)) != len(names):
         raise ConfigError("peers", f"{text!r} names a peer twice", "name each peer once")
     problem = deepspeed_import_problem()
     if problem is not None:
-        raise ConfigError("peers", f"{', '.join(names)} need the deepspeed package, which does not import ({problem})",
-                          "pip install 'lina[peers]', or pass --peers none")
+        raise ConfigError(
+            "peers",
+            f"{', '.join(names)} need the deepspeed package, which does not import ({problem})",
+            "pip install 'lina[peers]', or pass --peers none",
+        )
     return names, None
 
 

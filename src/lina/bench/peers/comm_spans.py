@@ -30,8 +30,17 @@ from lina.obs import schema
 from lina.obs.timeline import Timeline
 
 A2A_METHODS = ("all_to_all_single", "all_to_all")
-SYNC_METHODS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_reduce_coalesced",
-                "all_gather", "all_gather_into_tensor", "all_gather_base", "all_gather_coalesced")
+SYNC_METHODS = (
+    "all_reduce",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_reduce_coalesced",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_base",
+    "all_gather_coalesced",
+)
 
 
 @dataclass
@@ -101,7 +110,11 @@ def _recorded(method: str, original: Callable, backend: Any) -> Callable:
         timeline, phase, world_of = backend._lina_spans
         bound = signature.bind_partial(*args, **kwargs).arguments
         cat = _classify(method, args, kwargs)
-        span_args: dict = {"op": method, "kind": _KINDS[cat], "phase": phase.name if phase.name in schema.PHASES else None}
+        span_args: dict = {
+            "op": method,
+            "kind": _KINDS[cat],
+            "phase": phase.name if phase.name in schema.PHASES else None,
+        }
         nbytes = _input_bytes(method, args, kwargs)
         if cat == "a2a":
             world = max(1, world_of(bound.get("group")))
@@ -113,7 +126,8 @@ def _recorded(method: str, original: Callable, backend: Any) -> Callable:
         future = getattr(work, "get_future", None) if bound.get("async_op") else None
         if future is not None:
             future().add_done_callback(
-                lambda _f: timeline.record(name, cat, start, timeline.now(), thread="comm", **span_args))
+                lambda _f: timeline.record(name, cat, start, timeline.now(), thread="comm", **span_args)
+            )
         else:
             timeline.record(name, cat, start, timeline.now(), **span_args)
         return work

@@ -72,8 +72,10 @@ def import_deepspeed():
     try:
         import deepspeed
     except ImportError as err:
-        raise LinaError(f"the DeepSpeed peer needs the deepspeed package ({err}). "
-                        "Fix: pip install 'lina[peers]', or leave the peers out (--peers none)") from None
+        raise LinaError(
+            f"the DeepSpeed peer needs the deepspeed package ({err}). "
+            "Fix: pip install 'lina[peers]', or leave the peers out (--peers none)"
+        ) from None
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # ZeRO-2 gathers updated partitions with a torch call that torch 2.13 marks deprecated
@@ -190,8 +192,15 @@ class DeepSpeedPeer:
     """One DeepSpeed engine on this rank, stepping on demand (the benchmark interleaves it with
     lina's policies). Requires the default process group to be up (Gloo on CPU)."""
 
-    def __init__(self, name: str, cfg: TrainConfig, corpus: Corpus, timeline: Timeline | None = None,
-                 ep_size: int | None = None, bucket_elements: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        cfg: TrainConfig,
+        corpus: Corpus,
+        timeline: Timeline | None = None,
+        ep_size: int | None = None,
+        bucket_elements: int | None = None,
+    ):
         if name not in PEERS:
             raise LinaError(f"unknown peer {name!r}. Fix: use one of {', '.join(PEERS)}")
         deepspeed = import_deepspeed()
@@ -213,7 +222,8 @@ class DeepSpeedPeer:
 
         model = build_model(deepspeed, cfg, self.rank, self.ep_size)
         groups = split_params_into_different_moe_groups_for_optimizer(
-            {"params": list(model.parameters()), "name": "parameters"})
+            {"params": list(model.parameters()), "name": "parameters"}
+        )
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         config = engine_config(self.settings, cfg.batch_size, self.world, bucket_elements)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)

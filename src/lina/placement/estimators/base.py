@@ -38,7 +38,9 @@ def as_history(history: torch.Tensor, num_experts: int) -> torch.Tensor:
     if history.dim() == 2:
         history = history[:, :, None]
     if history.dim() != 3:
-        raise ConfigError("history", f"has shape {tuple(history.shape)}", "give [T, h] top-1 or [T, h, k] experts per past layer")
+        raise ConfigError(
+            "history", f"has shape {tuple(history.shape)}", "give [T, h] top-1 or [T, h, k] experts per past layer"
+        )
     if history.numel() and (history.min() < 0 or history.max() >= num_experts):
         raise ConfigError("history", f"holds ids outside [0, {num_experts})", "pass expert ids of this model")
     return history
@@ -79,7 +81,9 @@ class PopularityEstimator(ABC):
         if not 0 <= layer < self.num_layers:
             raise ConfigError("layer", f"is {layer}", f"give a MoE layer in [0, {self.num_layers})")
 
-    def popularity(self, layer: int, history: torch.Tensor, top_k: int | None = None, mode: str = "topk") -> torch.Tensor:
+    def popularity(
+        self, layer: int, history: torch.Tensor, top_k: int | None = None, mode: str = "topk"
+    ) -> torch.Tensor:
         """Estimated token-slots per expert of ``layer`` for a batch: ``Tensor[E]`` (float64).
 
         ``mode="topk"`` (the paper): each token adds ``k * p`` to each of its k most likely
@@ -125,7 +129,9 @@ class PopularityEstimator(ABC):
         """Read an estimator written by :meth:`save` (any kind when called on the base class)."""
         meta, arrays = read_npz(path, "estimator")
         if meta.get("format") != ESTIMATOR_FORMAT or meta.get("kind") not in _KINDS:
-            raise LinaError(f"{path} is not a lina estimator (format {meta.get('format')!r}, kind {meta.get('kind')!r})")
+            raise LinaError(
+                f"{path} is not a lina estimator (format {meta.get('format')!r}, kind {meta.get('kind')!r})"
+            )
         target = _KINDS[meta["kind"]]
         if cls is not PopularityEstimator and not issubclass(target, cls):
             raise LinaError(f"{path} holds a {meta['kind']} estimator, not a {cls.kind}")

@@ -90,10 +90,14 @@ class LogisticEstimator(PopularityEstimator):
         tokens, depth, k_hist = history.shape
         kf = self._per_layer
         if k_hist < kf:
-            raise ConfigError("history", f"has {k_hist} experts per layer", f"this estimator uses {kf}; pass [T, h, {kf}]")
+            raise ConfigError(
+                "history", f"has {k_hist} experts per layer", f"this estimator uses {kf}; pass [T, h, {kf}]"
+            )
         e = self.num_experts
         groups = self._groups
-        idx = torch.full((tokens, max(self.path_len, 1), groups, kf), self._num_features, dtype=torch.long)  # l = 0: padding
+        idx = torch.full(
+            (tokens, max(self.path_len, 1), groups, kf), self._num_features, dtype=torch.long
+        )  # l = 0: padding
         rank_offset = torch.arange(kf) * e
         for i in range(1, min(self.path_len, layer, depth) + 1):  # i = 1 is layer - 1
             chosen = history[:, depth - i, :kf]
@@ -137,7 +141,9 @@ class LogisticEstimator(PopularityEstimator):
             return WEIGHT_DECAY_GRID[len(WEIGHT_DECAY_GRID) // 2]
         scores = {}
         for wd in WEIGHT_DECAY_GRID:
-            probe = LogisticEstimator(self.path_len, self.use_topk, wd, self.steps, self.lr, self.batch_tokens, self.seed)
+            probe = LogisticEstimator(
+                self.path_len, self.use_topk, wd, self.steps, self.lr, self.batch_tokens, self.seed
+            )
             probe.fit(inner_fit)
             scores[wd] = probe.cross_entropy(inner_val)
         self.selection_scores = scores
@@ -228,7 +234,11 @@ class LogisticEstimator(PopularityEstimator):
             batch_tokens=int(meta["batch_tokens"]),
             seed=int(meta["seed"]),
         )
-        est.num_experts, est.num_layers, est.top_k = int(meta["num_experts"]), int(meta["num_layers"]), int(meta["top_k"])
+        est.num_experts, est.num_layers, est.top_k = (
+            int(meta["num_experts"]),
+            int(meta["num_layers"]),
+            int(meta["top_k"]),
+        )
         est.chosen_weight_decay = float(meta.get("chosen_weight_decay", float("nan")))
         est.weight = torch.from_numpy(arrays["weight"]).float()
         est.bias = torch.from_numpy(arrays["bias"]).float()

@@ -48,7 +48,13 @@ class OnlinePathEstimator(PathEstimator):
 
     @classmethod
     def empty(
-        cls, num_experts: int, num_layers: int, top_k: int, path_len: int = 3, smoothing: float = 0.0, decay: float = 0.9
+        cls,
+        num_experts: int,
+        num_layers: int,
+        top_k: int,
+        path_len: int = 3,
+        smoothing: float = 0.0,
+        decay: float = 0.9,
     ) -> OnlinePathEstimator:
         """Start with no profile at all (predictions are uniform until the first update)."""
         est = cls(path_len, smoothing, 1, decay)
@@ -78,7 +84,9 @@ class OnlinePathEstimator(PathEstimator):
             keys, counts = per_len[m]
             counts = counts * self.decay
             if m <= depth:
-                new_keys, new_counts = count_targets(encode_paths(top1[:, depth - m :], self.num_experts), targets, self.num_experts)
+                new_keys, new_counts = count_targets(
+                    encode_paths(top1[:, depth - m :], self.num_experts), targets, self.num_experts
+                )
                 all_keys = np.concatenate([keys, new_keys])
                 uniq, inv = np.unique(all_keys, return_inverse=True)
                 merged = np.zeros((len(uniq), self.num_experts))

@@ -76,7 +76,9 @@ class PathEstimator(PopularityEstimator):
 
     def _check_key_range(self) -> None:
         if self.num_experts ** max(self.path_len, 1) >= 2**62:
-            raise ConfigError("path_len", f"{self.path_len} with {self.num_experts} experts overflows path keys", "use a shorter path")
+            raise ConfigError(
+                "path_len", f"{self.path_len} with {self.num_experts} experts overflows path keys", "use a shorter path"
+            )
 
     def fit(self, trace: RoutingTrace) -> PathEstimator:
         """Count, for every layer and path length 0..l, the next-layer token-slots of each path."""
@@ -149,7 +151,11 @@ class PathEstimator(PopularityEstimator):
         settings = {k: meta[k] for k in ("path_len", "smoothing", "min_count")}
         extra = {k: meta[k] for k in getattr(cls, "extra_settings", ()) if k in meta}
         est = cls(**settings, **extra)
-        est.num_experts, est.num_layers, est.top_k = int(meta["num_experts"]), int(meta["num_layers"]), int(meta["top_k"])
+        est.num_experts, est.num_layers, est.top_k = (
+            int(meta["num_experts"]),
+            int(meta["num_layers"]),
+            int(meta["top_k"]),
+        )
         est._tables = [
             [
                 (arrays[f"keys_{layer}_{m}"].astype(np.int64), arrays[f"counts_{layer}_{m}"].astype(np.float64))

@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from lina.sim.calibration.runs import RunRecord
 
 
-
 def predict(fitted: CalibrationFit, run: RunRecord) -> TrainResult:
     """Simulate one step of ``run`` with the fitted parameters.
 
