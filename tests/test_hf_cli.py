@@ -186,6 +186,7 @@ def test_hf_model_resume_and_packing_keep_the_trajectory(tiny, tmp_path):
     __import__("os").geteuid() != 0 or __import__("shutil").which("tc") is None,
     reason="needs root and tc for the emulated cluster",
 )
+@pytest.mark.slow
 def test_bench_train_quick_with_a_checkpoint(tiny, tmp_path):
     """``lina bench train --hf-model``: every policy runs the checkpoint's model on the emulated
     cluster, with its 8 experts (the measured numbers are only checked for presence)."""

@@ -66,6 +66,7 @@ def make_runs(root):
     return len(runs)
 
 
+@pytest.mark.slow
 def test_fit_recovers_known_parameters_and_predicts_within_10_percent(tmp_path):
     n = make_runs(tmp_path)
     rep = calibrate(tmp_path)
@@ -143,6 +144,7 @@ def test_clear_errors(tmp_path):
         read_run(tmp_path / "r")
 
 
+@pytest.mark.slow
 def test_fit_recovers_the_compute_slowdown_under_collectives(tmp_path):
     """Collectives that share the compute's cores slow it: policies of one shape that overlap more
     compute longer, and the fit separates that from the work itself."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lina.cli import main
 from lina.sim.compute import ComputeProfile
 from lina.sim.spec import ClusterSpec, ModelSpec, TrainSpec
@@ -113,6 +115,7 @@ def test_link_sweep_writes_json_and_png(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_calibrate_command(tmp_path, capsys):
     prof = ComputeProfile(2e-6, 4e-6, 3e-6, 6e-6, optimizer_s_per_param=1e-9)
     model = ModelSpec(
@@ -128,6 +131,7 @@ def test_calibrate_command(tmp_path, capsys):
     assert json.loads(out.read_text())["median_abs_error"] < 0.1
 
 
+@pytest.mark.slow
 def test_calibrate_with_held_out_runs(tmp_path, capsys):
     """Runs under --holdout are predicted with the fit of the others and reported apart."""
     prof = ComputeProfile(2e-6, 4e-6, 3e-6, 6e-6, optimizer_s_per_param=1e-9)
