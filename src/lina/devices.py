@@ -19,7 +19,8 @@ else:  # pragma: no cover
 from lina.errors import ConfigError
 
 
-def _positive(obj, *names: str) -> None:
+def require_positive(obj, *names: str) -> None:
+    """ConfigError unless each attribute ``names`` of ``obj`` is a number above 0."""
     for name in names:
         value = getattr(obj, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -38,7 +39,7 @@ class DeviceSpec:
     mem_gb: float = 80.0
 
     def __post_init__(self):
-        _positive(self, "peak_tflops", "mem_bw_gbs", "efficiency", "mem_efficiency", "mem_gb")
+        require_positive(self, "peak_tflops", "mem_bw_gbs", "efficiency", "mem_efficiency", "mem_gb")
         for name in ("efficiency", "mem_efficiency"):
             if getattr(self, name) > 1:
                 raise ConfigError(name, f"{getattr(self, name)} is above 1", "use a fraction in (0, 1]")

@@ -10,18 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from lina.devices import DEVICES, DeviceSpec  # noqa: F401  (re-exported: scenarios name devices here)
+from lina.devices import require_positive as _positive
 from lina.errors import ConfigError
 
 FAIRNESS_MODES = ("collective", "flow")
 A2A_ALGORITHMS = ("pairwise", "hierarchical")
 ALLREDUCE_ALGORITHMS = ("ring", "hierarchical")
-
-
-def _positive(obj, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(name, f"must be a positive number, got {value!r}", f"set {name} above 0")
 
 
 def _non_negative(obj, *names: str) -> None:
