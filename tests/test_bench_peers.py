@@ -50,7 +50,7 @@ def _train_peers(rank: int, world: int) -> dict:
         out[name] = {
             "losses": peer.losses,
             "initial_fc1": initial,
-            "cats": sorted({(s.cat, s.args.get("phase", "")) for s in inside}),
+            "cats": sorted({(s.cat, s.phase or "") for s in inside}),
             "reductions_in_backward": sum(
                 1 for s in inside if s.cat == "allreduce" and backward.start_s <= s.start_s < backward.end_s
             ),

@@ -99,7 +99,7 @@ def test_train_then_infer_with_a_checkpoint(tiny, tmp_path, capsys):
         == 0
     )
     assert (out / "summary.json").is_file() and (out / "hf-model" / "model.safetensors").is_file()
-    assert main(["infer", "--model", str(out)]) == 1
+    assert main(["infer", "--model", str(out)]) == 2  # a model folder of the wrong kind is bad input
     assert "Fix: lina infer --hf-model" in capsys.readouterr().err
     trace = tmp_path / "trace.npz"
     assert (
@@ -120,7 +120,7 @@ def test_train_then_infer_with_a_checkpoint(tiny, tmp_path, capsys):
         )
         == 0
     )
-    from lina.infer.trace import load_trace
+    from lina.data.routing_trace import load_trace
 
     t = load_trace(trace)
     assert (t.num_tokens, t.num_layers, t.top_k, t.num_experts) == (256, 2, 2, 8)

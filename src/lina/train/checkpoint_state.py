@@ -3,7 +3,7 @@
 Keys do not depend on the worker count or the expert layout:
 
 * ``model/<name>``: dense parameters and buffers (identical on every rank; saved once);
-* ``experts/<layer>/<expert id>/<w1|b1|w2|b2>``: one expert's weights, by global id (every
+* ``experts/<layer>/<expert id>/<w1|b1|w2|b2>`` (SwiGLU: ``<w1|w2>``): one expert's weights, by global id (every
   replica of an expert holds the same values; saved once);
 * ``optim/<name>/<exp_avg|exp_avg_sq|step>`` and ``optim-experts/<layer>/<id>/<param>/<...>``:
   AdamW's state, keyed like the parameters;
@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from lina.errors import LinaError
-from lina.moe.experts import PARAM_NAMES
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
@@ -29,7 +28,7 @@ def _expert_params(model: nn.Module) -> list[tuple[int, str, nn.Parameter, list[
     """``(MoE layer index, parameter name, stacked parameter [E_l, ...], global ids)``."""
     out = []
     for li, layer in enumerate(model.moe_layers()):
-        for name in PARAM_NAMES:
+        for name in layer.experts.param_names:  # w1, b1, w2, b2 (GELU) or w1, w2 (SwiGLU)
             out.append((li, name, getattr(layer.experts, name), list(layer.experts.global_ids)))
     return out
 

@@ -15,7 +15,7 @@ Fair-start rules (what makes its rows comparable with lina's):
   largest expert load in the EP group) or lina's capacity ``ceil(cf * T * k / E)``, at least 1.
   Differences that remain, by design of DeepSpeed: the all-to-all carries E x capacity rows
   (padded) where lina sends exactly the routed rows, and its balance loss counts first choices only.
-- Same data, seed, tokens per rank and optimizer: :func:`lina.data.corpus.sample_batch` with the
+- Same data, seed, tokens per rank and optimizer: :func:`lina.data.corpus.sample_sequences` with the
   peer's own step counter (its step k sees lina's batch k), torch AdamW (lina's lr and weight
   decay) over ``split_params_into_different_moe_groups_for_optimizer``, fp32.
 
@@ -41,7 +41,7 @@ from torch import nn
 
 from lina.bench.peers.comm_spans import Phase, record_collectives
 from lina.config import TrainConfig
-from lina.data.corpus import Corpus, sample_batch
+from lina.data.corpus import Corpus, sample_sequences
 from lina.errors import LinaError
 from lina.models.gpt import MoEGPT
 from lina.moe.experts import local_expert_ids
@@ -247,7 +247,9 @@ class DeepSpeedPeer:
         """One training step (batch ``steps_done``, as lina's step of that index); returns its span."""
         cfg, tl = self.cfg, self.timeline
         step = self.steps_done
-        x, y = sample_batch(self.corpus.train, cfg.batch_size, cfg.model.seq_len, cfg.seed, step, self.rank)
+        x, y = sample_sequences(  # this rank's share of the step's global batch, as lina's trainer takes it
+            self.corpus.train, cfg.model.seq_len, cfg.seed, step, self.rank * cfg.batch_size, cfg.batch_size
+        )
         self.engine.train()
         record_collectives(self._backend, tl, self.phase, _group_size)  # this peer's turn on the shared backend
         self._sync_window = []
