@@ -4,7 +4,7 @@ in place of lina's MoE layer, trained by DeepSpeed's engine.
 Fair-start rules (what makes its rows comparable with lina's):
 
 - Same model: :class:`lina.models.gpt.MoEGPT` built with the run's seed; every MoE FFN is replaced
-  by DeepSpeed's ``MoE`` whose experts are :class:`ExpertFFN` (``d_model -> d_ff -> d_model``,
+  by DeepSpeed's ``MoE`` whose experts are lina's :class:`lina.models.gpt.DenseFFN` (``d_model -> d_ff -> d_model``,
   GELU, biases), lina's expert shape. DeepSpeed deep-copies one expert module into every local
   slot, so each expert is then re-initialised from lina's weights of its *global* expert id (EP
   groups are blocks of consecutive ranks in both, so rank r holds the same ids in both); the gate
@@ -43,7 +43,7 @@ from lina.bench.peers.comm_spans import Phase, record_collectives
 from lina.config import TrainConfig
 from lina.data.corpus import Corpus, sample_sequences
 from lina.errors import LinaError
-from lina.models.gpt import MoEGPT
+from lina.models.gpt import DenseFFN, MoEGPT
 from lina.moe.experts import local_expert_ids
 from lina.moe.layer import MoELayer
 from lina.obs.timeline import Span, Timeline
@@ -81,18 +81,6 @@ def import_deepspeed():
     # ZeRO-2 gathers updated partitions with a torch call that torch 2.13 marks deprecated
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     return deepspeed
-
-
-class ExpertFFN(nn.Module):
-    """lina's expert: ``x [..., d_model] -> fc2(gelu(fc1(x))) [..., d_model]``, with biases."""
-
-    def __init__(self, d_model: int, d_ff: int):
-        super().__init__()
-        self.fc1 = nn.Linear(d_model, d_ff)
-        self.fc2 = nn.Linear(d_ff, d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class DeepSpeedMoEFFN(nn.Module):
@@ -140,7 +128,7 @@ def build_model(deepspeed, cfg: TrainConfig, rank: int, ep_size: int) -> PeerGPT
             continue
         lina_layer = block.ffn
         moe = deepspeed.moe.layer.MoE(
-            hidden_size=m.d_model, expert=ExpertFFN(m.d_model, m.d_ff), num_experts=m.experts, ep_size=ep_size,
+            hidden_size=m.d_model, expert=DenseFFN(m.d_model, m.d_ff), num_experts=m.experts, ep_size=ep_size,
             k=m.top_k,
             capacity_factor=m.capacity_factor if not m.dropless else 1.0,
             eval_capacity_factor=m.capacity_factor if not m.dropless else 1.0,
