@@ -152,3 +152,93 @@ def test_peer_names_the_extra_when_deepspeed_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # makes `import deepspeed` fail
     with pytest.raises(LinaError, match="pip install 'lina\\[peers\\]'"):
         import_deepspeed()
+
+
+class _Gate(torch.nn.Module):
+    """The attributes of DeepSpeed's TopKGate that the trace gate reads."""
+
+    def __init__(self, drop_tokens: bool, capacity_factor: float = 1.0, min_capacity: int = 1):
+        super().__init__()
+        self.wg = torch.nn.Linear(8, 4, bias=False)
+        self.k, self.capacity_factor, self.min_capacity = 2, capacity_factor, min_capacity
+        self.drop_tokens, self.ep_group = drop_tokens, None
+
+
+def _trace_routing():
+    from lina.devicetime import TraceRouting
+
+    ids = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 0], [0, 0]])[:, None, :]  # [T=5, L=1, k=2]; a repeated choice
+    return TraceRouting(ids, 4)
+
+
+def test_trace_gate_routes_by_the_trace_with_deepspeeds_capacity():
+    from lina.bench.peers.trace_gate import TraceGate
+
+    gate = TraceGate(_Gate(drop_tokens=False), _trace_routing(), layer=0)
+    x = torch.randn(5, 8, requires_grad=True)
+    aux, capacity, experts, ids, slots, weights, counts = gate(x, None, True)
+    assert experts == 4 and counts.tolist() == [6, 2, 1, 1] and int(capacity) == 6  # dropless: the largest load
+    assert ids.shape == (2, 5) and ids.dtype == torch.int32
+    assert ids.t().tolist() == [[0, 1], [0, 2], [0, 1], [3, 0], [0, 0]]
+    # each route its own slot of its expert, in token order (a repeated choice takes two)
+    assert slots.t().tolist() == [[0, 0], [1, 0], [2, 1], [0, 3], [4, 5]]
+    torch.testing.assert_close(weights.sum(0), torch.ones(5))
+    (aux + weights.sum()).backward()
+    assert gate.inner.wg.weight.grad is not None  # the gate's projection is still trained
+
+
+def test_trace_gate_drops_past_deepspeeds_capacity():
+    from lina.bench.peers.trace_gate import TraceGate
+
+    gate = TraceGate(_Gate(drop_tokens=True, capacity_factor=1.0), _trace_routing(), layer=0)
+    _, capacity, _, ids, slots, _, counts = gate(torch.randn(5, 8), None, True)
+    assert int(capacity) == 3  # ceil(5 tokens / 4 experts x 1.0 x k=2)
+    assert counts.tolist() == [6, 2, 1, 1]  # counts before dropping, as DeepSpeed reports them
+    kept = ids.t() >= 0
+    assert kept.tolist() == [[True, True], [True, True], [True, True], [True, False], [False, False]]
+    assert int(slots.t()[kept].max()) < 3
+
+
+def _device_time_peer(rank: int, world: int, trace: str) -> dict:
+    """The ZeRO-0 peer for two steps in device time (a100 x 2000): its all-to-alls and compute."""
+    from lina.bench.peers.deepspeed_peer import DeepSpeedPeer
+    from lina.data.corpus import load_corpus
+    from lina.devicetime import TraceRouting
+
+    base = _cfg(world)
+    cfg = type(base)(model=base.model, workers=world, batch_size=4, corpus_max_mb=0.5, compute="a100", dilation=2000.0)
+    cfg.routing_trace = trace
+    tokens = cfg.batch_size * cfg.model.seq_len
+    first = TraceRouting.from_file(trace, cfg.model.experts, offset=rank * tokens).choices(0, tokens, cfg.model.top_k)
+    peer = DeepSpeedPeer("deepspeed-zero0", cfg, load_corpus("", 0.5))
+    steps = [peer.train_step() for _ in range(2)]
+    spans = peer.timeline.spans()
+    a2a = [s for s in spans if s.cat == "a2a" and s.phase == "fwd" and steps[0].start_s <= s.start_s <= steps[0].end_s]
+    out = {
+        "counts": torch.bincount(first.reshape(-1), minlength=cfg.model.experts).tolist(),
+        "first_a2a_bytes": a2a[0].bytes,
+        "losses": peer.losses,
+        "device_s": peer.device_mode.device_s,
+        "step_s": [s.end_s - s.start_s for s in steps],
+    }
+    peer.close()
+    return out
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_deepspeed_peer_in_device_time_moves_the_traces_capacity(tmp_path):
+    from lina.data.routing_trace import synthetic_trace
+    from lina.testing.multiproc import run_ranks
+
+    trace = str(tmp_path / "trace.npz")
+    synthetic_trace(2000, 2, 4, top_k=2, skew=1.3, seed=3).save(trace)
+    results = run_ranks(_device_time_peer, 2, trace, timeout_s=400)
+    capacity = max(max(r["counts"]) for r in results)  # dropless: the largest expert load of the EP group
+    d_model, experts, world = 32, 4, 2
+    for r in results:
+        # E x capacity rows of d_model fp32 values; the half bound for the other rank leaves
+        assert r["first_a2a_bytes"] == experts * capacity * d_model * 4 * (world - 1) // world
+        assert all(loss != loss for loss in r["losses"])  # device time computes no loss: NaN
+        # compute took the device's time x the dilation (two steps), not the CPU's
+        assert r["device_s"] > 0 and sum(r["step_s"]) >= 0.97 * r["device_s"] * 2000.0

@@ -66,7 +66,7 @@ def test_a_misordered_policy_is_stopped_with_the_first_difference_named(corpus):
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("policy", ["deepspeed", "lina"])
+@pytest.mark.parametrize("policy", ["ddp-overlap", "lina"])
 def test_well_ordered_policies_pass_the_check(corpus, policy):
     assert run_ranks(_train_policy_checked, 2, corpus, policy, timeout_s=60) == ["ok", "ok"]
 
@@ -113,5 +113,6 @@ def _fail_a_collective(rank: int, world: int) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_timed_out_collective_names_its_group_and_op():
-    msg = run_ranks(_fail_a_collective, 2, timeout_s=3)[0]
+    # a 3 s collective timeout; the processes themselves may take longer to start on a busy machine
+    msg = run_ranks(_fail_a_collective, 2, timeout_s=3, join_timeout_s=90)[0]
     assert "all_reduce 'bucket7'" in msg and "group dp (ranks 0,1)" in msg and "Fix:" in msg, msg

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import run_lina
+from lina.bench.peers import deepspeed_import_problem
 from lina.comm.groups import build_groups
 from lina.config import ModelConfig, TrainConfig
 from lina.data.corpus import load_corpus
@@ -103,7 +104,7 @@ def _cfg(**over) -> TrainConfig:
         batch_size=8,
         chunk_mb="1",
         corpus_max_mb=0.3,
-        policy="deepspeed",
+        policy="ddp-overlap",
     )
     return TrainConfig(**{**base, **over})
 
@@ -197,7 +198,9 @@ def test_bench_train_quick_in_device_time_with_a_measured_bound(tmp_path):
         "--bounds",
         "lina",
         "--policies",
-        "deepspeed,lina",
+        "ddp-overlap,lina",
+        "--peers",
+        "deepspeed-zero0" if deepspeed_import_problem() is None else "none",
         "--json",
         str(out),
         timeout=900,
@@ -206,9 +209,13 @@ def test_bench_train_quick_in_device_time_with_a_measured_bound(tmp_path):
     data = json.loads(out.read_text())
     assert data["regime"]["compute"] == "a100" and data["regime"]["emulated_link"] == "33333kbit"
     cfg = data["configs"][0]
+    peers = ["deepspeed-zero0"] if deepspeed_import_problem() is None else []
     assert (
-        set(cfg["policies"]) == {"deepspeed", "lina", "lina/no-sync"}
+        set(cfg["policies"]) == {"ddp-overlap", "lina", "lina/no-sync", *peers}
         and cfg["policies"]["lina/no-sync"]["allreduce_s_median"] == 0
     )
+    if peers:  # the real DeepSpeed in the same device time, routed by the same trace; no loss in device time
+        assert cfg["policies"]["deepspeed-zero0"]["a2a_share"] > 0 and "loss_after_steps" not in cfg
+        assert cfg["speedup_vs_peers"]["deepspeed-zero0"]["lina"] > 0
     assert cfg["measured_bound_s"]["lina"] > 0 and 0 <= cfg["device_time"]["host_bound_share"]
     assert "measured lower bound of lina" in res.stdout and "device time: the emulated a100" in res.stdout

@@ -197,5 +197,5 @@ def test_bench_train_quick_with_a_checkpoint(tiny, tmp_path):
     data = json.loads(out.read_text())
     assert data["model"]["hf_model"].endswith("mixtral") and data["model"]["experts"] == 8
     cfg = data["configs"][0]
-    for name in ("deepspeed", "sequential", "tutel", "lina"):
+    for name in ("ddp-overlap", "sequential", "tutel", "lina"):
         assert cfg["policies"][name]["step_time_s_median"] > 0

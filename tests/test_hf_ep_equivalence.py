@@ -15,7 +15,7 @@ WORLD = 4
 ATOL = 1e-5
 MODES = {  # name -> (EP size, policy); tutel and lina pipeline the exchange in 2 micro-ops
     "ep4": (4, "sequential"),
-    "ep2xdp2": (2, "deepspeed"),
+    "ep2xdp2": (2, "ddp-overlap"),
     "ep4-pipelined": (4, "tutel"),
     "ep2xdp2-pipelined": (2, "lina"),
 }

@@ -16,7 +16,7 @@ from hf_helpers import FAMILIES, batch  # noqa: E402
 from lina.testing.multiproc import run_ranks  # noqa: E402
 
 WORLD, EP, STEPS, LR = 4, 2, 10, 1e-2
-POLICIES = ("sequential", "deepspeed", "tutel", "lina")
+POLICIES = ("sequential", "ddp-overlap", "tutel", "lina")
 REL_TOL = 1e-5
 
 

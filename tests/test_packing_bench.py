@@ -57,7 +57,7 @@ def test_report_carries_packing_and_busy_share(tmp_path, capsys):
         "chunk_sweep_s": None,
         "dense_grad_bytes": 1e6,
         "policies": {
-            "deepspeed": _policy(1.0, 0.4, 0.0, 2),
+            "ddp-overlap": _policy(1.0, 0.4, 0.0, 2),
             "sequential": _policy(1.1, 0.35, 0.0, 2),
             "lina": _policy(0.8, 0.3, 0.35, 2),
             "lina+packing": _policy(0.6, 0.1, 0.8, 4),
@@ -78,12 +78,12 @@ def test_report_carries_packing_and_busy_share(tmp_path, capsys):
             ],
         },
     }
-    config = analyse(entry, "hierarchical", 100_000_000, 2, 2, skews={"deepspeed": 1.4, "lina": 1.3})
+    config = analyse(entry, "hierarchical", 100_000_000, 2, 2, skews={"ddp-overlap": 1.4, "lina": 1.3})
     assert config["policies"]["lina"]["a2a_skew"] == 1.3 and config["policies"]["sequential"]["a2a_skew"] is None
     assert config["policies"]["lina+packing"]["experts_per_rank"] == 4
     assert config["policies"]["lina+packing"]["compute_busy_in_a2a"] == 0.8
     assert config["packing"]["experts_per_rank"] == 4
-    assert config["speedup_vs_deepspeed"]["lina+packing"] == pytest.approx(1 / 0.6)
+    assert config["speedup_vs_ddp_overlap"]["lina+packing"] == pytest.approx(1 / 0.6)
     result = {"policies": list(entry["policies"]), "configs": [config]}
     json.dumps(result)
     print_report(result)
@@ -97,13 +97,13 @@ def test_report_carries_packing_and_busy_share(tmp_path, capsys):
 def test_round_schedule_settles_only_after_the_experts_move():
     from lina.bench.train_worker import round_schedule
 
-    policies = ["deepspeed", "lina", "lina+packing"]
-    layout = {"deepspeed": 4, "lina": 4, "lina+packing": 1}
+    policies = ["ddp-overlap", "lina", "lina+packing"]
+    layout = {"ddp-overlap": 4, "lina": 4, "lina+packing": 1}
     rnd = round_schedule(policies, layout, 4, steps_per_round=2, settle=3)
-    assert rnd == [("deepspeed", [True, True]), ("lina", [True, True]), ("lina+packing", [False] * 3 + [True, True])]
+    assert rnd == [("ddp-overlap", [True, True]), ("lina", [True, True]), ("lina+packing", [False] * 3 + [True, True])]
     # the next round starts packed: deepspeed moves the experts back, so it settles first
     again = round_schedule(policies, layout, 1, steps_per_round=2, settle=3)
-    assert again[0] == ("deepspeed", [False] * 3 + [True, True]) and again[1] == ("lina", [True, True])
+    assert again[0] == ("ddp-overlap", [False] * 3 + [True, True]) and again[1] == ("lina", [True, True])
     # nothing packs (many experts per rank already): no settling at all
     flat = round_schedule(policies, {p: 4 for p in policies}, 4, steps_per_round=1, settle=5)
     assert all(steps == [True] for _, steps in flat)
@@ -124,12 +124,12 @@ def test_report_without_the_deepspeed_baseline(tmp_path, capsys):
         },
     }
     config = analyse(entry, "flat", 400_000_000, 4, 1)
-    assert config["regime"]["a2a_share_deepspeed"] is None and "speedup_vs_deepspeed" not in config
-    assert config["regime"]["a2a_skew_deepspeed"] is None and config["policies"]["lina"]["a2a_skew"] is None
+    assert config["regime"]["a2a_share_ddp_overlap"] is None and "speedup_vs_ddp_overlap" not in config
+    assert config["regime"]["a2a_skew_ddp_overlap"] is None and config["policies"]["lina"]["a2a_skew"] is None
     assert config["policies"]["lina+packing"]["settle_steps"] == 6
     result = {"policies": list(entry["policies"]), "configs": [config]}
     print_report(result)
     text = capsys.readouterr().out
-    assert "n/a (deepspeed not among the policies)" in text and "nan" not in text
+    assert "n/a (ddp-overlap not among the policies)" in text and "nan" not in text
     plot(result, tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 0

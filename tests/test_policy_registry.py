@@ -85,7 +85,7 @@ def toy_env(tmp_path):
 def test_own_policy_runs_in_the_simulator(toy_env, tmp_path):
     out = tmp_path / "sim.json"
     res = subprocess.run(
-        lina_cmd("sim", "--scenario", "testbed-txl-e4", "--policies", "deepspeed,toy_policy:TOY", "--json", str(out)),
+        lina_cmd("sim", "--scenario", "testbed-txl-e4", "--policies", "ddp-overlap,toy_policy:TOY", "--json", str(out)),
         capture_output=True,
         text=True,
         env=toy_env,
@@ -137,7 +137,9 @@ def test_own_policy_trains_with_the_same_losses_as_sequential(toy_env, tmp_path,
 def test_own_policy_runs_in_bench_train(toy_env, tmp_path):
     out = tmp_path / "train.json"
     res = subprocess.run(
-        lina_cmd("bench", "train", "--quick", "--policies", "deepspeed,sequential,toy_policy:TOY", "--json", str(out)),
+        lina_cmd(
+            "bench", "train", "--quick", "--policies", "ddp-overlap,sequential,toy_policy:TOY", "--json", str(out)
+        ),
         capture_output=True,
         text=True,
         env=toy_env,

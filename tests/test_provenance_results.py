@@ -65,5 +65,5 @@ def test_analyze_json_has_provenance(tmp_path):
 
 def test_sim_json_has_provenance(tmp_path):
     out = tmp_path / "sim.json"
-    assert main(["sim", "--scenario", "testbed-txl-e4", "--json", str(out), "--policies", "deepspeed,lina"]) == 0
+    assert main(["sim", "--scenario", "testbed-txl-e4", "--json", str(out), "--policies", "ddp-overlap,lina"]) == 0
     _provenance(out)

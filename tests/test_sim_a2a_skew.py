@@ -55,7 +55,7 @@ def _step(skew: float, gbps: float = 0.1) -> float:
         "tiny", layers=2, d_model=128, d_ff=256, experts=4, top_k=1, seq_len=64, batch_size=4, vocab=64, act_bytes=4
     )
     profile = ComputeProfile(1e-9, 1e-9, 1e-9, 1e-9, 1e-12)
-    return simulate_step(cluster, model, profile, TrainSpec(a2a_skew=skew), "deepspeed")
+    return simulate_step(cluster, model, profile, TrainSpec(a2a_skew=skew), "ddp-overlap")
 
 
 def test_skewed_all_to_alls_move_the_busiest_ranks_bytes():

@@ -26,7 +26,13 @@ HOP = 2e-4
 
 
 def make_runs(root):
-    runs = [(0.2, "deepspeed", 8), (0.1, "deepspeed", 4), (0.2, "lina", 8), (0.4, "sequential", 8), (0.1, "tutel", 8)]
+    runs = [
+        (0.2, "ddp-overlap", 8),
+        (0.1, "ddp-overlap", 4),
+        (0.2, "lina", 8),
+        (0.4, "sequential", 8),
+        (0.1, "tutel", 8),
+    ]
     for i, (gbps, policy, batch) in enumerate(runs):
         cluster = ClusterSpec(
             hosts=2,
@@ -126,7 +132,7 @@ def test_reads_the_trainer_config_form(tmp_path):
     (run / "summary.json").write_text(json.dumps(summary))
     rec = read_run(run)
     assert rec.train.chunk_mb == 0.5
-    assert (rec.hosts, rec.workers_per_host, rec.link_bps, rec.policy, rec.ep_size) == (2, 2, 200e6, "deepspeed", 4)
+    assert (rec.hosts, rec.workers_per_host, rec.link_bps, rec.policy, rec.ep_size) == (2, 2, 200e6, "ddp-overlap", 4)
     assert rec.model.layers == 4 and rec.model.tokens == 128 * 8
     assert rec.a2a_in_flight == 2  # Gloo serves a rank's asynchronous collectives on two threads
     summary["backend"] = "nccl"  # one stream per rank
@@ -172,7 +178,7 @@ def test_fit_recovers_the_compute_slowdown_under_collectives(tmp_path):
         grad_bytes=4,
         param_bytes=4,
     )
-    for i, policy in enumerate(("deepspeed", "sequential", "tutel", "lina")):
+    for i, policy in enumerate(("ddp-overlap", "sequential", "tutel", "lina")):
         write_synthetic_run(
             tmp_path / policy,
             cluster,
@@ -222,7 +228,7 @@ def test_fit_finds_a_rank_copy_limit_across_layouts(tmp_path):
             hop_latency_s=HOP,
             host=CpuHostModel(rank_copy_gbps=rank_gbps),
         )
-        for i, policy in enumerate(("deepspeed", "sequential")):
+        for i, policy in enumerate(("ddp-overlap", "sequential")):
             # with the trainer's count exchange: its tiny all-to-alls pin the latency
             write_synthetic_run(
                 tmp_path / f"{hosts}x{per_host}-{policy}",
@@ -277,7 +283,7 @@ def test_fixed_per_layer_cost_is_found_across_token_counts(tmp_path):
             grad_bytes=4,
             param_bytes=4,
         )
-        for i, policy in enumerate(("deepspeed", "sequential")):
+        for i, policy in enumerate(("ddp-overlap", "sequential")):
             write_synthetic_run(
                 tmp_path / f"b{batch}-{policy}",
                 cluster,
@@ -324,7 +330,7 @@ def test_fit_finds_allreduces_slowed_beside_compute_on_shared_cores(tmp_path):
         grad_bytes=4,
         param_bytes=4,
     )
-    for i, policy in enumerate(("lina", "sequential", "deepspeed")):
+    for i, policy in enumerate(("lina", "sequential", "ddp-overlap")):
         write_synthetic_run(
             tmp_path / policy,
             cluster,
@@ -457,7 +463,7 @@ def test_fit_follows_each_runs_routing_skew(tmp_path):
         param_bytes=4,
     )
     for i, (skew, policy) in enumerate(
-        [(1.0, "deepspeed"), (1.6, "deepspeed"), (1.0, "sequential"), (1.6, "sequential"), (1.3, "lina")]
+        [(1.0, "ddp-overlap"), (1.6, "ddp-overlap"), (1.0, "sequential"), (1.6, "sequential"), (1.3, "lina")]
     ):
         write_synthetic_run(
             tmp_path / f"{policy}-{skew}",
@@ -476,6 +482,6 @@ def test_fit_follows_each_runs_routing_skew(tmp_path):
     errors = {r.path.name: predict(fitted, r).step_s / r.measured_step_s - 1 for r in runs}
     assert max(abs(e) for e in errors.values()) < 0.03, errors
     # the same runs read as uniform miss the skewed one by far more
-    hot = next(r for r in runs if r.path.name == "deepspeed-1.6")
+    hot = next(r for r in runs if r.path.name == "ddp-overlap-1.6")
     uniform = replace(hot, train=replace(hot.train, a2a_skew=1.0))
     assert predict(fitted, uniform).step_s / hot.measured_step_s - 1 < -0.15

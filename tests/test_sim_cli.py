@@ -28,14 +28,14 @@ def test_list_prints_name_gpus_description(capsys):
 
 def test_one_scenario_table_json_and_png(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert main(["sim", "--scenario", "testbed-txl-e4", "--json", str(out), "--policies", "deepspeed,lina"]) == 0
+    assert main(["sim", "--scenario", "testbed-txl-e4", "--json", str(out), "--policies", "ddp-overlap,lina"]) == 0
     text = capsys.readouterr().out
-    assert "deepspeed" in text and "speedup" in text and "regime: link 100 Gb/s" in text
+    assert "ddp-overlap" in text and "speedup" in text and "regime: link 100 Gb/s" in text
     data = json.loads(out.read_text())
     assert data["gpus"] == 4
     pol = data["policies"]
-    assert set(pol) == {"deepspeed", "lina"}
-    assert pol["deepspeed"]["speedup"] == 1.0
+    assert set(pol) == {"ddp-overlap", "lina"}
+    assert pol["ddp-overlap"]["speedup"] == 1.0
     for key in ("step_s", "a2a_s", "a2a_share", "bwd_a2a_s", "allreduce_s", "exposed_comm_s"):
         assert pol["lina"][key] >= 0
     assert out.with_suffix(".png").stat().st_size > 1000
@@ -46,7 +46,7 @@ def test_config_file(tmp_path, capsys):
     cfg.write_text(
         """
 name = "mine"
-policies = ["deepspeed", "lina+packing"]
+policies = ["ddp-overlap", "lina+packing"]
 device = "h100-sxm-bf16"
 [cluster]
 hosts = 4
@@ -76,7 +76,7 @@ allreduce_algorithm = "hierarchical"
     skewed = tmp_path / "skewed.toml"
     skewed.write_text(cfg.read_text() + "a2a_skew = 1.5\n")
     assert main(["sim", "--config", str(skewed), "--json", str(tmp_path / "skewed.json")]) == 0
-    a2a = lambda path: json.loads(path.read_text())["policies"]["deepspeed"]["a2a_s"]  # noqa: E731
+    a2a = lambda path: json.loads(path.read_text())["policies"]["ddp-overlap"]["a2a_s"]  # noqa: E731
     assert a2a(tmp_path / "skewed.json") > 1.2 * a2a(out)
     skewed.write_text(cfg.read_text() + "a2a_skew = 0.5\n")
     assert main(["sim", "--config", str(skewed)]) == 2
@@ -102,7 +102,7 @@ def test_link_sweep_writes_json_and_png(tmp_path, capsys):
                 "--out",
                 str(tmp_path),
                 "--policies",
-                "deepspeed,lina",
+                "ddp-overlap,lina",
             ]
         )
         == 0
@@ -123,7 +123,7 @@ def test_calibrate_command(tmp_path, capsys):
     )
     for i, gbps in enumerate((0.1, 0.3)):
         cluster = ClusterSpec(hosts=2, gpus_per_host=2, link_gbps=gbps, launch_s=5e-4, per_peer_s=0)
-        write_synthetic_run(tmp_path / f"r{i}", cluster, model, prof, TrainSpec(), "deepspeed", steps=3)
+        write_synthetic_run(tmp_path / f"r{i}", cluster, model, prof, TrainSpec(), "ddp-overlap", steps=3)
     out = tmp_path / "cal.json"
     assert main(["sim", "--calibrate", str(tmp_path), "--json", str(out)]) == 0
     text = capsys.readouterr().out
@@ -140,7 +140,7 @@ def test_calibrate_with_held_out_runs(tmp_path, capsys):
     )
     for folder, gbps in (("fit/a", 0.1), ("fit/b", 0.3), ("held/c", 0.2)):
         cluster = ClusterSpec(hosts=2, gpus_per_host=2, link_gbps=gbps, launch_s=5e-4, per_peer_s=0)
-        write_synthetic_run(tmp_path / folder, cluster, model, prof, TrainSpec(), "deepspeed", steps=3)
+        write_synthetic_run(tmp_path / folder, cluster, model, prof, TrainSpec(), "ddp-overlap", steps=3)
     out = tmp_path / "cal.json"
     assert (
         main(["sim", "--calibrate", str(tmp_path / "fit"), "--holdout", str(tmp_path / "held"), "--json", str(out)])

@@ -58,5 +58,5 @@ def test_a_per_rank_copy_limit_slows_a_cpu_hosted_step():
     bound = ClusterSpec(
         hosts=4, gpus_per_host=1, link_gbps=1.0, launch_s=0.0, per_peer_s=0.0, host=CpuHostModel(rank_copy_gbps=0.1)
     )
-    fast, slow = (simulate_step(c, model, profile, TrainSpec(), "deepspeed") for c in (free, bound))
+    fast, slow = (simulate_step(c, model, profile, TrainSpec(), "ddp-overlap") for c in (free, bound))
     assert slow.fwd_a2a_s > 5 * fast.fwd_a2a_s

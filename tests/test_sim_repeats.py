@@ -17,11 +17,11 @@ def test_runs_of_one_configuration_pool_their_steps():
     """Two runs of one configuration (steps 1, 2, 3 and 4, 5 s; medians 2 and 4.5) pool to a
     median of 3 s, predicted at the median of their predictions (2.7 and 3.9: 3.3, +10%); the same
     shape under another policy stays apart; a run without step spans counts with its median."""
-    rows = [row("a", 2.0, 2.7), row("a", 4.5, 3.9), row("a", 2.0, 2.0, policy="deepspeed"), row("b", 1.0, 1.1)]
+    rows = [row("a", 2.0, 2.7), row("a", 4.5, 3.9), row("a", 2.0, 2.0, policy="ddp-overlap"), row("b", 1.0, 1.1)]
     out = pooled_rows(rows, [[1.0, 2.0, 3.0], [4.0, 5.0], [2.0], []])
     assert [(r["config"], r["policy"], r["runs"]) for r in out] == [
         ("a", "lina", 2),
-        ("a", "deepspeed", 1),
+        ("a", "ddp-overlap", 1),
         ("b", "lina", 1),
     ]
     first = out[0]

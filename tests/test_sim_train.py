@@ -72,22 +72,22 @@ def test_policies_order_and_lower_bound():
         model,
         PROFILE,
         TrainSpec(chunk_mb=1.0),
-        ["deepspeed", "sequential", "lina", "lina-priority", "lower-bound"],
+        ["ddp-overlap", "sequential", "lina", "lina-priority", "lower-bound"],
     )
     lb = res["lower-bound"].step_s
     # the lower bound is that of the synchronous schedule (lina's pipelining may beat it)
-    for name in ("deepspeed", "sequential", "lina-priority"):
+    for name in ("ddp-overlap", "sequential", "lina-priority"):
         assert res[name].step_s >= lb * (1 - 1e-9)
     assert res["lower-bound"].allreduce_s == 0
     # the allreduce slows deepspeed's backward all-to-alls; the lower bound's run alone
-    assert res["deepspeed"].bwd_a2a_s > 1.2 * res["lower-bound"].bwd_a2a_s
+    assert res["ddp-overlap"].bwd_a2a_s > 1.2 * res["lower-bound"].bwd_a2a_s
     # Lina keeps backward all-to-alls (nearly) alone and wins over deepspeed
     assert res["lina"].bwd_a2a_s < 1.1 * res["lower-bound"].bwd_a2a_s
     assert res["lina"].speedup > 1.05
-    assert res["deepspeed"].speedup == pytest.approx(1.0)
+    assert res["ddp-overlap"].speedup == pytest.approx(1.0)
     # sequential pays for the allreduce after backward: exposed communication grows
-    assert res["sequential"].exposed_comm_s > res["deepspeed"].exposed_comm_s - 1e-12
-    assert 0 < res["deepspeed"].a2a_share < 1
+    assert res["sequential"].exposed_comm_s > res["ddp-overlap"].exposed_comm_s - 1e-12
+    assert 0 < res["ddp-overlap"].a2a_share < 1
 
 
 def test_sequential_allreduces_only_after_backward():
@@ -114,7 +114,7 @@ def test_lina_never_starts_an_allreduce_during_an_all_to_all():
 
 def test_deepspeed_buckets_respect_the_cap():
     cluster, model = contended()
-    r = simulate_step(cluster, model, PROFILE, TrainSpec(bucket_mb=5.0), "deepspeed")
+    r = simulate_step(cluster, model, PROFILE, TrainSpec(bucket_mb=5.0), "ddp-overlap")
     sizes = [t.args["bytes"] for t in r.tasks if t.cat == "allreduce"]
     tensors = [n for i in range(model.layers) for _, n in model.dense_tensors(i)] + [
         n for _, n in model.embedding_tensors()
@@ -149,7 +149,7 @@ def test_representative_and_full_steps_agree():
     model = ModelSpec(
         "tiny", layers=2, d_model=256, d_ff=512, experts=4, top_k=2, seq_len=128, batch_size=4, vocab=500, act_bytes=4
     )
-    for policy in ("deepspeed", "lina"):
+    for policy in ("ddp-overlap", "lina"):
         rep = simulate_step(cluster, model, PROFILE, TrainSpec(chunk_mb=0.5), policy, representative=True)
         full = simulate_step(cluster, model, PROFILE, TrainSpec(chunk_mb=0.5), policy, representative=False)
         assert rep.step_s == pytest.approx(full.step_s, rel=1e-9)
@@ -157,7 +157,7 @@ def test_representative_and_full_steps_agree():
 
 def test_timeline_export_has_the_trainer_spans():
     cluster, model = contended()
-    r = simulate_step(cluster, model, PROFILE, TrainSpec(), "deepspeed")
+    r = simulate_step(cluster, model, PROFILE, TrainSpec(), "ddp-overlap")
     spans = r.timeline(rank=3, offset_s=10.0).spans()
     names = {s.name for s in spans}
     assert {"step", "forward", "backward", "optimizer"} <= names

@@ -22,7 +22,7 @@ else:  # pragma: no cover
 from lina.cluster.emulate import EmulateSpec, parse_emulate
 from lina.devices import device_from
 from lina.errors import ConfigError, ConfigErrors, raise_all
-from lina.policy import TRAIN_POLICIES, train_policy
+from lina.policy import TRAIN_POLICIES, canonical_policy_name, train_policy
 from lina.policy.packing import parse_packing, valid_experts_per_rank
 
 #: old name of a setting -> its name now (still accepted, with a note)
@@ -175,6 +175,9 @@ class TrainConfig:
     compute: str = "real"
     dilation: float = 1.0
     routing_trace: str = ""
+
+    def __post_init__(self):
+        self.policy = canonical_policy_name(self.policy)  # an old policy name, with a note
 
     @property
     def resolved_ep_size(self) -> int:

@@ -1,4 +1,4 @@
-"""``lina bench train``: training step time of ``deepspeed``, ``sequential``, ``tutel``, ``lina`` and
+"""``lina bench train``: training step time of ``ddp-overlap``, ``sequential``, ``tutel``, ``lina`` and
 ``lina+packing`` on the emulated cluster, interleaved in one run, in a pair (2 hosts x 1 worker), a
 flat layout (4 hosts x 1 worker) and a hierarchical one (2 hosts x 2 workers), top-2. By default
 each layout has as many experts as workers, one expert per rank, as in the paper's evaluation
@@ -8,7 +8,7 @@ during its warm-up (4 steps at each packing, the controller's re-check period); 
 chosen is reported per config.
 
 Links run at ``--link`` (400 Mbit/s by default); ``--link auto`` calibrates the rate per layout so
-that ``deepspeed``'s all-to-all share of step time lands in the paper's 30-45%. The regime is
+that ``ddp-overlap``'s all-to-all share of step time lands in the paper's 30-45%. The regime is
 printed beside every speedup. The lower bound of a config is
 the critical path with compute as measured in the same run, every all-to-all at its uncontended
 speed (the ``sequential`` policy's, which runs no allreduce during backward) and all allreduce
@@ -35,7 +35,7 @@ from lina.cluster.hostlaunch import run_on_cluster
 from lina.config import TrainConfig
 from lina.errors import ConfigError
 from lina.obs.timeline import load_rank_timelines
-from lina.policy import BENCH_POLICIES, TRAIN_POLICIES, train_policy
+from lina.policy import BASELINE_POLICY, BENCH_POLICIES, TRAIN_POLICIES, canonical_policy_name, train_policy
 from lina.policy.training import NO_SYNC_SUFFIX
 from lina.sim.a2a_skew import a2a_skew
 
@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--link",
         default="400mbit",
-        help="each host's link rate, or 'auto': calibrate it so deepspeed's all-to-all share lands in the paper's 30-45%% "
+        help="each host's link rate, or 'auto': calibrate it so ddp-overlap's all-to-all share lands in the paper's 30-45%% "
         "(about 4gbit here, where the all-to-all is bound by the shared cores more than by the link)",
     )
     p.add_argument(
@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--buckets",
         type=int,
         default=16,
-        help="DDP buckets per step for deepspeed/tutel: the bucket size is the model's "
+        help="DDP buckets per step for ddp-overlap/tutel: the bucket size is the model's "
         "non-expert gradient bytes / this (the paper's 100M+ models fill about 16 buckets of 25 MB); 0: 25 MB buckets",
     )
     p.add_argument("--pipeline-chunks", type=int, default=2)
@@ -198,7 +198,7 @@ def _launch(plan: dict, delay_us: float) -> list[dict]:
 
 
 def calibrate_link(args, layout: str, experts: int, out: Path, delay_us: float) -> tuple[int, float]:
-    """Measure deepspeed at a first rate and rescale the rate so its all-to-all share lands near
+    """Measure ddp-overlap at a first rate and rescale the rate so its all-to-all share lands near
     TARGET_SHARE (all-to-all time scales with 1 / rate, compute does not)."""
     rate = parse_rate("150mbit")
     for _attempt in range(2):
@@ -206,7 +206,7 @@ def calibrate_link(args, layout: str, experts: int, out: Path, delay_us: float) 
             args,
             layout,
             [experts],
-            ["deepspeed"],
+            [BASELINE_POLICY],
             rate,
             out / "calibration",
             warmup=1,
@@ -214,10 +214,10 @@ def calibrate_link(args, layout: str, experts: int, out: Path, delay_us: float) 
             steps_per_round=1,
             peers=[],
         )
-        res = _launch(plan, delay_us)[0]["policies"]["deepspeed"]
+        res = _launch(plan, delay_us)[0]["policies"][BASELINE_POLICY]
         share = res["a2a_s"] / res["step_time_s"]
         print(
-            f"calibration ({layout}): link {format_rate(rate)} -> deepspeed all-to-all share {share * 100:.1f}%",
+            f"calibration ({layout}): link {format_rate(rate)} -> ddp-overlap all-to-all share {share * 100:.1f}%",
             flush=True,
         )
         if 0.30 <= share <= 0.45:
@@ -261,23 +261,9 @@ def emulated_rate(link_bps: int, dilation: float) -> int:
 
 
 def _check_compute(args) -> None:
-    """The compute mode, dilation and routing trace, checked before any cluster is built. The
-    DeepSpeed peers compute for real, so a device-time run leaves them out unless named."""
+    """The compute mode, dilation and routing trace, checked before any cluster is built (the
+    DeepSpeed peers take the same mode: device-time compute and the trace's routing)."""
     TrainConfig(compute=args.compute, dilation=args.dilation, routing_trace=args.routing_trace).validate_compute()
-    if args.compute == "real":
-        return
-    if args.peers is None:
-        args.peers = "none"
-        print(
-            "peers: none (the DeepSpeed peers compute for real; they cannot sit beside device-time policies)",
-            flush=True,
-        )
-    elif args.peers.strip() != "none":
-        raise ConfigError(
-            "peers",
-            "the DeepSpeed peers run real compute only, so they cannot sit beside device-time policies",
-            "add --peers none with --compute DEVICE",
-        )
 
 
 def _check_policies(policies: list[str]) -> None:
@@ -339,9 +325,9 @@ def run(args: argparse.Namespace) -> int:
     json_path = Path(args.json)
     if getattr(args, "family", None) or getattr(args, "hf_model", None):
         args.model_dict, experts_of = _checkpoint_model(args, json_path.parent)
-    policies = [p.strip() for p in args.policies.split(",")]
+    policies = [canonical_policy_name(p.strip()) for p in args.policies.split(",")]
     _check_policies(policies)
-    bounds = [b.strip() for b in args.bounds.split(",") if b.strip()]
+    bounds = [canonical_policy_name(b.strip()) for b in args.bounds.split(",") if b.strip()]
     _check_policies(bounds or ["lina"])
     policies += [f"{b}{NO_SYNC_SUFFIX}" for b in bounds if f"{b}{NO_SYNC_SUFFIX}" not in policies]
     _check_compute(args)
@@ -378,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "regime": {
             "link": format_rate(configs[0]["regime"]["link_bps"]),
-            "a2a_share_deepspeed": configs[0]["regime"]["a2a_share_deepspeed"],
+            "a2a_share_ddp_overlap": configs[0]["regime"]["a2a_share_ddp_overlap"],
             "allreduce_to_a2a_bytes": configs[0]["regime"]["allreduce_to_a2a_bytes"],
             "delay": args.delay,
             "compute": args.compute,

@@ -8,7 +8,7 @@ from pathlib import Path
 from lina.cluster.emulate import format_rate
 from lina.devicetime.mode import HOST_BOUND_LIMIT
 from lina.extras import pyplot
-from lina.policy.training import NO_SYNC_SUFFIX
+from lina.policy.training import BASELINE_POLICY, NO_SYNC_SUFFIX
 
 PAPER_SPEEDUP_NO_PACKING = (1.36, 1.42)
 PAPER_SPEEDUP_WITH_PACKING = 1.57  # average over 2-16 experts
@@ -23,7 +23,7 @@ def analyse(
     skews = skews or {}
     pols = entry["policies"]
     world = hosts * wph
-    ds = pols.get("deepspeed")
+    ds = pols.get(BASELINE_POLICY)
     seq = pols.get("sequential")
     bound = seq["step_time_s"] - seq["sync_wait_s"] if seq else None
     ring_bytes = entry["dense_grad_bytes"] * 2 * (world - 1) / world
@@ -36,9 +36,9 @@ def analyse(
         "regime": {
             "link_bps": link_bps,
             "link": format_rate(link_bps),
-            "a2a_share_deepspeed": ds["a2a_s"] / ds["step_time_s"] if ds else None,
+            "a2a_share_ddp_overlap": ds["a2a_s"] / ds["step_time_s"] if ds else None,
             "allreduce_to_a2a_bytes": ring_bytes / ds["a2a_bytes"] if ds and ds["a2a_bytes"] else None,
-            "a2a_skew_deepspeed": skews.get("deepspeed"),
+            "a2a_skew_ddp_overlap": skews.get(BASELINE_POLICY),
         },
         "policies": {
             name: {
@@ -71,13 +71,13 @@ def analyse(
     if entry.get("loss_after_steps"):
         out["loss_after_steps"] = entry["loss_after_steps"]
     if ds:
-        out["speedup_vs_deepspeed"] = {name: ds["step_time_s"] / p["step_time_s"] for name, p in pols.items()}
+        out["speedup_vs_ddp_overlap"] = {name: ds["step_time_s"] / p["step_time_s"] for name, p in pols.items()}
     if ds and bound is not None:
         room = ds["step_time_s"] - bound
         out["headroom_captured"] = {
             name: (ds["step_time_s"] - p["step_time_s"]) / room if room > 0 else None
             for name, p in pols.items()
-            if name != "deepspeed"
+            if name != BASELINE_POLICY
         }
         out["over_bound"] = {name: p["step_time_s"] / bound - 1 for name, p in pols.items()}
     measured = {
@@ -104,17 +104,17 @@ def analyse(
 
 
 def _share_text(regime: dict) -> str:
-    share = regime["a2a_share_deepspeed"]
-    return "a2a share n/a (deepspeed not run)" if share is None else f"a2a {share * 100:.0f}%"
+    share = regime["a2a_share_ddp_overlap"]
+    return "a2a share n/a (ddp-overlap not run)" if share is None else f"a2a {share * 100:.0f}%"
 
 
 def _regime_text(regime: dict) -> str:
-    """The all-to-all regime, measured by the deepspeed baseline (n/a when it was not among the policies)."""
-    if regime["a2a_share_deepspeed"] is None:
-        return "deepspeed a2a share and allreduce/a2a bytes n/a (deepspeed not among the policies)"
-    text = f"deepspeed a2a share {regime['a2a_share_deepspeed'] * 100:.1f}%, allreduce/a2a bytes {regime['allreduce_to_a2a_bytes']:.2f}"
-    if regime.get("a2a_skew_deepspeed"):
-        text += f", a2a skew {regime['a2a_skew_deepspeed']:.2f} (busiest rank's bytes / mean)"
+    """The all-to-all regime, measured by the ddp-overlap baseline (n/a when it was not among the policies)."""
+    if regime["a2a_share_ddp_overlap"] is None:
+        return "ddp-overlap a2a share and allreduce/a2a bytes n/a (ddp-overlap not among the policies)"
+    text = f"ddp-overlap a2a share {regime['a2a_share_ddp_overlap'] * 100:.1f}%, allreduce/a2a bytes {regime['allreduce_to_a2a_bytes']:.2f}"
+    if regime.get("a2a_skew_ddp_overlap"):
+        text += f", a2a skew {regime['a2a_skew_ddp_overlap']:.2f} (busiest rank's bytes / mean)"
     return text
 
 
@@ -137,7 +137,7 @@ def print_report(result: dict) -> None:
             f"{'a2a share':>10s} {'busy in a2a':>12s} {'speedup':>8s}"
         )
         for name, p in c["policies"].items():
-            sp = c.get("speedup_vs_deepspeed", {}).get(name)
+            sp = c.get("speedup_vs_ddp_overlap", {}).get(name)
             sp_text = "n/a" if sp is None else f"{sp:.2f}x"
             busy = p.get("compute_busy_in_a2a")
             busy_text = "n/a (no a2a)" if busy is None else f"{busy * 100:.1f}%"
@@ -171,7 +171,7 @@ def print_report(result: dict) -> None:
             room = c.get("headroom_captured_measured", {}).get(name)
             print(
                 f"  measured lower bound of {name} ({name}{NO_SYNC_SUFFIX}: its allreduce off) {bound * 1e3:.1f} ms; "
-                f"{name} {_pct(over, signed=True)} over it (target <= 10%), headroom over deepspeed captured {_pct(room)} "
+                f"{name} {_pct(over, signed=True)} over it (target <= 10%), headroom over ddp-overlap captured {_pct(room)} "
                 "(target >= 80%)"
             )
         if c.get("lower_bound_s"):

@@ -31,7 +31,7 @@ from lina.data.corpus import load_corpus
 from lina.obs.report import step_breakdown
 from lina.obs.schema import RunSetup, fields_of, run_summary
 from lina.obs.timeline import Span, Timeline
-from lina.policy import train_policy
+from lina.policy import BASELINE_POLICY, train_policy
 from lina.train.packing import PackingController, packing_ep_sizes, parse_packing
 from lina.train.trainer import Trainer
 from lina.train.worker import init_distributed
@@ -84,7 +84,7 @@ def _run(plan: dict) -> None:
             model=model,
             workers=world,
             batch_size=plan["batch_size"],
-            policy="lina" if partitioned else "deepspeed",
+            policy="lina" if partitioned else BASELINE_POLICY,
             chunk_mb=str(plan["chunk_mb"]),
             pipeline_chunks=plan["pipeline_chunks"],
             credit=plan.get("credit", 1),
@@ -188,7 +188,8 @@ def _run(plan: dict) -> None:
         }
         if peers:
             entry["peers"] = [peer.name for peer in peers]
-            entry["loss_after_steps"] = _losses_at_equal_steps(lina_losses, peers)
+            if trainer.device_mode is None:  # device time computes no loss
+                entry["loss_after_steps"] = _losses_at_equal_steps(lina_losses, peers)
         results.append(entry)
         _save_runs(out, plan, cfg, experts, measured, spans, entry, rank, world)
         del trainer

@@ -8,9 +8,10 @@ process computes on the concatenated batch.
 
 Policies here:
   ``sequential``  every allreduce after backward, bucket by bucket, blocking.
-  ``deepspeed``   DDP-style buckets (25 MB default) allreduced asynchronously on their own process
+  ``ddp-overlap`` DDP-style buckets (25 MB default) allreduced asynchronously on their own process
                   group as soon as all their gradients are ready, concurrently with the
-                  synchronous all-to-alls (what DeepSpeed-MoE does).
+                  synchronous all-to-alls (DeepSpeed-MoE's schedule as lina runs it; formerly
+                  called ``deepspeed``).
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ class BucketedAsyncSync(GradSync):
     """DDP / DeepSpeed-MoE style: a bucket's allreduce starts, asynchronously, as soon as the last
     of its gradients is accumulated during backward; ``finish`` waits for all of them."""
 
-    name = "deepspeed"
+    name = "ddp-overlap"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -10,7 +10,7 @@ BENCHMARKS = {
     "contention": ("lina.bench.contention", "all-to-all slowdown under a concurrent allreduce (emulated hosts)"),
     "train": (
         "lina.bench.train",
-        "training step time of deepspeed / sequential / tutel / lina on the emulated cluster",
+        "training step time of ddp-overlap / sequential / tutel / lina on the emulated cluster",
     ),
     "infer": ("lina.bench.infer", "inference latency of static / eplb / lina / oracle placement"),
 }

@@ -18,7 +18,7 @@ from pathlib import Path
 from lina.errors import ConfigError, LinaError
 from lina.extras import can_plot
 from lina.obs.provenance import provenance
-from lina.policy import TRAIN_POLICIES
+from lina.policy import BASELINE_POLICY, TRAIN_POLICIES
 from lina.sim import scenarios
 
 
@@ -181,7 +181,7 @@ def _sweep(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print()
     label = "GPUs" if args.sweep == "gpus" else "Gb/s"
-    policies = [p for p in runs[0].results if p != "deepspeed"]
+    policies = [p for p in runs[0].results if p != BASELINE_POLICY]
     print(f"{label:>8}{'a2a %':>8}" + "".join(f"{p:>15}" for p in policies))
     for v, r in zip(values, runs):
         print(f"{v:>8g}{r.baseline.a2a_share:>8.1%}" + "".join(f"{r.results[p].speedup:>14.2f}x" for p in policies))

@@ -94,7 +94,7 @@ class ExpertParallel:
     def set_policy(
         self, name: str, chunk_mb: float = 1.0, credit: int = 1, bucket_mb: float = 25.0, timeout_s: float = 120.0
     ) -> GradSync:
-        """Use the named gradient-sync policy (``sequential``, ``deepspeed``, ``tutel``, ``lina``);
+        """Use the named gradient-sync policy (``sequential``, ``ddp-overlap``, ``tutel``, ``lina``);
         pipelined policies split every exchange into ``pipeline_chunks`` micro-ops."""
         if self.policy is not None:
             self.policy.close()

@@ -7,11 +7,23 @@ their implementation in :mod:`lina.infer.policies` (``SERVING_POLICIES``).
 """
 
 from lina.policy.training import (
+    BASELINE_POLICY,
     BENCH_POLICIES,
+    POLICY_ALIASES,
     TRAIN_POLICIES,
     TrainPolicy,
+    canonical_policy_name,
     register_train_policy,
     train_policy,
 )
 
-__all__ = ["BENCH_POLICIES", "TRAIN_POLICIES", "TrainPolicy", "register_train_policy", "train_policy"]
+__all__ = [
+    "BASELINE_POLICY",
+    "BENCH_POLICIES",
+    "POLICY_ALIASES",
+    "TRAIN_POLICIES",
+    "TrainPolicy",
+    "canonical_policy_name",
+    "register_train_policy",
+    "train_policy",
+]

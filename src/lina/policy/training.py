@@ -21,6 +21,7 @@ Adding a policy is one spec here (or a subclass of :class:`TrainPolicy` anywhere
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 
 from lina.errors import ConfigError
@@ -110,7 +111,12 @@ def register_train_policy(policy: TrainPolicy, replace: bool = False) -> TrainPo
 
 for _p in (
     TrainPolicy(
-        "deepspeed", "none", "ddp", False, False, "synchronous all-to-all; DDP buckets allreduced during backward"
+        "ddp-overlap",
+        "none",
+        "ddp",
+        False,
+        False,
+        "synchronous all-to-all; DDP buckets allreduced during backward (DeepSpeed-MoE's schedule as lina runs it)",
     ),
     TrainPolicy("sequential", "none", "after", False, False, "synchronous all-to-all; every allreduce after backward"),
     TrainPolicy("tutel", "tutel", "ddp", False, False, "all-to-all split to overlap the expert FFN; DDP buckets"),
@@ -135,8 +141,38 @@ for _p in (
 ):
     register_train_policy(_p)
 
+#: the policy every training speedup is measured against
+BASELINE_POLICY = "ddp-overlap"
+
 #: what ``lina bench train`` and ``lina sim`` compare by default, in this order
-BENCH_POLICIES = ("deepspeed", "sequential", "tutel", "lina", "lina+packing")
+BENCH_POLICIES = (BASELINE_POLICY, "sequential", "tutel", "lina", "lina+packing")
+
+#: old policy name -> its name now (still accepted, with a note). ``deepspeed`` was lina's own
+#: re-creation of DeepSpeed-MoE's schedule; measured beside the real DeepSpeed engine (``lina bench
+#: train --peers``) it is not DeepSpeed, so it is named after what it does.
+POLICY_ALIASES = {"deepspeed": BASELINE_POLICY}
+
+_noted: set[str] = set()
+
+
+def canonical_policy_name(name: str) -> str:
+    """``name`` with an old policy name (:data:`POLICY_ALIASES`, also as ``OLD/no-sync``) replaced by
+    its name now; the first use of each old name in a process prints a note on stderr."""
+    if not isinstance(name, str):
+        return name
+    base, suffix = (name[: -len(NO_SYNC_SUFFIX)], NO_SYNC_SUFFIX) if name.endswith(NO_SYNC_SUFFIX) else (name, "")
+    if base not in POLICY_ALIASES:
+        return name
+    new = POLICY_ALIASES[base]
+    if base not in _noted:
+        _noted.add(base)
+        print(
+            f"lina: note: the training policy {base!r} is now called {new!r} (lina's re-creation of "
+            "DeepSpeed-MoE's schedule; the real DeepSpeed runs beside lina with `lina bench train --peers`); "
+            f"{base!r} is still accepted",
+            file=sys.stderr,
+        )
+    return new + suffix
 
 
 def train_policy(name: str | TrainPolicy) -> TrainPolicy:
@@ -144,6 +180,7 @@ def train_policy(name: str | TrainPolicy) -> TrainPolicy:
     in an importable module); a :class:`ConfigError` lists the known ones otherwise."""
     if isinstance(name, TrainPolicy):
         return name
+    name = canonical_policy_name(name)
     if name in TRAIN_POLICIES:
         return TRAIN_POLICIES[name]
     if isinstance(name, str) and name.endswith(NO_SYNC_SUFFIX):

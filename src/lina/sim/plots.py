@@ -11,15 +11,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter  # noqa: E402
 
+from lina.policy import BASELINE_POLICY  # noqa: E402
 from lina.sim.runner import ScenarioRun  # noqa: E402
 
 AXIS_LABEL = {"gpus": "GPUs", "link": "NIC link rate (Gb/s)"}
 
 
 def plot_sweep(runs: list[ScenarioRun], axis: str, values: list[float], path: str | Path, title: str) -> Path:
-    """Speedup over deepspeed of every policy against the swept value; a2a share on a second panel."""
+    """Speedup over ddp-overlap of every policy against the swept value; a2a share on a second panel."""
     path = Path(path)
-    policies = [p for p in runs[0].results if p != "deepspeed"]
+    policies = [p for p in runs[0].results if p != BASELINE_POLICY]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for p in policies:
         ys = [r.results[p].speedup for r in runs]
@@ -27,16 +28,16 @@ def plot_sweep(runs: list[ScenarioRun], axis: str, values: list[float], path: st
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_xlabel(AXIS_LABEL[axis])
-    ax.set_ylabel("step-time speedup vs deepspeed")
+    ax.set_ylabel("step-time speedup vs ddp-overlap")
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     ax2.plot(
-        values, [r.baseline.a2a_share * 100 for r in runs], marker="s", color="tab:red", label="deepspeed a2a share"
+        values, [r.baseline.a2a_share * 100 for r in runs], marker="s", color="tab:red", label="ddp-overlap a2a share"
     )
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel(AXIS_LABEL[axis])
-    ax2.set_ylabel("all-to-all share of deepspeed step (%)")
+    ax2.set_ylabel("all-to-all share of ddp-overlap step (%)")
     ax2.set_ylim(0, 100)
     ax2.grid(alpha=0.3)
     ax2.set_title("regime")

@@ -22,7 +22,7 @@ def train_table(run: ScenarioRun) -> str:
     ]
     if base is not None:
         lines.append(
-            f"  regime: link {sc.cluster.link_gbps:g} Gb/s, deepspeed all-to-all share {base.a2a_share:.1%}; "
+            f"  regime: link {sc.cluster.link_gbps:g} Gb/s, ddp-overlap all-to-all share {base.a2a_share:.1%}; "
             f"lower bound of the synchronous schedule (every a2a alone, allreduce hidden) {_ms(run.lower_bound.step_s)} ms"
         )
     header = f"  {'policy':<15}{'step ms':>10}{'a2a ms':>10}{'a2a %':>7}{'bwd a2a':>9}{'allred.':>9}{'exposed':>9}{'speedup':>9}{'pack':>6}"
@@ -54,7 +54,7 @@ def testbed_summary(runs: list[ScenarioRun]) -> list[dict]:
     shares = [r.baseline.a2a_share for r in runs if r.baseline]
     rows.append(
         {
-            "metric": "deepspeed all-to-all share of step (mean)",
+            "metric": "ddp-overlap all-to-all share of step (mean)",
             "ours": f"{_mean(shares):.1%}",
             "paper": f"{paper.A2A_SHARE_AVG:.1%}",
         }
@@ -70,7 +70,7 @@ def testbed_summary(runs: list[ScenarioRun]) -> list[dict]:
     if packed:
         rows.append(
             {
-                "metric": "lina+packing speedup vs deepspeed (mean)",
+                "metric": "lina+packing speedup vs ddp-overlap (mean)",
                 "ours": f"{_mean(packed):.2f}x",
                 "paper": f"{paper.SPEEDUP_AVG:.2f}x",
             }
@@ -100,7 +100,7 @@ def testbed_summary(runs: list[ScenarioRun]) -> list[dict]:
             "{:.2f}-{:.2f}x".format(*paper.PRIORITY_PARTITION_RANGE),
         ),
         ("lina-priority", "priority only (mean)", f"{paper.PRIORITY_ONLY_AVG:.2f}x"),
-        ("tutel", "tutel (mean)", "close to deepspeed"),
+        ("tutel", "tutel (mean)", "close to ddp-overlap"),
     ):
         xs = [x for x in (speed(r, policy) for r in runs) if x is not None]
         if not xs:
@@ -117,7 +117,7 @@ def testbed_summary(runs: list[ScenarioRun]) -> list[dict]:
         if xs:
             rows.append(
                 {
-                    "metric": f"backward a2a time deepspeed/lina+packing, {e} experts",
+                    "metric": f"backward a2a time ddp-overlap/lina+packing, {e} experts",
                     "ours": f"{_mean(xs):.2f}x",
                     "paper": f"{ref:.2f}x" if ref else "-",
                 }

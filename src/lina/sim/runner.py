@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from lina.policy import BASELINE_POLICY
 from lina.sim.scenario import Scenario
 from lina.sim.train import TrainResult, simulate_policies, simulate_step
 
@@ -25,7 +26,7 @@ class ScenarioRun:
 
     @property
     def baseline(self) -> TrainResult | None:
-        return self.results.get("deepspeed")
+        return self.results.get(BASELINE_POLICY)
 
     def to_dict(self) -> dict:
         sc = self.scenario

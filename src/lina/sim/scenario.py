@@ -4,7 +4,7 @@ Scenarios are built in (:mod:`lina.sim.scenarios`) or read from TOML (:func:`loa
 
     name = "my-cluster"
     description = "what I plan to book"
-    policies = ["deepspeed", "lina", "lina+packing"]   # optional
+    policies = ["ddp-overlap", "lina", "lina+packing"]   # optional
     device = "h100-sxm-bf16"                           # or a [device] table
     [cluster]
     hosts = 64
@@ -36,7 +36,7 @@ from pathlib import Path
 import tomllib
 
 from lina.errors import ConfigError
-from lina.policy import BENCH_POLICIES, train_policy
+from lina.policy import BENCH_POLICIES, canonical_policy_name, train_policy
 from lina.sim.compute import ComputeProfile
 from lina.sim.spec import DEVICES, ClusterSpec, DeviceSpec, ModelSpec, TrainSpec, spec_from_dict
 
@@ -91,7 +91,7 @@ class Scenario:
         return replace(self, name=f"{self.name}@{gbps:g}G", cluster=replace(self.cluster, link_gbps=gbps))
 
     def with_policies(self, policies: tuple[str, ...]) -> "Scenario":
-        return replace(self, policies=tuple(policies))
+        return replace(self, policies=tuple(canonical_policy_name(p) for p in policies))
 
 
 def _device(value) -> DeviceSpec:
@@ -130,7 +130,7 @@ def scenario_from_dict(data: dict, default_name: str = "config") -> Scenario:
         device=device,
         profile=profile,
         train=train,
-        policies=tuple(data.get("policies", BENCH_POLICIES)),
+        policies=tuple(canonical_policy_name(p) for p in data.get("policies", BENCH_POLICIES)),
         experts_follow_gpus=bool(data.get("experts_follow_gpus", False)),
     )
 

@@ -3,7 +3,7 @@
 Measures per step: step time, all-to-all time (union of a2a spans) and its share of the step,
 backward all-to-all time, allreduce time, exposed communication (step time when compute is
 idle), MoE layer forward/backward time, and how busy compute is while an all-to-all is in
-flight. ``speedup`` is relative to ``deepspeed`` when it was simulated.
+flight. ``speedup`` is relative to ``ddp-overlap`` when it was simulated.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from lina.obs import schema
 from lina.obs.timeline import Timeline, union_length
-from lina.policy import TrainPolicy, train_policy
+from lina.policy import BASELINE_POLICY, TrainPolicy, train_policy
 from lina.policy.packing import REVERT_MARGIN
 from lina.sim.collectives import all_to_all
 from lina.sim.compute import ComputeProfile
@@ -295,7 +295,7 @@ def simulate_policies(
     memory_gb: float | None = None,
     progress=None,
 ) -> dict[str, TrainResult]:
-    """Simulate every policy; fill ``speedup`` (``deepspeed`` step / policy step) when possible.
+    """Simulate every policy; fill ``speedup`` (``ddp-overlap`` step / policy step) when possible.
 
     ``progress``: called with each finished :class:`TrainResult` (for a line per policy).
     """
@@ -304,8 +304,8 @@ def simulate_policies(
         results[p] = simulate_step(cluster, model, profile, train, p, representative, memory_gb)
         if progress is not None:
             progress(results[p])
-    if "deepspeed" in results:
-        base = results["deepspeed"].step_s
+    if BASELINE_POLICY in results:
+        base = results[BASELINE_POLICY].step_s
         for r in results.values():
             r.speedup = base / r.step_s if r.step_s > 0 else None
     return results

@@ -3,7 +3,8 @@
 ``run_ranks(fn, world, *args)`` spawns W processes, initialises the default process group from a
 shared file, calls ``fn(rank, world, *args)`` and returns the list of results (anything
 ``torch.save`` can store). A rank that raises or dies fails the whole call with its rank named;
-no process outlives the call.
+no process outlives the call. ``timeout_s`` is the process group's collective timeout; the call
+waits ``join_timeout_s`` (default twice that) for the ranks, start-up included.
 """
 
 from __future__ import annotations
@@ -38,19 +39,20 @@ def _entry(rank: int, world: int, init_file: str, out_dir: str, fn: Callable, ar
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world: int, *args: Any, timeout_s: float = 60.0) -> list[Any]:
+def run_ranks(
+    fn: Callable, world: int, *args: Any, timeout_s: float = 60.0, join_timeout_s: float | None = None
+) -> list[Any]:
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         ctx = mp.start_processes(
             _entry, args=(world, init_file, tmp, fn, args, timeout_s), nprocs=world, join=False, start_method="spawn"
         )
         try:
-            deadline = time.monotonic() + timeout_s * 2
+            wait_s = join_timeout_s if join_timeout_s is not None else timeout_s * 2
+            deadline = time.monotonic() + wait_s
             while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
                 if time.monotonic() >= deadline:
-                    raise LinaError(
-                        f"ranks did not finish within {timeout_s * 2:g} s (a collective hangs?); all were stopped"
-                    )
+                    raise LinaError(f"ranks did not finish within {wait_s:g} s (a collective hangs?); all were stopped")
         except mp.ProcessRaisedException as err:
             errs = sorted(Path(tmp).glob("rank*.err"))
             detail = errs[0].read_text() if errs else str(err)

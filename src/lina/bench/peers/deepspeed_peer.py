@@ -19,6 +19,12 @@ Fair-start rules (what makes its rows comparable with lina's):
   peer's own step counter (its step k sees lina's batch k), torch AdamW (lina's lr and weight
   decay) over ``split_params_into_different_moe_groups_for_optimizer``, fp32.
 
+Device time (``cfg.compute`` names a device, :mod:`lina.devicetime`): the peer's every compute op
+takes that device's time x the dilation, under the same dispatch mode as lina's trainer, and its
+gates route by the run's routing trace (:class:`lina.bench.peers.trace_gate.TraceGate`, each rank
+from the same place in the trace as lina's), so that beside lina's policies only the communication
+schedules differ. No loss is reported then (nothing is computed).
+
 Engines (:data:`PEERS`): ``deepspeed-zero0`` (ZeRO stage 0) and ``deepspeed-zero2`` (stage 2,
 ``overlap_comm``, contiguous gradients, reduce-scatter). Every collective DeepSpeed issues is
 recorded in a lina timeline (:mod:`lina.bench.peers.comm_spans`); the step loop adds ``forward``,
@@ -29,6 +35,7 @@ reduction: ``engine.allreduce_gradients``), ``optimizer.step`` and ``step`` span
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -40,8 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lina.bench.peers.comm_spans import Phase, record_collectives
+from lina.bench.peers.trace_gate import TraceGate
 from lina.config import TrainConfig
 from lina.data.corpus import Corpus, sample_sequences
+from lina.devices import device_from
+from lina.devicetime import DeviceTimeMode, TraceRouting
 from lina.errors import LinaError
 from lina.models.gpt import DenseFFN, MoEGPT
 from lina.moe.experts import local_expert_ids
@@ -209,6 +219,7 @@ class DeepSpeedPeer:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         model = build_model(deepspeed, cfg, self.rank, self.ep_size)
+        self.device_mode = self._device_time(model)
         groups = split_params_into_different_moe_groups_for_optimizer(
             {"params": list(model.parameters()), "name": "parameters"}
         )
@@ -231,6 +242,24 @@ class DeepSpeedPeer:
         self.steps_done = 0
         self.losses: list[float] = []  # LM loss of this rank, by the peer's step index
 
+    def _device_time(self, model: PeerGPT) -> DeviceTimeMode | None:
+        """In a device-time run: every gate routes by the trace (offset as lina's trainer offsets
+        this rank), and the mode every step runs under."""
+        cfg = self.cfg
+        if not cfg.device_time:
+            return None
+        source = TraceRouting.from_file(
+            cfg.routing_trace, cfg.model.experts, offset=self.rank * cfg.batch_size * cfg.model.seq_len
+        )
+        for j, ffn in enumerate(model.moe_ffns):
+            layer = ffn.moe.deepspeed_moe
+            layer.gate = TraceGate(layer.gate, source, j)
+        return DeviceTimeMode(device_from(cfg.compute), cfg.dilation)
+
+    def _sync_device(self) -> None:
+        if self.device_mode is not None:
+            self.device_mode.sync()
+
     def train_step(self) -> Span:
         """One training step (batch ``steps_done``, as lina's step of that index); returns its span."""
         cfg, tl = self.cfg, self.timeline
@@ -242,23 +271,28 @@ class DeepSpeedPeer:
         record_collectives(self._backend, tl, self.phase, _group_size)  # this peer's turn on the shared backend
         self._sync_window = []
         start = tl.now()
-        self.phase.name = "fwd"
-        with tl.span("forward", "compute", step=step):
-            loss, lm = self.engine(x, y)
-        self.phase.name = "bwd"
-        bwd_start = tl.now()
-        self.engine.backward(loss)
-        bwd_end = tl.now()
-        window = self._sync_window or [bwd_end]
-        sync_start, sync_end = window[0], window[-1]
-        tl.record("backward", "compute", bwd_start, sync_start, step=step)
-        tl.record("gradsync.finish", "sched", sync_start, max(sync_end, bwd_end), step=step)
-        self.phase.name = "step"
-        with tl.span("optimizer.step", "compute", step=step):
-            self.engine.step()
+        with self.device_mode if self.device_mode is not None else contextlib.nullcontext():
+            self.phase.name = "fwd"
+            with tl.span("forward", "compute", step=step):
+                loss, lm = self.engine(x, y)
+                self._sync_device()
+            self.phase.name = "bwd"
+            bwd_start = tl.now()
+            self.engine.backward(loss)
+            self._sync_device()
+            bwd_end = tl.now()
+            window = self._sync_window or [bwd_end]
+            sync_start, sync_end = window[0], window[-1]
+            tl.record("backward", "compute", bwd_start, sync_start, step=step)
+            tl.record("gradsync.finish", "sched", sync_start, max(sync_end, bwd_end), step=step)
+            self.phase.name = "step"
+            with tl.span("optimizer.step", "compute", step=step):
+                self.engine.step()
+                self._sync_device()
         end = tl.now()
         tl.record("step", "step", start, end, step=step, policy=self.name)
-        self.losses.append(float(lm.detach()))
+        # nothing is computed in device time: no loss
+        self.losses.append(float("nan") if self.device_mode is not None else float(lm.detach()))
         self.steps_done += 1
         return Span("step", "step", start, end, self.rank, args={"step": step, "policy": self.name})
 

@@ -23,6 +23,7 @@ from lina.errors import ConfigError, LinaError
 from lina.obs import schema
 from lina.obs.schema import RunSetup
 from lina.obs.timeline import Span, load_rank_timelines
+from lina.policy import POLICY_ALIASES
 from lina.sim.a2a_skew import a2a_skew
 from lina.sim.calibration.host import GLOO_THREADS, core_share
 from lina.sim.calibration.layout import ep_of, group_ranks_per_host
@@ -156,7 +157,7 @@ def setup_from_v1(summary: dict, path: Path) -> RunSetup:
     out["link_bps"], out["bucket_mb"], out["policy"] = (
         float(out["link_bps"]),
         float(out["bucket_mb"]),
-        str(out["policy"]),
+        POLICY_ALIASES.get(str(out["policy"]), str(out["policy"])),  # a run recorded under an old name
     )
     return RunSetup(**out)
 
