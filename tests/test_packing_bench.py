@@ -112,7 +112,7 @@ def test_round_schedule_settles_only_after_the_experts_move():
     assert [steps for _, steps in after_search] == [[False, False, True], [True], [True]]
 
 
-def test_report_without_the_deepspeed_baseline(tmp_path, capsys):
+def test_report_without_the_ddp_overlap_baseline(tmp_path, capsys):
     entry = {
         "experts": 4,
         "chunk_mb": 0.25,
@@ -127,9 +127,14 @@ def test_report_without_the_deepspeed_baseline(tmp_path, capsys):
     assert config["regime"]["a2a_share_ddp_overlap"] is None and "speedup_vs_ddp_overlap" not in config
     assert config["regime"]["a2a_skew_ddp_overlap"] is None and config["policies"]["lina"]["a2a_skew"] is None
     assert config["policies"]["lina+packing"]["settle_steps"] == 6
-    result = {"policies": list(entry["policies"]), "configs": [config]}
+    result = {
+        "policies": list(entry["policies"]),
+        "configs": [config],
+        "model": {"top_k": 8, "hf_model": "/x/qwen3_moe"},
+    }
     print_report(result)
     text = capsys.readouterr().out
     assert "n/a (ddp-overlap not among the policies)" in text and "nan" not in text
+    assert "(1/rank), top-8, qwen3_moe |" in text  # the model's own top-k and checkpoint, not a fixed top-2
     plot(result, tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 0

@@ -120,6 +120,9 @@ def _regime_text(regime: dict) -> str:
 
 def print_report(result: dict) -> None:
     print("\nlina bench train: median step time per policy (interleaved, same run)")
+    model = result.get("model", {})
+    top_k = model.get("top_k", 2)
+    source = f", {Path(model['hf_model']).name}" if model.get("hf_model") else ""
     for c in result["configs"]:
         reg = c["regime"]
         compute = reg.get("compute", "real")
@@ -129,7 +132,8 @@ def print_report(result: dict) -> None:
             else f"{compute} time x {reg['dilation']:g} (emulated link {reg['emulated_link']})"
         )
         print(
-            f"\n{c['layout']}, {c['experts']} experts ({c['experts_per_rank']}/rank), top-2 | link {reg['link']}, {mode}, "
+            f"\n{c['layout']}, {c['experts']} experts ({c['experts_per_rank']}/rank), top-{top_k}{source} "
+            f"| link {reg['link']}, {mode}, "
             f"{_regime_text(reg)}, chunk {c['chunk_mb']:g} MB"
         )
         print(
