@@ -48,6 +48,22 @@ def test_sharded_checkpoint(tmp_path):
     torch.testing.assert_close(_logits(load_pretrained(src), ids), _hf_logits(src, ids), atol=ATOL, rtol=0)
 
 
+def test_sharded_checkpoint_saves_back_sharded(tmp_path):
+    from lina.hf.checkpoint import source_shard_bytes
+
+    src = make_tiny("mixtral", tmp_path / "src", seed=3, max_shard_size="40KB")
+    limit = source_shard_bytes(src)
+    assert limit is not None and source_shard_bytes(make_tiny("mixtral", tmp_path / "one", seed=3)) is None
+    ids, _ = batch(9)
+    ref = _hf_logits(src, ids)
+    out = save_pretrained(load_pretrained(src), tmp_path / "out", max_shard_bytes=limit)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    assert all((out / f).stat().st_size <= limit + 4096 for f in shards)  # + the file's own header
+    assert torch.equal(_hf_logits(out, ids), ref)
+
+
 def test_fused_expert_checkpoint_reads_only_some_rows(tmp_path):
     """A checkpoint with experts stored fused (as transformers holds them in memory)."""
     from safetensors.torch import save_file

@@ -247,15 +247,29 @@ def gather_experts(layer: MoELayer, handle: ExpertParallel) -> dict[str, torch.T
     return state
 
 
-def save_pretrained(
-    handle: ExpertParallel, folder: str | Path, tokenizer_from: str | Path | None = None
-) -> Path | None:
-    """Write the model as a transformers checkpoint folder (config.json + model.safetensors,
-    per-expert keys as transformers saves them), experts gathered from their ranks. Every rank
-    calls it; global rank 0 writes (and copies the tokenizer files of ``tokenizer_from``, when
-    given). Returns the folder on the writing rank, else None."""
-    from safetensors.torch import save_file
+def source_shard_bytes(folder: str | Path) -> int | None:
+    """The largest shard of a sharded checkpoint folder (``model.safetensors.index.json``), in
+    bytes; None for a folder of one file (so that a model saves back in its source's format)."""
+    folder = Path(folder)
+    index = folder / INDEX
+    if not index.is_file():
+        return None
+    files = set(json.loads(index.read_text()).get("weight_map", {}).values())
+    return max(((folder / f).stat().st_size for f in files if (folder / f).is_file()), default=None)
 
+
+def save_pretrained(
+    handle: ExpertParallel,
+    folder: str | Path,
+    tokenizer_from: str | Path | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path | None:
+    """Write the model as a transformers checkpoint folder (config.json + safetensors, per-expert
+    keys as transformers saves them), experts gathered from their ranks. Every rank calls it;
+    global rank 0 writes (and copies the tokenizer files of ``tokenizer_from``, when given).
+    ``max_shard_bytes``: None writes one ``model.safetensors``; a size writes shards of at most
+    that many bytes (a tensor larger than it alone in its shard) with ``model.safetensors.index.json``,
+    as ``save_pretrained(max_shard_size=...)`` does. Returns the folder on the writing rank, else None."""
     model, family = handle.model, handle.family
     out: dict[str, torch.Tensor] = {}
     prefixes = tuple(f"model.layers.{i}.mlp." for i in handle.layer_ids)
@@ -271,13 +285,41 @@ def save_pretrained(
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         model.config.save_pretrained(folder)
-        save_file({k: v.cpu().contiguous() for k, v in out.items()}, str(folder / SINGLE), metadata={"format": "pt"})
+        _write_weights({k: v.cpu().contiguous() for k, v in out.items()}, folder, max_shard_bytes)
         if tokenizer_from is not None:
             _copy_tokenizer(Path(tokenizer_from), folder)
         written = folder
     if handle.groups.world_size > 1:
         dist.barrier()
     return written
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int | None) -> None:
+    """``tensors`` as one safetensors file, or in key order as shards of at most
+    ``max_shard_bytes`` each with the index transformers reads."""
+    from safetensors.torch import save_file
+
+    if max_shard_bytes is None:
+        save_file(tensors, str(folder / SINGLE), metadata={"format": "pt"})
+        return
+    if max_shard_bytes <= 0:
+        raise HFModelError(f"shard size {max_shard_bytes} bytes. Fix: give a positive size, or None for one file")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, value in tensors.items():
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, name)
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

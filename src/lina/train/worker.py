@@ -194,9 +194,14 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
     wall = time.perf_counter() - wall_start
     hf_out = None
     if cfg.model.hf_model:  # the fine-tuned checkpoint, experts gathered (a collective)
-        from lina.hf.checkpoint import save_pretrained
+        from lina.hf.checkpoint import save_pretrained, source_shard_bytes
 
-        hf_out = save_pretrained(trainer.model.handle, out / "hf-model", tokenizer_from=cfg.model.hf_model)
+        hf_out = save_pretrained(  # sharded like the source checkpoint, when it is
+            trainer.model.handle,
+            out / "hf-model",
+            tokenizer_from=cfg.model.hf_model,
+            max_shard_bytes=source_shard_bytes(cfg.model.hf_model),
+        )
     trainer.policy.close()
     timeline.flush()  # the rest of the trace, when there is one
     if rank != 0:
