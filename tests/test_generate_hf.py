@@ -5,13 +5,18 @@ included)."""
 
 import functools
 import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from conftest import run_lina  # noqa: E402
+from conftest import lina_cmd, run_lina  # noqa: E402
 from lina.hf.checkpoint import load_pretrained  # noqa: E402
 from lina.hf.lm import HFCausalLM  # noqa: E402
 from lina.hf.tiny import make_tiny  # noqa: E402
@@ -106,3 +111,81 @@ def test_four_workers_equal_hugging_face_generate(checkpoints, tmp_path, family,
         assert row["tokens"] == hf_generate(folder, tuple(encode(row["prompt"])), n), row["id"]
     summary = json.loads(out.with_suffix(".summary.json").read_text())
     assert summary["generated_tokens"] == sum(NEW[:3]) and summary["placement"] == placement
+    sources = summary["placement_sources"]  # one entry per MoE layer, every step counted
+    assert len(sources) == 2
+    steps = max(NEW[:3])
+    if placement == "lina":  # layer 0 has no path: planned on the real counts; layer 1 from a phase-1 source
+        assert sources[0] == {"real": steps}
+        assert sources[1].get("estimate", 0) + sources[1].get("last_counts", 0) == steps
+    else:
+        assert sources == [{{"static": "static", "eplb": "history", "oracle": "real"}[placement]: steps}] * 2
+
+
+def _fails(argv, capsys, *needles):
+    from lina.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    assert "Traceback" not in err
+
+
+def test_bad_input_exits_2_before_any_worker_starts(checkpoints, tmp_path, capsys):
+    folder, out = str(checkpoints["mixtral"]), str(tmp_path / "o.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": "x", "max_new_tokens": "many"}\n')
+    base = ["generate", "--hf-model", folder, "--out", out, "--workers", "4"]
+    _fails([*base, "--prompts", str(bad)], capsys, "bad.jsonl:2", "Fix:")
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "y" * 120}) + "\n")  # the tiny checkpoints have 128 positions
+    _fails([*base, "--prompts", str(long)], capsys, "long.jsonl:1", "exceeds the model's context of 128")
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "ok"}\n')
+    _fails([*base, "--prompts", str(good), "--placement", "best"], capsys, "unknown placement 'best'", "static")
+    _fails([*base, "--prompts", str(good), "--model", folder], capsys, "exactly one of --model and --hf-model")
+    _fails([*base[:3], "--out", out, "--workers", "3", "--prompts", str(good)], capsys, "8 experts", "3 workers")
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    kids = [int(p) for p in out]
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "zombie" not in next(line for line in status.splitlines() if line.startswith("State:"))
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_generation_ends_the_job_with_its_rank_named(checkpoints, tmp_path):
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"x{i}", "max_new_tokens": 120}) + "\n" for i in range(8)))
+    argv = ["generate", "--hf-model", str(checkpoints["mixtral"]), "--prompts", str(prompts)]
+    argv += ["--out", str(tmp_path / "o.jsonl"), "--workers", "4", "--timeout", "60"]
+    proc = subprocess.Popen(lina_cmd(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("step 10") or not line:
+            break
+    assert line.startswith("step 10"), "decoding did not start"
+    # the launcher spawns the workers in rank order
+    workers = sorted(
+        p for p in _descendants(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore")
+    )
+    assert len(workers) == 4
+    everyone = _descendants(proc.pid)
+    os.kill(workers[2], signal.SIGKILL)
+    killed_at = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert time.time() - killed_at < 60
+    assert proc.returncode != 0
+    assert "rank 2 on host" in err and "signal 9" in err and "Traceback" not in err, err
+    time.sleep(1)
+    assert not [p for p in everyone if _running(p)], "processes left behind"

@@ -85,7 +85,9 @@ def _serve(plan: dict) -> dict | None:
     if rank != 0:
         return None
     rows = sorted((g for part in gathered for g in part["generations"]), key=lambda g: g["index"])
-    return {"generations": rows, "summary": summarize(rows, wall, plan, world)}
+    summary = summarize(rows, wall, plan, world)
+    summary["placement_sources"] = policy.source_report(store.num_layers)
+    return {"generations": rows, "summary": summary}
 
 
 def _pct(values: list[float], q: float) -> float | None:
