@@ -116,7 +116,7 @@ def test_four_workers_equal_hugging_face_generate(checkpoints, tmp_path, family,
     steps = max(NEW[:3])
     if placement == "lina":  # layer 0 has no path: planned on the real counts; layer 1 from a phase-1 source
         assert sources[0] == {"real": steps}
-        assert sources[1].get("estimate", 0) + sources[1].get("last_counts", 0) == steps
+        assert sources[1].get("estimate", 0) + sources[1].get("recent_counts", 0) == steps
     else:
         assert sources == [{{"static": "static", "eplb": "history", "oracle": "real"}[placement]: steps}] * 2
 

@@ -1,5 +1,5 @@
 """An estimator earns its use: lina plans phase 1 from the estimate only while it is recently at
-least as accurate as the last batch's real counts, falls back to those counts otherwise (as EPLB
+least as accurate as the recent real counts, falls back to those counts otherwise (as EPLB
 plans from the past), reports the source of each layer's plan, and never does worse than static
 or EPLB on a trace where the estimator is useless."""
 
@@ -11,7 +11,7 @@ from lina.data.routing_trace import RoutingTrace
 from lina.infer.policies import ServingContext, serving_policy
 from lina.infer.replay import replay_policy
 from lina.placement.estimators import PathEstimator
-from lina.placement.trust import ESTIMATE, LAST_COUNTS, EstimateTrust, share_distance
+from lina.placement.trust import ESTIMATE, RECENT_COUNTS, EstimateTrust, share_distance
 
 E, L, K, N = 16, 4, 2, 4
 
@@ -34,7 +34,7 @@ def _pick(g: np.random.Generator, probs: np.ndarray, t: int) -> np.ndarray:
 
 def stable_skew_trace(seed: int, tokens: int = 1536, reverse: bool = False) -> np.ndarray:
     """Every layer has a fixed Zipf popularity (its own ranking) and a token's choices do not
-    depend on its path: the last batch's counts predict the next batch well."""
+    depend on its path: the recent counts predict the next batch well."""
     g = np.random.default_rng(seed)
     zipf = 1.0 / np.arange(1, E + 1) ** 1.2
     zipf /= zipf.sum()
@@ -52,7 +52,7 @@ def stable_skew_trace(seed: int, tokens: int = 1536, reverse: bool = False) -> n
 def path_driven_trace(seed: int, tokens: int = 1536, batch: int = 64) -> np.ndarray:
     """Each batch's first-layer popularity is new (a different hot set every batch), and every
     later layer's choices follow from the token's previous top-1 expert: the path predicts the
-    next layer exactly while the last batch's counts do not."""
+    next layer exactly while the recent counts do not."""
     g = np.random.default_rng(seed)
     perms = [np.random.default_rng(200 + j).permutation(E) for j in range(L)]
     rows = []
@@ -82,20 +82,20 @@ def test_share_distance_and_trust():
     a = torch.tensor([3.0, 1.0, 0.0])
     assert share_distance(a, a * 5) == 0.0 and share_distance(a, torch.tensor([0.0, 0.0, 2.0])) == 1.0
     trust = EstimateTrust(decay=0.5)
-    assert trust.source(1, has_last_counts=False) == ESTIMATE
+    assert trust.source(1, has_recent_counts=False) == ESTIMATE
     real = torch.tensor([4.0, 0.0, 0.0])
-    trust.observe(1, estimate=torch.tensor([0.0, 4.0, 0.0]), last_counts=real, real=real)
-    assert trust.source(1, has_last_counts=True) == LAST_COUNTS
+    trust.observe(1, estimate=torch.tensor([0.0, 4.0, 0.0]), recent_counts=real, real=real)
+    assert trust.source(1, has_recent_counts=True) == RECENT_COUNTS
     for _ in range(3):  # the estimate becomes right again: it wins back its use
-        trust.observe(1, estimate=real, last_counts=torch.tensor([0.0, 0.0, 4.0]), real=real)
-    assert trust.source(1, has_last_counts=True) == ESTIMATE
+        trust.observe(1, estimate=real, recent_counts=torch.tensor([0.0, 0.0, 4.0]), real=real)
+    assert trust.source(1, has_recent_counts=True) == ESTIMATE
 
 
 def test_a_useless_estimator_falls_back_and_lina_is_never_worse_than_static_or_eplb():
     serving = stable_skew_trace(1)
     useless = PathEstimator(2).fit(_trace(stable_skew_trace(2, reverse=True)))  # fitted on the opposite skew
     lina, static, eplb = _run("lina", serving, useless), _run("static", serving), _run("eplb", serving)
-    used = [s.get(LAST_COUNTS, 0) / max(1, s.get(LAST_COUNTS, 0) + s.get(ESTIMATE, 0)) for s in lina.sources[1:]]
+    used = [s.get(RECENT_COUNTS, 0) / max(1, s.get(RECENT_COUNTS, 0) + s.get(ESTIMATE, 0)) for s in lina.sources[1:]]
     assert min(used) > 0.8, lina.sources  # the fallback is taken
     best_p95 = min(_p95(static.imbalance), _p95(eplb.imbalance))
     assert _p95(lina.imbalance) <= best_p95
@@ -119,10 +119,10 @@ def test_an_accurate_estimator_is_used_and_comes_close_to_the_oracle():
     serving = path_driven_trace(1)
     accurate = PathEstimator(1).fit(_trace(path_driven_trace(2)))
     lina, oracle, eplb = _run("lina", serving, accurate), _run("oracle", serving), _run("eplb", serving)
-    used = [s.get(ESTIMATE, 0) / max(1, s.get(LAST_COUNTS, 0) + s.get(ESTIMATE, 0)) for s in lina.sources[1:]]
+    used = [s.get(ESTIMATE, 0) / max(1, s.get(RECENT_COUNTS, 0) + s.get(ESTIMATE, 0)) for s in lina.sources[1:]]
     assert min(used) > 0.9, lina.sources
     assert all(
-        s.get("replanned", 0) <= 0.2 * sum(s.get(k, 0) for k in (ESTIMATE, LAST_COUNTS)) for s in lina.sources[1:]
+        s.get("replanned", 0) <= 0.2 * sum(s.get(k, 0) for k in (ESTIMATE, RECENT_COUNTS)) for s in lina.sources[1:]
     )
     gain = np.mean(eplb.imbalance) - np.mean(oracle.imbalance)
     assert gain > 0

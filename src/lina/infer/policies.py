@@ -11,7 +11,7 @@ when each policy plans and what it knows:
             estimates ride on this layer's dispatch to the coordinator, whose plan returns on the
             combine (devices then load the planned experts' weights in the background). The
             coordinator plans from the summed estimate only while the estimate's recent error is
-            no larger than the last batch's real counts' (:mod:`lina.placement.trust`); else it
+            no larger than the recent real counts' (:mod:`lina.placement.trust`); else it
             plans from those counts, as EPLB does. Phase 2, after the real gate: if the top-2k
             experts of the source used differ from the real ones and re-planning on the real
             counts lowers the busiest device's load by more than ``replan_tolerance``, re-plan
@@ -132,7 +132,7 @@ class ServingPolicy(abc.ABC):
 
     def source_report(self, num_layers: int) -> list[dict[str, int]]:
         """Per layer, how many batches' placements came from each source (``static``,
-        ``history``, ``real``; lina: ``estimate``, ``last_counts``, ``real``, and ``replanned``
+        ``history``, ``real``; lina: ``estimate``, ``recent_counts``, ``real``, and ``replanned``
         for those phase 2 re-planned)."""
         batches = getattr(self, "batches", 0)
         return [{self.source: batches} for _ in range(num_layers)]
@@ -225,7 +225,7 @@ class LinaPolicy(ServingPolicy):
         self.replan_tolerance = replan_tolerance
         self.trust = EstimateTrust(trust_decay)
         # layer -> decayed mean of past batches' real counts [E] (EPLB's source: the recent past)
-        self.last_counts: dict[int, torch.Tensor] = {}
+        self.recent_counts: dict[int, torch.Tensor] = {}
         self.sources: dict[int, Counter] = defaultdict(Counter)
         # layer -> (phase-1 plan, the load it was planned from, the summed estimate, its source)
         self._plans: dict[int, tuple[Placement, torch.Tensor, torch.Tensor, str]] = {}
@@ -255,9 +255,9 @@ class LinaPolicy(ServingPolicy):
         self._plans = {}
 
     def phase1_source(self, layer: int) -> str:
-        """``estimate`` or ``last_counts``: what phase 1 plans ``layer`` from (the same answer on
+        """``estimate`` or ``recent_counts``: what phase 1 plans ``layer`` from (the same answer on
         every device, which all see the same real counts and summed estimates)."""
-        return self.trust.source(layer, layer in self.last_counts)
+        return self.trust.source(layer, layer in self.recent_counts)
 
     def local_estimate(self, layer, history):
         if layer >= self.estimator.num_layers or history.shape[1] == 0:
@@ -270,7 +270,7 @@ class LinaPolicy(ServingPolicy):
 
     def _phase1_load(self, layer: int, estimate_sum: torch.Tensor) -> tuple[torch.Tensor, str]:
         source = self.phase1_source(layer)
-        return (estimate_sum if source == ESTIMATE else self.last_counts[layer]), source
+        return (estimate_sum if source == ESTIMATE else self.recent_counts[layer]), source
 
     def coordinate(self, layer, estimate_sum):
         load, _ = self._phase1_load(layer, estimate_sum)
@@ -288,10 +288,10 @@ class LinaPolicy(ServingPolicy):
             self.sources[layer][REAL] += 1
             return oracle_placement(real, self.num_devices, self.max_experts_per_device)
         planned, used, estimate, source = plan
-        past = self.last_counts.get(layer)
+        past = self.recent_counts.get(layer)
         self.trust.observe(layer, estimate, past, real)
         mixed = real.double() if past is None else self.trust.decay * past + (1 - self.trust.decay) * real.double()
-        self.last_counts[layer] = mixed
+        self.recent_counts[layer] = mixed
         self.last_phase1 = planned
         placement, replanned = self._phase2(planned, used, real)
         self.stats["checked"] += 1

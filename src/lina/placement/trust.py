@@ -1,8 +1,9 @@
 """When an estimate earns its use: per layer, a decaying average of how far the phase-1 estimate
-and the last batch's real counts each were from the real counts that followed.
+and the recent real counts (a decayed mean of past batches' counts) each were from the real
+counts that followed.
 
-Phase 1 plans from the estimate only while its recent error is no larger than the last real
-counts' (EPLB's source: the past predicts the present); otherwise it falls back to the last real
+Phase 1 plans from the estimate only while its recent error is no larger than the recent real
+counts' (EPLB's source: the past predicts the present); otherwise it falls back to those
 counts. Both errors are measured every batch, whichever source was used, so an estimator that
 becomes accurate again (an online one that learned) is trusted again.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 #: the phase-1 sources a layer's plan can come from
-ESTIMATE, LAST_COUNTS, REAL = "estimate", "last_counts", "real"
+ESTIMATE, RECENT_COUNTS, REAL = "estimate", "recent_counts", "real"
 
 
 def share_distance(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -31,7 +32,7 @@ def share_distance(p: torch.Tensor, q: torch.Tensor) -> float:
 
 
 class EstimateTrust:
-    """Per layer, the decayed mean error of the estimate and of the last real counts.
+    """Per layer, the decayed mean error of the estimate and of the recent real counts.
 
     Args:
         decay: weight of the past in each average (0: only the latest batch counts).
@@ -40,27 +41,27 @@ class EstimateTrust:
     def __init__(self, decay: float = 0.7):
         self.decay = decay
         self.estimate_error: dict[int, float] = {}
-        self.last_counts_error: dict[int, float] = {}
+        self.recent_counts_error: dict[int, float] = {}
 
     def _mix(self, table: dict[int, float], layer: int, value: float) -> None:
         old = table.get(layer)
         table[layer] = value if old is None else self.decay * old + (1 - self.decay) * value
 
     def observe(
-        self, layer: int, estimate: torch.Tensor | None, last_counts: torch.Tensor | None, real: torch.Tensor
+        self, layer: int, estimate: torch.Tensor | None, recent_counts: torch.Tensor | None, real: torch.Tensor
     ) -> None:
         """Score both sources of ``layer`` against its real counts Tensor[E] (a source that was
         not available is skipped)."""
         if estimate is not None:
             self._mix(self.estimate_error, layer, share_distance(estimate, real))
-        if last_counts is not None:
-            self._mix(self.last_counts_error, layer, share_distance(last_counts, real))
+        if recent_counts is not None:
+            self._mix(self.recent_counts_error, layer, share_distance(recent_counts, real))
 
-    def source(self, layer: int, has_last_counts: bool) -> str:
-        """``estimate`` while it is at least as accurate as the last real counts (or nothing
-        else is known), else ``last_counts``."""
-        if not has_last_counts or layer not in self.last_counts_error:
+    def source(self, layer: int, has_recent_counts: bool) -> str:
+        """``estimate`` while it is at least as accurate as the recent real counts (or nothing
+        else is known), else ``recent_counts``."""
+        if not has_recent_counts or layer not in self.recent_counts_error:
             return ESTIMATE
-        if self.estimate_error.get(layer, 0.0) <= self.last_counts_error[layer]:
+        if self.estimate_error.get(layer, 0.0) <= self.recent_counts_error[layer]:
             return ESTIMATE
-        return LAST_COUNTS
+        return RECENT_COUNTS
