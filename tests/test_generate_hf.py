@@ -60,7 +60,7 @@ def _requests() -> list[Request]:
 @pytest.mark.parametrize(
     "family,placement",
     [("mixtral", p) for p in SERVING_POLICIES]
-    + [("qwen3_moe", "lina"), ("deepseek_v3", "lina"), ("qwen2_moe", "eplb")],
+    + [("qwen3_moe", "lina"), ("deepseek_v3", "lina"), ("qwen2_moe", "eplb"), ("qwen3_moe", "lina-window")],
 )
 def test_one_process_equals_hugging_face_generate(checkpoints, family, placement):
     folder = checkpoints[family]

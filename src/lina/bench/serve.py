@@ -26,12 +26,13 @@ from lina.bench.stats import percentile
 from lina.data.routing_trace import RoutingTrace, load_trace, synthetic_trace
 from lina.errors import ConfigError
 from lina.extras import pyplot
-from lina.infer.policies import SERVING_POLICIES
+from lina.infer.policies import all_serving_policies
 from lina.obs.provenance import provenance
 from lina.placement.estimators import PathEstimator
+from lina.placement.estimators.decode import DecodeAwareEstimator, previous_rows
 from lina.placement.metrics import token_topk_hits, token_topk_recall
 
-POLICIES = tuple(SERVING_POLICIES)
+POLICIES = tuple(all_serving_policies())  # the per-batch policies, then lina-window
 SHAPES = ("own", "mixtral", "fine")
 MIXTRAL_FILE = Path("shared") / "data" / "mixtral-8x7b-gsm8k-routing.jsonl"
 
@@ -121,6 +122,23 @@ def topk_accuracy(est: PathEstimator, held: RoutingTrace, positions: slice | Non
     }
 
 
+def decode_aware_accuracy(aware: DecodeAwareEstimator, held: RoutingTrace, first: int) -> dict[str, float]:
+    """``hit`` and ``recall`` as :func:`topk_accuracy`, of the decode-aware estimator on tokens at
+    position ``first`` or later (each has a previous token)."""
+    ex = held.expert_tensor()
+    prev = torch.from_numpy(previous_rows(held))
+    idx = torch.from_numpy(held.token_idx.astype(np.int64))
+    keep = (idx >= first) & (prev >= 0)
+    cur, before = ex[keep], ex[prev[keep]]
+    if cur.shape[0] == 0:
+        return {"hit": float("nan"), "recall": float("nan")}
+    preds = [(aware.predict(j, cur[:, :j, 0], before[:, j, 0]), cur[:, j]) for j in range(1, held.num_layers)]
+    return {
+        "hit": float(torch.cat([token_topk_hits(p, r) for p, r in preds]).float().mean()),
+        "recall": float(torch.cat([token_topk_recall(p, r) for p, r in preds]).mean()),
+    }
+
+
 def _pct(values_s: list[float]) -> dict[str, float]:
     ms = [v * 1e3 for v in values_s]
     return {"p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95), "p99_ms": percentile(ms, 99)}
@@ -149,6 +167,7 @@ def serve_shape(args, name: str, trace: RoutingTrace, out: Path, spec) -> dict:
     est = PathEstimator(path_len=min(args.path_len, trace.num_layers - 1)).fit(fit)
     decode_from = slice(args.prompt_len, None)
     accuracy = {"prefill": topk_accuracy(est, held), "decode": topk_accuracy(est, held, decode_from)}
+    aware = DecodeAwareEstimator(est).fit(fit)
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     layers = min(args.layers, trace.num_layers)
@@ -197,7 +216,12 @@ def serve_shape(args, name: str, trace: RoutingTrace, out: Path, spec) -> dict:
         "top_k": trace.top_k,
         "layers": layers,
         "policies": summarize(result, world, args),
-        "estimator_topk_accuracy": {"path": accuracy, "path_len": est.path_len},
+        "estimator_topk_accuracy": {
+            "path": accuracy,
+            "path_len": est.path_len,
+            "decode_aware": {"decode": decode_aware_accuracy(aware, held, args.prompt_len)},
+            "decode_aware_alpha": aware.alpha.tolist(),
+        },
     }
 
 
@@ -234,7 +258,7 @@ def print_report(entries: list[dict], reg: dict) -> None:
             + "".join(
                 f"; {src}: decode {_acc(v['decode'])}"
                 for src, v in acc.items()
-                if src not in ("path", "path_len") and isinstance(v, dict)
+                if src not in ("path", "path_len", "decode_aware_alpha")
             )
             + " (paper 54-60% hit rate at l=3)"
         )
@@ -269,9 +293,16 @@ def plot(entries: list[dict], path: Path) -> None:
 def check(args) -> object:
     """Every setting checked before any worker starts; returns the emulated cluster spec (None: local)."""
     from lina.cluster.emulate import parse_emulate
-    from lina.config import TrainConfig
+    from lina.devices import device_from
 
-    TrainConfig(compute=args.compute, dilation=args.dilation, routing_trace="trace").validate_compute()
+    if not args.dilation > 0:
+        raise ConfigError("dilation", f"{args.dilation} must be > 0", "use 1 (no dilation) or e.g. 100")
+    if args.compute == "real" and args.dilation != 1.0:
+        raise ConfigError(
+            "dilation", "time dilation needs a device-time compute mode", "add --compute a100, or drop --dilation"
+        )
+    if args.compute != "real":
+        device_from(args.compute)
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         raise ConfigError("shapes", f"unknown shape(s) {', '.join(unknown)}", f"use some of {', '.join(SHAPES)}")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from lina.errors import ConfigError
-from lina.infer.policies import SERVING_POLICIES
+from lina.infer.policies import all_serving_policies
 from lina.obs.provenance import provenance
 
 
@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--placement",
         default="static",
-        metavar="|".join(SERVING_POLICIES),
+        metavar="|".join(all_serving_policies()),
         help="expert placement policy (default static)",
     )
     p.add_argument(
@@ -65,9 +65,9 @@ def validate(args: argparse.Namespace):
             "give exactly one of --model and --hf-model",
             "pass --model DIR (a lina train run) or --hf-model DIR",
         )
-    if args.placement not in SERVING_POLICIES:
+    if args.placement not in all_serving_policies():
         raise ConfigError(
-            "placement", f"unknown placement {args.placement!r}", f"use one of {', '.join(SERVING_POLICIES)}"
+            "placement", f"unknown placement {args.placement!r}", f"use one of {', '.join(all_serving_policies())}"
         )
     if args.workers < 1:
         raise ConfigError("workers", f"{args.workers}", "use --workers 1 or more")

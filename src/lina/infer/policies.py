@@ -38,6 +38,7 @@ from lina.placement.estimators.base import PopularityEstimator
 from lina.placement.lina import lina_placement, oracle_placement, replan_if_needed
 from lina.placement.static import static_placement
 from lina.placement.trust import ESTIMATE, REAL, EstimateTrust
+from lina.placement.window import route_among_resident
 
 
 @dataclass
@@ -55,6 +56,7 @@ class ServingContext:
         trust_decay: weight of the past in lina's running error of each phase-1 source.
         replan_tolerance: phase 2 keeps a plan whose busiest device carries at most this much
             more (relative) than a re-plan on the real counts would.
+        decode_window: batches (decode steps) one ``lina-window`` residency plan serves.
     """
 
     num_experts: int
@@ -68,6 +70,7 @@ class ServingContext:
     popularity_mode: str = "expected"
     trust_decay: float = 0.7
     replan_tolerance: float = 0.05
+    decode_window: int = 8
 
     def packing_cap(self) -> int:
         """Experts one device may hold under lina and the oracle: the paper's cap, or one spare
@@ -314,6 +317,58 @@ class LinaPolicy(ServingPolicy):
         return [{k: v for k, v in sorted(self.sources[layer].items())} for layer in range(num_layers)]
 
 
+class WindowPolicy(ServingPolicy):
+    """``lina-window``: the experts resident on each device are planned once per ``window``
+    batches (decode steps) with Lina's rule on a decayed mean of the recent real counts (the
+    static layout until the first counts); each batch's tokens are routed among the resident
+    replicas only (:func:`lina.placement.window.route_among_resident`). ``stats["moves"]`` counts
+    the expert weights that moved onto a device at window boundaries."""
+
+    name = "lina-window"
+    needs_batch_counts = True
+    source = "window"
+
+    def __init__(self, *args, num_layers: int, window: int = 8, decay: float = 0.7, max_experts_per_device: int = 4):
+        super().__init__(*args)
+        self.window, self.decay, self.max_experts_per_device = window, decay, max_experts_per_device
+        self.recent: list[torch.Tensor | None] = [None] * num_layers
+        self.resident = [static_placement(self.num_experts, self.num_devices) for _ in range(num_layers)]
+        self.steps = 0
+        self.stats["moves"] = 0
+
+    @classmethod
+    def create(cls, ctx):
+        return cls(
+            ctx.num_experts,
+            ctx.num_devices,
+            ctx.top_k,
+            num_layers=ctx.num_layers,
+            window=ctx.decode_window,
+            decay=ctx.trust_decay,
+            max_experts_per_device=ctx.packing_cap(),
+        )
+
+    def begin_batch(self, free_counts):
+        super().begin_batch(free_counts)
+        if self.steps % self.window == 0:
+            for layer, recent in enumerate(self.recent):
+                if recent is None:
+                    continue
+                plan = lina_placement(recent, self.num_devices, self.max_experts_per_device)
+                self.stats["moves"] += int((plan.holds & ~self.resident[layer].holds).sum())
+                self.resident[layer] = plan
+        self.steps += 1
+
+    def placement(self, layer, counts):
+        return route_among_resident(self.resident[layer], counts)
+
+    def end_batch(self, counts):
+        for layer, c in enumerate(counts):
+            old = self.recent[layer]
+            c = c.double()
+            self.recent[layer] = c if old is None else self.decay * old + (1 - self.decay) * c
+
+
 #: name -> policy class; a policy of one's own is one ServingPolicy subclass and one entry
 SERVING_POLICIES: dict[str, type[ServingPolicy]] = {}
 
@@ -327,15 +382,23 @@ def register_serving_policy(cls: type[ServingPolicy]) -> type[ServingPolicy]:
 for _cls in (StaticPolicy, EPLBPolicy, LinaPolicy, OraclePolicy):
     register_serving_policy(_cls)
 
+#: placements for serving with decode (``lina generate``, ``lina bench serve``) beyond the
+#: per-batch policies every engine driver compares
+DECODE_POLICIES: dict[str, type[ServingPolicy]] = {WindowPolicy.name: WindowPolicy}
+
+
+def all_serving_policies() -> dict[str, type[ServingPolicy]]:
+    """:data:`SERVING_POLICIES` and :data:`DECODE_POLICIES`, by name."""
+    return {**SERVING_POLICIES, **DECODE_POLICIES}
+
 
 def serving_policy(name: str, ctx: ServingContext) -> ServingPolicy:
     """Build the registered serving policy ``name`` for ``ctx``."""
+    known = all_serving_policies()
     try:
-        cls = SERVING_POLICIES[name]
+        cls = known[name]
     except KeyError:
-        raise ConfigError(
-            "policy", f"unknown serving policy {name!r}", f"use one of {', '.join(SERVING_POLICIES)}"
-        ) from None
+        raise ConfigError("policy", f"unknown serving policy {name!r}", f"use one of {', '.join(known)}") from None
     return cls.create(ctx)
 
 
