@@ -49,3 +49,27 @@ def test_more_than_four_experts_per_device_for_fine_grained_models():
     policy, _ = _replay("lina-window", experts, 64, 4, window=8)
     held = policy.resident[0].experts_per_device
     assert int(held.max()) > 4 and int(held.sum()) > 64  # 16+ per device, spare slots hold replicas
+
+
+def test_the_engine_moves_the_next_windows_weights_ahead_and_outputs_stay_the_same():
+    from lina.infer.engine import InferenceEngine, LayerRouting
+    from lina.infer.policies import make_serving_policy
+    from lina.infer.store import ExpertStore
+
+    store = ExpertStore.random(2, 8, 16, 32, seed=0)
+    ctx = ServingContext(8, 1, 2, 2, decode_window=2)
+    window = InferenceEngine(store, 2, None, serving_policy("lina-window", ctx))
+    static = InferenceEngine(
+        ExpertStore.random(2, 8, 16, 32, seed=0), 2, None, make_serving_policy("static", 8, 1, 2, 2)
+    )
+    g = torch.Generator().manual_seed(1)
+    for step in range(5):
+        h = torch.randn(6, 16, generator=g)
+        ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(6)])
+        gate = lambda j, x: LayerRouting(ids, torch.full((6, 2), 0.5))  # noqa: E731
+        dense = lambda j, x: (x, x)  # noqa: E731
+        out_w, _ = window.run_batch(h, dense, gate)
+        out_s, _ = static.run_batch(h, dense, gate)
+        torch.testing.assert_close(out_w, out_s, atol=1e-5, rtol=0)
+        if step == 1:  # the first window's last step: the next residents are moving already
+            assert set(store._resident) == {0, 1}

@@ -244,6 +244,10 @@ class InferenceEngine:
             history = torch.cat([history, routing.expert_ids[:, :1]], dim=1)
         if self.policy.needs_batch_counts:
             self.policy.end_batch(torch.stack(self.layer_counts))
+        upcoming = self.policy.upcoming_residents()
+        if upcoming is not None:  # the next window's experts move in the background, before they serve
+            for layer, plan in enumerate(upcoming):
+                self.store.make_resident(layer, plan.device_experts(self.rank).tolist())
         self.store.forget()
         end = tl.now()
         tl.record("batch", "step", start, end, kind=schema.BATCH, policy=self.policy.name)

@@ -130,6 +130,11 @@ class ServingPolicy(abc.ABC):
     def end_batch(self, counts: torch.Tensor) -> None:
         """Global real counts of the batch, FloatTensor[L, E] (only when ``needs_batch_counts``)."""
 
+    def upcoming_residents(self) -> list[Placement] | None:
+        """After ``end_batch``: per layer, the experts each device will hold from the next batch
+        on, when they change (the engine moves their weights in the background); else None."""
+        return None
+
     #: where this policy's placements come from (lina reports per layer instead)
     source = "real"
 
@@ -335,6 +340,8 @@ class WindowPolicy(ServingPolicy):
         self.resident = [static_placement(self.num_experts, self.num_devices) for _ in range(num_layers)]
         self.steps = 0
         self.stats["moves"] = 0
+        self._pending: list[Placement] | None = None  # the next window's residents
+        self._announce = False
 
     @classmethod
     def create(cls, ctx):
@@ -350,13 +357,10 @@ class WindowPolicy(ServingPolicy):
 
     def begin_batch(self, free_counts):
         super().begin_batch(free_counts)
-        if self.steps % self.window == 0:
-            for layer, recent in enumerate(self.recent):
-                if recent is None:
-                    continue
-                plan = lina_placement(recent, self.num_devices, self.max_experts_per_device)
+        if self._pending is not None:  # a window starts: its residents were planned (and moved) ahead
+            for layer, plan in enumerate(self._pending):
                 self.stats["moves"] += int((plan.holds & ~self.resident[layer].holds).sum())
-                self.resident[layer] = plan
+            self.resident, self._pending = self._pending, None
         self.steps += 1
 
     def placement(self, layer, counts):
@@ -367,6 +371,15 @@ class WindowPolicy(ServingPolicy):
             old = self.recent[layer]
             c = c.double()
             self.recent[layer] = c if old is None else self.decay * old + (1 - self.decay) * c
+        if self.steps % self.window == 0:  # this window's last batch: plan the next one
+            self._pending = [lina_placement(r, self.num_devices, self.max_experts_per_device) for r in self.recent]
+            self._announce = True
+
+    def upcoming_residents(self):
+        if not self._announce:
+            return None
+        self._announce = False
+        return self._pending
 
 
 #: name -> policy class; a policy of one's own is one ServingPolicy subclass and one entry
