@@ -11,7 +11,7 @@ from lina.config import ModelConfig
 from lina.errors import ConfigError
 from lina.infer.engine import InferenceEngine
 from lina.infer.model_adapter import load_trained_model
-from lina.infer.policies import SERVING_POLICIES, make_serving_policy
+from lina.infer.policies import all_serving_policies, make_serving_policy
 from lina.models.gpt import MoEGPT
 from lina.serve.cached_gpt import CachedGPT
 from lina.serve.generator import generate
@@ -32,7 +32,7 @@ def _requests(new=(9, 4, 7, 1)) -> list[Request]:
     return [Request(str(i), p, encode(p), n, i) for i, (p, n) in enumerate(zip(PROMPTS, new))]
 
 
-@pytest.mark.parametrize("placement", list(SERVING_POLICIES))
+@pytest.mark.parametrize("placement", list(all_serving_policies()))
 def test_one_process_equals_the_plain_model_under_every_placement(placement):
     model, requests = _model(), _requests()
     estimator = fit_estimator(model, requests) if placement == "lina" else None
@@ -96,7 +96,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("placement", list(SERVING_POLICIES))
+@pytest.mark.parametrize("placement", list(all_serving_policies()))
 def test_four_workers_equal_the_plain_model(trained, tmp_path, placement):
     model_dir, prompts = trained
     out = tmp_path / "out.jsonl"

@@ -1,4 +1,4 @@
-"""``lina bench layer | contention | train | infer``: the benchmarks, each with ``--quick``."""
+"""``lina bench layer | contention | train | infer | serve``: the benchmarks, each with ``--quick``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ BENCHMARKS = {
         "training step time of ddp-overlap / sequential / tutel / lina on the emulated cluster",
     ),
     "infer": ("lina.bench.infer", "inference latency of static / eplb / lina / oracle placement"),
+    "serve": (
+        "lina.bench.serve",
+        "prefill and decode latency of static / eplb / lina / oracle placement on requests replayed from traces",
+    ),
 }
 
 

@@ -81,6 +81,8 @@ class InferenceEngine:
         policy: a :class:`lina.infer.policies.ServingPolicy`.
         timeline: spans of this rank; when None, the engine keeps its own and forgets each
             batch's spans once its figures are read (a long serving run stays flat in memory).
+        expert_fn: ``expert_fn(rows [n, d], weights) -> [n, d]``, one expert on its rows
+            (default :func:`lina.infer.store.expert_ffn`; a benchmark may charge device time).
     """
 
     def __init__(
@@ -90,8 +92,10 @@ class InferenceEngine:
         group: dist.ProcessGroup | None,
         policy: ServingPolicy,
         timeline: Timeline | None = None,
+        expert_fn: Callable[[torch.Tensor, tuple], torch.Tensor] = expert_ffn,
     ):
         self.store = store
+        self.expert_fn = expert_fn
         self.top_k = top_k
         self.group = group
         self.world = 1 if group is None else dist.get_world_size(group)
@@ -162,7 +166,7 @@ class InferenceEngine:
         with tl.span(f"moe{layer}.experts", "compute", kind=schema.EXPERT, layer=layer, phase="fwd"):
             weights_by_expert = self.store.load(layer, placement.device_experts(self.rank).tolist())
             outs = [
-                expert_ffn(chunk, weights_by_expert[e])
+                self.expert_fn(chunk, weights_by_expert[e])
                 for e, chunk in zip(range(e_count), torch.split(grouped, per_expert))
                 if chunk.shape[0]
             ]
@@ -240,6 +244,10 @@ class InferenceEngine:
             history = torch.cat([history, routing.expert_ids[:, :1]], dim=1)
         if self.policy.needs_batch_counts:
             self.policy.end_batch(torch.stack(self.layer_counts))
+        upcoming = self.policy.upcoming_residents()
+        if upcoming is not None:  # the next window's experts move in the background, before they serve
+            for layer, plan in enumerate(upcoming):
+                self.store.make_resident(layer, plan.device_experts(self.rank).tolist())
         self.store.forget()
         end = tl.now()
         tl.record("batch", "step", start, end, kind=schema.BATCH, policy=self.policy.name)

@@ -9,9 +9,13 @@ when each policy plans and what it knows:
             (DeepSeek EPLB / vLLM).
 ``lina``    phase 1: each device estimates the next layer's popularity from its tokens' paths; the
             estimates ride on this layer's dispatch to the coordinator, whose plan returns on the
-            combine (devices then load the planned experts' weights in the background). Phase 2,
-            after the real gate: if the estimated top-2k experts differ from the real ones, re-plan
-            on the real counts (and load weights on the spot).
+            combine (devices then load the planned experts' weights in the background). The
+            coordinator plans from the summed estimate only while the estimate's recent error is
+            no larger than the recent real counts' (:mod:`lina.placement.trust`); else it
+            plans from those counts, as EPLB does. Phase 2, after the real gate: if the top-2k
+            experts of the source used differ from the real ones and re-planning on the real
+            counts lowers the busiest device's load by more than ``replan_tolerance``, re-plan
+            (and load weights on the spot); otherwise the plan stands and nothing moves.
 ``oracle``  Lina's placement on the batch's real counts, planned before the batch at no cost.
 
 The engine gives every policy the layer's global real counts: each device's local counts travel
@@ -22,16 +26,19 @@ trip (the paper's phase 2 blocks on one).
 from __future__ import annotations
 
 import abc
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from lina.errors import ConfigError
-from lina.placement.core import Placement
-from lina.placement.eplb import EPLBPlanner
+from lina.placement.core import Placement, max_device_load
+from lina.placement.eplb import EPLBPlanner, default_slots_per_device
 from lina.placement.estimators.base import PopularityEstimator
 from lina.placement.lina import lina_placement, oracle_placement, replan_if_needed
 from lina.placement.static import static_placement
+from lina.placement.trust import ESTIMATE, REAL, EstimateTrust
+from lina.placement.window import route_among_resident
 
 
 @dataclass
@@ -42,9 +49,14 @@ class ServingContext:
         num_experts: E; num_devices: N; top_k: k; num_layers: MoE layers L.
         estimator: the fitted popularity estimator (``lina`` needs one).
         eplb_window / eplb_replan_every: batches EPLB averages over / re-plans after.
-        max_experts_per_device: Lina's packing limit (the paper's 4; raised where E / N needs it).
+        max_experts_per_device: Lina's packing limit (the paper's 4); where more experts than that
+            share a device, raised to EPLB's slot budget ``ceil(E / N) + 1`` (see :meth:`packing_cap`).
         popularity_mode: ``expected`` (every expert gets its probability mass) or ``topk`` (the
             paper's: each token's top-k experts only).
+        trust_decay: weight of the past in lina's running error of each phase-1 source.
+        replan_tolerance: phase 2 keeps a plan whose busiest device carries at most this much
+            more (relative) than a re-plan on the real counts would.
+        decode_window: batches (decode steps) one ``lina-window`` residency plan serves.
     """
 
     num_experts: int
@@ -56,6 +68,16 @@ class ServingContext:
     eplb_replan_every: int = 4
     max_experts_per_device: int = 4
     popularity_mode: str = "expected"
+    trust_decay: float = 0.7
+    replan_tolerance: float = 0.05
+    decode_window: int = 8
+
+    def packing_cap(self) -> int:
+        """Experts one device may hold under lina and the oracle: the paper's cap, or one spare
+        slot beyond the static layout's ``ceil(E / N)`` (EPLB's budget) when that is more: with
+        16-64 experts per device the paper's 4 cannot stand, and a plan without a spare slot
+        cannot replicate a hot expert."""
+        return max(self.max_experts_per_device, default_slots_per_device(self.num_experts, self.num_devices))
 
 
 def local_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -87,6 +109,7 @@ class ServingPolicy(abc.ABC):
         """``free_counts``: FloatTensor[L, E] of the batch's real global counts when the engine
         knows them without communication (trace replay); only the oracle may use them."""
         self.free_counts = free_counts
+        self.batches = getattr(self, "batches", 0) + 1
 
     @abc.abstractmethod
     def placement(self, layer: int, counts: torch.Tensor) -> Placement:
@@ -107,9 +130,25 @@ class ServingPolicy(abc.ABC):
     def end_batch(self, counts: torch.Tensor) -> None:
         """Global real counts of the batch, FloatTensor[L, E] (only when ``needs_batch_counts``)."""
 
+    def upcoming_residents(self) -> list[Placement] | None:
+        """After ``end_batch``: per layer, the experts each device will hold from the next batch
+        on, when they change (the engine moves their weights in the background); else None."""
+        return None
+
+    #: where this policy's placements come from (lina reports per layer instead)
+    source = "real"
+
+    def source_report(self, num_layers: int) -> list[dict[str, int]]:
+        """Per layer, how many batches' placements came from each source (``static``,
+        ``history``, ``real``; lina: ``estimate``, ``recent_counts``, ``real``, and ``replanned``
+        for those phase 2 re-planned)."""
+        batches = getattr(self, "batches", 0)
+        return [{self.source: batches} for _ in range(num_layers)]
+
 
 class StaticPolicy(ServingPolicy):
     name = "static"
+    source = "static"
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -128,7 +167,7 @@ class OraclePolicy(ServingPolicy):
 
     @classmethod
     def create(cls, ctx):
-        return cls(ctx.num_experts, ctx.num_devices, ctx.top_k, max_experts_per_device=ctx.max_experts_per_device)
+        return cls(ctx.num_experts, ctx.num_devices, ctx.top_k, max_experts_per_device=ctx.packing_cap())
 
     def begin_batch(self, free_counts):
         super().begin_batch(free_counts)
@@ -147,6 +186,7 @@ class OraclePolicy(ServingPolicy):
 class EPLBPolicy(ServingPolicy):
     name = "eplb"
     needs_batch_counts = True
+    source = "history"
 
     def __init__(self, *args, num_layers: int, window: int = 32, replan_every: int = 4):
         super().__init__(*args)
@@ -178,13 +218,25 @@ class LinaPolicy(ServingPolicy):
     uses_phase1 = True
 
     def __init__(
-        self, *args, estimator: PopularityEstimator, popularity_mode: str = "expected", max_experts_per_device: int = 4
+        self,
+        *args,
+        estimator: PopularityEstimator,
+        popularity_mode: str = "expected",
+        max_experts_per_device: int = 4,
+        trust_decay: float = 0.7,
+        replan_tolerance: float = 0.05,
     ):
         super().__init__(*args)
         self.estimator = estimator
         self.popularity_mode = popularity_mode
         self.max_experts_per_device = max_experts_per_device
-        self._plans: dict[int, tuple[Placement, torch.Tensor]] = {}
+        self.replan_tolerance = replan_tolerance
+        self.trust = EstimateTrust(trust_decay)
+        # layer -> decayed mean of past batches' real counts [E] (EPLB's source: the recent past)
+        self.recent_counts: dict[int, torch.Tensor] = {}
+        self.sources: dict[int, Counter] = defaultdict(Counter)
+        # layer -> (phase-1 plan, the load it was planned from, the summed estimate, its source)
+        self._plans: dict[int, tuple[Placement, torch.Tensor, torch.Tensor, str]] = {}
         self.last_phase1: Placement | None = None  # the latest phase-1 plan placement() checked
 
     @classmethod
@@ -201,12 +253,19 @@ class LinaPolicy(ServingPolicy):
             ctx.top_k,
             estimator=ctx.estimator,
             popularity_mode=ctx.popularity_mode,
-            max_experts_per_device=ctx.max_experts_per_device,
+            max_experts_per_device=ctx.packing_cap(),
+            trust_decay=ctx.trust_decay,
+            replan_tolerance=ctx.replan_tolerance,
         )
 
     def begin_batch(self, free_counts):
         super().begin_batch(free_counts)
         self._plans = {}
+
+    def phase1_source(self, layer: int) -> str:
+        """``estimate`` or ``recent_counts``: what phase 1 plans ``layer`` from (the same answer on
+        every device, which all see the same real counts and summed estimates)."""
+        return self.trust.source(layer, layer in self.recent_counts)
 
     def local_estimate(self, layer, history):
         if layer >= self.estimator.num_layers or history.shape[1] == 0:
@@ -217,24 +276,110 @@ class LinaPolicy(ServingPolicy):
         # device, which overloads that device when they do get tokens.
         return self.estimator.popularity(layer, h, top_k=self.top_k, mode=self.popularity_mode)
 
+    def _phase1_load(self, layer: int, estimate_sum: torch.Tensor) -> tuple[torch.Tensor, str]:
+        source = self.phase1_source(layer)
+        return (estimate_sum if source == ESTIMATE else self.recent_counts[layer]), source
+
     def coordinate(self, layer, estimate_sum):
-        return lina_placement(estimate_sum, self.num_devices, self.max_experts_per_device)
+        load, _ = self._phase1_load(layer, estimate_sum)
+        return lina_placement(load, self.num_devices, self.max_experts_per_device)
 
     def receive_plan(self, layer, placement, estimate):
-        self._plans[layer] = (placement, estimate)
+        load, source = self._phase1_load(layer, estimate)
+        self._plans[layer] = (placement, load, estimate, source)
 
     def placement(self, layer, counts):
         real = counts  # phase 2
         plan = self._plans.pop(layer, None)
         if plan is None:  # no path yet (first layer): plan on the real counts
             self.last_phase1 = None
+            self.sources[layer][REAL] += 1
             return oracle_placement(real, self.num_devices, self.max_experts_per_device)
-        planned, estimate = plan
+        planned, used, estimate, source = plan
+        past = self.recent_counts.get(layer)
+        self.trust.observe(layer, estimate, past, real)
+        mixed = real.double() if past is None else self.trust.decay * past + (1 - self.trust.decay) * real.double()
+        self.recent_counts[layer] = mixed
         self.last_phase1 = planned
-        placement, replanned = replan_if_needed(planned, estimate, real, self.top_k, self.max_experts_per_device)
+        placement, replanned = self._phase2(planned, used, real)
         self.stats["checked"] += 1
         self.stats["replans"] += int(replanned)
+        self.sources[layer][source] += 1
+        self.sources[layer]["replanned"] += int(replanned)
         return placement
+
+    def _phase2(self, planned: Placement, used: torch.Tensor, real: torch.Tensor) -> tuple[Placement, bool]:
+        """Re-plan on the real counts only when the top-2k differ and the re-plan lowers the
+        busiest device's load by more than the tolerance (else nothing moves)."""
+        placement, replanned = replan_if_needed(planned, used, real, self.top_k, self.max_experts_per_device)
+        if replanned and max_device_load(planned, real) <= max_device_load(placement, real) * (
+            1 + self.replan_tolerance
+        ):
+            return planned, False
+        return placement, replanned
+
+    def source_report(self, num_layers):
+        return [{k: v for k, v in sorted(self.sources[layer].items())} for layer in range(num_layers)]
+
+
+class WindowPolicy(ServingPolicy):
+    """``lina-window``: the experts resident on each device are planned once per ``window``
+    batches (decode steps) with Lina's rule on a decayed mean of the recent real counts (the
+    static layout until the first counts); each batch's tokens are routed among the resident
+    replicas only (:func:`lina.placement.window.route_among_resident`). ``stats["moves"]`` counts
+    the expert weights that moved onto a device at window boundaries."""
+
+    name = "lina-window"
+    needs_batch_counts = True
+    source = "window"
+
+    def __init__(self, *args, num_layers: int, window: int = 8, decay: float = 0.7, max_experts_per_device: int = 4):
+        super().__init__(*args)
+        self.window, self.decay, self.max_experts_per_device = window, decay, max_experts_per_device
+        self.recent: list[torch.Tensor | None] = [None] * num_layers
+        self.resident = [static_placement(self.num_experts, self.num_devices) for _ in range(num_layers)]
+        self.steps = 0
+        self.stats["moves"] = 0
+        self._pending: list[Placement] | None = None  # the next window's residents
+        self._announce = False
+
+    @classmethod
+    def create(cls, ctx):
+        return cls(
+            ctx.num_experts,
+            ctx.num_devices,
+            ctx.top_k,
+            num_layers=ctx.num_layers,
+            window=ctx.decode_window,
+            decay=ctx.trust_decay,
+            max_experts_per_device=ctx.packing_cap(),
+        )
+
+    def begin_batch(self, free_counts):
+        super().begin_batch(free_counts)
+        if self._pending is not None:  # a window starts: its residents were planned (and moved) ahead
+            for layer, plan in enumerate(self._pending):
+                self.stats["moves"] += int((plan.holds & ~self.resident[layer].holds).sum())
+            self.resident, self._pending = self._pending, None
+        self.steps += 1
+
+    def placement(self, layer, counts):
+        return route_among_resident(self.resident[layer], counts)
+
+    def end_batch(self, counts):
+        for layer, c in enumerate(counts):
+            old = self.recent[layer]
+            c = c.double()
+            self.recent[layer] = c if old is None else self.decay * old + (1 - self.decay) * c
+        if self.steps % self.window == 0:  # this window's last batch: plan the next one
+            self._pending = [lina_placement(r, self.num_devices, self.max_experts_per_device) for r in self.recent]
+            self._announce = True
+
+    def upcoming_residents(self):
+        if not self._announce:
+            return None
+        self._announce = False
+        return self._pending
 
 
 #: name -> policy class; a policy of one's own is one ServingPolicy subclass and one entry
@@ -250,15 +395,23 @@ def register_serving_policy(cls: type[ServingPolicy]) -> type[ServingPolicy]:
 for _cls in (StaticPolicy, EPLBPolicy, LinaPolicy, OraclePolicy):
     register_serving_policy(_cls)
 
+#: placements for serving with decode (``lina generate``, ``lina bench serve``) beyond the
+#: per-batch policies every engine driver compares
+DECODE_POLICIES: dict[str, type[ServingPolicy]] = {WindowPolicy.name: WindowPolicy}
+
+
+def all_serving_policies() -> dict[str, type[ServingPolicy]]:
+    """:data:`SERVING_POLICIES` and :data:`DECODE_POLICIES`, by name."""
+    return {**SERVING_POLICIES, **DECODE_POLICIES}
+
 
 def serving_policy(name: str, ctx: ServingContext) -> ServingPolicy:
     """Build the registered serving policy ``name`` for ``ctx``."""
+    known = all_serving_policies()
     try:
-        cls = SERVING_POLICIES[name]
+        cls = known[name]
     except KeyError:
-        raise ConfigError(
-            "policy", f"unknown serving policy {name!r}", f"use one of {', '.join(SERVING_POLICIES)}"
-        ) from None
+        raise ConfigError("policy", f"unknown serving policy {name!r}", f"use one of {', '.join(known)}") from None
     return cls.create(ctx)
 
 

@@ -119,3 +119,37 @@ def placement_balance(
         report.max[name] = float(t.max())
     report.replan_rate = {name: policies[name].stats["replans"] / max(report.samples, 1) for name in LINA_VARIANTS}
     return report
+
+
+@dataclass
+class PolicyReplay:
+    """One policy replayed over a trace: the busiest-device load over the mean (1.0 = balanced)
+    of each (batch, scored layer) for its final placement and for its phase-1 plan (the final
+    one where it has no phase 1), and its per-layer :meth:`ServingPolicy.source_report`."""
+
+    imbalance: list[float]
+    phase1_imbalance: list[float]
+    sources: list[dict[str, int]]
+
+
+def replay_policy(
+    policy: ServingPolicy, experts: torch.Tensor, layers: list[int], batch_tokens: int = 16
+) -> PolicyReplay:
+    """Serve ``experts`` LongTensor[T, L, k] (a trace's choices, in order) through ``policy`` in
+    batches of ``batch_tokens`` tokens, as the engine drives it, scoring ``layers``."""
+    num_experts, num_layers = policy.num_experts, experts.shape[1]
+    out = PolicyReplay([], [], [])
+    for span in batches_of(experts.shape[0], batch_tokens):
+        batch = experts[span]
+        counts = torch.stack([_slot_counts(batch[:, j], num_experts) for j in range(num_layers)])  # [L, E]
+        policy.begin_batch(counts)
+        for j in range(num_layers):
+            placement = _plan_layer(policy, j, batch[:, :j, 0], counts[j])
+            if j in layers:
+                out.imbalance.append(imbalance(placement, counts[j]))
+                phase1 = getattr(policy, "last_phase1", None) or placement
+                out.phase1_imbalance.append(imbalance(phase1, counts[j]))
+        if policy.needs_batch_counts:
+            policy.end_batch(counts)
+    out.sources = policy.source_report(num_layers)
+    return out

@@ -23,6 +23,7 @@ class ExpertStore:
         self.tensors = tuple(t for t in (w1, b1, w2, b2) if t is not None)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-load")
         self._loaded: dict[tuple[int, tuple[int, ...]], Future] = {}
+        self._resident: dict[int, Future] = {}  # layer -> the resident experts' weights, by expert
 
     @property
     def num_layers(self) -> int:
@@ -53,11 +54,25 @@ class ExpertStore:
         if key not in self._loaded:
             self._loaded[key] = self._pool.submit(self._gather, *key)
 
+    def make_resident(self, layer: int, experts: list[int]) -> None:
+        """Start moving the weights of ``experts`` of ``layer`` in the background; they stay
+        (across batches) until the next call for that layer, serving every :meth:`load` of a
+        subset of them (a decode window's residents)."""
+        self._resident[layer] = self._pool.submit(self._gather, layer, tuple(sorted(experts)))
+
     def load(self, layer: int, experts: list[int]) -> dict[int, tuple[torch.Tensor, ...]]:
-        """Weights of ``experts`` of ``layer`` (waits for a prefetch, or loads now)."""
+        """Weights of ``experts`` of ``layer`` (waits for a prefetch or the resident weights, or
+        loads now)."""
         key = (layer, tuple(sorted(experts)))
         fut = self._loaded.pop(key, None)
-        return fut.result() if fut is not None else self._gather(*key)
+        if fut is not None:
+            return fut.result()
+        resident = self._resident.get(layer)
+        if resident is not None:
+            held = resident.result()
+            if all(e in held for e in key[1]):
+                return {e: held[e] for e in key[1]}
+        return self._gather(*key)
 
     def forget(self) -> None:
         """Drop prefetched weights that were not used (a re-plan changed the layer's experts)."""

@@ -26,6 +26,20 @@ def token_topk_hits(probs: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return (torch.sort(est, dim=1).values == torch.sort(real.long(), dim=1).values).all(dim=1)
 
 
+def token_topk_recall(probs: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Per token: the share of the experts the gate chose that are among the estimated top-k
+    (1.0 when the sets are equal; the paper's set equality is rare with top-8 of 64).
+
+    Args:
+        probs: ``FloatTensor[T, E]``; real: ``LongTensor[T, k]``.
+    Returns:
+        ``FloatTensor[T]`` in [0, 1].
+    """
+    k = real.shape[1]
+    est = torch.topk(probs, k, dim=1).indices
+    return (est.unsqueeze(2) == real.long().unsqueeze(1)).any(dim=1).float().mean(dim=1)
+
+
 def topset_equal(estimated: torch.Tensor, real: torch.Tensor, n: int) -> bool:
     """Are the ``n`` experts ranked highest by ``estimated`` a top-``n`` set of ``real``?
 

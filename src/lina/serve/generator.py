@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from lina.infer.engine import InferenceEngine
 from lina.serve.cached_gpt import CachedGPT
+from lina.serve.cached_hf import CachedHF
 from lina.serve.requests import Request, decode
 from lina.serve.sampling import next_token, request_generator
 
@@ -62,12 +64,13 @@ def _any_left(active: int, group: dist.ProcessGroup | None) -> bool:
 
 @torch.no_grad()
 def generate(
-    served: CachedGPT,
+    served: CachedGPT | CachedHF,
     engine: InferenceEngine,
     requests: list[Request],
     temperature: float = 0.0,
     seed: int = 0,
     progress=None,
+    decode_text: Callable[[list[int]], str] = decode,
 ) -> tuple[list[Generation], ServeStats]:
     """Serve this rank's ``requests`` to the end (a collective over the engine's group: every rank
     calls it, with its own share, possibly none).
@@ -76,6 +79,7 @@ def generate(
         temperature: 0 for greedy; above, sampling with a per-request generator (same tokens on
             whichever rank serves the request).
         progress: called with a one-line status after each step (rank 0 prints it).
+        decode_text: token ids -> text (lina's byte tokens by default; a checkpoint's tokenizer).
     """
     out = {r.index: Generation(r.id, r.prompt, index=r.index) for r in requests}
     gens = {r.index: request_generator(seed, r.index) for r in requests} if temperature > 0 else {}
@@ -106,5 +110,5 @@ def generate(
             break
         pieces = [(r.index, [out[r.index].tokens[-1]], len(r.tokens) + len(out[r.index].tokens) - 1) for r in active]
     for g in out.values():
-        g.text = decode(g.tokens)
+        g.text = decode_text(g.tokens)
     return list(out.values()), stats

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from lina.errors import ConfigError
 
@@ -29,12 +30,15 @@ def decode(tokens: list[int]) -> str:
     return bytes(tokens).decode("utf-8", errors="replace")
 
 
-def read_requests(path: str | Path, max_new_tokens: int, context: int) -> list[Request]:
+def read_requests(
+    path: str | Path, max_new_tokens: int, context: int, encode_text: Callable[[str], list[int]] = encode
+) -> list[Request]:
     """Parse and check a prompts file: every problem names its line and the fix (ConfigError).
 
     Args:
         max_new_tokens: the default for lines without their own.
         context: the model's context length; prompt + new tokens must fit in it.
+        encode_text: text -> token ids (lina's byte tokens by default; a checkpoint's tokenizer).
     """
     p = Path(path)
     if not p.is_file():
@@ -59,7 +63,7 @@ def read_requests(path: str | Path, max_new_tokens: int, context: int) -> list[R
         new = row.get("max_new_tokens", max_new_tokens)
         if not isinstance(new, int) or isinstance(new, bool) or new < 1:
             raise ConfigError("prompts", f"{where}: max_new_tokens {new!r} must be an integer >= 1", "give 1 or more")
-        tokens = encode(row["prompt"])
+        tokens = encode_text(row["prompt"])
         if len(tokens) + new > context:
             raise ConfigError(
                 "prompts",

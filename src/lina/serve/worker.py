@@ -16,19 +16,35 @@ from lina.infer.policies import make_serving_policy
 from lina.placement.estimators import PathEstimator
 from lina.serve.cached_gpt import CachedGPT
 from lina.serve.generator import generate
-from lina.serve.requests import read_requests
+from lina.serve.requests import decode, encode, read_requests
 from lina.train.worker import init_distributed
 
 
 def fit_estimator(model, requests, path_len: int = 3) -> PathEstimator:
     """Lina's path estimator fitted on the prompts' own routing (every rank sees every prompt,
-    so every rank fits the same one)."""
+    so every rank fits the same one). ``model``: a :class:`MoEGPT` or an :class:`HFCausalLM`."""
     trace = record_routing(model, [torch.tensor([r.tokens]) for r in requests], "prompts")
-    return PathEstimator(min(path_len, model.cfg.n_layers - 1)).fit(trace)
+    return PathEstimator(max(1, min(path_len, len(model.moe_layers()) - 1))).fit(trace)
+
+
+def load_served(plan: dict):
+    """(served model, the model record_routing runs, encode, decode, context) of ``plan``'s
+    ``model`` (a lina run) or ``hf_model`` (a Hugging Face checkpoint, every expert here)."""
+    if plan.get("hf_model"):
+        from lina.hf.checkpoint import load_pretrained
+        from lina.hf.lm import HFCausalLM
+        from lina.serve.cached_hf import CachedHF, text_codec
+
+        handle = load_pretrained(plan["hf_model"])
+        served = CachedHF(handle)
+        encode_text, decode_text = text_codec(plan["hf_model"])
+        return served, HFCausalLM(handle, served.context).eval(), encode_text, decode_text, served.context
+    model = load_trained_model(plan["model"])
+    return CachedGPT(model), model, encode, decode, model.cfg.seq_len
 
 
 def run(plan: dict) -> dict | None:
-    """``plan``: model, prompts, max_new_tokens, placement, temperature, seed, timeout_s."""
+    """``plan``: model or hf_model, prompts, max_new_tokens, placement, temperature, seed, timeout_s."""
     init_distributed(plan["timeout_s"])
     try:
         return _serve(plan)
@@ -38,14 +54,14 @@ def run(plan: dict) -> dict | None:
 
 def _serve(plan: dict) -> dict | None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = load_trained_model(plan["model"])
-    requests = read_requests(plan["prompts"], plan["max_new_tokens"], model.cfg.seq_len)
+    served, model, encode_text, decode_text, context = load_served(plan)
+    requests = read_requests(plan["prompts"], plan["max_new_tokens"], context, encode_text)
     mine = requests[rank::world]
-    cfg = model.cfg
     estimator = fit_estimator(model, requests) if plan["placement"] == "lina" else None
-    served = CachedGPT(model)
-    policy = make_serving_policy(plan["placement"], cfg.experts, world, cfg.top_k, cfg.n_layers, estimator)
-    engine = InferenceEngine(served.store, cfg.top_k, dist.group.WORLD, policy)
+    store = served.store
+    top_k = model.cfg.top_k
+    policy = make_serving_policy(plan["placement"], store.num_experts, world, top_k, store.num_layers, estimator)
+    engine = InferenceEngine(store, top_k, dist.group.WORLD, policy)
 
     def progress(step: int, active: int) -> None:
         if rank == 0 and (step == 1 or step % 10 == 0):
@@ -55,7 +71,7 @@ def _serve(plan: dict) -> dict | None:
             )
 
     start = time.perf_counter()
-    generations, stats = generate(served, engine, mine, plan["temperature"], plan["seed"], progress)
+    generations, stats = generate(served, engine, mine, plan["temperature"], plan["seed"], progress, decode_text)
     wall = time.perf_counter() - start
     gathered: list = [None] * world
     dist.all_gather_object(
@@ -69,7 +85,9 @@ def _serve(plan: dict) -> dict | None:
     if rank != 0:
         return None
     rows = sorted((g for part in gathered for g in part["generations"]), key=lambda g: g["index"])
-    return {"generations": rows, "summary": summarize(rows, wall, plan, world)}
+    summary = summarize(rows, wall, plan, world)
+    summary["placement_sources"] = policy.source_report(store.num_layers)
+    return {"generations": rows, "summary": summary}
 
 
 def _pct(values: list[float], q: float) -> float | None:
