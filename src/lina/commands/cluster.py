@@ -11,16 +11,10 @@ from __future__ import annotations
 
 import argparse
 
-from lina.cluster import netns
-from lina.cluster.emulate import (
-    EmulatedCluster,
-    EmulateSpec,
-    parse_duration_us,
-    parse_rate,
-    remove_cluster,
-    state_dir,
-    survey,
-)
+from lina.cluster import netns, shaping
+from lina.cluster.lifecycle import EmulatedCluster
+from lina.cluster.registry import remove_cluster, state_dir, survey
+from lina.cluster.spec import EmulateSpec, parse_duration_us, parse_rate
 from lina.errors import LinaError
 
 
@@ -111,7 +105,7 @@ def _shaped_rate(ns: str, ifname: str) -> int | None:
     from pyroute2.netlink.exceptions import NetlinkError
 
     try:
-        return netns.read_egress_rate(ns, ifname)
+        return shaping.read_egress_rate(ns, ifname)
     except (OSError, NetlinkError):
         return None
 
