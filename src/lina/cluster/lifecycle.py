@@ -11,7 +11,8 @@ bridge in a dedicated switch namespace. Both ends shape their egress (token buck
 htb class per peer host by default, or one tbf FIFO), so a host's upload and download are
 each limited to the link rate, like a host NIC into a non-blocking switch. Traffic
 between workers of one host goes to the host's own address, which the kernel routes over
-that namespace's loopback: unlimited, like NVLink in a node.
+that namespace's loopback: unlimited by default, or shaped to the spec's intra-host rate (one tbf
+on ``lo``, shared by all of the host's workers, like a node's NVLink).
 
 The cluster is torn down on every exit path: normal exit, exception, SIGINT/SIGTERM/SIGHUP
 (handlers are installed while it is up and restored after) and interpreter exit. Processes
@@ -166,6 +167,8 @@ class EmulatedCluster:
             settings = dict(delay_us=half_delay, queue_ms=s.queue_ms, peers=peers)
             shaping.shape_egress(host.netns, host.ifname, s.link_bps, match="dst", **settings)  # upload
             shaping.shape_egress(self.switch_netns, port, s.link_bps, match="src", **settings)  # download
+            if s.intra_bps:
+                shaping.shape_loopback(host.netns, s.intra_bps, queue_ms=s.queue_ms)  # intra-host link
 
     def detach(self) -> None:
         """Leave the cluster up after this process exits (``lina cluster up``); ``lina cluster down`` removes it."""

@@ -99,6 +99,28 @@ def shape_egress(
             ) from err
 
 
+def shape_loopback(ns: str, rate_bps: int, *, queue_ms: float = 100.0) -> None:
+    """Limit ``lo`` in ``ns`` to ``rate_bps``: the intra-host link of an emulated host.
+
+    Workers of one host reach each other at the host's own address, which the kernel routes over
+    ``lo``; each packet leaves ``lo`` once, so one tbf FIFO there makes all intra-host traffic
+    share ``rate_bps`` (like a node's NVLink fabric, shared and never dropping: the queue holds
+    ``queue_ms`` at the rate). Loopback's 64 KiB frames fit tbf's bucket (at least 128 KiB).
+    """
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute(netns=ns, flags=0) as ipr:
+        idx = ipr.link_lookup(ifname="lo")[0]
+        try:
+            _shape_fifo(ipr, idx, rate_bps, 0, queue_ms)
+        except NetlinkError as err:
+            raise LinaError(
+                f"this kernel refused a tbf on lo (netlink error {err.code}: {os.strerror(err.code)}); the"
+                " intra-host link needs tbf (CONFIG_NET_SCH_TBF). Drop intra= from --emulate (free loopback)"
+            ) from err
+
+
 def _shape_fifo(ipr, idx: int, rate_bps: int, delay_us: int, queue_ms: float) -> None:
     tbf = dict(rate=int(rate_bps // 8), burst=tbf_burst_bytes(rate_bps), latency=int(queue_ms * 1000))  # B/s, B, us
     if delay_us > 0:

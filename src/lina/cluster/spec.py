@@ -15,7 +15,7 @@ from lina.errors import ConfigError
 _RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
 _TIME_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
 _MAX_RATE_BPS = 32 * 10**9  # tbf's rate field is 32-bit bytes/s
-_KEYS = ("hosts", "link", "delay", "workers_per_host", "queue", "share")
+_KEYS = ("hosts", "link", "delay", "workers_per_host", "queue", "share", "intra")
 
 
 def parse_rate(text: str, field: str = "emulate.link") -> int:
@@ -64,6 +64,9 @@ class EmulateSpec:
             (an htb class per peer), so two busy peers get half each, whatever TCP does;
             flows to one peer share a FIFO. ``fifo``: one FIFO per direction, like a
             switch port, where TCP alone decides the split (unevenly, with deep queues).
+        intra_bps: the intra-host link (NVLink in a GPU node) in bits/s, shared by all traffic
+            between the workers of one host (one token bucket on the host's loopback); 0
+            (default): unlimited loopback.
     """
 
     hosts: int = 4
@@ -72,6 +75,7 @@ class EmulateSpec:
     workers_per_host: int = 1
     queue_ms: float = 100.0
     share: str = "peer"
+    intra_bps: int = 0
 
     def __post_init__(self):
         if not isinstance(self.hosts, int) or not 2 <= self.hosts <= 250:
@@ -94,6 +98,14 @@ class EmulateSpec:
             raise ConfigError("emulate.queue", f"{self.queue_ms}ms", "use a queue between 1ms and 10s")
         if self.share not in netns.SHARES:
             raise ConfigError("emulate.share", f"{self.share!r}", "use share=peer or share=fifo")
+        if not isinstance(self.intra_bps, int) or not (
+            self.intra_bps == 0 or 100_000 <= self.intra_bps <= _MAX_RATE_BPS
+        ):
+            raise ConfigError(
+                "emulate.intra",
+                f"{self.intra_bps!r} bit/s is out of range",
+                "use a rate between 100kbit and 32gbit (raise the dilation for a faster real link), or intra=off",
+            )
 
     @property
     def world_size(self) -> int:
@@ -102,6 +114,11 @@ class EmulateSpec:
     @property
     def link(self) -> str:
         return format_rate(self.link_bps)
+
+    @property
+    def intra(self) -> str:
+        """The intra-host link's rate, or ``off`` (free loopback)."""
+        return format_rate(self.intra_bps) if self.intra_bps else "off"
 
     def __str__(self) -> str:
         parts = [f"hosts={self.hosts}", f"link={self.link}"]
@@ -112,6 +129,8 @@ class EmulateSpec:
             parts.append(f"queue={self.queue_ms:g}ms")
         if self.share != EmulateSpec.share:
             parts.append(f"share={self.share}")
+        if self.intra_bps:
+            parts.append(f"intra={self.intra}")
         return ",".join(parts)
 
 
@@ -119,8 +138,9 @@ def parse_emulate(text: str, dilation: float = 1.0) -> EmulateSpec | None:
     """Parse ``"hosts=4,link=200mbit,delay=50us,workers_per_host=1"``; ``"none"`` -> None (plain loopback).
 
     Keys (all optional, defaults from :class:`EmulateSpec`): hosts, link, delay,
-    workers_per_host (or workers-per-host), queue, share. With time ``dilation`` K the link is the
-    real cluster's: the emulated one runs at link / K and the delay is K times longer.
+    workers_per_host (or workers-per-host), queue, share, intra (the intra-host link; ``off``, the
+    default, leaves loopback free). With time ``dilation`` K the rates are the real cluster's: the
+    emulated links run at link / K and intra / K, and the delay is K times longer.
     """
     text = text.strip()
     if text.lower() in ("none", "off", ""):
@@ -146,6 +166,9 @@ def parse_emulate(text: str, dilation: float = 1.0) -> EmulateSpec | None:
                 raise ConfigError(f"emulate.{key}", f"{value!r} is not a whole number", f"write e.g. {key}=4") from None
         elif key == "link":
             values["link_bps"] = int(parse_rate(value) / dilation)
+        elif key == "intra":
+            off = value.strip().lower() in ("off", "none", "0")
+            values["intra_bps"] = 0 if off else int(parse_rate(value, field="emulate.intra") / dilation)
         elif key == "delay":
             values["delay_us"] = parse_duration_us(value) * dilation
         elif key == "share":
@@ -153,3 +176,18 @@ def parse_emulate(text: str, dilation: float = 1.0) -> EmulateSpec | None:
         else:
             values["queue_ms"] = parse_duration_us(value, field="emulate.queue") / 1e3
     return EmulateSpec(**values)
+
+
+def describe(spec: EmulateSpec, dilation: float = 1.0) -> str:
+    """One line for reports: hosts, workers and each link's rate in real-cluster units, with the
+    emulated rate beside it under time dilation (``link 100gbit (emulated 1gbit)``)."""
+
+    def rate(bps: int) -> str:
+        if not bps:
+            return "off (free loopback)"
+        real = format_rate(int(round(bps * dilation / 1000)) * 1000)
+        return real if dilation == 1.0 else f"{real} (emulated {format_rate(bps)})"
+
+    text = f"{spec.hosts} hosts x {spec.workers_per_host} workers, host link {rate(spec.link_bps)} up and down"
+    text += f", intra-host link {rate(spec.intra_bps)}"
+    return text + (f", time dilation x{dilation:g}" if dilation != 1.0 else "")
