@@ -9,6 +9,8 @@ import pytest
 
 from conftest import run_lina
 from lina.bench.peers import PEER_NAMES, deepspeed_import_problem
+from lina.cluster.spec import format_rate
+from lina.data.routing_trace import synthetic_trace
 
 needs_netns = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and tc for the emulated cluster"
@@ -62,6 +64,34 @@ def test_bench_train_quick(tmp_path):
         assert not (tmp_path / "runs" / f"flat-e4-{name}" / "summary.json").exists()
     assert cfg["loss_after_steps"]["steps"] == 3 and 0 < cfg["loss_after_steps"]["lina"] < 10
     assert "over real deepspeed-zero0" in res.stdout
+
+
+@needs_netns
+@pytest.mark.netns
+@pytest.mark.slow
+def test_bench_train_quick_on_the_paper_cluster(tmp_path):
+    out = tmp_path / "train.json"
+    trace = tmp_path / "trace.npz"
+    synthetic_trace(4000, 4, 4, top_k=2, skew=1.3, seed=3).save(trace)  # BENCH_MODEL: 4 layers, 4 experts
+    res = run_lina(
+        "bench",
+        "train",
+        "--quick",
+        "--cluster",
+        "paper",
+        "--routing-trace",
+        str(trace),
+        "--json",
+        str(out),
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "4 hosts x 1 worker" in res.stdout  # scaled down on this machine, and it says so
+    regime = json.loads(out.read_text())["regime"]
+    assert regime["cluster"] == "paper" and regime["compute"] == "a100" and regime["link"] == "100gbit"
+    assert regime["intra"] == "2400gbit"
+    assert regime["emulated_link"] == format_rate(int(100e9 / regime["dilation"]))
+    assert "host link 100gbit (emulated" in res.stdout
 
 
 @needs_netns

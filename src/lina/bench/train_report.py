@@ -128,6 +128,10 @@ def print_report(result: dict) -> None:
             if compute == "real"
             else f"{compute} time x {reg['dilation']:g} (emulated link {reg['emulated_link']})"
         )
+        if reg.get("intra", "off") != "off":
+            mode += f", intra-host link {reg['intra']}" + (
+                f" (emulated {reg['emulated_intra']})" if reg.get("dilation", 1.0) != 1.0 else ""
+            )
         print(
             f"\n{c['layout']}, {c['experts']} experts ({c['experts_per_rank']}/rank), top-2 | link {reg['link']}, {mode}, "
             f"{_regime_text(reg)}, chunk {c['chunk_mb']:g} MB"

@@ -188,6 +188,7 @@ def describe(spec: EmulateSpec, dilation: float = 1.0) -> str:
         real = format_rate(int(round(bps * dilation / 1000)) * 1000)
         return real if dilation == 1.0 else f"{real} (emulated {format_rate(bps)})"
 
-    text = f"{spec.hosts} hosts x {spec.workers_per_host} workers, host link {rate(spec.link_bps)} up and down"
+    workers = f"{spec.workers_per_host} worker{'s' if spec.workers_per_host != 1 else ''}"
+    text = f"{spec.hosts} hosts x {workers}, host link {rate(spec.link_bps)} up and down"
     text += f", intra-host link {rate(spec.intra_bps)}"
     return text + (f", time dilation x{dilation:g}" if dilation != 1.0 else "")

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from lina.cluster.presets import PRESETS
 from lina.config import TrainConfig, load_toml, merge
 from lina.errors import raise_all
 from lina.policy import TRAIN_POLICIES
@@ -99,7 +100,18 @@ def register(subparsers) -> None:
     p.add_argument("--corpus", help="text file or folder (default: the Python standard library's sources)")
     p.add_argument("--out", help="output folder (default runs/train)")
     p.add_argument("--trace", metavar="DIR", help="write the timeline: Chrome trace, breakdown, plot")
-    p.add_argument("--emulate", help="emulated cluster, e.g. hosts=4,link=200mbit (default none: loopback)")
+    p.add_argument(
+        "--emulate",
+        help="emulated cluster, e.g. hosts=4,link=200mbit,intra=10gbit (intra: the link between "
+        "workers of one host; default off, free loopback) (default none: loopback)",
+    )
+    p.add_argument(
+        "--cluster",
+        choices=sorted(PRESETS),
+        help="emulate a named real cluster: paper = 4 hosts x 4 A100, 100 Gb/s between hosts, NVLink "
+        "inside; compute a100 unless --compute says otherwise, as many workers per host as this machine "
+        "holds, and a time dilation that keeps every emulated rate within what tc shapes",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument(
@@ -143,11 +155,13 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         overrides["resume"] = True
     if args.check_collectives:
         overrides["check_collectives"] = True
+    if getattr(args, "cluster", None):
+        overrides = _with_cluster(args.cluster, base, overrides)
     merged = merge(base, overrides)
-    if args.workers is None and "workers" not in base and merged.get("emulate", "none") != "none":
+    if "workers" not in overrides and "workers" not in base and merged.get("emulate", "none") != "none":
         from lina.cluster.emulate import parse_emulate
 
-        spec = parse_emulate(merged["emulate"])
+        spec = parse_emulate(merged["emulate"], merged.get("dilation", 1.0))
         if spec is not None:
             merged["workers"] = spec.world_size
     if merged["model"].get("hf_model"):
@@ -164,6 +178,27 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         folder, meta = checkpoint.resume_point(Path(cfg.out) / "checkpoints")
         check_model(cfg, meta, folder)
     return cfg
+
+
+def _with_cluster(name: str, base: dict, overrides: dict) -> dict:
+    """``--cluster NAME``: the emulated cluster, worker count, compute and dilation of a named real
+    cluster (compute and dilation only where neither the options nor the file set them)."""
+    from lina.cluster.presets import fit_preset
+    from lina.errors import ConfigError
+
+    for key in ("emulate", "workers"):
+        if key in overrides or key in base:
+            raise ConfigError(
+                key, f"--cluster {name} sets it", f"drop --{key} (and {key} from the config file), or drop --cluster"
+            )
+    dilation = overrides.get("dilation", base.get("dilation"))
+    fitted = fit_preset(name, dilation=dilation)
+    if fitted.note:
+        print(f"lina train: {fitted.note}", file=sys.stderr)
+    out = {**overrides, "emulate": fitted.emulate, "workers": fitted.workers, "dilation": fitted.dilation}
+    if "compute" not in overrides and "compute" not in base:
+        out["compute"] = fitted.preset.device
+    return out
 
 
 def _with_checkpoint_shape(merged: dict) -> dict:
@@ -239,7 +274,9 @@ def run_emulated(cfg: TrainConfig, spec, verbose: bool = False) -> dict:
         cfg.trace = str(Path(cfg.trace).resolve())
     config_path = out / "config.json"
     config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
-    print(f"lina train: emulated cluster {spec} (each host's link {spec.link} up and down)", flush=True)
+    from lina.cluster.spec import describe
+
+    print(f"lina train: emulated cluster {describe(spec, cfg.dilation)}", flush=True)
     with EmulatedCluster(spec) as cluster:
         run_on_cluster(cluster, "lina.train.worker", [str(config_path)], spec.workers_per_host, verbose=verbose)
     return json.loads((out / "summary.json").read_text())
