@@ -134,6 +134,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default 1; with --cluster: the smallest that tc can shape)",
     )
     p.add_argument(
+        "--skip-dilation-check",
+        action="store_true",
+        help="with --compute DEVICE: do not measure, before each layout, whether this machine's CPU keeps up with "
+        "the emulated links at --dilation (an all-to-all alone at K and 2K, a few seconds)",
+    )
+    p.add_argument(
         "--routing-trace",
         default="",
         metavar="FILE",
@@ -307,6 +313,7 @@ def apply_cluster(args, command: str = "lina bench train") -> None:
             raise ConfigError(option, f"--cluster {args.cluster} sets it", f"drop --{option}, or drop --cluster")
     if (getattr(args, "intra", "off") or "off") != "off":
         raise ConfigError("intra", f"--cluster {args.cluster} sets it", "drop --intra, or drop --cluster")
+    args.dilation_chosen_by_cluster = args.dilation is None
     fitted = fit_preset(args.cluster, dilation=args.dilation)
     args.fitted_cluster = fitted
     args.layouts = fitted.preset.name
@@ -317,6 +324,31 @@ def apply_cluster(args, command: str = "lina bench train") -> None:
     print(f"{command}: cluster {fitted.preset.name}: {fitted.preset.source}", flush=True)
     if fitted.note:
         print(f"{command}: {fitted.note}", flush=True)
+
+
+def check_layout_dilation(args, hosts: int, wph: int, link_bps: int, command: str = "lina bench train"):
+    """The start-up dilation check (:mod:`lina.cluster.dilation_check`) for one layout of a
+    device-time run: None for real compute or with --skip-dilation-check. A dilation that
+    ``--cluster`` chose is raised to the smallest passing one (said so); a given one that fails
+    is refused (ConfigError naming the smallest that passes)."""
+    if args.compute == "real" or getattr(args, "skip_dilation_check", False):
+        return None
+    from lina.cluster.dilation_check import check_dilation
+
+    emulate = f"hosts={hosts},link={format_rate(link_bps)},workers_per_host={wph}"
+    if _intra_bps(args):
+        emulate += f",intra={format_rate(_intra_bps(args))}"
+    print(f"{command}: checking dilation {args.dilation:g} (an all-to-all alone at K and 2K)...", flush=True)
+    check = check_dilation(emulate, args.dilation)
+    print(f"{command}: {check.summary_line()}", flush=True)
+    if not check.passes and getattr(args, "dilation_chosen_by_cluster", False) and check.smallest_passing:
+        print(f"{command}: running at dilation {check.smallest_passing:g}, the smallest that passes", flush=True)
+        args.dilation = check.smallest_passing
+        import dataclasses
+
+        return dataclasses.replace(check, dilation=check.smallest_passing)
+    check.raise_if_refused()
+    return check
 
 
 def emulated_rate(link_bps: int, dilation: float) -> int:
@@ -424,6 +456,7 @@ def run(args: argparse.Namespace) -> int:
         experts = experts_of(hosts * wph)
         if args.link == "auto":
             link_bps, _ = calibrate_link(args, layout, experts[0], out, delay_us)
+        check = check_layout_dilation(args, hosts, wph, link_bps)
         shape = EmulateSpec(
             hosts=hosts,
             workers_per_host=wph,
@@ -447,6 +480,8 @@ def run(args: argparse.Namespace) -> int:
                 emulated_intra=format_rate(emulated_rate(_intra_bps(args), args.dilation))
                 if _intra_bps(args)
                 else "off",
+                link_efficiency=None if check is None else check.link_efficiency,
+                dilation_check=None if check is None else check.to_dict(),
             )
     result = {
         "regime": {
@@ -460,6 +495,7 @@ def run(args: argparse.Namespace) -> int:
             "intra": configs[0]["regime"]["intra"],
             "emulated_intra": configs[0]["regime"]["emulated_intra"],
             "cluster": getattr(args, "cluster", None),
+            "link_efficiency": configs[0]["regime"]["link_efficiency"],
             "note": "regime of the first config; every config carries its own; links in real-cluster units",
         },
         "model": getattr(args, "model_dict", BENCH_MODEL) | {"batch_size": args.batch_size},

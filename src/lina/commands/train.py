@@ -112,6 +112,12 @@ def register(subparsers) -> None:
         "inside; compute a100 unless --compute says otherwise, as many workers per host as this machine "
         "holds, and a time dilation that keeps every emulated rate within what tc shapes",
     )
+    p.add_argument(
+        "--skip-dilation-check",
+        action="store_true",
+        help="device time on an emulated cluster: do not measure, before the run, whether this machine's CPU "
+        "keeps up with the emulated links at --dilation (an all-to-all alone at K and 2K, a few seconds)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument(
@@ -236,12 +242,18 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     spec = cfg.emulate_spec()
+    check = None
+    if spec is not None and cfg.device_time and not under_torchrun() and not args.skip_dilation_check:
+        check = dilation_check(cfg, chosen_by_cluster=bool(getattr(args, "cluster", None)) and args.dilation is None)
+        spec = cfg.emulate_spec()
     if under_torchrun():
         summary = worker.run(cfg.to_dict())
     elif spec is not None:
         summary = run_emulated(cfg, spec, verbose=args.verbose)
     else:
         summary = launch_local(worker.run, (cfg.to_dict(),), cfg.workers, verbose=args.verbose)[0]
+    if summary is not None and check is not None:
+        summary["dilation_check"] = check.to_dict()
     if summary is not None:
         _stamp(summary, [Path(cfg.out)] + ([Path(cfg.trace)] if cfg.trace else []))
         print_summary(summary, Path(cfg.out))
@@ -250,6 +262,34 @@ def run(args: argparse.Namespace) -> int:
 
             write_trace_report(Path(cfg.trace))
     return 0
+
+
+def dilation_check(cfg: TrainConfig, chosen_by_cluster: bool = False):
+    """Measure an all-to-all alone at the run's dilation K and at 2K on its emulated cluster
+    (:mod:`lina.cluster.dilation_check`); refuse a K at which this machine's CPU sets its speed.
+    A K that ``--cluster`` chose is raised to the smallest passing one instead (said so)."""
+    from lina.cluster.dilation_check import check_dilation
+
+    print(f"lina train: checking dilation {cfg.dilation:g} (an all-to-all alone at K and 2K)...", flush=True)
+    check = check_dilation(cfg.emulate, cfg.dilation)
+    print(f"lina train: {check.summary_line()}", flush=True)
+    if not check.passes and chosen_by_cluster and check.smallest_passing is not None:
+        print(
+            f"lina train: dilation {cfg.dilation:g} is too small for this machine; running at {check.smallest_passing:g}, "
+            "the smallest that passes",
+            flush=True,
+        )
+        cfg.dilation = check.smallest_passing
+        return _rebased(check, cfg.dilation)
+    check.raise_if_refused()
+    return check
+
+
+def _rebased(check, dilation: float):
+    """``check`` with ``dilation`` as the chosen one (its measurements at K and 2K are in it)."""
+    import dataclasses
+
+    return dataclasses.replace(check, dilation=dilation)
 
 
 def _stamp(summary: dict, folders: list[Path]) -> None:
@@ -304,6 +344,12 @@ def print_summary(summary: dict, out: Path) -> None:
         print(
             f"  packing {packing['mode']}: {packing['experts_per_rank']} experts per rank (EP size {packing['ep_size']}) at the end, "
             f"{len(changes)} change(s), {len(packing['decisions'])} decision(s)"
+        )
+    check = summary.get("dilation_check")
+    if check:
+        print(
+            f"  link efficiency: an all-to-all alone reached {check['link_efficiency']:.0%} of the link rate at "
+            f"dilation {check['dilation']:g} (the start-up check)"
         )
     mem = summary.get("expert_memory")
     if mem and mem["budget_mb"] > 0:
