@@ -113,6 +113,34 @@ def test_bench_infer_quick(tmp_path):
     assert [r["trace"] for r in data["runs"]][0] == "own-model"
 
 
+@needs_netns
+@pytest.mark.netns
+@pytest.mark.slow
+def test_bench_infer_quick_in_device_time(tmp_path):
+    out = tmp_path / "infer.json"
+    trace = tmp_path / "trace.npz"
+    synthetic_trace(3000, 8, 8, top_k=2, skew=1.5, seed=3).save(trace)  # 8 experts: one per worker of 4 x 2
+    res = run_lina(
+        "bench", "infer", "--quick", "--compute", "a100", "--dilation", "4", "--routing-trace", str(trace),
+        "--json", str(out), timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    regime = data["regime"]
+    assert regime["compute"] == "a100" and regime["dilation"] == 4 and regime["link"] == "100mbit"
+    assert regime["emulated_link"] == "25mbit" and 0 < regime["link_efficiency"] <= 1.05
+    assert "latencies in real-cluster ms: measured / 4" in res.stdout
+    run = data["runs"][0]
+    assert run["device_time"]["device"] == "a100-80gb-bf16" and run["device_time"]["ops_charged"] > 0
+    raw = json.loads((tmp_path / "trace" / "result.json").read_text())
+    for name in ("static", "eplb", "lina", "oracle"):
+        p = data["policies"][name]
+        assert 0 < p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"]
+        # reported in real-cluster units: the measured wall time divided by the dilation
+        measured = sorted(b["latency_s"] * 1e3 for b in raw[name]["batches"])
+        assert p["min_ms"] == pytest.approx(measured[0] / 4)
+
+
 @pytest.mark.parametrize(
     "args, field",
     [

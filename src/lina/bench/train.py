@@ -327,27 +327,19 @@ def apply_cluster(args, command: str = "lina bench train") -> None:
 
 
 def check_layout_dilation(args, hosts: int, wph: int, link_bps: int, command: str = "lina bench train"):
-    """The start-up dilation check (:mod:`lina.cluster.dilation_check`) for one layout of a
-    device-time run: None for real compute or with --skip-dilation-check. A dilation that
-    ``--cluster`` chose is raised to the smallest passing one (said so); a given one that fails
-    is refused (ConfigError naming the smallest that passes)."""
+    """The start-up dilation check (:func:`lina.cluster.dilation_check.startup_check`) for one
+    layout of a device-time run: None for real compute or with --skip-dilation-check. A dilation
+    that ``--cluster`` chose is raised to the smallest passing one; a given one that fails is refused."""
     if args.compute == "real" or getattr(args, "skip_dilation_check", False):
         return None
-    from lina.cluster.dilation_check import check_dilation
+    from lina.cluster.dilation_check import startup_check
 
     emulate = f"hosts={hosts},link={format_rate(link_bps)},workers_per_host={wph}"
     if _intra_bps(args):
         emulate += f",intra={format_rate(_intra_bps(args))}"
-    print(f"{command}: checking dilation {args.dilation:g} (an all-to-all alone at K and 2K)...", flush=True)
-    check = check_dilation(emulate, args.dilation)
-    print(f"{command}: {check.summary_line()}", flush=True)
-    if not check.passes and getattr(args, "dilation_chosen_by_cluster", False) and check.smallest_passing:
-        print(f"{command}: running at dilation {check.smallest_passing:g}, the smallest that passes", flush=True)
-        args.dilation = check.smallest_passing
-        import dataclasses
-
-        return dataclasses.replace(check, dilation=check.smallest_passing)
-    check.raise_if_refused()
+    by_cluster = getattr(args, "dilation_chosen_by_cluster", False)
+    check = startup_check(emulate, args.dilation, command, chosen_for_the_user=by_cluster)
+    args.dilation = check.dilation
     return check
 
 

@@ -20,7 +20,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 from lina.cluster.spec import EmulateSpec, format_rate, parse_emulate
@@ -273,3 +273,24 @@ def _enter_netns(name: str) -> None:
             raise OSError(ctypes.get_errno(), f"setns into {name}: {os.strerror(ctypes.get_errno())}")
     finally:
         os.close(fd)
+
+
+def startup_check(emulate: str, dilation: float, command: str, chosen_for_the_user: bool = False) -> DilationCheck:
+    """The check as a command runs it before a device-time run, printing what it found.
+
+    A dilation the command chose itself (``--cluster``'s) is raised to the smallest passing one,
+    said so; a dilation the user gave that fails is refused (:class:`ConfigError` naming the
+    smallest that passes). The returned check's ``dilation`` is the one to run at.
+    """
+    print(f"{command}: checking dilation {dilation:g} (an all-to-all alone at K and 2K)...", flush=True)
+    check = check_dilation(emulate, dilation)
+    print(f"{command}: {check.summary_line()}", flush=True)
+    if not check.passes and chosen_for_the_user and check.smallest_passing is not None:
+        print(
+            f"{command}: dilation {dilation:g} is too small for this machine; running at {check.smallest_passing:g}, "
+            "the smallest that passes",
+            flush=True,
+        )
+        return replace(check, dilation=check.smallest_passing)
+    check.raise_if_refused()
+    return check

@@ -268,28 +268,11 @@ def dilation_check(cfg: TrainConfig, chosen_by_cluster: bool = False):
     """Measure an all-to-all alone at the run's dilation K and at 2K on its emulated cluster
     (:mod:`lina.cluster.dilation_check`); refuse a K at which this machine's CPU sets its speed.
     A K that ``--cluster`` chose is raised to the smallest passing one instead (said so)."""
-    from lina.cluster.dilation_check import check_dilation
+    from lina.cluster.dilation_check import startup_check
 
-    print(f"lina train: checking dilation {cfg.dilation:g} (an all-to-all alone at K and 2K)...", flush=True)
-    check = check_dilation(cfg.emulate, cfg.dilation)
-    print(f"lina train: {check.summary_line()}", flush=True)
-    if not check.passes and chosen_by_cluster and check.smallest_passing is not None:
-        print(
-            f"lina train: dilation {cfg.dilation:g} is too small for this machine; running at {check.smallest_passing:g}, "
-            "the smallest that passes",
-            flush=True,
-        )
-        cfg.dilation = check.smallest_passing
-        return _rebased(check, cfg.dilation)
-    check.raise_if_refused()
+    check = startup_check(cfg.emulate, cfg.dilation, "lina train", chosen_for_the_user=chosen_by_cluster)
+    cfg.dilation = check.dilation
     return check
-
-
-def _rebased(check, dilation: float):
-    """``check`` with ``dilation`` as the chosen one (its measurements at K and 2K are in it)."""
-    import dataclasses
-
-    return dataclasses.replace(check, dilation=dilation)
 
 
 def _stamp(summary: dict, folders: list[Path]) -> None:
