@@ -149,7 +149,7 @@ def search(
 
 
 def check_dilation(
-    emulate: str, dilation: float, *, bytes_per_rank: int = BYTES_PER_RANK, repeats: int = 3
+    emulate: str, dilation: float, *, bytes_per_rank: int = BYTES_PER_RANK, repeats: int = 5
 ) -> DilationCheck:
     """Run the check for the cluster ``emulate`` (``--emulate`` text, real-cluster units) at ``dilation``.
 
