@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import run_lina
-from lina.cluster.presets import PRESETS, fit_preset, smallest_dilation
+from lina.cluster.presets import PRESETS, fit_preset, require_device_time, smallest_dilation
 from lina.errors import ConfigError
 
 
@@ -33,6 +33,9 @@ def test_dilation_is_the_smallest_one_tc_can_shape_or_a_larger_given_one():
     assert info.value.field == "dilation" and "--dilation 100" in info.value.fix
     with pytest.raises(ConfigError, match="cluster"):
         fit_preset("testbed")
+    with pytest.raises(ConfigError, match="device-time compute"):
+        require_device_time("paper", "real")
+    require_device_time("paper", None)  # the preset's device
 
 
 def test_cluster_option_contradicting_the_layout_exits_2(tmp_path):

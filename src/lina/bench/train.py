@@ -306,13 +306,14 @@ def apply_cluster(args, command: str = "lina bench train") -> None:
         args.compute = args.compute or "real"
         args.dilation = 1.0 if args.dilation is None else args.dilation
         return
-    from lina.cluster.presets import fit_preset
+    from lina.cluster.presets import fit_preset, require_device_time
 
     for option in ("layouts", "link"):
         if getattr(args, option, None):
             raise ConfigError(option, f"--cluster {args.cluster} sets it", f"drop --{option}, or drop --cluster")
     if (getattr(args, "intra", "off") or "off") != "off":
         raise ConfigError("intra", f"--cluster {args.cluster} sets it", "drop --intra, or drop --cluster")
+    require_device_time(args.cluster, args.compute)
     args.dilation_chosen_by_cluster = args.dilation is None
     fitted = fit_preset(args.cluster, dilation=args.dilation)
     args.fitted_cluster = fitted

@@ -89,6 +89,18 @@ def smallest_dilation(fastest_bps: int) -> float:
     return k
 
 
+def require_device_time(name: str, compute: str | None) -> None:
+    """ConfigError when ``--cluster NAME`` is asked for real compute: its rates need a dilation,
+    and a dilation needs device-time compute."""
+    if compute == "real":
+        raise ConfigError(
+            "compute",
+            f"the {name} cluster's links are faster than tc shapes, so it runs under time dilation, which needs "
+            "device-time compute",
+            f"drop --compute real (the {name} cluster computes as {PRESETS[name].device if name in PRESETS else 'its device'})",
+        )
+
+
 def fit_preset(name: str, cores: int | None = None, dilation: float | None = None) -> FittedCluster:
     """``--cluster NAME`` on a machine with ``cores`` CPU cores (this one's when None).
 

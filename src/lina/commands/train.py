@@ -189,7 +189,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 def _with_cluster(name: str, base: dict, overrides: dict) -> dict:
     """``--cluster NAME``: the emulated cluster, worker count, compute and dilation of a named real
     cluster (compute and dilation only where neither the options nor the file set them)."""
-    from lina.cluster.presets import fit_preset
+    from lina.cluster.presets import fit_preset, require_device_time
     from lina.errors import ConfigError
 
     for key in ("emulate", "workers"):
@@ -197,6 +197,7 @@ def _with_cluster(name: str, base: dict, overrides: dict) -> dict:
             raise ConfigError(
                 key, f"--cluster {name} sets it", f"drop --{key} (and {key} from the config file), or drop --cluster"
             )
+    require_device_time(name, overrides.get("compute", base.get("compute")))
     dilation = overrides.get("dilation", base.get("dilation"))
     fitted = fit_preset(name, dilation=dilation)
     if fitted.note:
