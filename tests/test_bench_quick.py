@@ -156,3 +156,17 @@ def test_bench_train_rejects_bad_options_before_starting(args, field, tmp_path):
     assert res.returncode == 2
     assert f"invalid {field}" in res.stderr and "Fix:" in res.stderr
     assert not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--dilation", "4"], "dilation"),  # dilation without a device
+        (["--compute", "a100", "--dilation", "0.001"], "emulate.link"),  # 100mbit x 1000: beyond tc
+    ],
+)
+def test_bench_infer_rejects_bad_compute_options_before_starting(args, field, tmp_path):
+    res = run_lina("bench", "infer", *args, "--json", str(tmp_path / "i.json"), timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert f"invalid {field}" in res.stderr and "Fix:" in res.stderr
+    assert not (tmp_path / "i.json").exists()

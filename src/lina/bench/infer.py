@@ -186,12 +186,7 @@ def serve_trace(args, name: str, trace: RoutingTrace, out: Path) -> dict:
     }
     (folder / "plan.json").write_text(json.dumps(plan, indent=2))
     link_bps = parse_rate(args.link)
-    check = None
-    if args.compute != "real" and not args.skip_dilation_check:
-        from lina.cluster.dilation_check import startup_check
-
-        emulate = f"hosts={args.hosts},link={args.link},workers_per_host={args.workers_per_host}"
-        check = startup_check(emulate, args.dilation, "lina bench infer")
+    check = getattr(args, "dilation_check", None)
     spec = EmulateSpec(
         hosts=args.hosts, workers_per_host=args.workers_per_host, link_bps=emulated_rate(link_bps, args.dilation)
     )
@@ -338,10 +333,25 @@ def check_compute(args) -> None:
     )
 
 
+def startup_check(args):
+    """The start-up dilation check of a device-time run on this cluster shape (None for real
+    compute or with --skip-dilation-check); ConfigError when the dilation is too small."""
+    if args.compute == "real" or args.skip_dilation_check:
+        return None
+    from lina.cluster.dilation_check import startup_check as check
+
+    return check(
+        f"hosts={args.hosts},link={args.link},workers_per_host={args.workers_per_host}",
+        args.dilation,
+        "lina bench infer",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.batches, args.warmup, args.layers, args.tokens_per_rank, args.d_model, args.d_ff = 4, 1, 8, 64, 128, 256
     check_compute(args)
+    args.dilation_check = startup_check(args)
     json_path = Path(args.json)
     out = json_path.parent
     out.mkdir(parents=True, exist_ok=True)

@@ -244,8 +244,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     spec = cfg.emulate_spec()
     check = None
-    if spec is not None and cfg.device_time and not under_torchrun() and not args.skip_dilation_check:
-        check = dilation_check(cfg, chosen_by_cluster=bool(getattr(args, "cluster", None)) and args.dilation is None)
+    if (
+        spec is not None
+        and cfg.device_time
+        and not under_torchrun()
+        and not getattr(args, "skip_dilation_check", False)
+    ):
+        check = dilation_check(
+            cfg, chosen_by_cluster=bool(getattr(args, "cluster", None)) and getattr(args, "dilation", None) is None
+        )
         spec = cfg.emulate_spec()
     if under_torchrun():
         summary = worker.run(cfg.to_dict())
