@@ -9,6 +9,8 @@ import pytest
 
 from conftest import run_lina
 from lina.bench.peers import PEER_NAMES, deepspeed_import_problem
+from lina.cluster.spec import format_rate
+from lina.data.routing_trace import synthetic_trace
 
 needs_netns = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and tc for the emulated cluster"
@@ -67,6 +69,34 @@ def test_bench_train_quick(tmp_path):
 @needs_netns
 @pytest.mark.netns
 @pytest.mark.slow
+def test_bench_train_quick_on_the_paper_cluster(tmp_path):
+    out = tmp_path / "train.json"
+    trace = tmp_path / "trace.npz"
+    synthetic_trace(4000, 4, 4, top_k=2, skew=1.3, seed=3).save(trace)  # BENCH_MODEL: 4 layers, 4 experts
+    res = run_lina(
+        "bench",
+        "train",
+        "--quick",
+        "--cluster",
+        "paper",
+        "--routing-trace",
+        str(trace),
+        "--json",
+        str(out),
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "4 hosts x 1 worker" in res.stdout  # scaled down on this machine, and it says so
+    regime = json.loads(out.read_text())["regime"]
+    assert regime["cluster"] == "paper" and regime["compute"] == "a100" and regime["link"] == "100gbit"
+    assert regime["intra"] == "2400gbit"
+    assert regime["emulated_link"] == format_rate(int(100e9 / regime["dilation"]))
+    assert "host link 100gbit (emulated" in res.stdout
+
+
+@needs_netns
+@pytest.mark.netns
+@pytest.mark.slow
 def test_bench_infer_quick(tmp_path):
     out = tmp_path / "infer.json"
     res = run_lina("bench", "infer", "--quick", "--json", str(out), timeout=900)
@@ -81,6 +111,34 @@ def test_bench_infer_quick(tmp_path):
         assert key in data["regime"]
     assert out.with_suffix(".png").exists()
     assert [r["trace"] for r in data["runs"]][0] == "own-model"
+
+
+@needs_netns
+@pytest.mark.netns
+@pytest.mark.slow
+def test_bench_infer_quick_in_device_time(tmp_path):
+    out = tmp_path / "infer.json"
+    trace = tmp_path / "trace.npz"
+    synthetic_trace(3000, 8, 8, top_k=2, skew=1.5, seed=3).save(trace)  # 8 experts: one per worker of 4 x 2
+    res = run_lina(
+        "bench", "infer", "--quick", "--compute", "a100", "--dilation", "4", "--routing-trace", str(trace),
+        "--json", str(out), timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    regime = data["regime"]
+    assert regime["compute"] == "a100" and regime["dilation"] == 4 and regime["link"] == "100mbit"
+    assert regime["emulated_link"] == "25mbit" and 0 < regime["link_efficiency"] <= 1.05
+    assert "latencies in real-cluster ms: measured / 4" in res.stdout
+    run = data["runs"][0]
+    assert run["device_time"]["device"] == "a100-80gb-bf16" and run["device_time"]["ops_charged"] > 0
+    raw = json.loads((tmp_path / "trace" / "result.json").read_text())
+    for name in ("static", "eplb", "lina", "oracle"):
+        p = data["policies"][name]
+        assert 0 < p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"]
+        # reported in real-cluster units: the measured wall time divided by the dilation
+        measured = sorted(b["latency_s"] * 1e3 for b in raw[name]["batches"])
+        assert p["min_ms"] == pytest.approx(measured[0] / 4)
 
 
 @pytest.mark.parametrize(
@@ -98,3 +156,17 @@ def test_bench_train_rejects_bad_options_before_starting(args, field, tmp_path):
     assert res.returncode == 2
     assert f"invalid {field}" in res.stderr and "Fix:" in res.stderr
     assert not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--dilation", "4"], "dilation"),  # dilation without a device
+        (["--compute", "a100", "--dilation", "0.001"], "emulate.link"),  # 100mbit x 1000: beyond tc
+    ],
+)
+def test_bench_infer_rejects_bad_compute_options_before_starting(args, field, tmp_path):
+    res = run_lina("bench", "infer", *args, "--json", str(tmp_path / "i.json"), timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert f"invalid {field}" in res.stderr and "Fix:" in res.stderr
+    assert not (tmp_path / "i.json").exists()

@@ -116,6 +116,27 @@ def test_point_to_point_throughput_matches_link_rate(rate_mbit, share):
 
 
 @pytest.mark.timeout(60)
+def test_intra_host_link_limits_traffic_between_workers_of_one_host():
+    intra, link = 80 * 10**6, 400 * 10**6
+    with cluster(hosts=2, link_bps=link, intra_bps=intra) as c:
+        assert netns.read_egress_rate(c.hosts[0].netns, "lo") == intra
+        before = c.link_counters()[0]["up"]["bytes"]
+        receiver = start_receiver(c, 0, c.hosts[0].ip, 5001)  # both ends on host 0: over its loopback
+        sender = start_sender(c, 0, c.hosts[0].ip, 5001, 1.5)
+        assert sender.wait(timeout=30) == 0
+        out, _ = receiver.communicate(timeout=30)
+        moved = json.loads(out.strip().splitlines()[-1])
+        crossed_host_link = c.link_counters()[0]["up"]["bytes"] - before
+    # N bytes took at least N * 8 / rate (less one 128 KiB token bucket), and the rate was reached
+    floor_s = (moved["bytes"] - 128 * 1024) * 8 / intra
+    assert moved["seconds"] >= 0.97 * floor_s, (
+        f"{moved['bytes']} B in {moved['seconds']:.2f} s on {intra / 1e6:.0f} Mbit/s"
+    )
+    assert moved["bytes"] * 8 / moved["seconds"] > 0.8 * intra
+    assert crossed_host_link < 100_000  # the host's own link did not carry it
+
+
+@pytest.mark.timeout(60)
 def test_two_flows_leaving_one_host_share_its_link():
     rate = 100 * 10**6
     with cluster(hosts=3, link_bps=rate) as c:  # share=peer: round-robin between peer hosts

@@ -8,6 +8,7 @@ from lina.bench.contention import link_bound_s, summarize
 from lina.cluster.emulate import EmulatedCluster, EmulateSpec, format_rate, parse_duration_us, parse_emulate, parse_rate
 from lina.cluster.hostlaunch import _root_cause_rank
 from lina.cluster.netns import Support, list_project_netns, new_prefix, require_support, run_prefix_of
+from lina.cluster.spec import describe
 from lina.errors import ConfigError, LinaError
 
 
@@ -24,6 +25,18 @@ def test_parse_emulate_full_and_none():
     fifo = parse_emulate("link=1gbit,share=fifo")
     assert fifo.share == "fifo" and parse_emulate(str(fifo)) == fifo
     assert EmulateSpec().share == "peer" and "share" not in str(EmulateSpec())
+
+
+def test_intra_host_link_key_is_off_by_default_and_divided_by_the_dilation():
+    assert EmulateSpec().intra_bps == 0 and parse_emulate("hosts=2").intra == "off"
+    assert "intra" not in str(EmulateSpec())
+    spec = parse_emulate("hosts=4,link=100gbit,intra=2400gbit,workers_per_host=2", dilation=100)
+    assert spec.link_bps == 10**9 and spec.intra_bps == 24 * 10**9
+    assert parse_emulate(str(spec)) == spec  # its text names the emulated rates
+    assert parse_emulate("intra=off").intra_bps == 0
+    line = describe(spec, dilation=100)
+    assert "host link 100gbit (emulated 1gbit)" in line and "intra-host link 2400gbit (emulated 24gbit)" in line
+    assert "intra-host link off" in describe(EmulateSpec())
 
 
 @pytest.mark.parametrize(
@@ -55,6 +68,8 @@ def test_durations():
         ("workers_per_host=0", "emulate.workers_per_host"),
         ("share=fair", "emulate.share"),
         ("queue=0.1ms", "emulate.queue"),
+        ("intra=40gbit", "emulate.intra"),
+        ("intra=fast", "emulate.intra"),
         ("speed=3", "emulate"),
         ("hosts4", "emulate"),
     ],

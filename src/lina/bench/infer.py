@@ -2,7 +2,12 @@
 interleaved in one run, on the emulated cluster (4 hosts x 2 workers, one expert per worker), on
 (a) routing recorded from the project's own trained model on held-out text and (b) the real
 Mixtral-8x7B trace in ../shared/data. Real activations of the configured size flow through real
-all-to-alls and expert FFNs; only the gate decisions come from the trace."""
+all-to-alls and expert FFNs; only the gate decisions come from the trace.
+
+``--compute DEVICE --dilation K``: the expert FFNs take that device's time x K instead of being
+computed (:mod:`lina.devicetime`), the links run at ``--link`` / K, and every latency is reported
+in real-cluster units (measured wall time / K) beside the regime; placement and scheduling are
+the same code, computed for real."""
 
 from __future__ import annotations
 
@@ -14,10 +19,11 @@ import numpy as np
 import torch
 
 from lina.bench.stats import percentile
-from lina.cluster.emulate import EmulatedCluster, EmulateSpec, parse_rate
+from lina.cluster.emulate import EmulatedCluster, EmulateSpec, format_rate, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
+from lina.cluster.spec import describe
 from lina.data.routing_trace import RoutingTrace, load_trace
-from lina.errors import LinaError
+from lina.errors import ConfigError, LinaError
 from lina.extras import pyplot
 from lina.infer.policies import SERVING_POLICIES
 from lina.obs.provenance import provenance
@@ -32,7 +38,32 @@ DEFAULT_MIXTRAL = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small model, few batches, 8 layers (for tests)")
     p.add_argument("--json", metavar="FILE", default="runs/bench-infer/bench-infer.json")
-    p.add_argument("--trace", metavar="FILE", help="serve only this trace (.npz or Mixtral .jsonl)")
+    p.add_argument(
+        "--trace",
+        "--routing-trace",
+        dest="trace",
+        metavar="FILE",
+        help="serve only this trace (.npz or Mixtral .jsonl); --routing-trace is the same option",
+    )
+    p.add_argument(
+        "--compute",
+        default="real",
+        help="real (the expert FFNs compute on this CPU) or a device (a100, h100, h200, a .toml): each expert FFN "
+        "takes that device's time x --dilation instead; --link is then the real cluster's (default real)",
+    )
+    p.add_argument(
+        "--dilation",
+        type=float,
+        default=1.0,
+        help="time dilation K with --compute DEVICE: device times x K, emulated link = --link / K; latencies "
+        "are reported / K (default 1)",
+    )
+    p.add_argument(
+        "--skip-dilation-check",
+        action="store_true",
+        help="with --compute DEVICE: do not measure, before each trace, whether this machine's CPU keeps up with "
+        "the emulated links at --dilation (an all-to-all alone at K and 2K, a few seconds)",
+    )
     p.add_argument(
         "--mixtral-trace", metavar="FILE", default=str(DEFAULT_MIXTRAL), help="the real Mixtral routing trace"
     )
@@ -98,11 +129,14 @@ def trace_skew(trace: RoutingTrace, layers: int) -> float:
     return float((counts.max(1).values / counts.min(1).values.clamp_min(1)).median())
 
 
-def _latency_stats(result: dict, policies: list[str]) -> dict:
+def _latency_stats(result: dict, policies: list[str], dilation: float = 1.0) -> dict:
+    """Per policy: batch latency percentiles and per-layer all-to-all time, in ms of the real
+    cluster (measured wall time / ``dilation``), and the busiest device's rows over the mean."""
     out = {}
+    ms = 1e3 / dilation
     for name in policies:
-        lat = [b["latency_s"] * 1e3 for b in result[name]["batches"]]
-        layer = [x * 1e3 for b in result[name]["batches"] for x in b["layer_a2a_s"]]
+        lat = [b["latency_s"] * ms for b in result[name]["batches"]]
+        layer = [x * ms for b in result[name]["batches"] for x in b["layer_a2a_s"]]
         out[name] = {
             "p50_ms": percentile(lat, 50),
             "p95_ms": percentile(lat, 95),
@@ -147,13 +181,19 @@ def serve_trace(args, name: str, trace: RoutingTrace, out: Path) -> dict:
         "seed": args.seed,
         "result": str(folder / "result.json"),
         "world": world,
+        "compute": args.compute,
+        "dilation": args.dilation,
     }
     (folder / "plan.json").write_text(json.dumps(plan, indent=2))
-    spec = EmulateSpec(hosts=args.hosts, workers_per_host=args.workers_per_host, link_bps=parse_rate(args.link))
+    link_bps = parse_rate(args.link)
+    check = getattr(args, "dilation_check", None)
+    spec = EmulateSpec(
+        hosts=args.hosts, workers_per_host=args.workers_per_host, link_bps=emulated_rate(link_bps, args.dilation)
+    )
     print(
         f"\n{name}: {trace.num_tokens} tokens ({held.num_tokens} held out, split by {by}), {layers} layers, {trace.num_experts} experts, "
         f"top-{trace.top_k}; estimator l={args.path_len} top-{trace.top_k} accuracy {accuracy * 100:.1f}% on held-out; "
-        f"serving on {spec.hosts} hosts x {spec.workers_per_host} workers, link {spec.link}",
+        f"serving on {describe(spec, args.dilation)}, compute {_compute_text(args)}",
         flush=True,
     )
     with EmulatedCluster(spec) as cluster:
@@ -161,7 +201,7 @@ def serve_trace(args, name: str, trace: RoutingTrace, out: Path) -> dict:
             cluster, "lina.bench.infer_worker", [str(folder / "plan.json")], spec.workers_per_host, timeout_s=3000
         )
     result = json.loads((folder / "result.json").read_text())
-    stats = _latency_stats(result, list(POLICIES))
+    stats = _latency_stats(result, list(POLICIES), args.dilation)
     lina_stats = result["lina_policy_stats"] or {"checked": 0, "replans": 0}
     lina_batches = result["lina"]["batches"]
     phase1 = [b["phase1_s"] * 1e3 / max(1, len(b["layer_a2a_s"]) - 1) for b in lina_batches]
@@ -184,8 +224,14 @@ def serve_trace(args, name: str, trace: RoutingTrace, out: Path) -> dict:
             "phase1_per_layer_median": float(np.median(phase1)) if phase1 else None,
             "phase2_per_layer_median": float(np.median(phase2)) if phase2 else None,
         },
+        "device_time": result.get("device_time"),
         "regime": {
-            "link": spec.link,
+            "link": format_rate(link_bps),
+            "emulated_link": spec.link,
+            "compute": args.compute,
+            "dilation": args.dilation,
+            "link_efficiency": None if check is None else check.link_efficiency,
+            "units": "real cluster (measured wall time / dilation)",
             "skew": trace_skew(held, layers),
             "busiest_over_mean_static": stats["static"]["busiest_over_mean"],
             "batch_tokens": args.tokens_per_rank * spec.world_size,
@@ -198,8 +244,17 @@ def serve_trace(args, name: str, trace: RoutingTrace, out: Path) -> dict:
 def print_report(entries: list[dict]) -> None:
     for r in entries:
         reg = r["regime"]
+        regime = (
+            "real compute" if reg.get("compute", "real") == "real" else f"{reg['compute']} time x {reg['dilation']:g}"
+        )
+        if reg.get("dilation", 1.0) != 1.0:
+            regime += (
+                f" (emulated link {reg['emulated_link']}; latencies in real-cluster ms: measured / {reg['dilation']:g})"
+            )
+        if reg.get("link_efficiency") is not None:
+            regime += f", link efficiency {reg['link_efficiency']:.0%}"
         print(
-            f"\n{r['trace']} | link {reg['link']}, skew (max/min expert, median layer) {reg['skew']:.2f}, busiest device / mean under static "
+            f"\n{r['trace']} | link {reg['link']}, {regime}, skew (max/min expert, median layer) {reg['skew']:.2f}, busiest device / mean under static "
             f"{reg['busiest_over_mean_static']:.2f}, {reg['batch_tokens']} tokens per batch, {reg['layers']} layers"
         )
         print(
@@ -219,7 +274,8 @@ def print_report(entries: list[dict]) -> None:
             f"re-plan rate {est['replan_rate'] * 100:.0f}% (paper 23-32%)"
         )
         print(
-            f"  scheduling cost per layer: phase 1 {cost['phase1_per_layer_median']:.2f} ms, phase 2 {cost['phase2_per_layer_median']:.2f} ms "
+            f"  scheduling cost per layer{'' if reg.get('dilation', 1.0) == 1.0 else ' (this host, not dilated)'}: "
+            f"phase 1 {cost['phase1_per_layer_median']:.2f} ms, phase 2 {cost['phase2_per_layer_median']:.2f} ms "
             f"(paper: about {PAPER['phase_cost_ms']} ms per phase, {PAPER['phase2_noop_ms']} ms when phase 2 finds nothing to do)"
         )
     print(
@@ -246,9 +302,56 @@ def plot_cdf(entries: list[dict], raw: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def emulated_rate(link_bps: int, dilation: float) -> int:
+    """The emulated link of a real one under time dilation: link / K, to the kbit/s."""
+    return int(link_bps / dilation) // 1000 * 1000
+
+
+def _compute_text(args) -> str:
+    return "real" if args.compute == "real" else f"{args.compute} time x {args.dilation:g}"
+
+
+def check_compute(args) -> None:
+    """--compute, --dilation and --link checked before anything starts (ConfigError)."""
+    from lina.devices import device_from
+
+    if not args.dilation > 0:
+        raise ConfigError("dilation", f"{args.dilation} must be > 0", "use 1 (no dilation) or e.g. 100")
+    if args.compute == "real":
+        if args.dilation != 1.0:
+            raise ConfigError(
+                "dilation",
+                "time dilation needs a device-time compute mode",
+                "add --compute a100 (or another device), or drop --dilation",
+            )
+    else:
+        device_from(args.compute)
+    EmulateSpec(
+        hosts=args.hosts,
+        workers_per_host=args.workers_per_host,
+        link_bps=emulated_rate(parse_rate(args.link), args.dilation),
+    )
+
+
+def startup_check(args):
+    """The start-up dilation check of a device-time run on this cluster shape (None for real
+    compute or with --skip-dilation-check); ConfigError when the dilation is too small."""
+    if args.compute == "real" or args.skip_dilation_check:
+        return None
+    from lina.cluster.dilation_check import startup_check as check
+
+    return check(
+        f"hosts={args.hosts},link={args.link},workers_per_host={args.workers_per_host}",
+        args.dilation,
+        "lina bench infer",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.batches, args.warmup, args.layers, args.tokens_per_rank, args.d_model, args.d_ff = 4, 1, 8, 64, 128, 256
+    check_compute(args)
+    args.dilation_check = startup_check(args)
     json_path = Path(args.json)
     out = json_path.parent
     out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ placement policies interleaved batch by batch (A B C D A B C D ...), after warm-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -13,11 +14,13 @@ import torch
 import torch.distributed as dist
 
 from lina.data.routing_trace import RoutingTrace
+from lina.devices import device_from
+from lina.devicetime import DeviceTimeMode
 from lina.infer.engine import InferenceEngine, LayerRouting
 from lina.infer.policies import make_serving_policy
 from lina.infer.store import ExpertStore
 from lina.placement.estimators import load_estimator
-from lina.train.worker import init_distributed
+from lina.train.worker import device_time_summary, init_distributed
 
 
 def batch_tokens(num_tokens: int, world: int, per_rank: int, batch: int, seed: int) -> np.ndarray:
@@ -26,6 +29,22 @@ def batch_tokens(num_tokens: int, world: int, per_rank: int, batch: int, seed: i
     perm = np.random.default_rng(seed).permutation(num_tokens)
     start = batch * world * per_rank
     return perm[(start + np.arange(world * per_rank)) % num_tokens].reshape(world, per_rank)
+
+
+def device_mode(plan: dict) -> DeviceTimeMode | None:
+    """The device-time mode the expert FFNs run under (None: they compute)."""
+    if plan.get("compute", "real") == "real":
+        return None
+    return DeviceTimeMode(device_from(plan["compute"]), plan.get("dilation", 1.0))
+
+
+@contextlib.contextmanager
+def _expert_block(mode: DeviceTimeMode):
+    """One layer's expert FFNs under ``mode``; what ran since the last block (collectives,
+    scheduling) is not counted as the host falling behind the device."""
+    mode.expect_idle()
+    with mode:
+        yield
 
 
 def run(plan: dict) -> None:
@@ -50,6 +69,7 @@ def _run(plan: dict) -> None:
     store = ExpertStore.random(layers, trace.num_experts, plan["d_model"], plan["d_ff"], seed=plan["seed"])
     d, k, e = plan["d_model"], trace.top_k, trace.num_experts
     gen = torch.Generator().manual_seed(plan["seed"] + rank)
+    mode = device_mode(plan)
     engines = {
         name: InferenceEngine(
             store,
@@ -58,6 +78,7 @@ def _run(plan: dict) -> None:
             make_serving_policy(
                 name, e, world, k, layers, estimator=estimator, eplb_replan_every=plan["eplb_replan_every"]
             ),
+            compute_mode=None if mode is None else (lambda: _expert_block(mode)),
         )
         for name in plan["policies"]
     }
@@ -102,6 +123,7 @@ def _run(plan: dict) -> None:
             for name in plan["policies"]
         }
         out["lina_policy_stats"] = engines["lina"].policy.stats if "lina" in engines else None
+        out["device_time"] = None if mode is None else device_time_summary(mode, "lina bench infer")
         Path(plan["result"]).write_text(json.dumps(out))
     for engine in engines.values():
         engine.store.close()

@@ -32,6 +32,8 @@ from lina.bench.peers import PEER_NAMES, resolve_peers
 from lina.bench.train_report import analyse, plot, print_report
 from lina.cluster.emulate import EmulatedCluster, EmulateSpec, format_rate, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
+from lina.cluster.presets import PRESETS
+from lina.cluster.spec import describe
 from lina.config import TrainConfig
 from lina.errors import ConfigError
 from lina.obs.timeline import load_rank_timelines
@@ -55,12 +57,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--link",
-        default="400mbit",
-        help="each host's link rate, or 'auto': calibrate it so ddp-overlap's all-to-all share lands in the paper's 30-45%% "
-        "(about 4gbit here, where the all-to-all is bound by the shared cores more than by the link)",
+        default=None,
+        help="each host's link rate, or 'auto': calibrate it so ddp-overlap's all-to-all share lands in the paper's "
+        "30-45%% (about 4gbit here, where the all-to-all is bound by the shared cores more than by the link) "
+        "(default 400mbit)",
     )
     p.add_argument(
-        "--layouts", default="pair,flat,hierarchical", help="comma list of pair (2x1), flat (4x1), hierarchical (2x2)"
+        "--intra",
+        default="off",
+        help="each host's intra-host link (between its workers; real-cluster units, divided by --dilation "
+        "like --link), or off: free loopback (default off)",
+    )
+    p.add_argument(
+        "--cluster",
+        choices=sorted(PRESETS),
+        default=None,
+        help="emulate a named real cluster instead of --layouts/--link/--intra: paper = 4 hosts x 4 A100, "
+        "100 Gb/s, NVLink inside (compute a100 unless --compute says otherwise; as many workers per host as "
+        "this machine holds; a dilation that keeps every emulated rate within what tc shapes)",
+    )
+    p.add_argument(
+        "--layouts",
+        default=None,
+        help="(default pair,flat,hierarchical) comma list of pair (2x1), flat (4x1), hierarchical (2x2)",
     )
     p.add_argument(
         "--experts",
@@ -102,15 +121,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--compute",
-        default="real",
+        default=None,
         help="real (compute on this CPU) or a device (a100, h100, h200, a .toml): every "
-        "compute op takes that device's time x --dilation instead of being computed; --link is then the real cluster's",
+        "compute op takes that device's time x --dilation instead of being computed; --link is then the real cluster's "
+        "(default real; with --cluster: its device)",
     )
     p.add_argument(
         "--dilation",
         type=float,
-        default=1.0,
-        help="time dilation K with --compute DEVICE: device times x K, emulated link = --link / K",
+        default=None,
+        help="time dilation K with --compute DEVICE: device times x K, emulated link = --link / K "
+        "(default 1; with --cluster: the smallest that tc can shape)",
+    )
+    p.add_argument(
+        "--skip-dilation-check",
+        action="store_true",
+        help="with --compute DEVICE: do not measure, before each layout, whether this machine's CPU keeps up with "
+        "the emulated links at --dilation (an all-to-all alone at K and 2K, a few seconds)",
     )
     p.add_argument(
         "--routing-trace",
@@ -149,12 +176,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: int, out: Path, **over) -> dict:
-    hosts, wph = LAYOUTS[layout]
+    hosts, wph = _layouts(args)[layout]
     plan = {
         "layout": layout,
         "hosts": hosts,
         "workers_per_host": wph,
         "link_bps": link_bps,
+        "intra_bps": _intra_bps(args),
         "experts": experts,
         "policies": policies,
         "model": getattr(args, "model_dict", BENCH_MODEL),
@@ -191,6 +219,7 @@ def _launch(plan: dict, delay_us: float) -> list[dict]:
         workers_per_host=plan["workers_per_host"],
         link_bps=emulated_rate(plan["link_bps"], dilation),
         delay_us=delay_us * dilation,
+        intra_bps=emulated_rate(plan.get("intra_bps", 0), dilation),
     )
     with EmulatedCluster(spec) as cluster:
         run_on_cluster(cluster, "lina.bench.train_worker", [str(path)], spec.workers_per_host, timeout_s=3000)
@@ -255,6 +284,66 @@ def _parse_experts(text: str):
     return lambda workers: counts
 
 
+def _layouts(args) -> dict[str, tuple[int, int]]:
+    """Layout name -> (hosts, workers per host): the fixed ones, plus ``--cluster``'s."""
+    fitted = getattr(args, "fitted_cluster", None)
+    return LAYOUTS if fitted is None else {fitted.preset.name: (fitted.preset.hosts, fitted.workers_per_host)}
+
+
+def _intra_bps(args) -> int:
+    """``--intra`` in bits/s of the real cluster (0: free loopback)."""
+    text = getattr(args, "intra", "off") or "off"
+    return 0 if text.strip().lower() in ("off", "none", "0") else parse_rate(text, field="intra")
+
+
+def apply_cluster(args, command: str = "lina bench train") -> None:
+    """``--cluster NAME``: the named cluster's layout, rates, device and dilation (a given
+    --compute or --dilation is kept; --layouts/--link/--intra contradict it). Without it, the
+    defaults: pair,flat,hierarchical at 400mbit, free loopback, real compute, no dilation."""
+    if not getattr(args, "cluster", None):
+        args.layouts = args.layouts or "pair,flat,hierarchical"
+        args.link = args.link or "400mbit"
+        args.compute = args.compute or "real"
+        args.dilation = 1.0 if args.dilation is None else args.dilation
+        return
+    from lina.cluster.presets import fit_preset, require_device_time
+
+    for option in ("layouts", "link"):
+        if getattr(args, option, None):
+            raise ConfigError(option, f"--cluster {args.cluster} sets it", f"drop --{option}, or drop --cluster")
+    if (getattr(args, "intra", "off") or "off") != "off":
+        raise ConfigError("intra", f"--cluster {args.cluster} sets it", "drop --intra, or drop --cluster")
+    require_device_time(args.cluster, args.compute)
+    args.dilation_chosen_by_cluster = args.dilation is None
+    fitted = fit_preset(args.cluster, dilation=args.dilation)
+    args.fitted_cluster = fitted
+    args.layouts = fitted.preset.name
+    args.link = format_rate(fitted.preset.link_bps)
+    args.intra = format_rate(fitted.preset.intra_bps)
+    args.compute = args.compute or fitted.preset.device
+    args.dilation = fitted.dilation
+    print(f"{command}: cluster {fitted.preset.name}: {fitted.preset.source}", flush=True)
+    if fitted.note:
+        print(f"{command}: {fitted.note}", flush=True)
+
+
+def check_layout_dilation(args, hosts: int, wph: int, link_bps: int, command: str = "lina bench train"):
+    """The start-up dilation check (:func:`lina.cluster.dilation_check.startup_check`) for one
+    layout of a device-time run: None for real compute or with --skip-dilation-check. A dilation
+    that ``--cluster`` chose is raised to the smallest passing one; a given one that fails is refused."""
+    if args.compute == "real" or getattr(args, "skip_dilation_check", False):
+        return None
+    from lina.cluster.dilation_check import startup_check
+
+    emulate = f"hosts={hosts},link={format_rate(link_bps)},workers_per_host={wph}"
+    if _intra_bps(args):
+        emulate += f",intra={format_rate(_intra_bps(args))}"
+    by_cluster = getattr(args, "dilation_chosen_by_cluster", False)
+    check = startup_check(emulate, args.dilation, command, chosen_for_the_user=by_cluster)
+    args.dilation = check.dilation
+    return check
+
+
 def emulated_rate(link_bps: int, dilation: float) -> int:
     """The emulated link of a real one under time dilation: link / K, to the kbit/s."""
     return int(link_bps / dilation) // 1000 * 1000
@@ -300,9 +389,10 @@ def _checkpoint_model(args, out: Path):
 def run(args: argparse.Namespace) -> int:
     from lina.cluster.emulate import parse_duration_us
 
+    apply_cluster(args)
     if args.quick:
         args.layouts, args.experts, args.rounds, args.steps_per_round, args.warmup, args.settle = (
-            "flat",
+            args.layouts if getattr(args, "fitted_cluster", None) else "flat",
             "4",
             2,
             1,
@@ -316,11 +406,12 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError("batch-size", f"{args.batch_size} sequences per rank", "use --batch-size 1 or more")
     layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
-    bad = [name for name in layouts if name not in LAYOUTS]
+    bad = [name for name in layouts if name not in _layouts(args)]
     if bad or not layouts:
         raise ConfigError(
             "layouts", f"unknown layout {', '.join(bad) or '(none given)'}", f"use a comma list of {', '.join(LAYOUTS)}"
         )
+    _intra_bps(args)  # checked before any cluster is built
     experts_of = _parse_experts(args.experts)
     json_path = Path(args.json)
     if getattr(args, "family", None) or getattr(args, "hf_model", None):
@@ -340,15 +431,19 @@ def run(args: argparse.Namespace) -> int:
     configs = []
     for layout in layouts:
         link_bps = parse_rate(args.link) if args.link != "auto" else 0
-        hosts, wph = LAYOUTS[layout]
+        hosts, wph = _layouts(args)[layout]
         experts = experts_of(hosts * wph)
         if args.link == "auto":
             link_bps, _ = calibrate_link(args, layout, experts[0], out, delay_us)
-        emulated = (
-            "" if args.dilation == 1.0 else f" (emulated at {format_rate(emulated_rate(link_bps, args.dilation))})"
+        check = check_layout_dilation(args, hosts, wph, link_bps)
+        shape = EmulateSpec(
+            hosts=hosts,
+            workers_per_host=wph,
+            link_bps=emulated_rate(link_bps, args.dilation),
+            intra_bps=emulated_rate(_intra_bps(args), args.dilation),
         )
         print(
-            f"\n{layout}: {hosts} hosts x {wph} workers, link {format_rate(link_bps)}{emulated}, delay {args.delay}, "
+            f"\n{layout}: {describe(shape, args.dilation)}, delay {args.delay}, "
             f"compute {args.compute}{'' if args.compute == 'real' else f' x {args.dilation:g}'}; "
             f"policies {', '.join(policies + args.peer_list)} interleaved, {args.rounds} rounds x {args.steps_per_round} steps after {args.warmup} warm-up, "
             f"{args.settle} unmeasured after each move of the experts",
@@ -360,6 +455,12 @@ def run(args: argparse.Namespace) -> int:
                 compute=args.compute,
                 dilation=args.dilation,
                 emulated_link=format_rate(emulated_rate(link_bps, args.dilation)),
+                intra=format_rate(_intra_bps(args)) if _intra_bps(args) else "off",
+                emulated_intra=format_rate(emulated_rate(_intra_bps(args), args.dilation))
+                if _intra_bps(args)
+                else "off",
+                link_efficiency=None if check is None else check.link_efficiency,
+                dilation_check=None if check is None else check.to_dict(),
             )
     result = {
         "regime": {
@@ -370,6 +471,10 @@ def run(args: argparse.Namespace) -> int:
             "compute": args.compute,
             "dilation": args.dilation,
             "emulated_link": format_rate(emulated_rate(configs[0]["regime"]["link_bps"], args.dilation)),
+            "intra": configs[0]["regime"]["intra"],
+            "emulated_intra": configs[0]["regime"]["emulated_intra"],
+            "cluster": getattr(args, "cluster", None),
+            "link_efficiency": configs[0]["regime"]["link_efficiency"],
             "note": "regime of the first config; every config carries its own; links in real-cluster units",
         },
         "model": getattr(args, "model_dict", BENCH_MODEL) | {"batch_size": args.batch_size},

@@ -131,6 +131,12 @@ def print_report(result: dict) -> None:
             if compute == "real"
             else f"{compute} time x {reg['dilation']:g} (emulated link {reg['emulated_link']})"
         )
+        if reg.get("link_efficiency") is not None:
+            mode += f", link efficiency {reg['link_efficiency']:.0%} (all-to-all alone, start-up check)"
+        if reg.get("intra", "off") != "off":
+            mode += f", intra-host link {reg['intra']}" + (
+                f" (emulated {reg['emulated_intra']})" if reg.get("dilation", 1.0) != 1.0 else ""
+            )
         print(
             f"\n{c['layout']}, {c['experts']} experts ({c['experts_per_rank']}/rank), top-{top_k}{source} "
             f"| link {reg['link']}, {mode}, "

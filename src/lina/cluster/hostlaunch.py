@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from lina.cluster import netns as ns
-from lina.cluster.emulate import EmulatedCluster
+from lina.cluster import processes
 from lina.cluster.failures import WorkerFailure, raise_for, read_error_file
 from lina.cluster.hostnames import host_names
+from lina.cluster.lifecycle import EmulatedCluster
 from lina.errors import ConfigError, LinaError
 
 _LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Broken pipe")
@@ -251,7 +251,7 @@ def _stop(agents: list[_Agent], cluster: EmulatedCluster, grace_s: float) -> Non
             _killpg(agent.proc.pid, signal.SIGKILL)
             agent.proc.wait()
     # torchrun starts workers in their own sessions; orphans are found by namespace.
-    ns.kill_netns_processes([h.netns for h in cluster.hosts], grace_s=min(grace_s, 3.0))
+    processes.kill_netns_processes([h.netns for h in cluster.hosts], grace_s=min(grace_s, 3.0))
     for agent in agents:
         if agent.reader is not None:
             agent.reader.join(timeout=2.0)

@@ -30,7 +30,7 @@ def hosts_text(names_and_ips: list[tuple[str, str]], base: str = "") -> str:
 
 @contextlib.contextmanager
 def host_names(cluster, root: Path = ETC_NETNS) -> Iterator[list[str]]:
-    """Give every host of ``cluster`` (an up :class:`lina.cluster.emulate.EmulatedCluster`) a
+    """Give every host of ``cluster`` (an up :class:`lina.cluster.lifecycle.EmulatedCluster`) a
     ``hosts`` file naming all hosts while the block runs; yields the host names (index order).
     Folders this created are removed afterwards; existing ones are left as they were."""
     names = [f"{cluster.prefix}-h{h.index}" for h in cluster.hosts]

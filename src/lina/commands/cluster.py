@@ -11,16 +11,10 @@ from __future__ import annotations
 
 import argparse
 
-from lina.cluster import netns
-from lina.cluster.emulate import (
-    EmulatedCluster,
-    EmulateSpec,
-    parse_duration_us,
-    parse_rate,
-    remove_cluster,
-    state_dir,
-    survey,
-)
+from lina.cluster import netns, shaping
+from lina.cluster.lifecycle import EmulatedCluster
+from lina.cluster.registry import remove_cluster, state_dir, survey
+from lina.cluster.spec import EmulateSpec, parse_duration_us, parse_rate
 from lina.errors import LinaError
 
 
@@ -53,7 +47,62 @@ def register(subparsers) -> None:
     down.add_argument("--all", action="store_true", help="also remove stale lina-* namespaces from killed runs")
     down.add_argument("--force", action="store_true", help="also remove clusters whose owner process is still running")
     down.set_defaults(func=run_down)
+    eff = sub.add_parser(
+        "link-efficiency",
+        help="measure the fraction of the link rate an all-to-all alone reaches, per link rate, and the "
+        "simulator's link_efficiency fitted to it",
+    )
+    eff.add_argument("--hosts", type=int, default=4, help="emulated hosts (default 4)")
+    eff.add_argument("--workers-per-host", type=int, default=1, help="workers per host (default 1)")
+    eff.add_argument(
+        "--links", default="100mbit,400mbit,1gbit", help="comma list of link rates (default 100mbit,400mbit,1gbit)"
+    )
+    eff.add_argument("--json", metavar="FILE", help="also write the measurements and the fit here")
+    eff.set_defaults(func=run_link_efficiency)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def run_link_efficiency(args: argparse.Namespace) -> int:
+    """Per link rate, the dilation check at K = 1 (an all-to-all alone of 4 MiB per rank at the
+    rate and at half of it); then one ``link_efficiency`` for the simulator, fitted on every
+    link-bound measurement."""
+    import json
+    from pathlib import Path
+
+    from lina.cluster.dilation_check import check_dilation
+    from lina.sim.calibration.a2a_efficiency import fit_a2a_link_efficiency, link_bound
+
+    rates = [r.strip() for r in args.links.split(",") if r.strip()]
+    specs = [
+        EmulateSpec(hosts=args.hosts, workers_per_host=args.workers_per_host, link_bps=parse_rate(r, field="--links"))
+        for r in rates
+    ]  # every rate checked before anything is built
+    if not specs:
+        raise LinaError("--links names no rate. Fix: give e.g. --links 100mbit,400mbit")
+    netns.require_support(alternative=None)
+    rows, checks = [], []
+    print(f"all-to-all alone, 4 MiB per rank, {args.hosts} hosts x {args.workers_per_host} workers")
+    for spec in specs:
+        check = check_dilation(f"hosts={spec.hosts},link={spec.link},workers_per_host={spec.workers_per_host}", 1.0)
+        found = check.to_dict()
+        checks.append({"link": spec.link, **found})
+        rows += link_bound(found)
+        at1, at2 = check.at(1.0), check.at(2.0)
+        verdict = "link-bound" if check.passes else "CPU-bound (the fraction falls >5% from half the rate)"
+        print(
+            f"  link {spec.link:>8s}: {at1.fraction:6.1%} of the link ({at1.seconds * 1e3:7.1f} ms), "
+            f"{at2.fraction:6.1%} at half the rate; {verdict}"
+        )
+    efficiency = fit_a2a_link_efficiency(rows) if rows else None
+    if efficiency is not None:
+        print(
+            f"simulator: link_efficiency = {efficiency:.3f} (ClusterSpec.link_efficiency; link-bound measurements only)"
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"checks": checks, "link_efficiency": efficiency}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -111,7 +160,7 @@ def _shaped_rate(ns: str, ifname: str) -> int | None:
     from pyroute2.netlink.exceptions import NetlinkError
 
     try:
-        return netns.read_egress_rate(ns, ifname)
+        return shaping.read_egress_rate(ns, ifname)
     except (OSError, NetlinkError):
         return None
 

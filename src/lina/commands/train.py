@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from lina.cluster.presets import PRESETS
 from lina.config import TrainConfig, load_toml, merge
 from lina.errors import raise_all
 from lina.policy import TRAIN_POLICIES
@@ -99,7 +100,24 @@ def register(subparsers) -> None:
     p.add_argument("--corpus", help="text file or folder (default: the Python standard library's sources)")
     p.add_argument("--out", help="output folder (default runs/train)")
     p.add_argument("--trace", metavar="DIR", help="write the timeline: Chrome trace, breakdown, plot")
-    p.add_argument("--emulate", help="emulated cluster, e.g. hosts=4,link=200mbit (default none: loopback)")
+    p.add_argument(
+        "--emulate",
+        help="emulated cluster, e.g. hosts=4,link=200mbit,intra=10gbit (intra: the link between "
+        "workers of one host; default off, free loopback) (default none: loopback)",
+    )
+    p.add_argument(
+        "--cluster",
+        choices=sorted(PRESETS),
+        help="emulate a named real cluster: paper = 4 hosts x 4 A100, 100 Gb/s between hosts, NVLink "
+        "inside; compute a100 unless --compute says otherwise, as many workers per host as this machine "
+        "holds, and a time dilation that keeps every emulated rate within what tc shapes",
+    )
+    p.add_argument(
+        "--skip-dilation-check",
+        action="store_true",
+        help="device time on an emulated cluster: do not measure, before the run, whether this machine's CPU "
+        "keeps up with the emulated links at --dilation (an all-to-all alone at K and 2K, a few seconds)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument(
@@ -143,11 +161,13 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         overrides["resume"] = True
     if args.check_collectives:
         overrides["check_collectives"] = True
+    if getattr(args, "cluster", None):
+        overrides = _with_cluster(args.cluster, base, overrides)
     merged = merge(base, overrides)
-    if args.workers is None and "workers" not in base and merged.get("emulate", "none") != "none":
+    if "workers" not in overrides and "workers" not in base and merged.get("emulate", "none") != "none":
         from lina.cluster.emulate import parse_emulate
 
-        spec = parse_emulate(merged["emulate"])
+        spec = parse_emulate(merged["emulate"], merged.get("dilation", 1.0))
         if spec is not None:
             merged["workers"] = spec.world_size
     if merged["model"].get("hf_model"):
@@ -164,6 +184,28 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         folder, meta = checkpoint.resume_point(Path(cfg.out) / "checkpoints")
         check_model(cfg, meta, folder)
     return cfg
+
+
+def _with_cluster(name: str, base: dict, overrides: dict) -> dict:
+    """``--cluster NAME``: the emulated cluster, worker count, compute and dilation of a named real
+    cluster (compute and dilation only where neither the options nor the file set them)."""
+    from lina.cluster.presets import fit_preset, require_device_time
+    from lina.errors import ConfigError
+
+    for key in ("emulate", "workers"):
+        if key in overrides or key in base:
+            raise ConfigError(
+                key, f"--cluster {name} sets it", f"drop --{key} (and {key} from the config file), or drop --cluster"
+            )
+    require_device_time(name, overrides.get("compute", base.get("compute")))
+    dilation = overrides.get("dilation", base.get("dilation"))
+    fitted = fit_preset(name, dilation=dilation)
+    if fitted.note:
+        print(f"lina train: {fitted.note}", file=sys.stderr)
+    out = {**overrides, "emulate": fitted.emulate, "workers": fitted.workers, "dilation": fitted.dilation}
+    if "compute" not in overrides and "compute" not in base:
+        out["compute"] = fitted.preset.device
+    return out
 
 
 def _with_checkpoint_shape(merged: dict) -> dict:
@@ -201,12 +243,25 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     spec = cfg.emulate_spec()
+    check = None
+    if (
+        spec is not None
+        and cfg.device_time
+        and not under_torchrun()
+        and not getattr(args, "skip_dilation_check", False)
+    ):
+        check = dilation_check(
+            cfg, chosen_by_cluster=bool(getattr(args, "cluster", None)) and getattr(args, "dilation", None) is None
+        )
+        spec = cfg.emulate_spec()
     if under_torchrun():
         summary = worker.run(cfg.to_dict())
     elif spec is not None:
         summary = run_emulated(cfg, spec, verbose=args.verbose)
     else:
         summary = launch_local(worker.run, (cfg.to_dict(),), cfg.workers, verbose=args.verbose)[0]
+    if summary is not None and check is not None:
+        summary["dilation_check"] = check.to_dict()
     if summary is not None:
         _stamp(summary, [Path(cfg.out)] + ([Path(cfg.trace)] if cfg.trace else []))
         print_summary(summary, Path(cfg.out))
@@ -215,6 +270,17 @@ def run(args: argparse.Namespace) -> int:
 
             write_trace_report(Path(cfg.trace))
     return 0
+
+
+def dilation_check(cfg: TrainConfig, chosen_by_cluster: bool = False):
+    """Measure an all-to-all alone at the run's dilation K and at 2K on its emulated cluster
+    (:mod:`lina.cluster.dilation_check`); refuse a K at which this machine's CPU sets its speed.
+    A K that ``--cluster`` chose is raised to the smallest passing one instead (said so)."""
+    from lina.cluster.dilation_check import startup_check
+
+    check = startup_check(cfg.emulate, cfg.dilation, "lina train", chosen_for_the_user=chosen_by_cluster)
+    cfg.dilation = check.dilation
+    return check
 
 
 def _stamp(summary: dict, folders: list[Path]) -> None:
@@ -239,7 +305,9 @@ def run_emulated(cfg: TrainConfig, spec, verbose: bool = False) -> dict:
         cfg.trace = str(Path(cfg.trace).resolve())
     config_path = out / "config.json"
     config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
-    print(f"lina train: emulated cluster {spec} (each host's link {spec.link} up and down)", flush=True)
+    from lina.cluster.spec import describe
+
+    print(f"lina train: emulated cluster {describe(spec, cfg.dilation)}", flush=True)
     with EmulatedCluster(spec) as cluster:
         run_on_cluster(cluster, "lina.train.worker", [str(config_path)], spec.workers_per_host, verbose=verbose)
     return json.loads((out / "summary.json").read_text())
@@ -267,6 +335,12 @@ def print_summary(summary: dict, out: Path) -> None:
         print(
             f"  packing {packing['mode']}: {packing['experts_per_rank']} experts per rank (EP size {packing['ep_size']}) at the end, "
             f"{len(changes)} change(s), {len(packing['decisions'])} decision(s)"
+        )
+    check = summary.get("dilation_check")
+    if check:
+        print(
+            f"  link efficiency: an all-to-all alone reached {check['link_efficiency']:.0%} of the link rate at "
+            f"dilation {check['dilation']:g} (the start-up check)"
         )
     mem = summary.get("expert_memory")
     if mem and mem["budget_mb"] > 0:

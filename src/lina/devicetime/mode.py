@@ -96,6 +96,11 @@ class DeviceTimeMode(TorchDispatchMode):
         busy = self.device_s * self.dilation
         return self.host_gap_s / busy if busy > 0 else 0.0
 
+    def expect_idle(self) -> None:
+        """The device's idle time up to the next op is not the host's dispatch overhead (the
+        caller ran something outside the mode, e.g. a collective or scheduling, in between)."""
+        self._after_collective = True
+
     def sync(self) -> None:
         """Wait until the emulated device has finished everything charged (a device synchronize)."""
         ahead = self.device_free_s - time.perf_counter()

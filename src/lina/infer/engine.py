@@ -16,6 +16,7 @@ receives no token still takes part):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -93,9 +94,13 @@ class InferenceEngine:
         policy: ServingPolicy,
         timeline: Timeline | None = None,
         expert_fn: Callable[[torch.Tensor, tuple], torch.Tensor] = expert_ffn,
+        compute_mode: Callable[[], contextlib.AbstractContextManager] | None = None,
     ):
         self.store = store
         self.expert_fn = expert_fn
+        # what the expert FFNs run under: nothing (they compute), or e.g. a device-time mode
+        # (lina.devicetime), which charges them a device's time; scheduling always computes
+        self.compute_mode = compute_mode or contextlib.nullcontext
         self.top_k = top_k
         self.group = group
         self.world = 1 if group is None else dist.get_world_size(group)
@@ -165,12 +170,13 @@ class InferenceEngine:
         per_expert = recv_counts.sum(0).tolist()
         with tl.span(f"moe{layer}.experts", "compute", kind=schema.EXPERT, layer=layer, phase="fwd"):
             weights_by_expert = self.store.load(layer, placement.device_experts(self.rank).tolist())
-            outs = [
-                self.expert_fn(chunk, weights_by_expert[e])
-                for e, chunk in zip(range(e_count), torch.split(grouped, per_expert))
-                if chunk.shape[0]
-            ]
-            computed = torch.cat(outs) if outs else grouped
+            with self.compute_mode():
+                outs = [
+                    self.expert_fn(chunk, weights_by_expert[e])
+                    for e, chunk in zip(range(e_count), torch.split(grouped, per_expert))
+                    if chunk.shape[0]
+                ]
+                computed = torch.cat(outs) if outs else grouped
         back = computed[inverse_permutation(index)]
         # Coordinator: plan the next layer while the combine is being assembled.
         plan_rows = self._plan_rows(d) if carries_plan else 0

@@ -265,7 +265,7 @@ def _print_memory(mem: dict) -> None:
     )
 
 
-def device_time_summary(mode) -> dict:
+def device_time_summary(mode, command: str = "lina train") -> dict:
     """What a device-time run's device did, and whether this machine kept up with it."""
     share = mode.host_bound_share()
     out = {
@@ -281,7 +281,7 @@ def device_time_summary(mode) -> dict:
             f"the device idled {share:.0%} of its time waiting for this machine's dispatch: step times "
             f"describe this CPU, not the device. Fix: --dilation {wanted:.0f} or more"
         )
-        print(f"lina train: warning: {out['warning']}", flush=True)
+        print(f"{command}: warning: {out['warning']}", flush=True)
     return out
 
 
