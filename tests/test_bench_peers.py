@@ -33,7 +33,7 @@ def _train_peers(rank: int, world: int) -> dict:
 
     cfg = _cfg(world)
     corpus = load_corpus("", 0.5)
-    group_set = build_group_set([world], cfg.timeout_s)
+    group_set = build_group_set([world], cfg.comm.timeout_s)
     trainer = Trainer(cfg, group_set[world], corpus)
     out = {"lina_step0": trainer.train_step(0).loss}
     dense = sum(p.numel() for p in trainer.model.parameters() if not getattr(p, "lina_expert", False))

@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def train_model_trace(out: Path, quick: bool) -> RoutingTrace:
     """Train a small 8-expert MoE GPT with ``lina train``'s code and record its routing on held-out text."""
     from lina.cluster.launch import launch_local
-    from lina.config import ModelConfig, TrainConfig
+    from lina.config import ModelConfig, OutputConfig, TrainConfig
     from lina.data.corpus import load_corpus, sample_batch
     from lina.infer.model_adapter import load_trained_model, record_routing
     from lina.train import worker
@@ -68,9 +68,7 @@ def train_model_trace(out: Path, quick: bool) -> RoutingTrace:
         steps=20 if quick else 150,
         batch_size=8,
         eval_every=1000,
-        checkpoint_every=1000,
-        log_every=25,
-        out=str(run_dir),
+        output=OutputConfig(out=str(run_dir), checkpoint_every=1000, log_every=25),
         corpus_max_mb=1.0,
     )
     cfg.validate()

@@ -32,7 +32,7 @@ from lina.bench.peers import PEER_NAMES, resolve_peers
 from lina.bench.train_report import analyse, plot, print_report
 from lina.cluster.emulate import EmulatedCluster, EmulateSpec, format_rate, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
-from lina.config import TrainConfig
+from lina.config import EmulationConfig
 from lina.errors import ConfigError
 from lina.obs.timeline import load_rank_timelines
 from lina.policy import BENCH_POLICIES, TRAIN_POLICIES, train_policy
@@ -263,7 +263,7 @@ def emulated_rate(link_bps: int, dilation: float) -> int:
 def _check_compute(args) -> None:
     """The compute mode, dilation and routing trace, checked before any cluster is built. The
     DeepSpeed peers compute for real, so a device-time run leaves them out unless named."""
-    TrainConfig(compute=args.compute, dilation=args.dilation, routing_trace=args.routing_trace).validate_compute()
+    EmulationConfig(compute=args.compute, dilation=args.dilation, routing_trace=args.routing_trace).validate_compute()
     if args.compute == "real":
         return
     if args.peers is None:

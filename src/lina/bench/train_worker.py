@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from lina.bench.peers import start_peers
 from lina.comm.groups import build_group_set
-from lina.config import ModelConfig, TrainConfig
+from lina.config import CommConfig, EmulationConfig, ModelConfig, TrainConfig
 from lina.data.corpus import load_corpus
 from lina.obs.report import step_breakdown
 from lina.obs.schema import RunSetup, fields_of, run_summary
@@ -85,14 +85,18 @@ def _run(plan: dict) -> None:
             workers=world,
             batch_size=plan["batch_size"],
             policy="lina" if partitioned else "deepspeed",
-            chunk_mb=str(plan["chunk_mb"]),
-            pipeline_chunks=plan["pipeline_chunks"],
-            credit=plan.get("credit", 1),
+            comm=CommConfig(
+                chunk_mb=str(plan["chunk_mb"]),
+                pipeline_chunks=plan["pipeline_chunks"],
+                credit=plan.get("credit", 1),
+                timeout_s=timeout_s,
+            ),
             seed=plan["seed"],
-            timeout_s=timeout_s,
-            compute=plan.get("compute", "real"),
-            dilation=plan.get("dilation", 1.0),
-            routing_trace=plan.get("routing_trace", ""),
+            emulation=EmulationConfig(
+                compute=plan.get("compute", "real"),
+                dilation=plan.get("dilation", 1.0),
+                routing_trace=plan.get("routing_trace", ""),
+            ),
         )
         cfg.validate()
         timeline = Timeline(rank)
@@ -101,7 +105,7 @@ def _run(plan: dict) -> None:
             dense = sum(
                 p.numel() * p.element_size() for p in trainer.model.parameters() if not getattr(p, "lina_expert", False)
             )
-            trainer.cfg.bucket_mb = dense / plan["buckets"] / 2**20
+            trainer.cfg.comm.bucket_mb = dense / plan["buckets"] / 2**20
             trainer.set_policy(trainer.policy.name)
         dense_bytes = sum(
             p.numel() * p.element_size() for p in trainer.model.parameters() if not getattr(p, "lina_expert", False)
@@ -342,8 +346,8 @@ def _save_runs(
                 hosts=plan["hosts"],
                 workers_per_host=plan["workers_per_host"],
                 link_bps=float(plan["link_bps"]),
-                bucket_mb=float(cfg.bucket_mb),
-                pipeline_chunks=cfg.pipeline_chunks,
+                bucket_mb=float(cfg.comm.bucket_mb),
+                pipeline_chunks=cfg.comm.pipeline_chunks,
                 ep_size=experts // entry["policies"][policy]["experts_per_rank"],
                 backend=dist.get_backend(),
                 cpu_count=os.cpu_count(),
@@ -363,8 +367,8 @@ def _save_runs(
                 "link_bps": plan["link_bps"],
                 "policy": policy,
                 "chunk_mb": entry["chunk_mb"],
-                "pipeline_chunks": cfg.pipeline_chunks,
-                "bucket_mb": cfg.bucket_mb,
+                "pipeline_chunks": cfg.comm.pipeline_chunks,
+                "bucket_mb": cfg.comm.bucket_mb,
                 "experts_per_rank": entry["policies"][policy]["experts_per_rank"],
                 "dense_grad_bytes": entry["dense_grad_bytes"],
                 "cpu_count": os.cpu_count(),

@@ -17,26 +17,26 @@ OPTION_FIELDS = {
     "experts": "model.experts",
     "top_k": "model.top_k",
     "policy": "policy",
-    "out": "out",
+    "out": "output.out",
     "seed": "seed",
     "batch_size": "batch_size",
     "ep_size": "ep_size",
     "corpus": "corpus",
-    "chunk_mb": "chunk_mb",
-    "trace": "trace",
+    "chunk_mb": "comm.chunk_mb",
+    "trace": "output.trace",
     "capacity_factor": "model.capacity_factor",
-    "emulate": "emulate",
+    "emulate": "emulation.emulate",
     "lr": "lr",
-    "pipeline_chunks": "pipeline_chunks",
-    "credit": "credit",
-    "packing": "packing",
-    "packing_first_step": "packing_first_step",
-    "packing_every": "packing_every",
-    "max_expert_memory": "max_expert_memory_mb",
+    "pipeline_chunks": "comm.pipeline_chunks",
+    "credit": "comm.credit",
+    "packing": "packing.mode",
+    "packing_first_step": "packing.first_step",
+    "packing_every": "packing.every",
+    "max_expert_memory": "packing.max_expert_memory_mb",
     "hf_model": "model.hf_model",
-    "compute": "compute",
-    "dilation": "dilation",
-    "routing_trace": "routing_trace",
+    "compute": "emulation.compute",
+    "dilation": "emulation.dilation",
+    "routing_trace": "emulation.routing_trace",
 }
 
 
@@ -140,28 +140,32 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.capacity_factor is not None:
         overrides["model.dropless"] = False
     if args.resume:
-        overrides["resume"] = True
+        overrides["output.resume"] = True
     if args.check_collectives:
-        overrides["check_collectives"] = True
+        overrides["comm.check_collectives"] = True
     merged = merge(base, overrides)
-    if args.workers is None and "workers" not in base and merged.get("emulate", "none") != "none":
-        from lina.cluster.emulate import parse_emulate
+    emulation = merged.get("emulation")
+    emulate = emulation.get("emulate", "none") if isinstance(emulation, dict) else "none"
+    if args.workers is None and "workers" not in base and emulate != "none":
+        from lina.emulation_spec import parse_emulate
 
-        spec = parse_emulate(merged["emulate"])
+        spec = parse_emulate(emulate)
         if spec is not None:
             merged["workers"] = spec.world_size
-    if merged["model"].get("hf_model"):
+    if isinstance(merged.get("model"), dict) and merged["model"].get("hf_model"):
         merged = _with_checkpoint_shape(merged)
     problems: list = []
     cfg = TrainConfig.from_dict(merged, problems)
     raise_all(problems + cfg.problems())
     from lina.cluster.launch import under_torchrun
 
-    if cfg.resume and not under_torchrun():  # under torchrun each worker checks it (the folder may be on its host only)
+    if (
+        cfg.output.resume and not under_torchrun()
+    ):  # under torchrun each worker checks it (the folder may be on its host only)
         from lina.train import checkpoint
         from lina.train.resume import check_model
 
-        folder, meta = checkpoint.resume_point(Path(cfg.out) / "checkpoints")
+        folder, meta = checkpoint.resume_point(Path(cfg.output.out) / "checkpoints")
         check_model(cfg, meta, folder)
     return cfg
 
@@ -208,12 +212,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         summary = launch_local(worker.run, (cfg.to_dict(),), cfg.workers, verbose=args.verbose)[0]
     if summary is not None:
-        _stamp(summary, [Path(cfg.out)] + ([Path(cfg.trace)] if cfg.trace else []))
-        print_summary(summary, Path(cfg.out))
-        if cfg.trace:
+        _stamp(summary, [Path(cfg.output.out)] + ([Path(cfg.output.trace)] if cfg.output.trace else []))
+        print_summary(summary, Path(cfg.output.out))
+        if cfg.output.trace:
             from lina.obs.report import write_trace_report
 
-            write_trace_report(Path(cfg.trace))
+            write_trace_report(Path(cfg.output.trace))
     return 0
 
 
@@ -232,11 +236,11 @@ def run_emulated(cfg: TrainConfig, spec, verbose: bool = False) -> dict:
     from lina.cluster.emulate import EmulatedCluster
     from lina.cluster.hostlaunch import run_on_cluster
 
-    out = Path(cfg.out).resolve()
+    out = Path(cfg.output.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cfg.out = str(out)
-    if cfg.trace:
-        cfg.trace = str(Path(cfg.trace).resolve())
+    cfg.output.out = str(out)
+    if cfg.output.trace:
+        cfg.output.trace = str(Path(cfg.output.trace).resolve())
     config_path = out / "config.json"
     config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
     print(f"lina train: emulated cluster {spec} (each host's link {spec.link} up and down)", flush=True)

@@ -181,9 +181,9 @@ class PackingController:
             parse_packing(cfg.effective_packing),
             cfg.model.experts,
             cfg.ep_size or world,
-            cfg.packing_first_step,
-            cfg.packing_every,
-            int(cfg.max_expert_memory_mb * 1024 * 1024),
+            cfg.packing.first_step,
+            cfg.packing.every,
+            int(cfg.packing.max_expert_memory_mb * 1024 * 1024),
         )
 
     def ep_sizes(self) -> list[int]:
