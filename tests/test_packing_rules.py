@@ -11,7 +11,6 @@ from lina.train.packing import (
     PackingController,
     PackingSpec,
     decide,
-    expert_sources,
     forward_micro_ops,
     got_slower,
     measure_window,
@@ -21,6 +20,7 @@ from lina.train.packing import (
     spans_of_steps,
     valid_experts_per_rank,
 )
+from lina.train.relayout import expert_sources
 
 
 def test_parse_packing():

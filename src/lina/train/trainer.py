@@ -30,7 +30,8 @@ from lina.obs import schema
 from lina.obs.report import step_breakdown
 from lina.obs.timeline import Span, Timeline
 from lina.policy import train_policy
-from lina.train.packing import PackingController, plan_residency, relayout_experts
+from lina.train.packing import PackingController, plan_residency
+from lina.train.relayout import relayout_experts
 
 
 @dataclass
@@ -159,7 +160,7 @@ class Trainer:
 
     def repack(self, ep_size: int) -> None:
         """Move to the layout with EP size ``ep_size`` between steps (a collective): experts and
-        their AdamW state move (:func:`lina.train.packing.relayout_experts`), the MoE layers talk
+        their AdamW state move (:func:`lina.train.relayout.relayout_experts`), the MoE layers talk
         on the new EP group, and the gradient-sync policy is rebuilt on the new parameters and
         expert-data-parallel group. No step is lost or repeated."""
         if ep_size == self.groups.ep_size:
