@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lina.bench.plan import ContentionPlan
 from lina.cluster import netns
 from lina.cluster.emulate import EmulatedCluster, EmulateSpec, parse_duration_us, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
@@ -96,11 +97,15 @@ def run(args: argparse.Namespace) -> int:
     timeout = args.timeout or 120.0 + (pairs + args.warmup) * 20 * (bound_s + ar_bytes * 8 * 2 / spec.link_bps)
     with tempfile.TemporaryDirectory(prefix="lina-contention-") as tmp:
         raw_path = Path(tmp) / "raw.json"
-        worker_args = [
-            "--pairs", str(pairs), "--warmup", str(args.warmup), "--a2a-elems", str(args.a2a_elems),
-            "--allreduce-elems", str(args.allreduce_elems), "--out", str(raw_path),
-            "--timeline-dir", str(out_json.resolve().with_suffix("")) + "_timeline",
-        ]  # fmt: skip
+        plan = ContentionPlan(
+            pairs=pairs,
+            warmup=args.warmup,
+            a2a_elems=args.a2a_elems,
+            allreduce_elems=args.allreduce_elems,
+            out=str(raw_path),
+            timeline_dir=str(out_json.resolve().with_suffix("")) + "_timeline",
+        )
+        worker_args = [str(plan.save(Path(tmp) / "plan.json"))]
         with EmulatedCluster(spec, alternative=None) as cluster:
             prefix = cluster.prefix
             run_on_cluster(cluster, "lina.bench.contention_worker", worker_args, 1, timeout_s=timeout)

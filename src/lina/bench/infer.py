@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lina.bench.plan import InferBenchPlan
 from lina.bench.stats import percentile
 from lina.cluster.emulate import EmulatedCluster, EmulateSpec, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
@@ -131,22 +132,22 @@ def serve_trace(args, name: str, trace: RoutingTrace, out: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     held_path, est_path = held.save(folder / "held-out.npz"), est.save(folder / "estimator.npz")
     layers = min(args.layers, trace.num_layers)
-    plan = {
-        "trace": str(held_path),
-        "estimator": str(est_path),
-        "layers": layers,
-        "d_model": args.d_model,
-        "d_ff": args.d_ff,
-        "tokens_per_rank": args.tokens_per_rank,
-        "batches": args.batches,
-        "warmup": args.warmup,
-        "policies": list(POLICIES),
-        "eplb_replan_every": args.eplb_replan_every,
-        "seed": args.seed,
-        "result": str(folder / "result.json"),
-        "world": world,
-    }
-    (folder / "plan.json").write_text(json.dumps(plan, indent=2))
+    plan = InferBenchPlan(
+        trace=str(held_path),
+        estimator=str(est_path),
+        layers=layers,
+        d_model=args.d_model,
+        d_ff=args.d_ff,
+        tokens_per_rank=args.tokens_per_rank,
+        batches=args.batches,
+        warmup=args.warmup,
+        policies=tuple(POLICIES),
+        eplb_replan_every=args.eplb_replan_every,
+        seed=args.seed,
+        result=str(folder / "result.json"),
+        world=world,
+    )
+    plan.save(folder / "plan.json")
     spec = EmulateSpec(hosts=args.hosts, workers_per_host=args.workers_per_host, link_bps=parse_rate(args.link))
     print(
         f"\n{name}: {trace.num_tokens} tokens ({held.num_tokens} held out, split by {by}), {layers} layers, {trace.num_experts} experts, "

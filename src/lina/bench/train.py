@@ -29,6 +29,7 @@ import json
 from pathlib import Path
 
 from lina.bench.peers import PEER_NAMES, resolve_peers
+from lina.bench.plan import TrainBenchPlan
 from lina.bench.train_report import analyse, plot, print_report
 from lina.cluster.emulate import EmulatedCluster, EmulateSpec, format_rate, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
@@ -148,53 +149,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: int, out: Path, **over) -> dict:
+def _plan(
+    args, layout: str, experts: list[int], policies: list[str], link_bps: int, out: Path, **over
+) -> TrainBenchPlan:
     hosts, wph = LAYOUTS[layout]
-    plan = {
-        "layout": layout,
-        "hosts": hosts,
-        "workers_per_host": wph,
-        "link_bps": link_bps,
-        "experts": experts,
-        "policies": policies,
-        "model": getattr(args, "model_dict", BENCH_MODEL),
-        "batch_size": args.batch_size,
-        "chunk_mb": args.chunk_mb,
-        "buckets": args.buckets,
-        "pipeline_chunks": args.pipeline_chunks,
-        "credit": args.credit,
-        "seed": args.seed,
-        "warmup": args.warmup,
-        "rounds": args.rounds,
-        "steps_per_round": args.steps_per_round,
-        "settle": args.settle,
-        "out": str(out),
-        "packing_window": 2 if args.quick else PACKING_WINDOW,
-        "compute": args.compute,
-        "dilation": args.dilation,
-        "routing_trace": args.routing_trace,
-        "peers": getattr(args, "peer_list", []),
-    }
-    plan.update(over)
-    return plan
+    fields = dict(
+        layout=layout,
+        hosts=hosts,
+        workers_per_host=wph,
+        link_bps=link_bps,
+        experts=tuple(experts),
+        policies=tuple(policies),
+        model=getattr(args, "model_dict", BENCH_MODEL),
+        batch_size=args.batch_size,
+        chunk_mb=str(args.chunk_mb),
+        buckets=args.buckets,
+        pipeline_chunks=args.pipeline_chunks,
+        credit=args.credit,
+        seed=args.seed,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        steps_per_round=args.steps_per_round,
+        settle=args.settle,
+        out=str(out),
+        packing_window=2 if args.quick else PACKING_WINDOW,
+        compute=args.compute,
+        dilation=args.dilation,
+        routing_trace=args.routing_trace,
+        peers=tuple(getattr(args, "peer_list", ())),
+    )
+    return TrainBenchPlan(**{**fields, **over})
 
 
-def _launch(plan: dict, delay_us: float) -> list[dict]:
-    out = Path(plan["out"])
+def _launch(plan: TrainBenchPlan, delay_us: float) -> list[dict]:
+    out = Path(plan.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"plan-{plan['layout']}.json"
-    path.write_text(json.dumps(plan, indent=2))
+    path = plan.save(out / f"plan-{plan.layout}.json")
     # with time dilation K the links are the real cluster's / K (and delays K times longer)
-    dilation = plan.get("dilation", 1.0)
     spec = EmulateSpec(
-        hosts=plan["hosts"],
-        workers_per_host=plan["workers_per_host"],
-        link_bps=emulated_rate(plan["link_bps"], dilation),
-        delay_us=delay_us * dilation,
+        hosts=plan.hosts,
+        workers_per_host=plan.workers_per_host,
+        link_bps=emulated_rate(plan.link_bps, plan.dilation),
+        delay_us=delay_us * plan.dilation,
     )
     with EmulatedCluster(spec) as cluster:
         run_on_cluster(cluster, "lina.bench.train_worker", [str(path)], spec.workers_per_host, timeout_s=3000)
-    return json.loads((out / f"results-{plan['layout']}.json").read_text())
+    return json.loads((out / f"results-{plan.layout}.json").read_text())
 
 
 def calibrate_link(args, layout: str, experts: int, out: Path, delay_us: float) -> tuple[int, float]:
@@ -212,7 +212,7 @@ def calibrate_link(args, layout: str, experts: int, out: Path, delay_us: float) 
             warmup=1,
             rounds=3,
             steps_per_round=1,
-            peers=[],
+            peers=(),
         )
         res = _launch(plan, delay_us)[0]["policies"]["deepspeed"]
         share = res["a2a_s"] / res["step_time_s"]
