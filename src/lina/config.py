@@ -394,7 +394,8 @@ class TrainConfig:
             raise ConfigError(
                 "experts",
                 f"{self.model.experts} experts cannot be sharded evenly over an expert-parallel group of {ep} workers",
-                f"use a multiple of {ep} experts (e.g. --experts {ep * max(1, self.model.experts // ep)}) or change --workers",
+                f"use a multiple of {ep} experts (e.g. --experts "
+                f"{ep * max(1, self.model.experts // ep)}) or change --workers",
             )
 
     def _check_policy(self) -> None:
@@ -439,7 +440,8 @@ class TrainConfig:
         if spec is not None and spec.world_size != self.workers:
             raise ConfigError(
                 "workers",
-                f"{self.workers} workers but the emulated cluster has {spec.hosts} hosts x {spec.workers_per_host} workers",
+                f"{self.workers} workers but the emulated cluster has {spec.hosts} hosts x "
+                f"{spec.workers_per_host} workers",
                 f"use --workers {spec.world_size} or change --emulate",
             )
 
@@ -455,7 +457,8 @@ class TrainConfig:
         if spec.experts_per_rank not in valid:
             raise ConfigError(
                 "packing.mode",
-                f"{spec.experts_per_rank} experts per rank is not a layout of {self.model.experts} experts on {self.workers} workers",
+                f"{spec.experts_per_rank} experts per rank is not a layout of {self.model.experts} experts on "
+                f"{self.workers} workers",
                 f"use one of {', '.join(map(str, valid))} (experts per rank; the EP group size becomes experts / N)",
             )
         if spec.at_step == 0 and self.ep_size and self.model.experts // spec.experts_per_rank != self.ep_size:

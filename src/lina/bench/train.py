@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--link",
         default="400mbit",
-        help="each host's link rate, or 'auto': calibrate it so deepspeed's all-to-all share lands in the paper's 30-45%% "
+        help="each host's link rate, or 'auto': calibrate it so deepspeed's all-to-all share lands in "
+        "the paper's 30-45%% "
         "(about 4gbit here, where the all-to-all is bound by the shared cores more than by the link)",
     )
     p.add_argument(
@@ -80,14 +81,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--settle",
         type=int,
         default=6,
-        help="unmeasured steps after each switch that moves the experts to another layout (into and out of lina+packing's "
+        help="unmeasured steps after each switch that moves the experts to another layout (into and "
+        "out of lina+packing's "
         "packing): the first steps after a move run up to 20%% faster than the steady state here (--quick: 1)",
     )
     p.add_argument(
         "--batch-size",
         type=int,
         default=None,
-        help="sequences per rank per step (default 32: 2048 tokens per rank, so that, as in real MoE training, a step moves more all-to-all bytes than its experts have gradient bytes; --quick: 4)",
+        help="sequences per rank per step (default 32: 2048 tokens per rank, so that, as in real MoE training, a step "
+        "moves more all-to-all bytes than its experts have gradient bytes; --quick: 4)",
     )
     p.add_argument("--chunk-mb", default="auto")
     p.add_argument(
@@ -364,7 +367,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"\n{layout}: {hosts} hosts x {wph} workers, link {format_rate(link_bps)}{emulated}, delay {args.delay}, "
             f"compute {args.compute}{'' if args.compute == 'real' else f' x {args.dilation:g}'}; "
-            f"policies {', '.join(policies + args.peer_list)} interleaved, {args.rounds} rounds x {args.steps_per_round} steps after {args.warmup} warm-up, "
+            f"policies {', '.join(policies + args.peer_list)} interleaved, {args.rounds} rounds x "
+            f"{args.steps_per_round} steps after {args.warmup} warm-up, "
             f"{args.settle} unmeasured after each move of the experts",
             flush=True,
         )

@@ -81,7 +81,8 @@ def _summary(result: dict) -> list[str]:
             else ""
         ),
         f"affinity: tokens sharing an expert share its top-1 next expert {aff['mean_top1']:.1%} "
-        f"(top-2 {aff['mean_top2']:.1%}); popularity alone explains {aff['mean_baseline_top1']:.1%} / {aff['mean_baseline_top2']:.1%} "
+        f"(top-2 {aff['mean_top2']:.1%}); popularity alone explains {aff['mean_baseline_top1']:.1%} / "
+        f"{aff['mean_baseline_top2']:.1%} "
         f"(paper: 41.94% / 54.59%)",
     ]
     k = t["top_k"]
@@ -139,7 +140,8 @@ def run_trace(args) -> int:
     except LinaError as err:  # the file is there but is not a trace
         raise ConfigError("FILE", str(err), fix) from None
     print(
-        f"loaded {args.file}: {trace.num_tokens} tokens x {trace.num_layers} layers, {trace.num_experts} experts, top-{trace.top_k}",
+        f"loaded {args.file}: {trace.num_tokens} tokens x {trace.num_layers} layers, {trace.num_experts} "
+        f"experts, top-{trace.top_k}",
         flush=True,
     )
     if args.save_trace:

@@ -213,7 +213,8 @@ def _bench(args) -> int:
         wall = time.perf_counter() - started
         rows.append({"policy": policy, "wall_s": wall, "events": r.events, "simulated_step_s": r.step_s})
         print(
-            f"  {policy:<14} one step simulated in {wall:6.2f} s wall ({r.events} events); simulated step {r.step_s * 1e3:.1f} ms",
+            f"  {policy:<14} one step simulated in {wall:6.2f} s wall ({r.events} events); simulated step "
+            f"{r.step_s * 1e3:.1f} ms",
             flush=True,
         )
     worst = max(r["wall_s"] for r in rows)

@@ -78,7 +78,8 @@ def register(subparsers) -> None:
         type=float,
         metavar="MB",
         help="device memory for expert weights, gradients and AdamW "
-        "state per rank; MoE layers beyond it keep their experts in host memory and bring each in when it computes (default 0: unlimited)",
+        "state per rank; MoE layers beyond it keep their experts in host memory and bring each in when it computes "
+        "(default 0: unlimited)",
     )
     p.add_argument(
         "--compute",
@@ -259,7 +260,8 @@ def print_summary(summary: dict, out: Path) -> None:
     else:
         print(f"  loss (last 10 steps) {summary['final_loss']:.4f}   validation loss {summary['val_loss']:.4f}")
     print(
-        f"  tokens/s {summary['tokens_per_s']:.0f}   median step {summary['step_time_s_median'] * 1e3:.1f} ms   wall {summary['wall_s']:.1f} s"
+        f"  tokens/s {summary['tokens_per_s']:.0f}   median step {summary['step_time_s_median'] * 1e3:.1f} ms   wall "
+        f"{summary['wall_s']:.1f} s"
     )
     print(
         f"  time split: compute {pct['compute']:.1f}%  all-to-all {pct['all_to_all']:.1f}%  "
@@ -269,7 +271,8 @@ def print_summary(summary: dict, out: Path) -> None:
     if packing:
         changes = [d for d in packing["decisions"] if d["new_experts_per_rank"] != d["experts_per_rank"]]
         print(
-            f"  packing {packing['mode']}: {packing['experts_per_rank']} experts per rank (EP size {packing['ep_size']}) at the end, "
+            f"  packing {packing['mode']}: {packing['experts_per_rank']} experts per rank (EP size "
+            f"{packing['ep_size']}) at the end, "
             f"{len(changes)} change(s), {len(packing['decisions'])} decision(s)"
         )
     mem = summary.get("expert_memory")

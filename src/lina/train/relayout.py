@@ -67,7 +67,8 @@ def _unpack(rows: torch.Tensor, layers, with_state: bool) -> list[dict[str, tupl
                 steps = take(1).reshape(-1)
                 if not bool((steps == steps[0]).all()):
                     raise LinaError(
-                        f"expert packing: experts of {name} arrive with different AdamW steps {steps.tolist()}; they cannot share one parameter"
+                        f"expert packing: experts of {name} arrive with different AdamW steps {steps.tolist()}; they "
+                        "cannot share one parameter"
                     )
                 state["step"] = steps[0].clone().to(torch.float32)
             entry[name] = (weights, state)
@@ -96,7 +97,8 @@ def relayout_experts(layers, optimizer: torch.optim.Optimizer, old: ParallelGrou
     has_state = [len(optimizer.state.get(p, {})) > 0 for p in old_params]
     if any(has_state) and not all(has_state):
         raise LinaError(
-            "expert packing: only some expert parameters have optimizer state; move between steps, after optimizer.step()"
+            "expert packing: only some expert parameters have optimizer state; move between steps, "
+            "after optimizer.step()"
         )
     with_state = all(has_state)
     peers = range(old.ep_group_start, old.ep_group_start + old.ep_size)

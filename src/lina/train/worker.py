@@ -120,7 +120,8 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
         start_step = load_trainer(resume[0], resume[1], trainer, resume_ep, ckpt_group)
         if rank == 0:
             print(
-                f"resumed from {resume[0]} (written on {resume[1]['world_size']} workers, EP size {resume[1]['ep_size']}) "
+                f"resumed from {resume[0]} (written on {resume[1]['world_size']} workers, EP size "
+                f"{resume[1]['ep_size']}) "
                 f"on {world} workers, EP size {trainer.groups.ep_size}",
                 flush=True,
             )
@@ -131,7 +132,8 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
         else:
             metrics_path.unlink(missing_ok=True)
         print(
-            f"lina train: {world} workers, EP size {trainer.groups.ep_size} ({trainer.experts_per_rank} experts per rank, "
+            f"lina train: {world} workers, EP size {trainer.groups.ep_size} "
+            f"({trainer.experts_per_rank} experts per rank, "
             f"packing {cfg.effective_packing}), {cfg.model.experts} experts top-{cfg.model.top_k}, "
             f"policy {cfg.policy}; {corpus.describe()}; steps {start_step}..{cfg.steps - 1}",
             flush=True,
@@ -140,7 +142,8 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
             _print_memory(trainer.expert_memory())
         if cfg.emulation.device_time:
             print(
-                f"device-time compute: every compute op takes {cfg.emulation.compute}'s time x {cfg.emulation.dilation:g} instead of being "
+                f"device-time compute: every compute op takes {cfg.emulation.compute}'s time x "
+                f"{cfg.emulation.dilation:g} instead of being "
                 "computed, so no loss is computed or reported (numerics are proven in real-compute runs)",
                 flush=True,
             )
@@ -157,7 +160,8 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
                 if d["reason"].startswith("settled"):
                     continue
                 print(
-                    f"packing before step {d['step']}: {d['experts_per_rank']} -> {d['new_experts_per_rank']} experts per rank ({d['reason']})",
+                    f"packing before step {d['step']}: {d['experts_per_rank']} -> {d['new_experts_per_rank']} experts "
+                    f"per rank ({d['reason']})",
                     flush=True,
                 )
                 if d["new_experts_per_rank"] != d["experts_per_rank"] and cfg.packing.max_expert_memory_mb > 0:
@@ -253,8 +257,10 @@ def run_setup(cfg: TrainConfig, trainer: Trainer, world: int) -> RunSetup:
 
 def _print_memory(mem: dict) -> None:
     print(
-        f"expert memory (budget {mem['budget_mb']:g} MB): {mem['resident_layers']} MoE layer(s) resident ({mem['resident_mb']:.2f} MB), "
-        f"{mem['offloaded_layers']} offloaded to host ({mem['offloaded_experts']} experts, {mem['offloaded_mb']:.2f} MB); "
+        f"expert memory (budget {mem['budget_mb']:g} MB): {mem['resident_layers']} MoE layer(s) resident "
+        f"({mem['resident_mb']:.2f} MB), "
+        f"{mem['offloaded_layers']} offloaded to host ({mem['offloaded_experts']} experts, "
+        f"{mem['offloaded_mb']:.2f} MB); "
         f"brought in {mem['copies_in']} times so far ({mem['mb_in']:.1f} MB)",
         flush=True,
     )
