@@ -533,7 +533,8 @@ def moved_settings(data: dict[str, Any]) -> dict[str, Any]:
         if key in table:
             raise ConfigError(old, f"both {old!r} and {new!r} are set", f"keep only {key} under [{section}]")
         print(
-            f"lina: note: the setting {old!r} is now {new!r} (write {key} under [{section}]); {old!r} is still accepted",
+            f"lina: note: the setting {old!r} is now {new!r} (write {key} under [{section}]); "
+            f"{old!r} is still accepted",
             file=sys.stderr,
         )
         table[key] = value

@@ -72,7 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--policies",
         default=",".join(BENCH_POLICIES),
-        help="comma list of training policies (lina.policy; module:NAME for one of your own), interleaved in this order",
+        help="comma list of training policies (lina.policy; module:NAME for one of your own), "
+        "interleaved in this order",
     )
     p.add_argument("--rounds", type=int, default=5, help="interleaving rounds after warm-up")
     p.add_argument("--steps-per-round", type=int, default=2)

@@ -112,7 +112,10 @@ def _regime_text(regime: dict) -> str:
     """The all-to-all regime, measured by the deepspeed baseline (n/a when it was not among the policies)."""
     if regime["a2a_share_deepspeed"] is None:
         return "deepspeed a2a share and allreduce/a2a bytes n/a (deepspeed not among the policies)"
-    text = f"deepspeed a2a share {regime['a2a_share_deepspeed'] * 100:.1f}%, allreduce/a2a bytes {regime['allreduce_to_a2a_bytes']:.2f}"
+    text = (
+        f"deepspeed a2a share {regime['a2a_share_deepspeed'] * 100:.1f}%, "
+        f"allreduce/a2a bytes {regime['allreduce_to_a2a_bytes']:.2f}"
+    )
     if regime.get("a2a_skew_deepspeed"):
         text += f", a2a skew {regime['a2a_skew_deepspeed']:.2f} (busiest rank's bytes / mean)"
     return text

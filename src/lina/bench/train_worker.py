@@ -5,8 +5,8 @@ timeline. ``python -m lina.bench.train_worker PLAN.json`` (started by torchrun o
 A policy that packs experts (``lina+packing``, :attr:`lina.policy.TrainPolicy.packing`): during its
 warm-up the packing controller (the one ``--packing auto`` uses) measures a few steps at each packing
 and doubles experts per rank while an FFN micro-op is shorter than an all-to-all micro-op; its
-measured steps then run at the packing it chose, the other policies at one layout without packing (the model moves between
-layouts when the policy changes; the move and the settling steps after it, see
+measured steps then run at the packing it chose, the other policies at one layout without packing
+(the model moves between layouts when the policy changes; the move and the settling steps after it, see
 :func:`round_schedule`, are outside the measured steps).
 
 Peers (``plan.peers``, :mod:`lina.bench.peers`: real DeepSpeed-MoE engines) train their own

@@ -1,4 +1,5 @@
-"""``lina analyze trace FILE``: skew, inter-layer affinity, estimator accuracy and placement balance of a routing trace."""
+"""``lina analyze trace FILE``: skew, inter-layer affinity, estimator accuracy and placement balance of a
+routing trace."""
 
 from __future__ import annotations
 
@@ -95,7 +96,8 @@ def _summary(result: dict) -> list[str]:
         names = [n for n in acc if isinstance(acc[n], dict)]
         for name in names:
             cells = "  ".join(
-                f"l={l}: {acc[name][str(l)]['token_topk']:.3f}|{acc[name][str(l)]['token_top1']:.3f}|{acc[name][str(l)]['batch_match']:.2f}"
+                f"l={l}: {acc[name][str(l)]['token_topk']:.3f}|{acc[name][str(l)]['token_top1']:.3f}|"
+                f"{acc[name][str(l)]['batch_match']:.2f}"
                 for l in acc["path_lens"]
             )
             lines.append(f"  {name:14s} {cells}")

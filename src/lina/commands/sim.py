@@ -220,9 +220,8 @@ def _bench(args) -> int:
     worst = max(r["wall_s"] for r in rows)
     print(f"slowest policy: {worst:.2f} s wall per simulated step (target < 10 s)")
     if args.json:
-        print(
-            f"wrote {_write_json(args.json, {'scenario': sc.name, 'gpus': sc.gpus, 'layers': sc.model.layers, 'rows': rows})}"
-        )
+        result = {"scenario": sc.name, "gpus": sc.gpus, "layers": sc.model.layers, "rows": rows}
+        print(f"wrote {_write_json(args.json, result)}")
     return 0 if worst < 10 else 1
 
 

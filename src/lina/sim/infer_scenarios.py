@@ -181,14 +181,16 @@ def infer_table(sc: InferScenario, results: dict[str, InferResult]) -> str:
         f"{sc.name}: {sc.description}",
         f"  {sc.cluster.describe()}; {sc.model.describe().split(',')[0]}; {sc.spec.tokens_per_device} "
         "tokens/device per batch",
-        f"  {'policy':<9}{'median ms':>11}{'p95 ms':>9}{'x median':>10}{'x p95':>8}{'a2a p95/layer':>15}{'re-plans':>10}",
+        f"  {'policy':<9}{'median ms':>11}{'p95 ms':>9}{'x median':>10}{'x p95':>8}"
+        f"{'a2a p95/layer':>15}{'re-plans':>10}",
     ]
     for name, r in results.items():
         sm = f"{r.speedup_median:.2f}x" if r.speedup_median else "-"
         sp = f"{r.speedup_p95:.2f}x" if r.speedup_p95 else "-"
         rp = f"{r.replans}/{r.checked}" if r.checked else "-"
         lines.append(
-            f"  {name:<9}{r.median_s * 1e3:>11.2f}{r.p95_s * 1e3:>9.2f}{sm:>10}{sp:>8}{r.a2a_p95_s * 1e3:>14.2f}ms{rp:>10}"
+            f"  {name:<9}{r.median_s * 1e3:>11.2f}{r.p95_s * 1e3:>9.2f}{sm:>10}{sp:>8}"
+            f"{r.a2a_p95_s * 1e3:>14.2f}ms{rp:>10}"
         )
     return "\n".join(lines)
 
