@@ -7,7 +7,7 @@ import pytest
 
 from lina.cli import build_parser
 from lina.commands.train import build_config
-from lina.config import MOVED, SECTIONS, CommConfig, TrainConfig, load_toml, merge
+from lina.config import MOVED, SECTIONS, CommConfig, EmulationConfig, TrainConfig, load_toml, merge
 from lina.errors import ConfigError, ConfigErrors
 
 SECTIONED = """
@@ -103,6 +103,7 @@ def test_a_sections_bad_values_are_reported_with_dotted_names_all_at_once():
         "output.log_every",
     } <= fields
     assert CommConfig(credit=0).problems()[0].field == "comm.credit"
+    assert EmulationConfig(emulate="hosts=1").problems()[0].field == "emulation.emulate.hosts"
 
 
 def test_unknown_and_mistyped_settings_in_a_section_are_named_with_it():

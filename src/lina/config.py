@@ -242,8 +242,12 @@ class EmulationConfig:
         return collect([self.validate_compute, self._check_spec])
 
     def _check_spec(self) -> None:
-        if isinstance(self.dilation, (int, float)) and self.dilation > 0:
+        if not (isinstance(self.dilation, (int, float)) and self.dilation > 0):
+            return  # reported by validate_compute
+        try:
             self.spec()
+        except ConfigError as err:  # the grammar names its keys emulate.<key>
+            raise ConfigError(f"emulation.{err.field}", err.problem, err.fix) from None
 
     def validate_compute(self) -> None:
         """Raise :class:`ConfigError` for a bad compute mode, dilation or routing trace."""
