@@ -29,8 +29,20 @@ from lina.policy.packing import parse_packing, valid_experts_per_rank
 RENAMED = {"schedule": "policy"}
 
 
+class Section:
+    """A typed group of settings (a TOML table) that checks itself."""
+
+    def problems(self) -> list[ConfigError]:
+        """Every problem of these settings (empty when they are valid)."""
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` (:class:`lina.errors.ConfigErrors` for several) for every problem."""
+        raise_all(self.problems())
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Shape of the MoE GPT. Every ``moe_interval``-th FFN is an MoE layer (1 = every FFN)."""
 
     vocab_size: int = 256
@@ -55,10 +67,6 @@ class ModelConfig:
     expert: str = "gelu"
     shared_expert_d_ff: int = 0
     first_k_dense: int = 0
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` (:class:`lina.errors.ConfigErrors` for several) for every problem."""
-        raise_all(self.problems())
 
     def problems(self) -> list[ConfigError]:
         """Every problem of these settings (empty when they are valid)."""
@@ -134,7 +142,7 @@ class ModelConfig:
 
 
 @dataclass
-class CommConfig:
+class CommConfig(Section):
     """Communication settings (TOML table ``[comm]``)."""
 
     bucket_mb: float = 25.0  # gradient bucket of the DDP-style syncs
@@ -172,7 +180,7 @@ class CommConfig:
 
 
 @dataclass
-class PackingConfig:
+class PackingConfig(Section):
     """Expert packing (TOML table ``[packing]``, see :mod:`lina.train.packing`).
 
     ``mode``: "off" (the layout of ep_size), "auto" (the controller doubles experts per rank while
@@ -212,7 +220,7 @@ class PackingConfig:
 
 
 @dataclass
-class EmulationConfig:
+class EmulationConfig(Section):
     """Where and how the run's time passes (TOML table ``[emulation]``).
 
     ``emulate``: the emulated cluster (``hosts=4,link=200mbit``, see :mod:`lina.emulation_spec`) or
@@ -278,7 +286,7 @@ class EmulationConfig:
 
 
 @dataclass
-class OutputConfig:
+class OutputConfig(Section):
     """What the run writes and where (TOML table ``[output]``)."""
 
     out: str = "runs/train"
