@@ -139,7 +139,12 @@ def test_collectives_move_the_same_bytes_as_a_real_step(tmp_path):
 def _forward_spans(rank, world, trace, steps):
     """Per step: this rank's forward span and the device time the mode charged for it, x K."""
     torch.set_num_threads(1)
-    cfg = _cfg(workers=world, ep_size=1, compute="a100", dilation=50000.0, routing_trace=trace, batch_size=16)
+    cfg = _cfg(
+        workers=world,
+        ep_size=1,
+        emulation=EmulationConfig(compute="a100", dilation=50000.0, routing_trace=trace),
+        batch_size=16,
+    )
     trainer = Trainer(cfg, build_groups(1, 60.0), load_corpus("", 0.3))
     out = []
     for step in range(steps):
