@@ -22,16 +22,18 @@ steps = 8
 batch_size = 4
 eval_every = 4
 eval_batches = 1
-checkpoint_every = 4
-log_every = 1
 corpus_max_mb = 0.5
-check_collectives = true
 [model]
 d_model = 32
 n_layers = 2
 n_heads = 2
 d_ff = 64
 seq_len = 32
+[comm]
+check_collectives = true
+[output]
+checkpoint_every = 4
+log_every = 1
 """
 
 

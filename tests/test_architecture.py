@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "lina"
 #: lowest first; a package may import from any earlier layer; the last layer may import anything
 LAYERS = [
     {"lina", "errors", "extras"},
-    {"npz_io", "policy", "devices", "obs"},
+    {"npz_io", "policy", "devices", "obs", "emulation_spec"},
     {"data", "cluster"},
     {"placement", "config"},
     {"comm"},

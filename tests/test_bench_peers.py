@@ -33,7 +33,7 @@ def _train_peers(rank: int, world: int) -> dict:
 
     cfg = _cfg(world)
     corpus = load_corpus("", 0.5)
-    group_set = build_group_set([world], cfg.timeout_s)
+    group_set = build_group_set([world], cfg.comm.timeout_s)
     trainer = Trainer(cfg, group_set[world], corpus)
     out = {"lina_step0": trainer.train_step(0).loss}
     dense = sum(p.numel() for p in trainer.model.parameters() if not getattr(p, "lina_expert", False))
@@ -202,12 +202,13 @@ def test_trace_gate_drops_past_deepspeeds_capacity():
 def _device_time_peer(rank: int, world: int, trace: str) -> dict:
     """The ZeRO-0 peer for two steps in device time (a100 x 2000): its all-to-alls and compute."""
     from lina.bench.peers.deepspeed_peer import DeepSpeedPeer
+    from lina.config import EmulationConfig
     from lina.data.corpus import load_corpus
     from lina.devicetime import TraceRouting
 
     base = _cfg(world)
-    cfg = type(base)(model=base.model, workers=world, batch_size=4, corpus_max_mb=0.5, compute="a100", dilation=2000.0)
-    cfg.routing_trace = trace
+    emulation = EmulationConfig(compute="a100", dilation=2000.0, routing_trace=trace)
+    cfg = type(base)(model=base.model, workers=world, batch_size=4, corpus_max_mb=0.5, emulation=emulation)
     tokens = cfg.batch_size * cfg.model.seq_len
     first = TraceRouting.from_file(trace, cfg.model.experts, offset=rank * tokens).choices(0, tokens, cfg.model.top_k)
     peer = DeepSpeedPeer("deepspeed-zero0", cfg, load_corpus("", 0.5))

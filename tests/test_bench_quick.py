@@ -9,6 +9,7 @@ import pytest
 
 from conftest import run_lina
 from lina.bench.peers import PEER_NAMES, deepspeed_import_problem
+from lina.bench.plan import InferBenchPlan, TrainBenchPlan
 from lina.cluster.spec import format_rate
 from lina.data.routing_trace import synthetic_trace
 
@@ -48,6 +49,8 @@ def test_bench_train_quick(tmp_path):
         assert name in cfg["speedup_vs_ddp_overlap"]
     assert out.with_suffix(".png").exists()
     assert (tmp_path / "runs" / "flat-e4-lina" / "summary.json").exists()
+    plan = TrainBenchPlan.load(tmp_path / "plan-flat.json")  # what the workers ran, readable and typed
+    assert plan.layout == "flat" and plan.experts == (4,) and "lina" in plan.policies
     problem = deepspeed_import_problem()
     if problem is not None:  # without the package the default runs no peers and says why
         assert data["peers"] == [] and "peers: none (deepspeed does not import" in res.stdout
@@ -111,6 +114,8 @@ def test_bench_infer_quick(tmp_path):
         assert key in data["regime"]
     assert out.with_suffix(".png").exists()
     assert [r["trace"] for r in data["runs"]][0] == "own-model"
+    plan = InferBenchPlan.load(tmp_path / "own-model" / "plan.json")
+    assert set(plan.policies) == {"static", "eplb", "lina", "oracle"} and plan.world >= 2
 
 
 @needs_netns

@@ -24,7 +24,7 @@ def _train_two_steps(rank: int, world: int, corpus: str, policy: str, check: boo
 
     cfg = TrainConfig.from_dict({**TINY, "workers": world, "corpus": corpus})
     with CollectiveLog() as log:
-        groups = build_group_set([world], cfg.timeout_s)
+        groups = build_group_set([world], cfg.comm.timeout_s)
         for g in groups.values():
             log.watch(g.dp_group, "dp")
             log.watch(g.ep_group, f"ep{g.ep_size}")
@@ -78,9 +78,9 @@ def _train_policy_checked(rank: int, world: int, corpus: str, policy: str) -> st
     from lina.data.corpus import load_corpus
     from lina.train.trainer import Trainer
 
-    cfg = TrainConfig.from_dict({**TINY, "workers": world, "corpus": corpus, "chunk_mb": "0.01"})
+    cfg = TrainConfig.from_dict({**TINY, "workers": world, "corpus": corpus, "comm": {"chunk_mb": "0.01"}})
     with CollectiveLog() as log:
-        groups = build_group_set([world], cfg.timeout_s)
+        groups = build_group_set([world], cfg.comm.timeout_s)
         log.prepare_check()
         trainer = Trainer(cfg, groups[world], load_corpus(corpus, 0.1), group_set=groups)
         trainer.set_policy(policy)

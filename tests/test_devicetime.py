@@ -14,7 +14,7 @@ import torch
 from conftest import run_lina
 from lina.bench.peers import deepspeed_import_problem
 from lina.comm.groups import build_groups
-from lina.config import ModelConfig, TrainConfig
+from lina.config import CommConfig, EmulationConfig, ModelConfig, TrainConfig
 from lina.data.corpus import load_corpus
 from lina.data.routing_trace import synthetic_trace
 from lina.devices import DeviceSpec, device_from
@@ -83,12 +83,12 @@ def test_trace_routing_takes_consecutive_tokens_per_layer_and_checks_experts():
 
 def test_config_needs_a_trace_and_a_device_for_dilation(tmp_path):
     with pytest.raises(ConfigError, match="routing_trace"):
-        TrainConfig(compute="a100").validate()
+        TrainConfig(emulation=EmulationConfig(compute="a100")).validate()
     with pytest.raises(ConfigError, match="dilation"):
-        TrainConfig(dilation=10).validate()
+        TrainConfig(emulation=EmulationConfig(dilation=10)).validate()
     with pytest.raises(ConfigError, match="compute"):
         device_from("no-such-gpu")
-    spec = TrainConfig(emulate="hosts=2,link=100gbit", workers=2, compute="a100", dilation=100).emulate_spec()
+    spec = EmulationConfig(emulate="hosts=2,link=100gbit", compute="a100", dilation=100).spec()
     assert spec.link_bps == 10**9  # the real cluster's link, divided by the dilation
 
 
@@ -102,7 +102,7 @@ def _cfg(**over) -> TrainConfig:
     base = dict(
         model=ModelConfig(d_model=64, n_layers=2, n_heads=2, d_ff=256, seq_len=32, experts=4, top_k=2),
         batch_size=8,
-        chunk_mb="1",
+        comm=CommConfig(chunk_mb="1"),
         corpus_max_mb=0.3,
         policy="ddp-overlap",
     )
@@ -114,9 +114,9 @@ def _a2a_bytes(rank, world, trace, device_time):
     torch.set_num_threads(1)
     cfg = _cfg(
         workers=world,
-        compute="a100" if device_time else "real",
-        dilation=50.0 if device_time else 1.0,
-        routing_trace=trace,
+        emulation=EmulationConfig(
+            compute="a100" if device_time else "real", dilation=50.0 if device_time else 1.0, routing_trace=trace
+        ),
     )
     trainer = Trainer(cfg, build_groups(world, 60.0), load_corpus("", 0.3))
     if not device_time:  # the same routing source a device-time trainer installs
@@ -140,7 +140,12 @@ def test_collectives_move_the_same_bytes_as_a_real_step(tmp_path):
 def _forward_spans(rank, world, trace, steps):
     """Per step: this rank's forward span and the device time the mode charged for it, x K."""
     torch.set_num_threads(1)
-    cfg = _cfg(workers=world, ep_size=1, compute="a100", dilation=50000.0, routing_trace=trace, batch_size=16)
+    cfg = _cfg(
+        workers=world,
+        ep_size=1,
+        emulation=EmulationConfig(compute="a100", dilation=50000.0, routing_trace=trace),
+        batch_size=16,
+    )
     trainer = Trainer(cfg, build_groups(1, 60.0), load_corpus("", 0.3))
     out = []
     for step in range(steps):

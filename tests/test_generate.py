@@ -79,8 +79,8 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     config = folder / "tiny.toml"
     config.write_text(
-        "steps = 2\nbatch_size = 2\neval_every = 2\neval_batches = 1\ncheckpoint_every = 2\ncorpus_max_mb = 0.3\n"
-        "[model]\nd_model = 32\nn_layers = 3\nn_heads = 2\nd_ff = 64\nseq_len = 64\n"
+        "steps = 2\nbatch_size = 2\neval_every = 2\neval_batches = 1\ncorpus_max_mb = 0.3\n"
+        "[model]\nd_model = 32\nn_layers = 3\nn_heads = 2\nd_ff = 64\nseq_len = 64\n[output]\ncheckpoint_every = 2\n"
     )
     res = run_lina("train", "--config", str(config), "--workers", "2", "--out", str(folder / "run"), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

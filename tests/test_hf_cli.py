@@ -72,7 +72,9 @@ def test_train_then_infer_with_a_checkpoint(tiny, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("def f(x):\n    return x + 1\n" * 400)
     cfg = tmp_path / "small.toml"
-    cfg.write_text("eval_every = 2\ncheckpoint_every = 2\neval_batches = 1\nbatch_size = 2\n[model]\nseq_len = 32\n")
+    cfg.write_text(
+        "eval_every = 2\neval_batches = 1\nbatch_size = 2\n[model]\nseq_len = 32\n[output]\ncheckpoint_every = 2\n"
+    )
     out = tmp_path / "run"
     assert (
         main(
@@ -140,7 +142,9 @@ def test_hf_model_resume_and_packing_keep_the_trajectory(tiny, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("for i in range(10):\n    print(i * i)\n" * 400)
     cfg = tmp_path / "small.toml"
-    cfg.write_text("eval_every = 3\ncheckpoint_every = 3\neval_batches = 1\nbatch_size = 2\n[model]\nseq_len = 32\n")
+    cfg.write_text(
+        "eval_every = 3\neval_batches = 1\nbatch_size = 2\n[model]\nseq_len = 32\n[output]\ncheckpoint_every = 3\n"
+    )
     common = [
         "train",
         "--config",

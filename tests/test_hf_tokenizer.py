@@ -59,7 +59,9 @@ def test_train_uses_the_tokenizer(tmp_path, capfd):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT * 4)
     cfg = tmp_path / "small.toml"
-    cfg.write_text("eval_every = 2\ncheckpoint_every = 2\neval_batches = 1\nbatch_size = 2\n[model]\nseq_len = 16\n")
+    cfg.write_text(
+        "eval_every = 2\neval_batches = 1\nbatch_size = 2\n[model]\nseq_len = 16\n[output]\ncheckpoint_every = 2\n"
+    )
     assert (
         main(
             [

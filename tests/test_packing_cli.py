@@ -14,8 +14,6 @@ steps = 6
 batch_size = 4
 eval_every = 100
 eval_batches = 1
-checkpoint_every = 2
-log_every = 1
 corpus_max_mb = 0.3
 [model]
 d_model = 32
@@ -24,6 +22,9 @@ n_heads = 2
 d_ff = 64
 seq_len = 32
 experts = 2
+[output]
+checkpoint_every = 2
+log_every = 1
 """
 
 

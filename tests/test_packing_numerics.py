@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from lina.comm.groups import build_group_set
-from lina.config import ModelConfig, TrainConfig
+from lina.config import CommConfig, ModelConfig, PackingConfig, TrainConfig
 from lina.data.corpus import load_corpus
 from lina.moe.experts import PARAM_NAMES
 from lina.testing.multiproc import run_ranks
@@ -40,11 +40,9 @@ def _cfg(packing: str = "off", memory_mb: float = 0.0) -> TrainConfig:
         workers=4,
         batch_size=4,
         policy="lina",
-        chunk_mb="0.05",
-        pipeline_chunks=2,
+        comm=CommConfig(chunk_mb="0.05", pipeline_chunks=2),
         corpus_max_mb=0.3,
-        packing=packing,
-        max_expert_memory_mb=memory_mb,
+        packing=PackingConfig(mode=packing, max_expert_memory_mb=memory_mb),
     )
 
 

@@ -3,7 +3,7 @@ reading micro-op times off a timeline, the layout move plan and the memory plan.
 
 import pytest
 
-from lina.config import ModelConfig, TrainConfig
+from lina.config import ModelConfig, PackingConfig, TrainConfig
 from lina.errors import ConfigError
 from lina.moe.experts import local_expert_ids
 from lina.obs.timeline import Timeline
@@ -11,7 +11,6 @@ from lina.train.packing import (
     PackingController,
     PackingSpec,
     decide,
-    expert_sources,
     forward_micro_ops,
     got_slower,
     measure_window,
@@ -21,6 +20,7 @@ from lina.train.packing import (
     spans_of_steps,
     valid_experts_per_rank,
 )
+from lina.train.relayout import expert_sources
 
 
 def test_parse_packing():
@@ -35,18 +35,18 @@ def test_parse_packing():
 
 
 def test_config_rejects_impossible_packing():
-    cfg = TrainConfig(model=ModelConfig(experts=8), workers=4, packing="3")
+    cfg = TrainConfig(model=ModelConfig(experts=8), workers=4, packing=PackingConfig(mode="3"))
     with pytest.raises(ConfigError) as err:
         cfg.validate()
-    assert err.value.field == "packing" and "2, 4, 8" in err.value.fix
-    TrainConfig(model=ModelConfig(experts=8), workers=4, packing="4@5").validate()
+    assert err.value.field == "packing.mode" and "2, 4, 8" in err.value.fix
+    TrainConfig(model=ModelConfig(experts=8), workers=4, packing=PackingConfig(mode="4@5")).validate()
     with pytest.raises(ConfigError):  # 2 experts per rank from the start means EP size 4, not 2
-        TrainConfig(model=ModelConfig(experts=8), workers=4, ep_size=2, packing="2").validate()
+        TrainConfig(model=ModelConfig(experts=8), workers=4, ep_size=2, packing=PackingConfig(mode="2")).validate()
     with pytest.raises(ConfigError) as err:
-        TrainConfig(packing_every=0).validate()
-    assert err.value.field == "packing_every"
+        TrainConfig(packing=PackingConfig(every=0)).validate()
+    assert err.value.field == "packing.every"
     with pytest.raises(ConfigError):
-        TrainConfig(max_expert_memory_mb=-1).validate()
+        TrainConfig(packing=PackingConfig(max_expert_memory_mb=-1)).validate()
 
 
 def test_layouts():

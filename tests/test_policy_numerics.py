@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lina.comm.groups import build_groups
-from lina.config import ModelConfig, TrainConfig
+from lina.config import CommConfig, ModelConfig, TrainConfig
 from lina.data.corpus import load_corpus
 from lina.testing.multiproc import run_ranks
 from lina.train.trainer import Trainer
@@ -25,8 +25,7 @@ def _cfg(policy: str) -> TrainConfig:
         workers=4,
         batch_size=4,
         policy=policy,
-        chunk_mb="0.01",
-        pipeline_chunks=2,
+        comm=CommConfig(chunk_mb="0.01", pipeline_chunks=2),
         corpus_max_mb=0.3,
     )
 

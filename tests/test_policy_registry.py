@@ -13,7 +13,7 @@ from torch import nn
 from conftest import ROOT, lina_cmd
 from lina.comm.groups import build_groups
 from lina.comm.policies import make_sync
-from lina.config import ModelConfig, TrainConfig
+from lina.config import CommConfig, ModelConfig, PackingConfig, TrainConfig
 from lina.data.corpus import load_corpus
 from lina.errors import ConfigError
 from lina.obs.timeline import Timeline
@@ -51,7 +51,7 @@ def test_config_refuses_a_timing_only_policy():
 
 def test_config_packing_follows_the_policy_unless_set():
     assert TrainConfig(policy="lina+packing").effective_packing == "auto"
-    assert TrainConfig(policy="lina+packing", packing="2").effective_packing == "2"
+    assert TrainConfig(policy="lina+packing", packing=PackingConfig(mode="2")).effective_packing == "2"
     assert TrainConfig(policy="lina").effective_packing == "off"
     assert TrainConfig().policy == "lina"
     assert TrainConfig.from_dict({"schedule": "tutel"}).policy == "tutel"
@@ -156,7 +156,7 @@ def _no_sync_step(rank, world):
         model=ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32, experts=2, top_k=1),
         workers=world,
         batch_size=4,
-        chunk_mb="0.01",
+        comm=CommConfig(chunk_mb="0.01"),
         corpus_max_mb=0.3,
         policy="lina",
     )

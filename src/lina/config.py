@@ -19,8 +19,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from lina.cluster.emulate import EmulateSpec, parse_emulate
 from lina.devices import device_from
+from lina.emulation_spec import EmulateSpec, parse_emulate
 from lina.errors import ConfigError, ConfigErrors, raise_all
 from lina.policy import TRAIN_POLICIES, canonical_policy_name, train_policy
 from lina.policy.packing import parse_packing, valid_experts_per_rank
@@ -29,8 +29,20 @@ from lina.policy.packing import parse_packing, valid_experts_per_rank
 RENAMED = {"schedule": "policy"}
 
 
+class Section:
+    """A typed group of settings (a TOML table) that checks itself."""
+
+    def problems(self) -> list[ConfigError]:
+        """Every problem of these settings (empty when they are valid)."""
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` (:class:`lina.errors.ConfigErrors` for several) for every problem."""
+        raise_all(self.problems())
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Shape of the MoE GPT. Every ``moe_interval``-th FFN is an MoE layer (1 = every FFN)."""
 
     vocab_size: int = 256
@@ -55,10 +67,6 @@ class ModelConfig:
     expert: str = "gelu"
     shared_expert_d_ff: int = 0
     first_k_dense: int = 0
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` (:class:`lina.errors.ConfigErrors` for several) for every problem."""
-        raise_all(self.problems())
 
     def problems(self) -> list[ConfigError]:
         """Every problem of these settings (empty when they are valid)."""
@@ -134,6 +142,192 @@ class ModelConfig:
 
 
 @dataclass
+class CommConfig(Section):
+    """Communication settings (TOML table ``[comm]``)."""
+
+    bucket_mb: float = 25.0  # gradient bucket of the DDP-style syncs
+    chunk_mb: str = "auto"  # lina partition size in MB, or "auto"
+    pipeline_chunks: int = 2  # all-to-all micro-ops per MoE layer for tutel / lina
+    credit: int = 1  # lina: allreduce micro-ops in flight at once
+    timeout_s: float = 120.0  # collective timeout: a dead peer ends the job after at most this
+    check_collectives: bool = False  # compare the ranks' per-group collective sequences after every step
+
+    def problems(self) -> list[ConfigError]:
+        """Every problem of these settings (empty when they are valid)."""
+        checks = [
+            lambda name=name: _positive_int(f"comm.{name}", getattr(self, name))
+            for name in ("pipeline_chunks", "credit")
+        ]
+        checks += [
+            lambda: _positive_number("comm.bucket_mb", self.bucket_mb, "25"),
+            lambda: _positive_number("comm.timeout_s", self.timeout_s, "120"),
+            self._check_chunk_mb,
+        ]
+        return collect(checks)
+
+    def _check_chunk_mb(self) -> None:
+        if self.chunk_mb != "auto":
+            try:
+                value = float(self.chunk_mb)
+            except ValueError:
+                value = -1.0
+            if not value > 0:
+                raise ConfigError(
+                    "comm.chunk_mb",
+                    f"{self.chunk_mb!r} is neither 'auto' nor a positive number",
+                    "use --chunk-mb auto or e.g. --chunk-mb 1",
+                )
+
+
+@dataclass
+class PackingConfig(Section):
+    """Expert packing (TOML table ``[packing]``, see :mod:`lina.train.packing`).
+
+    ``mode``: "off" (the layout of ep_size), "auto" (the controller doubles experts per rank while
+    FFN time per micro-op < all-to-all time per micro-op), "N" (N experts per rank from the start)
+    or "N@S" (N experts per rank from step S on).
+    """
+
+    mode: str = "off"
+    first_step: int = 10  # auto: first decision before this step
+    every: int = 4  # auto: re-checked every this many steps
+    max_expert_memory_mb: float = 0.0  # device memory for expert training state; 0 = unlimited
+
+    def problems(self) -> list[ConfigError]:
+        """Every problem of these settings on their own (the layout checks need the whole run)."""
+        return collect(
+            [
+                self._check_mode,
+                lambda: _positive_int("packing.first_step", self.first_step),
+                lambda: _positive_int("packing.every", self.every),
+                self._check_memory,
+            ]
+        )
+
+    def _check_mode(self) -> None:
+        try:
+            parse_packing(self.mode)
+        except ConfigError as err:
+            raise ConfigError("packing.mode", err.problem, err.fix) from None
+
+    def _check_memory(self) -> None:
+        if self.max_expert_memory_mb < 0:
+            raise ConfigError(
+                "packing.max_expert_memory_mb",
+                f"{self.max_expert_memory_mb} is negative",
+                "use 0 (unlimited) or a budget in MB",
+            )
+
+
+@dataclass
+class EmulationConfig(Section):
+    """Where and how the run's time passes (TOML table ``[emulation]``).
+
+    ``emulate``: the emulated cluster (``hosts=4,link=200mbit``, see :mod:`lina.emulation_spec`) or
+    "none" (loopback). ``compute`` (see :mod:`lina.devicetime`): "real" computes; a device name
+    (a100, h100, ...) or a device description file makes every compute op take that device's time,
+    times the ``dilation``, which also divides the emulated links' rates. A device-time run routes
+    by ``routing_trace``.
+    """
+
+    emulate: str = "none"
+    compute: str = "real"
+    dilation: float = 1.0
+    routing_trace: str = ""
+
+    @property
+    def device_time(self) -> bool:
+        """Compute ops take a described device's time instead of being computed."""
+        return self.compute != "real"
+
+    def spec(self) -> EmulateSpec | None:
+        """The emulated cluster to run on, or None (links given in real-cluster units, divided by
+        the dilation)."""
+        return parse_emulate(self.emulate, self.dilation)
+
+    def problems(self) -> list[ConfigError]:
+        """Every problem of these settings (empty when they are valid)."""
+        return collect([self.validate_compute, self._check_spec])
+
+    def _check_spec(self) -> None:
+        if not (isinstance(self.dilation, (int, float)) and self.dilation > 0):
+            return  # reported by validate_compute
+        try:
+            self.spec()
+        except ConfigError as err:  # the grammar names its keys emulate.<key>
+            raise ConfigError(f"emulation.{err.field}", err.problem, err.fix) from None
+
+    def validate_compute(self) -> None:
+        """Raise :class:`ConfigError` for a bad compute mode, dilation or routing trace."""
+        if not self.dilation > 0:
+            raise ConfigError("emulation.dilation", f"{self.dilation} must be > 0", "use 1 (no dilation) or e.g. 100")
+        if not self.device_time:
+            if self.dilation != 1.0:
+                raise ConfigError(
+                    "emulation.dilation",
+                    "time dilation needs a device-time compute mode",
+                    "add --compute a100 (or another device), or drop --dilation",
+                )
+            return
+        device_from(self.compute)
+        if not self.routing_trace:
+            raise ConfigError(
+                "emulation.routing_trace",
+                "a device-time run takes its routing from a recorded trace (its gate computes nothing)",
+                "record one with lina infer --model DIR --record-trace FILE.npz, or pass the Mixtral trace "
+                "(../shared/data/mixtral-8x7b-gsm8k-routing.jsonl) for 8 experts top-2",
+            )
+        if not Path(self.routing_trace).is_file():
+            raise ConfigError(
+                "emulation.routing_trace",
+                f"file {self.routing_trace!r} does not exist",
+                "pass an existing .npz or .jsonl routing trace",
+            )
+
+
+@dataclass
+class OutputConfig(Section):
+    """What the run writes and where (TOML table ``[output]``)."""
+
+    out: str = "runs/train"
+    trace: str = ""  # folder for the timeline (Chrome trace, breakdown, plot); "" = off
+    log_every: int = 10
+    checkpoint_every: int = 50
+    resume: bool = False  # continue from the latest checkpoint under out
+
+    def problems(self) -> list[ConfigError]:
+        """Every problem of these settings (empty when they are valid)."""
+        return collect(
+            [
+                lambda name=name: _positive_int(f"output.{name}", getattr(self, name))
+                for name in ("log_every", "checkpoint_every")
+            ]
+        )
+
+
+#: the typed sections of a :class:`TrainConfig`: field (and TOML table) -> its dataclass
+SECTIONS = {
+    "model": ModelConfig,
+    "comm": CommConfig,
+    "packing": PackingConfig,
+    "emulation": EmulationConfig,
+    "output": OutputConfig,
+}
+
+#: flat settings of earlier versions -> their place in a section now (still accepted, with a note)
+MOVED = {
+    **{name: f"comm.{name}" for name in ("bucket_mb", "chunk_mb", "pipeline_chunks", "credit", "timeout_s")},
+    "check_collectives": "comm.check_collectives",
+    "packing": "packing.mode",
+    "packing_first_step": "packing.first_step",
+    "packing_every": "packing.every",
+    "max_expert_memory_mb": "packing.max_expert_memory_mb",
+    **{name: f"emulation.{name}" for name in ("emulate", "compute", "dilation", "routing_trace")},
+    **{name: f"output.{name}" for name in ("out", "trace", "log_every", "checkpoint_every", "resume")},
+}
+
+
+@dataclass
 class TrainConfig:
     """A training run. ``ep_size`` 0 means: expert-parallel over all workers."""
 
@@ -146,35 +340,14 @@ class TrainConfig:
     weight_decay: float = 0.01
     seed: int = 0
     policy: str = "lina"  # a registered training policy (lina.policy), or module:NAME
-    bucket_mb: float = 25.0
-    chunk_mb: str = "auto"  # lina partition size in MB, or "auto"
-    pipeline_chunks: int = 2  # all-to-all micro-ops per MoE layer for tutel / lina
-    credit: int = 1  # lina: allreduce micro-ops in flight at once
     corpus: str = ""  # "" = the Python standard library's own source files
     corpus_max_mb: float = 3.0
     eval_every: int = 50
     eval_batches: int = 4
-    checkpoint_every: int = 50
-    log_every: int = 10
-    out: str = "runs/train"
-    resume: bool = False
-    trace: str = ""  # folder for the timeline (Chrome trace, breakdown, plot); "" = off
-    emulate: str = "none"
-    timeout_s: float = 120.0  # collective timeout: a dead peer ends the job after at most this
-    check_collectives: bool = False  # compare the ranks' per-group collective sequences after every step
-    # Expert packing (see lina.train.packing): "off" (the layout of ep_size), "auto" (the controller
-    # doubles experts per rank while FFN time per micro-op < all-to-all time per micro-op), "N" (N
-    # experts per rank from the start) or "N@S" (N experts per rank from step S on).
-    packing: str = "off"
-    packing_first_step: int = 10  # auto: first decision before this step
-    packing_every: int = 4  # auto: re-checked every this many steps
-    max_expert_memory_mb: float = 0.0  # device memory for expert training state; 0 = unlimited
-    # Compute (see lina.devicetime): "real" computes; a device name (a100, h100, ...) or a device
-    # description file makes every compute op take that device's time, times the dilation, which
-    # also divides the emulated links' rates. A device-time run routes by routing_trace.
-    compute: str = "real"
-    dilation: float = 1.0
-    routing_trace: str = ""
+    comm: CommConfig = field(default_factory=CommConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    emulation: EmulationConfig = field(default_factory=EmulationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self):
         self.policy = canonical_policy_name(self.policy)  # an old policy name, with a note
@@ -185,10 +358,10 @@ class TrainConfig:
 
     @property
     def effective_packing(self) -> str:
-        """The packing the run uses: ``packing`` when set, else ``auto`` for a policy that packs
-        experts (``lina+packing``), else ``off``."""
-        if self.packing != "off":
-            return self.packing
+        """The packing the run uses: ``packing.mode`` when set, else ``auto`` for a policy that
+        packs experts (``lina+packing``), else ``off``."""
+        if self.packing.mode != "off":
+            return self.packing.mode
         try:
             packs = train_policy(self.policy).packing
         except ConfigError:  # an unknown policy is reported by its own check
@@ -200,32 +373,21 @@ class TrainConfig:
         raise_all(self.problems())
 
     def problems(self) -> list[ConfigError]:
-        """Every problem of these settings, the model's included (empty when they are valid)."""
+        """Every problem of these settings, every section's included (empty when they are valid)."""
         checks = [
             lambda name=name: _positive_int(name, getattr(self, name))
-            for name in (
-                "workers",
-                "steps",
-                "batch_size",
-                "pipeline_chunks",
-                "credit",
-                "eval_every",
-                "eval_batches",
-                "checkpoint_every",
-                "log_every",
-            )
+            for name in ("workers", "steps", "batch_size", "eval_every", "eval_batches")
         ]
         checks += [
             self._check_layout,
             self._check_policy,
             self._check_numbers,
-            self._check_chunk_mb,
             self._check_corpus,
-            self._validate_packing,
-            self.validate_compute,
-            self._check_emulate,
+            self._check_packing_layout,
+            self._check_emulated_workers,
         ]
-        return self.model.problems() + collect(checks)
+        sections = [getattr(self, name).problems() for name in SECTIONS]
+        return [problem for found in sections for problem in found] + collect(checks)
 
     def _check_layout(self) -> None:
         if not isinstance(self.ep_size, int) or self.ep_size < 0:
@@ -247,7 +409,8 @@ class TrainConfig:
             raise ConfigError(
                 "experts",
                 f"{self.model.experts} experts cannot be sharded evenly over an expert-parallel group of {ep} workers",
-                f"use a multiple of {ep} experts (e.g. --experts {ep * max(1, self.model.experts // ep)}) or change --workers",
+                f"use a multiple of {ep} experts (e.g. --experts "
+                f"{ep * max(1, self.model.experts // ep)}) or change --workers",
             )
 
     def _check_policy(self) -> None:
@@ -272,26 +435,9 @@ class TrainConfig:
         problems = []
         if not self.lr > 0:
             problems.append(ConfigError("lr", f"{self.lr} must be > 0", "use e.g. 3e-3"))
-        if self.bucket_mb <= 0:
-            problems.append(ConfigError("bucket_mb", f"{self.bucket_mb} must be > 0", "use e.g. 25"))
         if self.corpus_max_mb <= 0:
             problems.append(ConfigError("corpus_max_mb", f"{self.corpus_max_mb} must be > 0", "use e.g. 3"))
-        if self.timeout_s <= 0:
-            problems.append(ConfigError("timeout_s", f"{self.timeout_s} must be > 0", "use e.g. 120"))
         raise_all(problems)
-
-    def _check_chunk_mb(self) -> None:
-        if self.chunk_mb != "auto":
-            try:
-                value = float(self.chunk_mb)
-            except ValueError:
-                value = -1.0
-            if not value > 0:
-                raise ConfigError(
-                    "chunk_mb",
-                    f"{self.chunk_mb!r} is neither 'auto' nor a positive number",
-                    "use --chunk-mb auto or e.g. --chunk-mb 1",
-                )
 
     def _check_corpus(self) -> None:
         if self.corpus and not Path(self.corpus).exists():
@@ -301,95 +447,69 @@ class TrainConfig:
                 "pass an existing text file or folder, or leave --corpus empty for the built-in Python-source corpus",
             )
 
-    def _check_emulate(self) -> None:
-        spec = self.emulate_spec()
+    def _check_emulated_workers(self) -> None:
+        try:
+            spec = self.emulation.spec()
+        except ConfigError:  # reported by the emulation section's own check
+            return
         if spec is not None and spec.world_size != self.workers:
             raise ConfigError(
                 "workers",
-                f"{self.workers} workers but the emulated cluster has {spec.hosts} hosts x {spec.workers_per_host} workers",
+                f"{self.workers} workers but the emulated cluster has {spec.hosts} hosts x "
+                f"{spec.workers_per_host} workers",
                 f"use --workers {spec.world_size} or change --emulate",
             )
 
-    @property
-    def device_time(self) -> bool:
-        """Compute ops take a described device's time instead of being computed."""
-        return self.compute != "real"
-
-    def validate_compute(self) -> None:
-        if not self.dilation > 0:
-            raise ConfigError("dilation", f"{self.dilation} must be > 0", "use 1 (no dilation) or e.g. 100")
-        if not self.device_time:
-            if self.dilation != 1.0:
-                raise ConfigError(
-                    "dilation",
-                    "time dilation needs a device-time compute mode",
-                    "add --compute a100 (or another device), or drop --dilation",
-                )
+    def _check_packing_layout(self) -> None:
+        """The packing against the run's layout (the policy may turn packing on)."""
+        try:
+            spec = parse_packing(self.effective_packing)
+        except ConfigError:  # a bad packing.mode is reported by the section
             return
-        device_from(self.compute)
-        if not self.routing_trace:
-            raise ConfigError(
-                "routing_trace",
-                "a device-time run takes its routing from a recorded trace (its gate computes nothing)",
-                "record one with lina infer --model DIR --record-trace FILE.npz, or pass the Mixtral trace "
-                "(../shared/data/mixtral-8x7b-gsm8k-routing.jsonl) for 8 experts top-2",
-            )
-        if not Path(self.routing_trace).is_file():
-            raise ConfigError(
-                "routing_trace",
-                f"file {self.routing_trace!r} does not exist",
-                "pass an existing .npz or .jsonl routing trace",
-            )
-
-    def _validate_packing(self) -> None:
-        spec = parse_packing(self.effective_packing)
-        _positive_int("packing_first_step", self.packing_first_step)
-        _positive_int("packing_every", self.packing_every)
-        if self.max_expert_memory_mb < 0:
-            raise ConfigError(
-                "max_expert_memory_mb",
-                f"{self.max_expert_memory_mb} is negative",
-                "use 0 (unlimited) or a budget in MB",
-            )
         if spec.mode != "fixed" or not _is_positive_int(self.workers) or not _is_positive_int(self.model.experts):
             return
         valid = valid_experts_per_rank(self.model.experts, self.workers)
         if spec.experts_per_rank not in valid:
             raise ConfigError(
-                "packing",
-                f"{spec.experts_per_rank} experts per rank is not a layout of {self.model.experts} experts on {self.workers} workers",
+                "packing.mode",
+                f"{spec.experts_per_rank} experts per rank is not a layout of {self.model.experts} experts on "
+                f"{self.workers} workers",
                 f"use one of {', '.join(map(str, valid))} (experts per rank; the EP group size becomes experts / N)",
             )
         if spec.at_step == 0 and self.ep_size and self.model.experts // spec.experts_per_rank != self.ep_size:
             raise ConfigError(
-                "packing",
+                "packing.mode",
                 f"{spec.experts_per_rank} experts per rank from the start contradicts ep_size={self.ep_size}",
                 f"drop --ep-size, or use --packing {self.model.experts // self.ep_size}, or switch later with N@STEP",
             )
 
     def emulate_spec(self) -> EmulateSpec | None:
-        """The emulated cluster to run on, or None (links given in real-cluster units, divided by
-        the dilation)."""
-        return parse_emulate(self.emulate, self.dilation)
+        """The emulated cluster to run on (:meth:`EmulationConfig.spec`), or None."""
+        return self.emulation.spec()
 
     def to_dict(self) -> dict[str, Any]:
+        """Nested: each section a dict under its name (what :meth:`from_dict` and TOML read)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], problems: list[ConfigError] | None = None) -> "TrainConfig":
-        """Build from a dict (a ``model`` dict holds the model's settings). Unknown keys (with a
-        "did you mean" for a misspelt one) and values of the wrong type are all reported at once:
-        raised, or appended to ``problems`` when given (the config is then built without them)."""
+        """Build from a dict (each section's settings in a dict under its name: ``model``, ``comm``,
+        ``packing``, ``emulation``, ``output``; flat keys of earlier versions are moved there with a
+        note). Unknown keys (with a "did you mean" for a misspelt one) and values of the wrong type
+        are all reported at once: raised, or appended to ``problems`` when given (the config is then
+        built without them)."""
         found: list[ConfigError] = []
-        data = renamed_settings(dict(data))
-        model_data = data.pop("model", {})
-        if not isinstance(model_data, dict):
-            found.append(
-                ConfigError("model", f"{model_data!r} is not a table", "write the model settings under [model]")
-            )
-            model_data = {}
-        model = _build(ModelConfig, model_data, "model.", found)
-        cfg = _build(cls, {**data, "model": model}, "", found)
+        data = moved_settings(renamed_settings(dict(data)))
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            section_data = data.pop(name, {})
+            if not isinstance(section_data, dict):
+                found.append(
+                    ConfigError(name, f"{section_data!r} is not a table", f"write the {name} settings under [{name}]")
+                )
+                section_data = {}
+            sections[name] = _build(section_cls, section_data, f"{name}.", found)
+        cfg = _build(cls, {**data, **sections}, "", found)
         if problems is None:
             raise_all(found)
         else:
@@ -410,6 +530,32 @@ def renamed_settings(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def moved_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """Flat settings of earlier versions (:data:`MOVED`) moved into their section, with a note on
+    stderr naming the new place; a setting given in both places is a config error. ``packing``
+    is the old flat setting when it is not a table."""
+    data = {
+        name: dict(value) if name in SECTIONS and isinstance(value, dict) else value for name, value in data.items()
+    }
+    for old, new in MOVED.items():
+        if old not in data or (old in SECTIONS and isinstance(data[old], dict)):
+            continue
+        section, key = new.split(".")
+        value = data.pop(old)
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            continue  # reported as "not a table" by from_dict
+        if key in table:
+            raise ConfigError(old, f"both {old!r} and {new!r} are set", f"keep only {key} under [{section}]")
+        print(
+            f"lina: note: the setting {old!r} is now {new!r} (write {key} under [{section}]); "
+            f"{old!r} is still accepted",
+            file=sys.stderr,
+        )
+        table[key] = value
+    return data
+
+
 def _did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -424,7 +570,7 @@ def _build(cls, data: dict[str, Any], prefix: str, problems: list[ConfigError]):
             fix = f"remove it{' or correct its name' if hint else ''}; known settings: {', '.join(sorted(known))}"
             problems.append(ConfigError(f"{prefix}{key}", f"is not a known setting{hint}", fix))
             continue
-        default = getattr(cls(), key) if key != "model" else None
+        default = getattr(cls(), key) if key not in SECTIONS else None
         if (
             default is not None
             and not isinstance(value, type(default))
@@ -467,8 +613,14 @@ def _positive_int(name: str, value: Any) -> None:
         raise ConfigError(name, f"{value!r} must be an integer >= 1", f"set {name} to 1 or more")
 
 
+def _positive_number(name: str, value: Any, example: str) -> None:
+    if not value > 0:
+        raise ConfigError(name, f"{value} must be > 0", f"use e.g. {example}")
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file into a dict (a ``[model]`` table holds model settings)."""
+    """Read a TOML config file into a dict (tables ``[model]``, ``[comm]``, ``[packing]``, ``[emulation]``,
+    ``[output]`` hold their sections' settings)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError("config", f"file {str(p)!r} does not exist", "pass an existing .toml file to --config")
@@ -479,15 +631,23 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Overlay ``overrides`` (may hold ``model.<name>`` keys or a ``model`` dict) on ``base``."""
-    out = {**base, "model": dict(base.get("model", {}))}
+    """Overlay ``overrides`` on ``base`` (its flat settings of earlier versions first moved into
+    their sections, :func:`moved_settings`). An override is ``<setting>``, ``<section>.<setting>``
+    (``comm.credit``) or a whole section's dict; None means "not given"."""
+    out = moved_settings(dict(base))
     for key, value in overrides.items():
         if value is None:
             continue
-        if key == "model":
-            out["model"].update(value)
-        elif key.startswith("model."):
-            out["model"][key[len("model.") :]] = value
+        section, dot, name = key.partition(".")
+        if key in SECTIONS and isinstance(value, dict):
+            out[key] = {**_table(out, key), **value}
+        elif dot and section in SECTIONS:
+            out[section] = {**_table(out, section), name: value}
         else:
             out[key] = value
     return out
+
+
+def _table(data: dict[str, Any], section: str) -> dict[str, Any]:
+    value = data.get(section, {})
+    return value if isinstance(value, dict) else {}

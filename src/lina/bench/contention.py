@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lina.bench.plan import ContentionPlan
 from lina.cluster import netns
 from lina.cluster.emulate import EmulatedCluster, EmulateSpec, parse_duration_us, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
@@ -29,7 +30,8 @@ from lina.obs.provenance import provenance
 PAPER = {
     "median_slowdown_at_least": 1.83,
     "max_slowdown": 4.14,
-    "setting": "DeepSpeed-MoE backward all-to-alls vs concurrent gradient allreduce, 16 A100, 100 Gb/s InfiniBand (1,500 ops)",
+    "setting": "DeepSpeed-MoE backward all-to-alls vs concurrent gradient allreduce, 16 A100, 100 Gb/s "
+    "InfiniBand (1,500 ops)",
 }
 DEFAULT_A2A_ELEMS = 8 * 128 * 2 * 128  # 8 seqs x 128 tokens x top-2 x d_model 128 float32 = 1 MiB per rank
 DEFAULT_ALLREDUCE_ELEMS = 1024 * 1024  # 4 MiB of gradients
@@ -53,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hosts", type=int, default=4, help="emulated hosts, one worker each")
     parser.add_argument(
         "--a2a-elems", type=int, default=DEFAULT_A2A_ELEMS,
-        help="float32 values each rank sends per all-to-all; the default is 8 seqs x 128 tokens x top-2 x d_model 128 (1 MiB)",
+        help="float32 values each rank sends per all-to-all; the default is 8 seqs x 128 tokens x top-2 "
+             "x d_model 128 (1 MiB)",
     )  # fmt: skip
     parser.add_argument(
         "--allreduce-elems", type=int, default=DEFAULT_ALLREDUCE_ELEMS,
@@ -96,11 +99,15 @@ def run(args: argparse.Namespace) -> int:
     timeout = args.timeout or 120.0 + (pairs + args.warmup) * 20 * (bound_s + ar_bytes * 8 * 2 / spec.link_bps)
     with tempfile.TemporaryDirectory(prefix="lina-contention-") as tmp:
         raw_path = Path(tmp) / "raw.json"
-        worker_args = [
-            "--pairs", str(pairs), "--warmup", str(args.warmup), "--a2a-elems", str(args.a2a_elems),
-            "--allreduce-elems", str(args.allreduce_elems), "--out", str(raw_path),
-            "--timeline-dir", str(out_json.resolve().with_suffix("")) + "_timeline",
-        ]  # fmt: skip
+        plan = ContentionPlan(
+            pairs=pairs,
+            warmup=args.warmup,
+            a2a_elems=args.a2a_elems,
+            allreduce_elems=args.allreduce_elems,
+            out=str(raw_path),
+            timeline_dir=str(out_json.resolve().with_suffix("")) + "_timeline",
+        )
+        worker_args = [str(plan.save(Path(tmp) / "plan.json"))]
         with EmulatedCluster(spec, alternative=None) as cluster:
             prefix = cluster.prefix
             run_on_cluster(cluster, "lina.bench.contention_worker", worker_args, 1, timeout_s=timeout)
@@ -201,15 +208,18 @@ def print_report(result: dict) -> None:
         f" {result['queue_ms']:g} ms), Gloo over TCP"
     )
     print(
-        f"  all-to-all alone:          median {ms(a['median'])}  p95 {ms(a['p95'])}  min {ms(a['min'])}  max {ms(a['max'])}"
+        f"  all-to-all alone:          median {ms(a['median'])}  p95 {ms(a['p95'])}  min "
+        f"{ms(a['min'])}  max {ms(a['max'])}"
         f"  (link-rate bound {ms(result['a2a_link_bound_s'])})"
     )
     print(
-        f"  all-to-all with allreduce: median {ms(c['median'])}  p95 {ms(c['p95'])}  min {ms(c['min'])}  max {ms(c['max'])}"
+        f"  all-to-all with allreduce: median {ms(c['median'])}  p95 {ms(c['p95'])}  min "
+        f"{ms(c['min'])}  max {ms(c['max'])}"
     )
     print(
         f"  slowdown per pair (ours):  median {s['median']:.2f}x  p95 {s['p95']:.2f}x  max {s['max']:.2f}x"
-        f"  (min {s['min']:.2f}x; ratio of medians {result['ratio_of_medians']:.2f}x, {len(result['samples']['slowdown'])} pairs)"
+        f"  (min {s['min']:.2f}x; ratio of medians {result['ratio_of_medians']:.2f}x, "
+        f"{len(result['samples']['slowdown'])} pairs)"
     )
     print(
         f"  link queue drops over the run: {result['link_drops']} of {result['link_packets']} packets"
@@ -220,7 +230,8 @@ def print_report(result: dict) -> None:
         )
     )
     print(
-        f"  slowdown (paper, Fig. 3):  median > {PAPER['median_slowdown_at_least']:.2f}x  max {PAPER['max_slowdown']:.2f}x"
+        f"  slowdown (paper, Fig. 3):  median > {PAPER['median_slowdown_at_least']:.2f}x  max "
+        f"{PAPER['max_slowdown']:.2f}x"
         f"  ({PAPER['setting']})"
     )
 
@@ -250,7 +261,8 @@ def plot_cdf(result: dict, path: Path) -> None:
     ax2.set_xlabel("all-to-all time (ms), slowest rank")
     ax2.set_ylabel("CDF")
     ax2.set_title(
-        f"all-to-all {result['a2a_bytes_per_rank'] / 2**20:.2f} MiB/rank, allreduce {result['allreduce_bytes'] / 2**20:.1f} MiB"
+        f"all-to-all {result['a2a_bytes_per_rank'] / 2**20:.2f} MiB/rank, allreduce "
+        f"{result['allreduce_bytes'] / 2**20:.1f} MiB"
     )
     ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -10,35 +10,26 @@ Run by torchrun on every emulated host (see :mod:`lina.bench.contention`). Each 
    second group (the order within a pair alternates: alone first on even pairs, contended
    first on odd ones, so drift does not favour either);
 3. records every collective as a timeline span, saves its timeline as JSONL, and rank 0
-   writes the per-rank durations of all pairs to ``--out``.
+   writes the per-rank durations of all pairs to the plan's ``out``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from lina.bench.plan import ContentionPlan
+from lina.errors import LinaError
 from lina.obs import schema
 from lina.obs.timeline import Timeline
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lina.bench.contention_worker")
-    p.add_argument("--pairs", type=int, required=True)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--a2a-elems", type=int, required=True, help="float32 values each rank sends in one all-to-all")
-    p.add_argument("--allreduce-elems", type=int, required=True, help="float32 values in the concurrent allreduce")
-    p.add_argument("--out", required=True, help="JSON with per-rank durations (written by rank 0)")
-    p.add_argument("--timeline-dir", required=True)
-    return p.parse_args(argv)
-
-
-def measure(args: argparse.Namespace, rank: int, world: int, ar_group) -> Timeline:
+def measure(args: ContentionPlan, rank: int, world: int, ar_group) -> Timeline:
     """Run warm-up and measured pairs; returns this rank's timeline (spans ``a2a`` and ``allreduce``)."""
     tl = Timeline(rank)
     elems = args.a2a_elems - args.a2a_elems % world  # equal splits
@@ -86,7 +77,13 @@ def per_pair(tl: Timeline, kind: str, mode: str | None, pairs: int) -> list[floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    """``python -m lina.bench.contention_worker PLAN.json`` (a :class:`ContentionPlan` file)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise LinaError(
+            "usage: python -m lina.bench.contention_worker PLAN.json (the plan lina bench contention wrote)"
+        )
+    args = ContentionPlan.load(argv[0])
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     ar_group = dist.new_group(backend="gloo")

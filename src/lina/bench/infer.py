@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lina.bench.plan import InferBenchPlan
 from lina.bench.stats import percentile
 from lina.cluster.emulate import EmulatedCluster, EmulateSpec, format_rate, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
@@ -87,7 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def train_model_trace(out: Path, quick: bool) -> RoutingTrace:
     """Train a small 8-expert MoE GPT with ``lina train``'s code and record its routing on held-out text."""
     from lina.cluster.launch import launch_local
-    from lina.config import ModelConfig, TrainConfig
+    from lina.config import ModelConfig, OutputConfig, TrainConfig
     from lina.data.corpus import load_corpus, sample_batch
     from lina.infer.model_adapter import load_trained_model, record_routing
     from lina.train import worker
@@ -99,9 +100,7 @@ def train_model_trace(out: Path, quick: bool) -> RoutingTrace:
         steps=20 if quick else 150,
         batch_size=8,
         eval_every=1000,
-        checkpoint_every=1000,
-        log_every=25,
-        out=str(run_dir),
+        output=OutputConfig(out=str(run_dir), checkpoint_every=1000, log_every=25),
         corpus_max_mb=1.0,
     )
     cfg.validate()
@@ -167,24 +166,24 @@ def serve_trace(args, name: str, trace: RoutingTrace, out: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     held_path, est_path = held.save(folder / "held-out.npz"), est.save(folder / "estimator.npz")
     layers = min(args.layers, trace.num_layers)
-    plan = {
-        "trace": str(held_path),
-        "estimator": str(est_path),
-        "layers": layers,
-        "d_model": args.d_model,
-        "d_ff": args.d_ff,
-        "tokens_per_rank": args.tokens_per_rank,
-        "batches": args.batches,
-        "warmup": args.warmup,
-        "policies": list(POLICIES),
-        "eplb_replan_every": args.eplb_replan_every,
-        "seed": args.seed,
-        "result": str(folder / "result.json"),
-        "world": world,
-        "compute": args.compute,
-        "dilation": args.dilation,
-    }
-    (folder / "plan.json").write_text(json.dumps(plan, indent=2))
+    plan = InferBenchPlan(
+        trace=str(held_path),
+        estimator=str(est_path),
+        layers=layers,
+        d_model=args.d_model,
+        d_ff=args.d_ff,
+        tokens_per_rank=args.tokens_per_rank,
+        batches=args.batches,
+        warmup=args.warmup,
+        policies=tuple(POLICIES),
+        eplb_replan_every=args.eplb_replan_every,
+        seed=args.seed,
+        result=str(folder / "result.json"),
+        world=world,
+        compute=args.compute,
+        dilation=float(args.dilation),
+    )
+    plan.save(folder / "plan.json")
     link_bps = parse_rate(args.link)
     check = getattr(args, "dilation_check", None)
     spec = EmulateSpec(

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lina.bench.plan import InferBenchPlan
 from lina.data.routing_trace import RoutingTrace
 from lina.devices import device_from
 from lina.devicetime import DeviceTimeMode
@@ -31,11 +32,11 @@ def batch_tokens(num_tokens: int, world: int, per_rank: int, batch: int, seed: i
     return perm[(start + np.arange(world * per_rank)) % num_tokens].reshape(world, per_rank)
 
 
-def device_mode(plan: dict) -> DeviceTimeMode | None:
+def device_mode(plan: InferBenchPlan) -> DeviceTimeMode | None:
     """The device-time mode the expert FFNs run under (None: they compute)."""
-    if plan.get("compute", "real") == "real":
+    if plan.compute == "real":
         return None
-    return DeviceTimeMode(device_from(plan["compute"]), plan.get("dilation", 1.0))
+    return DeviceTimeMode(device_from(plan.compute), plan.dilation)
 
 
 @contextlib.contextmanager
@@ -47,28 +48,28 @@ def _expert_block(mode: DeviceTimeMode):
         yield
 
 
-def run(plan: dict) -> None:
-    init_distributed(600.0, plan["world"])
+def run(plan: InferBenchPlan) -> None:
+    init_distributed(600.0, plan.world)
     try:
         _run(plan)
     finally:
         dist.destroy_process_group()
 
 
-def _run(plan: dict) -> None:
+def _run(plan: InferBenchPlan) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    trace = RoutingTrace.load(plan["trace"])
-    layers = min(plan["layers"], trace.num_layers)
+    trace = RoutingTrace.load(plan.trace)
+    layers = min(plan.layers, trace.num_layers)
     experts = trace.expert_tensor()[:, :layers]  # [T, L, k]
     probs = (
         torch.from_numpy(trace.gate_probs[:, :layers]).float()
         if trace.gate_probs is not None
         else torch.full(experts.shape, 1.0 / trace.top_k)
     )
-    estimator = load_estimator(plan["estimator"])
-    store = ExpertStore.random(layers, trace.num_experts, plan["d_model"], plan["d_ff"], seed=plan["seed"])
-    d, k, e = plan["d_model"], trace.top_k, trace.num_experts
-    gen = torch.Generator().manual_seed(plan["seed"] + rank)
+    estimator = load_estimator(plan.estimator)
+    store = ExpertStore.random(layers, trace.num_experts, plan.d_model, plan.d_ff, seed=plan.seed)
+    d, k, e = plan.d_model, trace.top_k, trace.num_experts
+    gen = torch.Generator().manual_seed(plan.seed + rank)
     mode = device_mode(plan)
     engines = {
         name: InferenceEngine(
@@ -76,16 +77,16 @@ def _run(plan: dict) -> None:
             k,
             dist.group.WORLD,
             make_serving_policy(
-                name, e, world, k, layers, estimator=estimator, eplb_replan_every=plan["eplb_replan_every"]
+                name, e, world, k, layers, estimator=estimator, eplb_replan_every=plan.eplb_replan_every
             ),
             compute_mode=None if mode is None else (lambda: _expert_block(mode)),
         )
-        for name in plan["policies"]
+        for name in plan.policies
     }
-    rows: dict[str, list[dict]] = {name: [] for name in plan["policies"]}
-    total = plan["warmup"] + plan["batches"]
+    rows: dict[str, list[dict]] = {name: [] for name in plan.policies}
+    total = plan.warmup + plan.batches
     for b in range(total):
-        table = batch_tokens(trace.num_tokens, world, plan["tokens_per_rank"], b, plan["seed"])
+        table = batch_tokens(trace.num_tokens, world, plan.tokens_per_rank, b, plan.seed)
         mine = torch.from_numpy(table[rank]).long()
         everyone = torch.from_numpy(table.reshape(-1)).long()
         free_counts = torch.stack(
@@ -99,7 +100,7 @@ def _run(plan: dict) -> None:
             dist.barrier()
             with torch.no_grad():
                 _, stats = engine.run_batch(h0, dense, gate, free_counts)
-            if b >= plan["warmup"]:
+            if b >= plan.warmup:
                 rows[name].append(
                     {
                         "latency_s": stats.latency_s,
@@ -120,11 +121,11 @@ def _run(plan: dict) -> None:
                 "batches": rows[name],
                 "device_rows_by_rank": [g[name] and [r["device_rows"] for r in g[name]] for g in gathered],
             }
-            for name in plan["policies"]
+            for name in plan.policies
         }
         out["lina_policy_stats"] = engines["lina"].policy.stats if "lina" in engines else None
         out["device_time"] = None if mode is None else device_time_summary(mode, "lina bench infer")
-        Path(plan["result"]).write_text(json.dumps(out))
+        Path(plan.result).write_text(json.dumps(out))
     for engine in engines.values():
         engine.store.close()
 
@@ -132,4 +133,4 @@ def _run(plan: dict) -> None:
 if __name__ == "__main__":
     from lina.cluster.failures import run_recorded
 
-    run_recorded(run, json.loads(Path(sys.argv[1]).read_text()))
+    run_recorded(run, InferBenchPlan.load(sys.argv[1]))

@@ -29,12 +29,13 @@ import json
 from pathlib import Path
 
 from lina.bench.peers import PEER_NAMES, resolve_peers
+from lina.bench.plan import TrainBenchPlan
 from lina.bench.train_report import analyse, plot, print_report
 from lina.cluster.emulate import EmulatedCluster, EmulateSpec, format_rate, parse_rate
 from lina.cluster.hostlaunch import run_on_cluster
 from lina.cluster.presets import PRESETS
 from lina.cluster.spec import describe
-from lina.config import TrainConfig
+from lina.config import EmulationConfig
 from lina.errors import ConfigError
 from lina.obs.timeline import load_rank_timelines
 from lina.policy import BASELINE_POLICY, BENCH_POLICIES, TRAIN_POLICIES, canonical_policy_name, train_policy
@@ -89,7 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--policies",
         default=",".join(BENCH_POLICIES),
-        help="comma list of training policies (lina.policy; module:NAME for one of your own), interleaved in this order",
+        help="comma list of training policies (lina.policy; module:NAME for one of your own), "
+        "interleaved in this order",
     )
     p.add_argument("--rounds", type=int, default=5, help="interleaving rounds after warm-up")
     p.add_argument("--steps-per-round", type=int, default=2)
@@ -98,14 +100,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--settle",
         type=int,
         default=6,
-        help="unmeasured steps after each switch that moves the experts to another layout (into and out of lina+packing's "
+        help="unmeasured steps after each switch that moves the experts to another layout (into and "
+        "out of lina+packing's "
         "packing): the first steps after a move run up to 20%% faster than the steady state here (--quick: 1)",
     )
     p.add_argument(
         "--batch-size",
         type=int,
         default=None,
-        help="sequences per rank per step (default 32: 2048 tokens per rank, so that, as in real MoE training, a step moves more all-to-all bytes than its experts have gradient bytes; --quick: 4)",
+        help="sequences per rank per step (default 32: 2048 tokens per rank, so that, as in real MoE training, a step "
+        "moves more all-to-all bytes than its experts have gradient bytes; --quick: 4)",
     )
     p.add_argument("--chunk-mb", default="auto")
     p.add_argument(
@@ -175,55 +179,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _plan(args, layout: str, experts: list[int], policies: list[str], link_bps: int, out: Path, **over) -> dict:
+def _plan(
+    args, layout: str, experts: list[int], policies: list[str], link_bps: int, out: Path, **over
+) -> TrainBenchPlan:
     hosts, wph = _layouts(args)[layout]
-    plan = {
-        "layout": layout,
-        "hosts": hosts,
-        "workers_per_host": wph,
-        "link_bps": link_bps,
-        "intra_bps": _intra_bps(args),
-        "experts": experts,
-        "policies": policies,
-        "model": getattr(args, "model_dict", BENCH_MODEL),
-        "batch_size": args.batch_size,
-        "chunk_mb": args.chunk_mb,
-        "buckets": args.buckets,
-        "pipeline_chunks": args.pipeline_chunks,
-        "credit": args.credit,
-        "seed": args.seed,
-        "warmup": args.warmup,
-        "rounds": args.rounds,
-        "steps_per_round": args.steps_per_round,
-        "settle": args.settle,
-        "out": str(out),
-        "packing_window": 2 if args.quick else PACKING_WINDOW,
-        "compute": args.compute,
-        "dilation": args.dilation,
-        "routing_trace": args.routing_trace,
-        "peers": getattr(args, "peer_list", []),
-    }
-    plan.update(over)
-    return plan
+    fields = dict(
+        layout=layout,
+        hosts=hosts,
+        workers_per_host=wph,
+        link_bps=link_bps,
+        intra_bps=_intra_bps(args),
+        experts=tuple(experts),
+        policies=tuple(policies),
+        model=getattr(args, "model_dict", BENCH_MODEL),
+        batch_size=args.batch_size,
+        chunk_mb=str(args.chunk_mb),
+        buckets=args.buckets,
+        pipeline_chunks=args.pipeline_chunks,
+        credit=args.credit,
+        seed=args.seed,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        steps_per_round=args.steps_per_round,
+        settle=args.settle,
+        out=str(out),
+        packing_window=2 if args.quick else PACKING_WINDOW,
+        compute=args.compute,
+        dilation=args.dilation,
+        routing_trace=args.routing_trace,
+        peers=tuple(getattr(args, "peer_list", ())),
+    )
+    return TrainBenchPlan(**{**fields, **over})
 
 
-def _launch(plan: dict, delay_us: float) -> list[dict]:
-    out = Path(plan["out"])
+def _launch(plan: TrainBenchPlan, delay_us: float) -> list[dict]:
+    out = Path(plan.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"plan-{plan['layout']}.json"
-    path.write_text(json.dumps(plan, indent=2))
+    path = plan.save(out / f"plan-{plan.layout}.json")
     # with time dilation K the links are the real cluster's / K (and delays K times longer)
-    dilation = plan.get("dilation", 1.0)
     spec = EmulateSpec(
-        hosts=plan["hosts"],
-        workers_per_host=plan["workers_per_host"],
-        link_bps=emulated_rate(plan["link_bps"], dilation),
-        delay_us=delay_us * dilation,
-        intra_bps=emulated_rate(plan.get("intra_bps", 0), dilation),
+        hosts=plan.hosts,
+        workers_per_host=plan.workers_per_host,
+        link_bps=emulated_rate(plan.link_bps, plan.dilation),
+        delay_us=delay_us * plan.dilation,
+        intra_bps=emulated_rate(plan.intra_bps, plan.dilation),
     )
     with EmulatedCluster(spec) as cluster:
         run_on_cluster(cluster, "lina.bench.train_worker", [str(path)], spec.workers_per_host, timeout_s=3000)
-    return json.loads((out / f"results-{plan['layout']}.json").read_text())
+    return json.loads((out / f"results-{plan.layout}.json").read_text())
 
 
 def calibrate_link(args, layout: str, experts: int, out: Path, delay_us: float) -> tuple[int, float]:
@@ -241,7 +244,7 @@ def calibrate_link(args, layout: str, experts: int, out: Path, delay_us: float) 
             warmup=1,
             rounds=3,
             steps_per_round=1,
-            peers=[],
+            peers=(),
         )
         res = _launch(plan, delay_us)[0]["policies"][BASELINE_POLICY]
         share = res["a2a_s"] / res["step_time_s"]
@@ -352,7 +355,7 @@ def emulated_rate(link_bps: int, dilation: float) -> int:
 def _check_compute(args) -> None:
     """The compute mode, dilation and routing trace, checked before any cluster is built (the
     DeepSpeed peers take the same mode: device-time compute and the trace's routing)."""
-    TrainConfig(compute=args.compute, dilation=args.dilation, routing_trace=args.routing_trace).validate_compute()
+    EmulationConfig(compute=args.compute, dilation=args.dilation, routing_trace=args.routing_trace).validate_compute()
 
 
 def _check_policies(policies: list[str]) -> None:
@@ -445,7 +448,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"\n{layout}: {describe(shape, args.dilation)}, delay {args.delay}, "
             f"compute {args.compute}{'' if args.compute == 'real' else f' x {args.dilation:g}'}; "
-            f"policies {', '.join(policies + args.peer_list)} interleaved, {args.rounds} rounds x {args.steps_per_round} steps after {args.warmup} warm-up, "
+            f"policies {', '.join(policies + args.peer_list)} interleaved, {args.rounds} rounds x "
+            f"{args.steps_per_round} steps after {args.warmup} warm-up, "
             f"{args.settle} unmeasured after each move of the experts",
             flush=True,
         )

@@ -143,7 +143,8 @@ def print_report(result: dict) -> None:
             f"{_regime_text(reg)}, chunk {c['chunk_mb']:g} MB"
         )
         print(
-            f"  {'policy':15s} {'experts/rank':>12s} {'step ms':>9s} {'[min-max]':>17s} {'bwd a2a ms':>11s} {'allreduce ms':>13s} "
+            f"  {'policy':15s} {'experts/rank':>12s} {'step ms':>9s} {'[min-max]':>17s} {'bwd a2a ms':>11s} "
+            f"{'allreduce ms':>13s} "
             f"{'a2a share':>10s} {'busy in a2a':>12s} {'speedup':>8s}"
         )
         for name, p in c["policies"].items():
@@ -152,8 +153,10 @@ def print_report(result: dict) -> None:
             busy = p.get("compute_busy_in_a2a")
             busy_text = "n/a (no a2a)" if busy is None else f"{busy * 100:.1f}%"
             print(
-                f"  {name:15s} {p.get('experts_per_rank', 0):12d} {p['step_time_s_median'] * 1e3:9.1f} {p['step_time_s_min'] * 1e3:8.1f}-{p['step_time_s_max'] * 1e3:<8.1f} "
-                f"{p['bwd_a2a_s_median'] * 1e3:11.1f} {p['allreduce_s_median'] * 1e3:13.1f} {p['a2a_share'] * 100:9.1f}% {busy_text:>12s} {sp_text:>8s}"
+                f"  {name:15s} {p.get('experts_per_rank', 0):12d} {p['step_time_s_median'] * 1e3:9.1f} "
+                f"{p['step_time_s_min'] * 1e3:8.1f}-{p['step_time_s_max'] * 1e3:<8.1f} "
+                f"{p['bwd_a2a_s_median'] * 1e3:11.1f} {p['allreduce_s_median'] * 1e3:13.1f} "
+                f"{p['a2a_share'] * 100:9.1f}% {busy_text:>12s} {sp_text:>8s}"
             )
         if c.get("packing"):
             pk = c["packing"]
@@ -161,7 +164,8 @@ def print_report(result: dict) -> None:
                 f"{d['experts_per_rank']}->{d['new_experts_per_rank']}: {d['reason']}" for d in pk["decisions"]
             )
             print(
-                f"  packing chosen: {pk['experts_per_rank']} experts per rank (EP size {pk['ep_size']} of {pk['world']}), "
+                f"  packing chosen: {pk['experts_per_rank']} experts per rank (EP size "
+                f"{pk['ep_size']} of {pk['world']}), "
                 f"{pk['window_steps']} steps measured per decision: {steps}"
             )
         _print_peers(c)
@@ -173,7 +177,8 @@ def print_report(result: dict) -> None:
                 else "did NOT keep up: these times describe this CPU"
             )
             print(
-                f"  device time: the emulated {dt['device']} idled {dt['host_bound_share']:.1%} of its time waiting for this "
+                f"  device time: the emulated {dt['device']} idled {dt['host_bound_share']:.1%} of its "
+                "time waiting for this "
                 f"machine's dispatch at dilation {dt['dilation']:g} ({kept}; limit {HOST_BOUND_LIMIT:.0%})"
             )
         for name, bound in c.get("measured_bound_s", {}).items():
@@ -189,7 +194,8 @@ def print_report(result: dict) -> None:
             print(
                 f"  lower bound {c['lower_bound_s'] * 1e3:.1f} ms; lina: {over * 100:+.1f}% over it "
                 f"(target <= 10%), headroom captured {_pct(c['headroom_captured'].get('lina'))} (target >= 80%), "
-                f"bwd a2a {_pct(c.get('bwd_a2a_over_uncontended', {}).get('lina'), signed=True)} vs uncontended (target <= 15%), "
+                f"bwd a2a {_pct(c.get('bwd_a2a_over_uncontended', {}).get('lina'), signed=True)} vs "
+                "uncontended (target <= 15%), "
                 f"partition {c['policies'].get('lina', {}).get('partition_share', 0) * 100:.2f}% of step (target < 2%)"
             )
             if over < 0:
@@ -198,7 +204,8 @@ def print_report(result: dict) -> None:
                     "all-to-all micro-ops with the expert FFN, which the bound does not credit)"
                 )
     print(
-        f"\npaper (16 A100, 100 Gb/s IB, a2a 34% of step): lina without packing {PAPER_SPEEDUP_NO_PACKING[0]}-{PAPER_SPEEDUP_NO_PACKING[1]}x over DeepSpeed, "
+        "\npaper (16 A100, 100 Gb/s IB, a2a 34% of step): lina without packing "
+        f"{PAPER_SPEEDUP_NO_PACKING[0]}-{PAPER_SPEEDUP_NO_PACKING[1]}x over DeepSpeed, "
         f"with packing {PAPER_SPEEDUP_WITH_PACKING}x on average; compute busy while all-to-all is in flight "
         + ", ".join(f"{k} {lo * 100:.0f}-{hi * 100:.0f}%" for k, (lo, hi) in PAPER_BUSY_IN_A2A.items())
         + " (ours: share of all-to-all time with an expert-FFN span running on the same rank)"

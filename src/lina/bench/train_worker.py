@@ -5,11 +5,11 @@ timeline. ``python -m lina.bench.train_worker PLAN.json`` (started by torchrun o
 A policy that packs experts (``lina+packing``, :attr:`lina.policy.TrainPolicy.packing`): during its
 warm-up the packing controller (the one ``--packing auto`` uses) measures a few steps at each packing
 and doubles experts per rank while an FFN micro-op is shorter than an all-to-all micro-op; its
-measured steps then run at the packing it chose, the other policies at one layout without packing (the model moves between
-layouts when the policy changes; the move and the settling steps after it, see
+measured steps then run at the packing it chose, the other policies at one layout without packing
+(the model moves between layouts when the policy changes; the move and the settling steps after it, see
 :func:`round_schedule`, are outside the measured steps).
 
-Peers (``plan["peers"]``, :mod:`lina.bench.peers`: real DeepSpeed-MoE engines) train their own
+Peers (``plan.peers``, :mod:`lina.bench.peers`: real DeepSpeed-MoE engines) train their own
 copy of the model in the same processes: after lina's warm-up they warm up, and in every round they
 run after lina's policies, ``steps_per_round`` measured steps each (A B C D E P1 P2 A B ...)."""
 
@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 
 from lina.bench.peers import start_peers
+from lina.bench.plan import TrainBenchPlan
 from lina.comm.groups import build_group_set
-from lina.config import ModelConfig, TrainConfig
+from lina.config import CommConfig, EmulationConfig, ModelConfig, TrainConfig
 from lina.data.corpus import load_corpus
 from lina.obs.report import step_breakdown
 from lina.obs.schema import RunSetup, fields_of, run_summary
@@ -59,66 +60,72 @@ def _median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def run(plan: dict) -> None:
-    init_distributed(plan.get("timeout_s", 300.0), plan["hosts"] * plan["workers_per_host"])
+def run(plan: TrainBenchPlan) -> None:
+    init_distributed(plan.timeout_s, plan.world)
     try:
         _run(plan)
     finally:
         dist.destroy_process_group()
 
 
-def _run(plan: dict) -> None:
+def _run(plan: TrainBenchPlan) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    out = Path(plan["out"])
-    timeout_s = plan.get("timeout_s", 300.0)
-    packing = any(train_policy(p).packing for p in plan["policies"])
+    out = Path(plan.out)
+    timeout_s = plan.timeout_s
+    packing = any(train_policy(p).packing for p in plan.policies)
     group_set = build_group_set(packing_ep_sizes(parse_packing("auto" if packing else "off"), 0, world), timeout_s)
     corpus = load_corpus("", 1.0)
     results = []
-    for experts in plan["experts"]:
-        model = ModelConfig(**{**plan["model"], "experts": experts})
+    for experts in plan.experts:
+        model = ModelConfig(**{**plan.model, "experts": experts})
         # built with a policy that never packs (the benchmark runs the packing search itself, below);
         # one that partitions gradients when any benchmarked policy does, so chunk_mb 'auto' is swept
-        partitioned = any(train_policy(p).partitions_gradients for p in plan["policies"])
+        partitioned = any(train_policy(p).partitions_gradients for p in plan.policies)
         cfg = TrainConfig(
             model=model,
             workers=world,
-            batch_size=plan["batch_size"],
+            batch_size=plan.batch_size,
             policy="lina" if partitioned else BASELINE_POLICY,
-            chunk_mb=str(plan["chunk_mb"]),
-            pipeline_chunks=plan["pipeline_chunks"],
-            credit=plan.get("credit", 1),
-            seed=plan["seed"],
-            timeout_s=timeout_s,
-            compute=plan.get("compute", "real"),
-            dilation=plan.get("dilation", 1.0),
-            routing_trace=plan.get("routing_trace", ""),
+            comm=CommConfig(
+                chunk_mb=plan.chunk_mb,
+                pipeline_chunks=plan.pipeline_chunks,
+                credit=plan.credit,
+                timeout_s=timeout_s,
+            ),
+            seed=plan.seed,
+            emulation=EmulationConfig(
+                compute=plan.compute,
+                dilation=plan.dilation,
+                routing_trace=plan.routing_trace,
+            ),
         )
         cfg.validate()
         timeline = Timeline(rank)
         trainer = Trainer(cfg, group_set[world], corpus, timeline, group_set=group_set)
-        if plan.get("buckets"):  # DDP buckets scaled to the model: the same bucket count as a big model
+        if plan.buckets:  # DDP buckets scaled to the model: the same bucket count as a big model
             dense = sum(
                 p.numel() * p.element_size() for p in trainer.model.parameters() if not getattr(p, "lina_expert", False)
             )
-            trainer.cfg.bucket_mb = dense / plan["buckets"] / 2**20
+            trainer.cfg.comm.bucket_mb = dense / plan.buckets / 2**20
             trainer.set_policy(trainer.policy.name)
         dense_bytes = sum(
             p.numel() * p.element_size() for p in trainer.model.parameters() if not getattr(p, "lina_expert", False)
         )
-        peers = start_peers(plan.get("peers", []), cfg, corpus, timeline, _peer_bucket_elements(plan, dense_bytes))
+        peers = start_peers(list(plan.peers), cfg, corpus, timeline, _peer_bucket_elements(plan, dense_bytes))
         lina_losses = _track_losses(trainer)
-        layout = {p: world for p in plan["policies"] + [peer.name for peer in peers]}  # EP size each policy runs with
+        layout = {
+            p: world for p in list(plan.policies) + [peer.name for peer in peers]
+        }  # EP size each policy runs with
         search: dict = {}
         step = 0
         measured: dict[str, list[Span]] = {p: [] for p in layout}
-        for policy in plan["policies"]:  # warm-up, not measured
+        for policy in plan.policies:  # warm-up, not measured
             _select(trainer, policy, layout[policy])
-            for _ in range(plan["warmup"]):
+            for _ in range(plan.warmup):
                 trainer.train_step(step)
                 step += 1
             if train_policy(policy).packing:
-                layout[policy], search, step = _search_packing(trainer, step, plan["packing_window"])
+                layout[policy], search, step = _search_packing(trainer, step, plan.packing_window)
                 if rank == 0:
                     print(
                         f"  experts {experts}: {policy} chose {experts // layout[policy]} experts per rank "
@@ -126,18 +133,18 @@ def _run(plan: dict) -> None:
                         flush=True,
                     )
         for peer in peers:  # warm-up, not measured
-            for _ in range(plan["warmup"]):
+            for _ in range(plan.warmup):
                 peer.train_step()
         settled = {p: 0 for p in layout}
         # the packing search of the warm-up may have just moved the experts (and back)
         moved = any(d.get("new_experts_per_rank") != d.get("experts_per_rank") for d in search.get("decisions", []))
-        for r in range(plan["rounds"]):
+        for r in range(plan.rounds):
             for policy, steps in round_schedule(
-                plan["policies"],
+                plan.policies,
                 layout,
                 trainer.groups.ep_size,
-                plan["steps_per_round"],
-                plan.get("settle", 0),
+                plan.steps_per_round,
+                plan.settle,
                 moved=moved and r == 0,
             ):
                 _select(trainer, policy, layout[policy])
@@ -149,10 +156,10 @@ def _run(plan: dict) -> None:
                         settled[policy] += 1
                     step += 1
             for peer in peers:  # after lina's policies, each peer for as many measured steps
-                for _ in range(plan["steps_per_round"]):
+                for _ in range(plan.steps_per_round):
                     measured[peer.name].append(peer.train_step())
             if rank == 0:
-                print(f"  experts {experts}: round {r + 1}/{plan['rounds']} done", flush=True)
+                print(f"  experts {experts}: round {r + 1}/{plan.rounds} done", flush=True)
         trainer.policy.close()
         for peer in peers:
             peer.close()
@@ -194,7 +201,7 @@ def _run(plan: dict) -> None:
         _save_runs(out, plan, cfg, experts, measured, spans, entry, rank, world)
         del trainer
     if rank == 0:
-        (out / f"results-{plan['layout']}.json").write_text(json.dumps(results, indent=2))
+        (out / f"results-{plan.layout}.json").write_text(json.dumps(results, indent=2))
 
 
 def round_schedule(
@@ -260,10 +267,10 @@ def _search_packing(trainer: Trainer, step: int, window: int) -> tuple[int, dict
     )
 
 
-def _peer_bucket_elements(plan: dict, dense_bytes: int) -> int:
+def _peer_bucket_elements(plan: TrainBenchPlan, dense_bytes: int) -> int:
     """Gradient bucket size, in fp32 elements, for peers that take one: the bucket count of lina's
     bucketed policies (``buckets``), or their 25 MB buckets when ``buckets`` is 0."""
-    bucket_bytes = dense_bytes / plan["buckets"] if plan.get("buckets") else 25 * 2**20
+    bucket_bytes = dense_bytes / plan.buckets if plan.buckets else 25 * 2**20
     return max(1, int(bucket_bytes // 4))
 
 
@@ -303,7 +310,7 @@ def _busy_share(rows: list[dict]) -> float | None:
 
 def _save_runs(
     out: Path,
-    plan: dict,
+    plan: TrainBenchPlan,
     cfg: TrainConfig,
     experts: int,
     measured: dict,
@@ -317,7 +324,7 @@ def _save_runs(
     spans only: the simulator models lina's policies, not DeepSpeed's padded all-to-all, so
     calibration (which takes every folder with a ``summary.json``) leaves peers out."""
     for policy, steps in measured.items():
-        folder = out / "runs" / f"{plan['layout']}-e{experts}-{policy}"
+        folder = out / "runs" / f"{plan.layout}-e{experts}-{policy}"
         folder.mkdir(parents=True, exist_ok=True)
         windows = [(s.start_s, s.end_s) for s in steps]
         keep = [s for s in spans if any(a - 1e-6 <= s.start_s <= b for a, b in windows)]
@@ -340,11 +347,11 @@ def _save_runs(
                 chunk_mb=float(entry["chunk_mb"]),
                 vocab=m.vocab_size,
                 moe_every=m.moe_interval,
-                hosts=plan["hosts"],
-                workers_per_host=plan["workers_per_host"],
-                link_bps=float(plan["link_bps"]),
-                bucket_mb=float(cfg.bucket_mb),
-                pipeline_chunks=cfg.pipeline_chunks,
+                hosts=plan.hosts,
+                workers_per_host=plan.workers_per_host,
+                link_bps=float(plan.link_bps),
+                bucket_mb=float(cfg.comm.bucket_mb),
+                pipeline_chunks=cfg.comm.pipeline_chunks,
                 ep_size=experts // entry["policies"][policy]["experts_per_rank"],
                 backend=dist.get_backend(),
                 cpu_count=os.cpu_count(),
@@ -359,13 +366,13 @@ def _save_runs(
                 "batch_size": cfg.batch_size,
                 "vocab_size": m.vocab_size,
                 "workers": world,
-                "hosts": plan["hosts"],
-                "workers_per_host": plan["workers_per_host"],
-                "link_bps": plan["link_bps"],
+                "hosts": plan.hosts,
+                "workers_per_host": plan.workers_per_host,
+                "link_bps": plan.link_bps,
                 "policy": policy,
                 "chunk_mb": entry["chunk_mb"],
-                "pipeline_chunks": cfg.pipeline_chunks,
-                "bucket_mb": cfg.bucket_mb,
+                "pipeline_chunks": cfg.comm.pipeline_chunks,
+                "bucket_mb": cfg.comm.bucket_mb,
                 "experts_per_rank": entry["policies"][policy]["experts_per_rank"],
                 "dense_grad_bytes": entry["dense_grad_bytes"],
                 "cpu_count": os.cpu_count(),
@@ -376,4 +383,4 @@ def _save_runs(
 
 
 if __name__ == "__main__":
-    run(json.loads(Path(sys.argv[1]).read_text()))
+    run(TrainBenchPlan.load(sys.argv[1]))

@@ -174,7 +174,8 @@ def run_on_cluster(
             failed = _wait(agents, started, timeout_s)
             if failed == "timeout":
                 raise LinaError(
-                    f"{module} on {len(agents)} emulated hosts did not finish within {timeout_s:g}s; all workers were stopped"
+                    f"{module} on {len(agents)} emulated hosts did not finish within {timeout_s:g}s; all "
+                    "workers were stopped"
                 )
             if failed is not None:
                 failed = _settle_and_pick_origin(agents, failed)

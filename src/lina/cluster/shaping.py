@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 
+from lina.emulation_spec import SHARES  # noqa: F401  (how a link is shared; re-exported for netns)
 from lina.errors import LinaError
 
-SHARES = ("peer", "fifo")
 _ROOT = 0x10000  # handle 1:
 _LINK_CLASS = 0x10001  # class 1:1, the whole link
 _OTHER_MINOR = 0xFF  # class 1:ff, traffic matching no peer (ARP, IPv6 neighbour discovery)

@@ -1,4 +1,5 @@
-"""``lina analyze trace FILE``: skew, inter-layer affinity, estimator accuracy and placement balance of a routing trace."""
+"""``lina analyze trace FILE``: skew, inter-layer affinity, estimator accuracy and placement balance of a
+routing trace."""
 
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def _summary(result: dict) -> list[str]:
             else ""
         ),
         f"affinity: tokens sharing an expert share its top-1 next expert {aff['mean_top1']:.1%} "
-        f"(top-2 {aff['mean_top2']:.1%}); popularity alone explains {aff['mean_baseline_top1']:.1%} / {aff['mean_baseline_top2']:.1%} "
+        f"(top-2 {aff['mean_top2']:.1%}); popularity alone explains {aff['mean_baseline_top1']:.1%} / "
+        f"{aff['mean_baseline_top2']:.1%} "
         f"(paper: 41.94% / 54.59%)",
     ]
     k = t["top_k"]
@@ -94,7 +96,8 @@ def _summary(result: dict) -> list[str]:
         names = [n for n in acc if isinstance(acc[n], dict)]
         for name in names:
             cells = "  ".join(
-                f"l={l}: {acc[name][str(l)]['token_topk']:.3f}|{acc[name][str(l)]['token_top1']:.3f}|{acc[name][str(l)]['batch_match']:.2f}"
+                f"l={l}: {acc[name][str(l)]['token_topk']:.3f}|{acc[name][str(l)]['token_top1']:.3f}|"
+                f"{acc[name][str(l)]['batch_match']:.2f}"
                 for l in acc["path_lens"]
             )
             lines.append(f"  {name:14s} {cells}")
@@ -139,7 +142,8 @@ def run_trace(args) -> int:
     except LinaError as err:  # the file is there but is not a trace
         raise ConfigError("FILE", str(err), fix) from None
     print(
-        f"loaded {args.file}: {trace.num_tokens} tokens x {trace.num_layers} layers, {trace.num_experts} experts, top-{trace.top_k}",
+        f"loaded {args.file}: {trace.num_tokens} tokens x {trace.num_layers} layers, {trace.num_experts} "
+        f"experts, top-{trace.top_k}",
         flush=True,
     )
     if args.save_trace:

@@ -123,7 +123,8 @@ def run_up(args: argparse.Namespace) -> int:
     print(f"  switch: netns {cluster.switch_netns} (bridge {netns.BRIDGE})")
     h0 = cluster.hosts[0]
     print(
-        f"run on host 0:  GLOO_SOCKET_IFNAME={h0.ifname} MASTER_ADDR={cluster.master_addr} ip netns exec {h0.netns} <command>"
+        f"run on host 0:  GLOO_SOCKET_IFNAME={h0.ifname} MASTER_ADDR={cluster.master_addr} ip netns exec "
+        f"{h0.netns} <command>"
     )
     print(f"state: {state_dir() / (cluster.prefix + '.json')}; remove it with: lina cluster down")
     return 0

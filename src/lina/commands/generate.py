@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     lat = summary["token_latency_s"]
     ms = lambda v: "-" if v is None else f"{v * 1e3:.1f} ms"  # noqa: E731
     print(
-        f"generated {summary['generated_tokens']} tokens for {summary['requests']} request(s) in {summary['wall_s']:.1f} s "
+        f"generated {summary['generated_tokens']} tokens for {summary['requests']} request(s) in "
+        f"{summary['wall_s']:.1f} s "
         f"({summary['tokens_per_s']:.1f} tokens/s); time to first token p50 {ms(summary['ttft_s_p50'])}; "
         f"per-token latency p50 {ms(lat['p50'])}, p95 {ms(lat['p95'])}, p99 {ms(lat['p99'])}"
     )

@@ -213,15 +213,15 @@ def _bench(args) -> int:
         wall = time.perf_counter() - started
         rows.append({"policy": policy, "wall_s": wall, "events": r.events, "simulated_step_s": r.step_s})
         print(
-            f"  {policy:<14} one step simulated in {wall:6.2f} s wall ({r.events} events); simulated step {r.step_s * 1e3:.1f} ms",
+            f"  {policy:<14} one step simulated in {wall:6.2f} s wall ({r.events} events); simulated step "
+            f"{r.step_s * 1e3:.1f} ms",
             flush=True,
         )
     worst = max(r["wall_s"] for r in rows)
     print(f"slowest policy: {worst:.2f} s wall per simulated step (target < 10 s)")
     if args.json:
-        print(
-            f"wrote {_write_json(args.json, {'scenario': sc.name, 'gpus': sc.gpus, 'layers': sc.model.layers, 'rows': rows})}"
-        )
+        result = {"scenario": sc.name, "gpus": sc.gpus, "layers": sc.model.layers, "rows": rows}
+        print(f"wrote {_write_json(args.json, result)}")
     return 0 if worst < 10 else 1
 
 

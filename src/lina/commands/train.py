@@ -18,26 +18,26 @@ OPTION_FIELDS = {
     "experts": "model.experts",
     "top_k": "model.top_k",
     "policy": "policy",
-    "out": "out",
+    "out": "output.out",
     "seed": "seed",
     "batch_size": "batch_size",
     "ep_size": "ep_size",
     "corpus": "corpus",
-    "chunk_mb": "chunk_mb",
-    "trace": "trace",
+    "chunk_mb": "comm.chunk_mb",
+    "trace": "output.trace",
     "capacity_factor": "model.capacity_factor",
-    "emulate": "emulate",
+    "emulate": "emulation.emulate",
     "lr": "lr",
-    "pipeline_chunks": "pipeline_chunks",
-    "credit": "credit",
-    "packing": "packing",
-    "packing_first_step": "packing_first_step",
-    "packing_every": "packing_every",
-    "max_expert_memory": "max_expert_memory_mb",
+    "pipeline_chunks": "comm.pipeline_chunks",
+    "credit": "comm.credit",
+    "packing": "packing.mode",
+    "packing_first_step": "packing.first_step",
+    "packing_every": "packing.every",
+    "max_expert_memory": "packing.max_expert_memory_mb",
     "hf_model": "model.hf_model",
-    "compute": "compute",
-    "dilation": "dilation",
-    "routing_trace": "routing_trace",
+    "compute": "emulation.compute",
+    "dilation": "emulation.dilation",
+    "routing_trace": "emulation.routing_trace",
 }
 
 
@@ -79,7 +79,8 @@ def register(subparsers) -> None:
         type=float,
         metavar="MB",
         help="device memory for expert weights, gradients and AdamW "
-        "state per rank; MoE layers beyond it keep their experts in host memory and bring each in when it computes (default 0: unlimited)",
+        "state per rank; MoE layers beyond it keep their experts in host memory and bring each in when it computes "
+        "(default 0: unlimited)",
     )
     p.add_argument(
         "--compute",
@@ -158,54 +159,58 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.capacity_factor is not None:
         overrides["model.dropless"] = False
     if args.resume:
-        overrides["resume"] = True
+        overrides["output.resume"] = True
     if args.check_collectives:
-        overrides["check_collectives"] = True
-    if getattr(args, "cluster", None):
-        overrides = _with_cluster(args.cluster, base, overrides)
+        overrides["comm.check_collectives"] = True
     merged = merge(base, overrides)
-    if "workers" not in overrides and "workers" not in base and merged.get("emulate", "none") != "none":
-        from lina.cluster.emulate import parse_emulate
+    if getattr(args, "cluster", None):
+        merged = _with_cluster(args.cluster, merged)
+    emulation = merged.get("emulation") if isinstance(merged.get("emulation"), dict) else {}
+    emulate = emulation.get("emulate", "none")
+    if "workers" not in merged and emulate != "none":  # one worker per emulated slot, rates in real units
+        from lina.emulation_spec import parse_emulate
 
-        spec = parse_emulate(merged["emulate"], merged.get("dilation", 1.0))
+        spec = parse_emulate(emulate, emulation.get("dilation", 1.0))
         if spec is not None:
             merged["workers"] = spec.world_size
-    if merged["model"].get("hf_model"):
+    if isinstance(merged.get("model"), dict) and merged["model"].get("hf_model"):
         merged = _with_checkpoint_shape(merged)
     problems: list = []
     cfg = TrainConfig.from_dict(merged, problems)
     raise_all(problems + cfg.problems())
     from lina.cluster.launch import under_torchrun
 
-    if cfg.resume and not under_torchrun():  # under torchrun each worker checks it (the folder may be on its host only)
+    if (
+        cfg.output.resume and not under_torchrun()
+    ):  # under torchrun each worker checks it (the folder may be on its host only)
         from lina.train import checkpoint
         from lina.train.resume import check_model
 
-        folder, meta = checkpoint.resume_point(Path(cfg.out) / "checkpoints")
+        folder, meta = checkpoint.resume_point(Path(cfg.output.out) / "checkpoints")
         check_model(cfg, meta, folder)
     return cfg
 
 
-def _with_cluster(name: str, base: dict, overrides: dict) -> dict:
+def _with_cluster(name: str, merged: dict) -> dict:
     """``--cluster NAME``: the emulated cluster, worker count, compute and dilation of a named real
-    cluster (compute and dilation only where neither the options nor the file set them)."""
+    cluster (compute and dilation only where neither the options nor the file set them).
+    ``merged``: the file's settings with the options over them, sections nested."""
     from lina.cluster.presets import fit_preset, require_device_time
     from lina.errors import ConfigError
 
-    for key in ("emulate", "workers"):
-        if key in overrides or key in base:
+    emulation = dict(merged.get("emulation") or {})
+    for key, given in (("emulate", "emulate" in emulation), ("workers", "workers" in merged)):
+        if given:
             raise ConfigError(
                 key, f"--cluster {name} sets it", f"drop --{key} (and {key} from the config file), or drop --cluster"
             )
-    require_device_time(name, overrides.get("compute", base.get("compute")))
-    dilation = overrides.get("dilation", base.get("dilation"))
-    fitted = fit_preset(name, dilation=dilation)
+    require_device_time(name, emulation.get("compute"))
+    fitted = fit_preset(name, dilation=emulation.get("dilation"))
     if fitted.note:
         print(f"lina train: {fitted.note}", file=sys.stderr)
-    out = {**overrides, "emulate": fitted.emulate, "workers": fitted.workers, "dilation": fitted.dilation}
-    if "compute" not in overrides and "compute" not in base:
-        out["compute"] = fitted.preset.device
-    return out
+    emulation |= {"emulate": fitted.emulate, "dilation": fitted.dilation}
+    emulation.setdefault("compute", fitted.preset.device)
+    return {**merged, "workers": fitted.workers, "emulation": emulation}
 
 
 def _with_checkpoint_shape(merged: dict) -> dict:
@@ -246,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     check = None
     if (
         spec is not None
-        and cfg.device_time
+        and cfg.emulation.device_time
         and not under_torchrun()
         and not getattr(args, "skip_dilation_check", False)
     ):
@@ -263,12 +268,12 @@ def run(args: argparse.Namespace) -> int:
     if summary is not None and check is not None:
         summary["dilation_check"] = check.to_dict()
     if summary is not None:
-        _stamp(summary, [Path(cfg.out)] + ([Path(cfg.trace)] if cfg.trace else []))
-        print_summary(summary, Path(cfg.out))
-        if cfg.trace:
+        _stamp(summary, [Path(cfg.output.out)] + ([Path(cfg.output.trace)] if cfg.output.trace else []))
+        print_summary(summary, Path(cfg.output.out))
+        if cfg.output.trace:
             from lina.obs.report import write_trace_report
 
-            write_trace_report(Path(cfg.trace))
+            write_trace_report(Path(cfg.output.trace))
     return 0
 
 
@@ -278,8 +283,10 @@ def dilation_check(cfg: TrainConfig, chosen_by_cluster: bool = False):
     A K that ``--cluster`` chose is raised to the smallest passing one instead (said so)."""
     from lina.cluster.dilation_check import startup_check
 
-    check = startup_check(cfg.emulate, cfg.dilation, "lina train", chosen_for_the_user=chosen_by_cluster)
-    cfg.dilation = check.dilation
+    check = startup_check(
+        cfg.emulation.emulate, cfg.emulation.dilation, "lina train", chosen_for_the_user=chosen_by_cluster
+    )
+    cfg.emulation.dilation = check.dilation
     return check
 
 
@@ -298,16 +305,16 @@ def run_emulated(cfg: TrainConfig, spec, verbose: bool = False) -> dict:
     from lina.cluster.emulate import EmulatedCluster
     from lina.cluster.hostlaunch import run_on_cluster
 
-    out = Path(cfg.out).resolve()
+    out = Path(cfg.output.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cfg.out = str(out)
-    if cfg.trace:
-        cfg.trace = str(Path(cfg.trace).resolve())
+    cfg.output.out = str(out)
+    if cfg.output.trace:
+        cfg.output.trace = str(Path(cfg.output.trace).resolve())
     config_path = out / "config.json"
     config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
     from lina.cluster.spec import describe
 
-    print(f"lina train: emulated cluster {describe(spec, cfg.dilation)}", flush=True)
+    print(f"lina train: emulated cluster {describe(spec, cfg.emulation.dilation)}", flush=True)
     with EmulatedCluster(spec) as cluster:
         run_on_cluster(cluster, "lina.train.worker", [str(config_path)], spec.workers_per_host, verbose=verbose)
     return json.loads((out / "summary.json").read_text())
@@ -323,7 +330,8 @@ def print_summary(summary: dict, out: Path) -> None:
     else:
         print(f"  loss (last 10 steps) {summary['final_loss']:.4f}   validation loss {summary['val_loss']:.4f}")
     print(
-        f"  tokens/s {summary['tokens_per_s']:.0f}   median step {summary['step_time_s_median'] * 1e3:.1f} ms   wall {summary['wall_s']:.1f} s"
+        f"  tokens/s {summary['tokens_per_s']:.0f}   median step {summary['step_time_s_median'] * 1e3:.1f} ms   wall "
+        f"{summary['wall_s']:.1f} s"
     )
     print(
         f"  time split: compute {pct['compute']:.1f}%  all-to-all {pct['all_to_all']:.1f}%  "
@@ -333,7 +341,8 @@ def print_summary(summary: dict, out: Path) -> None:
     if packing:
         changes = [d for d in packing["decisions"] if d["new_experts_per_rank"] != d["experts_per_rank"]]
         print(
-            f"  packing {packing['mode']}: {packing['experts_per_rank']} experts per rank (EP size {packing['ep_size']}) at the end, "
+            f"  packing {packing['mode']}: {packing['experts_per_rank']} experts per rank (EP size "
+            f"{packing['ep_size']}) at the end, "
             f"{len(changes)} change(s), {len(packing['decisions'])} decision(s)"
         )
     check = summary.get("dilation_check")

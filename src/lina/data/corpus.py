@@ -27,7 +27,10 @@ class Corpus:
     files: int
 
     def describe(self) -> str:
-        return f"{self.source}: {self.files} files, {self.train.numel() / 1e6:.2f} M train / {self.val.numel() / 1e6:.2f} M val byte tokens"
+        return (
+            f"{self.source}: {self.files} files, {self.train.numel() / 1e6:.2f} M train / "
+            f"{self.val.numel() / 1e6:.2f} M val byte tokens"
+        )
 
 
 def stdlib_root() -> Path:

@@ -140,7 +140,8 @@ def accuracy_by_path_len(
             result[name][str(l)] = score
             if progress:
                 progress(
-                    f"  {name:14s} l={l}: top-{fit.top_k} set {score['token_topk']:.3f}  top-1 {score['token_top1']:.3f}  "
+                    f"  {name:14s} l={l}: top-{fit.top_k} set {score['token_topk']:.3f}  top-1 "
+                    f"{score['token_top1']:.3f}  "
                     f"batch top-{2 * fit.top_k} {score['batch_match']:.3f}  (fit {fitted_s:.2f}s)"
                 )
     return result

@@ -224,7 +224,8 @@ def simulate_inference(
     if trace.num_experts != model.experts or trace.num_layers != model.moe_layers:
         raise ConfigError(
             "trace",
-            f"has {trace.num_layers} layers x {trace.num_experts} experts, the model {model.moe_layers} x {model.experts}",
+            f"has {trace.num_layers} layers x {trace.num_experts} experts, the model "
+            f"{model.moe_layers} x {model.experts}",
             "give a trace recorded from this model shape",
         )
     per_batch = n * spec.tokens_per_device
@@ -232,7 +233,8 @@ def simulate_inference(
     if trace.num_tokens < needed:
         raise ConfigError(
             "batches",
-            f"{spec.warmup_batches}+{spec.batches} batches of {per_batch} tokens need {needed} tokens, the trace has {trace.num_tokens}",
+            f"{spec.warmup_batches}+{spec.batches} batches of {per_batch} tokens need {needed} tokens, the trace "
+            f"has {trace.num_tokens}",
             "use fewer batches or tokens per device, or a longer trace",
         )
     resident = spec.resident if spec.resident is not None else resident_fits(model, memory_gb)

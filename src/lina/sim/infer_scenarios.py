@@ -64,7 +64,8 @@ def testbed_infer(model_key: str, experts: int) -> InferScenario:
     )
     return InferScenario(
         name=f"infer-testbed-{model_key}-e{experts}",
-        description=f"paper testbed inference: {kw['name']} top-1, {experts} experts on {hosts}x{gpus} A100, drifting skewed routing",
+        description=f"paper testbed inference: {kw['name']} top-1, {experts} experts on {hosts}x{gpus} A100, "
+        "drifting skewed routing",
         cluster=ClusterSpec(hosts=hosts, gpus_per_host=gpus, link_gbps=100.0),
         model=model,
         device=replace(DEVICES["a100-40gb-tf32"], efficiency=TESTBED_EFFICIENCY),
@@ -87,7 +88,8 @@ def mixtral() -> InferScenario:
     )
     return InferScenario(
         name="infer-mixtral-gsm8k",
-        description="real Mixtral-8x7B GSM8K routing (../shared/data), 8 experts on 2x4 H200, 100 Gb/s; small decode check",
+        description="real Mixtral-8x7B GSM8K routing (../shared/data), 8 experts on 2x4 H200, 100 "
+        "Gb/s; small decode check",
         cluster=ClusterSpec(hosts=2, gpus_per_host=4, link_gbps=100.0),
         model=model,
         device=DEVICES["h200-sxm-bf16"],
@@ -138,7 +140,8 @@ def _traces(sc: InferScenario, routing: str | None):
     path = Path(routing) if routing else default_data_dir() / MIXTRAL_FILE
     if not path.is_file():
         raise LinaError(
-            f"routing trace {path} not found (the Mixtral GSM8K routing lives in ../shared/data beside the checkout; pass --routing FILE)"
+            f"routing trace {path} not found (the Mixtral GSM8K routing lives in ../shared/data beside the checkout; "
+            "pass --routing FILE)"
         )
     trace = load_trace(path)
     fit, replay = trace.split(0.5, by="seq")
@@ -176,15 +179,18 @@ def _profile(sc: InferScenario, model: ModelSpec):
 def infer_table(sc: InferScenario, results: dict[str, InferResult]) -> str:
     lines = [
         f"{sc.name}: {sc.description}",
-        f"  {sc.cluster.describe()}; {sc.model.describe().split(',')[0]}; {sc.spec.tokens_per_device} tokens/device per batch",
-        f"  {'policy':<9}{'median ms':>11}{'p95 ms':>9}{'x median':>10}{'x p95':>8}{'a2a p95/layer':>15}{'re-plans':>10}",
+        f"  {sc.cluster.describe()}; {sc.model.describe().split(',')[0]}; {sc.spec.tokens_per_device} "
+        "tokens/device per batch",
+        f"  {'policy':<9}{'median ms':>11}{'p95 ms':>9}{'x median':>10}{'x p95':>8}"
+        f"{'a2a p95/layer':>15}{'re-plans':>10}",
     ]
     for name, r in results.items():
         sm = f"{r.speedup_median:.2f}x" if r.speedup_median else "-"
         sp = f"{r.speedup_p95:.2f}x" if r.speedup_p95 else "-"
         rp = f"{r.replans}/{r.checked}" if r.checked else "-"
         lines.append(
-            f"  {name:<9}{r.median_s * 1e3:>11.2f}{r.p95_s * 1e3:>9.2f}{sm:>10}{sp:>8}{r.a2a_p95_s * 1e3:>14.2f}ms{rp:>10}"
+            f"  {name:<9}{r.median_s * 1e3:>11.2f}{r.p95_s * 1e3:>9.2f}{sm:>10}{sp:>8}"
+            f"{r.a2a_p95_s * 1e3:>14.2f}ms{rp:>10}"
         )
     return "\n".join(lines)
 

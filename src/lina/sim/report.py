@@ -25,7 +25,10 @@ def train_table(run: ScenarioRun) -> str:
             f"  regime: link {sc.cluster.link_gbps:g} Gb/s, ddp-overlap all-to-all share {base.a2a_share:.1%}; "
             f"lower bound of the synchronous schedule (every a2a alone, allreduce hidden) {_ms(run.lower_bound.step_s)} ms"
         )
-    header = f"  {'policy':<15}{'step ms':>10}{'a2a ms':>10}{'a2a %':>7}{'bwd a2a':>9}{'allred.':>9}{'exposed':>9}{'speedup':>9}{'pack':>6}"
+    header = (
+        f"  {'policy':<15}{'step ms':>10}{'a2a ms':>10}{'a2a %':>7}{'bwd a2a':>9}{'allred.':>9}{'exposed':>9}"
+        f"{'speedup':>9}{'pack':>6}"
+    )
     lines += [header, "  " + "-" * (len(header) - 2)]
     for name, r in run.results.items():
         speed = f"{r.speedup:.2f}x" if r.speedup is not None else "-"

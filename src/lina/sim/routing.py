@@ -71,7 +71,8 @@ def drifting_trace(
         token_idx=token_idx,
         num_experts=num_experts,
         top_k=top_k,
-        source=f"drifting(affinity={affinity}, concentration={concentration}, model_seed={model_seed}, batch_seed={batch_seed})",
+        source=f"drifting(affinity={affinity}, concentration={concentration}, model_seed={model_seed}, "
+        f"batch_seed={batch_seed})",
     )
 
 

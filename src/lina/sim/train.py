@@ -276,7 +276,8 @@ def _pack(plan, pol, topo, cache, tasks, events, memory_gb):
         if trial_s > step_s * (1 + REVERT_MARGIN):
             step_s, plan, tasks = min(visited, key=lambda v: v[0])
             decision["stop"] = (
-                f"reverted: x{trial.pack} made the step {trial_s / decision['step_s'] - 1:.0%} slower; back to x{plan.pack}, the fastest"
+                f"reverted: x{trial.pack} made the step {trial_s / decision['step_s'] - 1:.0%} slower; back to "
+                f"x{plan.pack}, the fastest"
             )
             break
         plan, tasks, step_s = trial, trial_tasks, trial_s

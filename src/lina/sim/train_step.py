@@ -5,8 +5,8 @@ one GPU; its collectives involve all GPUs and go through the (representative) fl
 
 Per layer, forward: dense compute, then for a MoE layer dispatch all-to-all, expert FFN,
 combine all-to-all (split into chunks and pipelined when the policy says so). Then the
-embedding/LM head forward (``head.fwd``) and backward (``head.bwd``). Backward, last layer first: combine all-to-all, expert
-FFN backward, dispatch all-to-all, dense backward. Gradients become ready as their layer's
+embedding/LM head forward (``head.fwd``) and backward (``head.bwd``). Backward, last layer first:
+combine all-to-all, expert FFN backward, dispatch all-to-all, dense backward. Gradients become ready as their layer's
 backward ends; the policy decides how they are allreduced. The optimizer runs when backward
 and every allreduce are done.
 """

@@ -31,7 +31,7 @@ def checkpoint_meta(trainer, step: int) -> dict[str, Any]:
         "world_size": trainer.groups.world_size,
         "ep_size": trainer.groups.ep_size,
         "experts_per_rank": trainer.experts_per_rank,
-        "packing": {"mode": cfg.packing, "controller": trainer.packing.state_dict()},
+        "packing": {"mode": cfg.packing.mode, "controller": trainer.packing.state_dict()},
         "model": cfg.model.__dict__.copy(),
         "data": {
             "seed": cfg.seed,
@@ -83,7 +83,7 @@ def load_trainer(folder: Path, meta: dict[str, Any], trainer, ep_size: int, grou
     loaded = checkpoint.load(folder, template(trainer.model, True, rng_key), group)
     apply_state(trainer.model, trainer.optimizer, loaded, rng_key)
     same_job = int(meta["world_size"]) == trainer.groups.world_size and ep_size == int(meta["ep_size"])
-    if same_job and meta.get("packing", {}).get("mode") == trainer.cfg.packing:
+    if same_job and meta.get("packing", {}).get("mode") == trainer.cfg.packing.mode:
         trainer.packing.load_state_dict(meta["packing"].get("controller", {}))
     trainer.place_experts()
     return int(meta["step"]) + 1

@@ -30,7 +30,8 @@ from lina.obs import schema
 from lina.obs.report import step_breakdown
 from lina.obs.timeline import Span, Timeline
 from lina.policy import train_policy
-from lina.train.packing import PackingController, plan_residency, relayout_experts
+from lina.train.packing import PackingController, plan_residency
+from lina.train.relayout import relayout_experts
 
 
 @dataclass
@@ -75,7 +76,7 @@ class Trainer:
         self.group_set = dict(group_set or {groups.ep_size: groups})
         missing = [ep for ep in self.packing.ep_sizes() if ep not in self.group_set]
         if missing and cfg.effective_packing != "off":
-            self.group_set.update(build_group_set(missing, cfg.timeout_s))
+            self.group_set.update(build_group_set(missing, cfg.comm.timeout_s))
         self.groups = self.group_set[self.packing.initial_ep()] if cfg.effective_packing != "off" else groups
         self.comm = ExpertComm(
             group=self.groups.ep_group,
@@ -103,23 +104,23 @@ class Trainer:
         self.device_mode = self._device_time_mode()
 
     def _device_time_mode(self) -> DeviceTimeMode | None:
-        """In a device-time run (``cfg.compute`` names a device): the dispatch mode every step runs
+        """In a device-time run (``cfg.emulation.compute`` names a device): the dispatch mode every step runs
         under, and every MoE layer routes by the trace (each rank from its own place in it)."""
-        if not self.cfg.device_time:
+        if not self.cfg.emulation.device_time:
             return None
         tokens = self.cfg.batch_size * self.cfg.model.seq_len
         source = TraceRouting.from_file(
-            self.cfg.routing_trace, self.cfg.model.experts, offset=self.groups.rank * tokens
+            self.cfg.emulation.routing_trace, self.cfg.model.experts, offset=self.groups.rank * tokens
         )
         for layer in self.model.moe_layers():
             layer.routing_source = source
-        return DeviceTimeMode(device_from(self.cfg.compute), self.cfg.dilation)
+        return DeviceTimeMode(device_from(self.cfg.emulation.compute), self.cfg.emulation.dilation)
 
     def _resolve_chunk_mb(self) -> float:
         """A fixed ``chunk_mb``, or for ``auto`` the result of a start-up sweep on the DP group
         (only when a policy that partitions gradients may run)."""
-        if self.cfg.chunk_mb != "auto":
-            return float(self.cfg.chunk_mb)
+        if self.cfg.comm.chunk_mb != "auto":
+            return float(self.cfg.comm.chunk_mb)
         if self.groups.world_size == 1 or not train_policy(self.cfg.policy).partitions_gradients:
             return 1.0
         dense_bytes = sum(
@@ -136,16 +137,16 @@ class Trainer:
         policy = make_sync(
             name,
             chunk_mb=self.chunk_mb,
-            credit=self.cfg.credit,
+            credit=self.cfg.comm.credit,
             model=self.model,
             dp_group=self.groups.dp_group if self.groups.world_size > 1 else None,
             expert_dp_group=self.groups.expert_dp_group,
             world_size=self.groups.world_size,
             timeline=self.timeline,
-            bucket_mb=self.cfg.bucket_mb,
-            timeout_s=self.cfg.timeout_s,
+            bucket_mb=self.cfg.comm.bucket_mb,
+            timeout_s=self.cfg.comm.timeout_s,
         )
-        self.comm.pipeline_chunks = self.cfg.pipeline_chunks if policy.pipelined else 1
+        self.comm.pipeline_chunks = self.cfg.comm.pipeline_chunks if policy.pipelined else 1
         return policy
 
     def set_policy(self, name: str) -> None:
@@ -159,7 +160,7 @@ class Trainer:
 
     def repack(self, ep_size: int) -> None:
         """Move to the layout with EP size ``ep_size`` between steps (a collective): experts and
-        their AdamW state move (:func:`lina.train.packing.relayout_experts`), the MoE layers talk
+        their AdamW state move (:func:`lina.train.relayout.relayout_experts`), the MoE layers talk
         on the new EP group, and the gradient-sync policy is rebuilt on the new parameters and
         expert-data-parallel group. No step is lost or repeated."""
         if ep_size == self.groups.ep_size:
@@ -185,7 +186,7 @@ class Trainer:
         state of each expert parameter follows it."""
         layers = self.model.moe_layers()
         device = self.model.head.weight.device
-        budget = int(self.cfg.max_expert_memory_mb * 1024 * 1024)
+        budget = int(self.cfg.packing.max_expert_memory_mb * 1024 * 1024)
         for layer, resident in zip(layers, plan_residency([m.experts.training_bytes() for m in layers], budget)):
             layer.experts.set_offloaded(not resident, device)
             for p in layer.experts.parameters():
@@ -202,7 +203,7 @@ class Trainer:
         offloaded = [m for m in layers if m.experts.offloaded]
         mb = 1024 * 1024
         return {
-            "budget_mb": self.cfg.max_expert_memory_mb,
+            "budget_mb": self.cfg.packing.max_expert_memory_mb,
             "experts_per_rank": self.experts_per_rank,
             "resident_layers": len(resident),
             "offloaded_layers": len(offloaded),

@@ -64,7 +64,7 @@ def _truncate_metrics(path: Path, first_step: int) -> None:
 def run(cfg_dict: dict) -> dict | None:
     """Train with the given config (a ``TrainConfig.to_dict()``); returns the summary on rank 0."""
     cfg = TrainConfig.from_dict(cfg_dict)
-    init_distributed(cfg.timeout_s, cfg.workers if cfg.emulate_spec() is not None else None)
+    init_distributed(cfg.comm.timeout_s, cfg.workers if cfg.emulate_spec() is not None else None)
     try:
         with CollectiveLog() as collectives:  # a failing collective names its group and op
             return _train(cfg, collectives)
@@ -88,29 +88,29 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
     if world != cfg.workers:
         cfg.workers = world  # under torchrun the launcher decides the worker count
         cfg.validate()
-    out = Path(cfg.out)
+    out = Path(cfg.output.out)
     ckpt_root = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
     # Every layout the run may use is created now (new_group is collective), including the one a
     # resumed run starts in.
-    resume = checkpoint.resume_point(ckpt_root) if cfg.resume else None
+    resume = checkpoint.resume_point(ckpt_root) if cfg.output.resume else None
     if resume is not None:
         check_model(cfg, resume[1], resume[0])
     controller = PackingController.from_config(cfg, world)
     resume_ep = resume_layout(cfg, resume[1], world) if resume is not None else None
     ep_sizes = controller.ep_sizes() + ([resume_ep] if resume_ep is not None else [])
-    group_set = build_group_set(ep_sizes, cfg.timeout_s)
-    ckpt_group = group_for_checkpoints(cfg.timeout_s)
+    group_set = build_group_set(ep_sizes, cfg.comm.timeout_s)
+    ckpt_group = group_for_checkpoints(cfg.comm.timeout_s)
     _watch(collectives, group_set)
-    if cfg.check_collectives:
-        collectives.prepare_check(cfg.timeout_s)
+    if cfg.comm.check_collectives:
+        collectives.prepare_check(cfg.comm.timeout_s)
     corpus = load_corpus(cfg.corpus, cfg.corpus_max_mb)
     if cfg.model.hf_model:  # the checkpoint's own tokenizer, when its folder has one
         from lina.hf.tokens import corpus_for
 
         corpus = corpus_for(cfg.model.hf_model, corpus, cfg.model.vocab_size)
     # The trace streams to its file as the run goes (a long run's spans are not held in memory).
-    trace_path = Path(cfg.trace) / f"timeline-rank{rank}.jsonl" if cfg.trace else None
+    trace_path = Path(cfg.output.trace) / f"timeline-rank{rank}.jsonl" if cfg.output.trace else None
     timeline = Timeline(rank, enabled=True, spill_path=trace_path)
     trainer = Trainer(
         cfg, group_set[controller.initial_ep()], corpus, timeline, group_set=group_set, bounded_timeline=True
@@ -120,27 +120,30 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
         start_step = load_trainer(resume[0], resume[1], trainer, resume_ep, ckpt_group)
         if rank == 0:
             print(
-                f"resumed from {resume[0]} (written on {resume[1]['world_size']} workers, EP size {resume[1]['ep_size']}) "
+                f"resumed from {resume[0]} (written on {resume[1]['world_size']} workers, EP size "
+                f"{resume[1]['ep_size']}) "
                 f"on {world} workers, EP size {trainer.groups.ep_size}",
                 flush=True,
             )
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
-        if cfg.resume:
+        if cfg.output.resume:
             _truncate_metrics(metrics_path, start_step)
         else:
             metrics_path.unlink(missing_ok=True)
         print(
-            f"lina train: {world} workers, EP size {trainer.groups.ep_size} ({trainer.experts_per_rank} experts per rank, "
+            f"lina train: {world} workers, EP size {trainer.groups.ep_size} "
+            f"({trainer.experts_per_rank} experts per rank, "
             f"packing {cfg.effective_packing}), {cfg.model.experts} experts top-{cfg.model.top_k}, "
             f"policy {cfg.policy}; {corpus.describe()}; steps {start_step}..{cfg.steps - 1}",
             flush=True,
         )
-        if cfg.max_expert_memory_mb > 0:
+        if cfg.packing.max_expert_memory_mb > 0:
             _print_memory(trainer.expert_memory())
-        if cfg.device_time:
+        if cfg.emulation.device_time:
             print(
-                f"device-time compute: every compute op takes {cfg.compute}'s time x {cfg.dilation:g} instead of being "
+                f"device-time compute: every compute op takes {cfg.emulation.compute}'s time x "
+                f"{cfg.emulation.dilation:g} instead of being "
                 "computed, so no loss is computed or reported (numerics are proven in real-compute runs)",
                 flush=True,
             )
@@ -157,10 +160,11 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
                 if d["reason"].startswith("settled"):
                     continue
                 print(
-                    f"packing before step {d['step']}: {d['experts_per_rank']} -> {d['new_experts_per_rank']} experts per rank ({d['reason']})",
+                    f"packing before step {d['step']}: {d['experts_per_rank']} -> {d['new_experts_per_rank']} experts "
+                    f"per rank ({d['reason']})",
                     flush=True,
                 )
-                if d["new_experts_per_rank"] != d["experts_per_rank"] and cfg.max_expert_memory_mb > 0:
+                if d["new_experts_per_rank"] != d["experts_per_rank"] and cfg.packing.max_expert_memory_mb > 0:
                     _print_memory(trainer.expert_memory())
             _append_metrics(
                 metrics_path,
@@ -175,8 +179,8 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
                     "experts_per_rank": res.experts_per_rank,
                 },
             )
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                shown = "-" if cfg.device_time else f"{loss:.4f}"
+            if step % cfg.output.log_every == 0 or step == cfg.steps - 1:
+                shown = "-" if cfg.emulation.device_time else f"{loss:.4f}"
                 print(
                     f"step {step:5d}/{cfg.steps}  loss {shown}  step {res.step_time_s * 1e3:7.1f} ms  "
                     f"a2a {res.a2a_time_s * 1e3:6.1f} ms  allreduce {res.allreduce_time_s * 1e3:6.1f} ms",
@@ -185,11 +189,11 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
         last = step == cfg.steps - 1
         if (step + 1) % cfg.eval_every == 0 or last:
             val_loss = trainer.evaluate()
-            if rank == 0 and not cfg.device_time:
+            if rank == 0 and not cfg.emulation.device_time:
                 print(f"step {step:5d}  validation loss {val_loss:.4f}", flush=True)
-        if (step + 1) % cfg.checkpoint_every == 0 or last:
+        if (step + 1) % cfg.output.checkpoint_every == 0 or last:
             save_trainer(ckpt_root, step, trainer, ckpt_group)
-        if cfg.check_collectives:
+        if cfg.comm.check_collectives:
             collectives.check_step(step)  # raises on every rank when the ranks' sequences differ
     wall = time.perf_counter() - wall_start
     hf_out = None
@@ -223,8 +227,8 @@ def _train(cfg: TrainConfig, collectives: CollectiveLog) -> dict | None:
         measured["hf_model_out"] = str(hf_out)
     summary = run_summary(setup, measured.pop("config"), measured.pop("step_time_s_median"), **measured)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    if cfg.trace:
-        (Path(cfg.trace) / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.output.trace:
+        (Path(cfg.output.trace) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -248,8 +252,8 @@ def run_setup(cfg: TrainConfig, trainer: Trainer, world: int) -> RunSetup:
         hosts=spec.hosts if spec else None,
         workers_per_host=spec.workers_per_host if spec else None,
         link_bps=float(spec.link_bps) if spec else None,
-        bucket_mb=float(cfg.bucket_mb),
-        pipeline_chunks=cfg.pipeline_chunks,
+        bucket_mb=float(cfg.comm.bucket_mb),
+        pipeline_chunks=cfg.comm.pipeline_chunks,
         ep_size=trainer.groups.ep_size,
         backend=dist.get_backend(),
         cpu_count=os.cpu_count(),
@@ -258,8 +262,10 @@ def run_setup(cfg: TrainConfig, trainer: Trainer, world: int) -> RunSetup:
 
 def _print_memory(mem: dict) -> None:
     print(
-        f"expert memory (budget {mem['budget_mb']:g} MB): {mem['resident_layers']} MoE layer(s) resident ({mem['resident_mb']:.2f} MB), "
-        f"{mem['offloaded_layers']} offloaded to host ({mem['offloaded_experts']} experts, {mem['offloaded_mb']:.2f} MB); "
+        f"expert memory (budget {mem['budget_mb']:g} MB): {mem['resident_layers']} MoE layer(s) resident "
+        f"({mem['resident_mb']:.2f} MB), "
+        f"{mem['offloaded_layers']} offloaded to host ({mem['offloaded_experts']} experts, "
+        f"{mem['offloaded_mb']:.2f} MB); "
         f"brought in {mem['copies_in']} times so far ({mem['mb_in']:.1f} MB)",
         flush=True,
     )
@@ -294,8 +300,10 @@ def summarize(cfg: TrainConfig, results: list, val_loss: float | None, wall_s: f
     return {
         "config": cfg.to_dict(),
         "steps_run": n,
-        "final_loss": statistics.mean(r.loss for r in results[-10:]) if results and not cfg.device_time else None,
-        "val_loss": None if cfg.device_time else val_loss,
+        "final_loss": statistics.mean(r.loss for r in results[-10:])
+        if results and not cfg.emulation.device_time
+        else None,
+        "val_loss": None if cfg.emulation.device_time else val_loss,
         "tokens_per_s": tokens / steps_time if steps_time else None,
         "wall_s": wall_s,
         "step_time_s_median": statistics.median(r.step_time_s for r in results) if results else None,

@@ -19,7 +19,7 @@ Fair-start rules (what makes its rows comparable with lina's):
   peer's own step counter (its step k sees lina's batch k), torch AdamW (lina's lr and weight
   decay) over ``split_params_into_different_moe_groups_for_optimizer``, fp32.
 
-Device time (``cfg.compute`` names a device, :mod:`lina.devicetime`): the peer's every compute op
+Device time (``cfg.emulation.compute`` names a device, :mod:`lina.devicetime`): the peer's every compute op
 takes that device's time x the dilation, under the same dispatch mode as lina's trainer, and its
 gates route by the run's routing trace (:class:`lina.bench.peers.trace_gate.TraceGate`, each rank
 from the same place in the trace as lina's), so that beside lina's policies only the communication
@@ -246,15 +246,15 @@ class DeepSpeedPeer:
         """In a device-time run: every gate routes by the trace (offset as lina's trainer offsets
         this rank), and the mode every step runs under."""
         cfg = self.cfg
-        if not cfg.device_time:
+        if not cfg.emulation.device_time:
             return None
         source = TraceRouting.from_file(
-            cfg.routing_trace, cfg.model.experts, offset=self.rank * cfg.batch_size * cfg.model.seq_len
+            cfg.emulation.routing_trace, cfg.model.experts, offset=self.rank * cfg.batch_size * cfg.model.seq_len
         )
         for j, ffn in enumerate(model.moe_ffns):
             layer = ffn.moe.deepspeed_moe
             layer.gate = TraceGate(layer.gate, source, j)
-        return DeviceTimeMode(device_from(cfg.compute), cfg.dilation)
+        return DeviceTimeMode(device_from(cfg.emulation.compute), cfg.emulation.dilation)
 
     def _sync_device(self) -> None:
         if self.device_mode is not None:

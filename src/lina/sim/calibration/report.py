@@ -89,10 +89,13 @@ def report_text(rep: CalibrationReport) -> str:
     p = f.profile
     lines = [
         "fitted parameters:",
-        f"  links carry {f.link_efficiency:.3f} of their configured rate; an allreduce costs {f.allreduce_launch_s * 1e3:.3f} ms "
+        f"  links carry {f.link_efficiency:.3f} of their configured rate; an allreduce costs "
+        f"{f.allreduce_launch_s * 1e3:.3f} ms "
         f"+ {f.allreduce_hop_s * 1e3:.3f} ms per ring step ({f.allreduce_samples} uncontended allreduces); "
-        f"an allreduce loses {f.allreduce_slowdown_per_sharer:.0%} of its speed while its ranks compute, per other rank on their core",
-        f"  all-to-all: latency {f.a2a_latency_s * 1e3:.3f} ms; a rank sends {_rate(f.core_copy_bytes_per_s, 'per core it has')}; "
+        f"an allreduce loses {f.allreduce_slowdown_per_sharer:.0%} of its speed while its ranks compute, per "
+        "other rank on their core",
+        f"  all-to-all: latency {f.a2a_latency_s * 1e3:.3f} ms; a rank sends "
+        f"{_rate(f.core_copy_bytes_per_s, 'per core it has')}; "
         f"one flow to another host moves {_rate(f.flow_copy_bytes_per_s, '')}"
         f"{f'; the link loses {f.pair_flow_loss:.0%} of its goodput per extra flow between the same two hosts' if f.pair_flow_loss else ''} "
         f"({f.a2a_samples} uncontended forward all-to-alls, timed from the last rank's arrival); "
@@ -101,7 +104,8 @@ def report_text(rep: CalibrationReport) -> str:
             f"  all-to-alls inside a host (loopback): a rank sends {_rate(f.loopback_bytes_per_s, 'per core it has')} "
             + (
                 f"(fitted to the step times of the {f.loopback_step_runs} runs with all-to-alls inside hosts; their "
-                f"{f.loopback_samples} uncontended loopback all-to-alls alone give {_rate(f.loopback_sampled_bytes_per_s, '')}, "
+                f"{f.loopback_samples} uncontended loopback all-to-alls alone give "
+                f"{_rate(f.loopback_sampled_bytes_per_s, '')}, "
                 f"swayed by waits for a core; "
                 if f.loopback_step_runs
                 else f"({f.loopback_samples} uncontended ones; "
@@ -109,11 +113,14 @@ def report_text(rep: CalibrationReport) -> str:
             + "the per-core limit above counts bytes to other hosts only); "
             "they lose the allreduce's share of speed beside compute, and their copies take the compute's cores"
             if f.loopback_bytes_per_s
-            else f"  intra-host rate {f.intra_factor:.1f}x the host link (assumed; inside a host the per-core limit binds first)"
+            else f"  intra-host rate {f.intra_factor:.1f}x the host link (assumed; inside a host the "
+            "per-core limit binds first)"
         ),
-        f"  compute per token on one whole core (a run's ranks share its machine's cores): dense fwd {p.dense_fwd_s_per_token * 1e6:.3f} us, bwd {p.dense_bwd_s_per_token * 1e6:.3f} us per layer; "
+        "  compute per token on one whole core (a run's ranks share its machine's cores): dense fwd "
+        f"{p.dense_fwd_s_per_token * 1e6:.3f} us, bwd {p.dense_bwd_s_per_token * 1e6:.3f} us per layer; "
         f"{f'plus {p.layer_fwd_s * 1e3:.3f} ms fwd, {p.layer_bwd_s * 1e3:.3f} ms bwd per layer whatever the tokens; ' if p.layer_fwd_s or p.layer_bwd_s else ''}"
-        f"expert fwd {p.expert_fwd_s_per_token * 1e6:.3f} us, bwd {p.expert_bwd_s_per_token * 1e6:.3f} us per routed token; "
+        f"expert fwd {p.expert_fwd_s_per_token * 1e6:.3f} us, bwd {p.expert_bwd_s_per_token * 1e6:.3f} "
+        "us per routed token; "
         f"optimizer {p.optimizer_s_per_param * 1e9:.3f} ns per parameter",
         f"  compute time grows as (cores per rank) ** -{f.core_exponent:.2f} when ranks share cores"
         + (
@@ -121,8 +128,10 @@ def report_text(rep: CalibrationReport) -> str:
             if f.core_exponent_no_a2a is not None
             else ""
         ),
-        f"  compute speed lost while an all-to-all is in flight {p.slowdown_in_a2a:.1%}, while an allreduce is {p.slowdown_in_allreduce:.1%} "
-        f"(collectives share the compute's CPU cores); the last rank to reach an all-to-all computes {p.straggler:.1%} longer than the mean",
+        f"  compute speed lost while an all-to-all is in flight {p.slowdown_in_a2a:.1%}, while an allreduce is "
+        f"{p.slowdown_in_allreduce:.1%} "
+        f"(collectives share the compute's CPU cores); the last rank to reach an all-to-all computes {p.straggler:.1%} "
+        "longer than the mean",
         *([f"  note: {f.note}"] if f.note else []),
         *_skew_line(rep.rows),
         "",
@@ -137,7 +146,8 @@ def report_text(rep: CalibrationReport) -> str:
     if repeated:
         lines += [
             "",
-            f"per configuration and policy ({len(repeated)} measured more than once, each pooled: the median of all its runs' steps):",
+            f"per configuration and policy ({len(repeated)} measured more than once, each pooled: the median of "
+            "all its runs' steps):",
             f"  {'config':<52}{'policy':<12}{'runs ms':>16}{'pooled ms':>11}{'predicted ms':>14}{'error':>9}",
         ]
         for r in repeated:
@@ -147,7 +157,8 @@ def report_text(rep: CalibrationReport) -> str:
                 f"{r['predicted_s'] * 1e3:>14.1f}{r['error']:>+9.1%}"
             )
         lines.append(
-            f"median |error| per configuration: {rep.config_median_abs_error:.1%} over {len(rep.config_rows)} configurations; "
+            f"median |error| per configuration: {rep.config_median_abs_error:.1%} over "
+            f"{len(rep.config_rows)} configurations; "
             f"{_within(rep.config_rows)} of {len(rep.config_rows)} within 10%"
         )
     if rep.holdout_rows:
@@ -166,8 +177,10 @@ def _skew_line(rows: list[dict]) -> list[str]:
     if not skews or max(skews) <= 1.0:
         return []
     return [
-        f"  routing (an input, not fitted): each run's all-to-all skew (column 'skew': the busiest rank's bytes, or host's where the "
-        f"group's ranks share host links, over the mean rank's) is read from its timelines: {min(skews):.2f} to {max(skews):.2f}; "
+        "  routing (an input, not fitted): each run's all-to-all skew (column 'skew': the busiest rank's bytes, "
+        "or host's where the "
+        f"group's ranks share host links, over the mean rank's) is read from its timelines: {min(skews):.2f} "
+        f"to {max(skews):.2f}; "
         "the simulated all-to-alls move the busiest's bytes"
     ]
 

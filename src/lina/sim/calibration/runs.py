@@ -85,6 +85,9 @@ def setup_from_v1(summary: dict, path: Path) -> RunSetup:
     if not isinstance(cfg, dict):
         raise LinaError(f"{path}/summary.json has no 'config' object")
     model = cfg.get("model") if isinstance(cfg.get("model"), dict) else cfg
+    for section in ("comm", "emulation"):  # a config in sections (TrainConfig.to_dict)
+        if isinstance(cfg.get(section), dict):
+            cfg = {**cfg, **cfg[section]}
     out = {
         "layers": _get(model, "layers", "n_layers"),
         "d_model": _get(model, "d_model"),
@@ -112,7 +115,7 @@ def setup_from_v1(summary: dict, path: Path) -> RunSetup:
     }
     emulate = cfg.get("emulate")
     if isinstance(emulate, str) and out["hosts"] is None:
-        from lina.cluster.emulate import parse_emulate
+        from lina.emulation_spec import parse_emulate
 
         spec = parse_emulate(emulate)
         if spec is None:
