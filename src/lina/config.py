@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,12 @@ from lina.policy.packing import parse_packing, valid_experts_per_rank
 RENAMED = {"schedule": "policy"}
 
 
-class Section:
+class Section(ABC):
     """A typed group of settings (a TOML table) that checks itself."""
 
+    @abstractmethod
     def problems(self) -> list[ConfigError]:
         """Every problem of these settings (empty when they are valid)."""
-        raise NotImplementedError
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` (:class:`lina.errors.ConfigErrors` for several) for every problem."""

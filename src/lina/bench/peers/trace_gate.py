@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lina.devicetime import TraceRouting
+from lina.errors import LinaError
 
 
 class TraceGate(nn.Module):
@@ -45,7 +46,10 @@ class TraceGate(nn.Module):
         """``input [T, d_model]`` -> ``(aux loss [], capacity [] int64, E, expert ids [k, T] int32 (-1:
         dropped), slots [k, T] int32, weights [k, T], expert counts [E])``."""
         if not sparse_routes or use_tutel:
-            raise NotImplementedError("the trace gate serves DeepSpeed's sparse routes only")
+            raise LinaError(
+                "the trace gate serves DeepSpeed's sparse routes (what its MOELayer asks for). "
+                "Fix: use a deepspeed version whose MOELayer calls its gate with sparse_routes=True (>= 0.16)"
+            )
         g = self.inner
         tokens, k = input.shape[0], g.k
         logits = F.linear(input.float(), g.wg.weight.float())
