@@ -157,7 +157,6 @@ class TrainBenchPlan(BenchPlan):
     hosts: int
     workers_per_host: int
     link_bps: int  # the real cluster's link (the emulated one runs at link_bps / dilation)
-    intra_bps: int  # the real cluster's intra-host link (0: free loopback), emulated at intra_bps / dilation
     experts: tuple[int, ...]
     policies: tuple[str, ...]
     model: dict
@@ -173,6 +172,7 @@ class TrainBenchPlan(BenchPlan):
     packing_window: int
     credit: int = 1
     settle: int = 0
+    intra_bps: int = 0  # the real cluster's intra-host link (0: free loopback), emulated at intra_bps / dilation
     compute: str = "real"
     dilation: float = 1.0
     routing_trace: str = ""
