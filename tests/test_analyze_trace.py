@@ -55,6 +55,7 @@ def test_splits_for_two_sequences_include_the_reversed_fold():
     assert splits["seq-reversed"][0].num_tokens == test.num_tokens
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess (a second or more each)
 def test_cli_writes_json_and_plots(tmp_path, capsys):
     trace = synthetic_trace(240, 5, 4, top_k=2, affinity=0.8, seed=1, tokens_per_seq=60).save(tmp_path / "t.npz")
     out = tmp_path / "report"

@@ -156,6 +156,7 @@ def test_bench_infer_quick_in_device_time(tmp_path):
         (["--peers", "deepspeed-zero3"], "peers"),
     ],
 )
+@pytest.mark.slow  # starts the CLI in a subprocess (a second or more each)
 def test_bench_train_rejects_bad_options_before_starting(args, field, tmp_path):
     res = run_lina("bench", "train", *args, "--json", str(tmp_path / "t.json"), timeout=60)
     assert res.returncode == 2
@@ -170,6 +171,7 @@ def test_bench_train_rejects_bad_options_before_starting(args, field, tmp_path):
         (["--compute", "a100", "--dilation", "0.001"], "emulate.link"),  # 100mbit x 1000: beyond tc
     ],
 )
+@pytest.mark.slow  # starts the CLI in a subprocess (a second or more each)
 def test_bench_infer_rejects_bad_compute_options_before_starting(args, field, tmp_path):
     res = run_lina("bench", "infer", *args, "--json", str(tmp_path / "i.json"), timeout=60)
     assert res.returncode == 2, res.stderr

@@ -38,6 +38,7 @@ def test_dilation_is_the_smallest_one_tc_can_shape_or_a_larger_given_one():
     require_device_time("paper", None)  # the preset's device
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess (a second or more each)
 def test_cluster_option_contradicting_the_layout_exits_2(tmp_path):
     res = run_lina("train", "--cluster", "paper", "--workers", "3", "--out", str(tmp_path), timeout=60)
     assert res.returncode == 2 and "invalid workers" in res.stderr and "--cluster paper sets it" in res.stderr

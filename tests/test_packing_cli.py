@@ -32,6 +32,7 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess (a second or more each)
 def test_bad_packing_is_rejected_before_workers_start():
     res = run_lina("train", "--workers", "4", "--experts", "4", "--packing", "3", timeout=60)
     assert res.returncode == 2, res.stderr

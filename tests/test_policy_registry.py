@@ -82,6 +82,7 @@ def toy_env(tmp_path):
     return env
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess (a second or more each)
 def test_own_policy_runs_in_the_simulator(toy_env, tmp_path):
     out = tmp_path / "sim.json"
     res = subprocess.run(

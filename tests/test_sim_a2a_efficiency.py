@@ -77,6 +77,7 @@ def test_link_efficiency_command_measures_per_rate_and_the_fit_reproduces_it(tmp
         assert simulated == pytest.approx(row["seconds"], rel=0.10), (row, eff)
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess (a second or more each)
 def test_link_efficiency_command_rejects_a_bad_rate():
     res = run_lina("cluster", "link-efficiency", "--links", "fast", timeout=60)
     assert res.returncode == 2 and "invalid --links" in res.stderr

@@ -23,6 +23,7 @@ from conftest import lina_cmd, run_lina
         (["--chunk-mb", "-3"], "chunk_mb"),
     ],
 )
+@pytest.mark.slow  # starts the CLI in a subprocess (a second or more each)
 def test_bad_config_is_rejected_before_workers_start(args, field):
     res = run_lina("train", *args, timeout=60)
     assert res.returncode == 2, res.stderr
@@ -30,6 +31,7 @@ def test_bad_config_is_rejected_before_workers_start(args, field):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess (a second or more each)
 def test_unknown_policy_in_config_file(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('policy = "fastest"\n')
