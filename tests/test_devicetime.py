@@ -143,7 +143,8 @@ def _forward_spans(rank, world, trace, steps):
     cfg = _cfg(
         workers=world,
         ep_size=1,
-        emulation=EmulationConfig(compute="a100", dilation=50000.0, routing_trace=trace),
+        # K large enough that 8 ranks' dispatch on 2 cores stays well inside each op's device time
+        emulation=EmulationConfig(compute="a100", dilation=200000.0, routing_trace=trace),
         batch_size=16,
     )
     trainer = Trainer(cfg, build_groups(1, 60.0), load_corpus("", 0.3))
