@@ -126,7 +126,7 @@ class DeviceTimeMode(TorchDispatchMode):
         try:
             meta_out = func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))
         except (NotImplementedError, RuntimeError, TypeError):
-            meta_out = None
+            meta_out = None  # an op without a meta kernel cannot be shaped without running: it runs for real
         outs = tensors_of(meta_out)
         tiny = max(t.numel() for t in inputs + outs) <= TINY_NUMEL
         if meta_out is None or tiny or any(not t.is_floating_point() for t in outs):
