@@ -65,8 +65,44 @@ def register(subparsers) -> None:
         help="comma-separated estimators to compare: path (the paper's), path-smoothed, online-path, logistic",
     )
     trace.add_argument("--save-trace", type=Path, default=None, help="also write the trace as a lina .npz trace here")
+    trace.add_argument(
+        "--save-estimator",
+        type=Path,
+        default=None,
+        metavar="OUT.npz",
+        help="fit an estimator (--estimator) on the whole trace and write it here, for `lina generate "
+        "--estimator OUT.npz`; the analysis is then skipped unless --json or --out asks for it",
+    )
+    trace.add_argument(
+        "--estimator",
+        choices=SAVABLE_ESTIMATORS,
+        default="path",
+        help="with --save-estimator: path (the paper's table), decode (the path mixed with the previous "
+        "token's expert at the same layer; needs consecutive tokens of each sequence) or logistic (default path)",
+    )
+    trace.add_argument(
+        "--estimator-path-len",
+        type=int,
+        default=3,
+        help="with --save-estimator: layers of history the estimator uses (default 3; at most layers - 1)",
+    )
     trace.set_defaults(func=run_trace)
     parser.set_defaults(func=lambda _args: parser.print_help() or 2)
+
+
+#: estimators ``--save-estimator`` fits
+SAVABLE_ESTIMATORS = ("path", "decode", "logistic")
+
+
+def fit_estimator(trace, kind: str, path_len: int):
+    """The ``kind`` estimator (one of :data:`SAVABLE_ESTIMATORS`) fitted on all of ``trace``."""
+    from lina.placement.estimators import DecodeAwareEstimator, LogisticEstimator, PathEstimator
+
+    path_len = max(1, min(path_len, trace.num_layers - 1))
+    if kind == "logistic":
+        return LogisticEstimator(path_len).fit(trace)
+    path = PathEstimator(path_len).fit(trace)
+    return DecodeAwareEstimator(path).fit(trace) if kind == "decode" else path
 
 
 def _summary(result: dict) -> list[str]:
@@ -122,6 +158,8 @@ def run_trace(args) -> int:
         raise ConfigError("--batch-tokens", f"is {args.batch_tokens}", "give 1 or more")
     if min(args.devices) < 1:
         raise ConfigError("--devices", f"is {args.devices}", "give device counts >= 1")
+    if args.estimator_path_len < 1:
+        raise ConfigError("--estimator-path-len", f"is {args.estimator_path_len}", "give a path length >= 1")
     if min(args.path_lens) < 1 or args.balance_path_len < 1:
         raise ConfigError(
             "--path-lens", f"{args.path_lens} / --balance-path-len {args.balance_path_len}", "give path lengths >= 1"
@@ -148,6 +186,16 @@ def run_trace(args) -> int:
     )
     if args.save_trace:
         print(f"wrote {trace.save(args.save_trace)}")
+    if args.save_estimator:
+        est = fit_estimator(trace, args.estimator, args.estimator_path_len)
+        print(
+            f"wrote {est.save(args.save_estimator)}: {args.estimator} estimator, path length {est.path_len}, "
+            f"{est.num_layers} layers x {est.num_experts} experts (use: lina generate --estimator "
+            f"{args.save_estimator})",
+            flush=True,
+        )
+        if args.json is None and args.out is None:
+            return 0
     result = analyze_trace(
         trace,
         path_lens=args.path_lens,

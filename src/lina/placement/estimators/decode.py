@@ -8,6 +8,9 @@ previous token at the same layer. It mixes two predictions of a token's experts 
 as ``alpha_j * previous + (1 - alpha_j) * path``, with ``alpha_j`` per layer chosen on the fitting
 trace (the value with the best top-k recall; 0 when the previous token tells nothing). A token
 without a previous one (the first of its sequence) gets the path prediction alone.
+
+It is a :class:`PopularityEstimator` (kind ``decode``): saved and loaded like the others, and
+where a caller knows no previous token (``lina``'s phase 1) it predicts as its path estimator.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import numpy as np
 import torch
 
 from lina.data.routing_trace import RoutingTrace
+from lina.errors import ConfigError
+from lina.placement.estimators.base import PopularityEstimator
 from lina.placement.estimators.path import PathEstimator
 from lina.placement.metrics import token_topk_recall
 
@@ -32,7 +37,7 @@ def previous_rows(trace: RoutingTrace) -> np.ndarray:
     return prev
 
 
-class DecodeAwareEstimator:
+class DecodeAwareEstimator(PopularityEstimator):
     """Path through earlier layers + the previous token at the same layer.
 
     Args:
@@ -44,12 +49,22 @@ class DecodeAwareEstimator:
         alpha: FloatTensor[L], the previous token's weight per layer.
     """
 
+    kind = "decode"
+
     def __init__(self, path: PathEstimator):
+        if not path.fitted:
+            raise ConfigError("path", "is not fitted", "fit or load the PathEstimator first")
         self.path = path
         self.num_experts = path.num_experts
         self.num_layers = path.num_layers
+        self.top_k = path.top_k
         self.transition = torch.zeros(0)
         self.alpha = torch.zeros(0)
+
+    @property
+    def path_len(self) -> int:
+        """Layers of history the path part uses."""
+        return self.path.path_len
 
     def fit(self, trace: RoutingTrace) -> DecodeAwareEstimator:
         """Count the transitions of ``trace`` and pick each layer's ``alpha`` on it."""
@@ -78,17 +93,39 @@ class DecodeAwareEstimator:
         lo = max(0, layer - self.path.path_len)
         return self.path.predict(layer, experts[:, lo:layer, 0])
 
-    def predict(self, layer: int, history: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    def predict(self, layer: int, history: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
         """FloatTensor[T, E] per token.
 
         Args:
             history: LongTensor[T, h] top-1 experts at earlier layers (oldest first).
-            previous: LongTensor[T] the previous token's top-1 expert at ``layer`` (-1: none).
+            previous: LongTensor[T] the previous token's top-1 expert at ``layer`` (-1: none);
+                None: no token has one (the path prediction alone).
         """
+        history = torch.as_tensor(history).long()
+        if history.dim() == 3:
+            history = history[:, :, 0]
         path = self.path.predict(layer, history[:, -self.path.path_len :] if history.shape[1] else history)
+        if previous is None or self.alpha.numel() == 0:
+            return path
         has = previous >= 0
         out = path.clone()
         if has.any():
             a = float(self.alpha[layer])
             out[has] = a * self.transition[layer][previous[has]] + (1 - a) * path[has]
         return out
+
+    # ------------------------------------------------------------------ persistence
+    def _state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        path_meta, path_arrays = self.path._state()
+        arrays = {f"path_{name}": a for name, a in path_arrays.items()}
+        arrays["transition"] = self.transition.numpy()
+        arrays["alpha"] = self.alpha.numpy()
+        return {"path": path_meta, "num_experts": self.num_experts, "num_layers": self.num_layers}, arrays
+
+    @classmethod
+    def _from_state(cls, meta: dict, arrays: dict[str, np.ndarray]) -> DecodeAwareEstimator:
+        path_arrays = {name[len("path_") :]: a for name, a in arrays.items() if name.startswith("path_")}
+        est = cls(PathEstimator._from_state(meta["path"], path_arrays))
+        est.transition = torch.from_numpy(np.asarray(arrays["transition"], dtype=np.float32))
+        est.alpha = torch.from_numpy(np.asarray(arrays["alpha"], dtype=np.float32))
+        return est
