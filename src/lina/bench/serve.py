@@ -32,7 +32,7 @@ from lina.placement.estimators import PathEstimator
 from lina.placement.estimators.decode import DecodeAwareEstimator, previous_rows
 from lina.placement.metrics import token_topk_hits, token_topk_recall
 
-POLICIES = tuple(all_serving_policies())  # the per-batch policies, then lina-window
+POLICIES = tuple(all_serving_policies())  # the per-batch policies, then lina-window and lina-window-predict
 SHAPES = ("own", "mixtral", "fine")
 MIXTRAL_FILE = Path("shared") / "data" / "mixtral-8x7b-gsm8k-routing.jsonl"
 
@@ -175,6 +175,7 @@ def serve_shape(args, name: str, trace: RoutingTrace, out: Path, spec) -> dict:
     plan = {
         "trace": str(held.save(folder / "held-out.npz")),
         "estimator": str(est.save(folder / "estimator.npz")),
+        "decode_estimator": str(aware.save(folder / "estimator-decode.npz")),
         "layers": layers,
         "d_model": args.d_model,
         "d_ff": args.d_ff,
@@ -262,14 +263,16 @@ def print_report(entries: list[dict], reg: dict) -> None:
             )
             + " (paper 54-60% hit rate at l=3)"
         )
-        print(f"  {'policy':8s} {'phase':8s} {'p50 ms':>9s} {'p95 ms':>9s} {'p99 ms':>9s} {'tokens/s':>10s}")
+        print(f"  {'policy':19s} {'phase':8s} {'p50 ms':>9s} {'p95 ms':>9s} {'p99 ms':>9s} {'tokens/s':>10s}")
         for name, s in r["policies"].items():
             for phase in ("prefill", "decode"):
                 x = s[phase]
                 print(
-                    f"  {name:8s} {phase:8s} {x['p50_ms']:9.1f} {x['p95_ms']:9.1f} {x['p99_ms']:9.1f} {x['tokens_per_s']:10.1f}"
+                    f"  {name:19s} {phase:8s} {x['p50_ms']:9.1f} {x['p95_ms']:9.1f} {x['p99_ms']:9.1f} {x['tokens_per_s']:10.1f}"
                 )
         print(f"  lina's plan sources per layer: {r['policies']['lina']['sources']}")
+        if "lina-window-predict" in r["policies"]:
+            print(f"  lina-window-predict's window plans per layer: {r['policies']['lina-window-predict']['sources']}")
 
 
 def plot(entries: list[dict], path: Path) -> None:
@@ -281,7 +284,7 @@ def plot(entries: list[dict], path: Path) -> None:
         x = np.arange(len(POLICIES))
         for i, phase in enumerate(("prefill", "decode")):
             ax.bar(x + 0.4 * i, [r["policies"][p][phase]["p95_ms"] for p in POLICIES], 0.4, label=f"{phase} p95")
-        ax.set_xticks(x + 0.2, POLICIES)
+        ax.set_xticks(x + 0.2, POLICIES, rotation=30, fontsize=7)
         ax.set_ylabel("ms (prefill: per batch; decode: per token)")
         ax.set_title(f"{r['shape']}: {r['experts']} experts, top-{r['top_k']}")
         ax.legend()

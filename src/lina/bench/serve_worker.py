@@ -68,6 +68,31 @@ def device_time_expert(compute: str, dilation: float):
     return timed
 
 
+def replay_step(
+    engine: InferenceEngine,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    h0: torch.Tensor,
+    free_counts: torch.Tensor | None = None,
+):
+    """One engine step on recorded routing: only the MoE layers run (the dense part passes the
+    hidden states through), each layer's gate replaced by the recorded choices.
+
+    Args:
+        ids: LongTensor[T, L, k] experts of this rank's tokens; weights: FloatTensor[T, L, k].
+        h0: FloatTensor[T, d] the hidden states the experts compute on.
+        free_counts: FloatTensor[L, E] global counts for the oracle (None: it plans at placement).
+    Returns:
+        the engine's :class:`BatchStats` (``latency_s``: this rank's step time).
+    """
+    gate = lambda j, h: LayerRouting(ids[:, j], weights[:, j])  # noqa: E731
+    dense = lambda j, h: (h, h)  # noqa: E731
+    dist.barrier()
+    with torch.no_grad():
+        _, stats = engine.run_batch(h0, dense, gate, free_counts)
+    return stats
+
+
 def run(plan: dict) -> None:
     init_distributed(600.0, plan["world"])
     try:
@@ -87,6 +112,7 @@ def _run(plan: dict) -> None:
         else torch.full(experts.shape, 1.0 / trace.top_k)
     )
     estimator = load_estimator(plan["estimator"])
+    decode_estimator = load_estimator(plan["decode_estimator"])  # lina-window-predict's
     store = ExpertStore.random(layers, trace.num_experts, plan["d_model"], plan["d_ff"], seed=plan["seed"])
     d, k, e = plan["d_model"], trace.top_k, trace.num_experts
     prompt, steps = plan["prompt_len"], plan["decode_steps"]
@@ -97,7 +123,15 @@ def _run(plan: dict) -> None:
             store,
             k,
             dist.group.WORLD,
-            make_serving_policy(name, e, world, k, layers, estimator=estimator, eplb_replan_every=4),
+            make_serving_policy(
+                name,
+                e,
+                world,
+                k,
+                layers,
+                estimator=decode_estimator if name == "lina-window-predict" else estimator,
+                eplb_replan_every=4,
+            ),
             **({"expert_fn": timed} if timed is not None else {}),
         )
         for name in plan["policies"]
@@ -117,13 +151,9 @@ def _run(plan: dict) -> None:
                 [torch.bincount(experts[everyone, j].reshape(-1), minlength=e).double() for j in range(layers)]
             )
             ids, weights = experts[mine], probs[mine]
-            gate = lambda j, h: LayerRouting(ids[:, j], weights[:, j])  # noqa: E731
-            dense = lambda j, h: (h, h)  # noqa: E731
             h0 = torch.randn(len(mine), d, generator=gen)
             for name, engine in engines.items():
-                dist.barrier()
-                with torch.no_grad():
-                    _, stats = engine.run_batch(h0, dense, gate, free_counts)
+                stats = replay_step(engine, ids, weights, h0, free_counts)
                 if round_ >= plan["warmup"]:
                     rows[name][phase].append(stats.latency_s)
         if rank == 0:

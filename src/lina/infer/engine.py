@@ -243,11 +243,20 @@ class InferenceEngine:
         start = tl.now()
         history = torch.zeros(h.shape[0], 0, dtype=torch.long)
         self.layer_counts: list[torch.Tensor] = []
+        # this batch's gate decisions per layer (read by whoever learns from or records them)
+        self.layer_routing: list[LayerRouting] = []
         for layer in range(self.store.num_layers):
             h, moe_in = dense(layer, h)
             routing = gate(layer, moe_in)
+            self.layer_routing.append(routing)
             h = h + self.moe_layer(layer, moe_in, routing, history, stats)
             history = torch.cat([history, routing.expert_ids[:, :1]], dim=1)
+        if self.policy.forecast_due():  # e.g. lina-window-predict at a window's end: one small allreduce
+            routing_ids = torch.stack([r.expert_ids for r in self.layer_routing], dim=1)  # [T, L, k]
+            forecast = self.policy.local_forecast(routing_ids).double()
+            if self.group is not None:
+                dist.all_reduce(forecast, group=self.group)
+            self.policy.receive_forecast(forecast)
         if self.policy.needs_batch_counts:
             self.policy.end_batch(torch.stack(self.layer_counts))
         upcoming = self.policy.upcoming_residents()

@@ -37,7 +37,7 @@ from lina.placement.eplb import EPLBPlanner, default_slots_per_device
 from lina.placement.estimators.base import PopularityEstimator
 from lina.placement.lina import lina_placement, oracle_placement, replan_if_needed
 from lina.placement.static import static_placement
-from lina.placement.trust import ESTIMATE, REAL, EstimateTrust
+from lina.placement.trust import ESTIMATE, REAL, RECENT_COUNTS, EstimateTrust
 from lina.placement.window import route_among_resident
 
 
@@ -129,6 +129,19 @@ class ServingPolicy(abc.ABC):
 
     def end_batch(self, counts: torch.Tensor) -> None:
         """Global real counts of the batch, FloatTensor[L, E] (only when ``needs_batch_counts``)."""
+
+    def forecast_due(self) -> bool:
+        """Whether, after this batch, the engine should collect every device's
+        :meth:`local_forecast` (summed over devices, one small allreduce) for :meth:`receive_forecast`."""
+        return False
+
+    def local_forecast(self, routing: torch.Tensor) -> torch.Tensor:
+        """This device's forecast of the next batches' token-slots per expert, Tensor[L, E], from
+        the batch's routing LongTensor[T, L, k] (its tokens' experts at every layer)."""
+        raise ConfigError("policy", f"{self.name} makes no forecast", "use lina-window-predict")
+
+    def receive_forecast(self, forecast: torch.Tensor) -> None:
+        """The forecast summed over devices, Tensor[L, E] (before :meth:`end_batch`)."""
 
     def upcoming_residents(self) -> list[Placement] | None:
         """After ``end_batch``: per layer, the experts each device will hold from the next batch
@@ -382,6 +395,98 @@ class WindowPolicy(ServingPolicy):
         return self._pending
 
 
+class WindowPredictPolicy(WindowPolicy):
+    """``lina-window-predict``: ``lina-window`` whose next window's residents are planned from the
+    decode-aware estimator's forecast (:class:`lina.placement.estimators.DecodeAwareEstimator`):
+    at a window's last step every device predicts, for each of its tokens (in decode, the last
+    token of each active sequence), the next token's experts at every layer from this token's
+    expert at the same layer and its path through earlier layers (the next token's own path is not
+    known yet; it is taken to route like this one). The forecasts, summed over devices (one small
+    allreduce per window), are the load Lina's rule plans from, as long as, per layer, the
+    forecast's recent error is no larger than the recent real counts' (the trust rule of
+    :mod:`lina.placement.trust`, scored against each window's real counts); else that layer plans
+    from the recent counts, as ``lina-window`` does. :meth:`source_report` says per layer how many
+    windows each source planned."""
+
+    name = "lina-window-predict"
+
+    def __init__(self, *args, estimator, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.estimator = estimator
+        self.trust = EstimateTrust(self.decay)
+        self.sources: dict[int, Counter] = defaultdict(Counter)
+        self.forecast: torch.Tensor | None = None  # [L, E] summed over devices
+        layers = len(self.recent)
+        self._window_real = [torch.zeros(self.num_experts, dtype=torch.float64) for _ in range(layers)]
+        # per layer: (forecast, recent counts) the window being served could have been planned from
+        self._candidates: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * layers
+
+    @classmethod
+    def create(cls, ctx):
+        from lina.placement.estimators.decode import DecodeAwareEstimator
+
+        if not isinstance(ctx.estimator, DecodeAwareEstimator):
+            raise ConfigError(
+                "estimator",
+                f"lina-window-predict needs a decode-aware estimator, not {type(ctx.estimator).__name__}",
+                "fit one with `lina analyze trace FILE --save-estimator OUT.npz --estimator decode` (or let "
+                "lina generate fit it on the prompts)",
+            )
+        return cls(
+            ctx.num_experts,
+            ctx.num_devices,
+            ctx.top_k,
+            estimator=ctx.estimator,
+            num_layers=ctx.num_layers,
+            window=ctx.decode_window,
+            decay=ctx.trust_decay,
+            max_experts_per_device=ctx.packing_cap(),
+        )
+
+    def forecast_due(self):
+        return self.steps % self.window == 0
+
+    def local_forecast(self, routing):
+        top1 = routing[:, :, 0]
+        out = torch.zeros(routing.shape[1], self.num_experts, dtype=torch.float64)
+        if routing.shape[0] == 0:
+            return out
+        for layer in range(min(routing.shape[1], self.estimator.num_layers)):
+            probs = self.estimator.predict(layer, top1[:, :layer], top1[:, layer])  # [T, E]
+            out[layer] = probs.double().sum(0) * self.top_k
+        return out
+
+    def receive_forecast(self, forecast):
+        self.forecast = forecast
+
+    def end_batch(self, counts):
+        for layer, c in enumerate(counts):
+            c = c.double()
+            self._window_real[layer] += c
+            old = self.recent[layer]
+            self.recent[layer] = c if old is None else self.decay * old + (1 - self.decay) * c
+        if self.steps % self.window:
+            return
+        plans = []
+        for layer, recent in enumerate(self.recent):
+            if self._candidates[layer] is not None:  # score both sources on the window just served
+                forecast, past = self._candidates[layer]
+                self.trust.observe(layer, forecast, past, self._window_real[layer])
+            self._window_real[layer] = torch.zeros(self.num_experts, dtype=torch.float64)
+            forecast = None if self.forecast is None else self.forecast[layer]
+            usable = forecast is not None and float(forecast.sum()) > 0
+            source = self.trust.source(layer, True) if usable else RECENT_COUNTS
+            self.sources[layer][source] += 1
+            self._candidates[layer] = (forecast, recent.clone()) if usable else None
+            load = forecast if source == ESTIMATE else recent
+            plans.append(lina_placement(load, self.num_devices, self.max_experts_per_device))
+        self.forecast = None
+        self._pending, self._announce = plans, True
+
+    def source_report(self, num_layers):
+        return [{k: v for k, v in sorted(self.sources[layer].items())} for layer in range(num_layers)]
+
+
 #: name -> policy class; a policy of one's own is one ServingPolicy subclass and one entry
 SERVING_POLICIES: dict[str, type[ServingPolicy]] = {}
 
@@ -397,7 +502,10 @@ for _cls in (StaticPolicy, EPLBPolicy, LinaPolicy, OraclePolicy):
 
 #: placements for serving with decode (``lina generate``, ``lina bench serve``) beyond the
 #: per-batch policies every engine driver compares
-DECODE_POLICIES: dict[str, type[ServingPolicy]] = {WindowPolicy.name: WindowPolicy}
+DECODE_POLICIES: dict[str, type[ServingPolicy]] = {
+    WindowPolicy.name: WindowPolicy,
+    WindowPredictPolicy.name: WindowPredictPolicy,
+}
 
 
 def all_serving_policies() -> dict[str, type[ServingPolicy]]:

@@ -149,6 +149,8 @@ def replay_policy(
                 out.imbalance.append(imbalance(placement, counts[j]))
                 phase1 = getattr(policy, "last_phase1", None) or placement
                 out.phase1_imbalance.append(imbalance(phase1, counts[j]))
+        if policy.forecast_due():
+            policy.receive_forecast(policy.local_forecast(batch).double())
         if policy.needs_batch_counts:
             policy.end_batch(counts)
     out.sources = policy.source_report(num_layers)
