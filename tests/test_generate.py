@@ -35,7 +35,7 @@ def _requests(new=(9, 4, 7, 1)) -> list[Request]:
 @pytest.mark.parametrize("placement", list(all_serving_policies()))
 def test_one_process_equals_the_plain_model_under_every_placement(placement):
     model, requests = _model(), _requests()
-    estimator = fit_estimator(model, requests) if placement == "lina" else None
+    estimator = fit_estimator(model, requests, placement)
     served = CachedGPT(model)
     engine = InferenceEngine(served.store, 2, None, make_serving_policy(placement, 4, 1, 2, 3, estimator))
     generations, stats = generate(served, engine, requests)

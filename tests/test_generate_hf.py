@@ -66,7 +66,7 @@ def test_one_process_equals_hugging_face_generate(checkpoints, family, placement
     folder = checkpoints[family]
     handle = load_pretrained(folder)
     served, requests = CachedHF(handle), _requests()
-    estimator = fit_estimator(HFCausalLM(handle, served.context), requests) if placement == "lina" else None
+    estimator = fit_estimator(HFCausalLM(handle, served.context), requests, placement)
     store = served.store
     policy = make_serving_policy(placement, store.num_experts, 1, served.top_k, store.num_layers, estimator)
     generations, stats = generate(served, InferenceEngine(store, served.top_k, None, policy), requests)

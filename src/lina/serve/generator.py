@@ -71,6 +71,7 @@ def generate(
     seed: int = 0,
     progress=None,
     decode_text: Callable[[list[int]], str] = decode,
+    on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[list[Generation], ServeStats]:
     """Serve this rank's ``requests`` to the end (a collective over the engine's group: every rank
     calls it, with its own share, possibly none).
@@ -80,6 +81,8 @@ def generate(
             whichever rank serves the request).
         progress: called with a one-line status after each step (rank 0 prints it).
         decode_text: token ids -> text (lina's byte tokens by default; a checkpoint's tokenizer).
+        on_step: called after each step with the gates' choices of this rank's tokens,
+            ``expert_ids`` LongTensor[T, L, k] and ``weights`` FloatTensor[T, L, k] (T may be 0).
     """
     out = {r.index: Generation(r.id, r.prompt, index=r.index) for r in requests}
     gens = {r.index: request_generator(seed, r.index) for r in requests} if temperature > 0 else {}
@@ -94,6 +97,11 @@ def generate(
         now = time.perf_counter()
         stats.steps += 1
         stats.step_latencies_s.append(now - step_start)
+        if on_step is not None:
+            on_step(
+                torch.stack([r.expert_ids for r in engine.layer_routing], dim=1),
+                torch.stack([r.weights for r in engine.layer_routing], dim=1),
+            )
         for r in active:
             g = out[r.index]
             g.tokens.append(next_token(logits[r.index], temperature, gens.get(r.index)))
