@@ -188,3 +188,23 @@ def test_bad_compute_or_emulate_exits_2(trained, tmp_path, extra, message):  # n
         timeout=120,
     )  # fmt: skip
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]
+
+
+def _can_emulate() -> bool:
+    import os
+    import shutil
+
+    from lina.cluster import netns
+
+    return os.geteuid() == 0 and not netns.probe_support().missing() and shutil.which("tc") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_emulate(), reason="needs root, tc and ip to build the emulated cluster")
+def test_generate_on_the_emulated_cluster_gives_the_same_text(trained, tmp_path):  # noqa: F811
+    model_dir, prompts = trained
+    rows, summary, _ = _generate(
+        model_dir, prompts, tmp_path / "e.jsonl", "--emulate", "hosts=2,link=1gbit", "--workers", "2"
+    )
+    _assert_reference(model_dir, rows)
+    assert summary["workers"] == 2
