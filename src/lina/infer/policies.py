@@ -18,6 +18,10 @@ when each policy plans and what it knows:
             (and load weights on the spot); otherwise the plan stands and nothing moves.
 ``oracle``  Lina's placement on the batch's real counts, planned before the batch at no cost.
 
+For decode (``lina generate``, ``lina bench serve``): ``lina-window`` plans each device's resident
+experts once per window of steps from the recent real counts; ``lina-window-predict`` from the
+decode-aware estimator's forecast, while the trust rule says it beats those counts.
+
 The engine gives every policy the layer's global real counts: each device's local counts travel
 in the dispatch header, an all-to-all the dispatch needs anyway, so phase 2 costs no extra round
 trip (the paper's phase 2 blocks on one).
