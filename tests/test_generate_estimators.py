@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_generate import trained  # noqa: F401  (the module's tiny trained model)
 
 from conftest import run_lina
 from lina.data.routing_trace import synthetic_trace
@@ -20,6 +19,7 @@ from lina.placement.estimators import DecodeAwareEstimator, OnlinePathEstimator,
 from lina.serve.online import EstimatorWatch, hit_rate_report
 from lina.serve.reference import reference_generate
 from lina.serve.requests import encode
+from test_generate import trained  # noqa: F401  (the module's tiny trained model)
 
 
 def _aware(trace) -> DecodeAwareEstimator:
@@ -77,8 +77,12 @@ def test_window_predict_needs_a_decode_estimator():
 def test_window_predict_in_the_engine_keeps_the_outputs():
     trace = synthetic_trace(512, 2, 8, top_k=2, affinity=0.8, tokens_per_seq=32)
     ctx = ServingContext(8, 1, 2, 2, estimator=_aware(trace), decode_window=2)
-    predict = InferenceEngine(ExpertStore.random(2, 8, 16, 32, seed=0), 2, None, serving_policy("lina-window-predict", ctx))
-    static = InferenceEngine(ExpertStore.random(2, 8, 16, 32, seed=0), 2, None, make_serving_policy("static", 8, 1, 2, 2))
+    predict = InferenceEngine(
+        ExpertStore.random(2, 8, 16, 32, seed=0), 2, None, serving_policy("lina-window-predict", ctx)
+    )
+    static = InferenceEngine(
+        ExpertStore.random(2, 8, 16, 32, seed=0), 2, None, make_serving_policy("static", 8, 1, 2, 2)
+    )
     g = torch.Generator().manual_seed(1)
     for _ in range(6):
         h = torch.randn(6, 16, generator=g)
@@ -111,7 +115,9 @@ def _assert_reference(model_dir, rows):
 def test_fit_an_estimator_from_a_recorded_trace_and_serve_with_it(trained, tmp_path):  # noqa: F811
     model_dir, prompts = trained
     trace = tmp_path / "trace.npz"
-    assert run_lina("infer", "--model", str(model_dir), "--record-trace", str(trace), "--sequences", "8").returncode == 0
+    assert (
+        run_lina("infer", "--model", str(model_dir), "--record-trace", str(trace), "--sequences", "8").returncode == 0
+    )
     est = tmp_path / "decode.npz"
     res = run_lina("analyze", "trace", str(trace), "--save-estimator", str(est), "--estimator", "decode")
     assert res.returncode == 0 and "lina generate --estimator" in res.stdout, res.stderr[-2000:]
