@@ -107,7 +107,9 @@ def _contention(path: str, json_path: str | None) -> int:
     try:
         measured = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError("--contention", f"cannot read {path}: {err}", "give a `lina bench contention --json` file")
+        raise ConfigError(
+            "--contention", f"cannot read {path}: {err}", "give a `lina bench contention --json` file"
+        ) from err
     result = compare(measured)
     print("\n".join(report_lines(result)))
     if json_path:

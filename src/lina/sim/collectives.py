@@ -77,7 +77,9 @@ def all_to_all(
         return Transfer(name, phases, bytes_per_rank)
     src, dst = _group_members(sources, group_size)
     classes = topo.classes(src, dst, bytes_per_rank / group_size, copy=True)
-    return Transfer(name, (_phase(topo, classes, c.launch_s + c.per_peer_s * (group_size - 1), c.a2a_connections),), bytes_per_rank)
+    return Transfer(
+        name, (_phase(topo, classes, c.launch_s + c.per_peer_s * (group_size - 1), c.a2a_connections),), bytes_per_rank
+    )
 
 
 def all_to_all_matrix(topo: Topology, traffic: np.ndarray, name: str = "a2a") -> Transfer:
@@ -94,7 +96,11 @@ def all_to_all_matrix(topo: Topology, traffic: np.ndarray, name: str = "a2a") ->
     src, dst = np.nonzero(off_diag)
     classes = topo.classes(src, dst, off_diag[src, dst], copy=True)
     peers = int((off_diag > 0).sum(axis=1).max()) if n > 1 else 0
-    return Transfer(name, (_phase(topo, classes, c.launch_s + c.per_peer_s * peers, c.a2a_connections),), float(traffic.sum(axis=1).max()))
+    return Transfer(
+        name,
+        (_phase(topo, classes, c.launch_s + c.per_peer_s * peers, c.a2a_connections),),
+        float(traffic.sum(axis=1).max()),
+    )
 
 
 def ring_successors(
@@ -160,7 +166,9 @@ def ring_allreduce(
         phases += [_phase(topo, classes, c.hop_latency_s, c.allreduce_connections) for _ in range(steps - 1)]
         return Transfer(name, tuple(phases), nbytes)
     classes = topo.classes(srcs, dsts, steps / ring_size * nbytes / channels)
-    return Transfer(name, (_phase(topo, classes, c.allreduce_start_s + steps * c.hop_latency_s, c.allreduce_connections),), nbytes)
+    return Transfer(
+        name, (_phase(topo, classes, c.allreduce_start_s + steps * c.hop_latency_s, c.allreduce_connections),), nbytes
+    )
 
 
 def hierarchical_allreduce(
