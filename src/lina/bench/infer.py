@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lina.bench.infer_cluster import add_cluster_argument, cluster_lines, cluster_regime, resolve_cluster
 from lina.bench.plan import InferBenchPlan
 from lina.bench.stats import percentile
 from lina.cluster.emulate import EmulatedCluster, EmulateSpec, format_rate, parse_rate
@@ -48,17 +49,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--compute",
-        default="real",
+        default=None,
         help="real (the expert FFNs compute on this CPU) or a device (a100, h100, h200, a .toml): each expert FFN "
-        "takes that device's time x --dilation instead; --link is then the real cluster's (default real)",
+        "takes that device's time x --dilation instead; --link is then the real cluster's (default real; with "
+        "--cluster: its device)",
     )
     p.add_argument(
         "--dilation",
         type=float,
-        default=1.0,
+        default=None,
         help="time dilation K with --compute DEVICE: device times x K, emulated link = --link / K; latencies "
-        "are reported / K (default 1)",
+        "are reported / K (default 1; with --cluster: the smallest that tc shapes and the start-up check passes)",
     )
+    add_cluster_argument(p)
     p.add_argument(
         "--skip-dilation-check",
         action="store_true",
@@ -71,9 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", metavar="DIR", help="a `lina train --out` folder to record trace (a) from (default: train one now)"
     )
-    p.add_argument("--link", default="100mbit", help="each host's link rate")
-    p.add_argument("--hosts", type=int, default=4)
-    p.add_argument("--workers-per-host", type=int, default=2)
+    p.add_argument("--link", default=None, help="each host's link rate (default 100mbit)")
+    p.add_argument("--hosts", type=int, default=None, help="emulated hosts (default 4)")
+    p.add_argument("--workers-per-host", type=int, default=None, help="workers per host (default 2)")
     p.add_argument("--tokens-per-rank", type=int, default=128)
     p.add_argument("--batches", type=int, default=16)
     p.add_argument("--warmup", type=int, default=2)
@@ -154,9 +157,10 @@ def _latency_stats(result: dict, policies: list[str], dilation: float = 1.0) -> 
 
 def serve_trace(args, name: str, trace: RoutingTrace, out: Path) -> dict:
     world = args.hosts * args.workers_per_host
-    if trace.num_experts != world:
+    if trace.num_experts % world:
         raise LinaError(
-            f"trace {name} has {trace.num_experts} experts but the cluster has {world} workers; the benchmark places one expert per worker. Fix: --hosts/--workers-per-host"
+            f"trace {name} has {trace.num_experts} experts, which do not split evenly over the cluster's {world} workers. "
+            "Fix: --hosts/--workers-per-host giving a divisor of the expert count"
         )
     by = "seq" if len(np.unique(trace.seq_id)) >= 4 else "position"
     fit, held = trace.split(0.7, by=by)
@@ -186,9 +190,7 @@ def serve_trace(args, name: str, trace: RoutingTrace, out: Path) -> dict:
     plan.save(folder / "plan.json")
     link_bps = parse_rate(args.link)
     check = getattr(args, "dilation_check", None)
-    spec = EmulateSpec(
-        hosts=args.hosts, workers_per_host=args.workers_per_host, link_bps=emulated_rate(link_bps, args.dilation)
-    )
+    spec = _emulate_spec(args)
     print(
         f"\n{name}: {trace.num_tokens} tokens ({held.num_tokens} held out, split by {by}), {layers} layers, {trace.num_experts} experts, "
         f"top-{trace.top_k}; estimator l={args.path_len} top-{trace.top_k} accuracy {accuracy * 100:.1f}% on held-out; "
@@ -230,6 +232,9 @@ def serve_trace(args, name: str, trace: RoutingTrace, out: Path) -> dict:
             "compute": args.compute,
             "dilation": args.dilation,
             "link_efficiency": None if check is None else check.link_efficiency,
+            "cluster": cluster_regime(getattr(args, "fitted_cluster", None), args.dilation),
+            "workers": f"{spec.hosts} hosts x {spec.workers_per_host}",
+            "experts_per_worker": trace.num_experts // world,
             "units": "real cluster (measured wall time / dilation)",
             "skew": trace_skew(held, layers),
             "busiest_over_mean_static": stats["static"]["busiest_over_mean"],
@@ -256,6 +261,8 @@ def print_report(entries: list[dict]) -> None:
             f"\n{r['trace']} | link {reg['link']}, {regime}, skew (max/min expert, median layer) {reg['skew']:.2f}, busiest device / mean under static "
             f"{reg['busiest_over_mean_static']:.2f}, {reg['batch_tokens']} tokens per batch, {reg['layers']} layers"
         )
+        for line in cluster_lines(reg.get("cluster")):
+            print(f"  {line}")
         print(
             f"  {'policy':8s} {'p50 ms':>9s} {'p95 ms':>9s} {'p99 ms':>9s} {'layer a2a p95':>14s} {'busiest/mean':>13s} {'p95 vs static':>14s}"
         )
@@ -314,6 +321,7 @@ def check_compute(args) -> None:
     """--compute, --dilation and --link checked before anything starts (ConfigError)."""
     from lina.devices import device_from
 
+    resolve_cluster(args)
     if not args.dilation > 0:
         raise ConfigError("dilation", f"{args.dilation} must be > 0", "use 1 (no dilation) or e.g. 100")
     if args.compute == "real":
@@ -325,10 +333,16 @@ def check_compute(args) -> None:
             )
     else:
         device_from(args.compute)
-    EmulateSpec(
+    _emulate_spec(args)
+
+
+def _emulate_spec(args) -> EmulateSpec:
+    """The emulated cluster: links at the real rate / dilation (ConfigError outside tc's range)."""
+    return EmulateSpec(
         hosts=args.hosts,
         workers_per_host=args.workers_per_host,
         link_bps=emulated_rate(parse_rate(args.link), args.dilation),
+        intra_bps=emulated_rate(args.intra_bps, args.dilation) if args.intra_bps else 0,
     )
 
 
@@ -339,17 +353,22 @@ def startup_check(args):
         return None
     from lina.cluster.dilation_check import startup_check as check
 
-    return check(
-        f"hosts={args.hosts},link={args.link},workers_per_host={args.workers_per_host}",
-        args.dilation,
-        "lina bench infer",
-    )
+    emulate = f"hosts={args.hosts},link={args.link},workers_per_host={args.workers_per_host}"
+    if args.intra_bps:
+        emulate += f",intra={format_rate(args.intra_bps)}"
+    found = check(emulate, args.dilation, "lina bench infer", chosen_for_the_user=args.dilation_chosen_by_cluster)
+    args.dilation = found.dilation
+    return found
 
 
 def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.batches, args.warmup, args.layers, args.tokens_per_rank, args.d_model, args.d_ff = 4, 1, 8, 64, 128, 256
     check_compute(args)
+    fitted = getattr(args, "fitted_cluster", None)
+    if fitted is not None:
+        for line in cluster_lines(cluster_regime(fitted, args.dilation)):
+            print(f"lina bench infer: {line}", flush=True)
     args.dilation_check = startup_check(args)
     json_path = Path(args.json)
     out = json_path.parent

@@ -6,11 +6,14 @@ lina sim --config FILE.toml [--json FILE]
 lina sim --sweep gpus|link --scenario NAME --out DIR
 lina sim --calibrate DIR [DIR ...] [--holdout DIR2] [--json FILE]
 lina sim --bench
+lina sim --contention docs/results/contention.json [--json FILE]
+lina sim --scenario paper-testbed --fairness flow
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ from lina.extras import can_plot
 from lina.obs.provenance import provenance
 from lina.policy import BASELINE_POLICY, TRAIN_POLICIES
 from lina.sim import scenarios
+from lina.sim.spec import FAIRNESS_MODES
 
 
 def register(subparsers) -> None:
@@ -38,6 +42,18 @@ def register(subparsers) -> None:
         help="fit compute/link parameters to the emulated-cluster runs in DIR(s) and predict them",
     )
     what.add_argument("--bench", action="store_true", help="time the simulator on the 1024-GPU, 64-layer scenario")
+    what.add_argument(
+        "--contention",
+        metavar="FILE",
+        help="simulate a `lina bench contention` JSON's scenario under each link-sharing mode, beside its measured "
+        "median slowdown",
+    )
+    p.add_argument(
+        "--fairness",
+        choices=FAIRNESS_MODES,
+        help="link sharing of the training scenarios' clusters: collective (each collective an equal share of a "
+        "NIC) or flow (each connection an equal share, what the emulated links measure); default: the scenario's",
+    )
     p.add_argument("--scenario", metavar="NAME", help="built-in scenario or suite (see --list)")
     p.add_argument("--config", metavar="FILE", help="scenario from a TOML file")
     p.add_argument("--policies", metavar="LIST", help=f"comma-separated policies (known: {', '.join(TRAIN_POLICIES)})")
@@ -74,7 +90,31 @@ def _load_scenario(args):
         raise ConfigError("--scenario", "no scenario given", "pass --scenario NAME (see --list) or --config FILE.toml")
     if args.policies:
         sc = sc.with_policies(tuple(p.strip() for p in args.policies.split(",") if p.strip()))
-    return sc
+    return _with_fairness(sc, args.fairness)
+
+
+def _with_fairness(sc, fairness: str | None):
+    """``sc`` with its cluster's link sharing set to ``fairness`` (unchanged when None)."""
+    if fairness is None:
+        return sc
+    return dataclasses.replace(sc, cluster=dataclasses.replace(sc.cluster, fairness=fairness))
+
+
+def _contention(path: str, json_path: str | None) -> int:
+    """``lina sim --contention FILE``: a measured contention run beside the simulator's link sharing."""
+    from lina.sim.contention import compare, report_lines
+
+    try:
+        measured = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(
+            "--contention", f"cannot read {path}: {err}", "give a `lina bench contention --json` file"
+        ) from err
+    result = compare(measured)
+    print("\n".join(report_lines(result)))
+    if json_path:
+        print(f"wrote {_write_json(json_path, {'source': path, **result})}")
+    return 0
 
 
 def _list() -> int:
@@ -95,7 +135,7 @@ def _run_suite(args) -> int:
     suite = scenarios.SUITES[args.scenario]
     runs = []
     for i, name in enumerate(suite.members, 1):
-        sc = scenarios.get(name)
+        sc = _with_fairness(scenarios.get(name), args.fairness)
         if args.policies:
             sc = sc.with_policies(tuple(p.strip() for p in args.policies.split(",")))
         elif "lina-priority" not in sc.policies:
@@ -262,6 +302,8 @@ def _dispatch(args) -> int:
         return _calibrate(args.calibrate, args.json, args.holdout)
     if args.bench:
         return _bench(args)
+    if args.contention:
+        return _contention(args.contention, args.json)
     if args.sweep:
         return _sweep(args)
     if args.scenario in scenarios.SUITES:

@@ -9,7 +9,9 @@ Latency model: a collective costs ``launch_s`` before its first byte moves (an a
 adds ``per_peer_s`` per peer a GPU sends to; each ring step costs ``hop_latency_s``.
 Fairness weight (``ClusterSpec.fairness == "collective"``): every member flow of a phase gets
 weight ``1 / (members on the busiest NIC port)``, so one collective weighs 1 on a NIC whatever
-its number of flows; ``"flow"`` gives every flow weight 1.
+its number of flows; ``"flow"`` gives every flow (a rank to one peer) the weight of the transport
+connections it runs on (``ClusterSpec.a2a_connections`` / ``allreduce_connections``), each
+connection a fair share of the link, as TCP connections in one queue share it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from lina.sim.topology import FlowClass, Topology
 ALLREDUCE_ALGORITHMS = ("ring", "hierarchical")
 
 
-def _phase(topo: Topology, classes: list[FlowClass], latency_s: float) -> Phase:
-    weight = 1.0
+def _phase(topo: Topology, classes: list[FlowClass], latency_s: float, connections: int = 1) -> Phase:
+    """A phase of ``classes``; ``connections``: transport connections per member flow (``"flow"`` fairness)."""
+    weight = float(connections)
     if topo.cluster.fairness == "collective" and classes:
         weight = 1.0 / max(topo.nic_load(classes), 1.0)
     return make_phase(classes, latency_s, topo.n_resources, weight)
@@ -68,13 +71,15 @@ def all_to_all(
         dst2 = (group_start_host[:, None] + np.arange(hosts_in_group)[None, :]) * g + (sources % g)[:, None]
         p2 = topo.classes(src2, dst2.reshape(-1), bytes_per_rank / hosts_in_group, copy=True)
         phases = (
-            _phase(topo, p1, c.launch_s + c.per_peer_s * (g - 1)),
-            _phase(topo, p2, c.per_peer_s * (hosts_in_group - 1)),
+            _phase(topo, p1, c.launch_s + c.per_peer_s * (g - 1), c.a2a_connections),
+            _phase(topo, p2, c.per_peer_s * (hosts_in_group - 1), c.a2a_connections),
         )
         return Transfer(name, phases, bytes_per_rank)
     src, dst = _group_members(sources, group_size)
     classes = topo.classes(src, dst, bytes_per_rank / group_size, copy=True)
-    return Transfer(name, (_phase(topo, classes, c.launch_s + c.per_peer_s * (group_size - 1)),), bytes_per_rank)
+    return Transfer(
+        name, (_phase(topo, classes, c.launch_s + c.per_peer_s * (group_size - 1), c.a2a_connections),), bytes_per_rank
+    )
 
 
 def all_to_all_matrix(topo: Topology, traffic: np.ndarray, name: str = "a2a") -> Transfer:
@@ -91,7 +96,11 @@ def all_to_all_matrix(topo: Topology, traffic: np.ndarray, name: str = "a2a") ->
     src, dst = np.nonzero(off_diag)
     classes = topo.classes(src, dst, off_diag[src, dst], copy=True)
     peers = int((off_diag > 0).sum(axis=1).max()) if n > 1 else 0
-    return Transfer(name, (_phase(topo, classes, c.launch_s + c.per_peer_s * peers),), float(traffic.sum(axis=1).max()))
+    return Transfer(
+        name,
+        (_phase(topo, classes, c.launch_s + c.per_peer_s * peers, c.a2a_connections),),
+        float(traffic.sum(axis=1).max()),
+    )
 
 
 def ring_successors(
@@ -153,11 +162,13 @@ def ring_allreduce(
     steps = 2 * (ring_size - 1)
     if stepwise:
         classes = topo.classes(srcs, dsts, nbytes / ring_size / channels)
-        phases = [_phase(topo, classes, c.allreduce_start_s + c.hop_latency_s)]
-        phases += [_phase(topo, classes, c.hop_latency_s) for _ in range(steps - 1)]
+        phases = [_phase(topo, classes, c.allreduce_start_s + c.hop_latency_s, c.allreduce_connections)]
+        phases += [_phase(topo, classes, c.hop_latency_s, c.allreduce_connections) for _ in range(steps - 1)]
         return Transfer(name, tuple(phases), nbytes)
     classes = topo.classes(srcs, dsts, steps / ring_size * nbytes / channels)
-    return Transfer(name, (_phase(topo, classes, c.allreduce_start_s + steps * c.hop_latency_s),), nbytes)
+    return Transfer(
+        name, (_phase(topo, classes, c.allreduce_start_s + steps * c.hop_latency_s, c.allreduce_connections),), nbytes
+    )
 
 
 def hierarchical_allreduce(
@@ -190,9 +201,9 @@ def hierarchical_allreduce(
     inter = topo.classes(sources, inter_next, 2 * (hosts - 1) / hosts * nbytes / per_host)
     hop = c.hop_latency_s
     phases = (
-        _phase(topo, intra, c.allreduce_start_s + (per_host - 1) * hop),
-        _phase(topo, inter, 2 * (hosts - 1) * hop),
-        _phase(topo, intra, (per_host - 1) * hop),
+        _phase(topo, intra, c.allreduce_start_s + (per_host - 1) * hop, c.allreduce_connections),
+        _phase(topo, inter, 2 * (hosts - 1) * hop, c.allreduce_connections),
+        _phase(topo, intra, (per_host - 1) * hop, c.allreduce_connections),
     )
     return Transfer(name, phases, nbytes)
 

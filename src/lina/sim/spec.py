@@ -102,7 +102,14 @@ class ClusterSpec:
         hop_latency_s: latency of one step of a ring allreduce.
         fairness: ``"collective"`` (default): concurrent collectives get equal weight on a NIC,
             whatever their number of flows (NCCL runs each collective on a fixed set of channels);
-            ``"flow"``: plain max-min fairness among individual flows.
+            ``"flow"``: max-min fairness among transport connections: a flow (one rank to one
+            peer) weighs as many connections as it runs on. TCP connections through one queue share
+            a link about per connection; this is what reproduces the emulated links' measured
+            contention (:mod:`lina.sim.contention`).
+        a2a_connections: connections one all-to-all flow runs on (``"flow"`` fairness): Gloo
+            opens one per pair of ranks and process group.
+        allreduce_connections: connections one allreduce flow (a ring step to the successor)
+            runs on (``"flow"`` fairness): one with Gloo's ring.
         host: what the hosts' CPUs impose when the collectives run on them (the emulated
             cluster of processes on one machine, :class:`CpuHostModel`); ``None`` (GPU clusters,
             the paper's scenarios): no such terms. A TOML ``[cluster.host]`` table gives it.
@@ -119,9 +126,11 @@ class ClusterSpec:
     hop_latency_s: float = 5e-6
     fairness: str = "collective"
     host: CpuHostModel | None = None
+    a2a_connections: int = 1
+    allreduce_connections: int = 1
 
     def __post_init__(self):
-        _integer(self, "hosts", "gpus_per_host", "nics_per_host")
+        _integer(self, "hosts", "gpus_per_host", "nics_per_host", "a2a_connections", "allreduce_connections")
         _positive(self, "link_gbps", "nvlink_gbps", "link_efficiency")
         _non_negative(self, "launch_s", "per_peer_s", "hop_latency_s")
         if isinstance(self.host, dict):  # a [cluster.host] table

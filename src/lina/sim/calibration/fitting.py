@@ -74,6 +74,14 @@ class CalibrationFit:
 
     def profile_at(self, run: RunRecord, speed: float) -> ComputeProfile:
         """The fitted profile computing at ``speed`` of a whole core, with ``run``'s collective slowdowns."""
+        if run.device_mode:  # compute is the device model: no core sharing, no CPU contention
+            return replace(
+                self.profile,
+                slowdown_in_a2a=0.0,
+                slowdown_in_allreduce=0.0,
+                allreduce_slowdown_in_compute=0.0,
+                loopback_slowdown_in_compute=0.0,
+            )
         slow = min(0.9, self.allreduce_slowdown_per_sharer * core_sharers(run))
         # loopback copies are CPU work like the allreduce's: they lose the same share beside compute
         loop = slow if self.loopback_bytes_per_s is not None else 0.0
@@ -82,10 +90,13 @@ class CalibrationFit:
 
     def exponent_for(self, run: RunRecord) -> float:
         """The core-sharing exponent of ``run``'s kind (see :func:`fit_core_exponent`)."""
+        if run.device_mode:  # device time does not depend on this machine's cores
+            return 0.0
         return exponent_of(run, self.core_exponent, self.core_exponent_no_a2a)
 
     def cluster_for(self, run: RunRecord) -> ClusterSpec:
-        """The emulated cluster of ``run`` as the simulator takes it: links, latencies and its CPU host."""
+        """The emulated cluster of ``run`` as the simulator takes it: links, latencies and its CPU host
+        (none for a device-time run: its compute is the device model, only network terms apply)."""
         gbps = run.link_bps / 1e9
         return ClusterSpec(
             hosts=run.hosts,
@@ -98,7 +109,10 @@ class CalibrationFit:
             launch_s=self.a2a_latency_s,
             per_peer_s=0.0,
             hop_latency_s=self.allreduce_hop_s,
-            host=host_model(self, run),
+            # a device-time run's collectives see only the network: no CPU host terms, and its links
+            # shared per connection, as the emulated links measure (lina.sim.contention)
+            host=None if run.device_mode else host_model(self, run),
+            fairness="flow" if run.device_mode else "collective",
         )
 
     def to_dict(self) -> dict:
@@ -171,7 +185,8 @@ def fit(runs: list[RunRecord]) -> CalibrationFit:
 
     # ranks drift apart between all-to-alls; the step runs at the pace of the last to arrive
     computed = sum(o.compute_s for o in obs)
-    straggler = min(1.0, sum(o.sync_wait_s for o in obs) / computed) if computed > 0 else 0.0
+    # a share of the compute, in [0, 1] (a few steps' waits can sum below 0 from clock offsets between ranks)
+    straggler = min(1.0, max(0.0, sum(o.sync_wait_s for o in obs) / computed)) if computed > 0 else 0.0
     dense_rows = []  # per run: (layers, tokens, forward and backward non-expert seconds at full speed on a whole core)
     slot_layers = e_fwd = e_bwd = 0.0
     params = tail = 0.0

@@ -34,6 +34,8 @@ def predict(fitted: CalibrationFit, run: RunRecord) -> TrainResult:
     cluster = fitted.cluster_for(run)
     speed = run.core_share ** fitted.exponent_for(run)
     result = simulate_step(cluster, run.model, fitted.profile_at(run, speed), train, policy)
+    if run.device_mode:  # device time: no cores to fit the compute into
+        return result
     for _ in range(CORE_ROUNDS):
         slower = within_cores(fitted, run, result, speed)
         if slower >= speed * (1 - 1e-3):

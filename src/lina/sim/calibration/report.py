@@ -61,6 +61,8 @@ def _rows(fitted: CalibrationFit, runs: list[RunRecord]) -> list[dict]:
                 "predicted_s": pred,
                 "error": (pred - r.measured_step_s) / r.measured_step_s,
                 "a2a_skew": r.a2a_skew,
+                "device_mode": r.device_mode,
+                "compute": f"{r.device} time x {r.dilation:g}" if r.device_mode else "real",
             }
         )
     return rows
@@ -142,6 +144,7 @@ def report_text(rep: CalibrationReport) -> str:
         f"median |error|: {rep.median_abs_error:.1%} over {len(rep.rows)} runs; "
         f"{_within(rep.rows)} of {len(rep.rows)} within 10%"
     )
+    lines += _per_config_lines(rep.rows)
     repeated = [r for r in rep.config_rows if r["runs"] > 1]
     if repeated:
         lines += [
@@ -170,6 +173,26 @@ def report_text(rep: CalibrationReport) -> str:
             f"{_within(rep.holdout_rows)} of {len(rep.holdout_rows)} within 10%"
         )
     return "\n".join(lines)
+
+
+def _per_config_lines(rows: list[dict]) -> list[str]:
+    """Median |error| of each configuration's runs, and its compute mode: a device-time run's
+    prediction has no CPU host term (compute is the device model; only network terms apply)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["config"], []).append(r)
+    device = [r for r in rows if r.get("device_mode")]
+    lines = [
+        "",
+        f"device-mode runs: {len(device)} of {len(rows)}"
+        + (" (predicted with no CPU host model: links shared per connection, no core sharing)" if device else ""),
+        "per configuration: median |error| of its runs",
+    ]
+    for config, group in groups.items():
+        modes = sorted({r.get("compute", "real") for r in group})
+        err = statistics.median(abs(r["error"]) for r in group)
+        lines.append(f"  {config[:51]:<52}{len(group):>3} run(s)  {err:>6.1%}  compute {', '.join(modes)}")
+    return lines
 
 
 def _skew_line(rows: list[dict]) -> list[str]:

@@ -46,6 +46,13 @@ class RunRecord:
     spans: dict[int, list[Span]] = field(repr=False, default_factory=dict)
     cpu_count: int | None = None  # cores of the machine the run shared (None: this machine's)
     a2a_in_flight: int = GLOO_THREADS  # all-to-all operations a rank's backend runs at once
+    device: str | None = None  # device-time compute (``--compute DEVICE``): that device; None: real compute
+    dilation: float = 1.0  # time dilation K of a device-time run (its times are the real cluster's x K)
+
+    @property
+    def device_mode(self) -> bool:
+        """The run computed in device time: its compute is the device model, not this machine's CPU."""
+        return self.device is not None
 
     @property
     def a2a_skew(self) -> float:
@@ -241,10 +248,20 @@ def read_run(path: str | Path) -> RunRecord:
         setup.cpu_count or None,
         in_flight,
     )
+    run.device, run.dilation = device_time_of(path)
     # the busiest host's bytes when the group's all-to-alls share host links, else the busiest rank's
     g = group_ranks_per_host(run)
     skew = a2a_skew(spans, g if ep_of(run) > g else 1)
     return replace(run, train=replace(train, a2a_skew=skew))
+
+
+def device_time_of(path: Path) -> tuple[str | None, float]:
+    """(device, dilation) of a device-time run (its summary's ``device_time``), else (None, 1.0)."""
+    summary = json.loads((path / "summary.json").read_text())
+    dt = summary.get("device_time")
+    if not isinstance(dt, dict):
+        return None, 1.0
+    return str(dt.get("device", "device")), float(dt.get("dilation", 1.0))
 
 
 def find_runs(root: str | Path) -> list[RunRecord]:
