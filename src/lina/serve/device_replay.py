@@ -3,7 +3,7 @@
 A device-time mode never produces outputs, so the job first generates for real, recording every
 step's routing (each rank's tokens' experts and gate weights at every layer), then replays the
 same decode schedule (the same steps, the same tokens per step and rank, the recorded routing) on
-the same workers and links with ``lina bench serve``'s replay (:func:`lina.bench.serve_worker.replay_step`):
+the same workers and links with ``lina bench serve``'s replay (:func:`lina.infer.step_replay.replay_step`):
 the expert FFNs are charged the device's time x dilation, the placement policy plans again as it
 did (a fresh one, with the same estimator learning the same way), and each step's time is its
 slowest rank's. Only the MoE layers are replayed (dispatch, experts, combine); attention and the
@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from lina.infer.engine import InferenceEngine
 from lina.infer.policies import make_serving_policy
+from lina.infer.step_replay import device_time_expert, replay_step
 from lina.infer.store import ExpertStore
 from lina.placement.estimators import OnlinePathEstimator
 from lina.serve.estimators import online_base
@@ -48,7 +49,6 @@ def replay_schedule(
     Returns:
         this rank's measured (dilated) latency of each step, seconds.
     """
-    from lina.bench.serve_worker import device_time_expert, replay_step
 
     rank, world = dist.get_rank(), dist.get_world_size()
     estimator = estimator_for(plan, model, requests)  # as the real run started
