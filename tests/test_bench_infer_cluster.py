@@ -99,3 +99,16 @@ def test_bench_infer_quick_on_the_paper_cluster(tmp_path):
     assert regime["cluster"]["name"] == "paper" and regime["experts_per_worker"] * 4 == 8
     assert regime["emulated_link"] == format_rate(int(100e9 / regime["dilation"]) // 1000 * 1000)
     assert "host link 100gbit (emulated" in res.stdout
+    # device time: the expert FFNs were charged, and latencies are reported in real-cluster units
+    k = regime["dilation"]
+    assert 0 < regime["link_efficiency"] <= 1.05
+    assert f"latencies in real-cluster ms: measured / {k:g}" in res.stdout
+    data = json.loads(out.read_text())
+    run = data["runs"][0]
+    assert run["device_time"]["device"] == "a100-80gb-bf16" and run["device_time"]["ops_charged"] > 0
+    raw = json.loads((tmp_path / "trace" / "result.json").read_text())
+    for name in ("static", "eplb", "lina", "oracle"):
+        p = data["policies"][name]
+        assert 0 < p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"]
+        measured = sorted(b["latency_s"] * 1e3 for b in raw[name]["batches"])
+        assert p["min_ms"] == pytest.approx(measured[0] / k)

@@ -2,17 +2,12 @@
 computing), tensors keep their shapes, collectives move the bytes a real step moves, and more
 ranks on this machine do not slow any rank's compute."""
 
-import json
-import os
-import shutil
 import statistics
 import time
 
 import pytest
 import torch
 
-from conftest import run_lina
-from lina.bench.peers import deepspeed_import_problem
 from lina.comm.groups import build_groups
 from lina.config import CommConfig, EmulationConfig, ModelConfig, TrainConfig
 from lina.data.corpus import load_corpus
@@ -179,49 +174,3 @@ def test_a_host_slower_than_the_device_is_measured():
         for _ in range(20):
             a = torch.tanh(a)
     assert slow.host_bound_share() < 0.05
-
-
-@pytest.mark.slow
-@pytest.mark.netns
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and tc for the emulated cluster"
-)
-def test_bench_train_quick_in_device_time_with_a_measured_bound(tmp_path):
-    trace = _trace_file(str(tmp_path))
-    out = tmp_path / "train.json"
-    res = run_lina(
-        "bench",
-        "train",
-        "--quick",
-        "--compute",
-        "a100",
-        "--dilation",
-        "3000",
-        "--routing-trace",
-        trace,
-        "--link",
-        "100gbit",
-        "--bounds",
-        "lina",
-        "--policies",
-        "ddp-overlap,lina",
-        "--peers",
-        "deepspeed-zero0" if deepspeed_import_problem() is None else "none",
-        "--json",
-        str(out),
-        timeout=900,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    data = json.loads(out.read_text())
-    assert data["regime"]["compute"] == "a100" and data["regime"]["emulated_link"] == "33333kbit"
-    cfg = data["configs"][0]
-    peers = ["deepspeed-zero0"] if deepspeed_import_problem() is None else []
-    assert (
-        set(cfg["policies"]) == {"ddp-overlap", "lina", "lina/no-sync", *peers}
-        and cfg["policies"]["lina/no-sync"]["allreduce_s_median"] == 0
-    )
-    if peers:  # the real DeepSpeed in the same device time, routed by the same trace; no loss in device time
-        assert cfg["policies"]["deepspeed-zero0"]["a2a_share"] > 0 and "loss_after_steps" not in cfg
-        assert cfg["speedup_vs_peers"]["deepspeed-zero0"]["lina"] > 0
-    assert cfg["measured_bound_s"]["lina"] > 0 and 0 <= cfg["device_time"]["host_bound_share"]
-    assert "measured lower bound of lina" in res.stdout and "device time: the emulated a100" in res.stdout
