@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from lina.bench.serve import POLICIES
+from lina.bench.serve import POLICIES, resumable
 from lina.cli import main
 from lina.placement.metrics import token_topk_recall
 
@@ -46,6 +46,22 @@ def test_bench_serve_quick_reports_every_shape_and_policy(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "regime: link loopback" in printed and "decode" in printed and "(paper 54-60% hit rate at l=3)" in printed
     assert (tmp_path / "bench-serve.png").is_file() or "matplotlib" not in printed
+    # a second run with --resume keeps every finished shape of the same settings and serves nothing again
+    first = {r["shape"]: r["policies"] for r in data["runs"]}
+    assert main(["bench", "serve", "--quick", "--emulate", "none", "--resume", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reusing") == len(first)
+    assert {r["shape"]: r["policies"] for r in json.loads(out.read_text())["runs"]} == first
+
+
+def test_resume_needs_the_same_plan_and_a_result(tmp_path):
+    plan = {"layers": 4, "d_model": 64}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert not resumable(tmp_path, plan)  # no result yet: the run stopped before the end
+    (tmp_path / "result.json").write_text("{}")
+    assert resumable(tmp_path, plan)
+    assert not resumable(tmp_path, plan | {"d_model": 128})  # other settings: served again
+    assert not resumable(tmp_path / "missing", plan)
 
 
 @pytest.mark.slow

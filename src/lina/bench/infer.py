@@ -88,8 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def train_model_trace(out: Path, quick: bool) -> RoutingTrace:
-    """Train a small 8-expert MoE GPT with ``lina train``'s code and record its routing on held-out text."""
+def train_model_trace(out: Path, quick: bool, reuse: bool = False) -> RoutingTrace:
+    """Train a small 8-expert MoE GPT with ``lina train``'s code and record its routing on held-out text.
+    ``reuse``: a model already trained into ``out/model`` (its summary written) is loaded, not retrained."""
     from lina.cluster.launch import launch_local
     from lina.config import ModelConfig, OutputConfig, TrainConfig
     from lina.data.corpus import load_corpus, sample_batch
@@ -107,8 +108,11 @@ def train_model_trace(out: Path, quick: bool) -> RoutingTrace:
         corpus_max_mb=1.0,
     )
     cfg.validate()
-    print(f"training the routing model ({cfg.steps} steps, 8 experts, 8 layers) into {run_dir}", flush=True)
-    launch_local(worker.run, (cfg.to_dict(),), cfg.workers)
+    if reuse and (run_dir / "summary.json").is_file():
+        print(f"reusing the routing model trained into {run_dir}", flush=True)
+    else:
+        print(f"training the routing model ({cfg.steps} steps, 8 experts, 8 layers) into {run_dir}", flush=True)
+        launch_local(worker.run, (cfg.to_dict(),), cfg.workers)
     model = load_trained_model(run_dir)
     corpus = load_corpus("", 1.0)
     batches = [sample_batch(corpus.val, 8, cfg.model.seq_len, 1234, i, 0)[0] for i in range(2 if quick else 6)]

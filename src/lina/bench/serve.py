@@ -52,6 +52,12 @@ DEFAULT_MIXTRAL = default_mixtral_trace()
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes, few rounds, local processes (for tests)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the shapes a stopped run of the same settings finished (their result.json beside --json) and "
+        "serve only the rest",
+    )
     p.add_argument("--json", metavar="FILE", default="runs/bench-serve/bench-serve.json")
     p.add_argument("--shapes", default=",".join(SHAPES), help="which of own, mixtral, fine to serve")
     p.add_argument("--mixtral-trace", metavar="FILE", default=str(DEFAULT_MIXTRAL))
@@ -76,13 +82,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def own_trace(out: Path, quick: bool) -> RoutingTrace:
+def own_trace(out: Path, quick: bool, reuse: bool = False) -> RoutingTrace:
     """The project's own MoE GPT's routing on held-out text: trained as ``lina bench infer``
     trains it, or with random weights under ``--quick`` (no training run)."""
     if not quick:
         from lina.bench.infer import train_model_trace
 
-        return train_model_trace(out, quick=False)
+        return train_model_trace(out, quick=False, reuse=reuse)
     from lina.config import ModelConfig
     from lina.data.corpus import load_corpus, sample_batch
     from lina.infer.model_adapter import record_routing
@@ -159,6 +165,15 @@ def summarize(result: dict, world: int, args) -> dict:
     return out
 
 
+def resumable(folder: Path, plan: dict) -> bool:
+    """Whether ``folder`` holds a finished run (``result.json``) of exactly ``plan``."""
+    try:
+        previous = json.loads((folder / "plan.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return previous == plan and (folder / "result.json").is_file()
+
+
 def serve_shape(args, name: str, trace: RoutingTrace, out: Path, spec) -> dict:
     by = "seq" if len(np.unique(trace.seq_id)) >= 4 else "position"
     fit, held = trace.split(0.7, by=by)
@@ -192,13 +207,16 @@ def serve_shape(args, name: str, trace: RoutingTrace, out: Path, spec) -> dict:
         "world": world,
     }
     plan_path = folder / "plan.json"
+    finished = resumable(folder, plan) if args.resume else False
     plan_path.write_text(json.dumps(plan, indent=2))
     print(
         f"\n{name}: {trace.num_experts} experts, top-{trace.top_k}, {layers} layers; {world} workers x "
         f"{args.requests_per_rank} requests of {args.prompt_len} prompt + {args.decode_steps} decode tokens",
         flush=True,
     )
-    if spec is None:
+    if finished:
+        print(f"  reusing {folder / 'result.json'}: a finished run of this same plan (--resume)", flush=True)
+    elif spec is None:
         from lina.bench import serve_worker
         from lina.cluster.launch import launch_local
 
@@ -328,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     traces: dict[str, RoutingTrace] = {}
     for shape in args.shapes.split(","):
         if shape == "own":
-            traces["own"] = own_trace(out, args.quick)
+            traces["own"] = own_trace(out, args.quick, reuse=args.resume)
         elif shape == "mixtral":
             if Path(args.mixtral_trace).exists():
                 traces["mixtral"] = load_trace(args.mixtral_trace)
