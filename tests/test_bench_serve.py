@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lina.bench.serve import POLICIES, resumable
+from lina.bench.stats import percentile
 from lina.cli import main
 from lina.placement.metrics import token_topk_recall
 
@@ -80,7 +81,12 @@ def test_bench_serve_quick_on_the_emulated_cluster_in_device_time(tmp_path, caps
     assert reg["compute"] == "a100" and reg["dilation"] == 20 and reg["hosts"] == 2
     assert reg["link"] == "1gbit" and reg["emulated_link"] == "50mbit"
     assert [r["shape"] for r in data["runs"]] == ["own"]
-    assert "compute a100 x dilation 20" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "compute a100 x dilation 20" in printed and "latencies in real-cluster ms: measured / 20" in printed
+    raw = json.loads((tmp_path / "own" / "result.json").read_text())
+    for name, s in data["runs"][0]["policies"].items():  # real-cluster units: each measured step / K
+        measured_ms = [v * 1e3 for v in raw[name]["prefill_s"]]
+        assert s["prefill"]["p50_ms"] == pytest.approx(percentile(measured_ms, 50) / 20)
 
 
 def test_bad_settings_exit_2_before_anything_runs(tmp_path, capsys):

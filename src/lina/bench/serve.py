@@ -151,12 +151,15 @@ def _pct(values_s: list[float]) -> dict[str, float]:
 
 
 def summarize(result: dict, world: int, args) -> dict:
-    """Latency percentiles and tokens/s per policy and phase."""
+    """Latency percentiles and tokens/s per policy and phase, in real-cluster units: each measured
+    step time divided by the dilation (1 with real compute)."""
     out = {}
     prefill_tokens = world * args.requests_per_rank * args.prompt_len
     decode_tokens = world * args.requests_per_rank
+    k = args.dilation
     for name in POLICIES:
-        pre, dec = result[name]["prefill_s"], result[name]["decode_s"]
+        pre = [v / k for v in result[name]["prefill_s"]]
+        dec = [v / k for v in result[name]["decode_s"]]
         out[name] = {
             "prefill": _pct(pre) | {"tokens_per_s": prefill_tokens * len(pre) / sum(pre)},
             "decode": _pct(dec) | {"tokens_per_s": decode_tokens * len(dec) / sum(dec)},
@@ -267,6 +270,11 @@ def print_report(entries: list[dict], reg: dict) -> None:
     print(
         f"\nregime: link {reg['link']}, compute {reg['compute']} x dilation {reg['dilation']:g}, "
         f"{reg['hosts']} host(s), d_model {reg['d_model']}, d_ff {reg['d_ff']}; {reg['modelled']}"
+        + (
+            f"; latencies in real-cluster ms: measured / {reg['dilation']:g}"
+            if reg["compute"] != "real" and reg["dilation"] != 1
+            else ""
+        )
     )
     for r in entries:
         acc = r["estimator_topk_accuracy"]
