@@ -114,6 +114,10 @@ def test_bench_train_quick_on_the_paper_cluster(tmp_path):
         assert cfg["speedup_vs_peers"]["deepspeed-zero0"]["lina"] > 0
     assert cfg["measured_bound_s"]["lina"] > 0 and 0 <= cfg["device_time"]["host_bound_share"]
     assert "measured lower bound of lina" in res.stdout and "device time: the emulated a100" in res.stdout
+    # each policy's run folder says it ran in device time, on the emulated link, for lina sim --calibrate
+    summary = json.loads((tmp_path / "runs" / "paper-e4-lina" / "summary.json").read_text())
+    assert summary["device_time"]["dilation"] == regime["dilation"]
+    assert summary["setup"]["link_bps"] == pytest.approx(100e9 / regime["dilation"])
 
 
 @needs_netns

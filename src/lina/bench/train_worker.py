@@ -349,7 +349,7 @@ def _save_runs(
                 moe_every=m.moe_interval,
                 hosts=plan.hosts,
                 workers_per_host=plan.workers_per_host,
-                link_bps=float(plan.link_bps),
+                link_bps=float(plan.link_bps) / plan.dilation,  # the emulated link the measured times ran on
                 bucket_mb=float(cfg.comm.bucket_mb),
                 pipeline_chunks=cfg.comm.pipeline_chunks,
                 ep_size=experts // entry["policies"][policy]["experts_per_rank"],
@@ -379,6 +379,8 @@ def _save_runs(
                 "backend": dist.get_backend(),
             }
             summary = run_summary(setup, config, entry["policies"][policy]["step_time_s"])
+            if entry["device_time"] is not None:  # lina sim --calibrate predicts these with no CPU host model
+                summary["device_time"] = entry["device_time"]
             (folder / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
