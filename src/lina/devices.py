@@ -94,3 +94,16 @@ def device_from(text: str) -> DeviceSpec:
         return DeviceSpec(**{"name": path.stem, **data})
     except TypeError as err:
         raise ConfigError("compute", f"{path}: {err}", "give at least peak_tflops and mem_bw_gbs") from None
+
+
+def check_compute_mode(compute: str, dilation: float) -> None:
+    """Refuse a compute mode and dilation that do not go together: a dilation below 1, a dilation
+    with real compute, or an unknown device (:class:`ConfigError`, before any process starts)."""
+    if not dilation >= 1:
+        raise ConfigError("dilation", f"{dilation} is below 1", "use --dilation 1 or more, e.g. 50")
+    if compute == "real" and dilation != 1.0:
+        raise ConfigError(
+            "dilation", "time dilation needs a device-time compute mode", "add --compute a100, or drop --dilation"
+        )
+    if compute != "real":
+        device_from(compute)

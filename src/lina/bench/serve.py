@@ -322,16 +322,9 @@ def plot(entries: list[dict], path: Path) -> None:
 def check(args) -> object:
     """Every setting checked before any worker starts; returns the emulated cluster spec (None: local)."""
     from lina.cluster.emulate import parse_emulate
-    from lina.devices import device_from
+    from lina.devices import check_compute_mode
 
-    if not args.dilation > 0:
-        raise ConfigError("dilation", f"{args.dilation} must be > 0", "use 1 (no dilation) or e.g. 100")
-    if args.compute == "real" and args.dilation != 1.0:
-        raise ConfigError(
-            "dilation", "time dilation needs a device-time compute mode", "add --compute a100, or drop --dilation"
-        )
-    if args.compute != "real":
-        device_from(args.compute)
+    check_compute_mode(args.compute, args.dilation)
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         raise ConfigError("shapes", f"unknown shape(s) {', '.join(unknown)}", f"use some of {', '.join(SHAPES)}")

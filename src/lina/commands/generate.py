@@ -157,16 +157,9 @@ def check_compute(args: argparse.Namespace):
     """--compute, --dilation and --emulate (ConfigError before anything starts); returns the emulated
     cluster's spec (None: local processes)."""
     from lina.cluster.emulate import parse_emulate
-    from lina.devices import device_from
+    from lina.devices import check_compute_mode
 
-    if not args.dilation >= 1:
-        raise ConfigError("dilation", f"{args.dilation} is below 1", "use --dilation 1 or more, e.g. 50")
-    if args.compute == "real" and args.dilation != 1.0:
-        raise ConfigError(
-            "dilation", "time dilation needs a device-time compute mode", "add --compute a100, or drop --dilation"
-        )
-    if args.compute != "real":
-        device_from(args.compute)
+    check_compute_mode(args.compute, args.dilation)
     return parse_emulate(args.emulate, args.dilation)
 
 
