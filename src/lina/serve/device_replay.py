@@ -25,6 +25,7 @@ from lina.infer.step_replay import device_time_expert, replay_step
 from lina.infer.store import ExpertStore
 from lina.placement.estimators import OnlinePathEstimator
 from lina.serve.estimators import online_base
+from lina.serve.latency import latency_percentiles
 from lina.serve.online import EstimatorWatch
 
 
@@ -68,13 +69,6 @@ def replay_schedule(
     return out
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def device_timings(rows: list[dict], summary: dict, steps_s: list[float], plan: dict) -> tuple[list[dict], dict]:
     """Requests' and the summary's timings from the replayed steps ``steps_s`` (dilated seconds,
     the slowest rank's, step 1 = the prefill), in real-cluster units; the measured ones move under
@@ -93,7 +87,7 @@ def device_timings(rows: list[dict], summary: dict, steps_s: list[float], plan: 
         "wall_s": wall,
         "tokens_per_s": summary["generated_tokens"] / wall if wall > 0 else None,
         "ttft_s_p50": statistics.median(r["ttft_s"] for r in out_rows),
-        "token_latency_s": {"p50": _pct(latencies, 0.5), "p95": _pct(latencies, 0.95), "p99": _pct(latencies, 0.99)},
+        "token_latency_s": latency_percentiles(latencies),
     }
     return out_rows, summary | device | {
         "measured": {k: summary[k] for k in keys},

@@ -22,6 +22,7 @@ from lina.placement.estimators import OnlinePathEstimator
 from lina.serve.cached_gpt import CachedGPT
 from lina.serve.estimators import ESTIMATOR_PLACEMENTS, fit_on_prompts, online_base, serving_estimator
 from lina.serve.generator import generate
+from lina.serve.latency import latency_percentiles
 from lina.serve.online import EstimatorWatch, hit_rate_report
 from lina.serve.requests import decode, encode, read_requests
 from lina.train.worker import init_distributed
@@ -149,13 +150,6 @@ def _serve(plan: dict) -> dict | None:
     return {"generations": rows, "summary": summary}
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def summarize(rows: list[dict], wall_s: float, plan: dict, world: int) -> dict:
     """Time to first token and per-token latency percentiles over all requests, tokens/s."""
     latencies = [x for r in rows for x in r["token_latencies_s"]]
@@ -168,7 +162,7 @@ def summarize(rows: list[dict], wall_s: float, plan: dict, world: int) -> dict:
         "wall_s": wall_s,
         "tokens_per_s": tokens / wall_s if wall_s > 0 else None,
         "ttft_s_p50": statistics.median(r["ttft_s"] for r in rows),
-        "token_latency_s": {"p50": _pct(latencies, 0.5), "p95": _pct(latencies, 0.95), "p99": _pct(latencies, 0.99)},
+        "token_latency_s": latency_percentiles(latencies),
     }
 
 
