@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from lina.bench.plan import ContentionPlan
+from lina.cluster.teardown import leave_distributed
 from lina.errors import LinaError
 from lina.obs import schema
 from lina.obs.timeline import Timeline
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps(raw))
         os.replace(tmp, args.out)
     dist.barrier()
-    dist.destroy_process_group()
+    leave_distributed()
     return 0
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lina.bench.plan import InferBenchPlan
+from lina.cluster.teardown import leave_distributed
 from lina.data.routing_trace import RoutingTrace
 from lina.devices import device_from
 from lina.devicetime import DeviceTimeMode
@@ -53,7 +54,7 @@ def run(plan: InferBenchPlan) -> None:
     try:
         _run(plan)
     finally:
-        dist.destroy_process_group()
+        leave_distributed()
 
 
 def _run(plan: InferBenchPlan) -> None:

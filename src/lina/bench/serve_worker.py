@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lina.cluster.teardown import leave_distributed
 from lina.data.routing_trace import RoutingTrace
 from lina.infer.engine import InferenceEngine
 from lina.infer.policies import make_serving_policy
@@ -58,7 +59,7 @@ def run(plan: dict) -> None:
     try:
         _run(plan)
     finally:
-        dist.destroy_process_group()
+        leave_distributed()
 
 
 def _run(plan: dict) -> None:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from lina.bench.peers import start_peers
 from lina.bench.plan import TrainBenchPlan
+from lina.cluster.teardown import leave_distributed
 from lina.comm.groups import build_group_set
 from lina.config import CommConfig, EmulationConfig, ModelConfig, TrainConfig
 from lina.data.corpus import load_corpus
@@ -65,7 +66,7 @@ def run(plan: TrainBenchPlan) -> None:
     try:
         _run(plan)
     finally:
-        dist.destroy_process_group()
+        leave_distributed()
 
 
 def _run(plan: TrainBenchPlan) -> None:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 from lina.cluster.spec import EmulateSpec, format_rate, parse_emulate
+from lina.cluster.teardown import leave_distributed
 from lina.errors import ConfigError, LinaError
 
 BYTES_PER_RANK = 4 << 20
@@ -256,7 +257,7 @@ def _rank_main(netns: str, ifname: str, store: str, rank: int, world: int, nbyte
                 times.append(float(elapsed))
         if rank == 0:
             out.put(("ok", statistics.median(times)))
-        dist.destroy_process_group()
+        leave_distributed()
     except Exception as err:  # reported to the parent, which names it
         out.put(("error", f"rank {rank}: {type(err).__name__}: {err}"))
         raise

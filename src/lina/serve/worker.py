@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lina.cluster.teardown import leave_distributed
 from lina.infer.engine import InferenceEngine
 from lina.infer.model_adapter import load_trained_model
 from lina.infer.policies import make_serving_policy
@@ -70,7 +71,7 @@ def run(plan: dict) -> dict | None:
             Path(plan["result"]).write_text(json.dumps(result))
         return result
     finally:
-        dist.destroy_process_group()
+        leave_distributed()
 
 
 def _serve(plan: dict) -> dict | None:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lina.cluster.teardown import leave_distributed
 from lina.errors import LinaError
 
 
@@ -36,7 +37,7 @@ def _entry(rank: int, world: int, init_file: str, out_dir: str, fn: Callable, ar
         Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
         raise
     finally:
-        dist.destroy_process_group()
+        leave_distributed()
 
 
 def run_ranks(

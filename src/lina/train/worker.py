@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lina.cluster.teardown import leave_distributed
 from lina.comm.collective_check import CollectiveLog
 from lina.comm.groups import build_group_set
 from lina.config import TrainConfig
@@ -69,7 +70,7 @@ def run(cfg_dict: dict) -> dict | None:
         with CollectiveLog() as collectives:  # a failing collective names its group and op
             return _train(cfg, collectives)
     finally:
-        dist.destroy_process_group()
+        leave_distributed()
 
 
 def _watch(collectives: CollectiveLog, group_set: dict) -> None:
