@@ -40,12 +40,15 @@ def test_bench_serve_quick_reports_every_shape_and_policy(tmp_path, capsys):
         lina = r["policies"]["lina"]["sources"]
         assert lina[0] == {"real": 3 * 7} and all(sum(v for k, v in s.items() if k != "replanned") == 21 for s in lina)
         assert r["policies"]["static"]["sources"] == [{"static": 21}] * r["layers"]
+        arms = r["policies"]["lina-auto"]["arms"]  # prefill and decode batches are classed apart
+        assert len(arms) == 2 and sum(a["batches"] for c in arms.values() for a in c.values()) == 21
         acc = r["estimator_topk_accuracy"]
         for phase in ("prefill", "decode"):
             assert 0 <= acc["path"][phase]["hit"] <= acc["path"][phase]["recall"] <= 1
         assert steps == 14
     printed = capsys.readouterr().out
     assert "regime: link loopback" in printed and "decode" in printed and "(paper 54-60% hit rate at l=3)" in printed
+    assert "lina-auto decode p95:" in printed and "the better of static and eplb" in printed
     assert (tmp_path / "bench-serve.png").is_file() or "matplotlib" not in printed
     # a second run with --resume keeps every finished shape of the same settings and serves nothing again
     first = {r["shape"]: r["policies"] for r in data["runs"]}

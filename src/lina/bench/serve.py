@@ -165,6 +165,8 @@ def summarize(result: dict, world: int, args) -> dict:
             "decode": _pct(dec) | {"tokens_per_s": decode_tokens * len(dec) / sum(dec)},
             "sources": result["sources"][name],
         }
+        if name in result.get("arms", {}):  # lina-auto: which arm served each class of batch
+            out[name]["arms"] = result["arms"][name]
     return out
 
 
@@ -299,6 +301,24 @@ def print_report(entries: list[dict], reg: dict) -> None:
         print(f"  lina's plan sources per layer: {r['policies']['lina']['sources']}")
         if "lina-window-predict" in r["policies"]:
             print(f"  lina-window-predict's window plans per layer: {r['policies']['lina-window-predict']['sources']}")
+        if "lina-auto" in r["policies"]:
+            _print_auto(r["policies"])
+
+
+def _print_auto(policies: dict) -> None:
+    """lina-auto's p95 against the better of static and eplb per phase, and its arms' use."""
+    auto = policies["lina-auto"]
+    for phase in ("prefill", "decode"):
+        best = min(policies[b][phase]["p95_ms"] for b in ("static", "eplb") if b in policies)
+        print(
+            f"  lina-auto {phase} p95: {best / auto[phase]['p95_ms']:.2f}x the better of static and eplb (target >= 1)"
+        )
+    for klass, arms in auto.get("arms", {}).items():
+        used = ", ".join(
+            f"{arm} {a['batches']}" + ("" if a["mean_ms"] is None else f" ({a['mean_ms']:.1f} ms measured)")
+            for arm, a in arms.items()
+        )
+        print(f"  lina-auto on batches of {klass}: {used}")
 
 
 def plot(entries: list[dict], path: Path) -> None:

@@ -131,6 +131,9 @@ def _run(plan: dict) -> None:
             for name in plan["policies"]
         }
         out["sources"] = {name: engine.policy.source_report(layers) for name, engine in engines.items()}
+        out["arms"] = {
+            name: engine.policy.arm_report() for name, engine in engines.items() if hasattr(engine.policy, "arm_report")
+        }
         Path(plan["result"]).write_text(json.dumps(out))
     for engine in engines.values():
         engine.store.close()

@@ -264,6 +264,11 @@ class InferenceEngine:
             for layer, plan in enumerate(upcoming):
                 self.store.make_resident(layer, plan.device_experts(self.rank).tolist())
         self.store.forget()
+        if self.policy.wants_step_latency:  # e.g. lina-auto: every rank learns the same step latency
+            took = torch.tensor([tl.now() - start], dtype=torch.float64)
+            if self.group is not None:
+                dist.all_reduce(took, op=dist.ReduceOp.MAX, group=self.group)
+            self.policy.observe_step_latency(float(took))
         end = tl.now()
         tl.record("batch", "step", start, end, kind=schema.BATCH, policy=self.policy.name)
         self._fill_stats(stats, tl.spans(since_s=start), start, end)

@@ -21,6 +21,9 @@ when each policy plans and what it knows:
 For decode (``lina generate``, ``lina bench serve``): ``lina-window`` plans each device's resident
 experts once per window of steps from the recent real counts; ``lina-window-predict`` from the
 decode-aware estimator's forecast, while the trust rule says it beats those counts.
+``lina-auto`` serves each batch with lina, static or eplb, whichever gave the lowest step latency
+(agreed over ranks) on batches of its size, probing the others now and then: planning where it
+pays, the static layout where its cost exceeds the imbalance it removes.
 
 The engine gives every policy the layer's global real counts: each device's local counts travel
 in the dispatch header, an all-to-all the dispatch needs anyway, so phase 2 costs no extra round
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from lina.errors import ConfigError
+from lina.infer.arm_choice import FastestArm, batch_class
 from lina.placement.core import Placement, max_device_load
 from lina.placement.eplb import EPLBPlanner, default_slots_per_device
 from lina.placement.estimators.base import PopularityEstimator
@@ -99,6 +103,9 @@ class ServingPolicy(abc.ABC):
     name = "base"
     uses_phase1 = False
     needs_batch_counts = False
+    #: whether the engine reports each batch's step latency (maximised over ranks) to
+    #: :meth:`observe_step_latency` (one small allreduce per batch)
+    wants_step_latency = False
 
     def __init__(self, num_experts: int, num_devices: int, top_k: int):
         self.num_experts, self.num_devices, self.top_k = num_experts, num_devices, top_k
@@ -146,6 +153,9 @@ class ServingPolicy(abc.ABC):
 
     def receive_forecast(self, forecast: torch.Tensor) -> None:
         """The forecast summed over devices, Tensor[L, E] (before :meth:`end_batch`)."""
+
+    def observe_step_latency(self, latency_s: float) -> None:
+        """The batch's step latency, the same on every rank (only when ``wants_step_latency``)."""
 
     def upcoming_residents(self) -> list[Placement] | None:
         """After ``end_batch``: per layer, the experts each device will hold from the next batch
@@ -504,11 +514,95 @@ def register_serving_policy(cls: type[ServingPolicy]) -> type[ServingPolicy]:
 for _cls in (StaticPolicy, EPLBPolicy, LinaPolicy, OraclePolicy):
     register_serving_policy(_cls)
 
+
+class AutoPolicy(ServingPolicy):
+    """``lina-auto``: Lina's placement, the static layout and EPLB's, each batch served by whichever
+    gave the lowest step latency on batches of its size (:class:`lina.infer.arm_choice.FastestArm`),
+    so that planning is used where it pays (large prefill batches) and not where its cost exceeds
+    the imbalance it removes (small decode steps). Every arm keeps learning from every batch's real
+    counts; the one that serves is chosen at the first layer, from the batch's global token count
+    and the agreed latencies of past batches, so every rank chooses the same.
+
+    Args:
+        arms: name -> policy, the preferred first (lina, static, eplb).
+        chooser: the :class:`FastestArm` over those names.
+    """
+
+    name = "lina-auto"
+    uses_phase1 = True
+    needs_batch_counts = True
+    wants_step_latency = True
+
+    def __init__(self, arms: dict[str, ServingPolicy], chooser: FastestArm):
+        first = next(iter(arms.values()))
+        super().__init__(first.num_experts, first.num_devices, first.top_k)
+        self.arms, self.chooser = arms, chooser
+        self.stats = arms["lina"].stats  # phase 2's checks and re-plans
+        self.served: Counter = Counter()
+        self.active: str | None = None  # the arm serving this batch, once its first layer is gated
+        self._class = 0
+
+    @classmethod
+    def create(cls, ctx):
+        arms = {"lina": LinaPolicy.create(ctx), "static": StaticPolicy.create(ctx), "eplb": EPLBPolicy.create(ctx)}
+        return cls(arms, FastestArm(tuple(arms)))
+
+    def begin_batch(self, free_counts):
+        super().begin_batch(free_counts)
+        for arm in self.arms.values():
+            arm.begin_batch(free_counts)
+        self.active = None
+
+    def local_estimate(self, layer, history):
+        # the first layer's phase 1 runs before the arm is chosen; afterwards only lina plans
+        if self.active in (None, "lina"):
+            return self.arms["lina"].local_estimate(layer, history)
+        return None
+
+    def coordinate(self, layer, estimate_sum):
+        return self.arms["lina"].coordinate(layer, estimate_sum)
+
+    def receive_plan(self, layer, placement, estimate):
+        self.arms["lina"].receive_plan(layer, placement, estimate)
+
+    def placement(self, layer, counts):
+        if self.active is None:
+            self._class = batch_class(float(counts.sum()) / self.top_k)
+            self.active = self.chooser.choose(self._class)
+            self.served[self.active] += 1
+        return self.arms[self.active].placement(layer, counts)
+
+    def end_batch(self, counts):
+        for arm in self.arms.values():
+            if arm.needs_batch_counts:
+                arm.end_batch(counts)
+
+    def observe_step_latency(self, latency_s):
+        if self.active is not None:
+            self.chooser.observe(self._class, self.active, latency_s)
+
+    def source_report(self, num_layers):
+        merged = [Counter() for _ in range(num_layers)]
+        for name, arm in self.arms.items():
+            if name == "lina":
+                for layer, sources in enumerate(arm.source_report(num_layers)):
+                    merged[layer].update(sources)
+            elif self.served[name]:
+                for layer in range(num_layers):
+                    merged[layer][arm.source] += self.served[name]
+        return [dict(sorted(m.items())) for m in merged]
+
+    def arm_report(self) -> dict:
+        """Per class of batch size, per arm: batches served and their mean step latency (ms)."""
+        return self.chooser.report()
+
+
 #: placements for serving with decode (``lina generate``, ``lina bench serve``) beyond the
 #: per-batch policies every engine driver compares
 DECODE_POLICIES: dict[str, type[ServingPolicy]] = {
     WindowPolicy.name: WindowPolicy,
     WindowPredictPolicy.name: WindowPredictPolicy,
+    AutoPolicy.name: AutoPolicy,
 }
 
 

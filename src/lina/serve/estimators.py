@@ -21,6 +21,7 @@ from lina.placement.estimators import (
 ESTIMATOR_PLACEMENTS: dict[str, tuple[str, ...]] = {
     "lina": ("path", "decode", "online-path", "logistic"),
     "lina-window-predict": ("decode",),
+    "lina-auto": ("path", "decode", "online-path", "logistic"),
 }
 FIT_HINT = "fit one with `lina analyze trace TRACE --save-estimator OUT.npz --estimator {kind}`"
 
