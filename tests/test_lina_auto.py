@@ -87,6 +87,9 @@ def test_auto_policy_serves_the_chosen_arm_and_reports_its_sources():
     assert sources[1]["static"] == 2 and sources[1]["history"] == 1 and sources[0]["real"] == 1
     assert policy.arm_report()["<=8 tokens"]["static"]["batches"] == 2
     assert policy.local_estimate(1, torch.zeros(4, 1, dtype=torch.long)) is None  # static serves: no phase 1
+    policy.begin_batch(None)  # the next step's first layer: static served this class last, so no phase 1
+    assert policy.active is None and policy.local_estimate(1, torch.zeros(4, 1, dtype=torch.long)) is None
+    assert set(policy.arm_report()) == {"<=8 tokens"}  # guessing the arm records nothing
 
 
 def _tokens(rank: int, batch: int) -> torch.Tensor:

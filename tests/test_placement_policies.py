@@ -124,3 +124,15 @@ def test_eplb_planner_replans_on_its_cadence_from_the_window_average():
         planner.observe(torch.ones(3))
     with pytest.raises(ConfigError):
         EPLBPlanner(4, 2, window=0)
+
+
+def test_eplb_planner_plans_when_read_from_the_window_at_the_replan():
+    lazy, eager = EPLBPlanner(4, 2, window=2, replan_every=2), EPLBPlanner(4, 2, window=2, replan_every=2)
+    first, later = torch.tensor([90.0, 5, 3, 2]), torch.tensor([2.0, 3, 5, 90])
+    for counts in (first, first):
+        lazy.observe(counts)
+        eager.observe(counts)
+    planned = eager.placement  # read at the re-plan
+    lazy.observe(later)  # the window moves on before anyone reads the lazy plan; no re-plan is due
+    assert torch.equal(lazy.placement.share, planned.share)
+    assert torch.equal(planned.share, eplb_placement(first, 2, lazy.slots_per_device).share)

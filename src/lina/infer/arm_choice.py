@@ -55,7 +55,7 @@ class FastestArm:
 
     def choose(self, klass: int) -> str:
         """The arm to serve the next batch of class ``klass`` (call :meth:`observe` after it)."""
-        records = self.records.setdefault(klass, {arm: ArmRecord() for arm in self.arms})
+        records = self.records.get(klass) or {arm: ArmRecord() for arm in self.arms}
         index = self._served.get(klass, 0)
         untried = [arm for arm in self.arms if records[arm].batches == 0]
         if untried:

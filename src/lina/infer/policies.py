@@ -554,10 +554,11 @@ class AutoPolicy(ServingPolicy):
         self.active = None
 
     def local_estimate(self, layer, history):
-        # the first layer's phase 1 runs before the arm is chosen; afterwards only lina plans
-        if self.active in (None, "lina"):
-            return self.arms["lina"].local_estimate(layer, history)
-        return None
+        # The first layer's phase 1 (for layer 1) runs before this batch's arm is chosen: it runs
+        # when the arm chosen for the previous batch's class is lina (steps of one class follow
+        # each other in decode). Where that guess is wrong, lina plans layer 1 on its real counts.
+        serving = self.active if self.active is not None else self.chooser.choose(self._class)
+        return self.arms["lina"].local_estimate(layer, history) if serving == "lina" else None
 
     def coordinate(self, layer, estimate_sum):
         return self.arms["lina"].coordinate(layer, estimate_sum)

@@ -110,7 +110,17 @@ class EPLBPlanner:
         self._history: deque[torch.Tensor] = deque(maxlen=window)
         self._since_plan = 0
         self.replans = 0
-        self.placement: Placement = static_placement(num_experts, num_devices)
+        self._placement: Placement = static_placement(num_experts, num_devices)
+        self._planned_from: torch.Tensor | None = None  # the mean a re-plan is due on, planned when read
+
+    @property
+    def placement(self) -> Placement:
+        """The current plan; a due re-plan is computed here, on first read (a planner whose
+        placement nobody reads, e.g. an arm of ``lina-auto`` that is not serving, costs no planning)."""
+        if self._planned_from is not None:
+            self._placement = eplb_placement(self._planned_from, self.num_devices, self.slots_per_device)
+            self._planned_from = None
+        return self._placement
 
     def observe(self, counts: torch.Tensor) -> bool:
         """Record a batch's real token-slots per expert (``Tensor[E]``); returns True when it re-planned."""
@@ -123,6 +133,5 @@ class EPLBPlanner:
             return False
         self._since_plan = 0
         self.replans += 1
-        mean = torch.stack(list(self._history)).mean(dim=0)
-        self.placement = eplb_placement(mean, self.num_devices, self.slots_per_device)
+        self._planned_from = torch.stack(list(self._history)).mean(dim=0)
         return True
