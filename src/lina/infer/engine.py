@@ -109,6 +109,7 @@ class InferenceEngine:
         self._own_timeline = timeline is None
         self.timeline = timeline or Timeline(self.rank, enabled=True)
         self.num_experts = store.num_experts
+        self.last_batch_s = 0.0  # this rank's time for the previous batch (0: none yet)
 
     # ------------------------------------------------------------------ collectives
     def _a2a(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
@@ -141,13 +142,20 @@ class InferenceEngine:
         carries_plan = estimate is not None
         # Dispatch header: every device's local counts to every device (+ the estimate to the
         # coordinator). From it each device knows the global counts and what it will receive.
-        header = torch.zeros(n, 2 * e_count, dtype=torch.float64)
+        # On the first layer a policy that learns from step latency (lina-auto) also gets this
+        # rank's time for the previous batch to every rank, one more column of the header.
+        reports_latency = layer == 0 and self.policy.wants_step_latency
+        header = torch.zeros(n, 2 * e_count + int(reports_latency), dtype=torch.float64)
         header[:, :e_count] = local_counts(ids, e_count)
         if carries_plan:
-            header[COORDINATOR, e_count:] = estimate
+            header[COORDINATOR, e_count : 2 * e_count] = estimate
+        if reports_latency:
+            header[:, 2 * e_count] = self.last_batch_s
         with tl.span(f"moe{layer}.dispatch-header", "a2a", kind=schema.DISPATCH_HEADER, layer=layer, phase="fwd"):
             recv_header = self._a2a(header, [1] * n, [1] * n)
         counts_by_source = recv_header[:, :e_count]  # [sources, E]
+        if reports_latency and self.last_batch_s > 0:  # the previous batch ended with its slowest rank
+            self.policy.observe_step_latency(float(recv_header[:, 2 * e_count].max()))
         with tl.span(f"moe{layer}.phase2", "sched", kind=schema.PLACEMENT, layer=layer):
             placement = self.policy.placement(layer, counts_by_source.sum(0))  # lina: phase 2
         self.layer_counts.append(counts_by_source.sum(0))
@@ -182,7 +190,7 @@ class InferenceEngine:
         plan_rows = self._plan_rows(d) if carries_plan else 0
         if carries_plan and self.rank == COORDINATOR:
             with tl.span(f"moe{next_layer}.phase1", "sched", kind=schema.PLAN_ESTIMATE, layer=next_layer):
-                est_sum = recv_header[:, e_count:].sum(0)
+                est_sum = recv_header[:, e_count : 2 * e_count].sum(0)
                 plan = self.policy.coordinate(next_layer, est_sum)
                 payload = torch.cat([plan.share.float().reshape(-1), est_sum.float()])
                 payload = torch.nn.functional.pad(payload, (0, plan_rows * d - payload.numel())).view(plan_rows, d)
@@ -264,12 +272,8 @@ class InferenceEngine:
             for layer, plan in enumerate(upcoming):
                 self.store.make_resident(layer, plan.device_experts(self.rank).tolist())
         self.store.forget()
-        if self.policy.wants_step_latency:  # e.g. lina-auto: every rank learns the same step latency
-            took = torch.tensor([tl.now() - start], dtype=torch.float64)
-            if self.group is not None:
-                dist.all_reduce(took, op=dist.ReduceOp.MAX, group=self.group)
-            self.policy.observe_step_latency(float(took))
         end = tl.now()
+        self.last_batch_s = end - start  # reported to every rank with the next batch's first header
         tl.record("batch", "step", start, end, kind=schema.BATCH, policy=self.policy.name)
         self._fill_stats(stats, tl.spans(since_s=start), start, end)
         if self._own_timeline:

@@ -22,8 +22,9 @@ For decode (``lina generate``, ``lina bench serve``): ``lina-window`` plans each
 experts once per window of steps from the recent real counts; ``lina-window-predict`` from the
 decode-aware estimator's forecast, while the trust rule says it beats those counts.
 ``lina-auto`` serves each batch with lina, static or eplb, whichever gave the lowest step latency
-(agreed over ranks) on batches of its size, probing the others now and then: planning where it
-pays, the static layout where its cost exceeds the imbalance it removes.
+(the slowest rank's, carried by the next batch's dispatch header) on batches of its size, probing
+the others now and then: planning where it pays, the static layout where its cost exceeds the
+imbalance it removes.
 
 The engine gives every policy the layer's global real counts: each device's local counts travel
 in the dispatch header, an all-to-all the dispatch needs anyway, so phase 2 costs no extra round
@@ -104,7 +105,7 @@ class ServingPolicy(abc.ABC):
     uses_phase1 = False
     needs_batch_counts = False
     #: whether the engine reports each batch's step latency (maximised over ranks) to
-    #: :meth:`observe_step_latency` (one small allreduce per batch)
+    #: :meth:`observe_step_latency`, at the next batch's first layer (it rides on the dispatch header)
     wants_step_latency = False
 
     def __init__(self, num_experts: int, num_devices: int, top_k: int):
@@ -155,7 +156,8 @@ class ServingPolicy(abc.ABC):
         """The forecast summed over devices, Tensor[L, E] (before :meth:`end_batch`)."""
 
     def observe_step_latency(self, latency_s: float) -> None:
-        """The batch's step latency, the same on every rank (only when ``wants_step_latency``)."""
+        """The previous batch's step latency, the same on every rank, reported at this batch's
+        first layer before :meth:`placement` (only when ``wants_step_latency``)."""
 
     def upcoming_residents(self) -> list[Placement] | None:
         """After ``end_batch``: per layer, the experts each device will hold from the next batch
@@ -521,7 +523,8 @@ class AutoPolicy(ServingPolicy):
     so that planning is used where it pays (large prefill batches) and not where its cost exceeds
     the imbalance it removes (small decode steps). Every arm keeps learning from every batch's real
     counts; the one that serves is chosen at the first layer, from the batch's global token count
-    and the agreed latencies of past batches, so every rank chooses the same.
+    and the latencies of past batches (each batch's slowest rank, which the engine carries on the
+    next batch's first dispatch header: no extra round trip), so every rank chooses the same.
 
     Args:
         arms: name -> policy, the preferred first (lina, static, eplb).
@@ -541,6 +544,7 @@ class AutoPolicy(ServingPolicy):
         self.served: Counter = Counter()
         self.active: str | None = None  # the arm serving this batch, once its first layer is gated
         self._class = 0
+        self._last: tuple[int, str] | None = None  # (class, arm) of the batch whose latency is due
 
     @classmethod
     def create(cls, ctx):
@@ -571,6 +575,7 @@ class AutoPolicy(ServingPolicy):
             self._class = batch_class(float(counts.sum()) / self.top_k)
             self.active = self.chooser.choose(self._class)
             self.served[self.active] += 1
+            self._last = (self._class, self.active)
         return self.arms[self.active].placement(layer, counts)
 
     def end_batch(self, counts):
@@ -579,8 +584,9 @@ class AutoPolicy(ServingPolicy):
                 arm.end_batch(counts)
 
     def observe_step_latency(self, latency_s):
-        if self.active is not None:
-            self.chooser.observe(self._class, self.active, latency_s)
+        if self._last is not None:  # the previous batch's class and arm
+            self.chooser.observe(*self._last, latency_s)
+            self._last = None
 
     def source_report(self, num_layers):
         merged = [Counter() for _ in range(num_layers)]
