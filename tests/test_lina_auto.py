@@ -49,11 +49,26 @@ def test_fastest_arm_follows_a_change_and_keeps_classes_apart():
 
 @pytest.mark.parametrize(
     "arms,kwargs,message",
-    [(("a", "a"), {}, "distinct"), (("a",), {"probe_every": 1}, "at least 2"), (("a",), {"decay": 1.0}, "decay")],
+    [
+        (("a", "a"), {}, "distinct"),
+        (("a",), {"probe_every": 1}, "at least 2"),
+        (("a",), {"decay": 1.0}, "decay"),
+        (("a",), {"margin": -0.1}, "margin"),
+    ],
 )
 def test_fastest_arm_refuses_bad_settings(arms, kwargs, message):
     with pytest.raises(ValueError, match=message):
         FastestArm(arms, **kwargs)
+
+
+def test_a_lucky_step_does_not_hand_over_within_the_margin():
+    chooser = FastestArm(("static", "eplb"), probe_every=4, decay=0.5, margin=0.05)
+    _serve_one(chooser, 3, {"static": 1.00, "eplb": 9.0})
+    _serve_one(chooser, 3, {"static": 9.0, "eplb": 1.02})  # eplb's first step was lucky: 2% slower
+    assert chooser.choose(3) == "static"
+    for _ in range(3):  # eplb really is faster now, by much more than the margin
+        chooser.observe(3, "eplb", 0.5)
+    assert chooser.choose(3) == "eplb"
 
 
 def test_batch_class_separates_decode_from_prefill():

@@ -40,18 +40,23 @@ class FastestArm:
             longest ago instead of the fastest (so at most ``1 / probe_every`` of the batches pay
             for a slower arm; 64: under 2%, clear of a p95).
         decay: weight of the past in an arm's mean latency.
+        margin: the fastest arm takes over from the one serving only when its mean latency is
+            lower by more than this fraction (one lucky step does not make an arm serve).
     """
 
-    def __init__(self, arms: tuple[str, ...], probe_every: int = 64, decay: float = 0.7):
+    def __init__(self, arms: tuple[str, ...], probe_every: int = 64, decay: float = 0.7, margin: float = 0.03):
         if len(arms) < 1 or len(set(arms)) != len(arms):
             raise ValueError(f"arms must be distinct names, got {arms!r}")
         if probe_every < 2:
             raise ValueError(f"probe_every must be at least 2, got {probe_every}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must lie in [0, 1), got {decay}")
-        self.arms, self.probe_every, self.decay = arms, probe_every, decay
+        if not 0.0 <= margin < 1.0:
+            raise ValueError(f"margin must lie in [0, 1), got {margin}")
+        self.arms, self.probe_every, self.decay, self.margin = arms, probe_every, decay, margin
         self.records: dict[int, dict[str, ArmRecord]] = {}
         self._served: dict[int, int] = {}  # class -> batches of it so far
+        self._serving: dict[int, str] = {}  # class -> the arm that serves it between probes
 
     def choose(self, klass: int) -> str:
         """The arm to serve the next batch of class ``klass`` (call :meth:`observe` after it)."""
@@ -60,7 +65,7 @@ class FastestArm:
         untried = [arm for arm in self.arms if records[arm].batches == 0]
         if untried:
             return untried[0]
-        best = min(self.arms, key=lambda arm: records[arm].mean_s)  # first in order on a tie
+        best = self._serving[klass]
         if len(self.arms) > 1 and index % self.probe_every == self.probe_every - 1:
             others = [arm for arm in self.arms if arm != best]
             return min(others, key=lambda arm: records[arm].last)
@@ -75,6 +80,11 @@ class FastestArm:
         rec.batches += 1
         rec.last = index
         self._served[klass] = index + 1
+        if all(r.batches for r in records.values()):
+            fastest = min(self.arms, key=lambda a: records[a].mean_s)  # first in order on a tie
+            serving = self._serving.get(klass)
+            if serving is None or records[fastest].mean_s < records[serving].mean_s * (1 - self.margin):
+                self._serving[klass] = fastest
 
     def report(self) -> dict[str, dict[str, dict]]:
         """Per class (``"<=N tokens"``), per arm: batches served and mean latency in ms."""
