@@ -6,8 +6,9 @@ receives no token still takes part):
 1. gate (the model's router, or a recorded trace) -> expert ids [T, k] and weights [T, k];
 2. the policy's placement of this layer (lina: phase 2 check against the real counts);
 3. dispatch: one small all-to-all of per-(device, expert) counts, which also carries each
-   worker's phase-1 estimate of the NEXT layer's popularity to the coordinator (rank 0); then the
-   rows themselves, to the replica each token-slot was routed to;
+   worker's phase-1 estimate of the NEXT layer's popularity to the coordinator (rank 0) and, on
+   the first layer for a policy that learns from step latency (``lina-auto``), each worker's time
+   for the previous batch; then the rows themselves, to the replica each token-slot was routed to;
 4. each worker computes the experts it holds for this layer (weights loaded in the background
    once the plan is known) and the coordinator plans the next layer from the summed estimates;
 5. combine: results return to their tokens; the coordinator's plan of the next layer rides on it
