@@ -132,7 +132,9 @@ def _run(plan: dict) -> None:
         }
         out["sources"] = {name: engine.policy.source_report(layers) for name, engine in engines.items()}
         out["arms"] = {
-            name: engine.policy.arm_report() for name, engine in engines.items() if hasattr(engine.policy, "arm_report")
+            name: engine.policy.arm_report()
+            for name, engine in engines.items()
+            if engine.policy.arm_report() is not None
         }
         Path(plan["result"]).write_text(json.dumps(out))
     for engine in engines.values():

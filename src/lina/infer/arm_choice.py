@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 @dataclass
 class ArmRecord:
-    """What one arm gave on one class of batch: batches served, decayed mean latency (s), and the
-    batch index (within the class) it last served."""
+    """What one arm gave on one class of batch: batches measured, decayed mean latency (s), and the
+    batch index (within the class) it was last measured at."""
 
     batches: int = 0
     mean_s: float = math.nan
@@ -87,7 +87,7 @@ class FastestArm:
                 self._serving[klass] = fastest
 
     def report(self) -> dict[str, dict[str, dict]]:
-        """Per class (``"<=N tokens"``), per arm: batches served and mean latency in ms."""
+        """Per class (``"<=N tokens"``), per arm: batches measured and mean latency in ms."""
         return {
             f"<={2**klass} tokens": {
                 arm: {"batches": r.batches, "mean_ms": None if r.batches == 0 else r.mean_s * 1e3}

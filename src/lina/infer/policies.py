@@ -159,6 +159,11 @@ class ServingPolicy(abc.ABC):
         """The previous batch's step latency, the same on every rank, reported at this batch's
         first layer before :meth:`placement` (only when ``wants_step_latency``)."""
 
+    def arm_report(self) -> dict | None:
+        """Per class of batch size, per arm: batches measured and their mean step latency (ms),
+        for a policy that chooses among others (``lina-auto``); None for the rest."""
+        return None
+
     def upcoming_residents(self) -> list[Placement] | None:
         """After ``end_batch``: per layer, the experts each device will hold from the next batch
         on, when they change (the engine moves their weights in the background); else None."""
@@ -599,8 +604,7 @@ class AutoPolicy(ServingPolicy):
                     merged[layer][arm.source] += self.served[name]
         return [dict(sorted(m.items())) for m in merged]
 
-    def arm_report(self) -> dict:
-        """Per class of batch size, per arm: batches served and their mean step latency (ms)."""
+    def arm_report(self):
         return self.chooser.report()
 
 

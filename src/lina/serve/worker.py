@@ -136,7 +136,7 @@ def _serve(plan: dict) -> dict | None:
     rows = sorted((g for part in gathered for g in part["generations"]), key=lambda g: g["index"])
     summary = summarize(rows, wall, plan, world)
     summary["placement_sources"] = policy.source_report(store.num_layers)
-    if hasattr(policy, "arm_report"):  # lina-auto: which arm served each class of batch
+    if policy.arm_report() is not None:  # lina-auto: which arm served each class of batch
         summary["placement_arms"] = policy.arm_report()
     if watch is not None:
         summary["estimator"] = hit_rate_report([part["estimator"] for part in gathered]) | {
